@@ -1,0 +1,122 @@
+"""Versioned store of global adapters with their sha256 and lineage.
+
+Each version is a directory `<root>/<version>/` holding `adapter.safetensors` and
+`manifest.json`; it is written to a temporary directory and renamed into place, so a crash
+never leaves a half-written version behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from federation import wire
+
+_VERSION_RE = re.compile(r"^global-v(\d{4,})$")
+
+
+class RegistryError(RuntimeError):
+    """A missing or corrupt adapter version."""
+
+
+@dataclass(frozen=True)
+class SiteLineage:
+    site: str
+    epsilon: float
+    delta: float
+    num_examples: int
+    steps: int
+    noise_multiplier: float
+
+
+@dataclass(frozen=True)
+class Manifest:
+    version: str
+    sha256: str
+    parent: str | None
+    run: str
+    round: int
+    created_at: str
+    sites: list[SiteLineage] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Manifest:
+        sites = [SiteLineage(**s) for s in data.get("sites", [])]
+        return cls(**{**data, "sites": sites})
+
+
+class AdapterRegistry:
+    """The coordinator's adapter versions, newest last."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def versions(self) -> list[str]:
+        found = [p.name for p in self.root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
+        return sorted(found, key=lambda v: int(_VERSION_RE.match(v).group(1)))  # type: ignore[union-attr]
+
+    def latest(self) -> str | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def _next_version(self) -> str:
+        latest = self.latest()
+        n = int(_VERSION_RE.match(latest).group(1)) + 1 if latest else 1  # type: ignore[union-attr]
+        return f"global-v{n:04d}"
+
+    def save(self, arrays: wire.Arrays, *, run: str, round: int, sites: list[SiteLineage], parent: str | None) -> Manifest:
+        payload = wire.encode(arrays)
+        version = self._next_version()
+        manifest = Manifest(
+            version=version,
+            sha256=wire.sha256_of(arrays),
+            parent=parent,
+            run=run,
+            round=round,
+            created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            sites=sites,
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=self.root))
+        try:
+            (tmp / "adapter.safetensors").write_bytes(payload)
+            (tmp / "manifest.json").write_text(json.dumps(manifest.to_json(), indent=2))
+            for name in ("adapter.safetensors", "manifest.json"):
+                with open(tmp / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+            os.replace(tmp, self.root / version)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return manifest
+
+    def manifest(self, version: str) -> Manifest:
+        path = self.root / version / "manifest.json"
+        try:
+            return Manifest.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError) as exc:
+            raise RegistryError(f"adapter version {version!r} has no readable manifest: {exc}") from exc
+
+    def path(self, version: str) -> Path:
+        return self.root / version / "adapter.safetensors"
+
+    def load(self, version: str) -> tuple[wire.Arrays, Manifest]:
+        """Load and integrity-check a version against its recorded sha256."""
+        manifest = self.manifest(version)
+        try:
+            arrays = wire.decode(self.path(version).read_bytes())
+        except (OSError, wire.WireError) as exc:
+            raise RegistryError(f"adapter version {version!r} is unreadable: {exc}") from exc
+        if wire.sha256_of(arrays) != manifest.sha256:
+            raise RegistryError(f"adapter version {version!r} fails its sha256 check")
+        return arrays, manifest

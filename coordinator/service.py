@@ -1,0 +1,137 @@
+"""`fedseek coordinator start`: SuperLink on loopback behind an mTLS terminator.
+
+The SuperLink listens on 127.0.0.1 only; the stunnel sidecar on the public fleet port
+requires a client certificate chained to the consortium CA. SuperNode authentication is on
+as a second factor: each site's public key is registered through the Control API, which
+stays on loopback for the consortium operator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from federation import pki
+from federation.config import CoordinatorConfig
+from federation.procs import Managed, ProcessError, free_port, stop_all
+from federation.sidecar import TLSFiles, make_sidecar, server_config
+
+log = logging.getLogger("fedseek.coordinator")
+
+STATE_FILE = "coordinator.json"
+CONNECTION = "fedseek"
+
+
+class CoordinatorError(RuntimeError):
+    """The coordinator refuses to start or a run failed; one line for the operator."""
+
+
+def flwr_bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+def write_cli_config(flwr_home: Path, superlink: str) -> Path:
+    """A Flower CLI config naming the local SuperLink's Control API."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{superlink}"\ninsecure = true\n')
+    return path
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
+
+
+def register_site(state_dir: Path, public_key: Path, *, name: str) -> None:
+    """Register a site's SuperNode key (second factor) with the running SuperLink."""
+    out = subprocess.run(
+        [flwr_bin("flwr"), "supernode", "register", str(public_key), CONNECTION, "--name", name],
+        env=flwr_env(state_dir / "flwr-cli"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if out.returncode != 0:
+        raise CoordinatorError(f"registering {name} failed: {(out.stdout + out.stderr).strip().splitlines()[-1:]}")
+
+
+def run_coordinator(config: CoordinatorConfig) -> None:
+    """Run until SIGTERM/SIGINT."""
+    pki_dir = Path(config.pki_dir)
+    try:
+        leaf = pki.load_leaf(pki_dir, config.name)
+        identity = pki.verify_leaf(leaf.cert, leaf.ca_cert)
+    except pki.PKIError as exc:
+        raise CoordinatorError(f"certificate check failed: {exc}") from exc
+    if identity.role != "coordinator":
+        raise CoordinatorError(f"certificate {identity.name!r} has role {identity.role!r}, expected 'coordinator'")
+    state = Path(config.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    link_port = config.superlink_port or free_port()
+    superlink = Managed(
+        name="superlink",
+        argv=[
+            flwr_bin("flower-superlink"),
+            "--insecure",  # loopback only; the sidecar terminates mTLS
+            "--host", "127.0.0.1",
+            "--port", str(link_port),
+            "--enable-supernode-auth",
+            "--disable-runtime-dependency-installation",
+            "--database", str(state / "superlink.db"),
+        ],
+        log_path=state / "logs" / "superlink.log",
+        env={"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"},
+    )
+    sidecar = make_sidecar(
+        name="fleet-sidecar",
+        config_text=server_config(
+            tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert),
+            accept=f"{config.fleet_host}:{config.fleet_port}",
+            connect=f"127.0.0.1:{link_port}",
+        ),
+        workdir=state / "sidecar",
+    )
+    procs = [superlink, sidecar]
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    try:
+        superlink.start().wait_port("127.0.0.1", link_port, timeout=60)
+        sidecar.start().wait_port(config.fleet_host, config.fleet_port, timeout=30)
+        write_cli_config(state / "flwr-cli", f"127.0.0.1:{link_port}")
+        registered = []
+        if config.site_keys_dir:
+            for key in sorted(Path(config.site_keys_dir).glob("*.pub")):
+                register_site(state, key, name=key.stem)
+                registered.append(key.stem)
+        info: dict[str, Any] = {
+            "superlink": f"127.0.0.1:{link_port}",
+            "fleet": f"{config.fleet_host}:{config.fleet_port}",
+            "registry": str(state / "registry"),
+            "flwr_home": str(state / "flwr-cli"),
+            "registered_sites": registered,
+            "pid": os.getpid(),
+        }
+        tmp = state / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, state / STATE_FILE)
+        print(f"coordinator ready: fleet (mTLS) {info['fleet']}, sites {registered}", flush=True)
+        while not stopping.wait(1.0):
+            for proc in procs:
+                if not proc.alive():
+                    log.warning("%s exited; restarting", proc.name)
+                    time.sleep(1.0)
+                    proc.start()
+    except ProcessError as exc:
+        raise CoordinatorError(str(exc).splitlines()[0]) from exc
+    finally:
+        stop_all(procs)
+        (state / STATE_FILE).unlink(missing_ok=True)

@@ -1,0 +1,135 @@
+"""FedAvg over LoRA arrays that validates every update and records each global version.
+
+It talks only to Flower's abstract `Grid`, so tests drive it with an in-memory grid.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from coordinator.registry import AdapterRegistry, Manifest, SiteLineage
+from federation import records, wire
+
+log = logging.getLogger("fedseek.coordinator")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    version: str | None = None
+    sha256: str | None = None
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    eval_loss: dict[str, float] = field(default_factory=dict)
+
+
+def weighted_average(updates: list[tuple[wire.Arrays, float]]) -> wire.Arrays:
+    """Weighted mean of same-shaped array dicts, accumulated in float64 for exactness."""
+    total = float(sum(w for _, w in updates))
+    if total <= 0:
+        raise ValueError("weights must sum to a positive number")
+    out: dict[str, np.ndarray] = {}
+    for arrays, weight in updates:
+        for name, value in arrays.items():
+            acc = out.setdefault(name, np.zeros(value.shape, dtype=np.float64))
+            acc += value.astype(np.float64) * (weight / total)
+    return {name: acc.astype(np.float32) for name, acc in out.items()}
+
+
+class LoraFedAvg(FedAvg):
+    """FedAvg whose aggregate is saved to the registry with lineage before it is sent out."""
+
+    def __init__(
+        self,
+        *,
+        registry: AdapterRegistry,
+        run_name: str,
+        min_nodes: int,
+        parent: str | None = None,
+        on_round: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+        self.on_round = on_round
+        self.registry = registry
+        self.run_name = run_name
+        self.parent = parent
+        self.rounds: list[RoundRecord] = []
+        self.latest: Manifest | None = None
+
+    def _parse_reply(self, msg: Message, like: wire.Arrays | None) -> tuple[wire.Arrays, wire.PrivacyReport]:
+        content = msg.content
+        arrays = wire.validate_arrays(records.from_array_record(content[records.ARRAYS]), like=like)
+        report = records.config_to_report(content[records.PRIVACY])
+        if report.num_examples <= 0:
+            raise wire.WireError("update reports no training examples")
+        return arrays, report
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        rec = RoundRecord(round=server_round)
+        self.rounds.append(rec)
+        for msg in errors:
+            rec.rejected[f"node-{msg.metadata.src_node_id}"] = msg.error.reason
+        updates: list[tuple[wire.Arrays, wire.PrivacyReport]] = []
+        for msg in valid:
+            try:
+                arrays, report = self._parse_reply(msg, updates[0][0] if updates else None)
+            except (wire.WireError, KeyError, TypeError) as exc:
+                rec.rejected[f"node-{msg.metadata.src_node_id}"] = str(exc)
+                log.warning("round %d: rejected update from node %s: %s", server_round, msg.metadata.src_node_id, exc)
+                continue
+            updates.append((arrays, report))
+            rec.accepted.append(report.site)
+        if len(updates) < self.min_train_nodes:
+            log.error("round %d: only %d valid updates (need %d); global adapter unchanged", server_round, len(updates), self.min_train_nodes)
+            return None, None
+        averaged = weighted_average([(a, float(r.num_examples)) for a, r in updates])
+        lineage = [
+            SiteLineage(r.site, r.epsilon, r.delta, r.num_examples, r.steps, r.noise_multiplier) for _, r in updates
+        ]
+        parent = self.latest.version if self.latest else self.parent
+        self.latest = self.registry.save(averaged, run=self.run_name, round=server_round, sites=lineage, parent=parent)
+        rec.version, rec.sha256 = self.latest.version, self.latest.sha256
+        log.info("round %d: saved %s sha256=%s from %s", server_round, rec.version, rec.sha256[:12], rec.accepted)
+        total = sum(r.num_examples for _, r in updates)
+        metrics = MetricRecord(
+            {
+                "num-examples": total,
+                "train-loss": sum(r.train_loss * r.num_examples for _, r in updates) / total,
+                "max-epsilon": max(r.epsilon for _, r in updates),
+            }
+        )
+        return records.to_array_record(averaged), metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Evaluation doubles as deployment: nodes install the version named here, then score it."""
+        if self.latest is None:
+            return []
+        cfg = ConfigRecord(dict(config))
+        cfg["adapter-version"] = self.latest.version
+        cfg["adapter-sha256"] = self.latest.sha256
+        return super().configure_evaluate(server_round, arrays, cfg, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        replies = list(replies)
+        rec = self.rounds[-1] if self.rounds and self.rounds[-1].round == server_round else None
+        for msg in replies:
+            if msg.has_error() or rec is None:
+                continue
+            site = str(msg.content[records.SITE]["name"])
+            rec.eval_loss[site] = float(msg.content[records.METRICS]["eval-loss"])
+        result = super().aggregate_evaluate(server_round, replies)
+        if self.on_round:
+            self.on_round()
+        return result

@@ -1,0 +1,250 @@
+"""`fedseek`: the one console script, and the only place that wires every package together.
+
+Each subcommand is a thin adapter from arguments to a library call; errors the user can
+fix are printed as one line (`fedseek: error: ...`) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+class CLIError(RuntimeError):
+    """A user-facing failure; printed as one line."""
+
+
+# ---- ca ---------------------------------------------------------------------------------
+def _ca_init(args: argparse.Namespace) -> int:
+    from federation import pki
+
+    files = pki.init_ca(Path(args.pki), consortium=args.consortium, force=args.force)
+    print(f"CA created: {files.cert}")
+    return 0
+
+
+def _ca_issue(args: argparse.Namespace) -> int:
+    from federation import pki
+    from federation.flower_auth import ensure_auth_keypair
+
+    pki_dir = Path(args.pki)
+    leaf = pki.issue(pki_dir, args.name, role=args.role, hosts=args.host or ("localhost", "127.0.0.1"), days=args.days)
+    print(f"issued {leaf.role} certificate for {leaf.name}: {leaf.cert}")
+    if leaf.role == "node":
+        keys = ensure_auth_keypair(pki_dir / args.name)
+        site_keys = pki_dir / "site-keys"
+        site_keys.mkdir(exist_ok=True)
+        shutil.copyfile(keys.public_key, site_keys / f"{args.name}.pub")
+        print(f"SuperNode auth key: {keys.public_key} (registered from {site_keys})")
+    return 0
+
+
+def _ca_list(args: argparse.Namespace) -> int:
+    from federation import pki
+
+    for ident in pki.list_issued(Path(args.pki)):
+        print(f"{ident.name:24} {ident.role:12} until {ident.not_after:%Y-%m-%d}  sha256:{ident.fingerprint_sha256[:16]}")
+    return 0
+
+
+# ---- model --------------------------------------------------------------------------------
+def _model_tiny(args: argparse.Namespace) -> int:
+    from node.model import TinyModelConfig, write_tiny_model
+
+    out = write_tiny_model(Path(args.out), TinyModelConfig(seed=args.seed))
+    print(f"tiny DeepSeek-V3 model written to {out}")
+    return 0
+
+
+# ---- services ------------------------------------------------------------------------------
+def _coordinator_start(args: argparse.Namespace) -> int:
+    from coordinator.service import run_coordinator
+    from federation import config as cfg
+
+    if args.config:
+        conf = cfg.load(cfg.CoordinatorConfig, Path(args.config))
+    else:
+        if not (args.pki and args.state):
+            raise CLIError("give --config FILE, or --pki and --state")
+        conf = cfg.CoordinatorConfig(
+            pki_dir=args.pki,
+            state_dir=args.state,
+            fleet_host=args.fleet_host,
+            fleet_port=args.fleet_port,
+            site_keys_dir=args.site_keys or str(Path(args.pki) / "site-keys"),
+        )
+    run_coordinator(conf)
+    return 0
+
+
+def _node_start(args: argparse.Namespace) -> int:
+    from federation import config as cfg
+    from node.agent import run_node
+
+    run_node(cfg.load(cfg.NodeConfig, Path(args.config)))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from coordinator.runs import run
+
+    def show(rec: dict[str, Any]) -> None:
+        print(f"round {rec['round']}: {rec['version']} from {rec['accepted']} eval_loss={rec['eval_loss']}", flush=True)
+
+    summary = run(
+        Path(args.state),
+        run_name=args.name,
+        settings={"num-rounds": args.rounds, "min-nodes": args.min_nodes},
+        timeout=args.timeout,
+        progress=show,
+    )
+    print(json.dumps(summary["global_adapter"], indent=2))
+    return 0
+
+
+# ---- privacy and audit -------------------------------------------------------------------------
+def _budget(args: argparse.Namespace) -> int:
+    from privacy.ledger import PrivacyLedger, read_budget
+
+    path = Path(args.state) / "ledger.sqlite"
+    if not path.exists():
+        raise CLIError(f"no privacy ledger at {path}")
+    ledger = PrivacyLedger(path, budget=read_budget(path))
+    data = ledger.to_json()
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"epsilon spent {data['epsilon_spent']:.4f} of {data['budget_epsilon']:.4f} (delta {data['delta']:.2e})")
+        for e in data["entries"]:
+            print(f"  run {e['run_id']} round {e['round']}: {e['steps']} steps, q={e['sample_rate']:.4f}, "
+                  f"sigma={e['noise_multiplier']:.3f} -> epsilon {e['epsilon_after']:.4f} [{e['status']}]")
+    return 0
+
+
+def _audit_verify(args: argparse.Namespace) -> int:
+    from privacy.audit import verify
+
+    result = verify(Path(args.path))
+    if result.ok:
+        print(f"OK: {result.records} records, head {result.head_hash[:16]}")
+        return 0
+    print(f"TAMPERED: {result.error}", file=sys.stderr)
+    return 1
+
+
+# ---- demo -------------------------------------------------------------------------------------
+def _demo(args: argparse.Namespace) -> int:
+    from federation.cli.demo import DemoSettings, run_demo
+
+    report = run_demo(DemoSettings(out=Path(args.out), sites=args.sites, rounds=args.rounds, keep_running=args.keep_running))
+    print(f"report: {Path(args.out) / 'report.json'} (rounds completed: {report['rounds_completed']})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedseek", description="Private, federated DeepSeek for regulated industries")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    ca = sub.add_parser("ca", help="consortium certificate authority").add_subparsers(dest="ca_command", required=True)
+    p = ca.add_parser("init", help="create the consortium CA")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--consortium", default="fedseek")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_ca_init)
+    p = ca.add_parser("issue", help="issue a certificate for a party")
+    p.add_argument("name")
+    p.add_argument("--pki", required=True)
+    p.add_argument("--role", required=True, choices=["coordinator", "node", "reviewer", "admin"])
+    p.add_argument("--host", action="append", help="SAN host name or IP (repeatable)")
+    p.add_argument("--days", type=int, default=30)
+    p.set_defaults(func=_ca_issue)
+    p = ca.add_parser("list", help="list issued certificates")
+    p.add_argument("--pki", required=True)
+    p.set_defaults(func=_ca_list)
+
+    model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
+    p = model.add_parser("tiny", help="write a tiny seeded DeepSeek-V3 model with the real tokenizer")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_model_tiny)
+
+    coord = sub.add_parser("coordinator", help="consortium coordinator").add_subparsers(dest="coord_command", required=True)
+    p = coord.add_parser("start", help="start SuperLink behind the mTLS sidecar")
+    p.add_argument("--config")
+    p.add_argument("--pki")
+    p.add_argument("--state")
+    p.add_argument("--fleet-host", default="127.0.0.1")
+    p.add_argument("--fleet-port", type=int, default=9443)
+    p.add_argument("--site-keys")
+    p.set_defaults(func=_coordinator_start)
+
+    node = sub.add_parser("node", help="site node agent").add_subparsers(dest="node_command", required=True)
+    p = node.add_parser("start", help="start the node agent daemon")
+    p.add_argument("--config", required=True)
+    p.set_defaults(func=_node_start)
+
+    p = sub.add_parser("run", help="start a federated run on the running coordinator")
+    p.add_argument("--state", required=True, help="the coordinator's state directory")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--min-nodes", type=int, default=2)
+    p.add_argument("--name", default="run")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("budget", help="show a site's privacy ledger")
+    p.add_argument("--state", required=True, help="the node's state directory")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_budget)
+
+    audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="audit_command", required=True)
+    p = audit.add_parser("verify", help="verify a hash-chained audit trail")
+    p.add_argument("path")
+    p.set_defaults(func=_audit_verify)
+
+    p = sub.add_parser("demo", help="run a whole consortium on localhost, end to end")
+    p.add_argument("--out", required=True)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--keep-running", action="store_true")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types whose message is meant for the operator (imported lazily)."""
+    from coordinator.service import CoordinatorError
+    from federation.config import ConfigError
+    from federation.pki import PKIError
+    from federation.sidecar import SidecarError
+    from node.agent import NodeStartError
+    from privacy.ledger import BudgetExceeded, LedgerError
+
+    return (CLIError, CoordinatorError, ConfigError, PKIError, SidecarError, NodeStartError, BudgetExceeded, LedgerError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    func: Handler = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        if isinstance(exc, _user_errors()):
+            print(f"fedseek: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

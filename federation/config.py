@@ -1,0 +1,83 @@
+"""Config schemas of the node agent and the coordinator: dataclasses that round-trip to JSON.
+
+Defaults are the safe choice (budget epsilon 1.0, loopback binds); a file may set any subset
+of fields, and unknown fields are an error so that a typo never silently falls back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config file that is missing, malformed or has unknown fields."""
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeConfig:
+    name: str
+    model_dir: str
+    data_dir: str
+    state_dir: str
+    pki_dir: str
+    coordinator: str = "127.0.0.1:9443"  # host:port of the coordinator's mTLS fleet endpoint
+    coordinator_name: str = "localhost"  # the name its certificate must carry
+    api_host: str = "127.0.0.1"
+    api_port: int = 8443
+    fleet_sidecar_port: int = 0  # 0: pick a free loopback port
+    supernode_port: int = 0
+    epsilon: float = 1.0
+    delta: float = 0.0  # 0: choose 1 / (10 n) for n training records
+    accountant: str = "rdp"
+    device: str = "cpu"
+    max_length: int = 256
+    secure_mode: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class CoordinatorConfig:
+    pki_dir: str
+    state_dir: str
+    name: str = "coordinator"
+    fleet_host: str = "127.0.0.1"
+    fleet_port: int = 9443
+    superlink_port: int = 0  # 0: pick a free loopback port
+    site_keys_dir: str = ""  # directory of <site>.pub SuperNode keys to register
+
+
+def to_json(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_json(cls: type[T], data: dict[str, Any]) -> T:
+    fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    try:
+        return cls(**data)
+    except TypeError as exc:
+        raise ConfigError(f"invalid {cls.__name__}: {exc}") from exc
+
+
+def load(cls: type[T], path: Path) -> T:
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config {path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {path} must be a JSON object")
+    return from_json(cls, data)
+
+
+def save(cfg: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(to_json(cfg), indent=2))
+    return path

@@ -1,0 +1,196 @@
+"""`fedseek node start`: the site's agent daemon.
+
+Start-up order is chosen so that a bad input is refused before anything is touched:
+certificate (must chain to the consortium CA), audit trail and ledger (integrity), privacy
+budget (must have room left), data, model. Then the HTTPS API, the mTLS fleet sidecar and
+the SuperNode start, and the agent supervises both until it is stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from federation import pki
+from federation.config import NodeConfig
+from federation.flower_auth import ensure_auth_keypair
+from federation.procs import Managed, ProcessError, free_port, stop_all
+from federation.sidecar import TLSFiles, client_config, make_sidecar
+from node.engine import ModelHost
+from node.model import load_model
+from node.server import create_app
+from node.service import NodeService, load_site_data
+from privacy.audit import AuditTrail
+from privacy.ledger import PrivacyLedger
+
+log = logging.getLogger("fedseek.node")
+
+
+class NodeStartError(RuntimeError):
+    """The node refuses to start; the message is one line for the operator."""
+
+
+@dataclass(frozen=True)
+class NodeEndpoints:
+    name: str
+    openai: str
+    fleet_sidecar: str
+    pid: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "openai": self.openai, "fleet_sidecar": self.fleet_sidecar, "pid": self.pid}
+
+
+def preflight(config: NodeConfig) -> pki.LeafFiles:
+    """Checks that need neither the model nor the network; raise NodeStartError."""
+    try:
+        leaf = pki.load_leaf(Path(config.pki_dir), config.name)
+        identity = pki.verify_leaf(leaf.cert, leaf.ca_cert)
+    except pki.PKIError as exc:
+        raise NodeStartError(f"certificate check failed: {exc}") from exc
+    if identity.role != "node":
+        raise NodeStartError(f"certificate {identity.name!r} has role {identity.role!r}, expected 'node'")
+    state = Path(config.state_dir)
+    try:
+        AuditTrail(state / "audit.jsonl")
+    except Exception as exc:
+        raise NodeStartError(f"audit trail failed its integrity check: {exc}") from exc
+    ledger_path = state / "ledger.sqlite"
+    if ledger_path.exists():
+        from node.service import site_budget
+
+        try:
+            ledger = PrivacyLedger(ledger_path, budget=site_budget(config, _count_lines(Path(config.data_dir) / "train.jsonl")))
+            spent = ledger.spent()
+        except Exception as exc:
+            raise NodeStartError(f"privacy ledger refused: {exc}") from exc
+        if spent >= config.epsilon - 1e-6:
+            raise NodeStartError(f"privacy budget exhausted: epsilon {spent:.3f} of {config.epsilon:.3f} spent; this site cannot train again")
+    return leaf
+
+
+def _count_lines(path: Path) -> int:
+    try:
+        return sum(1 for line in path.read_text().splitlines() if line.strip())
+    except OSError as exc:
+        raise NodeStartError(f"cannot read training data {path}: {exc.strerror}") from exc
+
+
+def build_service(config: NodeConfig) -> NodeService:
+    from node.model import ModelLoadError
+
+    try:
+        model, tokenizer = load_model(config.model_dir, device=config.device)
+    except ModelLoadError as exc:
+        raise NodeStartError(str(exc)) from exc
+    try:
+        train, eval_data = load_site_data(config, tokenizer)
+    except ValueError as exc:
+        raise NodeStartError(f"bad site data: {exc}") from exc
+    host = ModelHost(model, tokenizer, model_name=Path(config.model_dir).name)
+    return NodeService(config, host, train=train, eval_data=eval_data)
+
+
+def _fleet_processes(config: NodeConfig, leaf: pki.LeafFiles, service: NodeService, api_url: str) -> tuple[list[Managed], int]:
+    state = Path(config.state_dir)
+    sidecar_port = config.fleet_sidecar_port or free_port()
+    sidecar = make_sidecar(
+        name="fleet-sidecar",
+        config_text=client_config(
+            tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert),
+            accept=f"127.0.0.1:{sidecar_port}",
+            connect=config.coordinator,
+            server_name=config.coordinator_name,
+        ),
+        workdir=state / "sidecar",
+    )
+    keys = ensure_auth_keypair(Path(config.pki_dir) / config.name)
+    node_config = (
+        f'agent-url="{api_url}" agent-token-file="{state / "agent.token"}" agent-ca="{leaf.ca_cert}" site="{config.name}"'
+    )
+    supernode = Managed(
+        name="supernode",
+        argv=[
+            str(Path(sys.executable).parent / "flower-supernode"),
+            "--insecure",  # plaintext only to the local sidecar on loopback; the sidecar does mTLS
+            "--superlink", f"127.0.0.1:{sidecar_port}",
+            "--auth-supernode-private-key", str(keys.private_key),
+            "--port", str(config.supernode_port or free_port()),
+            "--node-config", node_config,
+            "--max-wait-time", "3600",
+        ],
+        log_path=state / "logs" / "supernode.log",
+        env={"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"},
+    )
+    return [sidecar, supernode], sidecar_port
+
+
+def run_node(config: NodeConfig) -> None:
+    """Run the agent until SIGTERM/SIGINT; raises NodeStartError on refused start-up."""
+    leaf = preflight(config)
+    service = build_service(config)
+    state = Path(config.state_dir)
+    port = config.api_port or free_port()
+    api_url = f"https://{config.api_host}:{port}"
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(service),
+            host=config.api_host,
+            port=port,
+            ssl_certfile=str(leaf.cert),
+            ssl_keyfile=str(leaf.key),
+            log_level="warning",
+        )
+    )
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    api_thread = threading.Thread(target=server.run, name="api", daemon=True)
+    api_thread.start()
+    procs, sidecar_port = _fleet_processes(config, leaf, service, api_url)
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    try:
+        while not server.started:
+            if not api_thread.is_alive():
+                raise NodeStartError(f"API server failed to start on {config.api_host}:{port}")
+            time.sleep(0.1)
+        procs[0].start().wait_port("127.0.0.1", sidecar_port, timeout=30)
+        procs[1].start()
+        endpoints = NodeEndpoints(config.name, api_url, f"127.0.0.1:{sidecar_port}", os.getpid())
+        _write_json(state / "node.json", endpoints.to_json())
+        log.info("node %s ready: api %s, fleet sidecar %s", config.name, api_url, endpoints.fleet_sidecar)
+        print(f"node {config.name} ready: {api_url}", flush=True)
+        _supervise(procs, stopping)
+    except ProcessError as exc:
+        raise NodeStartError(str(exc).splitlines()[0]) from exc
+    finally:
+        stop_all(procs)
+        server.should_exit = True
+        api_thread.join(timeout=10)
+        (state / "node.json").unlink(missing_ok=True)
+
+
+def _supervise(procs: list[Managed], stopping: threading.Event) -> None:
+    """Restart a sidecar or SuperNode that dies, with a short back-off."""
+    while not stopping.wait(1.0):
+        for proc in procs:
+            if not proc.alive():
+                log.warning("%s exited; restarting", proc.name)
+                time.sleep(1.0)
+                proc.start()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)

@@ -1,0 +1,76 @@
+"""The Flower ClientApp: a thin relay from the SuperNode to the running node agent.
+
+The agent owns the model, the data, the ledger and the audit trail; the ClientApp only
+converts Flower records to the wire format and back, and calls the agent's local API
+(`/internal/train`, `/internal/deploy`) over HTTPS with the agent's bearer token.
+Node config keys (from `flower-supernode --node-config`): `agent-url`, `agent-token-file`,
+`agent-ca`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from federation import records, wire
+
+app = ClientApp()
+
+CONFIG_HEADER = "x-fedseek-config"
+REPORT_HEADER = "x-fedseek-report"
+
+
+def agent_client(node_config: dict[str, Any], *, timeout: float = 900.0) -> httpx.Client:
+    token = Path(str(node_config["agent-token-file"])).read_text().strip()
+    return httpx.Client(
+        base_url=str(node_config["agent-url"]),
+        verify=str(node_config["agent-ca"]),
+        headers={"authorization": f"Bearer {token}"},
+        timeout=timeout,
+    )
+
+
+def _call(context: Context, path: str, msg: Message) -> httpx.Response:
+    arrays = records.from_array_record(msg.content[records.ARRAYS]) if records.ARRAYS in msg.content else {}
+    config = dict(msg.content[records.CONFIG]) if records.CONFIG in msg.content else {}
+    config["run-id"] = str(context.run_id)
+    body = wire.encode(arrays) if arrays else b""
+    with agent_client(dict(context.node_config)) as client:
+        resp = client.post(path, content=body, headers={CONFIG_HEADER: json.dumps(config)})
+    if resp.status_code != 200:
+        raise RuntimeError(f"node agent refused {path}: {resp.status_code} {resp.text[:300]}")
+    return resp
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    resp = _call(context, "/internal/train", msg)
+    report = wire.PrivacyReport.from_dict(json.loads(resp.headers[REPORT_HEADER]))
+    arrays = wire.decode(resp.content)
+    content = RecordDict(
+        {
+            records.ARRAYS: records.to_array_record(arrays),
+            records.METRICS: records.report_metrics(report),
+            records.PRIVACY: records.report_to_config(report),
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Install the named global adapter version on the agent, then report its eval loss."""
+    resp = _call(context, "/internal/deploy", msg)
+    result = resp.json()
+    content = RecordDict(
+        {
+            records.METRICS: MetricRecord({"num-examples": int(result["num_examples"]), "eval-loss": float(result["eval_loss"])}),
+            records.SITE: ConfigRecord({"name": str(result["site"]), "version": str(result["version"])}),
+        }
+    )
+    return Message(content, reply_to=msg)

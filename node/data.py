@@ -1,0 +1,203 @@
+"""A hospital's local JSONL data turned into tokenized examples with loss on the answer only.
+
+Only answer tokens carry a label, so the LoRA update (and the DP noise budget spent on it)
+goes to learning the answer rather than to re-predicting the fixed prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss skips this label
+_ROLES = frozenset({"system", "user", "assistant"})
+_SHAPE_HINT = "missing 'messages' or 'prompt'/'completion'"
+
+
+class DataError(ValueError):
+    """Local training data is unreadable or malformed; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A chat whose last message is the assistant answer to learn."""
+
+    messages: list[dict[str, str]]
+
+    def __post_init__(self) -> None:
+        if len(self.messages) < 2:
+            raise DataError("an example needs at least one prompt message and an answer")
+        if self.messages[-1].get("role") != "assistant":
+            raise DataError("the last message must have role 'assistant'")
+
+    @property
+    def prompt_messages(self) -> list[dict[str, str]]:
+        """Everything before the answer: what the model sees at inference."""
+        return self.messages[:-1]
+
+    @property
+    def answer(self) -> str:
+        return self.messages[-1]["content"]
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """Token ids and labels; labels are IGNORE_INDEX for every non-answer token."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def _parse_message(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise DataError("each message must be an object with 'role' and 'content'")
+    role, content = raw.get("role"), raw.get("content")
+    if role not in _ROLES:
+        raise DataError(f"message role must be one of system/user/assistant, got {role!r}")
+    if not isinstance(content, str):
+        raise DataError("message 'content' must be a string")
+    return {"role": str(role), "content": content}
+
+
+def _parse_record(record: Any) -> Example:
+    """One JSON value -> Example; accepts chat messages or a prompt/completion pair."""
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}")
+    if "messages" in record:
+        raw = record["messages"]
+        if not isinstance(raw, list) or not raw:
+            raise DataError("'messages' must be a non-empty list")
+        return Example(messages=[_parse_message(m) for m in raw])
+    prompt, completion = record.get("prompt"), record.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise DataError(_SHAPE_HINT)
+    return Example(
+        messages=[
+            {"role": "user", "content": prompt},
+            {"role": "assistant", "content": completion},
+        ]
+    )
+
+
+def _parse_line(line: str) -> Example:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
+    return _parse_record(record)
+
+
+def load_jsonl(path: Path) -> list[Example]:
+    """Read one example per non-blank line; errors name the file and line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read ({type(exc).__name__})") from exc
+    examples: list[Example] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            examples.append(_parse_line(line))
+        except DataError as exc:
+            raise DataError(f"{Path(path).name} line {number}: {exc}") from exc
+    if not examples:
+        raise DataError(f"{Path(path).name}: no examples (empty file)")
+    return examples
+
+
+def _flat_ids(encoded: Any) -> list[int]:
+    """apply_chat_template may return a list, a nested list, a tensor or a BatchEncoding."""
+    if isinstance(encoded, Mapping):
+        encoded = encoded["input_ids"]
+    if isinstance(encoded, torch.Tensor):
+        encoded = encoded.tolist()
+    ids = list(encoded)
+    if ids and isinstance(ids[0], list):
+        if len(ids) != 1:
+            raise DataError(f"expected one tokenized sequence, got a batch of {len(ids)}")
+        ids = ids[0]
+    return [int(i) for i in ids]
+
+
+def _tokenize_one(example: Example, tokenizer: Any, *, max_length: int) -> TokenizedExample:
+    prompt_ids = _flat_ids(
+        tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, tokenize=True)
+    )
+    answer_ids = _flat_ids(tokenizer(example.answer + tokenizer.eos_token, add_special_tokens=False))
+    if len(answer_ids) >= max_length:
+        raise DataError(f"answer is {len(answer_ids)} tokens; max_length {max_length} leaves no prompt")
+    keep = max_length - len(answer_ids)
+    if len(prompt_ids) > keep:  # cut from the left: the question sits at the prompt's end
+        prompt_ids = prompt_ids[-keep:]
+    return TokenizedExample(
+        input_ids=prompt_ids + answer_ids,
+        labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,
+    )
+
+
+def tokenize(examples: Sequence[Example], tokenizer: Any, *, max_length: int = 256) -> list[TokenizedExample]:
+    """Chat-template the prompt, append answer + EOS, and mask the prompt out of the labels."""
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    tokenized: list[TokenizedExample] = []
+    for index, example in enumerate(examples):
+        try:
+            tokenized.append(_tokenize_one(example, tokenizer, max_length=max_length))
+        except DataError as exc:
+            raise DataError(f"example {index}: {exc}") from exc
+    return tokenized
+
+
+def collate(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; an empty batch (Opacus Poisson sampling) gives (0, 1) tensors."""
+    width = max((len(e.input_ids) for e in batch), default=1)
+    input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+    for row, example in enumerate(batch):
+        length = len(example.input_ids)
+        input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, :length] = 1
+        labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class TokenizedDataset(torch.utils.data.Dataset[TokenizedExample]):
+    """Map-style dataset with a length, as Opacus' DPDataLoader requires."""
+
+    def __init__(self, examples: Sequence[TokenizedExample]) -> None:
+        self._examples = list(examples)
+
+    def __len__(self) -> int:
+        return len(self._examples)
+
+    def __getitem__(self, index: int) -> TokenizedExample:
+        return self._examples[index]
+
+
+_TRAILING_PUNCTUATION = string.punctuation + "。．！？"
+
+
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().split()).rstrip(_TRAILING_PUNCTUATION).rstrip()
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Lenient exact match: generations often run on ("Cardiology. The patient..."), so a
+    normalised prediction that starts with the normalised answer at a word boundary counts.
+    """
+    pred, gold = _normalise(prediction), _normalise(answer)
+    if not gold:
+        return not pred
+    if not pred.startswith(gold):
+        return False
+    return len(pred) == len(gold) or not pred[len(gold)].isalnum()

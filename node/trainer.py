@@ -1,0 +1,162 @@
+"""One federated round of record-level DP-SGD on the site's LoRA adapter.
+
+Order matters for fail-closed accounting: plan the noise from what the ledger has left,
+charge the ledger (fsync'd), then train. A round that crashes stays charged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+
+from federation import wire
+from node.data import TokenizedExample, collate
+from node.engine import TRAIN_ADAPTER, ModelHost
+from privacy.ledger import PrivacyLedger
+
+Progress = Callable[[int, int, float], None]
+
+
+class TrainingError(RuntimeError):
+    """Training diverged (NaN loss) or had nothing to train on."""
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    local_epochs: int = 1
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    max_grad_norm: float = 1.0
+    secure_mode: bool = False
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    arrays: wire.Arrays
+    report: wire.PrivacyReport
+
+
+def per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean answer-token cross-entropy of each sample: a per-record quantity, as DP-SGD needs."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shift_logits = logits[:, :-1].float()
+    shift_labels = batch["labels"][:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(shift_labels.shape)
+    mask = (shift_labels != -100).float()
+    return (tok * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def evaluate_loss(host: ModelHost, data: Sequence[TokenizedExample], *, model: str | None, batch_size: int = 16) -> float:
+    """Mean per-record answer loss under `model` (base or an adapter version)."""
+    if not data:
+        raise TrainingError("no evaluation data")
+    total = 0.0
+    pad = int(host.tokenizer.pad_token_id)
+    with host.using(model) as m, torch.no_grad():
+        for start in range(0, len(data), batch_size):
+            batch = _to_device(collate(data[start : start + batch_size], pad_id=pad), host.device)
+            total += float(per_sample_loss(m, batch).sum())
+    return total / len(data)
+
+
+def train_round(
+    host: ModelHost,
+    ledger: PrivacyLedger,
+    data: Sequence[TokenizedExample],
+    *,
+    site: str,
+    run_id: str,
+    round: int,
+    rounds_left: int,
+    global_arrays: wire.Arrays | None,
+    settings: TrainSettings,
+    progress: Progress | None = None,
+) -> RoundResult:
+    n = len(data)
+    if n == 0:
+        raise TrainingError("the site has no training data")
+    sample_rate = min(1.0, settings.batch_size / n)
+    steps = max(1, math.ceil(settings.local_epochs / sample_rate))
+    plan = ledger.plan_round(sample_rate=sample_rate, steps=steps, rounds_left=rounds_left)
+    entry = ledger.charge(run_id=run_id, round=round, plan=plan, max_grad_norm=settings.max_grad_norm)
+    pad = int(host.tokenizer.pad_token_id)
+    generator = torch.Generator().manual_seed(torch.seed()) if not settings.secure_mode else None
+    losses: list[float] = []
+    with host.lock:
+        host.reset_train_adapter(global_arrays)
+        host.peft.set_adapter(TRAIN_ADAPTER)
+        params = [p for p in host.peft.parameters() if p.requires_grad]
+        gsm = GradSampleModule(host.peft, batch_first=True, loss_reduction="mean", strict=False)
+        optimizer = DPOptimizer(
+            torch.optim.AdamW(params, lr=settings.learning_rate),
+            noise_multiplier=plan.noise_multiplier,
+            max_grad_norm=settings.max_grad_norm,
+            expected_batch_size=max(1, round_half(sample_rate * n)),
+            loss_reduction="mean",
+            secure_mode=settings.secure_mode,
+        )
+        gsm.train()
+        try:
+            for step in range(steps):
+                chosen = _poisson_indices(n, sample_rate, generator)
+                optimizer.zero_grad(set_to_none=True)
+                if not chosen:
+                    for p in params:  # noise-only step keeps the accounting exact
+                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                else:
+                    batch = _to_device(collate([data[i] for i in chosen], pad_id=pad), host.device)
+                    loss = per_sample_loss(gsm, batch).mean()
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"non-finite loss at step {step + 1}; round aborted, budget stays charged")
+                    loss.backward()
+                    losses.append(float(loss))
+                optimizer.step()
+                if progress:
+                    progress(step + 1, steps, losses[-1] if losses else float("nan"))
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            gsm._close()
+            host.peft.eval()
+        arrays = host.adapter_arrays(TRAIN_ADAPTER)
+    wire.validate_arrays(arrays)  # a NaN update never leaves the site
+    done = ledger.complete(entry.id, steps=steps)
+    report = wire.PrivacyReport(
+        site=site,
+        epsilon=ledger.spent(),
+        delta=ledger.budget.delta,
+        steps=steps,
+        sample_rate=sample_rate,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=settings.max_grad_norm,
+        accountant=done.accountant,
+        num_examples=n,
+        train_loss=sum(losses) / len(losses) if losses else float("nan"),
+    )
+    return RoundResult(arrays=arrays, report=report)
+
+
+def round_half(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _poisson_indices(n: int, rate: float, generator: torch.Generator | None) -> list[int]:
+    """Poisson sampling: each record joins the batch independently with probability `rate`."""
+    draws = torch.rand(n, generator=generator) if generator is not None else _secure_uniform(n)
+    return [int(i) for i in torch.nonzero(draws < rate).flatten().tolist()]
+
+
+def _secure_uniform(n: int) -> torch.Tensor:
+    import secrets
+
+    return torch.tensor([secrets.randbits(53) / (1 << 53) for _ in range(n)], dtype=torch.float64)

@@ -1,0 +1,383 @@
+"""Persisted per-site privacy budget ledger that fails closed.
+
+Every round of every run is recorded before training starts, and the site's
+total epsilon is always recomputed by composing the full history with an
+Opacus accountant (never by summing per-round epsilons). Rows are hash
+chained and the chain's end is kept in a meta table, so an edited, deleted or
+appended row makes the ledger refuse to plan or charge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, astuple, dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from opacus.accountants import create_accountant  # type: ignore[import-untyped,unused-ignore]
+
+from privacy.audit import GENESIS_HASH, canonical_json, sha256_hex, utc_now
+
+SUPPORTED_ACCOUNTANTS = ("rdp", "prv")
+MIN_NOISE = 0.3
+NOISE_TOLERANCE = 1e-3
+EXHAUSTED_BELOW = 1e-6
+
+History = Sequence[tuple[float, float, int]]
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS entries (
+        id INTEGER PRIMARY KEY, run_id TEXT NOT NULL, round INTEGER NOT NULL,
+        steps INTEGER NOT NULL, sample_rate REAL NOT NULL,
+        noise_multiplier REAL NOT NULL, max_grad_norm REAL NOT NULL,
+        accountant TEXT NOT NULL, delta REAL NOT NULL, epsilon_after REAL NOT NULL,
+        status TEXT NOT NULL, ts TEXT NOT NULL, steps_completed INTEGER,
+        prev_hash TEXT NOT NULL, hash TEXT NOT NULL)""",
+)
+
+
+class BudgetExceeded(RuntimeError):
+    """The site's lifetime privacy budget does not allow this round."""
+
+
+class LedgerError(RuntimeError):
+    """The ledger failed its integrity check or was given a bad configuration."""
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Lifetime (epsilon, delta) guarantee for one site, and how it is accounted."""
+
+    epsilon: float = 1.0
+    delta: float = 1e-5
+    accountant: str = "rdp"
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise LedgerError(f"budget epsilon must be finite and > 0, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise LedgerError(f"budget delta must be in (0, 1), got {self.delta}")
+        if self.accountant not in SUPPORTED_ACCOUNTANTS:
+            raise LedgerError(f"unsupported accountant {self.accountant!r}; use one of {SUPPORTED_ACCOUNTANTS}")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One charged round; ``steps`` is what was charged and is what gets composed.
+
+    ``steps_completed`` records how many steps training actually ran. It may be
+    lower than ``steps``: the unused part is deliberately not refunded.
+    """
+
+    id: int
+    run_id: str
+    round: int
+    steps: int
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+    accountant: str
+    delta: float
+    epsilon_after: float
+    status: str
+    ts: str
+    steps_completed: int | None = None
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """DP-SGD parameters for the next round and the epsilon they would lead to."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    epsilon_after: float
+
+
+_COLUMNS = ", ".join(f.name for f in fields(LedgerEntry))
+_PLACEHOLDERS = ", ".join("?" * (len(fields(LedgerEntry)) + 2))
+_INSERT = f"INSERT OR REPLACE INTO entries ({_COLUMNS}, prev_hash, hash) VALUES ({_PLACEHOLDERS})"
+
+
+def compose_epsilon(history: History, *, budget: Budget) -> float:
+    """Epsilon at ``budget.delta`` of all ``(noise, sample_rate, steps)`` rounds together."""
+    if not history:
+        return 0.0
+    accountant = create_accountant(mechanism=budget.accountant)
+    accountant.history = list(history)
+    with warnings.catch_warnings():
+        # At the ends of the noise search RDP's best order sits on the edge of
+        # Opacus's alpha grid; the bound is still valid (just loose), so don't spam.
+        warnings.filterwarnings("ignore", message="Optimal order is the (largest|smallest) alpha")
+        return float(accountant.get_epsilon(delta=budget.delta))
+
+
+def _history(entries: Sequence[LedgerEntry]) -> list[tuple[float, float, int]]:
+    return [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries]
+
+
+def _check_round_args(*, sample_rate: float, steps: int) -> None:
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+def _smallest_noise(
+    epsilon_at: Callable[[float], float], *, target: float, low: float, high: float
+) -> tuple[float, float] | None:
+    """Bisect for the least noise meeting ``target``; epsilon falls as noise grows.
+
+    Returns ``(noise, epsilon)`` or None when even ``high`` is too little noise.
+    ``not eps <= target`` also rejects NaN, so a broken accountant fails closed.
+    """
+    best = (high, epsilon_at(high))
+    if not best[1] <= target:
+        return None
+    eps_low = epsilon_at(low)
+    if eps_low <= target:
+        return low, eps_low
+    while high - low > NOISE_TOLERANCE:
+        mid = (low + high) / 2
+        eps = epsilon_at(mid)
+        if eps <= target:
+            high, best = mid, (mid, eps)
+        else:
+            low = mid
+    return best
+
+
+def _entry_hash(entry: LedgerEntry, *, prev_hash: str) -> str:
+    return sha256_hex(canonical_json({**asdict(entry), "prev_hash": prev_hash}))
+
+
+def _get_meta(conn: sqlite3.Connection, key: str) -> Any:
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else _loads(row[0])
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise LedgerError("ledger meta value is malformed") from None
+
+
+def _put_meta(conn: sqlite3.Connection, key: str, value: Any) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+        (key, canonical_json(value)),
+    )
+
+
+def _load(conn: sqlite3.Connection) -> list[LedgerEntry]:
+    """Read all entries, refusing unless the hash chain and head are intact."""
+    entries: list[LedgerEntry] = []
+    prev = GENESIS_HASH
+    for expected_id, row in enumerate(
+        conn.execute(f"SELECT {_COLUMNS}, prev_hash, hash FROM entries ORDER BY id"),
+        start=1,
+    ):
+        entry = LedgerEntry(*row[:-2])
+        if entry.id != expected_id:
+            raise LedgerError(f"ledger entry {expected_id}: missing (row deleted)")
+        if row[-2] != prev or row[-1] != _entry_hash(entry, prev_hash=prev):
+            raise LedgerError(f"ledger entry {entry.id}: hash chain broken (row edited)")
+        prev = row[-1]
+        entries.append(entry)
+    if _get_meta(conn, "head") != {"id": len(entries), "hash": prev}:
+        raise LedgerError("ledger head does not match entries (rows deleted or added outside the ledger)")
+    return entries
+
+
+def _store(conn: sqlite3.Connection, entries: Sequence[LedgerEntry], *, from_id: int) -> None:
+    """Rewrite rows from ``from_id`` on with a fresh chain, then move the head."""
+    prev = GENESIS_HASH
+    for entry in entries:
+        hash_ = _entry_hash(entry, prev_hash=prev)
+        if entry.id >= from_id:
+            conn.execute(_INSERT, (*astuple(entry), prev, hash_))
+        prev = hash_
+    _put_meta(conn, "head", {"id": len(entries), "hash": prev})
+
+
+def _reconcile_budget(conn: sqlite3.Connection, budget: Budget) -> None:
+    """Store the budget on creation; afterwards it may only be tightened."""
+    stored = _get_meta(conn, "budget")
+    if stored is None and _get_meta(conn, "head") is None:
+        _put_meta(conn, "budget", asdict(budget))
+        _put_meta(conn, "head", {"id": 0, "hash": GENESIS_HASH})
+        return
+    try:
+        old = Budget(**stored)
+    except (TypeError, LedgerError):
+        raise LedgerError("stored budget is missing or malformed") from None
+    if budget.accountant != old.accountant:
+        raise LedgerError(f"accountant changed from {old.accountant!r} to {budget.accountant!r}; refusing")
+    if budget.epsilon > old.epsilon or budget.delta > old.delta:
+        raise LedgerError(
+            f"configured budget (epsilon {budget.epsilon}, delta {budget.delta:g}) is looser than "
+            f"the stored lifetime budget (epsilon {old.epsilon}, delta {old.delta:g}); refusing"
+        )
+    if budget != old:
+        _put_meta(conn, "budget", asdict(budget))
+
+
+class PrivacyLedger:
+    """Per-site record of DP-SGD rounds; every read re-verifies the whole ledger."""
+
+    def __init__(self, path: Path, *, budget: Budget) -> None:
+        self._path = path
+        self._budget = budget
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with self._session() as conn:
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            _reconcile_budget(conn, budget)
+            _load(conn)
+
+    @property
+    def budget(self) -> Budget:
+        return self._budget
+
+    @contextmanager
+    def _session(self) -> Iterator[sqlite3.Connection]:
+        """One write-locked transaction, so check-then-charge is atomic across processes."""
+        conn = sqlite3.connect(self._path, isolation_level=None, timeout=30.0)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        except sqlite3.DatabaseError as exc:
+            raise LedgerError(f"{self._path}: {exc}") from exc
+        finally:
+            conn.close()
+
+    def _epsilon(self, history: History) -> float:
+        return compose_epsilon(history, budget=self._budget)
+
+    def _refusal(self, spent: float, *, reason: str) -> BudgetExceeded:
+        return BudgetExceeded(
+            f"privacy budget exhausted for this site: spent {spent:.2f} of "
+            f"{self._budget.epsilon:.2f} (delta {self._budget.delta:g}); {reason}"
+        )
+
+    def entries(self) -> list[LedgerEntry]:
+        with self._session() as conn:
+            return _load(conn)
+
+    def spent(self) -> float:
+        """Epsilon at ``budget.delta`` composed over all entries (0.0 if none)."""
+        return self._epsilon(_history(self.entries()))
+
+    def plan_round(
+        self,
+        *,
+        sample_rate: float,
+        steps: int,
+        rounds_left: int,
+        max_noise: float = 50.0,
+    ) -> RoundPlan:
+        """Least noise keeping this round within an equal share of what remains."""
+        _check_round_args(sample_rate=sample_rate, steps=steps)
+        if rounds_left < 1:
+            raise ValueError(f"rounds_left must be >= 1, got {rounds_left}")
+        if not max_noise > MIN_NOISE:
+            raise ValueError(f"max_noise must be > {MIN_NOISE}, got {max_noise}")
+        history = _history(self.entries())
+        spent = self._epsilon(history)
+        remaining = self._budget.epsilon - spent
+        if remaining <= EXHAUSTED_BELOW:
+            raise self._refusal(spent, reason="refusing round")
+        found = _smallest_noise(
+            lambda noise: self._epsilon([*history, (noise, sample_rate, steps)]),
+            target=spent + remaining / rounds_left,
+            low=MIN_NOISE,
+            high=max_noise,
+        )
+        if found is None:
+            raise self._refusal(spent, reason=f"noise {max_noise:g} is not enough; refusing round")
+        noise, eps = found
+        return RoundPlan(
+            noise_multiplier=noise,
+            sample_rate=sample_rate,
+            steps=steps,
+            epsilon_after=eps,
+        )
+
+    def charge(self, *, run_id: str, round: int, plan: RoundPlan, max_grad_norm: float) -> LedgerEntry:
+        """Durably record the round before training; re-checks the budget under the lock."""
+        _check_round_args(sample_rate=plan.sample_rate, steps=plan.steps)
+        if not (math.isfinite(plan.noise_multiplier) and plan.noise_multiplier > 0):
+            raise ValueError(f"noise_multiplier must be finite and > 0, got {plan.noise_multiplier}")
+        if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be finite and > 0, got {max_grad_norm}")
+        if not run_id or round < 0:
+            raise ValueError("run_id must be non-empty and round >= 0")
+        with self._session() as conn:
+            entries = _load(conn)
+            history = _history(entries)
+            epsilon_after = self._epsilon([*history, (plan.noise_multiplier, plan.sample_rate, plan.steps)])
+            if not epsilon_after <= self._budget.epsilon:
+                raise self._refusal(
+                    self._epsilon(history),
+                    reason=f"round would reach {epsilon_after:.2f}; refusing charge",
+                )
+            entry = LedgerEntry(
+                id=len(entries) + 1,
+                run_id=run_id,
+                round=round,
+                steps=plan.steps,
+                sample_rate=plan.sample_rate,
+                noise_multiplier=plan.noise_multiplier,
+                max_grad_norm=max_grad_norm,
+                accountant=self._budget.accountant,
+                delta=self._budget.delta,
+                epsilon_after=epsilon_after,
+                status="charged",
+                ts=utc_now(),
+            )
+            _store(conn, [*entries, entry], from_id=entry.id)
+        return entry
+
+    def complete(self, entry_id: int, *, steps: int) -> LedgerEntry:
+        """Mark a charged round done; more steps than charged would under-count, so refuse."""
+        if steps < 0:
+            raise ValueError(f"steps must be >= 0, got {steps}")
+        with self._session() as conn:
+            entries = _load(conn)
+            if not 1 <= entry_id <= len(entries):
+                raise LedgerError(f"no ledger entry {entry_id}")
+            entry = entries[entry_id - 1]
+            if entry.status != "charged":
+                raise LedgerError(f"ledger entry {entry_id} is already {entry.status}")
+            if steps > entry.steps:
+                raise LedgerError(
+                    f"ledger entry {entry_id}: training ran {steps} steps but only {entry.steps} were charged"
+                )
+            done = replace(entry, status="completed", steps_completed=steps)
+            entries[entry_id - 1] = done
+            _store(conn, entries, from_id=entry_id)
+        return done
+
+    def to_json(self) -> dict[str, Any]:
+        entries = self.entries()
+        return {
+            "epsilon_spent": self._epsilon(_history(entries)),
+            "delta": self._budget.delta,
+            "budget_epsilon": self._budget.epsilon,
+            "accountant": self._budget.accountant,
+            "entries": [asdict(e) for e in entries],
+        }
