@@ -75,7 +75,9 @@ class AdapterRegistry:
         n = int(_VERSION_RE.match(latest).group(1)) + 1 if latest else 1  # type: ignore[union-attr]
         return f"global-v{n:04d}"
 
-    def save(self, arrays: wire.Arrays, *, run: str, round: int, sites: list[SiteLineage], parent: str | None) -> Manifest:
+    def save(
+        self, arrays: wire.Arrays, *, run: str, round: int, sites: list[SiteLineage], parent: str | None
+    ) -> Manifest:
         payload = wire.encode(arrays)
         version = self._next_version()
         manifest = Manifest(

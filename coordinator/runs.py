@@ -82,6 +82,8 @@ def wait_run(state_dir: Path, *, run_name: str, timeout: float, progress: Progre
     raise CoordinatorError(f"run {run_name} did not finish within {timeout:.0f}s")
 
 
-def run(state_dir: Path, *, run_name: str, settings: dict[str, Any], timeout: float = 1800, progress: Progress | None = None) -> dict[str, Any]:
+def run(
+    state_dir: Path, *, run_name: str, settings: dict[str, Any], timeout: float = 1800, progress: Progress | None = None
+) -> dict[str, Any]:
     submit_run(state_dir, run_name=run_name, settings=settings)
     return wait_run(state_dir, run_name=run_name, timeout=timeout, progress=progress)

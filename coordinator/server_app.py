@@ -85,4 +85,3 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO)
     run_federation(grid, dict(context.run_config))
-

@@ -1,7 +1,8 @@
 """`fedseek coordinator start`: SuperLink on loopback behind an mTLS terminator.
 
-The SuperLink listens on 127.0.0.1 only; the stunnel sidecar on the public fleet port
-requires a client certificate chained to the consortium CA. SuperNode authentication is on
+The SuperLink listens on 127.0.0.1 only, with TLS (the coordinator certificate); the stunnel
+sidecar on the public fleet port requires a client certificate chained to the consortium CA
+and carries the SuperNode's own TLS session inside that mTLS tunnel. SuperNode authentication is on
 as a second factor: each site's public key is registered through the Control API, which
 stays on loopback for the consortium operator.
 """
@@ -38,11 +39,14 @@ def flwr_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
 
 
-def write_cli_config(flwr_home: Path, superlink: str) -> Path:
-    """A Flower CLI config naming the local SuperLink's Control API."""
+def write_cli_config(flwr_home: Path, superlink: str, *, ca_cert: Path) -> Path:
+    """A Flower CLI config naming the local SuperLink's Control API (TLS, consortium CA)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
-    path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{superlink}"\ninsecure = true\n')
+    path.write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "{superlink}"\nroot-certificates = "{ca_cert.resolve()}"\n'
+    )
     return path
 
 
@@ -80,12 +84,22 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         name="superlink",
         argv=[
             flwr_bin("flower-superlink"),
-            "--insecure",  # loopback only; the sidecar terminates mTLS
-            "--host", "127.0.0.1",
-            "--port", str(link_port),
+            # TLS end to end with each SuperNode (Flower requires it for SuperNode auth);
+            # the sidecar wraps it in the consortium's mTLS on the public port.
+            "--ssl-certfile",
+            str(leaf.cert),
+            "--ssl-keyfile",
+            str(leaf.key),
+            "--ssl-ca-certfile",
+            str(leaf.ca_cert),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(link_port),
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
-            "--database", str(state / "superlink.db"),
+            "--database",
+            str(state / "superlink.db"),
         ],
         log_path=state / "logs" / "superlink.log",
         env={"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"},
@@ -106,7 +120,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     try:
         superlink.start().wait_port("127.0.0.1", link_port, timeout=60)
         sidecar.start().wait_port(config.fleet_host, config.fleet_port, timeout=30)
-        write_cli_config(state / "flwr-cli", f"127.0.0.1:{link_port}")
+        write_cli_config(state / "flwr-cli", f"127.0.0.1:{link_port}", ca_cert=leaf.ca_cert)
         registered = []
         if config.site_keys_dir:
             for key in sorted(Path(config.site_keys_dir).glob("*.pub")):

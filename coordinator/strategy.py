@@ -65,8 +65,8 @@ class LoraFedAvg(FedAvg):
 
     def _parse_reply(self, msg: Message, like: wire.Arrays | None) -> tuple[wire.Arrays, wire.PrivacyReport]:
         content = msg.content
-        arrays = wire.validate_arrays(records.from_array_record(content[records.ARRAYS]), like=like)
-        report = records.config_to_report(content[records.PRIVACY])
+        arrays = wire.validate_arrays(records.from_array_record(content.array_records[records.ARRAYS]), like=like)
+        report = records.config_to_report(content.config_records[records.PRIVACY])
         if report.num_examples <= 0:
             raise wire.WireError("update reports no training examples")
         return arrays, report
@@ -78,7 +78,7 @@ class LoraFedAvg(FedAvg):
         rec = RoundRecord(round=server_round)
         self.rounds.append(rec)
         for msg in errors:
-            rec.rejected[f"node-{msg.metadata.src_node_id}"] = msg.error.reason
+            rec.rejected[f"node-{msg.metadata.src_node_id}"] = str(msg.error.reason)
         updates: list[tuple[wire.Arrays, wire.PrivacyReport]] = []
         for msg in valid:
             try:
@@ -90,7 +90,12 @@ class LoraFedAvg(FedAvg):
             updates.append((arrays, report))
             rec.accepted.append(report.site)
         if len(updates) < self.min_train_nodes:
-            log.error("round %d: only %d valid updates (need %d); global adapter unchanged", server_round, len(updates), self.min_train_nodes)
+            log.error(
+                "round %d: only %d valid updates (need %d); global adapter unchanged",
+                server_round,
+                len(updates),
+                self.min_train_nodes,
+            )
             return None, None
         averaged = weighted_average([(a, float(r.num_examples)) for a, r in updates])
         lineage = [
@@ -98,7 +103,8 @@ class LoraFedAvg(FedAvg):
         ]
         parent = self.latest.version if self.latest else self.parent
         self.latest = self.registry.save(averaged, run=self.run_name, round=server_round, sites=lineage, parent=parent)
-        rec.version, rec.sha256 = self.latest.version, self.latest.sha256
+        rec.version = self.latest.version
+        rec.sha256 = self.latest.sha256
         log.info("round %d: saved %s sha256=%s from %s", server_round, rec.version, rec.sha256[:12], rec.accepted)
         total = sum(r.num_examples for _, r in updates)
         metrics = MetricRecord(
@@ -127,8 +133,9 @@ class LoraFedAvg(FedAvg):
         for msg in replies:
             if msg.has_error() or rec is None:
                 continue
-            site = str(msg.content[records.SITE]["name"])
-            rec.eval_loss[site] = float(msg.content[records.METRICS]["eval-loss"])
+            site = str(msg.content.config_records[records.SITE]["name"])
+            loss = msg.content.metric_records[records.METRICS]["eval-loss"]
+            rec.eval_loss[site] = float(loss)  # type: ignore[arg-type]
         result = super().aggregate_evaluate(server_round, replies)
         if self.on_round:
             self.on_round()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import shap  # type: ignore[import-untyped]
+import shap
 
 ScoreFn = Callable[[Sequence[str]], np.ndarray]
 """``score_fn(prompts) -> (len(prompts), T)`` log-probs of the T fixed response tokens."""
@@ -89,7 +89,14 @@ class _FaithfulText(shap.maskers.Text):  # type: ignore[misc]
         except (NotImplementedError, TypeError):
             return super().token_segments(s)  # type: ignore[no-any-return]
         ids = list(data["input_ids"])
-        starts = [0 if o is None else int(o[0]) for o in data["offset_mapping"]]
+        spans = [(0, 0) if o is None else (int(o[0]), int(o[1])) for o in data["offset_mapping"]]
+        # Zero-width (special) tokens such as BOS/EOS sit where the next real token starts,
+        # so they get "" rather than swallowing a neighbour's text.
+        starts, nxt = [0] * len(spans), len(s)
+        for i in reversed(range(len(spans))):
+            a, b = spans[i]
+            starts[i] = nxt if a == b else a
+            nxt = starts[i]
         cuts = [0]
         for a in starts[1:]:
             cuts.append(max(cuts[-1], a))  # monotone, so overlapping tokens get "" not a copy
@@ -158,9 +165,7 @@ def explain_text(
     def score(prompts: Sequence[str]) -> np.ndarray:
         out = np.asarray(score_fn(prompts), dtype=np.float64)
         if out.shape != (len(prompts), len(names)):
-            raise ValueError(
-                f"score_fn returned shape {out.shape}, expected {(len(prompts), len(names))}"
-            )
+            raise ValueError(f"score_fn returned shape {out.shape}, expected {(len(prompts), len(names))}")
         return out
 
     done = 0

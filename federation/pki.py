@@ -127,9 +127,7 @@ def init_ca(
     pki_dir = Path(pki_dir)
     ca_dir = pki_dir / _CA_DIR
     if not force and ((ca_dir / _CA_CERT).exists() or (ca_dir / _CA_KEY).exists()):
-        raise PKIError(
-            f"a consortium CA already exists in {ca_dir} (use force to replace it)"
-        )
+        raise PKIError(f"a consortium CA already exists in {ca_dir} (use force to replace it)")
     pki_dir.mkdir(parents=True, exist_ok=True)
 
     key = ec.generate_private_key(ec.SECP256R1())
@@ -213,17 +211,12 @@ def load_leaf(pki_dir: Path, name: str) -> LeafFiles:
     missing = [p.name for p in files if not p.is_file()]
     if missing:
         raise PKIError(
-            f"no complete certificate for '{name}' in {leaf_dir} "
-            f"(missing {', '.join(missing)}; issue one first)"
+            f"no complete certificate for '{name}' in {leaf_dir} (missing {', '.join(missing)}; issue one first)"
         )
     ident = read_identity(files[0])
     if ident.name != name:
-        raise PKIError(
-            f"certificate in {leaf_dir} belongs to '{ident.name}', not '{name}'"
-        )
-    return LeafFiles(
-        name=name, role=ident.role, cert=files[0], key=files[1], ca_cert=files[2]
-    )
+        raise PKIError(f"certificate in {leaf_dir} belongs to '{ident.name}', not '{name}'")
+    return LeafFiles(name=name, role=ident.role, cert=files[0], key=files[1], ca_cert=files[2])
 
 
 def read_identity(cert_pem: Path) -> Identity:
@@ -260,31 +253,17 @@ def verify_leaf(
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature) as exc:
-        raise PKIError(
-            f"certificate '{ident.name}' is not signed by the consortium CA ({ca_org})"
-        ) from exc
+        raise PKIError(f"certificate '{ident.name}' is not signed by the consortium CA ({ca_org})") from exc
     if ident.consortium != ca_org:
-        raise PKIError(
-            f"certificate '{ident.name}' belongs to consortium '{ident.consortium}', "
-            f"not '{ca_org}'"
-        )
+        raise PKIError(f"certificate '{ident.name}' belongs to consortium '{ident.consortium}', not '{ca_org}'")
     if _is_ca(cert):
-        raise PKIError(
-            f"certificate '{ident.name}' is a CA certificate, not a party certificate"
-        )
+        raise PKIError(f"certificate '{ident.name}' is a CA certificate, not a party certificate")
     if now < ca.not_valid_before_utc:
-        raise PKIError(
-            f"consortium CA ({ca_org}) is not valid until "
-            f"{_ts(ca.not_valid_before_utc)}"
-        )
+        raise PKIError(f"consortium CA ({ca_org}) is not valid until {_ts(ca.not_valid_before_utc)}")
     if now > ca.not_valid_after_utc:
-        raise PKIError(
-            f"consortium CA ({ca_org}) expired at {_ts(ca.not_valid_after_utc)}"
-        )
+        raise PKIError(f"consortium CA ({ca_org}) expired at {_ts(ca.not_valid_after_utc)}")
     if now < ident.not_before:
-        raise PKIError(
-            f"certificate '{ident.name}' is not valid until {_ts(ident.not_before)}"
-        )
+        raise PKIError(f"certificate '{ident.name}' is not valid until {_ts(ident.not_before)}")
     if now > ident.not_after:
         raise PKIError(f"certificate '{ident.name}' expired at {_ts(ident.not_after)}")
     return ident
@@ -328,9 +307,7 @@ def _issue_at(
     if name == _CA_DIR:
         raise PKIError(f"party name '{name}' is reserved for the CA directory")
     if not _is_role(role):
-        raise PKIError(
-            f"unknown role '{role}' (expected one of {', '.join(sorted(_ROLES))})"
-        )
+        raise PKIError(f"unknown role '{role}' (expected one of {', '.join(sorted(_ROLES))})")
     _check_days(days)
     pki_dir = Path(pki_dir)
     ca_cert, ca_key = _load_ca(pki_dir)
@@ -345,10 +322,7 @@ def _issue_at(
         start = valid_from = not_before.astimezone(UTC).replace(microsecond=0)
     valid_until = min(start + timedelta(days=days), ca_cert.not_valid_after_utc)
     if now > ca_cert.not_valid_after_utc:
-        raise PKIError(
-            f"consortium CA ({consortium}) expired at "
-            f"{_ts(ca_cert.not_valid_after_utc)}"
-        )
+        raise PKIError(f"consortium CA ({consortium}) expired at {_ts(ca_cert.not_valid_after_utc)}")
     if valid_until <= valid_from:
         raise PKIError(f"certificate '{name}' would expire before it becomes valid")
 
@@ -385,14 +359,10 @@ def _issue_at(
             critical=True,
         )
         .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -400,9 +370,7 @@ def _issue_at(
     )
     sans = _san_entries(hosts)
     if sans:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(sans), critical=False
-        )
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
 
     leaf_dir = pki_dir / name
@@ -471,9 +439,7 @@ def _identity(cert: x509.Certificate, path: Path) -> Identity:
     consortium = _attr(cert.subject, NameOID.ORGANIZATION_NAME)
     role = _attr(cert.subject, NameOID.ORGANIZATIONAL_UNIT_NAME)
     if name is None or consortium is None or role is None:
-        raise PKIError(
-            f"{path} is not a FedSeek party certificate (needs CN, O and OU)"
-        )
+        raise PKIError(f"{path} is not a FedSeek party certificate (needs CN, O and OU)")
     if not _is_role(role):
         raise PKIError(f"{path} has unknown role '{role}'")
     return Identity(
@@ -542,8 +508,7 @@ def _is_role(value: str) -> TypeGuard[Role]:
 def _check_name(name: str, *, what: str) -> None:
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise PKIError(
-            f"invalid {what} {name!r}: use 1-63 lowercase letters, digits or '-', "
-            "starting with a letter or digit"
+            f"invalid {what} {name!r}: use 1-63 lowercase letters, digits or '-', starting with a letter or digit"
         )
 
 
@@ -573,9 +538,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
     """Write via temp file + fsync + rename so readers never see a partial file."""
-    fd, tmp_name = tempfile.mkstemp(
-        dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"
-    )
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), mode)

@@ -86,7 +86,9 @@ class Managed:
             if port_open(host, port):
                 return
             time.sleep(0.2)
-        raise ProcessError(f"{self.name} did not listen on {host}:{port} within {timeout:.0f}s:\n{log_tail(self.log_path)}")
+        raise ProcessError(
+            f"{self.name} did not listen on {host}:{port} within {timeout:.0f}s:\n{log_tail(self.log_path)}"
+        )
 
     def stop(self, *, timeout: float = 10.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left."""

@@ -48,21 +48,22 @@ def _common(tls: TLSFiles) -> list[str]:
     return lines
 
 
+def _stunnel_conf(service: list[str], tls: TLSFiles, tail: list[str]) -> str:
+    head = ["foreground = yes", "pid =", "debug = notice", "", "[fleet]"]
+    return "\n".join([*head, *service, *_common(tls), *tail, ""])
+
+
 def server_config(*, tls: TLSFiles, accept: str, connect: str) -> str:
-    """Coordinator side: terminate mTLS on `accept`, forward plaintext to loopback `connect`."""
-    return "\n".join(
-        ["foreground = yes", "pid =", "debug = notice", "", "[fleet]", f"accept = {accept}", f"connect = {connect}"]
-        + _common(tls)
-        + ["requireCert = yes", ""]
-    )
+    """Coordinator side: require a consortium client certificate on `accept`, forward to `connect`."""
+    return _stunnel_conf([f"accept = {accept}", f"connect = {connect}"], tls, ["requireCert = yes"])
 
 
 def client_config(*, tls: TLSFiles, accept: str, connect: str, server_name: str) -> str:
-    """Site side: accept plaintext on loopback `accept`, open mTLS to the coordinator at `connect`."""
-    return "\n".join(
-        ["foreground = yes", "pid =", "debug = notice", "", "[fleet]", "client = yes", f"accept = {accept}", f"connect = {connect}"]
-        + _common(tls)
-        + [f"checkHost = {server_name}", f"sni = {server_name}", ""]
+    """Site side: accept on loopback `accept`, open mTLS to the coordinator at `connect`."""
+    return _stunnel_conf(
+        ["client = yes", f"accept = {accept}", f"connect = {connect}"],
+        tls,
+        [f"checkHost = {server_name}", f"sni = {server_name}"],
     )
 
 

@@ -70,12 +70,17 @@ def preflight(config: NodeConfig) -> pki.LeafFiles:
         from node.service import site_budget
 
         try:
-            ledger = PrivacyLedger(ledger_path, budget=site_budget(config, _count_lines(Path(config.data_dir) / "train.jsonl")))
+            ledger = PrivacyLedger(
+                ledger_path, budget=site_budget(config, _count_lines(Path(config.data_dir) / "train.jsonl"))
+            )
             spent = ledger.spent()
         except Exception as exc:
             raise NodeStartError(f"privacy ledger refused: {exc}") from exc
         if spent >= config.epsilon - 1e-6:
-            raise NodeStartError(f"privacy budget exhausted: epsilon {spent:.3f} of {config.epsilon:.3f} spent; this site cannot train again")
+            raise NodeStartError(
+                f"privacy budget exhausted: epsilon {spent:.3f} of {config.epsilon:.3f} spent; "
+                "this site cannot train again"
+            )
     return leaf
 
 
@@ -101,7 +106,9 @@ def build_service(config: NodeConfig) -> NodeService:
     return NodeService(config, host, train=train, eval_data=eval_data)
 
 
-def _fleet_processes(config: NodeConfig, leaf: pki.LeafFiles, service: NodeService, api_url: str) -> tuple[list[Managed], int]:
+def _fleet_processes(
+    config: NodeConfig, leaf: pki.LeafFiles, service: NodeService, api_url: str
+) -> tuple[list[Managed], int]:
     state = Path(config.state_dir)
     sidecar_port = config.fleet_sidecar_port or free_port()
     sidecar = make_sidecar(
@@ -115,19 +122,32 @@ def _fleet_processes(config: NodeConfig, leaf: pki.LeafFiles, service: NodeServi
         workdir=state / "sidecar",
     )
     keys = ensure_auth_keypair(Path(config.pki_dir) / config.name)
-    node_config = (
-        f'agent-url="{api_url}" agent-token-file="{state / "agent.token"}" agent-ca="{leaf.ca_cert}" site="{config.name}"'
+    node_config = " ".join(
+        f'{key}="{value}"'
+        for key, value in {
+            "agent-url": api_url,
+            "agent-token-file": state / "agent.token",
+            "agent-ca": leaf.ca_cert,
+            "site": config.name,
+        }.items()
     )
     supernode = Managed(
         name="supernode",
         argv=[
             str(Path(sys.executable).parent / "flower-supernode"),
-            "--insecure",  # plaintext only to the local sidecar on loopback; the sidecar does mTLS
-            "--superlink", f"127.0.0.1:{sidecar_port}",
-            "--auth-supernode-private-key", str(keys.private_key),
-            "--port", str(config.supernode_port or free_port()),
-            "--node-config", node_config,
-            "--max-wait-time", "3600",
+            # TLS to the SuperLink end to end, tunnelled through the local mTLS sidecar
+            "--root-certificates",
+            str(leaf.ca_cert),
+            "--superlink",
+            f"127.0.0.1:{sidecar_port}",
+            "--auth-supernode-private-key",
+            str(keys.private_key),
+            "--port",
+            str(config.supernode_port or free_port()),
+            "--node-config",
+            node_config,
+            "--max-wait-time",
+            "3600",
         ],
         log_path=state / "logs" / "supernode.log",
         env={"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"},
@@ -152,7 +172,6 @@ def run_node(config: NodeConfig) -> None:
             log_level="warning",
         )
     )
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     api_thread = threading.Thread(target=server.run, name="api", daemon=True)
     api_thread.start()
     procs, sidecar_port = _fleet_processes(config, leaf, service, api_url)

@@ -36,8 +36,13 @@ def agent_client(node_config: dict[str, Any], *, timeout: float = 900.0) -> http
 
 
 def _call(context: Context, path: str, msg: Message) -> httpx.Response:
-    arrays = records.from_array_record(msg.content[records.ARRAYS]) if records.ARRAYS in msg.content else {}
-    config = dict(msg.content[records.CONFIG]) if records.CONFIG in msg.content else {}
+    content = msg.content
+    arrays = (
+        records.from_array_record(content.array_records[records.ARRAYS])
+        if records.ARRAYS in content.array_records
+        else {}
+    )
+    config = dict(content.config_records[records.CONFIG]) if records.CONFIG in content.config_records else {}
     config["run-id"] = str(context.run_id)
     body = wire.encode(arrays) if arrays else b""
     with agent_client(dict(context.node_config)) as client:
@@ -69,7 +74,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     result = resp.json()
     content = RecordDict(
         {
-            records.METRICS: MetricRecord({"num-examples": int(result["num_examples"]), "eval-loss": float(result["eval_loss"])}),
+            records.METRICS: MetricRecord(
+                {"num-examples": int(result["num_examples"]), "eval-loss": float(result["eval_loss"])}
+            ),
             records.SITE: ConfigRecord({"name": str(result["site"]), "version": str(result["version"])}),
         }
     )

@@ -157,17 +157,22 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, *, max_length: int = 2
     return tokenized
 
 
-def collate(batch: Sequence[TokenizedExample], *, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; an empty batch (Opacus Poisson sampling) gives (0, 1) tensors."""
+def collate(batch: Sequence[TokenizedExample], *, pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Pad a batch (right, or left so every answer ends the row); an empty batch gives (0, 1) tensors.
+
+    Left padding lets the loss compute logits only for the last positions (`logits_to_keep`):
+    with rotary embeddings only relative positions matter, so the result is unchanged.
+    """
     width = max((len(e.input_ids) for e in batch), default=1)
     input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
     for row, example in enumerate(batch):
         length = len(example.input_ids)
-        input_ids[row, :length] = torch.tensor(example.input_ids, dtype=torch.long)
-        attention_mask[row, :length] = 1
-        labels[row, :length] = torch.tensor(example.labels, dtype=torch.long)
+        cols = slice(width - length, width) if left else slice(0, length)
+        input_ids[row, cols] = torch.tensor(example.input_ids, dtype=torch.long)
+        attention_mask[row, cols] = 1
+        labels[row, cols] = torch.tensor(example.labels, dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

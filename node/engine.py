@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from federation import wire
 from node.model import lora_target_modules
 
-TRAIN_ADAPTER = "train"
+TRAIN_ADAPTER = "site_local"
 BASE = "base"
 
 
@@ -108,8 +109,6 @@ class ModelHost:
                 self.peft.add_adapter(version, self.lora.config(self.peft.get_base_model()))
             self._load_into(version, arrays)
             self.peft.set_adapter(TRAIN_ADAPTER)
-            import time
-
             info = AdapterInfo(version=version, sha256=sha256, parent=parent, created=int(time.time()))
             self.adapters[version] = info
             return info
@@ -160,7 +159,9 @@ class ModelHost:
     ) -> Generation:
         ids = self.prompt_ids(messages)
         if len(ids) + max_tokens > self.context_length:
-            raise ValueError(f"prompt of {len(ids)} tokens plus max_tokens {max_tokens} exceeds the context of {self.context_length}")
+            raise ValueError(
+                f"prompt of {len(ids)} tokens plus max_tokens {max_tokens} exceeds the context of {self.context_length}"
+            )
         input_ids = torch.tensor([ids], device=self.device)
         if seed is not None:
             torch.manual_seed(seed)
@@ -183,10 +184,17 @@ class ModelHost:
         if eos in new:
             new = new[: new.index(eos)]
         text = self.tokenizer.decode(new, skip_special_tokens=True)
-        return Generation(text=text, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish, output_ids=new)
+        return Generation(
+            text=text, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish, output_ids=new
+        )
 
     def response_logprobs(
-        self, prompts: Sequence[Sequence[dict[str, str]]], response_ids: Sequence[int], *, model: str | None, batch_size: int = 16
+        self,
+        prompts: Sequence[Sequence[dict[str, str]]],
+        response_ids: Sequence[int],
+        *,
+        model: str | None,
+        batch_size: int = 16,
     ) -> np.ndarray:
         """Teacher-forced log-prob of each fixed response token, gathering only those tokens."""
         resp = torch.tensor(list(response_ids), device=self.device)
@@ -202,7 +210,8 @@ class ModelHost:
                 for i, s in enumerate(seqs):  # left-pad so every response sits at the end
                     ids[i, width - len(s) :] = torch.tensor(s, device=self.device)
                     mask[i, width - len(s) :] = 1
-                logits = m(input_ids=ids, attention_mask=mask).logits[:, width - len(response_ids) - 1 : width - 1]
+                keep = len(response_ids) + 1
+                logits = m(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1]
                 logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, resp.expand(len(seqs), -1).unsqueeze(-1))
                 out[start : start + len(chunk)] = logp.squeeze(-1).double().cpu().numpy()
         return out

@@ -103,7 +103,9 @@ def explain(service: NodeService, req: ExplainRequest, *, requested_by: str) -> 
         audit_record=f"{record.seq}:{record.hash}",
         response=response_text,
     )
-    html = write_report(attribution, ctx, html_path=out_dir / f"{explanation_id}.html", png_path=out_dir / f"{explanation_id}.png")
+    html = write_report(
+        attribution, ctx, html_path=out_dir / f"{explanation_id}.html", png_path=out_dir / f"{explanation_id}.png"
+    )
     return {
         "id": explanation_id,
         "object": "explanation",

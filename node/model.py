@@ -129,9 +129,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu") -> tuple[Any, Any]
         raise ModelLoadError(f"not a model directory (no config.json): {path}")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, dtype=_pick_dtype(device)
-        )
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=_pick_dtype(device))
     except Exception as exc:  # transformers raises many types for a corrupt checkpoint
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model from {path}: {first}") from exc
@@ -139,7 +137,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu") -> tuple[Any, Any]
         tok.chat_template = CHAT_TEMPLATE
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(device)  # before get_peft_model(): opacus#820
+    model.to(device)  # type: ignore[arg-type]  # before get_peft_model(): opacus#820
     model.eval()
     return model, tok
 

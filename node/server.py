@@ -15,10 +15,10 @@ import uuid
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from starlette.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from federation import wire
 from node.client_app import CONFIG_HEADER, REPORT_HEADER
@@ -50,7 +50,9 @@ class ChatRequest(BaseModel):
 
 
 def error(status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": {"message": message, "type": type_, "param": None, "code": code}})
+    return JSONResponse(
+        status_code=status, content={"error": {"message": message, "type": type_, "param": None, "code": code}}
+    )
 
 
 def create_app(service: NodeService) -> FastAPI:
@@ -97,8 +99,19 @@ def create_app(service: NodeService) -> FastAPI:
             "object": "chat.completion",
             "created": int(time.time()),
             "model": served,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": gen.text}, "finish_reason": gen.finish_reason, "logprobs": None}],
-            "usage": {"prompt_tokens": gen.prompt_tokens, "completion_tokens": gen.completion_tokens, "total_tokens": gen.prompt_tokens + gen.completion_tokens},
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": gen.text},
+                    "finish_reason": gen.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": gen.prompt_tokens,
+                "completion_tokens": gen.completion_tokens,
+                "total_tokens": gen.prompt_tokens + gen.completion_tokens,
+            },
             "system_fingerprint": audit_hash[:16],
         }
 

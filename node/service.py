@@ -38,7 +38,9 @@ class NodeState:
 class NodeService:
     """What a site runs: one loaded model serving, training and explaining, all audited."""
 
-    def __init__(self, config: NodeConfig, host: ModelHost, *, train: list[TokenizedExample], eval_data: list[TokenizedExample]) -> None:
+    def __init__(
+        self, config: NodeConfig, host: ModelHost, *, train: list[TokenizedExample], eval_data: list[TokenizedExample]
+    ) -> None:
         self.config = config
         self.host = host
         self.train_data = train
@@ -55,7 +57,9 @@ class NodeService:
         self._restore_adapters()
 
     # ---- serving ------------------------------------------------------------------
-    def chat(self, messages: list[dict[str, str]], *, model: str | None, actor: str, **kwargs: Any) -> tuple[Generation, str, str]:
+    def chat(
+        self, messages: list[dict[str, str]], *, model: str | None, actor: str, **kwargs: Any
+    ) -> tuple[Generation, str, str]:
         """Generate a reply; returns (generation, served model id, audit record hash)."""
         name = self.host.resolve(model)
         served = self.host.model_name if name == "base" else name
@@ -75,9 +79,22 @@ class NodeService:
         return gen, served, rec.hash
 
     def models(self) -> list[dict[str, Any]]:
-        base = {"id": self.host.model_name, "object": "model", "created": 0, "owned_by": self.config.name, "parent": None}
+        base = {
+            "id": self.host.model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": self.config.name,
+            "parent": None,
+        }
         versions = [
-            {"id": a.version, "object": "model", "created": a.created, "owned_by": "consortium", "parent": a.parent or self.host.model_name, "sha256": a.sha256}
+            {
+                "id": a.version,
+                "object": "model",
+                "created": a.created,
+                "owned_by": "consortium",
+                "parent": a.parent or self.host.model_name,
+                "sha256": a.sha256,
+            }
             for a in self.host.adapters.values()
         ]
         return [base, *versions]
@@ -108,14 +125,23 @@ class NodeService:
                     settings=settings,
                 )
             except Exception as exc:
-                self.audit.append(actor="coordinator", action="train.refused", resource=run_id, details={"round": server_round, "error": str(exc)})
+                self.audit.append(
+                    actor="coordinator",
+                    action="train.refused",
+                    resource=run_id,
+                    details={"round": server_round, "error": str(exc)},
+                )
                 raise
             self.state.rounds_trained += 1
             self.audit.append(
                 actor="coordinator",
                 action="train",
                 resource=run_id,
-                details={"round": server_round, **{k: v for k, v in result.report.to_dict().items() if k != "extra"}, "update_sha256": wire.sha256_of(result.arrays)},
+                details={
+                    "round": server_round,
+                    **{k: v for k, v in result.report.to_dict().items() if k != "extra"},
+                    "update_sha256": wire.sha256_of(result.arrays),
+                },
             )
             return result
 
@@ -125,14 +151,24 @@ class NodeService:
         self._persist_adapter(info, arrays)
         loss = evaluate_loss(self.host, self.eval_data, model=version)
         self.state.eval_loss_after[version] = loss
-        self.audit.append(actor="coordinator", action="deploy", resource=version, details={"sha256": sha256, "eval_loss": loss})
-        return {"site": self.config.name, "version": version, "sha256": sha256, "eval_loss": loss, "num_examples": len(self.eval_data)}
+        self.audit.append(
+            actor="coordinator", action="deploy", resource=version, details={"sha256": sha256, "eval_loss": loss}
+        )
+        return {
+            "site": self.config.name,
+            "version": version,
+            "sha256": sha256,
+            "eval_loss": loss,
+            "num_examples": len(self.eval_data),
+        }
 
     def _persist_adapter(self, info: AdapterInfo, arrays: wire.Arrays) -> None:
         target = self.adapters_dir / info.version
         target.mkdir(parents=True, exist_ok=True)
         (target / "adapter.safetensors").write_bytes(wire.encode(arrays))
-        (target / "adapter.json").write_text(json.dumps({"version": info.version, "sha256": info.sha256, "parent": info.parent, "created": info.created}))
+        (target / "adapter.json").write_text(
+            json.dumps({"version": info.version, "sha256": info.sha256, "parent": info.parent, "created": info.created})
+        )
 
     def _restore_adapters(self) -> None:
         """Serve the adapters deployed before a restart (checked against their sha256)."""

@@ -42,10 +42,18 @@ class RoundResult:
 
 
 def per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean answer-token cross-entropy of each sample: a per-record quantity, as DP-SGD needs."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    """Mean answer-token cross-entropy of each sample: a per-record quantity, as DP-SGD needs.
+
+    The batch is left-padded, so answers end every row and only the last `keep` positions need
+    logits: the full-vocabulary head runs on a few tokens per record instead of all of them.
+    """
+    labels = batch["labels"]
+    answer_cols = torch.nonzero((labels != -100).any(dim=0)).flatten()
+    keep = int(labels.size(1) - answer_cols.min()) + 1 if answer_cols.numel() else 2
+    keep = min(keep, labels.size(1))
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
     shift_logits = logits[:, :-1].float()
-    shift_labels = batch["labels"][:, 1:]
+    shift_labels = labels[:, labels.size(1) - keep + 1 :]
     tok = torch.nn.functional.cross_entropy(
         shift_logits.reshape(-1, shift_logits.size(-1)), shift_labels.reshape(-1), ignore_index=-100, reduction="none"
     ).view(shift_labels.shape)
@@ -57,7 +65,9 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def evaluate_loss(host: ModelHost, data: Sequence[TokenizedExample], *, model: str | None, batch_size: int = 16) -> float:
+def evaluate_loss(
+    host: ModelHost, data: Sequence[TokenizedExample], *, model: str | None, batch_size: int = 16
+) -> float:
     """Mean per-record answer loss under `model` (base or an adapter version)."""
     if not data:
         raise TrainingError("no evaluation data")
@@ -65,7 +75,7 @@ def evaluate_loss(host: ModelHost, data: Sequence[TokenizedExample], *, model: s
     pad = int(host.tokenizer.pad_token_id)
     with host.using(model) as m, torch.no_grad():
         for start in range(0, len(data), batch_size):
-            batch = _to_device(collate(data[start : start + batch_size], pad_id=pad), host.device)
+            batch = _to_device(collate(data[start : start + batch_size], pad_id=pad, left=True), host.device)
             total += float(per_sample_loss(m, batch).sum())
     return total / len(data)
 
@@ -113,9 +123,10 @@ def train_round(
                 optimizer.zero_grad(set_to_none=True)
                 if not chosen:
                     for p in params:  # noise-only step keeps the accounting exact
-                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                        empty = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                        p.grad_sample = empty  # type: ignore[attr-defined]
                 else:
-                    batch = _to_device(collate([data[i] for i in chosen], pad_id=pad), host.device)
+                    batch = _to_device(collate([data[i] for i in chosen], pad_id=pad, left=True), host.device)
                     loss = per_sample_loss(gsm, batch).mean()
                     if not torch.isfinite(loss):
                         raise TrainingError(f"non-finite loss at step {step + 1}; round aborted, budget stays charged")
@@ -147,7 +158,7 @@ def train_round(
 
 
 def round_half(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
 def _poisson_indices(n: int, rate: float, generator: torch.Generator | None) -> list[int]:

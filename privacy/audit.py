@@ -234,6 +234,10 @@ class AuditTrail:
             os.fsync(fh.fileno())
         _write_head(self._path, seq=record.seq, hash_=record.hash)
 
+    @property
+    def path(self) -> Path:
+        return self._path
+
     def __len__(self) -> int:
         return self._seq
 

@@ -229,6 +229,23 @@ def _reconcile_budget(conn: sqlite3.Connection, budget: Budget) -> None:
         _put_meta(conn, "budget", asdict(budget))
 
 
+def read_budget(path: Path) -> Budget:
+    """The lifetime budget stored in an existing ledger (for read-only tools like `fedseek budget`)."""
+    if not path.exists():
+        raise LedgerError(f"no privacy ledger at {path}")
+    conn = sqlite3.connect(path)
+    try:
+        stored = _get_meta(conn, "budget")
+    finally:
+        conn.close()
+    if not isinstance(stored, dict):
+        raise LedgerError(f"ledger {path} has no stored budget")
+    try:
+        return Budget(**stored)
+    except TypeError as exc:
+        raise LedgerError(f"ledger {path} has a malformed budget: {exc}") from None
+
+
 class PrivacyLedger:
     """Per-site record of DP-SGD rounds; every read re-verifies the whole ledger."""
 
@@ -303,7 +320,7 @@ class PrivacyLedger:
             raise self._refusal(spent, reason="refusing round")
         found = _smallest_noise(
             lambda noise: self._epsilon([*history, (noise, sample_rate, steps)]),
-            target=spent + remaining / rounds_left,
+            target=min(spent + remaining / rounds_left, self._budget.epsilon),  # guard float rounding
             low=MIN_NOISE,
             high=max_noise,
         )

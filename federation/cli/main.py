@@ -36,7 +36,10 @@ def _ca_issue(args: argparse.Namespace) -> int:
     from federation.flower_auth import ensure_auth_keypair
 
     pki_dir = Path(args.pki)
-    leaf = pki.issue(pki_dir, args.name, role=args.role, hosts=args.host or ("localhost", "127.0.0.1"), days=args.days)
+    hosts = list(args.host or ("localhost", "127.0.0.1"))
+    if args.role == "coordinator":  # SuperNodes reach the SuperLink through a loopback sidecar
+        hosts += [h for h in ("localhost", "127.0.0.1") if h not in hosts]
+    leaf = pki.issue(pki_dir, args.name, role=args.role, hosts=hosts, days=args.days)
     print(f"issued {leaf.role} certificate for {leaf.name}: {leaf.cert}")
     if leaf.role == "node":
         keys = ensure_auth_keypair(pki_dir / args.name)
@@ -51,7 +54,9 @@ def _ca_list(args: argparse.Namespace) -> int:
     from federation import pki
 
     for ident in pki.list_issued(Path(args.pki)):
-        print(f"{ident.name:24} {ident.role:12} until {ident.not_after:%Y-%m-%d}  sha256:{ident.fingerprint_sha256[:16]}")
+        print(
+            f"{ident.name:24} {ident.role:12} until {ident.not_after:%Y-%m-%d}  sha256:{ident.fingerprint_sha256[:16]}"
+        )
     return 0
 
 
@@ -124,8 +129,10 @@ def _budget(args: argparse.Namespace) -> int:
     else:
         print(f"epsilon spent {data['epsilon_spent']:.4f} of {data['budget_epsilon']:.4f} (delta {data['delta']:.2e})")
         for e in data["entries"]:
-            print(f"  run {e['run_id']} round {e['round']}: {e['steps']} steps, q={e['sample_rate']:.4f}, "
-                  f"sigma={e['noise_multiplier']:.3f} -> epsilon {e['epsilon_after']:.4f} [{e['status']}]")
+            print(
+                f"  run {e['run_id']} round {e['round']}: {e['steps']} steps, q={e['sample_rate']:.4f}, "
+                f"sigma={e['noise_multiplier']:.3f} -> epsilon {e['epsilon_after']:.4f} [{e['status']}]"
+            )
     return 0
 
 
@@ -144,7 +151,9 @@ def _audit_verify(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from federation.cli.demo import DemoSettings, run_demo
 
-    report = run_demo(DemoSettings(out=Path(args.out), sites=args.sites, rounds=args.rounds, keep_running=args.keep_running))
+    report = run_demo(
+        DemoSettings(out=Path(args.out), sites=args.sites, rounds=args.rounds, keep_running=args.keep_running)
+    )
     print(f"report: {Path(args.out) / 'report.json'} (rounds completed: {report['rounds_completed']})")
     return 0
 
@@ -177,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_model_tiny)
 
-    coord = sub.add_parser("coordinator", help="consortium coordinator").add_subparsers(dest="coord_command", required=True)
+    coord = sub.add_parser("coordinator", help="consortium coordinator").add_subparsers(
+        dest="coord_command", required=True
+    )
     p = coord.add_parser("start", help="start SuperLink behind the mTLS sidecar")
     p.add_argument("--config")
     p.add_argument("--pki")
@@ -228,12 +239,23 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from node.agent import NodeStartError
     from privacy.ledger import BudgetExceeded, LedgerError
 
-    return (CLIError, CoordinatorError, ConfigError, PKIError, SidecarError, NodeStartError, BudgetExceeded, LedgerError)
+    return (
+        CLIError,
+        CoordinatorError,
+        ConfigError,
+        PKIError,
+        SidecarError,
+        NodeStartError,
+        BudgetExceeded,
+        LedgerError,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     func: Handler = args.func
     try:
         return func(args)

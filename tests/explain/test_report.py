@@ -37,9 +37,7 @@ def attribution() -> Attribution:
     weights = {"fever": 2.0, "normal": -1.0, "script": 0.3}
 
     def score(prompts: Sequence[str]) -> np.ndarray:
-        return np.array(
-            [[sum(w for k, w in weights.items() if re.search(rf"\b{k}\b", p)), 0.0] for p in prompts]
-        )
+        return np.array([[sum(w for k, w in weights.items() if re.search(rf"\b{k}\b", p)), 0.0] for p in prompts])
 
     return explain_text(score, tok, PROMPT, output_tokens=["Order", " serial"], max_evals=300)
 

@@ -66,9 +66,7 @@ def test_init_and_issue_round_trip(tmp_path: Path) -> None:
 
 
 def test_identity_fields_and_extensions(pki: Path) -> None:
-    leaf = issue(
-        pki, "site-a", role="node", hosts=("site-a.example", "127.0.0.1", "::1")
-    )
+    leaf = issue(pki, "site-a", role="node", hosts=("site-a.example", "127.0.0.1", "::1"))
     ident = read_identity(leaf.cert)
     assert ident.name == "site-a"
     assert ident.role == "node"
@@ -90,9 +88,7 @@ def test_identity_fields_and_extensions(pki: Path) -> None:
         ExtendedKeyUsageOID.SERVER_AUTH,
         ExtendedKeyUsageOID.CLIENT_AUTH,
     }
-    assert (
-        cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
-    )
+    assert cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
     cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
     cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier)
 
@@ -175,20 +171,14 @@ def test_expired_refused(pki: Path) -> None:
 def test_not_yet_valid_refused(pki: Path) -> None:
     start = datetime.now(UTC) + timedelta(days=2)
     leaf = _issue_at(pki, "site-x", role="node", hosts=(), days=5, not_before=start)
-    with pytest.raises(
-        PKIError, match=r"^certificate 'site-x' is not valid until 20\d\d-"
-    ):
+    with pytest.raises(PKIError, match=r"^certificate 'site-x' is not valid until 20\d\d-"):
         verify_leaf(leaf.cert, leaf.ca_cert)
 
 
 def test_malformed_pem(tmp_path: Path, pki: Path) -> None:
     bad = tmp_path / "bad.pem"
-    bad.write_text(
-        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
-    )
-    with pytest.raises(
-        PKIError, match=f"^malformed certificate PEM: {re.escape(str(bad))}$"
-    ):
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    with pytest.raises(PKIError, match=f"^malformed certificate PEM: {re.escape(str(bad))}$"):
         read_identity(bad)
     with pytest.raises(PKIError, match="malformed certificate PEM"):
         verify_leaf(bad, pki / "ca" / "ca.pem")
@@ -222,9 +212,7 @@ def test_issue_without_ca_refused(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize(
-    "name", ["", "Site-A", "-site", "site_a", "a" * 64, "../x", "ca"]
-)
+@pytest.mark.parametrize("name", ["", "Site-A", "-site", "site_a", "a" * 64, "../x", "ca"])
 def test_bad_name_refused(pki: Path, name: str) -> None:
     with pytest.raises(PKIError):
         issue(pki, name, role="node")
@@ -252,9 +240,7 @@ def _peer_cn(peer: dict[str, Any] | None) -> str:
     return next((v for rdn in subject for k, v in rdn if k == "commonName"), "")
 
 
-def _serve(
-    listener: socket.socket, ctx: ssl.SSLContext, stop: threading.Event, srv: _Server
-) -> None:
+def _serve(listener: socket.socket, ctx: ssl.SSLContext, stop: threading.Event, srv: _Server) -> None:
     while not stop.is_set():
         try:
             conn, _ = listener.accept()
@@ -288,9 +274,7 @@ def mtls_server(pki: Path) -> Iterator[_Server]:
     listener.settimeout(0.1)
     srv = _Server(port=listener.getsockname()[1])
     stop = threading.Event()
-    thread = threading.Thread(
-        target=_serve, args=(listener, ctx, stop, srv), daemon=True
-    )
+    thread = threading.Thread(target=_serve, args=(listener, ctx, stop, srv), daemon=True)
     thread.start()
     try:
         yield srv
@@ -327,15 +311,11 @@ def _talk(ctx: ssl.SSLContext, port: int) -> bytes:
 
 def test_tls_same_ca_client_accepted(pki: Path, mtls_server: _Server) -> None:
     site = issue(pki, "site-a", role="node")
-    assert (
-        _talk(_client_ctx(site.ca_cert, site.cert, site.key), mtls_server.port) == b"ok"
-    )
+    assert _talk(_client_ctx(site.ca_cert, site.cert, site.key), mtls_server.port) == b"ok"
     assert mtls_server.results.get(timeout=5) == ("ok", "site-a")
 
 
-def test_tls_foreign_ca_client_refused(
-    tmp_path: Path, pki: Path, mtls_server: _Server
-) -> None:
+def test_tls_foreign_ca_client_refused(tmp_path: Path, pki: Path, mtls_server: _Server) -> None:
     other = tmp_path / "other"
     init_ca(other, consortium="fedseek")
     rogue = issue(other, "site-x", role="node")
@@ -352,9 +332,7 @@ def test_tls_foreign_ca_client_refused(
     assert "certificate" in detail.lower()
 
 
-def test_tls_client_without_certificate_refused(
-    pki: Path, mtls_server: _Server
-) -> None:
+def test_tls_client_without_certificate_refused(pki: Path, mtls_server: _Server) -> None:
     ctx = _client_ctx(pki / "ca" / "ca.pem", None, None)
     try:
         got = _talk(ctx, mtls_server.port)

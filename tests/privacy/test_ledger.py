@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -72,12 +73,15 @@ def test_exhausted_budget_refuses_and_leaves_entries_unchanged(tmp_path: Path) -
     ledger = _ledger(tmp_path, epsilon=0.5)
     _run_round(ledger, round_=0, rounds_left=1)
     before = ledger.entries()
-    with pytest.raises(BudgetExceeded, match=r"privacy budget exhausted for this site: spent 0\.50 of 0\.50"):
-        ledger.plan_round(sample_rate=RATE, steps=STEPS, rounds_left=1)
+    with pytest.raises(BudgetExceeded, match=r"^privacy budget exhausted for this site: spent 0\.50 of 0\.50"):
+        ledger.plan_round(sample_rate=RATE, steps=STEPS, rounds_left=1, max_noise=2.0)
     greedy = RoundPlan(noise_multiplier=0.5, sample_rate=RATE, steps=STEPS, epsilon_after=0.0)
     with pytest.raises(BudgetExceeded, match="refusing charge"):
         ledger.charge(run_id="run-1", round=1, plan=greedy, max_grad_norm=1.0)
-    assert ledger.entries() == before
+    tightened = _ledger(tmp_path, epsilon=ledger.spent())  # nothing at all remains
+    with pytest.raises(BudgetExceeded, match=r"\(delta 1e-05\); refusing round$"):
+        tightened.plan_round(sample_rate=RATE, steps=STEPS, rounds_left=1)
+    assert ledger.entries() == tightened.entries() == before
 
 
 def test_charge_rechecks_instead_of_trusting_the_plan(tmp_path: Path) -> None:
@@ -105,6 +109,16 @@ def test_persists_across_reopen(tmp_path: Path) -> None:
     assert [e.id for e in _ledger(tmp_path).entries()] == [1, 2]
 
 
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ledger with two completed rounds, built once and copied by each test."""
+    directory = tmp_path_factory.mktemp("two_rounds")
+    ledger = _ledger(directory)
+    _run_round(ledger, round_=0, rounds_left=3)
+    _run_round(ledger, round_=1, rounds_left=2)
+    return directory / "ledger.db"
+
+
 @pytest.mark.parametrize(
     "sql",
     [
@@ -115,10 +129,9 @@ def test_persists_across_reopen(tmp_path: Path) -> None:
         "DELETE FROM meta WHERE key = 'head'",
     ],
 )
-def test_tampered_rows_fail_closed(tmp_path: Path, sql: str) -> None:
+def test_tampered_rows_fail_closed(two_rounds: Path, tmp_path: Path, sql: str) -> None:
+    shutil.copy(two_rounds, tmp_path / "ledger.db")
     ledger = _ledger(tmp_path)
-    _run_round(ledger, round_=0, rounds_left=3)
-    _run_round(ledger, round_=1, rounds_left=2)
     with sqlite3.connect(tmp_path / "ledger.db") as conn:
         conn.execute(sql)
     conn.close()
