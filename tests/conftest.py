@@ -1,0 +1,42 @@
+"""Shared fixtures: the tiny seeded DeepSeek-V3 model and a site's synthetic data, made once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from node.model import write_tiny_model
+
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "tiny-deepseek-v3")
+
+
+@pytest.fixture(scope="session")
+def site_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from federation.cli.demo_data import write_site_dataset
+
+    out = tmp_path_factory.mktemp("site-data")
+    write_site_dataset(out, site_index=0, n_sites=3, n_train=48, n_eval=12)
+    return out
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A consortium CA with a coordinator, two sites and a reviewer."""
+    from federation import pki
+
+    root = tmp_path_factory.mktemp("pki")
+    pki.init_ca(root, consortium="fedseek-test")
+    pki.issue(root, "coordinator", role="coordinator")
+    pki.issue(root, "reviewer", role="reviewer")
+    for name in ("site-a", "site-b"):
+        pki.issue(root, name, role="node")
+    return root

@@ -1,0 +1,92 @@
+"""The main job end to end: `fedseek demo` with 2 hospitals and 1 round, real processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federation import wire
+from federation.procs import port_open
+
+pytestmark = pytest.mark.e2e
+
+
+def fedseek(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "federation.cli.main", *args], capture_output=True, text=True, timeout=900, check=check
+    )
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object], str]:
+    out = tmp_path_factory.mktemp("demo")
+    proc = fedseek("demo", "--out", str(out), "--sites", "2", "--rounds", "1", check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, json.loads((out / "report.json").read_text()), proc.stdout
+
+
+def test_report_says_the_consortium_trained_and_served(demo: tuple[Path, dict[str, object], str]) -> None:
+    _, report, stdout = demo
+    assert report["rounds_completed"] == 1
+    assert report["mtls"] is True
+    glob = report["global_adapter"]
+    assert isinstance(glob, dict)
+    arrays = wire.decode(Path(glob["path"]).read_bytes())
+    assert wire.sha256_of(arrays) == glob["sha256"]
+    assert {s["site"] for s in glob["lineage"]} == {"hospital-a", "hospital-b"}
+    assert report["served_model"] == [glob["version"], glob["version"]]
+    sites = report["sites"]
+    assert isinstance(sites, list) and len(sites) == 2
+    for site in sites:
+        assert 0 < site["epsilon"] <= 1.0
+        assert 0 < site["delta"] < 1 / 160  # below 1/n for the 160 training records of each site
+        assert [e["round"] for e in site["ledger"]] == [1]
+        assert site["ledger"][0]["accountant"] == "rdp" and site["ledger"][0]["noise_multiplier"] > 0
+        assert site["audit_verified"] is True and site["audit_records"] >= 3  # train, deploy, serve
+        assert site["eval_loss_after"] < site["eval_loss_before"]  # the global adapter learned something
+    assert "round 1 done" in stdout  # progress is shown as it goes
+
+
+def test_explanation_report_written(demo: tuple[Path, dict[str, object], str]) -> None:
+    _, report, _ = demo
+    expl = report["explanation"]
+    assert isinstance(expl, dict)
+    html = Path(expl["html"]).read_text()
+    assert "<html" in html.lower() and report["global_adapter"]["version"] in html  # type: ignore[index]
+    assert len(expl["top_tokens"]) >= 1
+
+
+def test_every_process_stopped(demo: tuple[Path, dict[str, object], str]) -> None:
+    _, report, _ = demo
+    endpoints = report["endpoints"]
+    assert isinstance(endpoints, dict)
+    host, port = str(endpoints["coordinator_fleet"]).rsplit(":", 1)
+    assert not port_open(host, int(port))
+    for node in endpoints["nodes"]:
+        h, p = node["openai"].removeprefix("https://").rsplit(":", 1)
+        assert not port_open(h, int(p))
+
+
+def test_audit_verify_cli_detects_tampering(demo: tuple[Path, dict[str, object], str], tmp_path: Path) -> None:
+    _, report, _ = demo
+    log = Path(report["sites"][0]["audit_log"])  # type: ignore[index]
+    ok = fedseek("audit", "verify", str(log))
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    copy = tmp_path / "audit.jsonl"
+    copy.write_text(log.read_text().replace('"action":"serve"', '"action":"SERVE"'))
+    (tmp_path / "audit.jsonl.head").write_text(Path(str(log) + ".head").read_text())
+    bad = fedseek("audit", "verify", str(copy), check=False)
+    assert bad.returncode == 1 and "hash mismatch" in bad.stderr
+
+
+def test_budget_cli_shows_ledger(demo: tuple[Path, dict[str, object], str]) -> None:
+    out, report, _ = demo
+    state = out / "sites" / "hospital-a" / "state"
+    res = fedseek("budget", "--state", str(state), "--json")
+    data = json.loads(res.stdout)
+    assert data["epsilon_spent"] == pytest.approx(report["sites"][0]["epsilon"])  # type: ignore[index]
+    assert data["budget_epsilon"] == 1.0 and len(data["entries"]) == 1
