@@ -105,7 +105,10 @@ class AdapterRegistry:
     def manifest(self, version: str) -> Manifest:
         path = self.root / version / "manifest.json"
         try:
-            return Manifest.from_json(json.loads(path.read_text()))
+            data = json.loads(path.read_text())
+            if not isinstance(data, dict):
+                raise TypeError("manifest is not a JSON object")
+            return Manifest.from_json(data)
         except (OSError, ValueError, TypeError) as exc:
             raise RegistryError(f"adapter version {version!r} has no readable manifest: {exc}") from exc
 

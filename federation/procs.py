@@ -66,6 +66,7 @@ class Managed:
             env=env,
             cwd=str(self.cwd) if self.cwd else None,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         log.close()
         return self
@@ -100,6 +101,17 @@ class Managed:
         except subprocess.TimeoutExpired:
             _signal_group(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=timeout)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM the child if its supervisor dies, so no sidecar outlives it."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -51,7 +51,9 @@ def validate_arrays(arrays: Mapping[str, NDArray[Any]], *, like: Mapping[str, ND
 def encode(arrays: Mapping[str, NDArray[Any]], *, metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialise arrays to safetensors bytes (deterministic: keys sorted by safetensors)."""
     clean = validate_arrays(arrays)
-    return bytes(st_save({k: np.ascontiguousarray(v) for k, v in clean.items()}, metadata=dict(metadata or {})))
+    tensors = {k: np.ascontiguousarray(v) for k, v in clean.items()}
+    md = dict(metadata or {})
+    return bytes(st_save(tensors, metadata=md if (md or tensors) else None))
 
 
 def decode(data: bytes) -> Arrays:

@@ -36,6 +36,10 @@ from privacy.ledger import PrivacyLedger
 log = logging.getLogger("fedseek.node")
 
 
+# A remainder below this share of the budget is too small to train on: treat it as spent.
+MIN_ROUND_FRACTION = 0.01
+
+
 class NodeStartError(RuntimeError):
     """The node refuses to start; the message is one line for the operator."""
 
@@ -76,7 +80,7 @@ def preflight(config: NodeConfig) -> pki.LeafFiles:
             spent = ledger.spent()
         except Exception as exc:
             raise NodeStartError(f"privacy ledger refused: {exc}") from exc
-        if spent >= config.epsilon - 1e-6:
+        if config.epsilon - spent < MIN_ROUND_FRACTION * config.epsilon:
             raise NodeStartError(
                 f"privacy budget exhausted: epsilon {spent:.3f} of {config.epsilon:.3f} spent; "
                 "this site cannot train again"

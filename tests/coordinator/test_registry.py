@@ -160,22 +160,13 @@ def test_unknown_version_is_registry_error(registry: AdapterRegistry) -> None:
         registry.load("global-v0042")
 
 
-_NOT_AN_OBJECT_BUG = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "source bug: AdapterRegistry.manifest catches OSError/ValueError/TypeError only; a manifest that is "
-        "valid JSON but not an object makes Manifest.from_json raise AttributeError ('list' has no 'get')"
-    ),
-)
-
-
 @pytest.mark.parametrize(
     "text",
     [
         "{not json",
         '{"version": "global-v0001"}',
         '{"sites": [1], "x": 2}',
-        pytest.param("[]", marks=_NOT_AN_OBJECT_BUG, id="json-list"),
+        pytest.param("[]", id="json-list"),
     ],
 )
 def test_malformed_manifest_is_registry_error(registry: AdapterRegistry, text: str) -> None:

@@ -98,13 +98,6 @@ def test_directory_instead_of_file_is_config_error(tmp_path: Path) -> None:
         load(CoordinatorConfig, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "source bug: federation.config.load catches OSError and JSONDecodeError only; a file that is "
-        "not UTF-8 raises UnicodeDecodeError from Path.read_text instead of ConfigError"
-    ),
-)
 def test_non_utf8_file_is_config_error(tmp_path: Path) -> None:
     path = tmp_path / "node.json"
     path.write_bytes(b'{"name": "\xff\xfe"}')

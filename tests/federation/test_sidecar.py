@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from federation import pki
-from federation.procs import Managed, free_port
+from federation.procs import Managed, ProcessError, free_port
 from federation.sidecar import TLSFiles, client_config, make_sidecar, server_config, stunnel_binary
 
 HOST = "127.0.0.1"
@@ -165,8 +166,6 @@ def test_stunnel_binary_is_found_and_runs() -> None:
     binary = Path(stunnel_binary())
     assert binary.is_file()
     assert binary.name in {"stunnel4", "stunnel"}
-    import subprocess
-
     out = subprocess.run([str(binary), "-version"], capture_output=True, text=True, timeout=30, check=False)
     assert "stunnel" in (out.stdout + out.stderr).lower()
 
@@ -185,9 +184,7 @@ def test_configs_enforce_mutual_tls(pki_dir: Path) -> None:
     assert "client = yes" not in server.splitlines()
 
 
-def test_site_sidecar_relays_to_coordinator_over_mtls(
-    coordinator: Coordinator, pki_dir: Path, tmp_path: Path
-) -> None:
+def test_site_sidecar_relays_to_coordinator_over_mtls(coordinator: Coordinator, pki_dir: Path, tmp_path: Path) -> None:
     proc, port = _site_sidecar(tmp_path, _tls(pki.load_leaf(pki_dir, "site-a")), coordinator.port)
     try:
         proc.start()
@@ -203,9 +200,7 @@ def test_site_sidecar_relays_to_coordinator_over_mtls(
     assert not proc.alive()
 
 
-def test_site_with_certificate_from_another_ca_is_refused(
-    coordinator: Coordinator, tmp_path: Path
-) -> None:
+def test_site_with_certificate_from_another_ca_is_refused(coordinator: Coordinator, tmp_path: Path) -> None:
     rogue_pki = tmp_path / "rogue-pki"
     pki.init_ca(rogue_pki, consortium="fedseek-test")  # same consortium name, different key
     rogue = pki.issue(rogue_pki, "site-a", role="node")
@@ -278,8 +273,6 @@ def test_plaintext_client_is_refused(coordinator: Coordinator) -> None:
 
 
 def test_bad_config_fails_start_up_with_log(tmp_path: Path) -> None:
-    from federation.procs import ProcessError
-
     proc = make_sidecar(name="broken", config_text="[fleet]\naccept = 127.0.0.1:1\nnonsense = yes\n", workdir=tmp_path)
     try:
         proc.start()

@@ -75,14 +75,6 @@ def test_encode_is_independent_of_dict_insertion_order() -> None:
     assert wire.encode(arrays) == wire.encode(reversed_arrays)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "source bug: wire.encode always passes metadata={} to safetensors, and safetensors 0.8.0 "
-        "then writes the invalid header '{},\"__metadata__\":{}}' for an empty tensor dict, so "
-        "encode({}) cannot be decoded"
-    ),
-)
 def test_empty_adapter_round_trips() -> None:
     assert wire.decode(wire.encode({})) == {}
 

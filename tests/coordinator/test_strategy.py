@@ -1,0 +1,484 @@
+"""Tests for LoRA FedAvg and the ServerApp's round loop, driven through an in-process Flower Grid.
+
+The grid implements Flower's abstract `Grid`: every message is deflated to Flower's wire objects
+and inflated again on delivery (as the SuperLink does), and each node is a Python callable that
+answers like `node/client_app.py` does, so `run_federation` runs unmodified.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from coordinator.registry import AdapterRegistry
+from coordinator.server_app import run_federation
+from coordinator.strategy import weighted_average
+from federation import records, wire
+
+RUN_ID = 4242
+SHAPES = {"layers.0.q_proj.lora_A": (2, 8), "layers.0.q_proj.lora_B": (8, 2), "layers.1.v_proj.lora_A": (2, 8)}
+
+Node = Callable[[Message], Message]
+
+
+# -- in-process grid ------------------------------------------------------------------
+
+
+def _over_the_wire(msg: Message) -> Message:
+    """A copy of `msg` as the receiver would see it after Flower's object transport."""
+    metadata = copy.deepcopy(msg.metadata)
+    if msg.has_error():
+        return Message(error=copy.deepcopy(msg.error), metadata=metadata)
+    content = msg.content
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+    inflated = inflate_object_from_contents(content.object_id, contents)
+    assert isinstance(inflated, RecordDict)
+    return Message(content=inflated, metadata=metadata)
+
+
+class InProcessGrid(Grid):
+    """A Grid whose nodes are callables; replies come back in `reply_order` (default: node id order)."""
+
+    def __init__(self, nodes: dict[int, Node], *, reply_order: list[int] | None = None) -> None:
+        self.nodes = nodes
+        self.reply_order = reply_order or sorted(nodes)
+        self._run = Run.create_empty(RUN_ID)
+        self._replies: dict[str, Message] = {}
+        self.delivered: list[Message] = []
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids: list[str] = []
+        for msg in messages:
+            node = self.nodes[msg.metadata.dst_node_id]
+            assert msg.metadata.reply_to_message_id == "", "only instructions are pushed"
+            msg_id = uuid4().hex
+            msg.metadata.__dict__["_message_id"] = msg_id  # what the SuperLink assigns
+            delivered = _over_the_wire(msg)
+            self.delivered.append(delivered)
+            reply = node(delivered)
+            assert reply.metadata.reply_to_message_id == msg_id
+            assert reply.metadata.src_node_id == msg.metadata.dst_node_id
+            self._replies[msg_id] = _over_the_wire(reply)
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        out = [self._replies.pop(i) for i in message_ids if i in self._replies]
+        return sorted(out, key=lambda m: self.reply_order.index(m.metadata.src_node_id))
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return list(self.pull_messages(self.push_messages(messages)))
+
+    def sent(self, message_type: str) -> list[Message]:
+        return [m for m in self.delivered if m.metadata.message_type == message_type]
+
+
+# -- fake sites answering like node/client_app.py -------------------------------------
+
+
+@dataclass
+class FakeSite:
+    name: str
+    num_examples: int
+    epsilon: float
+    eval_loss: float
+    mode: str = "good"  # good | nan | shape | error | no-privacy | zero-examples | no-site-record
+    bad_rounds: set[int] | None = None  # None: misbehave in every round
+    updates: dict[int, wire.Arrays] = field(default_factory=dict)
+
+    def _bad(self, server_round: int) -> bool:
+        return self.mode != "good" and (self.bad_rounds is None or server_round in self.bad_rounds)
+
+    def update_for(self, server_round: int) -> wire.Arrays:
+        rng = np.random.default_rng([zlib.crc32(self.name.encode()), server_round])
+        return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in SHAPES.items()}
+
+    def __call__(self, msg: Message) -> Message:
+        config = msg.content.config_records[records.CONFIG]
+        server_round = int(config["server-round"])  # type: ignore[arg-type]
+        if msg.metadata.message_type == MessageType.TRAIN:
+            return self.train(msg, server_round)
+        assert msg.metadata.message_type == MessageType.EVALUATE
+        return self.evaluate(msg, server_round)
+
+    def report(self, server_round: int) -> wire.PrivacyReport:
+        zero = self._bad(server_round) and self.mode == "zero-examples"
+        return wire.PrivacyReport(
+            site=self.name,
+            epsilon=self.epsilon,
+            delta=1e-5,
+            steps=5 * server_round,
+            sample_rate=0.25,
+            noise_multiplier=1.1,
+            max_grad_norm=1.0,
+            accountant="rdp",
+            num_examples=0 if zero else self.num_examples,
+            train_loss=2.0 + self.eval_loss,
+            extra={"clip-fraction": 0.5},
+        )
+
+    def train(self, msg: Message, server_round: int) -> Message:
+        bad = self._bad(server_round)
+        if bad and self.mode == "error":
+            return Message(Error(code=0, reason=f"{self.name}: node agent refused /internal/train"), reply_to=msg)
+        arrays = self.update_for(server_round)
+        if bad and self.mode == "nan":
+            arrays["layers.0.q_proj.lora_B"][1, 1] = np.nan
+        if bad and self.mode == "shape":
+            arrays["layers.0.q_proj.lora_A"] = np.ones((4, 8), np.float32)
+        self.updates[server_round] = arrays
+        report = self.report(server_round)
+        # built directly (not via records.to_array_record), so NaN is not caught on the site side
+        content: dict[str, Any] = {
+            records.ARRAYS: ArrayRecord({k: _array(v) for k, v in arrays.items()}),
+            records.METRICS: records.report_metrics(report),
+            records.PRIVACY: records.report_to_config(report),
+        }
+        if bad and self.mode == "no-privacy":
+            del content[records.PRIVACY]
+        return Message(RecordDict(content), reply_to=msg)
+
+    def evaluate(self, msg: Message, server_round: int) -> Message:
+        config = msg.content.config_records[records.CONFIG]
+        content: dict[str, Any] = {
+            records.METRICS: MetricRecord({"num-examples": self.num_examples // 4, "eval-loss": self.eval_loss}),
+            records.SITE: ConfigRecord({"name": self.name, "version": str(config["adapter-version"])}),
+        }
+        if self.mode == "no-site-record":
+            del content[records.SITE]
+        return Message(RecordDict(content), reply_to=msg)
+
+
+def _array(value: np.ndarray) -> Array:
+    return Array(np.ascontiguousarray(value))
+
+
+def _sites(**modes: str) -> dict[int, FakeSite]:
+    specs = [("site-a", 20, 0.5, 1.25), ("site-b", 50, 0.8, 1.5), ("site-c", 130, 0.3, 1.75)]
+    return {
+        node_id: FakeSite(name, n, eps, loss, mode=modes.get(name.replace("-", "_"), "good"))
+        for node_id, (name, n, eps, loss) in zip((11, 22, 33), specs, strict=True)
+    }
+
+
+def _expected_average(sites: Iterable[FakeSite], server_round: int) -> dict[str, np.ndarray]:
+    sites = list(sites)
+    weights = np.array([s.num_examples for s in sites], dtype=np.float64)
+    return {
+        name: np.tensordot(
+            weights / weights.sum(), np.stack([s.updates[server_round][name].astype(np.float64) for s in sites]), 1
+        )
+        for name in SHAPES
+    }
+
+
+def _assert_arrays_close(actual: wire.Arrays, expected: dict[str, np.ndarray]) -> None:
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert actual[name].dtype == np.float32
+        np.testing.assert_allclose(actual[name], expected[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture(autouse=True)
+def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What Flower sets up in a ServerApp process before `main` runs (see flwr.server.compat.app)."""
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_run_id", RUN_ID)
+    monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
+
+
+def _run_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "registry-dir": str(tmp_path / "registry"),
+        "run-name": "unit-run",
+        "num-rounds": 2,
+        "min-nodes": 2,
+        "round-timeout": 30.0,
+        "learning-rate": 0.01,
+    }
+    cfg.update(overrides)
+    return cfg
+
+
+# -- weighted_average -----------------------------------------------------------------
+
+
+def test_weighted_average_weights_by_examples() -> None:
+    a = {"w": np.array([0.0, 4.0], np.float32), "b": np.array([[1.0]], np.float32)}
+    b = {"w": np.array([8.0, 0.0], np.float32), "b": np.array([[5.0]], np.float32)}
+    out = weighted_average([(a, 1.0), (b, 3.0)])
+    np.testing.assert_allclose(out["w"], [6.0, 1.0])
+    np.testing.assert_allclose(out["b"], [[4.0]])
+    assert all(v.dtype == np.float32 for v in out.values())
+    assert out["b"].shape == (1, 1)
+
+
+def test_weighted_average_is_scale_invariant_and_identity_for_one_update() -> None:
+    rng = np.random.default_rng(0)
+    a = {"w": rng.standard_normal((3, 3)).astype(np.float32)}
+    b = {"w": rng.standard_normal((3, 3)).astype(np.float32)}
+    np.testing.assert_allclose(weighted_average([(a, 2), (b, 6)])["w"], weighted_average([(a, 1), (b, 3)])["w"])
+    np.testing.assert_array_equal(weighted_average([(a, 17.0)])["w"], a["w"])
+
+
+def test_weighted_average_does_not_modify_inputs() -> None:
+    a = {"w": np.ones(3, np.float32)}
+    before = a["w"].copy()
+    weighted_average([(a, 1.0), ({"w": np.zeros(3, np.float32)}, 1.0)])
+    np.testing.assert_array_equal(a["w"], before)
+
+
+def test_weighted_average_accumulates_in_float64() -> None:
+    big, small = np.float32(2.0**24), np.float32(1.0)
+    updates = [({"w": np.array([big], np.float32)}, 1.0)] + [({"w": np.array([small], np.float32)}, 1.0)] * 4
+    # float32 accumulation of these terms loses the small contributions; float64 keeps them
+    expected = (2.0**24 + 4.0) / 5.0
+    assert weighted_average(updates)["w"][0] == np.float32(expected)
+
+
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (1.0, -1.0), (-2.0, 1.0)])
+def test_weighted_average_rejects_non_positive_total(weights: tuple[float, float]) -> None:
+    a = {"w": np.ones(2, np.float32)}
+    with pytest.raises(ValueError, match="positive"):
+        weighted_average([(a, weights[0]), (a, weights[1])])
+
+
+def test_weighted_average_of_nothing_is_an_error() -> None:
+    with pytest.raises(ValueError):
+        weighted_average([])
+
+
+# -- full rounds through run_federation -----------------------------------------------
+
+
+@pytest.fixture
+def happy_run(tmp_path: Path) -> tuple[dict[str, Any], InProcessGrid, dict[int, FakeSite], AdapterRegistry]:
+    sites = _sites()
+    grid = InProcessGrid(dict(sites))
+    summary = run_federation(grid, _run_config(tmp_path))
+    return summary, grid, sites, AdapterRegistry(tmp_path / "registry")
+
+
+def test_two_rounds_finish_and_save_two_versions(happy_run: Any) -> None:
+    summary, _, _, registry = happy_run
+    assert summary["status"] == "finished"
+    assert summary["rounds_planned"] == 2
+    assert summary["rounds_completed"] == 2
+    assert registry.versions() == ["global-v0001", "global-v0002"]
+    assert [r["version"] for r in summary["rounds"]] == ["global-v0001", "global-v0002"]
+    assert summary["global_adapter"]["version"] == "global-v0002"
+    assert Path(summary["global_adapter"]["path"]) == registry.path("global-v0002")
+    assert all(r["rejected"] == {} for r in summary["rounds"])
+    assert all(sorted(r["accepted"]) == ["site-a", "site-b", "site-c"] for r in summary["rounds"])
+
+
+def test_summary_file_matches_returned_summary(happy_run: Any) -> None:
+    summary, _, _, registry = happy_run
+    on_disk = json.loads((registry.root / "runs" / "unit-run.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    assert not list((registry.root / "runs").glob("*.tmp"))
+
+
+def test_global_adapter_is_num_examples_weighted_average(happy_run: Any) -> None:
+    _, _, sites, registry = happy_run
+    for server_round, version in ((1, "global-v0001"), (2, "global-v0002")):
+        arrays, manifest = registry.load(version)
+        expected = _expected_average(sites.values(), server_round)
+        _assert_arrays_close(arrays, expected)
+        assert manifest.round == server_round
+        assert manifest.sha256 == wire.sha256_of(arrays)
+    # the weighting matters: an unweighted mean would be far from the stored adapter
+    arrays, _ = registry.load("global-v0002")
+    plain = np.mean([s.updates[2]["layers.0.q_proj.lora_A"] for s in sites.values()], axis=0)
+    assert not np.allclose(arrays["layers.0.q_proj.lora_A"], plain, atol=1e-3)
+
+
+def test_manifests_record_lineage_and_parent_chain(happy_run: Any) -> None:
+    _, _, sites, registry = happy_run
+    first, second = registry.manifest("global-v0001"), registry.manifest("global-v0002")
+    assert first.parent is None
+    assert second.parent == "global-v0001"
+    assert first.run == second.run == "unit-run"
+    for manifest in (first, second):
+        lineage = {s.site: s for s in manifest.sites}
+        assert set(lineage) == {"site-a", "site-b", "site-c"}
+        for site in sites.values():
+            assert lineage[site.name].epsilon == pytest.approx(site.epsilon)
+            assert lineage[site.name].num_examples == site.num_examples
+            assert lineage[site.name].delta == pytest.approx(1e-5)
+            assert lineage[site.name].steps == 5 * manifest.round
+
+
+def test_train_messages_carry_config_and_the_current_global_adapter(happy_run: Any) -> None:
+    _, grid, _, registry = happy_run
+    train = grid.sent(MessageType.TRAIN)
+    assert len(train) == 6
+    by_round: dict[int, list[Message]] = {}
+    for msg in train:
+        cfg = msg.content.config_records[records.CONFIG]
+        assert cfg["run-name"] == "unit-run"
+        assert cfg["learning-rate"] == pytest.approx(0.01)
+        by_round.setdefault(int(cfg["server-round"]), []).append(msg)  # type: ignore[arg-type]
+    assert sorted(by_round) == [1, 2]
+    assert sorted(m.metadata.dst_node_id for m in by_round[1]) == [11, 22, 33]
+    # round 1 starts from the sites' own seeded LoRA init; round 2 from global-v0001
+    assert all(len(m.content.array_records[records.ARRAYS]) == 0 for m in by_round[1])
+    v1, _ = registry.load("global-v0001")
+    for msg in by_round[2]:
+        sent = records.from_array_record(msg.content.array_records[records.ARRAYS])
+        assert wire.sha256_of(sent) == wire.sha256_of(v1)
+
+
+def test_evaluate_messages_name_and_carry_the_new_version(happy_run: Any) -> None:
+    _, grid, _, registry = happy_run
+    evaluate = grid.sent(MessageType.EVALUATE)
+    assert len(evaluate) == 6
+    seen: set[tuple[int, int]] = set()
+    for msg in evaluate:
+        cfg = msg.content.config_records[records.CONFIG]
+        server_round = int(cfg["server-round"])  # type: ignore[arg-type]
+        version = f"global-v{server_round:04d}"
+        assert cfg["adapter-version"] == version
+        assert cfg["adapter-sha256"] == registry.manifest(version).sha256
+        assert cfg["run-name"] == "unit-run"
+        carried = records.from_array_record(msg.content.array_records[records.ARRAYS])
+        assert wire.sha256_of(carried) == cfg["adapter-sha256"]
+        seen.add((server_round, msg.metadata.dst_node_id))
+    assert seen == {(r, n) for r in (1, 2) for n in (11, 22, 33)}
+
+
+def test_eval_loss_is_recorded_per_site_and_round(happy_run: Any) -> None:
+    summary, _, sites, _ = happy_run
+    expected = {s.name: s.eval_loss for s in sites.values()}
+    assert [r["eval_loss"] for r in summary["rounds"]] == [expected, expected]
+
+
+def _single_round(tmp_path: Path, sites: dict[int, FakeSite], **cfg: Any) -> tuple[dict[str, Any], InProcessGrid]:
+    reply_order = cfg.pop("reply_order", None)
+    grid = InProcessGrid(dict(sites), reply_order=reply_order)
+    return run_federation(grid, _run_config(tmp_path, **{"num-rounds": 1, **cfg})), grid
+
+
+@pytest.mark.parametrize(
+    ("mode", "reason"),
+    [
+        ("nan", r"layers\.0\.q_proj\.lora_B.*NaN"),
+        ("shape", r"layers\.0\.q_proj\.lora_A.*shape"),
+        ("error", "node agent refused"),
+        ("no-privacy", "privacy"),
+        ("zero-examples", "no training examples"),
+    ],
+)
+def test_bad_update_is_rejected_and_average_uses_the_others(tmp_path: Path, mode: str, reason: str) -> None:
+    sites = _sites(site_b=mode)
+    # the bad site answers last, so the good updates define the expected tensor set
+    summary, _ = _single_round(tmp_path, sites, reply_order=[11, 33, 22])
+    (rec,) = summary["rounds"]
+    assert set(rec["rejected"]) == {"node-22"}
+    assert re.search(reason, rec["rejected"]["node-22"]), rec["rejected"]["node-22"]
+    assert sorted(rec["accepted"]) == ["site-a", "site-c"]
+    registry = AdapterRegistry(tmp_path / "registry")
+    arrays, manifest = registry.load("global-v0001")
+    _assert_arrays_close(arrays, _expected_average([sites[11], sites[33]], 1))
+    assert sorted(s.site for s in manifest.sites) == ["site-a", "site-c"]
+    assert summary["rounds_completed"] == 1
+
+
+def test_wrongly_shaped_update_is_rejected_even_when_it_arrives_first(tmp_path: Path) -> None:
+    sites = _sites(site_b="shape")
+    summary, _ = _single_round(tmp_path, sites, reply_order=[22, 11, 33])
+    (rec,) = summary["rounds"]
+    assert set(rec["rejected"]) == {"node-22"}
+    assert sorted(rec["accepted"]) == ["site-a", "site-c"]
+    assert rec["version"] == "global-v0001"
+
+
+def test_round_two_updates_must_match_the_current_global_adapter(tmp_path: Path) -> None:
+    sites = _sites(site_b="shape")
+    sites[22].bad_rounds = {2}
+    grid = InProcessGrid(dict(sites), reply_order=[22, 11, 33])
+    summary = run_federation(grid, _run_config(tmp_path))
+    first, second = summary["rounds"]
+    assert first["rejected"] == {}
+    assert set(second["rejected"]) == {"node-22"}
+    assert second["version"] == "global-v0002"
+
+
+def test_too_few_valid_updates_saves_no_version(tmp_path: Path) -> None:
+    sites = _sites(site_b="nan", site_c="shape")
+    summary, grid = _single_round(tmp_path, sites, **{"min-nodes": 3})
+    (rec,) = summary["rounds"]
+    assert summary["status"] == "finished"
+    assert rec["version"] is None and rec["sha256"] is None
+    # site-b sent NaN; site-a and site-c disagree on the layout with no majority: both refused
+    assert set(rec["rejected"]) == {"node-11", "node-22", "node-33"}
+    assert "no majority" in rec["rejected"]["node-11"]
+    assert rec["accepted"] == []
+    assert summary["rounds_completed"] == 0
+    assert summary["global_adapter"] is None
+    assert AdapterRegistry(tmp_path / "registry").versions() == []
+    # nothing to deploy, so no evaluate messages go out
+    assert grid.sent(MessageType.EVALUATE) == []
+
+
+def test_failed_round_keeps_and_redeploys_the_previous_version(tmp_path: Path) -> None:
+    sites = _sites(site_b="nan")
+    sites[22].bad_rounds = {2}
+    grid = InProcessGrid(dict(sites))
+    summary = run_federation(grid, _run_config(tmp_path, **{"min-nodes": 3}))
+    first, second = summary["rounds"]
+    assert first["version"] == "global-v0001"
+    assert second["version"] is None
+    assert set(second["rejected"]) == {"node-22"}
+    assert summary["rounds_completed"] == 1
+    assert summary["global_adapter"]["version"] == "global-v0001"
+    assert AdapterRegistry(tmp_path / "registry").versions() == ["global-v0001"]
+    round_two_eval = [
+        m for m in grid.sent(MessageType.EVALUATE) if m.content.config_records[records.CONFIG]["server-round"] == 2
+    ]
+    assert len(round_two_eval) == 3
+    assert {m.content.config_records[records.CONFIG]["adapter-version"] for m in round_two_eval} == {"global-v0001"}
+    # round 2 training started from global-v0001, and so does the next round after the failure
+    v1, _ = AdapterRegistry(tmp_path / "registry").load("global-v0001")
+    for msg in round_two_eval:
+        carried = records.from_array_record(msg.content.array_records[records.ARRAYS])
+        assert wire.sha256_of(carried) == wire.sha256_of(v1)
+
+
+def test_malformed_evaluate_reply_does_not_abort_the_run(tmp_path: Path) -> None:
+    sites = _sites(site_b="no-site-record")
+    summary, _ = _single_round(tmp_path, sites)
+    assert summary["status"] == "finished"
+    assert summary["rounds"][0]["eval_loss"] == {"site-a": 1.25, "site-c": 1.75}

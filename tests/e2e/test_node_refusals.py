@@ -1,0 +1,99 @@
+"""`fedseek node start` refuses bad input with one line and leaves ledger and audit trail intact."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from federation import config as cfg
+from federation import pki
+from node.service import site_budget
+from privacy.audit import AuditTrail
+from privacy.ledger import PrivacyLedger
+
+pytestmark = pytest.mark.e2e
+
+
+def _start(conf: cfg.NodeConfig, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    path = cfg.save(conf, tmp_path / "node.json")
+    return subprocess.run(
+        [sys.executable, "-m", "federation.cli.main", "node", "start", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("fedseek: error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def site(tmp_path: Path, pki_dir: Path, tiny_model_dir: Path, site_data_dir: Path) -> cfg.NodeConfig:
+    state = tmp_path / "state"
+    trail = AuditTrail(state / "audit.jsonl")
+    trail.append(actor="test", action="serve", resource="base")
+    return cfg.NodeConfig(
+        name="site-a",
+        model_dir=str(tiny_model_dir),
+        data_dir=str(site_data_dir),
+        state_dir=str(state),
+        pki_dir=str(pki_dir),
+        api_port=0,
+    )
+
+
+def test_missing_model_directory(site: cfg.NodeConfig, tmp_path: Path) -> None:
+    audit = Path(site.state_dir) / "audit.jsonl"
+    before = _digest(audit)
+    proc = _start(cfg.NodeConfig(**{**cfg.to_json(site), "model_dir": str(tmp_path / "nope")}), tmp_path)
+    _one_line_error(proc, "model directory not found")
+    assert _digest(audit) == before
+
+
+def test_corrupt_model_directory(site: cfg.NodeConfig, tmp_path: Path, tiny_model_dir: Path) -> None:
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    proc = _start(cfg.NodeConfig(**{**cfg.to_json(site), "model_dir": str(broken)}), tmp_path)
+    _one_line_error(proc, "cannot load model")
+
+
+def test_budget_already_spent(site: cfg.NodeConfig, tmp_path: Path, site_data_dir: Path) -> None:
+    n = sum(1 for line in (site_data_dir / "train.jsonl").read_text().splitlines() if line.strip())
+    ledger_path = Path(site.state_dir) / "ledger.sqlite"
+    ledger = PrivacyLedger(ledger_path, budget=site_budget(site, n))
+    plan = ledger.plan_round(sample_rate=0.2, steps=50, rounds_left=1)
+    ledger.complete(ledger.charge(run_id="old", round=1, plan=plan, max_grad_norm=1.0).id, steps=50)
+    del ledger
+    before = (_digest(ledger_path), _digest(Path(site.state_dir) / "audit.jsonl"))
+    proc = _start(site, tmp_path)
+    _one_line_error(proc, "privacy budget exhausted")
+    assert (_digest(ledger_path), _digest(Path(site.state_dir) / "audit.jsonl")) == before
+
+
+def test_certificate_not_from_the_consortium(site: cfg.NodeConfig, tmp_path: Path, pki_dir: Path) -> None:
+    other = tmp_path / "other-pki"
+    pki.init_ca(other, consortium="fedseek-test")
+    pki.issue(other, "site-a", role="node")
+    mixed = tmp_path / "mixed-pki"
+    shutil.copytree(pki_dir, mixed)
+    for name in ("cert.pem", "key.pem"):  # a site key pair signed by someone else's CA
+        shutil.copy(other / "site-a" / name, mixed / "site-a" / name)
+    proc = _start(cfg.NodeConfig(**{**cfg.to_json(site), "pki_dir": str(mixed)}), tmp_path)
+    _one_line_error(proc, "certificate check failed", "not signed by the consortium CA")

@@ -1,0 +1,417 @@
+"""The node's HTTP API through FastAPI's TestClient: OpenAI shape, errors, auth, audit, explanations."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from federation import wire
+from federation.config import NodeConfig
+from node.client_app import CONFIG_HEADER, REPORT_HEADER
+from node.data import load_jsonl, tokenize
+from node.engine import ModelHost
+from node.model import load_model
+from node.server import MAX_BODY_BYTES, create_app
+from node.service import NodeService
+from privacy.audit import verify
+
+N_TRAIN, N_EVAL = 16, 4
+PROMPT = "ST elevation on ECG and troponin elevated. Which department?"
+CHAT = {"messages": [{"role": "user", "content": "Chest pain since this morning."}], "max_tokens": 3}
+
+
+def random_arrays(like: wire.Arrays, *, seed: int, scale: float = 0.05) -> wire.Arrays:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(0.0, scale, v.shape).astype(np.float32) for k, v in like.items()}
+
+
+@pytest.fixture(scope="module")
+def service(tiny_model_dir: Path, site_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> NodeService:
+    model, tok = load_model(tiny_model_dir)
+    host = ModelHost(model, tok, model_name=tiny_model_dir.name)
+    state = tmp_path_factory.mktemp("server-state")
+    config = NodeConfig(
+        name="site-a",
+        model_dir=str(tiny_model_dir),
+        data_dir=str(site_data_dir),
+        state_dir=str(state),
+        pki_dir=str(state / "unused-pki"),
+    )
+    train = tokenize(load_jsonl(site_data_dir / "train.jsonl"), tok)[:N_TRAIN]
+    eval_data = tokenize(load_jsonl(site_data_dir / "eval.jsonl"), tok)[:N_EVAL]
+    svc = NodeService(config, host, train=train, eval_data=eval_data)
+    v1 = random_arrays(host.initial_arrays(), seed=1)
+    v2 = random_arrays(host.initial_arrays(), seed=2)
+    svc.deploy("v1", wire.sha256_of(v1), v1)
+    svc.deploy("v2", wire.sha256_of(v2), v2, parent="v1")
+    return svc
+
+
+@pytest.fixture(scope="module")
+def client(service: NodeService) -> TestClient:
+    return TestClient(create_app(service), raise_server_exceptions=False)
+
+
+def auth(service: NodeService) -> dict[str, str]:
+    return {"authorization": f"Bearer {service.token}"}
+
+
+def assert_openai_error(response: Any, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert isinstance(err["type"], str) and err["type"]
+    return dict(err)
+
+
+def audit_records(service: NodeService) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in service.audit.path.read_text().splitlines()]
+
+
+# ---- models and chat -------------------------------------------------------------------
+
+
+def test_healthz(client: TestClient) -> None:
+    r = client.get("/healthz")
+    assert r.status_code == 200
+    assert r.json() == {"status": "ok", "site": "site-a"}
+
+
+def test_models_lists_base_and_versions_with_parent(client: TestClient, service: NodeService) -> None:
+    r = client.get("/v1/models")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "list"
+    by_id = {m["id"]: m for m in body["data"]}
+    base = service.host.model_name
+    assert set(by_id) == {base, "v1", "v2"}
+    assert body["data"][0]["id"] == base
+    assert by_id[base]["parent"] is None
+    assert by_id["v1"]["parent"] == base
+    assert by_id["v2"]["parent"] == "v1"
+    for version in ("v1", "v2"):
+        assert by_id[version]["object"] == "model"
+        assert by_id[version]["sha256"] == service.host.adapters[version].sha256
+        assert by_id[version]["owned_by"] == "consortium"
+
+
+@pytest.mark.parametrize("model", ["v1", "v2", "base-name"])
+def test_chat_completion_has_openai_shape_and_is_audited(client: TestClient, service: NodeService, model: str) -> None:
+    model_id = service.host.model_name if model == "base-name" else model
+    before = len(service.audit)
+    r = client.post("/v1/chat/completions", json={**CHAT, "model": model_id})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["id"].startswith("chatcmpl-")
+    assert body["model"] == model_id
+    assert isinstance(body["created"], int)
+    (choice,) = body["choices"]
+    assert choice["index"] == 0
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in {"stop", "length"}
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0
+    assert 0 <= usage["completion_tokens"] <= CHAT["max_tokens"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+    assert len(service.audit) == before + 1
+    result = verify(service.audit.path)
+    assert result.ok, result.error
+    last = audit_records(service)[-1]
+    assert last["action"] == "serve"
+    assert last["resource"] == model_id
+    assert last["details"]["prompt_tokens"] == usage["prompt_tokens"]
+    assert last["details"]["completion_tokens"] == usage["completion_tokens"]
+    assert "Chest pain" not in json.dumps(last)  # the prompt itself never enters the audit trail
+    assert body["system_fingerprint"] == last["hash"][:16]
+
+
+def test_chat_with_openai_client_shape(client: TestClient) -> None:
+    """What an OpenAI SDK would parse: the response validates as a ChatCompletion."""
+    from openai.types.chat import ChatCompletion
+
+    r = client.post("/v1/chat/completions", json={**CHAT, "model": "v1"})
+    completion = ChatCompletion.model_validate(r.json())
+    assert completion.choices[0].message.role == "assistant"
+
+
+def test_unknown_model_is_404(client: TestClient, service: NodeService) -> None:
+    before = len(service.audit)
+    r = client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"})
+    err = assert_openai_error(r, 404)
+    assert err["code"] == "model_not_found"
+    assert "gpt-4" in err["message"]
+    assert len(service.audit) == before
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(json.dumps({**CHAT, "temperature": 5}), id="temperature-5"),
+        pytest.param(json.dumps({"messages": []}), id="empty-messages"),
+        pytest.param(json.dumps({"model": "v1"}), id="missing-messages"),
+        pytest.param('{"messages": [{"role": "user", "content": "hi"', id="malformed-json"),
+        pytest.param("[1, 2, 3]", id="array-body"),
+        pytest.param("", id="empty-body"),
+        pytest.param(json.dumps({"messages": "hi"}), id="messages-not-a-list"),
+        pytest.param(json.dumps({"messages": [{"role": "doctor", "content": "hi"}]}), id="bad-role"),
+        pytest.param(json.dumps({"messages": [{"role": "user"}]}), id="no-content"),
+        pytest.param(json.dumps({**CHAT, "max_tokens": 0}), id="max-tokens-0"),
+        pytest.param(json.dumps({**CHAT, "max_tokens": "many"}), id="max-tokens-str"),
+        pytest.param(json.dumps({**CHAT, "top_p": 0}), id="top-p-0"),
+        pytest.param(json.dumps({**CHAT, "n": 2}), id="n-2"),
+        pytest.param(json.dumps({**CHAT, "stream": True}), id="stream"),
+        pytest.param(json.dumps({**CHAT, "max_tokens": 4000}), id="context-overflow"),
+    ],
+)
+def test_invalid_chat_requests_are_400(client: TestClient, service: NodeService, body: str) -> None:
+    before = len(service.audit)
+    r = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert_openai_error(r, 400)
+    assert len(service.audit) == before
+
+
+def test_oversized_body_is_413(client: TestClient, service: NodeService) -> None:
+    big = json.dumps({"messages": [{"role": "user", "content": "x" * (MAX_BODY_BYTES + 10)}]})
+    r = client.post("/v1/chat/completions", content=big, headers={"content-type": "application/json"})
+    assert_openai_error(r, 413)
+
+
+# ---- internal and admin routes ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"}, {"authorization": "token"}])
+@pytest.mark.parametrize(
+    ("method", "path"), [("post", "/internal/train"), ("post", "/internal/deploy"), ("get", "/v1/admin/status")]
+)
+def test_protected_routes_need_the_token(
+    client: TestClient, service: NodeService, headers: dict[str, str], method: str, path: str
+) -> None:
+    entries = service.ledger.entries()
+    r = client.request(method.upper(), path, headers={**headers, CONFIG_HEADER: json.dumps({"run-id": "x"})})
+    err = assert_openai_error(r, 401)
+    assert err["type"] == "authentication_error"
+    assert service.ledger.entries() == entries
+
+
+def test_admin_status_with_token(client: TestClient, service: NodeService) -> None:
+    r = client.get("/v1/admin/status", headers=auth(service))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["name"] == "site-a"
+    assert body["model"] == service.host.model_name
+    assert np.isfinite(body["eval_loss_before"])
+    assert "eval_loss_after" in body
+    privacy = body["privacy"]
+    assert {"epsilon_spent", "delta", "budget_epsilon", "accountant", "entries"} <= set(privacy)
+    assert privacy["budget_epsilon"] == 1.0
+    assert body["audit_records"] == len(service.audit)
+
+
+def test_internal_train_with_token(client: TestClient, service: NodeService) -> None:
+    config = {"run-id": "http-run", "server-round": 1, "num-rounds": 3, "batch-size": N_TRAIN}
+    global_arrays = service.host.initial_arrays()
+    r = client.post(
+        "/internal/train",
+        content=wire.encode(global_arrays),
+        headers={**auth(service), CONFIG_HEADER: json.dumps(config)},
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/octet-stream"
+    arrays = wire.decode(r.content)
+    assert sorted(arrays) == sorted(global_arrays)
+    report = wire.PrivacyReport.from_dict(json.loads(r.headers[REPORT_HEADER]))
+    assert report.site == "site-a"
+    assert report.num_examples == N_TRAIN
+    assert report.epsilon == pytest.approx(service.ledger.spent())
+    status = client.get("/v1/admin/status", headers=auth(service)).json()
+    assert status["rounds_trained"] == 1
+    assert status["privacy"]["epsilon_spent"] == pytest.approx(report.epsilon)
+    assert [e["status"] for e in status["privacy"]["entries"]] == ["completed"]
+
+
+@pytest.mark.parametrize(
+    ("content", "config"),
+    [
+        pytest.param(b"", "{not json", id="bad-config-header"),
+        pytest.param(b"not safetensors", "{}", id="bad-payload"),
+    ],
+)
+def test_internal_train_bad_input_is_400(client: TestClient, service: NodeService, content: bytes, config: str) -> None:
+    entries = service.ledger.entries()
+    r = client.post("/internal/train", content=content, headers={**auth(service), CONFIG_HEADER: config})
+    assert_openai_error(r, 400)
+    assert service.ledger.entries() == entries
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="train_round charges the ledger before reset_train_adapter validates the global arrays' "
+    "names/shapes, so a mis-shaped update is refused (400) only after budget was spent",
+)
+def test_internal_train_with_misshaped_arrays_spends_no_budget(client: TestClient, service: NodeService) -> None:
+    arrays = service.host.initial_arrays()
+    arrays[next(iter(arrays))] = np.zeros((2, 2), dtype=np.float32)
+    entries = service.ledger.entries()
+    config = {"run-id": "bad-run", "server-round": 1, "num-rounds": 3, "batch-size": N_TRAIN}
+    r = client.post(
+        "/internal/train", content=wire.encode(arrays), headers={**auth(service), CONFIG_HEADER: json.dumps(config)}
+    )
+    assert_openai_error(r, 400)
+    assert service.ledger.entries() == entries
+
+
+def test_internal_deploy_with_bad_sha256_is_400(client: TestClient, service: NodeService) -> None:
+    arrays = random_arrays(service.host.initial_arrays(), seed=3)
+    config = {"adapter-version": "v-bad", "adapter-sha256": "f" * 64}
+    r = client.post(
+        "/internal/deploy", content=wire.encode(arrays), headers={**auth(service), CONFIG_HEADER: json.dumps(config)}
+    )
+    err = assert_openai_error(r, 400)
+    assert "sha256" in err["message"]
+    ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert "v-bad" not in ids
+    assert not (service.adapters_dir / "v-bad").exists()
+    r = client.post("/v1/chat/completions", json={**CHAT, "model": "v-bad"})
+    assert_openai_error(r, 404)
+
+
+@pytest.mark.parametrize(
+    ("content", "config"),
+    [
+        pytest.param(b"", {"adapter-version": "v-x", "adapter-sha256": "0" * 64}, id="no-arrays"),
+        pytest.param(None, {"adapter-sha256": "0" * 64}, id="no-version"),
+        pytest.param(None, {"adapter-version": "v-x"}, id="no-sha"),
+    ],
+)
+def test_internal_deploy_incomplete_is_400(
+    client: TestClient, service: NodeService, content: bytes | None, config: dict[str, str]
+) -> None:
+    body = wire.encode(service.host.initial_arrays()) if content is None else content
+    r = client.post("/internal/deploy", content=body, headers={**auth(service), CONFIG_HEADER: json.dumps(config)})
+    assert_openai_error(r, 400)
+    assert "v-x" not in service.host.adapters
+
+
+def test_internal_deploy_with_token(client: TestClient, service: NodeService) -> None:
+    arrays = random_arrays(service.host.initial_arrays(), seed=4)
+    sha = wire.sha256_of(arrays)
+    config = {"adapter-version": "v3", "adapter-sha256": sha}
+    r = client.post(
+        "/internal/deploy", content=wire.encode(arrays), headers={**auth(service), CONFIG_HEADER: json.dumps(config)}
+    )
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == "v3" and body["sha256"] == sha and body["site"] == "site-a"
+    assert np.isfinite(body["eval_loss"]) and body["num_examples"] == N_EVAL
+    assert (service.adapters_dir / "v3" / "adapter.safetensors").is_file()
+    assert "v3" in {m["id"] for m in client.get("/v1/models").json()["data"]}
+    assert audit_records(service)[-1]["action"] == "deploy"
+
+
+# ---- explanations ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def explanation(client: TestClient, service: NodeService) -> tuple[dict[str, Any], int]:
+    before = len(service.audit)
+    r = client.post(
+        "/v1/explanations", json={"model": "v1", "prompt": PROMPT, "response": "cardiology", "max_evals": 40}
+    )
+    assert r.status_code == 200, r.text
+    return r.json(), before
+
+
+def test_explanation_attributions_are_efficient(explanation: tuple[dict[str, Any], int]) -> None:
+    body, _ = explanation
+    attr = body["attribution"]
+    values = np.array(attr["values"])
+    base, full = np.array(attr["base_values"]), np.array(attr["full_values"])
+    total = np.array(attr["total"])
+    assert values.shape == (len(attr["features"]), len(attr["output_tokens"]))
+    assert "".join(attr["features"]) == PROMPT  # the features partition the prompt
+    np.testing.assert_allclose(values.sum(axis=1), total, rtol=1e-6, atol=1e-9)
+    expected = float((full - base).sum())
+    assert abs(total.sum() - expected) <= 1e-4 * max(1.0, abs(expected))
+    np.testing.assert_allclose(values.sum(axis=0), full - base, rtol=1e-4, atol=1e-4)
+
+
+def test_explanation_full_value_is_the_served_models_logprob(
+    explanation: tuple[dict[str, Any], int], service: NodeService
+) -> None:
+    body, _ = explanation
+    host = service.host
+    response_ids = host.tokenizer("cardiology", add_special_tokens=False).input_ids
+    direct = host.response_logprobs([[{"role": "user", "content": PROMPT}]], response_ids, model="v1")[0]
+    np.testing.assert_allclose(body["attribution"]["full_values"], direct, atol=1e-4)
+    assert body["response"] == "cardiology"
+    assert body["model"] == "v1"
+    assert body["adapter_sha256"] == host.adapters["v1"].sha256
+
+
+def test_explanation_top_tokens_and_report(explanation: tuple[dict[str, Any], int], service: NodeService) -> None:
+    body, _ = explanation
+    features = [f.strip() for f in body["attribution"]["features"]]
+    assert 1 <= len(body["top_tokens"]) <= 5
+    assert all(tok and tok in features for tok in body["top_tokens"])
+    html = Path(body["html"])
+    assert html.is_file() and html.stat().st_size > 0
+    assert html.parent == service.reports_dir
+    assert body["id"] in html.name
+    text = html.read_text()
+    assert body["audit_record"]["hash"] in text
+
+
+def test_explanation_is_in_the_audit_log(explanation: tuple[dict[str, Any], int], service: NodeService) -> None:
+    body, before = explanation
+    assert len(service.audit) >= before + 1
+    result = verify(service.audit.path)
+    assert result.ok, result.error
+    seq, hash_ = body["audit_record"]["seq"], body["audit_record"]["hash"]
+    record = next(r for r in audit_records(service) if r["seq"] == seq)
+    assert record["hash"] == hash_
+    assert record["action"] == "explain"
+    assert record["resource"] == "v1"
+    assert record["details"]["explanation_id"] == body["id"]
+    assert record["details"]["adapter_sha256"] == service.host.adapters["v1"].sha256
+    assert record["details"]["max_evals"] == 40
+    assert PROMPT not in json.dumps(record)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param({"prompt": ""}, id="empty-prompt"),
+        pytest.param({"prompt": "   \n"}, id="blank-prompt"),
+        pytest.param({}, id="no-prompt"),
+        pytest.param({"messages": [{"role": "assistant", "content": "hi"}]}, id="last-not-user"),
+        pytest.param({"prompt": "Fever?", "response": ""}, id="empty-response"),
+        pytest.param({"prompt": "Fever?", "max_evals": 5}, id="max-evals-too-small"),
+        pytest.param({"prompt": "Fever?", "max_evals": 10**6}, id="max-evals-too-large"),
+    ],
+)
+def test_invalid_explanation_requests_are_400(
+    client: TestClient, service: NodeService, payload: dict[str, Any]
+) -> None:
+    before = len(service.audit)
+    r = client.post("/v1/explanations", json=payload)
+    assert_openai_error(r, 400)
+    assert len(service.audit) == before
+
+
+def test_explanation_for_unknown_model_is_404(client: TestClient, service: NodeService) -> None:
+    before = len(service.audit)
+    r = client.post("/v1/explanations", json={"model": "nope", "prompt": "Fever?", "response": "x"})
+    err = assert_openai_error(r, 404)
+    assert err["code"] == "model_not_found"
+    assert len(service.audit) == before

@@ -1,0 +1,355 @@
+"""DP-SGD rounds on the site's LoRA adapter: loss, ledger charging, isolation and fail-closed refusals.
+
+Rounds use 16 records with batch size 16 (sample rate 1), so the RDP accountant stays in
+its closed form and each round is one DP step: the whole module runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from federation import wire
+from federation.config import NodeConfig
+from node.data import TokenizedExample, collate, load_jsonl, tokenize
+from node.engine import TRAIN_ADAPTER, ModelHost
+from node.model import load_model
+from node.service import NodeService
+from node.trainer import RoundResult, per_sample_loss
+from privacy.audit import verify
+from privacy.ledger import BudgetExceeded, LedgerEntry
+
+N_TRAIN, N_EVAL = 16, 4
+
+
+def round_config(server_round: int, num_rounds: int, run_id: str = "run-1") -> dict[str, Any]:
+    return {
+        "run-id": run_id,
+        "server-round": server_round,
+        "num-rounds": num_rounds,
+        "batch-size": N_TRAIN,  # sample rate 1: one step per epoch, closed-form RDP
+        "local-epochs": 1,
+        "learning-rate": 1e-2,
+    }
+
+
+@pytest.fixture(scope="module")
+def host(tiny_model_dir: Path) -> ModelHost:
+    model, tok = load_model(tiny_model_dir)
+    return ModelHost(model, tok, model_name=tiny_model_dir.name)
+
+
+@pytest.fixture(scope="module")
+def site_data(host: ModelHost, site_data_dir: Path) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    train = tokenize(load_jsonl(site_data_dir / "train.jsonl"), host.tokenizer)[:N_TRAIN]
+    eval_data = tokenize(load_jsonl(site_data_dir / "eval.jsonl"), host.tokenizer)[:N_EVAL]
+    return train, eval_data
+
+
+def make_service(
+    host: ModelHost, site_data: tuple[list[TokenizedExample], list[TokenizedExample]], state_dir: Path, data_dir: Path
+) -> NodeService:
+    config = NodeConfig(
+        name="site-a",
+        model_dir=str(state_dir / "unused-model"),
+        data_dir=str(data_dir),
+        state_dir=str(state_dir),
+        pki_dir=str(state_dir / "unused-pki"),
+    )
+    train, eval_data = site_data
+    return NodeService(config, host, train=list(train), eval_data=list(eval_data))
+
+
+def random_arrays(like: wire.Arrays, *, seed: int, scale: float = 0.05) -> wire.Arrays:
+    rng = np.random.default_rng(seed)
+    return {k: rng.normal(0.0, scale, v.shape).astype(np.float32) for k, v in like.items()}
+
+
+def _opacus_hooks(model: torch.nn.Module) -> list[str]:
+    found = []
+    for name, module in model.named_modules():
+        hooks = [
+            *module._forward_hooks.values(),
+            *module._forward_pre_hooks.values(),
+            *module._backward_hooks.values(),
+            *getattr(module, "_backward_pre_hooks", {}).values(),
+        ]
+        for hook in hooks:
+            fn = getattr(hook, "func", hook)
+            if "opacus" in (getattr(fn, "__module__", "") or ""):
+                found.append(name)
+    return found
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
+
+
+# ---- the loss ---------------------------------------------------------------------------
+
+
+def _right_padded_reference(model: Any, examples: list[TokenizedExample], pad: int) -> torch.Tensor:
+    batch = collate(examples, pad_id=pad, left=False)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    labels = batch["labels"][:, 1:]
+    tok = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
+    mask = (labels != -100).float()
+    return (tok * mask).sum(1) / mask.sum(1)
+
+
+def test_per_sample_loss_left_padding_matches_full_logits(
+    host: ModelHost, site_data: tuple[list[TokenizedExample], list[TokenizedExample]]
+) -> None:
+    train, _ = site_data
+    by_length: dict[int, TokenizedExample] = {}
+    for ex in train:
+        by_length.setdefault(len(ex.input_ids), ex)
+    examples = list(by_length.values())[:4]
+    assert len({len(e.input_ids) for e in examples}) >= 2, "need rows of different lengths"
+    answer_lengths = {sum(1 for x in e.labels if x != -100) for e in examples}
+    pad = int(host.tokenizer.pad_token_id)
+    with host.lock:
+        host.reset_train_adapter(random_arrays(host.initial_arrays(), seed=5))  # a non-trivial adapter
+        host.peft.set_adapter(TRAIN_ADAPTER)
+        with torch.no_grad():
+            left = per_sample_loss(host.peft, collate(examples, pad_id=pad, left=True))
+            ref = _right_padded_reference(host.peft, examples, pad)
+            singles = torch.cat([per_sample_loss(host.peft, collate([e], pad_id=pad, left=True)) for e in examples])
+        host.reset_train_adapter(None)
+    assert left.shape == (len(examples),)
+    assert torch.isfinite(left).all()
+    torch.testing.assert_close(left, ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(left, singles, atol=1e-4, rtol=1e-4)
+    assert answer_lengths  # sanity: every record has answer tokens
+
+
+def test_per_sample_loss_is_per_record(host: ModelHost) -> None:
+    """Rows of a batch do not influence each other (a prerequisite of per-sample clipping)."""
+    pad = int(host.tokenizer.pad_token_id)
+    eos = int(host.tokenizer.eos_token_id)
+    a = TokenizedExample(input_ids=[5, 6, 7, 8, eos], labels=[-100, -100, -100, 8, eos])
+    b = TokenizedExample(input_ids=[9, 10, eos], labels=[-100, 10, eos])
+    c = TokenizedExample(input_ids=[11, 12, 13, 14, 15, 16, eos], labels=[-100] * 6 + [eos])
+    with host.using("base") as m, torch.no_grad():
+        ab = per_sample_loss(m, collate([a, b], pad_id=pad, left=True))
+        cb = per_sample_loss(m, collate([c, b], pad_id=pad, left=True))
+    torch.testing.assert_close(ab[1], cb[1], atol=1e-4, rtol=1e-4)
+
+
+# ---- one DP round -----------------------------------------------------------------------
+
+
+@dataclass
+class FirstRound:
+    service: NodeService
+    result: RoundResult
+    arrays_before: wire.Arrays
+    params_before: dict[str, torch.Tensor]
+    installed_before: wire.Arrays
+    hooks_before: int
+    audit_before: int
+
+
+@pytest.fixture(scope="module")
+def first_round(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    site_data_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> FirstRound:
+    service = make_service(host, site_data, tmp_path_factory.mktemp("trainer-state"), site_data_dir)
+    installed = random_arrays(host.initial_arrays(), seed=9)
+    service.deploy("v-served", wire.sha256_of(installed), installed)
+    host.reset_train_adapter(None)
+    arrays_before = host.adapter_arrays(TRAIN_ADAPTER)
+    params_before = {n: p.detach().clone() for n, p in host.peft.named_parameters()}
+    hooks_before, audit_before = _hook_count(host.peft), len(service.audit)
+    result = service.train(None, round_config(1, 2))
+    return FirstRound(
+        service=service,
+        result=result,
+        arrays_before=arrays_before,
+        params_before=params_before,
+        installed_before=host.adapter_arrays("v-served"),
+        hooks_before=hooks_before,
+        audit_before=audit_before,
+    )
+
+
+def test_round_changes_the_lora_arrays(first_round: FirstRound, host: ModelHost) -> None:
+    result = first_round.result
+    assert sorted(result.arrays) == sorted(first_round.arrays_before) == sorted(host.initial_arrays())
+    changed = [k for k in result.arrays if not np.array_equal(result.arrays[k], first_round.arrays_before[k])]
+    assert changed, "a DP round must move the adapter"
+    assert any("lora_B" in k for k in changed)
+    assert all(np.isfinite(v).all() for v in result.arrays.values())
+    # what is returned is what the working copy now holds
+    now = host.adapter_arrays(TRAIN_ADAPTER)
+    for k, v in result.arrays.items():
+        np.testing.assert_array_equal(now[k], v)
+
+
+def test_round_charges_the_ledger_and_reports_it(first_round: FirstRound) -> None:
+    service, report = first_round.service, first_round.result.report
+    (entry,) = service.ledger.entries()
+    assert entry.status == "completed"
+    assert entry.run_id == "run-1" and entry.round == 1
+    assert 0 < entry.epsilon_after <= 1.0
+    assert entry.steps_completed == entry.steps == report.steps == 1
+    assert report.epsilon == pytest.approx(entry.epsilon_after, rel=1e-9)
+    assert report.epsilon == pytest.approx(service.ledger.spent(), rel=1e-9)
+    assert 0.4 < report.epsilon <= 0.5 + 1e-9  # rounds_left=2: half of epsilon 1.0
+    assert report.delta == entry.delta == service.ledger.budget.delta == pytest.approx(1 / (10 * N_TRAIN))
+    assert report.noise_multiplier == entry.noise_multiplier > 0
+    assert report.sample_rate == entry.sample_rate == 1.0
+    assert report.max_grad_norm == entry.max_grad_norm == 1.0
+    assert report.accountant == entry.accountant == "rdp"
+    assert report.site == "site-a"
+    assert report.num_examples == N_TRAIN
+    assert np.isfinite(report.train_loss)
+
+
+def test_round_is_audited(first_round: FirstRound) -> None:
+    service, result = first_round.service, first_round.result
+    assert len(service.audit) == first_round.audit_before + 1
+    assert verify(service.audit.path).ok
+    last = service.audit.path.read_text().splitlines()[-1]
+    record = json.loads(last)
+    assert record["action"] == "train"
+    assert record["resource"] == "run-1"
+    assert record["details"]["update_sha256"] == wire.sha256_of(result.arrays)
+    assert record["details"]["epsilon"] == pytest.approx(result.report.epsilon)
+    assert service.state.rounds_trained == 1
+
+
+def test_round_only_changes_the_local_lora(first_round: FirstRound, host: ModelHost) -> None:
+    after = dict(host.peft.named_parameters())
+    assert set(after) == set(first_round.params_before)
+    changed = {n for n, before in first_round.params_before.items() if not torch.equal(before, after[n])}
+    assert changed
+    assert all(".lora_" in n and f".{TRAIN_ADAPTER}." in n for n in changed), sorted(changed)[:5]
+    base = [n for n in after if ".lora_" not in n]
+    assert base and all(torch.equal(first_round.params_before[n], after[n]) for n in base)
+    # the served adapter is untouched
+    served = host.adapter_arrays("v-served")
+    for k, v in first_round.installed_before.items():
+        np.testing.assert_array_equal(served[k], v)
+
+
+def test_round_leaves_no_opacus_state(first_round: FirstRound, host: ModelHost) -> None:
+    assert _opacus_hooks(host.peft) == []
+    assert _hook_count(host.peft) == first_round.hooks_before
+    for name, p in host.peft.named_parameters():
+        assert getattr(p, "grad_sample", None) is None, name
+        assert p.grad is None, name
+    assert not host.peft.training
+    assert host.peft.active_adapter == TRAIN_ADAPTER
+    trainable = {n for n, p in host.peft.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{TRAIN_ADAPTER}." in n for n in trainable)
+
+
+def test_served_model_still_works_after_round(first_round: FirstRound, host: ModelHost) -> None:
+    gen = host.generate([{"role": "user", "content": "Chest pain?"}], model="v-served", max_tokens=2)
+    assert gen.completion_tokens <= 2
+
+
+# ---- budget exhaustion -----------------------------------------------------------------
+
+
+def test_last_round_uses_the_rest_and_then_training_is_refused(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    site_data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
+    first = service.train(None, round_config(1, 2))
+    second = service.train(first.arrays, round_config(2, 2))  # rounds_left = 1
+    entries = service.ledger.entries()
+    assert [e.status for e in entries] == ["completed", "completed"]
+    assert first.report.epsilon < second.report.epsilon <= 1.0
+    assert second.report.epsilon >= 0.99  # the last round spends (almost) everything left
+    assert second.report.noise_multiplier < first.report.noise_multiplier  # more budget, less noise
+    audit_before = len(service.audit)
+    ledger_file = (tmp_path / "state" / "ledger.sqlite").read_bytes()
+
+    with pytest.raises(BudgetExceeded, match="privacy budget exhausted"):
+        service.train(second.arrays, round_config(3, 3))
+
+    assert service.ledger.entries() == entries
+    assert (tmp_path / "state" / "ledger.sqlite").read_bytes() == ledger_file
+    assert service.state.rounds_trained == 2
+    assert len(service.audit) == audit_before + 1
+    assert verify(service.audit.path).ok
+    record = json.loads(service.audit.path.read_text().splitlines()[-1])
+    assert record["action"] == "train.refused"
+    assert record["resource"] == "run-1"
+    assert record["details"]["round"] == 3
+    assert "budget" in record["details"]["error"]
+
+
+# ---- bad global arrays ----------------------------------------------------------------
+
+
+def _nan_arrays(host: ModelHost) -> wire.Arrays:
+    arrays = host.initial_arrays()
+    name = next(k for k in arrays if "lora_A" in k)
+    arrays[name][0, 0] = np.nan
+    return arrays
+
+
+def test_nan_global_arrays_are_refused_before_training(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    site_data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
+    host.reset_train_adapter(None)
+    before = host.adapter_arrays(TRAIN_ADAPTER)
+    with pytest.raises(wire.WireError, match="NaN"):
+        service.train(_nan_arrays(host), round_config(1, 2))
+    after = host.adapter_arrays(TRAIN_ADAPTER)
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v)
+    assert service.state.rounds_trained == 0
+    record = json.loads(service.audit.path.read_text().splitlines()[-1])
+    assert record["action"] == "train.refused"
+
+
+def _entries(service: NodeService) -> list[LedgerEntry]:
+    return service.ledger.entries()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="train_round charges the ledger (plan_round + charge) before reset_train_adapter validates "
+    "the global arrays, so a NaN or mis-shaped global update burns budget without training",
+)
+@pytest.mark.parametrize("bad", ["nan", "shape"])
+def test_bad_global_arrays_leave_the_ledger_unchanged(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    site_data_dir: Path,
+    tmp_path: Path,
+    bad: str,
+) -> None:
+    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
+    if bad == "nan":
+        arrays = _nan_arrays(host)
+    else:
+        arrays = host.initial_arrays()
+        name = next(iter(arrays))
+        arrays[name] = np.zeros((2, 2), dtype=np.float32)
+    with pytest.raises(wire.WireError):
+        service.train(arrays, round_config(1, 2))
+    assert _entries(service) == []
+    assert service.ledger.spent() == 0.0
