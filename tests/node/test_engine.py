@@ -226,7 +226,6 @@ def test_generate_respects_max_tokens(host: ModelHost, adapter: tuple[str, wire.
     version, _ = adapter
     gen = host.generate(SHORT, model=version, max_tokens=max_tokens)
     assert gen.prompt_tokens == len(host.prompt_ids(SHORT))
-    assert 1 <= len(gen.output_ids) + (gen.finish_reason == "stop") <= max_tokens + 1
     assert len(gen.output_ids) <= max_tokens
     assert gen.completion_tokens == len(gen.output_ids)
     assert host.tokenizer.eos_token_id not in gen.output_ids

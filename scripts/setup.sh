@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Set up a fresh machine for FedSeek: Debian packages, a virtualenv, pinned Python packages.
+# Idempotent: a second run only checks what is there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v stunnel4 >/dev/null 2>&1 && ! command -v stunnel >/dev/null 2>&1; then
+  echo "[setup] installing Debian package stunnel4 (mTLS sidecars)"
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq stunnel4 >/dev/null
+fi
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv with $($PY --version)"
+  "$PY" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+if [ ! -f .venv/.fedseek-installed ] || [ pyproject.toml -nt .venv/.fedseek-installed ]; then
+  echo "[setup] installing pinned dependencies (torch==2.13.0 CPU wheel where available)"
+  pip install -q --upgrade pip
+  pip install -q -e ".[test]"
+  touch .venv/.fedseek-installed
+fi
+echo "[setup] ready: $(python -c 'import torch, flwr, opacus, peft, shap, transformers; print(f"torch {torch.__version__}, flwr {flwr.__version__}, opacus {opacus.__version__}, peft {peft.__version__}, shap {shap.__version__}, transformers {transformers.__version__}")')"
