@@ -30,7 +30,7 @@ from node.engine import ModelHost
 from node.model import load_model
 from node.server import create_app
 from node.service import NodeService, load_site_data
-from privacy.audit import AuditTrail
+from privacy.audit import head_path, verify
 from privacy.ledger import PrivacyLedger
 
 log = logging.getLogger("fedseek.node")
@@ -65,10 +65,11 @@ def preflight(config: NodeConfig) -> pki.LeafFiles:
     if identity.role != "node":
         raise NodeStartError(f"certificate {identity.name!r} has role {identity.role!r}, expected 'node'")
     state = Path(config.state_dir)
-    try:
-        AuditTrail(state / "audit.jsonl")
-    except Exception as exc:
-        raise NodeStartError(f"audit trail failed its integrity check: {exc}") from exc
+    audit_path = state / "audit.jsonl"
+    if audit_path.exists() or head_path(audit_path).exists():
+        result = verify(audit_path)
+        if not result.ok:
+            raise NodeStartError(f"audit trail failed its integrity check: {audit_path}: {result.error}")
     ledger_path = state / "ledger.sqlite"
     if ledger_path.exists():
         from node.service import site_budget

@@ -99,7 +99,9 @@ class ModelHost:
         with self.lock:
             self._load_into(TRAIN_ADAPTER, arrays if arrays else self._init_state)
 
-    def install(self, version: str, arrays: wire.Arrays, *, sha256: str, parent: str | None = None) -> AdapterInfo:
+    def install(
+        self, version: str, arrays: wire.Arrays, *, sha256: str, parent: str | None = None, created: int | None = None
+    ) -> AdapterInfo:
         """Serve a new adapter version after checking its content hash."""
         actual = wire.sha256_of(arrays)
         if actual != sha256:
@@ -109,12 +111,13 @@ class ModelHost:
                 self.peft.add_adapter(version, self.lora.config(self.peft.get_base_model()))
             self._load_into(version, arrays)
             self.peft.set_adapter(TRAIN_ADAPTER)
-            info = AdapterInfo(version=version, sha256=sha256, parent=parent, created=int(time.time()))
+            info = AdapterInfo(version=version, sha256=sha256, parent=parent, created=created or int(time.time()))
+            self.adapters.pop(version, None)  # insertion order is install order: the last is the latest
             self.adapters[version] = info
             return info
 
     def latest_adapter(self) -> AdapterInfo | None:
-        return max(self.adapters.values(), key=lambda a: a.created, default=None)
+        return next(reversed(self.adapters.values()), None)
 
     @contextlib.contextmanager
     def using(self, model: str | None) -> Iterator[Any]:

@@ -157,7 +157,9 @@ def create_app(service: NodeService) -> FastAPI:
             return await run_in_threadpool(
                 service.deploy, str(config["adapter-version"]), str(config["adapter-sha256"]), arrays
             )
-        except (wire.WireError, json.JSONDecodeError, KeyError) as exc:
+        except KeyError as exc:
+            return error(400, f"deploy config is missing {exc}")
+        except (wire.WireError, json.JSONDecodeError) as exc:
             return error(400, str(exc))
 
     @app.get("/v1/admin/status", response_model=None)

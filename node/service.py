@@ -174,10 +174,12 @@ class NodeService:
         """Serve the adapters deployed before a restart (checked against their sha256)."""
         if not self.adapters_dir.is_dir():
             return
-        for meta_path in sorted(self.adapters_dir.glob("*/adapter.json")):
-            meta = json.loads(meta_path.read_text())
-            arrays = wire.decode((meta_path.parent / "adapter.safetensors").read_bytes())
-            self.host.install(meta["version"], arrays, sha256=meta["sha256"], parent=meta.get("parent"))
+        metas = [json.loads(p.read_text()) | {"dir": p.parent} for p in self.adapters_dir.glob("*/adapter.json")]
+        for meta in sorted(metas, key=lambda m: (m["created"], m["version"])):
+            arrays = wire.decode((meta["dir"] / "adapter.safetensors").read_bytes())
+            self.host.install(
+                meta["version"], arrays, sha256=meta["sha256"], parent=meta.get("parent"), created=meta["created"]
+            )
 
     def status(self) -> dict[str, Any]:
         latest = self.host.latest_adapter()

@@ -96,6 +96,8 @@ def train_round(
     n = len(data)
     if n == 0:
         raise TrainingError("the site has no training data")
+    if global_arrays:  # a malformed global update must not cost privacy budget
+        global_arrays = wire.validate_arrays(global_arrays, like=host.initial_arrays())
     sample_rate = min(1.0, settings.batch_size / n)
     steps = max(1, math.ceil(settings.local_epochs / sample_rate))
     plan = ledger.plan_round(sample_rate=sample_rate, steps=steps, rounds_left=rounds_left)

@@ -188,11 +188,6 @@ def test_reinstalling_a_version_replaces_its_weights(host: ModelHost) -> None:
     assert host.adapters["v-re"].sha256 == wire.sha256_of(second)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="latest_adapter() orders by whole-second `created`; two installs in the same second "
-    "(always the case in NodeService._restore_adapters) make 'latest' the first one installed",
-)
 def test_latest_is_the_most_recent_install_within_one_second(
     tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -254,11 +254,6 @@ def test_internal_train_bad_input_is_400(client: TestClient, service: NodeServic
     assert service.ledger.entries() == entries
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train_round charges the ledger before reset_train_adapter validates the global arrays' "
-    "names/shapes, so a mis-shaped update is refused (400) only after budget was spent",
-)
 def test_internal_train_with_misshaped_arrays_spends_no_budget(client: TestClient, service: NodeService) -> None:
     arrays = service.host.initial_arrays()
     arrays[next(iter(arrays))] = np.zeros((2, 2), dtype=np.float32)

@@ -324,11 +324,6 @@ def test_nan_global_arrays_are_refused_before_training(
     assert record["action"] == "train.refused"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train_round charges the ledger (plan_round + charge) before reset_train_adapter validates "
-    "the global arrays, so a NaN or mis-shaped global update burns budget without training",
-)
 @pytest.mark.parametrize("bad", ["nan", "shape"])
 def test_bad_global_arrays_leave_the_ledger_unchanged(
     host: ModelHost,
