@@ -71,12 +71,9 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     """Run until SIGTERM/SIGINT."""
     pki_dir = Path(config.pki_dir)
     try:
-        leaf = pki.load_leaf(pki_dir, config.name)
-        identity = pki.verify_leaf(leaf.cert, leaf.ca_cert)
+        leaf = pki.load_party(pki_dir, config.name, role="coordinator")
     except pki.PKIError as exc:
         raise CoordinatorError(f"certificate check failed: {exc}") from exc
-    if identity.role != "coordinator":
-        raise CoordinatorError(f"certificate {identity.name!r} has role {identity.role!r}, expected 'coordinator'")
     state = Path(config.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     link_port = config.superlink_port or free_port()

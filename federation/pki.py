@@ -584,3 +584,12 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def load_party(pki_dir: Path, name: str, *, role: Role, now: datetime | None = None) -> LeafFiles:
+    """A party's files after checking its certificate chains to the CA and carries `role`."""
+    leaf = load_leaf(pki_dir, name)
+    identity = verify_leaf(leaf.cert, leaf.ca_cert, now=now)
+    if identity.role != role:
+        raise PKIError(f"certificate {identity.name!r} has role {identity.role!r}, expected {role!r}")
+    return leaf

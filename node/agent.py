@@ -58,12 +58,9 @@ class NodeEndpoints:
 def preflight(config: NodeConfig) -> pki.LeafFiles:
     """Checks that need neither the model nor the network; raise NodeStartError."""
     try:
-        leaf = pki.load_leaf(Path(config.pki_dir), config.name)
-        identity = pki.verify_leaf(leaf.cert, leaf.ca_cert)
+        leaf = pki.load_party(Path(config.pki_dir), config.name, role="node")
     except pki.PKIError as exc:
         raise NodeStartError(f"certificate check failed: {exc}") from exc
-    if identity.role != "node":
-        raise NodeStartError(f"certificate {identity.name!r} has role {identity.role!r}, expected 'node'")
     state = Path(config.state_dir)
     audit_path = state / "audit.jsonl"
     if audit_path.exists() or head_path(audit_path).exists():
