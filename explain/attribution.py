@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import shap
 
+from explain.granularity import Granularity, feature_tokenizer
+
 ScoreFn = Callable[[Sequence[str]], np.ndarray]
 """``score_fn(prompts) -> (len(prompts), T)`` log-probs of the T fixed response tokens."""
 
@@ -145,10 +147,12 @@ def explain_text(
     max_evals: int = 300,
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
+    granularity: Granularity = "token",
 ) -> Attribution:
-    """Owen values of each prompt token for each of the fixed ``output_tokens``.
+    """Owen values of each prompt feature for each of the fixed ``output_tokens``.
 
-    Masked prompts replace token runs by ``...``; the token hierarchy comes from
+    Features are ``tokenizer`` tokens, words or sentences (see explain.granularity).
+    Masked prompts replace feature runs by ``...``; the hierarchy comes from
     shap's text clustering, so PartitionExplainer needs far fewer than 2**n
     evaluations. ``score_fn`` is called with at most ``batch_size`` prompts and
     about ``max_evals`` prompts in total (plus 2 for base/full values);
@@ -178,20 +182,21 @@ def explain_text(
             progress(done, max(max_evals, done))
         return out
 
-    masker = _FaithfulText(tokenizer, mask_token=_MASK_TOKEN, collapse_mask_token=True)
+    masker = _FaithfulText(feature_tokenizer(granularity, tokenizer), mask_token=_MASK_TOKEN, collapse_mask_token=True)
     segments, _ = masker.token_segments(prompt)
     if not segments:
         raise ValueError("prompt has no tokens to attribute")
     n = len(segments)
-    explainer = shap.Explainer(f, masker, algorithm="partition", output_names=names)
-    result = explainer([prompt], max_evals=max_evals, batch_size=batch_size, silent=True)
-    values = np.asarray(result.values[0], dtype=np.float64).reshape(n, len(names))
-
-    # One prompt per call, as shap evaluated them, so batch-dependent kernels can't differ.
+    # One prompt per call, as shap evaluates them, so batch-dependent kernels can't differ.
     (masked_all,) = masker(np.zeros(n, dtype=bool), prompt)[0]
-    base = score([str(masked_all)])[0]
-    full = score([prompt])[0]
+    base, full = score([str(masked_all)])[0], score([prompt])[0]
     delta = full - base
+    if n == 1:  # shap's text clustering needs two features; a lone feature gets all of it
+        values = delta.reshape(1, -1)
+    else:
+        explainer = shap.Explainer(f, masker, algorithm="partition", output_names=names)
+        result = explainer([prompt], max_evals=max_evals, batch_size=batch_size, silent=True)
+        values = np.asarray(result.values[0], dtype=np.float64).reshape(n, len(names))
     err = np.abs(values.sum(axis=0) - delta)
     if np.any(err > _RTOL * np.abs(delta) + _ATOL):
         raise RuntimeError(

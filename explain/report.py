@@ -66,11 +66,11 @@ def write_report(
     img = ""
     if png_path is not None:
         png = _bar_plot_png(attribution.top_features(_TOP_N))
-        _atomic_write(png_path, png)
+        atomic_write(png_path, png)
         src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
         img = f'<h2>Top features (plot)</h2>\n<img alt="Top features bar plot" src="{src}">\n'
     page = _render(attribution, ctx, img)
-    _atomic_write(html_path, page.encode("utf-8"))
+    atomic_write(html_path, page.encode("utf-8"))
     return html_path
 
 
@@ -173,7 +173,7 @@ def _bar_plot_png(top: list[tuple[str, float]]) -> bytes:
     return buf.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes) -> None:
     # mkstemp's 0600 mode is kept on purpose: the report contains clinical text.
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -1,49 +1,302 @@
-"""Explanations at the site: SHAP attributions of an answer to the words of its prompt.
+"""Explanations at the site: SHAP attributions of an answer to the features of its prompt.
 
 The scorer teacher-forces the fixed answer under each masked prompt and gathers only the
 answer tokens' log-probs (never full-vocabulary logits on the host). The explanation is
 bound to the adapter version and its sha256, and recorded in the audit trail first, so the
-report can cite its audit record.
+report can cite its audit record. Nothing leaves the site: the result is stored next to
+its report as ``<reports_dir>/<id>.json`` and served back by id.
+
+A request is validated completely before any model call, so a refusal writes nothing: no
+report, no JSON, no audit record. Background jobs run one at a time on a worker thread
+(the model lock serialises them anyway) and are polled by id.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import queue
+import re
+import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from explain.attribution import explain_text
-from explain.report import ReportContext, write_report
+from explain.granularity import Granularity
+from explain.report import ReportContext, atomic_write, write_report
+from privacy.audit import sha256_hex
 
 if TYPE_CHECKING:
     from node.service import NodeService
 
 MAX_EVALS_LIMIT = 2000
+"""Site policy: the most model evaluations one explanation may spend."""
+MIN_EVALS = 10
+MAX_QUEUED = 8
+"""Background jobs waiting beyond this are refused (429) rather than queued for hours."""
+TOP_K = 5
+
+_ID = re.compile(r"expl-[0-9a-f]{32}")
+Progress = Callable[[int, int], None]
+
+
+class ExplanationNotFound(LookupError):
+    """No explanation with this id at this site."""
+
+
+class QueueFull(RuntimeError):
+    """Too many background explanations are waiting; try again later."""
 
 
 class ExplainMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: str
+    role: Literal["system", "user", "assistant"]
     content: str = Field(max_length=20_000)
 
 
 class ExplainRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    messages: list[ExplainMessage] | None = None
-    prompt: str | None = None
+    messages: list[ExplainMessage] | None = Field(default=None, max_length=256)
+    prompt: str | None = Field(default=None, max_length=20_000)
     response: str | None = None
+    granularity: Granularity = "token"
     max_tokens: int = Field(default=8, ge=1, le=256)
-    max_evals: int = Field(default=200, ge=10, le=MAX_EVALS_LIMIT)
+    # No schema bound: the site's limit is policy, checked in code so the message names it.
+    max_evals: int = 200
+    background: bool = False
+
+
+@dataclass(frozen=True)
+class ExplainJob:
+    """A request that passed every check, bound to the adapter it will run on."""
+
+    id: str
+    messages: list[dict[str, str]]
+    adapter: str
+    served: str
+    adapter_sha256: str
+    response_ids: list[int] | None
+    max_tokens: int
+    max_evals: int
+    granularity: Granularity
+    requested_by: str
+
+    @property
+    def prompt_sha256(self) -> str:
+        return sha256_hex(json.dumps(self.messages, sort_keys=True))
+
+
+class Explanations:
+    """Validates, runs, stores and serves one node's explanations."""
+
+    def __init__(self, service: NodeService) -> None:
+        self.service = service
+        self._lock = threading.Lock()
+        self._pending: dict[str, dict[str, Any]] = {}  # running or failed; completed ones are on disk
+        self._queue: queue.Queue[ExplainJob] = queue.Queue(maxsize=MAX_QUEUED)
+        self._worker: threading.Thread | None = None
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.service.reports_dir
+
+    # ---- validation ---------------------------------------------------------------------
+    def validate(self, req: ExplainRequest, *, requested_by: str) -> ExplainJob:
+        """Every check that needs no model call; raises UnknownModel or ValueError."""
+        host = self.service.host
+        msgs = _messages(req)
+        if req.max_evals > MAX_EVALS_LIMIT:
+            raise ValueError(
+                f"max_evals {req.max_evals} is over this site's limit of {MAX_EVALS_LIMIT} model evaluations "
+                "(MAX_EVALS_LIMIT); ask for fewer"
+            )
+        if req.max_evals < MIN_EVALS:
+            raise ValueError(f"max_evals {req.max_evals} is too small: SHAP needs at least {MIN_EVALS} evaluations")
+        adapter = host.resolve(req.model)
+        info = host.adapters.get(adapter)
+        response_ids = None
+        if req.response is not None:
+            response_ids = [int(t) for t in host.tokenizer(req.response, add_special_tokens=False).input_ids]
+            if not response_ids:
+                raise ValueError("the response to explain is empty")
+        prompt_tokens = len(host.prompt_ids(msgs))
+        answer_tokens = len(response_ids) if response_ids is not None else req.max_tokens
+        if prompt_tokens + answer_tokens > host.context_length:
+            raise ValueError(
+                f"prompt of {prompt_tokens} tokens plus a response of {answer_tokens} tokens "
+                f"exceeds the model's context of {host.context_length} tokens"
+            )
+        return ExplainJob(
+            id=f"expl-{uuid.uuid4().hex}",
+            messages=msgs,
+            adapter=adapter,
+            served=host.model_name if info is None else adapter,
+            adapter_sha256=info.sha256 if info else "",
+            response_ids=response_ids,
+            max_tokens=req.max_tokens,
+            max_evals=req.max_evals,
+            granularity=req.granularity,
+            requested_by=requested_by,
+        )
+
+    # ---- running ------------------------------------------------------------------------
+    def run(self, job: ExplainJob, *, progress: Progress | None = None) -> dict[str, Any]:
+        """Explain now; a failure after validation is itself audited, then re-raised."""
+        started = time.perf_counter()
+        try:
+            return self._run(job, progress=progress, started=started)
+        except Exception as exc:
+            self.service.audit.append(
+                actor=job.requested_by,
+                action="explain.failed",
+                resource=job.served,
+                details={
+                    "explanation_id": job.id,
+                    "prompt_sha256": job.prompt_sha256,
+                    "error": type(exc).__name__,  # the message may quote the prompt
+                    "seconds": round(time.perf_counter() - started, 3),
+                },
+            )
+            raise
+
+    def _run(self, job: ExplainJob, *, progress: Progress | None, started: float) -> dict[str, Any]:
+        host = self.service.host
+        response_ids = job.response_ids
+        if response_ids is None:
+            response_ids = host.generate(job.messages, model=job.adapter, max_tokens=job.max_tokens).output_ids
+            if not response_ids:
+                raise ValueError("the model's answer is empty: nothing to explain")
+        response_text = host.tokenizer.decode(response_ids, skip_special_tokens=True)
+        prefix, question = job.messages[:-1], job.messages[-1]["content"]
+
+        def score(texts: Sequence[str]) -> np.ndarray:
+            prompts = [[*prefix, {"role": "user", "content": t}] for t in texts]
+            return host.response_logprobs(prompts, response_ids, model=job.adapter)
+
+        attribution = explain_text(
+            score,
+            host.tokenizer,
+            question,
+            output_tokens=[host.tokenizer.decode([t]) for t in response_ids],
+            max_evals=job.max_evals,
+            progress=progress,
+            granularity=job.granularity,
+        )
+        record = self.service.audit.append(
+            actor=job.requested_by,
+            action="explain",
+            resource=job.served,
+            details={
+                "explanation_id": job.id,
+                "adapter_sha256": job.adapter_sha256 or None,
+                "prompt_sha256": job.prompt_sha256,
+                "response_sha256": sha256_hex(response_text),
+                "granularity": job.granularity,
+                "max_evals": job.max_evals,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
+        )
+        self.reports_dir.mkdir(parents=True, exist_ok=True)
+        ctx = ReportContext(
+            model=host.model_name,
+            adapter_version=job.served,
+            adapter_sha256=job.adapter_sha256,
+            requested_by=job.requested_by,
+            created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            audit_record=f"{record.seq}:{record.hash}",
+            response=response_text,
+        )
+        png = self.reports_dir / f"{job.id}.png"
+        html = write_report(attribution, ctx, html_path=self.reports_dir / f"{job.id}.html", png_path=png)
+        top = attribution.top_features(TOP_K)
+        scores = attribution.to_json()
+        result = {
+            "id": job.id,
+            "object": "explanation",
+            "status": "completed",
+            "created_at": ctx.created_at,
+            "model": job.served,
+            "adapter_sha256": job.adapter_sha256,
+            "granularity": job.granularity,
+            "max_evals": job.max_evals,
+            "response": response_text,
+            **scores,
+            "top_tokens": [text for text, _ in top],
+            "top_features": [{"feature": text, "value": value} for text, value in top],
+            "audit_record": {"seq": record.seq, "hash": record.hash},
+            "html": str(html),
+            "png": str(png),
+        }
+        atomic_write(self._path(job.id), json.dumps(result).encode("utf-8"))  # last: its presence means done
+        return result
+
+    # ---- background jobs ----------------------------------------------------------------
+    def submit(self, job: ExplainJob) -> dict[str, Any]:
+        """Queue ``job`` for the worker thread; returns its running state (the 202 body)."""
+        state = _state(job.id, status="running", progress={"done": 0, "total": job.max_evals})
+        with self._lock:
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise QueueFull(f"{MAX_QUEUED} explanations are already waiting at this site; retry later") from None
+            self._pending[job.id] = state
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="explain-worker", daemon=True)
+                self._worker.start()
+            return dict(state)
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+
+            def progress(done: int, total: int, job_id: str = job.id) -> None:
+                with self._lock:
+                    self._pending[job_id]["progress"] = {"done": done, "total": total}
+
+            try:
+                self.run(job, progress=progress)
+            except Exception as exc:
+                with self._lock:
+                    self._pending[job.id] = _state(job.id, status="failed", error=str(exc) or type(exc).__name__)
+            else:
+                with self._lock:
+                    del self._pending[job.id]  # the stored JSON answers from now on
+
+    # ---- reading ------------------------------------------------------------------------
+    def get(self, explanation_id: str) -> dict[str, Any]:
+        """The stored result, or the state of a job still running or failed."""
+        if not _ID.fullmatch(explanation_id):  # also keeps ids from naming paths
+            raise ExplanationNotFound(f"no explanation {explanation_id!r} at this site")
+        with self._lock:
+            pending = self._pending.get(explanation_id)
+            if pending is not None:
+                return copy.deepcopy(pending)  # the worker keeps updating the original
+        try:
+            data: dict[str, Any] = json.loads(self._path(explanation_id).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ExplanationNotFound(f"no explanation {explanation_id!r} at this site") from None
+        return data
+
+    def _path(self, explanation_id: str) -> Path:
+        return self.reports_dir / f"{explanation_id}.json"
+
+
+def _state(explanation_id: str, **fields: Any) -> dict[str, Any]:
+    return {"id": explanation_id, "object": "explanation", **fields}
 
 
 def _messages(req: ExplainRequest) -> list[dict[str, str]]:
+    if req.messages and req.prompt is not None:
+        raise ValueError("give `messages` or `prompt`, not both")
     if req.messages:
         msgs = [m.model_dump() for m in req.messages]
     elif req.prompt is not None:
@@ -51,75 +304,5 @@ def _messages(req: ExplainRequest) -> list[dict[str, str]]:
     else:
         raise ValueError("give `messages` or `prompt`")
     if msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
-        raise ValueError("the last message must be a non-empty user message")
+        raise ValueError("the prompt is empty: the last message must be a non-empty user message")
     return msgs
-
-
-def explain(service: NodeService, req: ExplainRequest, *, requested_by: str) -> dict[str, Any]:
-    host = service.host
-    msgs = _messages(req)
-    name = host.resolve(req.model)
-    served = host.model_name if name == "base" else name
-    info = host.adapters.get(name)
-    if req.response is None:
-        gen = host.generate(msgs, model=name, max_tokens=req.max_tokens)
-        response_ids = gen.output_ids
-    else:
-        response_ids = host.tokenizer(req.response, add_special_tokens=False).input_ids
-    if not response_ids:
-        raise ValueError("the response to explain is empty")
-    response_text = host.tokenizer.decode(response_ids, skip_special_tokens=True)
-    prefix, question = msgs[:-1], msgs[-1]["content"]
-
-    def score(texts: Sequence[str]) -> np.ndarray:
-        prompts = [[*prefix, {"role": "user", "content": t}] for t in texts]
-        return host.response_logprobs(prompts, response_ids, model=name)
-
-    started = time.perf_counter()
-    output_tokens = [host.tokenizer.decode([t]) for t in response_ids]
-    attribution = explain_text(score, host.tokenizer, question, output_tokens=output_tokens, max_evals=req.max_evals)
-    explanation_id = f"expl-{uuid.uuid4().hex[:16]}"
-    record = service.audit.append(
-        actor=requested_by,
-        action="explain",
-        resource=served,
-        details={
-            "explanation_id": explanation_id,
-            "adapter_sha256": info.sha256 if info else None,
-            "prompt_sha256": _sha(json.dumps(msgs, sort_keys=True)),
-            "response_sha256": _sha(response_text),
-            "max_evals": req.max_evals,
-            "seconds": round(time.perf_counter() - started, 3),
-        },
-    )
-    out_dir = service.reports_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ctx = ReportContext(
-        model=host.model_name,
-        adapter_version=served,
-        adapter_sha256=info.sha256 if info else "",
-        requested_by=requested_by,
-        created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        audit_record=f"{record.seq}:{record.hash}",
-        response=response_text,
-    )
-    html = write_report(
-        attribution, ctx, html_path=out_dir / f"{explanation_id}.html", png_path=out_dir / f"{explanation_id}.png"
-    )
-    return {
-        "id": explanation_id,
-        "object": "explanation",
-        "model": served,
-        "adapter_sha256": ctx.adapter_sha256,
-        "response": response_text,
-        "audit_record": {"seq": record.seq, "hash": record.hash},
-        "attribution": attribution.to_json(),
-        "top_tokens": [tok for tok, _ in attribution.top_features(5)],
-        "html": str(html),
-    }
-
-
-def _sha(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from federation import wire
 from node.client_app import CONFIG_HEADER, REPORT_HEADER
 from node.engine import UnknownModel
-from node.explain_service import ExplainRequest, explain
+from node.explain_service import ExplainRequest, ExplanationNotFound, Explanations, QueueFull
 from node.service import NodeService
 from node.trainer import TrainingError
 from privacy.ledger import BudgetExceeded, LedgerError
@@ -115,14 +115,29 @@ def create_app(service: NodeService) -> FastAPI:
             "system_fingerprint": audit_hash[:16],
         }
 
+    explanations = Explanations(service)
+
     @app.post("/v1/explanations", response_model=None)
-    def explanations(req: ExplainRequest, request: Request) -> dict[str, Any] | JSONResponse:
+    def explain(req: ExplainRequest, request: Request) -> dict[str, Any] | JSONResponse:
+        """Validate synchronously (a refusal writes nothing), then explain now or in the background."""
         try:
-            return explain(service, req, requested_by=request.client.host if request.client else "unknown")
+            job = explanations.validate(req, requested_by=request.client.host if request.client else "unknown")
+            if req.background:
+                return JSONResponse(status_code=202, content=explanations.submit(job))
+            return explanations.run(job)
         except UnknownModel as exc:
             return error(404, str(exc), code="model_not_found")
+        except QueueFull as exc:
+            return error(429, str(exc), type_="rate_limit_error", code="explanation_queue_full")
         except ValueError as exc:
             return error(400, str(exc))
+
+    @app.get("/v1/explanations/{explanation_id}", response_model=None)
+    def explanation(explanation_id: str) -> dict[str, Any] | JSONResponse:
+        try:
+            return explanations.get(explanation_id)
+        except ExplanationNotFound as exc:
+            return error(404, str(exc), code="explanation_not_found")
 
     async def _body(request: Request) -> tuple[wire.Arrays | None, dict[str, Any]]:
         raw = await request.body()

@@ -4,11 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v stunnel4 >/dev/null 2>&1 && ! command -v stunnel >/dev/null 2>&1; then
-  echo "[setup] installing Debian package stunnel4 (mTLS sidecars)"
+# Debian packages, each only if its command is missing: stunnel4 (mTLS sidecars) and
+# chromium (the test that renders an explanation report headless).
+MISSING=()
+command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || MISSING+=(stunnel4)
+command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
+if [ ${#MISSING[@]} -gt 0 ]; then
+  echo "[setup] installing Debian packages: ${MISSING[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq stunnel4 >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${MISSING[@]}" >/dev/null
 fi
 
 PY=${PYTHON:-python3.11}

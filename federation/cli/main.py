@@ -13,7 +13,10 @@ import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -147,6 +150,76 @@ def _audit_verify(args: argparse.Namespace) -> int:
     return 1
 
 
+# ---- explanations -------------------------------------------------------------------------------
+def _explain(args: argparse.Namespace) -> int:
+    """Run a background explanation at a node and follow it; the work stays at the site."""
+    import ssl
+    import time
+
+    import httpx
+    from tqdm import tqdm
+
+    body = {
+        **_explain_input(args),
+        "model": args.model,
+        "response": args.response,
+        "granularity": args.granularity,
+        "max_evals": args.max_evals,
+        "background": True,
+    }
+    try:
+        tls = ssl.create_default_context(cafile=args.ca)
+    except OSError as exc:
+        raise CLIError(f"cannot load CA certificate {args.ca}: {exc}") from exc
+    try:
+        with httpx.Client(base_url=args.node, verify=tls, timeout=60) as http:
+            state = _node_json(http.post("/v1/explanations", json=body))
+            with tqdm(total=args.max_evals, desc=state["id"], unit="eval", file=sys.stderr) as bar:
+                while state.get("status") == "running":
+                    bar.total, bar.n = state["progress"]["total"], state["progress"]["done"]
+                    bar.refresh()
+                    time.sleep(args.poll)
+                    state = _node_json(http.get(f"/v1/explanations/{state['id']}"))
+                if state.get("status") == "completed":
+                    bar.n = bar.total
+                    bar.refresh()
+    except httpx.HTTPError as exc:
+        raise CLIError(f"node {args.node}: {exc}") from exc
+    if state.get("status") != "completed":
+        raise CLIError(f"explanation {state['id']} {state.get('status')}: {state.get('error', 'no result')}")
+    out = Path(args.out or f"{state['id']}.json")
+    out.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    print(f"explanation {state['id']} of {state['model']} ({state['granularity']} features):")
+    for rank, top in enumerate(state["top_features"], start=1):
+        print(f"  {rank}. {top['value']:+.4f}  {top['feature']}")
+    print(f"report (at the site): {state['html']}")
+    print(f"result: {out}")
+    return 0
+
+
+def _explain_input(args: argparse.Namespace) -> dict[str, Any]:
+    if not args.messages_file:
+        return {"prompt": args.prompt}
+    try:
+        data = json.loads(Path(args.messages_file).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CLIError(f"cannot read messages from {args.messages_file}: {exc}") from exc
+    return {"messages": data.get("messages") if isinstance(data, dict) else data}  # a list, or {"messages": [...]}
+
+
+def _node_json(response: httpx.Response) -> dict[str, Any]:
+    """The JSON body of a node's success response; its OpenAI-style error as a CLIError otherwise."""
+    try:
+        data = response.json()
+    except ValueError:
+        data = None
+    if response.is_success and isinstance(data, dict):
+        return data
+    error = data.get("error") if isinstance(data, dict) else None
+    message = error.get("message") if isinstance(error, dict) else response.text[:200]
+    raise CLIError(f"node answered {response.status_code}: {message}")
+
+
 # ---- demo -------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
     from federation.cli.demo import DemoSettings, run_demo
@@ -220,6 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = audit.add_parser("verify", help="verify a hash-chained audit trail")
     p.add_argument("path")
     p.set_defaults(func=_audit_verify)
+
+    p = sub.add_parser("explain", help="explain a model answer with SHAP, computed at a site's node")
+    p.add_argument("--node", required=True, help="the node's API base URL, e.g. https://localhost:8443")
+    p.add_argument("--ca", required=True, help="consortium CA certificate (PEM) the node's TLS cert chains to")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="the user prompt to explain")
+    what.add_argument("--messages-file", help="JSON file with a chat `messages` list")
+    p.add_argument("--model", help="adapter version (default: the latest served)")
+    p.add_argument("--response", help="the answer to explain (default: the model generates one)")
+    p.add_argument(
+        "--granularity", choices=["token", "word", "sentence"], default="word", help="feature unit (default: word)"
+    )
+    p.add_argument("--max-evals", type=int, default=200, help="model evaluations to spend (site policy caps it)")
+    p.add_argument("--out", help="where to write the result JSON (default: ./<id>.json)")
+    p.add_argument("--poll", type=float, default=0.5, help=argparse.SUPPRESS)
+    p.set_defaults(func=_explain)
 
     p = sub.add_parser("demo", help="run a whole consortium on localhost, end to end")
     p.add_argument("--out", required=True)

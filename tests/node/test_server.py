@@ -329,7 +329,7 @@ def explanation(client: TestClient, service: NodeService) -> tuple[dict[str, Any
 
 def test_explanation_attributions_are_efficient(explanation: tuple[dict[str, Any], int]) -> None:
     body, _ = explanation
-    attr = body["attribution"]
+    attr = body
     values = np.array(attr["values"])
     base, full = np.array(attr["base_values"]), np.array(attr["full_values"])
     total = np.array(attr["total"])
@@ -348,7 +348,7 @@ def test_explanation_full_value_is_the_served_models_logprob(
     host = service.host
     response_ids = host.tokenizer("cardiology", add_special_tokens=False).input_ids
     direct = host.response_logprobs([[{"role": "user", "content": PROMPT}]], response_ids, model="v1")[0]
-    np.testing.assert_allclose(body["attribution"]["full_values"], direct, atol=1e-4)
+    np.testing.assert_allclose(body["full_values"], direct, atol=1e-4)
     assert body["response"] == "cardiology"
     assert body["model"] == "v1"
     assert body["adapter_sha256"] == host.adapters["v1"].sha256
@@ -356,7 +356,7 @@ def test_explanation_full_value_is_the_served_models_logprob(
 
 def test_explanation_top_tokens_and_report(explanation: tuple[dict[str, Any], int], service: NodeService) -> None:
     body, _ = explanation
-    features = [f.strip() for f in body["attribution"]["features"]]
+    features = [f.strip() for f in body["features"]]
     assert 1 <= len(body["top_tokens"]) <= 5
     assert all(tok and tok in features for tok in body["top_tokens"])
     html = Path(body["html"])
