@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from federation import wire
 from node.model import lora_target_modules
@@ -191,6 +192,11 @@ class ModelHost:
             text=text, prompt_tokens=len(ids), completion_tokens=len(new), finish_reason=finish, output_ids=new
         )
 
+    # Scoring switches and telemetry (tests and benchmarks read/flip these; serving leaves them alone).
+    use_prefix_cache: bool = True
+    last_scoring_prefix_tokens: int = 0
+    """Prompt tokens per row that the last `response_logprobs` call took from a shared KV cache (0: none)."""
+
     def response_logprobs(
         self,
         prompts: Sequence[Sequence[dict[str, str]]],
@@ -199,22 +205,138 @@ class ModelHost:
         model: str | None,
         batch_size: int = 16,
     ) -> np.ndarray:
-        """Teacher-forced log-prob of each fixed response token, gathering only those tokens."""
-        resp = torch.tensor(list(response_ids), device=self.device)
-        out = np.zeros((len(prompts), len(response_ids)), dtype=np.float64)
+        """Teacher-forced log-prob of each fixed response token, gathering only those tokens.
+
+        An explanation scores hundreds of prompts that differ only in the masked last user
+        message, so the shared token prefix (BOS, system prompt, earlier turns, user tag) is
+        run once per call and its KV cache reused by every batch; results match the
+        uncached computation.
+        """
+        response = [int(t) for t in response_ids]
+        resp = torch.tensor(response, device=self.device)
+        seqs = [self.prompt_ids(p) for p in prompts]
+        split = self._shared_prefix_len(prompts, seqs) if self.use_prefix_cache else 0
+        out = np.zeros((len(seqs), len(response)), dtype=np.float64)
         with self.using(model) as m, torch.no_grad():
-            for start in range(0, len(prompts), batch_size):
-                chunk = [self.prompt_ids(p) for p in prompts[start : start + batch_size]]
-                seqs = [c + list(response_ids) for c in chunk]
-                width = max(len(s) for s in seqs)
-                pad = int(self.tokenizer.pad_token_id)
-                ids = torch.full((len(seqs), width), pad, device=self.device)
-                mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
-                for i, s in enumerate(seqs):  # left-pad so every response sits at the end
-                    ids[i, width - len(s) :] = torch.tensor(s, device=self.device)
-                    mask[i, width - len(s) :] = 1
-                keep = len(response_ids) + 1
-                logits = m(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits[:, :-1]
-                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, resp.expand(len(seqs), -1).unsqueeze(-1))
+            prefix = self._prefix_cache(m, seqs[0][:split]) if split >= _MIN_SHARED_PREFIX else None
+            self.last_scoring_prefix_tokens = split if prefix is not None else 0
+            for start in range(0, len(seqs), batch_size):
+                chunk = seqs[start : start + batch_size]
+                if prefix is None:
+                    logits = self._logits_padded(m, chunk, response)
+                else:
+                    logits = self._logits_after_prefix(m, prefix, split, chunk, response)
+                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, resp.expand(len(chunk), -1).unsqueeze(-1))
                 out[start : start + len(chunk)] = logp.squeeze(-1).double().cpu().numpy()
         return out
+
+    def _logits_padded(self, m: Any, chunk: Sequence[list[int]], response: list[int]) -> torch.Tensor:
+        """Uncached path: whole prompts, left-padded so every response sits at the end."""
+        seqs = [c + response for c in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), int(self.tokenizer.pad_token_id), device=self.device)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s) :] = torch.tensor(s, device=self.device)
+            mask[i, width - len(s) :] = 1
+        logits: torch.Tensor = m(input_ids=ids, attention_mask=mask, logits_to_keep=len(response) + 1).logits
+        return logits[:, :-1]
+
+    def _shared_prefix_len(self, prompts: Sequence[Sequence[dict[str, str]]], seqs: Sequence[list[int]]) -> int:
+        """Tokens every prompt starts with, cut at the last user message's content.
+
+        The common token prefix is what makes reuse exact; the cut keeps the split point the
+        same whatever else is in the call (a lone prompt splits where a batch of its masked
+        variants would), so cached results don't depend on the batch's company. Each row
+        keeps at least one token: the first response token is predicted from the last one.
+        """
+        if not seqs:
+            return 0
+        n = min(len(s) for s in seqs) - 1
+        first = seqs[0]
+        for s in seqs[1:]:
+            n = _common_prefix_len(first, s, n)
+        head = self._user_content_offset_ids(prompts[0])
+        if head is not None:
+            n = _common_prefix_len(first, head, n)
+        return max(n, 0)
+
+    def _user_content_offset_ids(self, messages: Sequence[dict[str, str]]) -> list[int] | None:
+        """Token ids of the chat template up to the last user message's content, if it is one."""
+        if not messages or messages[-1].get("role") != "user":
+            return None
+        probe = [*messages[:-1], {**messages[-1], "content": _SENTINEL}]
+        text = self.tokenizer.apply_chat_template(probe, add_generation_prompt=True, tokenize=False)
+        if not isinstance(text, str) or _SENTINEL not in text:
+            return None
+        ids = self.tokenizer(text[: text.index(_SENTINEL)], add_special_tokens=False).input_ids
+        return [int(i) for i in ids]
+
+    def _prefix_cache(self, m: Any, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per-layer (keys, values) of the shared prefix, batch 1; None if the cache isn't plain."""
+        out = m(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        if type(cache) is not DynamicCache:
+            return None
+        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for layer in cache.layers:
+            # Sliding-window, linear or quantised layers: reuse is not known to be exact.
+            if type(layer) is not DynamicLayer or layer.get_seq_length() != len(ids):
+                return None
+            keys, values = layer.keys, layer.values
+            if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+                return None
+            kv.append((keys, values))
+        return kv
+
+    def _logits_after_prefix(
+        self,
+        m: Any,
+        prefix: list[tuple[torch.Tensor, torch.Tensor]],
+        split: int,
+        chunk: Sequence[list[int]],
+        response: list[int],
+    ) -> torch.Tensor:
+        """Cached path: each row is [prefix (cache)] + [pads] + [rest of its prompt] + [response].
+
+        Pads sit between the prefix and the row's own tokens and are masked out; explicit
+        position ids carry on from the prefix and skip them, so every real token sees the
+        same keys at the same positions as without padding, and the response stays at the
+        end (so only its logits are computed).
+        """
+        rows = [c[split:] + response for c in chunk]
+        b, width = len(rows), max(len(r) for r in rows)
+        ids = torch.full((b, width), int(self.tokenizer.pad_token_id), device=self.device)
+        pos = torch.full((b, width), split, dtype=torch.long, device=self.device)
+        mask = torch.zeros((b, split + width), dtype=torch.long, device=self.device)
+        mask[:, :split] = 1
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :] = torch.tensor(r, device=self.device)
+            pos[i, width - len(r) :] = torch.arange(split, split + len(r), device=self.device)
+            mask[i, split + width - len(r) :] = 1
+        # DynamicLayer.update concatenates into new tensors, so the shared prefix is copied, never mutated.
+        cache = DynamicCache([(k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])) for k, v in prefix])
+        out = m(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=len(response) + 1,
+        )
+        logits: torch.Tensor = out.logits
+        return logits[:, :-1]
+
+
+_MIN_SHARED_PREFIX = 2
+_SENTINEL = "\x00fedseek-user-content\x00"
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """Length of the common prefix of `a` and `b`, at most `limit`."""
+    n = 0
+    for x, y in zip(a[:limit], b[:limit], strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
