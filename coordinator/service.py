@@ -16,13 +16,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 from federation import pki
 from federation.config import CoordinatorConfig
-from federation.procs import Managed, ProcessError, free_port, stop_all
+from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
 from federation.sidecar import TLSFiles, make_sidecar, server_config
 
 log = logging.getLogger("fedseek.coordinator")
@@ -135,12 +134,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, state / STATE_FILE)
         print(f"coordinator ready: fleet (mTLS) {info['fleet']}, sites {registered}", flush=True)
-        while not stopping.wait(1.0):
-            for proc in procs:
-                if not proc.alive():
-                    log.warning("%s exited; restarting", proc.name)
-                    time.sleep(1.0)
-                    proc.start()
+        supervise(procs, stopping)
     except ProcessError as exc:
         raise CoordinatorError(str(exc).splitlines()[0]) from exc
     finally:

@@ -6,14 +6,26 @@ spawned (SuperLink and SuperNode start ServerApp/ClientApp subprocesses).
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+log = logging.getLogger("fedseek.procs")
+
+# Listening ports are drawn below Linux's ephemeral range (32768-60999 by default): a port
+# from bind(0) is only free until the probe closes, and any outgoing connection in the
+# meantime may take it as its source port, so a child process that binds it later fails.
+_PORT_RANGE = (20000, 32000)
+_handed_out: set[int] = set()
+_port_lock = threading.Lock()
 
 
 class ProcessError(RuntimeError):
@@ -21,10 +33,20 @@ class ProcessError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """An ephemeral TCP port that is free right now (tests and the demo)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """A TCP port that is free now, outside the ephemeral range, never handed out twice here."""
+    with _port_lock:
+        for _ in range(200):
+            port = random.randrange(*_PORT_RANGE)
+            if port in _handed_out:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+    raise ProcessError(f"no free TCP port in {_PORT_RANGE} on {host}")
 
 
 def port_open(host: str, port: int, *, timeout: float = 0.5) -> bool:
@@ -121,6 +143,31 @@ def _signal_group(pid: int, sig: signal.Signals) -> None:
         pass
     except PermissionError:
         os.kill(pid, sig)
+
+
+def supervise(
+    procs: Sequence[Managed], stopping: threading.Event, *, max_restarts: int = 5, window: float = 60.0
+) -> None:
+    """Restart children that die, until `stopping` is set.
+
+    A child that dies more than `max_restarts` times within `window` seconds is failing on
+    start-up (a port taken, a bad certificate): raise instead of looping for ever.
+    """
+    restarts: dict[str, list[float]] = {p.name: [] for p in procs}
+    while not stopping.wait(1.0):
+        for proc in procs:
+            if proc.alive():
+                continue
+            now = time.monotonic()
+            recent = [t for t in restarts[proc.name] if now - t < window] + [now]
+            restarts[proc.name] = recent
+            if len(recent) > max_restarts:
+                raise ProcessError(
+                    f"{proc.name} died {len(recent)} times within {window:.0f}s; giving up:\n{log_tail(proc.log_path)}"
+                )
+            log.warning("%s exited; restarting (%d in the last %.0fs)", proc.name, len(recent), window)
+            time.sleep(1.0)
+            proc.start()
 
 
 def stop_all(procs: Sequence[Managed]) -> None:

@@ -24,7 +24,7 @@ import uvicorn
 from federation import pki
 from federation.config import NodeConfig
 from federation.flower_auth import ensure_auth_keypair
-from federation.procs import Managed, ProcessError, free_port, stop_all
+from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
 from federation.sidecar import TLSFiles, client_config, make_sidecar
 from node.engine import ModelHost
 from node.model import load_model
@@ -191,7 +191,7 @@ def run_node(config: NodeConfig) -> None:
         _write_json(state / "node.json", endpoints.to_json())
         log.info("node %s ready: api %s, fleet sidecar %s", config.name, api_url, endpoints.fleet_sidecar)
         print(f"node {config.name} ready: {api_url}", flush=True)
-        _supervise(procs, stopping)
+        supervise(procs, stopping)
     except ProcessError as exc:
         raise NodeStartError(str(exc).splitlines()[0]) from exc
     finally:
@@ -199,16 +199,6 @@ def run_node(config: NodeConfig) -> None:
         server.should_exit = True
         api_thread.join(timeout=10)
         (state / "node.json").unlink(missing_ok=True)
-
-
-def _supervise(procs: list[Managed], stopping: threading.Event) -> None:
-    """Restart a sidecar or SuperNode that dies, with a short back-off."""
-    while not stopping.wait(1.0):
-        for proc in procs:
-            if not proc.alive():
-                log.warning("%s exited; restarting", proc.name)
-                time.sleep(1.0)
-                proc.start()
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
