@@ -1,0 +1,166 @@
+"""LoRA-aware per-sample gradients for DP-SGD, handed to Opacus's `DPOptimizer` unchanged.
+
+Opacus's `GradSampleModule` (hooks) puts full backward hooks on every trainable module and
+lets autograd compute the summed gradients it then throws away: on a LoRA model that doubled
+the step time (DESIGN.md section 5). Here each peft LoRA Linear runs its low-rank branch
+through one autograd Function whose backward computes exactly what the summed backward would
+(the input gradient) plus, instead of the summed weight gradients, the per-sample ones:
+
+    h = A x,  g = scaling * dL/d(out)           (per token)
+    grad_B[i] = sum_t g[i,t] h[i,t]^T          (n, out, r)
+    grad_A[i] = sum_t (B^T g[i,t]) x[i,t]^T    (n, r, in)
+
+Same FLOPs as the non-private backward, no module hooks. The result goes to `p.grad_sample`
+exactly as Opacus's hooks write it (scaled by the batch size for `loss_reduction="mean"`),
+so `DPOptimizer` clips, adds its noise and steps as it does for Opacus, and the accountant is
+untouched. The branch saves its input in the activations' own dtype (bf16 on GPU), shared by
+the layers that read the same tensor (q/k/v, gate/up), where peft keeps one fp32 copy per layer.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.lora.layer import LoraLayer
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["LoraGradSampler", "UnsupportedLoraModel", "lora_layers"]
+
+
+class UnsupportedLoraModel(ValueError):
+    """The model has trainable weights this module cannot give per-sample gradients for."""
+
+
+def _per_sample(grad: torch.Tensor, inp: torch.Tensor, scale: float) -> torch.Tensor:
+    """sum_t grad[i,t] inp[i,t]^T for each sample i; 3-D or 4-D, batch first, in grad's dtype."""
+    n = inp.shape[0]
+    gs = torch.bmm(
+        grad.reshape(n, -1, grad.shape[-1]).transpose(1, 2), inp.reshape(n, -1, inp.shape[-1]).to(grad.dtype)
+    )
+    return gs.mul_(scale) if scale != 1.0 else gs
+
+
+def _write(p: torch.Tensor, grad_sample: torch.Tensor) -> None:
+    if getattr(p, "grad_sample", None) is not None:
+        raise RuntimeError(
+            "grad_sample is already set: call optimizer.zero_grad() before each backward "
+            "(a LoRA layer used twice in one forward, or accumulation over batches, is not supported)"
+        )
+    p.grad_sample = grad_sample  # type: ignore[attr-defined]
+
+
+class _LoraDelta(torch.autograd.Function):
+    """`scaling * B(A(x))` whose backward writes per-sample gradients of A and B instead of summed ones."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float, mean: bool
+    ) -> torch.Tensor:
+        h = F.linear(x.to(weight_a.dtype), weight_a)  # the same ops, in the same order, as peft
+        ctx.save_for_backward(x, h)
+        ctx.weights, ctx.scaling, ctx.mean = (weight_a, weight_b), scaling, mean
+        return F.linear(h, weight_b) * scaling
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+        x, h = ctx.saved_tensors
+        weight_a, weight_b = ctx.weights
+        g = grad_out.to(weight_b.dtype) * ctx.scaling
+        gh = g @ weight_b
+        # A mean loss scales each record's gradient by 1/n; Opacus's hooks multiply it back by n.
+        scale = float(x.shape[0]) if ctx.mean else 1.0
+        if weight_b.requires_grad:
+            _write(weight_b, _per_sample(g, h, scale))
+        if weight_a.requires_grad:
+            _write(weight_a, _per_sample(gh, x, scale))
+        grad_x = (gh @ weight_a).to(x.dtype) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None, None, None
+
+
+def lora_layers(model: nn.Module, adapter_name: str) -> Iterator[LoraLayer]:
+    """Every peft LoRA layer of `model` that holds `adapter_name`."""
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A:
+            yield module
+
+
+class LoraGradSampler:
+    """Per-sample gradients of one adapter's LoRA factors, written to `p.grad_sample`.
+
+    A drop-in for `GradSampleModule(model, grad_sample_mode="hooks")` on a peft model whose only
+    trainable weights are that adapter's lora_A/lora_B: the model is used as is (no wrapper),
+    and `close()` restores every layer. Either factor may be frozen (FFA-LoRA freezes A).
+    Layers run the stock peft forward whenever the adapter is not the only active one.
+    """
+
+    def __init__(self, model: nn.Module, *, adapter_name: str, loss_reduction: str = "mean") -> None:
+        if loss_reduction not in ("mean", "sum"):
+            raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
+        self.adapter_name = adapter_name
+        self._patched: list[tuple[LoraLinear, Any]] = []
+        covered: set[int] = set()
+        layers: list[LoraLinear] = []
+        for layer in lora_layers(model, adapter_name):
+            a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
+            trainable = [p for p in (*a.parameters(), *b.parameters()) if p.requires_grad]
+            if not trainable:
+                continue
+            if type(layer) is not LoraLinear or adapter_name in layer.lora_variant:
+                raise UnsupportedLoraModel(
+                    f"{type(layer).__name__} ({layer.lora_variant.get(adapter_name)}) "
+                    "is not a plain LoRA Linear; use Opacus hooks"
+                )
+            if not (isinstance(a, nn.Linear) and isinstance(b, nn.Linear)):
+                raise UnsupportedLoraModel("lora_A/lora_B must be nn.Linear")
+            covered.update(id(p) for p in (a.weight, b.weight) if p.requires_grad)
+            layers.append(layer)
+        other = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in covered]
+        if other:
+            raise UnsupportedLoraModel(
+                f"trainable parameters outside the LoRA factors of adapter {adapter_name!r} "
+                f"(e.g. {other[:3]}); use Opacus hooks"
+            )
+        if not covered:
+            raise UnsupportedLoraModel(f"adapter {adapter_name!r} has no trainable LoRA factors")
+        for layer in layers:
+            self._patch(layer, mean=loss_reduction == "mean")
+
+    def _patch(self, layer: LoraLinear, *, mean: bool) -> None:
+        name = self.adapter_name
+        stock: Callable[..., torch.Tensor] = layer.forward
+
+        def forward(self_: LoraLinear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            if kwargs or self_.disable_adapters or self_.merged or list(self_.active_adapters) != [name]:
+                return stock(x, *args, **kwargs)
+            if torch.is_autocast_enabled(x.device.type):
+                raise RuntimeError("LoRA per-sample gradients do not support autocast")
+            result = self_.base_layer(x, *args)
+            a, b = self_.lora_A[name], self_.lora_B[name]
+            dropout = self_.lora_dropout[name]
+            if not isinstance(dropout, nn.Identity):  # peft's order: cast, then dropout (same RNG draws)
+                x = dropout(self_._cast_input_dtype(x, a.weight.dtype))  # type: ignore[arg-type]
+            delta = _LoraDelta.apply(x, a.weight, b.weight, self_.scaling[name], mean)
+            return (result + delta).to(result.dtype)
+
+        self._patched.append((layer, layer.__dict__.get("forward")))
+        layer.forward = types.MethodType(forward, layer)  # type: ignore[method-assign]
+
+    def close(self) -> None:
+        """Restore the stock peft forward of every layer (idempotent)."""
+        while self._patched:
+            layer, previous = self._patched.pop()
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous  # type: ignore[method-assign]
+
+    def __enter__(self) -> LoraGradSampler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
