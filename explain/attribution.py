@@ -1,5 +1,8 @@
-"""SHAP (Owen value) attributions of fixed response tokens to prompt tokens.
+"""SHAP attributions of fixed response tokens to prompt features.
 
+Exact Shapley values when enumerating every coalition fits the evaluation budget
+(shap's ExactExplainer, as shap's own ``algorithm="auto"`` does for small inputs),
+otherwise Owen values over the token/word/sentence hierarchy (PartitionExplainer).
 The model is a black box ``score_fn`` so this module stays independent of how
 (and where) the fine-tuned model runs.
 """
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import shap
@@ -18,17 +21,26 @@ from explain.granularity import Granularity, feature_tokenizer
 ScoreFn = Callable[[Sequence[str]], np.ndarray]
 """``score_fn(prompts) -> (len(prompts), T)`` log-probs of the T fixed response tokens."""
 
+Method = Literal["auto", "exact", "partition"]
+"""``exact``: Shapley values by enumerating all 2**n coalitions; ``partition``: Owen values;
+``auto``: exact when 2**n fits in ``max_evals`` and n <= MAX_EXACT_FEATURES."""
+
+MAX_EXACT_FEATURES = 12
 _MASK_TOKEN = "..."
 _RTOL = 1e-4
 _ATOL = 1e-6
+
+
+class NonFiniteScores(RuntimeError):
+    """The model returned NaN or infinite log-probs, so no attribution would mean anything."""
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: ndarray fields make generated __eq__ ambiguous
 class Attribution:
     """Attribution of each output token's log-prob to the prompt features.
 
-    ``values[i, t]`` is feature ``i``'s Owen value for output token ``t``; per
-    token, ``values[:, t].sum() == full_values[t] - base_values[t]``.
+    ``values[i, t]`` is feature ``i``'s SHAP value (``method``: "shapley" or "owen") for
+    output token ``t``; per token, ``values[:, t].sum() == full_values[t] - base_values[t]``.
     """
 
     features: list[str]
@@ -36,6 +48,7 @@ class Attribution:
     values: np.ndarray
     base_values: np.ndarray
     full_values: np.ndarray
+    method: Literal["shapley", "owen"] = "owen"
 
     def __post_init__(self) -> None:
         n, t = len(self.features), len(self.output_tokens)
@@ -72,6 +85,7 @@ class Attribution:
             "base_values": self.base_values.astype(float).tolist(),
             "full_values": self.full_values.astype(float).tolist(),
             "total": self.total.astype(float).tolist(),
+            "method": self.method,
         }
 
 
@@ -138,6 +152,13 @@ class _FaithfulText(shap.maskers.Text):  # type: ignore[misc]
         return (np.array(["".join(parts)]),)
 
 
+class _FlatText(_FaithfulText):
+    """The same masking without the token hierarchy: shap's ExactExplainer then computes
+    Shapley values (with a hierarchy it would compute exact Owen values)."""
+
+    clustering = None
+
+
 def explain_text(
     score_fn: ScoreFn,
     tokenizer: Any,
@@ -148,14 +169,15 @@ def explain_text(
     batch_size: int = 32,
     progress: Callable[[int, int], None] | None = None,
     granularity: Granularity = "token",
+    method: Method = "auto",
 ) -> Attribution:
-    """Owen values of each prompt feature for each of the fixed ``output_tokens``.
+    """SHAP values of each prompt feature for each of the fixed ``output_tokens``.
 
     Features are ``tokenizer`` tokens, words or sentences (see explain.granularity).
-    Masked prompts replace feature runs by ``...``; the hierarchy comes from
-    shap's text clustering, so PartitionExplainer needs far fewer than 2**n
-    evaluations. ``score_fn`` is called with at most ``batch_size`` prompts and
-    about ``max_evals`` prompts in total (plus 2 for base/full values);
+    Masked prompts replace feature runs by ``...``. Short prompts get exact Shapley
+    values; longer ones Owen values over shap's text hierarchy, which need far fewer
+    than 2**n evaluations. ``score_fn`` is called with at most ``batch_size`` prompts
+    and about ``max_evals`` prompts in total (plus 2 for base/full values);
     ``progress(done, max_evals)`` follows the explainer's evaluations.
     """
     if max_evals < 2:
@@ -170,6 +192,9 @@ def explain_text(
         out = np.asarray(score_fn(prompts), dtype=np.float64)
         if out.shape != (len(prompts), len(names)):
             raise ValueError(f"score_fn returned shape {out.shape}, expected {(len(prompts), len(names))}")
+        if not np.all(np.isfinite(out)):
+            bad = int((~np.isfinite(out)).sum())
+            raise NonFiniteScores(f"the model returned {bad} non-finite log-probs; nothing to attribute")
         return out
 
     done = 0
@@ -182,11 +207,12 @@ def explain_text(
             progress(done, max(max_evals, done))
         return out
 
-    masker = _FaithfulText(feature_tokenizer(granularity, tokenizer), mask_token=_MASK_TOKEN, collapse_mask_token=True)
+    masker = _masker(tokenizer, granularity)
     segments, _ = masker.token_segments(prompt)
     if not segments:
         raise ValueError("prompt has no tokens to attribute")
     n = len(segments)
+    exact = resolve_method(method, n_features=n, max_evals=max_evals) == "shapley"
     # One prompt per call, as shap evaluates them, so batch-dependent kernels can't differ.
     (masked_all,) = masker(np.zeros(n, dtype=bool), prompt)[0]
     base, full = score([str(masked_all)])[0], score([prompt])[0]
@@ -194,8 +220,13 @@ def explain_text(
     if n == 1:  # shap's text clustering needs two features; a lone feature gets all of it
         values = delta.reshape(1, -1)
     else:
-        explainer = shap.Explainer(f, masker, algorithm="partition", output_names=names)
-        result = explainer([prompt], max_evals=max_evals, batch_size=batch_size, silent=True)
+        if exact:
+            flat = _FlatText(masker.tokenizer, mask_token=_MASK_TOKEN, collapse_mask_token=True)
+            explainer = shap.Explainer(f, flat, algorithm="exact", output_names=names)
+        else:
+            explainer = shap.Explainer(f, masker, algorithm="partition", output_names=names)
+        budget = 2**n + 2 if exact else max_evals
+        result = explainer([prompt], max_evals=budget, batch_size=batch_size, silent=True)
         values = np.asarray(result.values[0], dtype=np.float64).reshape(n, len(names))
     err = np.abs(values.sum(axis=0) - delta)
     if np.any(err > _RTOL * np.abs(delta) + _ATOL):
@@ -209,4 +240,27 @@ def explain_text(
         values=values,
         base_values=base,
         full_values=full,
+        method="shapley" if exact or n == 1 else "owen",
     )
+
+
+def _masker(tokenizer: Any, granularity: Granularity) -> _FaithfulText:
+    return _FaithfulText(feature_tokenizer(granularity, tokenizer), mask_token=_MASK_TOKEN, collapse_mask_token=True)
+
+
+def count_features(tokenizer: Any, prompt: str, *, granularity: Granularity = "token") -> int:
+    """How many features explain_text will attribute ``prompt`` to (no model call)."""
+    return len(_masker(tokenizer, granularity).token_segments(prompt)[0])
+
+
+def resolve_method(method: Method, *, n_features: int, max_evals: int) -> Literal["shapley", "owen"]:
+    """Which values a request gets; ValueError when ``exact`` cannot fit the budget."""
+    if method not in ("auto", "exact", "partition"):
+        raise ValueError(f"unknown method {method!r}; use auto, exact or partition")
+    fits = n_features <= MAX_EXACT_FEATURES and 2**n_features <= max_evals
+    if method == "exact" and not fits:
+        raise ValueError(
+            f"exact Shapley values need 2**{n_features} evaluations (at most 2**{MAX_EXACT_FEATURES} allowed); "
+            f"max_evals is {max_evals}: use method 'partition' or a coarser granularity"
+        )
+    return "shapley" if fits and method != "partition" else "owen"

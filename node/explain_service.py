@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from explain.attribution import explain_text
+from explain.attribution import Method, count_features, explain_text, resolve_method
 from explain.granularity import Granularity
 from explain.report import ReportContext, atomic_write, write_report
 from privacy.audit import sha256_hex
@@ -69,6 +69,7 @@ class ExplainRequest(BaseModel):
     prompt: str | None = Field(default=None, max_length=20_000)
     response: str | None = None
     granularity: Granularity = "token"
+    method: Method = "auto"
     max_tokens: int = Field(default=8, ge=1, le=256)
     # No schema bound: the site's limit is policy, checked in code so the message names it.
     max_evals: int = 200
@@ -88,6 +89,7 @@ class ExplainJob:
     max_tokens: int
     max_evals: int
     granularity: Granularity
+    method: Method
     requested_by: str
 
     @property
@@ -128,6 +130,8 @@ class Explanations:
             response_ids = [int(t) for t in host.tokenizer(req.response, add_special_tokens=False).input_ids]
             if not response_ids:
                 raise ValueError("the response to explain is empty")
+        n_features = count_features(host.tokenizer, msgs[-1]["content"], granularity=req.granularity)
+        resolve_method(req.method, n_features=n_features, max_evals=req.max_evals)
         prompt_tokens = len(host.prompt_ids(msgs))
         answer_tokens = len(response_ids) if response_ids is not None else req.max_tokens
         if prompt_tokens + answer_tokens > host.context_length:
@@ -145,6 +149,7 @@ class Explanations:
             max_tokens=req.max_tokens,
             max_evals=req.max_evals,
             granularity=req.granularity,
+            method=req.method,
             requested_by=requested_by,
         )
 
@@ -190,6 +195,7 @@ class Explanations:
             max_evals=job.max_evals,
             progress=progress,
             granularity=job.granularity,
+            method=job.method,
         )
         record = self.service.audit.append(
             actor=job.requested_by,
@@ -201,6 +207,7 @@ class Explanations:
                 "prompt_sha256": job.prompt_sha256,
                 "response_sha256": sha256_hex(response_text),
                 "granularity": job.granularity,
+                "method": attribution.method,
                 "max_evals": job.max_evals,
                 "seconds": round(time.perf_counter() - started, 3),
             },

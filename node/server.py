@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from explain.attribution import NonFiniteScores
 from federation import wire
 from node.client_app import CONFIG_HEADER, REPORT_HEADER
 from node.engine import UnknownModel
@@ -131,6 +132,8 @@ def create_app(service: NodeService) -> FastAPI:
             return error(429, str(exc), type_="rate_limit_error", code="explanation_queue_full")
         except ValueError as exc:
             return error(400, str(exc))
+        except NonFiniteScores as exc:
+            return error(500, str(exc), type_="server_error", code="non_finite_scores")
 
     @app.get("/v1/explanations/{explanation_id}", response_model=None)
     def explanation(explanation_id: str) -> dict[str, Any] | JSONResponse:

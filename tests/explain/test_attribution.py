@@ -14,7 +14,7 @@ import torch
 import transformers
 from transformers import PreTrainedTokenizerFast
 
-from explain.attribution import Attribution, explain_text
+from explain.attribution import Attribution, NonFiniteScores, explain_text
 
 PROMPT = "Patient has fever, chest pain and\nnormal ECG; troponin pending. Advise?"
 WEIGHTS = {"fever": 2.0, "normal": -1.0, "pain": 0.5}
@@ -201,3 +201,42 @@ def test_tiny_llama_teacher_forced_log_probs(tokenizer: PreTrainedTokenizerFast)
     assert np.all(a.full_values < 0) and np.all(a.base_values < 0)
     _assert_efficiency(a)
     assert np.abs(a.values).max() > 0
+
+
+def test_method_auto_is_exact_when_all_coalitions_fit(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Interacting game: Shapley splits the pair's bonus equally; the flag says which values these are."""
+    prompt = "fever and pain today"
+
+    def pair(prompts: Sequence[str]) -> np.ndarray:
+        return np.array([[3.0 * (_present("fever", p) and _present("pain", p)) + _present("today", p)] for p in prompts])
+
+    calls: list[int] = []
+
+    def counted(prompts: Sequence[str]) -> np.ndarray:
+        calls.append(len(prompts))
+        return pair(prompts)
+
+    a = explain_text(counted, tokenizer, prompt, output_tokens=["y"], max_evals=64, granularity="word")
+    assert a.method == "shapley" and a.to_json()["method"] == "shapley"
+    np.testing.assert_allclose(a.total[_index(a, "fever")], 1.5, atol=1e-9)
+    np.testing.assert_allclose(a.total[_index(a, "pain")], 1.5, atol=1e-9)
+    np.testing.assert_allclose(a.total[_index(a, "today")], 1.0, atol=1e-9)
+    assert sum(calls) <= 2 ** len(a.features) + 2
+    owen = explain_text(pair, tokenizer, prompt, output_tokens=["y"], max_evals=64, method="partition")
+    assert owen.method == "owen"
+    _assert_efficiency(owen)
+
+
+def test_exact_over_budget_is_refused(tokenizer: PreTrainedTokenizerFast) -> None:
+    with pytest.raises(ValueError, match="exact Shapley values need 2\\*\\*"):
+        explain_text(additive, tokenizer, PROMPT, output_tokens=["yes"], max_evals=100, method="exact")
+    long = explain_text(additive, tokenizer, PROMPT, output_tokens=["yes"], max_evals=100)
+    assert long.method == "owen"  # auto falls back to Owen values when 2**n is over budget
+
+
+def test_non_finite_scores_are_refused(tokenizer: PreTrainedTokenizerFast) -> None:
+    def nan_when_masked(prompts: Sequence[str]) -> np.ndarray:
+        return np.array([[np.nan if "..." in p else 1.0] for p in prompts])
+
+    with pytest.raises(NonFiniteScores, match="non-finite"):
+        explain_text(nan_when_masked, tokenizer, PROMPT, output_tokens=["yes"], max_evals=100)

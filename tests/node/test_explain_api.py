@@ -113,6 +113,7 @@ def test_sync_explanation_has_every_field(explained: tuple[dict[str, Any], int],
     assert body["model"] == "v1"
     assert body["adapter_sha256"] == service.host.adapters["v1"].sha256
     assert body["granularity"] == "word"
+    assert body["method"] == "owen"  # 2**14 coalitions do not fit in 30 evaluations
     assert body["response"] == RESPONSE
     assert "".join(body["features"]) == PROMPT
     assert len(body["features"]) == WORDS
@@ -172,7 +173,27 @@ def test_other_granularities(
     assert body["granularity"] == granularity and "".join(body["features"]) == PROMPT
     expected = n_features or len(service.host.tokenizer(PROMPT, add_special_tokens=False).input_ids)
     assert len(body["features"]) == expected
+    assert body["method"] == ("shapley" if granularity == "sentence" else "owen")  # 2**3 coalitions fit in 20
     assert_efficient(body)
+
+
+def test_non_finite_model_scores_are_a_clear_error_and_write_nothing(
+    client: TestClient, service: NodeService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = service.host.response_logprobs
+
+    def nan_scores(*args: Any, **kwargs: Any) -> np.ndarray:
+        out = np.array(real(*args, **kwargs), dtype=np.float64)
+        out[:, 0] = np.nan  # e.g. an fp16 overflow in a fine-tuned adapter
+        return out
+
+    monkeypatch.setattr(service.host, "response_logprobs", nan_scores)
+    files = report_files(service)
+    r = client.post("/v1/explanations", json=REQUEST)
+    assert r.status_code == 500, r.text
+    assert r.json()["error"]["code"] == "non_finite_scores" and "non-finite" in r.json()["error"]["message"]
+    assert report_files(service) == files
+    assert audit_records(service)[-1]["action"] == "explain.failed"
 
 
 # ---- background ---------------------------------------------------------------------------
@@ -260,6 +281,8 @@ def test_background_failure_is_reported_and_audited(
         pytest.param({"max_evals": MAX_EVALS_LIMIT + 1}, 400, f"limit of {MAX_EVALS_LIMIT}", id="over-budget"),
         pytest.param({"max_evals": 10**12}, 400, f"limit of {MAX_EVALS_LIMIT}", id="far-over-budget"),
         pytest.param({"granularity": "paragraph"}, 400, "granularity", id="bad-granularity"),
+        pytest.param({"method": "exact"}, 400, "exact Shapley values need 2**", id="exact-over-budget"),
+        pytest.param({"method": "lime"}, 400, "method", id="bad-method"),
         pytest.param({"response": ""}, 400, "response", id="empty-response"),
     ],
 )
