@@ -208,7 +208,9 @@ def test_method_auto_is_exact_when_all_coalitions_fit(tokenizer: PreTrainedToken
     prompt = "fever and pain today"
 
     def pair(prompts: Sequence[str]) -> np.ndarray:
-        return np.array([[3.0 * (_present("fever", p) and _present("pain", p)) + _present("today", p)] for p in prompts])
+        return np.array(
+            [[3.0 * (_present("fever", p) and _present("pain", p)) + _present("today", p)] for p in prompts]
+        )
 
     calls: list[int] = []
 
