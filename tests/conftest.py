@@ -10,6 +10,8 @@ import pytest
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Test CAs are throwaway: their passphrase comes from the environment, as `fedseek ca` also allows.
+os.environ.setdefault("FEDSEEK_CA_PASSPHRASE", "fedseek-test-ca-passphrase")
 
 
 @pytest.fixture(scope="session")

@@ -76,11 +76,15 @@ def _prepare(settings: DemoSettings, names: list[str]) -> tuple[Path, Path]:
     say(f"generated non-IID synthetic clinical notes for {', '.join(names)}")
     pki_dir = out / "pki"
     if not (pki_dir / "ca" / "ca.pem").exists():
-        pki.init_ca(pki_dir, consortium="fedseek-demo")
-        pki.issue(pki_dir, "coordinator", role="coordinator")
-        pki.issue(pki_dir, "reviewer", role="reviewer")
+        # Demo only: the throwaway CA's passphrase sits next to (not inside) the PKI directory,
+        # so `fedseek ca revoke|renew|crl --passphrase-file <out>/ca-passphrase` work on it.
+        (out / "ca-passphrase").unlink(missing_ok=True)
+        secret = pki.generate_passphrase_file(out / "ca-passphrase")
+        pki.init_ca(pki_dir, consortium="fedseek-demo", passphrase=secret)
+        pki.issue(pki_dir, "coordinator", role="coordinator", passphrase=secret)
+        pki.issue(pki_dir, "reviewer", role="reviewer", passphrase=secret)
         for name in names:
-            pki.issue(pki_dir, name, role="node")
+            pki.issue(pki_dir, name, role="node", passphrase=secret)
     from federation.flower_auth import ensure_auth_keypair
 
     keys_dir = pki_dir / "site-keys"
