@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from federation.flower_auth import ensure_auth_keypair
@@ -82,6 +83,6 @@ def _openssh(line: bytes) -> bytes | None:
     """Canonical OpenSSH encoding (type and key, no comment), None if unparseable."""
     try:
         key = serialization.load_ssh_public_key(line.strip())
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         return None
     return key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)

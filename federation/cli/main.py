@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,44 +22,6 @@ Handler = Callable[[argparse.Namespace], int]
 
 class CLIError(RuntimeError):
     """A user-facing failure; printed as one line."""
-
-
-# ---- ca ---------------------------------------------------------------------------------
-def _ca_init(args: argparse.Namespace) -> int:
-    from federation import pki
-
-    files = pki.init_ca(Path(args.pki), consortium=args.consortium, force=args.force)
-    print(f"CA created: {files.cert}")
-    return 0
-
-
-def _ca_issue(args: argparse.Namespace) -> int:
-    from federation import pki
-    from federation.flower_auth import ensure_auth_keypair
-
-    pki_dir = Path(args.pki)
-    hosts = list(args.host or ("localhost", "127.0.0.1"))
-    if args.role == "coordinator":  # SuperNodes reach the SuperLink through a loopback sidecar
-        hosts += [h for h in ("localhost", "127.0.0.1") if h not in hosts]
-    leaf = pki.issue(pki_dir, args.name, role=args.role, hosts=hosts, days=args.days)
-    print(f"issued {leaf.role} certificate for {leaf.name}: {leaf.cert}")
-    if leaf.role == "node":
-        keys = ensure_auth_keypair(pki_dir / args.name)
-        site_keys = pki_dir / "site-keys"
-        site_keys.mkdir(exist_ok=True)
-        shutil.copyfile(keys.public_key, site_keys / f"{args.name}.pub")
-        print(f"SuperNode auth key: {keys.public_key} (registered from {site_keys})")
-    return 0
-
-
-def _ca_list(args: argparse.Namespace) -> int:
-    from federation import pki
-
-    for ident in pki.list_issued(Path(args.pki)):
-        print(
-            f"{ident.name:24} {ident.role:12} until {ident.not_after:%Y-%m-%d}  sha256:{ident.fingerprint_sha256[:16]}"
-        )
-    return 0
 
 
 # ---- model --------------------------------------------------------------------------------
@@ -236,22 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    ca = sub.add_parser("ca", help="consortium certificate authority").add_subparsers(dest="ca_command", required=True)
-    p = ca.add_parser("init", help="create the consortium CA")
-    p.add_argument("--pki", required=True)
-    p.add_argument("--consortium", default="fedseek")
-    p.add_argument("--force", action="store_true")
-    p.set_defaults(func=_ca_init)
-    p = ca.add_parser("issue", help="issue a certificate for a party")
-    p.add_argument("name")
-    p.add_argument("--pki", required=True)
-    p.add_argument("--role", required=True, choices=["coordinator", "node", "reviewer", "admin"])
-    p.add_argument("--host", action="append", help="SAN host name or IP (repeatable)")
-    p.add_argument("--days", type=int, default=30)
-    p.set_defaults(func=_ca_issue)
-    p = ca.add_parser("list", help="list issued certificates")
-    p.add_argument("--pki", required=True)
-    p.set_defaults(func=_ca_list)
+    from federation.cli.ca import add_ca_commands
+
+    add_ca_commands(sub)
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("tiny", help="write a tiny seeded DeepSeek-V3 model with the real tokenizer")

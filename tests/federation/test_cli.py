@@ -10,21 +10,109 @@ from federation import pki
 from federation.cli.main import main
 
 
+def _pass_file(tmp_path: Path, secret: str = "cli test passphrase, not the env one") -> str:
+    path = tmp_path / "ca-pass"
+    path.write_text(secret + "\n")
+    return str(path)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 def test_ca_init_issue_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "pki"
-    assert main(["ca", "init", "--pki", str(root), "--consortium", "acme"]) == 0
+    pw = ["--passphrase-file", _pass_file(tmp_path)]
+    assert main(["ca", "init", "--pki", str(root), "--consortium", "acme", *pw]) == 0
     assert (
-        main(["ca", "issue", "coordinator", "--pki", str(root), "--role", "coordinator", "--host", "fl.acme.org"]) == 0
+        main(["ca", "issue", "coordinator", "--pki", str(root), "--role", "coordinator", "--host", "fl.acme.org", *pw])
+        == 0
     )
-    assert main(["ca", "issue", "site-x", "--pki", str(root), "--role", "node"]) == 0
+    assert main(["ca", "issue", "site-x", "--pki", str(root), "--role", "node", *pw]) == 0
     ident = pki.verify_leaf(root / "coordinator" / "cert.pem", root / "ca" / "ca.pem")
     # the coordinator always also answers on loopback, where SuperNodes reach it through their sidecar
     assert {"fl.acme.org", "localhost", "127.0.0.1"} <= set(ident.hosts)
     assert (root / "site-keys" / "site-x.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
     capsys.readouterr()
     assert main(["ca", "list", "--pki", str(root)]) == 0
-    listed = capsys.readouterr().out
-    assert "coordinator" in listed and "site-x" in listed and "node" in listed
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in listed] == [
+        ["coordinator", "coordinator", "valid"],
+        ["site-x", "node", "valid"],
+    ]
+    # The file's passphrase, not the environment's, encrypted the key.
+    assert main(["ca", "issue", "site-y", "--pki", str(root), "--role", "node"]) == 2
+    assert "wrong passphrase" in capsys.readouterr().err
+
+
+def test_ca_renew_revoke_crl(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "pki"
+    pw = ["--passphrase-file", _pass_file(tmp_path)]
+    assert main(["ca", "init", "--pki", str(root), *pw]) == 0
+    for name in ("site-x", "site-y"):
+        assert main(["ca", "issue", name, "--pki", str(root), "--role", "node", "--days", "7", *pw]) == 0
+    old = pki.read_identity(root / "site-x" / "cert.pem")
+    flower_key = (root / "site-x" / "supernode_auth.key").read_bytes()
+    capsys.readouterr()
+
+    assert main(["ca", "renew", "site-x", "--pki", str(root), *pw]) == 0
+    new = pki.read_identity(root / "site-x" / "cert.pem")
+    assert f"serial {new.serial:x}" in capsys.readouterr().out
+    assert new.serial != old.serial and new.not_after - new.not_before > pki.timedelta(days=29)
+    assert (root / "site-x" / "supernode_auth.key").read_bytes() == flower_key
+
+    assert main(["ca", "revoke", "site-x", "--pki", str(root), "--serial", f"{old.serial:x}", *pw]) == 0
+    assert main(["ca", "revoke", "site-y", "--pki", str(root), "--reason", "key-compromise", *pw]) == 0
+    out = capsys.readouterr().out
+    assert f"serial {old.serial:x}" in out and "CRL published to every party" in out
+    crl = pki.load_crl(root / "site-x" / "crl.pem")
+    assert crl.get_revoked_certificate_by_serial_number(old.serial) is not None
+    assert crl.get_revoked_certificate_by_serial_number(new.serial) is None
+
+    assert main(["ca", "crl", "--pki", str(root), "--days", "2", *pw]) == 0
+    assert capsys.readouterr().out.strip() == str(root / "ca" / "crl.pem")
+    assert (root / "site-y" / "crl.pem").read_bytes() == (root / "ca" / "crl.pem").read_bytes()
+
+    assert main(["ca", "list", "--pki", str(root)]) == 0
+    status = {line.split()[0]: line.split()[2] for line in capsys.readouterr().out.splitlines()}
+    assert status == {"site-x": "valid", "site-y": "revoked"}
+
+
+def test_ca_bad_input_is_one_line_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "pki"
+    pw = ["--passphrase-file", _pass_file(tmp_path)]
+    assert main(["ca", "init", "--pki", str(root), *pw]) == 0
+    assert main(["ca", "issue", "site-x", "--pki", str(root), "--role", "node", *pw]) == 0
+    capsys.readouterr()
+    before = _snapshot(root)
+    wrong = tmp_path / "wrong"
+    wrong.write_text("a wrong passphrase\n")
+    (tmp_path / "bad-crl.pem").write_text("junk")
+    cases = [
+        (["ca", "issue", "site-y", "--role", "node", "--passphrase-file", str(wrong)], "wrong passphrase"),
+        (["ca", "renew", "site-x", "--passphrase-file", str(wrong)], "wrong passphrase"),
+        (["ca", "revoke", "site-x", "--passphrase-file", str(wrong)], "wrong passphrase"),
+        (["ca", "crl", "--passphrase-file", str(wrong)], "wrong passphrase"),
+        (["ca", "crl", "--passphrase-file", str(tmp_path / "nope")], "passphrase file not found"),
+        (["ca", "renew", "ghost", *pw], "no complete certificate for 'ghost'"),
+        (["ca", "revoke", "ghost", *pw], "no certificate was issued to 'ghost'"),
+        (["ca", "issue", "site-y", "--role", "node", "--days", "400", *pw], "at most 90 days"),
+        (["ca", "init", *pw], "already exists"),
+    ]
+    for argv, message in cases:
+        assert main([*argv, "--pki", str(root)]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("fedseek: error:") and message in err[0], (argv, err)
+    monkeypatch.delenv(pki.PASSPHRASE_ENV)
+    assert main(["ca", "crl", "--pki", str(root)]) == 2
+    assert "--passphrase-file FILE or set FEDSEEK_CA_PASSPHRASE" in capsys.readouterr().err
+    assert _snapshot(root) == before
+    # The secret is never an argument (it would show in `ps`), not even by abbreviation.
+    with pytest.raises(SystemExit):
+        main(["ca", "crl", "--pki", str(root), "--passphrase", "hunter2-hunter2"])
+    assert "unrecognized arguments: --passphrase" in capsys.readouterr().err
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1,0 +1,153 @@
+"""`fedseek ca ...`: the consortium CA's lifecycle (init, issue, renew, revoke, crl, list).
+
+The CA passphrase comes from `--passphrase-file FILE`, else `$FEDSEEK_CA_PASSPHRASE`, else a
+prompt when stdin is a terminal; never from an argument, which `ps` would show. Failures are
+PKIError, which `main` prints as one `fedseek: error: ...` line (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import get_args
+
+from federation import pki
+
+_LOOPBACK = ("localhost", "127.0.0.1")
+
+
+def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `ca` and its subcommands on the root parser's subcommands."""
+    ca = sub.add_parser("ca", help="consortium certificate authority").add_subparsers(dest="ca_command", required=True)
+
+    p = _command(ca, "init", "create the consortium CA (key encrypted with the passphrase)", _init)
+    p.add_argument("--consortium", default="fedseek")
+    p.add_argument("--days", type=int, default=3650, help="CA validity (default: 3650)")
+    p.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every certificate)")
+
+    p = _command(ca, "issue", "issue a certificate for a party", _issue)
+    p.add_argument("name")
+    p.add_argument("--role", required=True, choices=list(get_args(pki.Role)))
+    p.add_argument("--host", action="append", help="SAN host name or IP (repeatable; default: localhost, 127.0.0.1)")
+    _days(p, pki.DEFAULT_LEAF_DAYS)
+
+    p = _command(ca, "renew", "replace a party's certificate before it expires (same name, role, hosts)", _renew)
+    p.add_argument("name")
+    _days(p, pki.DEFAULT_LEAF_DAYS)
+    p.add_argument("--keep-key", action="store_true", help="keep the party's key; only cert.pem changes")
+
+    p = _command(ca, "revoke", "revoke a party's certificates and publish the CRL", _revoke)
+    p.add_argument("name")
+    p.add_argument("--reason", choices=list(get_args(pki.Reason)), default="unspecified")
+    p.add_argument("--serial", type=_hex, help="revoke only this serial (hex, as `ca list` shows)")
+
+    p = _command(ca, "crl", "sign a fresh CRL and publish it to every party; prints its path", _crl)
+    _days(p, pki.CRL_DAYS, what="CRL validity; run again before it lapses")
+
+    p = ca.add_parser("list", help="list issued certificates with their status")
+    p.add_argument("--pki", required=True)
+    p.set_defaults(func=_list)
+
+
+def _command(
+    ca: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    func: Callable[[argparse.Namespace], int],
+) -> argparse.ArgumentParser:
+    """A subcommand that signs with the CA key: every one takes --pki and --passphrase-file."""
+    p = ca.add_parser(name, help=help_text, allow_abbrev=False)  # `--passphrase x` must not mean the file
+    p.add_argument("--pki", required=True, help="PKI directory")
+    p.add_argument(
+        "--passphrase-file",
+        type=Path,
+        help=f"file holding the CA passphrase (default: ${pki.PASSPHRASE_ENV}, else a prompt)",
+    )
+    p.set_defaults(func=func)
+    return p
+
+
+def _days(p: argparse.ArgumentParser, default: int, what: str = "certificate validity") -> None:
+    p.add_argument("--days", type=int, default=default, help=f"{what} (default: {default})")
+
+
+def _hex(text: str) -> int:
+    try:
+        return int(text.removeprefix("0x").replace(":", ""), 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a hex serial: {text!r}") from None
+
+
+def _passphrase(args: argparse.Namespace, *, confirm: bool = False) -> bytes | None:
+    """The passphrase to pass on; None leaves it to pki (the environment variable, or its error)."""
+    if args.passphrase_file is not None:
+        return pki.read_passphrase_file(args.passphrase_file)
+    if os.environ.get(pki.PASSPHRASE_ENV) or not sys.stdin.isatty():
+        return None
+    secret = getpass.getpass("CA passphrase: ")
+    if confirm and getpass.getpass("CA passphrase (again): ") != secret:
+        raise pki.PKIError("the passphrases differ")
+    return secret.encode()
+
+
+def _init(args: argparse.Namespace) -> int:
+    files = pki.init_ca(
+        Path(args.pki),
+        consortium=args.consortium,
+        days=args.days,
+        force=args.force,
+        passphrase=_passphrase(args, confirm=True),
+    )
+    print(f"CA created: {files.cert} (CRL {files.crl})")
+    return 0
+
+
+def _issue(args: argparse.Namespace) -> int:
+    from federation.site_binding import register_site_key
+
+    pki_dir = Path(args.pki)
+    hosts = list(args.host or _LOOPBACK)
+    if args.role == "coordinator":  # SuperNodes reach the SuperLink through a loopback sidecar
+        hosts += [h for h in _LOOPBACK if h not in hosts]
+    leaf = pki.issue(pki_dir, args.name, role=args.role, hosts=hosts, days=args.days, passphrase=_passphrase(args))
+    print(f"issued {leaf.role} certificate for {leaf.name}: {leaf.cert}")
+    if leaf.role == "node":
+        print(f"SuperNode auth key registered: {register_site_key(pki_dir, args.name)}")
+    return 0
+
+
+def _renew(args: argparse.Namespace) -> int:
+    leaf = pki.renew(Path(args.pki), args.name, days=args.days, keep_key=args.keep_key, passphrase=_passphrase(args))
+    ident = pki.read_identity(leaf.cert)
+    print(f"renewed {leaf.role} certificate for {leaf.name}: serial {ident.serial:x}, until {_until(ident)}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    serials = pki.revoke(
+        Path(args.pki), args.name, reason=args.reason, serial=args.serial, passphrase=_passphrase(args)
+    )
+    print(f"revoked {args.name}: serial {', '.join(f'{s:x}' for s in serials)}; CRL published to every party")
+    return 0
+
+
+def _crl(args: argparse.Namespace) -> int:
+    print(pki.write_crl(Path(args.pki), days=args.days, passphrase=_passphrase(args)))
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    for ident, status in pki.list_status(Path(args.pki)):
+        print(
+            f"{ident.name:24} {ident.role:12} {status:13} until {_until(ident)}  "
+            f"serial {ident.serial:x}  sha256:{ident.fingerprint_sha256[:16]}"
+        )
+    return 0
+
+
+def _until(ident: pki.Identity) -> str:
+    return f"{ident.not_after:%Y-%m-%d %H:%M}Z"
