@@ -110,6 +110,7 @@ class NodeService:
             learning_rate=float(config.get("learning-rate", 2e-3)),
             max_grad_norm=float(config.get("max-grad-norm", 1.0)),
             secure_mode=self.config.secure_mode,
+            freeze_lora_a=bool(config.get("ffa-lora", False)),
         )
         with self.train_lock:
             try:

@@ -6,9 +6,11 @@ charge the ledger (fsync'd), then train. A round that crashes stays charged.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from opacus import GradSampleModule
@@ -18,6 +20,7 @@ from federation import wire
 from node.data import TokenizedExample, collate
 from node.engine import TRAIN_ADAPTER, ModelHost
 from privacy.ledger import PrivacyLedger
+from privacy.lora_dp import LoraGradSampler
 
 Progress = Callable[[int, int, float], None]
 
@@ -33,6 +36,11 @@ class TrainSettings:
     learning_rate: float = 2e-3
     max_grad_norm: float = 1.0
     secure_mode: bool = False
+    clipping: Literal["lora", "opacus"] = "lora"
+    """Per-sample gradients: "lora" (privacy.lora_dp: the same values without Opacus's module hooks) or
+    "opacus" (Opacus hooks). Clipping, noise and accounting are Opacus's either way."""
+    freeze_lora_a: bool = False
+    """FFA-LoRA: train only B. A keeps the seeded init every site shares, so averaging B is exact."""
 
 
 @dataclass(frozen=True)
@@ -105,11 +113,7 @@ def train_round(
     pad = int(host.tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(torch.seed()) if not settings.secure_mode else None
     losses: list[float] = []
-    with host.lock:
-        host.reset_train_adapter(global_arrays)
-        host.peft.set_adapter(TRAIN_ADAPTER)
-        params = [p for p in host.peft.parameters() if p.requires_grad]
-        gsm = GradSampleModule(host.peft, batch_first=True, loss_reduction="mean", strict=False)
+    with host.lock, _train_adapter(host, global_arrays, freeze_a=settings.freeze_lora_a) as params:
         optimizer = DPOptimizer(
             torch.optim.AdamW(params, lr=settings.learning_rate),
             noise_multiplier=plan.noise_multiplier,
@@ -118,7 +122,8 @@ def train_round(
             loss_reduction="mean",
             secure_mode=settings.secure_mode,
         )
-        gsm.train()
+        model, close = _per_sample_model(host, settings.clipping)
+        model.train()
         try:
             for step in range(steps):
                 chosen = _poisson_indices(n, sample_rate, generator)
@@ -129,7 +134,7 @@ def train_round(
                         p.grad_sample = empty  # type: ignore[attr-defined]
                 else:
                     batch = _to_device(collate([data[i] for i in chosen], pad_id=pad, left=True), host.device)
-                    loss = per_sample_loss(gsm, batch).mean()
+                    loss = per_sample_loss(model, batch).mean()
                     if not torch.isfinite(loss):
                         raise TrainingError(f"non-finite loss at step {step + 1}; round aborted, budget stays charged")
                     loss.backward()
@@ -139,7 +144,7 @@ def train_round(
                     progress(step + 1, steps, losses[-1] if losses else float("nan"))
         finally:
             optimizer.zero_grad(set_to_none=True)
-            gsm._close()
+            close()
             host.peft.eval()
         arrays = host.adapter_arrays(TRAIN_ADAPTER)
     wire.validate_arrays(arrays)  # a NaN update never leaves the site
@@ -157,6 +162,38 @@ def train_round(
         train_loss=sum(losses) / len(losses) if losses else float("nan"),
     )
     return RoundResult(arrays=arrays, report=report)
+
+
+def _per_sample_model(host: ModelHost, clipping: str) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """The module to run forwards through, and how to detach its per-sample gradient machinery."""
+    if clipping == "lora":
+        sampler = LoraGradSampler(host.peft, adapter_name=TRAIN_ADAPTER, loss_reduction="mean")
+        return host.peft, sampler.close
+    if clipping == "opacus":
+        gsm = GradSampleModule(host.peft, batch_first=True, loss_reduction="mean", strict=False)
+        return gsm, gsm._close
+    raise ValueError(f"unknown clipping {clipping!r}; use 'lora' or 'opacus'")
+
+
+@contextlib.contextmanager
+def _train_adapter(
+    host: ModelHost, arrays: wire.Arrays | None, *, freeze_a: bool
+) -> Iterator[list[torch.nn.Parameter]]:
+    """Load and activate the working adapter; yield its trainable weights, lora_A frozen for FFA-LoRA.
+
+    The freeze comes after `set_adapter`, which makes all of an adapter's weights trainable, and
+    is undone afterwards.
+    """
+    host.reset_train_adapter(arrays)
+    host.peft.set_adapter(TRAIN_ADAPTER)
+    frozen = [p for n, p in host.peft.named_parameters() if freeze_a and f".lora_A.{TRAIN_ADAPTER}." in n]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        yield [p for p in host.peft.parameters() if p.requires_grad]
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
 
 
 def round_half(x: float) -> int:

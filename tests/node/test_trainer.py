@@ -7,7 +7,7 @@ its closed form and each round is one DP step: the whole module runs in seconds.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +21,9 @@ from node.data import TokenizedExample, collate, load_jsonl, tokenize
 from node.engine import TRAIN_ADAPTER, ModelHost
 from node.model import load_model
 from node.service import NodeService
-from node.trainer import RoundResult, per_sample_loss
+from node.trainer import RoundResult, TrainSettings, per_sample_loss, train_round
 from privacy.audit import verify
-from privacy.ledger import BudgetExceeded
+from privacy.ledger import Budget, BudgetExceeded, PrivacyLedger
 
 N_TRAIN, N_EVAL = 16, 4
 
@@ -250,6 +250,7 @@ def test_round_leaves_no_opacus_state(first_round: FirstRound, host: ModelHost) 
         assert getattr(p, "grad_sample", None) is None, name
         assert p.grad is None, name
     assert not host.peft.training
+    assert not any("forward" in vars(m) for m in host.peft.modules())  # LoRA-aware clipping detached
     assert host.peft.active_adapter == TRAIN_ADAPTER
     trainable = {n for n, p in host.peft.named_parameters() if p.requires_grad}
     assert trainable and all(f".{TRAIN_ADAPTER}." in n for n in trainable)
@@ -343,3 +344,79 @@ def test_bad_global_arrays_leave_the_ledger_unchanged(
         service.train(arrays, round_config(1, 2))
     assert service.ledger.entries() == []
     assert service.ledger.spent() == 0.0
+
+
+# ---- per-sample gradient paths and FFA-LoRA ----------------------------------------------
+
+
+def _round(
+    host: ModelHost,
+    train: list[TokenizedExample],
+    state: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    settings: TrainSettings,
+) -> RoundResult:
+    """One round from the seeded init, with every random draw (sampling and noise) seeded alike."""
+    monkeypatch.setattr(torch, "seed", lambda: torch.manual_seed(1234).initial_seed())
+    ledger = PrivacyLedger(state / "ledger.sqlite", budget=Budget(epsilon=1.0, delta=1 / (10 * len(train))))
+    return train_round(
+        host,
+        ledger,
+        train,
+        site="site-a",
+        run_id="run-1",
+        round=1,
+        rounds_left=2,
+        global_arrays=None,
+        settings=settings,
+    )
+
+
+def test_lora_clipping_trains_the_same_adapter_as_opacus_hooks(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Same batch, same clipping, same noise, same accountant: the two paths give one update."""
+    train = site_data[0]
+    base = TrainSettings(batch_size=len(train) // 2, learning_rate=1e-2)  # sample rate 1/2: Poisson-sampled steps
+    ours = _round(host, train, tmp_path / "lora", monkeypatch, base)
+    ref = _round(host, train, tmp_path / "opacus", monkeypatch, replace(base, clipping="opacus"))
+    assert replace(ours.report, train_loss=0.0) == replace(ref.report, train_loss=0.0)
+    assert ours.report.train_loss == pytest.approx(ref.report.train_loss, rel=1e-5)
+    init = host.initial_arrays()
+    moved = [k for k in ref.arrays if not np.array_equal(ref.arrays[k], init[k])]
+    assert moved and any("lora_A" in k for k in moved)
+    for k, v in ref.arrays.items():
+        np.testing.assert_allclose(ours.arrays[k], v, rtol=1e-4, atol=1e-6, err_msg=k)
+    assert not any("forward" in vars(m) for m in host.peft.modules())  # the LoRA layers are restored
+
+
+def test_ffa_lora_trains_b_only(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    train = site_data[0]
+    result = _round(host, train, tmp_path, monkeypatch, TrainSettings(batch_size=len(train), freeze_lora_a=True))
+    init = host.initial_arrays()
+    a_keys = [k for k in init if "lora_A" in k]
+    b_keys = [k for k in init if "lora_B" in k]
+    assert a_keys and b_keys and len(a_keys) + len(b_keys) == len(init)
+    for k in a_keys:
+        np.testing.assert_array_equal(result.arrays[k], init[k], err_msg=k)
+    assert any(not np.array_equal(result.arrays[k], init[k]) for k in b_keys)
+    trainable = {n for n, p in host.peft.named_parameters() if p.requires_grad}
+    assert any(".lora_A." in n for n in trainable)  # A is trainable again after the round
+
+
+def test_unknown_clipping_is_refused(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ValueError, match="unknown clipping"):
+        _round(host, site_data[0], tmp_path, monkeypatch, TrainSettings(clipping="ghost"))  # type: ignore[arg-type]
