@@ -43,7 +43,7 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = _command(ca, "revoke", "revoke a party's certificates and publish the CRL", _revoke)
     p.add_argument("name")
     p.add_argument("--reason", choices=list(get_args(pki.Reason)), default="unspecified")
-    p.add_argument("--serial", type=_hex, help="revoke only this serial (hex, as `ca list` shows)")
+    p.add_argument("--serial", type=_hex, metavar="HEX", help="revoke only this serial (hex, as `ca list` shows)")
 
     p = _command(ca, "crl", "sign a fresh CRL and publish it to every party; prints its path", _crl)
     _days(p, pki.CRL_DAYS, what="CRL validity; run again before it lapses")
@@ -65,6 +65,7 @@ def _command(
     p.add_argument(
         "--passphrase-file",
         type=Path,
+        metavar="FILE",
         help=f"file holding the CA passphrase (default: ${pki.PASSPHRASE_ENV}, else a prompt)",
     )
     p.set_defaults(func=func)
