@@ -24,6 +24,7 @@ import uvicorn
 from federation import pki
 from federation.config import NodeConfig
 from federation.flower_auth import ensure_auth_keypair
+from federation.mtls_server import Refusal, ServerTLS, TLSGate
 from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
 from federation.sidecar import TLSFiles, client_config, make_sidecar
 from node.engine import ModelHost
@@ -130,6 +131,8 @@ def _fleet_processes(
             "agent-url": api_url,
             "agent-token-file": state / "agent.token",
             "agent-ca": leaf.ca_cert,
+            "agent-cert": leaf.cert,
+            "agent-key": leaf.key,
             "site": config.name,
         }.items()
     )
@@ -157,6 +160,22 @@ def _fleet_processes(
     return [sidecar, supernode], sidecar_port
 
 
+def api_server(service: NodeService, leaf: pki.LeafFiles, *, host: str, port: int) -> tuple[uvicorn.Server, TLSGate]:
+    """The node's HTTPS API: TLS 1.3, consortium client certificates checked against the CRL,
+    refusals in the audit trail, certificate and CRL changes picked up without a restart."""
+
+    def audit_refusal(refusal: Refusal) -> None:
+        service.audit.append(
+            actor=refusal.subject or refusal.peer,
+            action="tls.refused",
+            details={"peer": refusal.peer, "reason": refusal.reason},
+        )
+
+    tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl)
+    gate = TLSGate(tls, on_refusal=audit_refusal).start()
+    return gate.server(create_app(service), host=host, port=port), gate
+
+
 def run_node(config: NodeConfig) -> None:
     """Run the agent until SIGTERM/SIGINT; raises NodeStartError on refused start-up."""
     leaf = preflight(config)
@@ -164,16 +183,7 @@ def run_node(config: NodeConfig) -> None:
     state = Path(config.state_dir)
     port = config.api_port or free_port()
     api_url = f"https://{config.api_host}:{port}"
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(service),
-            host=config.api_host,
-            port=port,
-            ssl_certfile=str(leaf.cert),
-            ssl_keyfile=str(leaf.key),
-            log_level="warning",
-        )
-    )
+    server, gate = api_server(service, leaf, host=config.api_host, port=port)
     api_thread = threading.Thread(target=server.run, name="api", daemon=True)
     api_thread.start()
     procs, sidecar_port = _fleet_processes(config, leaf, service, api_url)
@@ -198,6 +208,7 @@ def run_node(config: NodeConfig) -> None:
         stop_all(procs)
         server.should_exit = True
         api_thread.join(timeout=10)
+        gate.stop()
         (state / "node.json").unlink(missing_ok=True)
 
 

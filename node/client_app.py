@@ -2,14 +2,15 @@
 
 The agent owns the model, the data, the ledger and the audit trail; the ClientApp only
 converts Flower records to the wire format and back, and calls the agent's local API
-(`/internal/train`, `/internal/deploy`) over HTTPS with the agent's bearer token.
-Node config keys (from `flower-supernode --node-config`): `agent-url`, `agent-token-file`,
-`agent-ca`.
+(`/internal/train`, `/internal/deploy`) over HTTPS with the site's own node certificate and
+the agent's bearer token. Node config keys (from `flower-supernode --node-config`):
+`agent-url`, `agent-token-file`, `agent-ca`, `agent-cert`, `agent-key`.
 """
 
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,11 @@ REPORT_HEADER = "x-fedseek-report"
 
 def agent_client(node_config: dict[str, Any], *, timeout: float = 900.0) -> httpx.Client:
     token = Path(str(node_config["agent-token-file"])).read_text().strip()
+    tls = ssl.create_default_context(cafile=str(node_config["agent-ca"]))
+    tls.load_cert_chain(str(node_config["agent-cert"]), str(node_config["agent-key"]))
     return httpx.Client(
         base_url=str(node_config["agent-url"]),
-        verify=str(node_config["agent-ca"]),
+        verify=tls,
         headers={"authorization": f"Bearer {token}"},
         timeout=timeout,
     )

@@ -1,20 +1,18 @@
 """HTTP layer of the node agent: OpenAI-compatible API, explanations, internal federation routes.
 
 Errors use OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`).
-`/internal/*` and `/v1/admin/*` need the agent's bearer token (held by the local ClientApp
-and the site operator); the application-facing API is open on the site's TLS port until
-the PKI issue adds API keys and client certificates.
+Who may call which route is node/access.py's table; each route names its rule as a
+dependency, so the caller is checked before the request body is even parsed.
 """
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 import uuid
 from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,6 +20,8 @@ from starlette.concurrency import run_in_threadpool
 
 from explain.attribution import NonFiniteScores
 from federation import wire
+from node.access import AccessDenied, AccessPolicy, Caller, Rule
+from node.api_keys import ensure_first_key
 from node.client_app import CONFIG_HEADER, REPORT_HEADER
 from node.engine import UnknownModel
 from node.explain_service import ExplainRequest, ExplanationNotFound, Explanations, QueueFull
@@ -56,8 +56,32 @@ def error(status: int, message: str, *, type_: str = "invalid_request_error", co
     )
 
 
-def create_app(service: NodeService) -> FastAPI:
+def default_access(service: NodeService) -> AccessPolicy:
+    return AccessPolicy(
+        site=service.config.name,
+        audit=service.audit,
+        api_keys=ensure_first_key(service.state_dir),
+        agent_token=service.token,
+        openai_auth=service.config.openai_auth,  # type: ignore[arg-type]  # checked by AccessPolicy
+    )
+
+
+def create_app(service: NodeService, *, access: AccessPolicy | None = None) -> FastAPI:
     app = FastAPI(title=f"FedSeek node {service.config.name}", version="0.1.0")
+    policy = access or default_access(service)
+
+    def caller(rule: Rule) -> Any:
+        """A route dependency: runs before the body is parsed; the route reads `request.state.caller`."""
+
+        def check(request: Request) -> None:
+            request.state.caller = policy.require(request, rule)
+
+        return Depends(check)
+
+    @app.exception_handler(AccessDenied)
+    async def _denied(_: Request, exc: AccessDenied) -> JSONResponse:
+        kind = "authentication_error" if exc.status == 401 else "permission_error"
+        return error(exc.status, str(exc), type_=kind)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -65,19 +89,15 @@ def create_app(service: NodeService) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error(400, f"{where}: {first['msg']}" if where else str(first["msg"]))
 
-    def authorized(request: Request) -> bool:
-        got = request.headers.get("authorization", "")
-        return hmac.compare_digest(got, f"Bearer {service.token}")
-
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "site": service.config.name}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[caller("application")])
     def models() -> dict[str, Any]:
         return {"object": "list", "data": service.models()}
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, dependencies=[caller("application")])
     def chat(req: ChatRequest, request: Request) -> dict[str, Any] | JSONResponse:
         if req.stream:
             return error(400, "stream=true is not supported by this node yet", code="unsupported")
@@ -85,7 +105,7 @@ def create_app(service: NodeService) -> FastAPI:
             gen, served, audit_hash = service.chat(
                 [m.model_dump() for m in req.messages],
                 model=req.model,
-                actor=request.client.host if request.client else "unknown",
+                actor=_caller(request).actor,
                 max_tokens=req.max_tokens,
                 temperature=req.temperature,
                 top_p=req.top_p,
@@ -118,11 +138,11 @@ def create_app(service: NodeService) -> FastAPI:
 
     explanations = Explanations(service)
 
-    @app.post("/v1/explanations", response_model=None)
+    @app.post("/v1/explanations", response_model=None, dependencies=[caller("reviewer")])
     def explain(req: ExplainRequest, request: Request) -> dict[str, Any] | JSONResponse:
         """Validate synchronously (a refusal writes nothing), then explain now or in the background."""
         try:
-            job = explanations.validate(req, requested_by=request.client.host if request.client else "unknown")
+            job = explanations.validate(req, requested_by=_caller(request).actor)
             if req.background:
                 return JSONResponse(status_code=202, content=explanations.submit(job))
             return explanations.run(job)
@@ -135,7 +155,7 @@ def create_app(service: NodeService) -> FastAPI:
         except NonFiniteScores as exc:
             return error(500, str(exc), type_="server_error", code="non_finite_scores")
 
-    @app.get("/v1/explanations/{explanation_id}", response_model=None)
+    @app.get("/v1/explanations/{explanation_id}", response_model=None, dependencies=[caller("reviewer")])
     def explanation(explanation_id: str) -> dict[str, Any] | JSONResponse:
         try:
             return explanations.get(explanation_id)
@@ -147,10 +167,8 @@ def create_app(service: NodeService) -> FastAPI:
         config = json.loads(request.headers.get(CONFIG_HEADER, "{}"))
         return (wire.decode(raw) if raw else None), config
 
-    @app.post("/internal/train", response_model=None)
+    @app.post("/internal/train", response_model=None, dependencies=[caller("self")])
     async def internal_train(request: Request) -> Response:
-        if not authorized(request):
-            return error(401, "missing or wrong agent token", type_="authentication_error")
         try:
             arrays, config = await _body(request)
             result = await run_in_threadpool(service.train, arrays, config)
@@ -164,10 +182,8 @@ def create_app(service: NodeService) -> FastAPI:
             headers={REPORT_HEADER: json.dumps(result.report.to_dict())},
         )
 
-    @app.post("/internal/deploy", response_model=None)
+    @app.post("/internal/deploy", response_model=None, dependencies=[caller("self")])
     async def internal_deploy(request: Request) -> dict[str, Any] | JSONResponse:
-        if not authorized(request):
-            return error(401, "missing or wrong agent token", type_="authentication_error")
         try:
             arrays, config = await _body(request)
             if not arrays or "adapter-version" not in config:
@@ -180,10 +196,8 @@ def create_app(service: NodeService) -> FastAPI:
         except (wire.WireError, json.JSONDecodeError) as exc:
             return error(400, str(exc))
 
-    @app.get("/v1/admin/status", response_model=None)
-    def status(request: Request) -> dict[str, Any] | JSONResponse:
-        if not authorized(request):
-            return error(401, "missing or wrong agent token", type_="authentication_error")
+    @app.get("/v1/admin/status", response_model=None, dependencies=[caller("admin")])
+    def status() -> dict[str, Any] | JSONResponse:
         return service.status()
 
     @app.middleware("http")
@@ -196,3 +210,8 @@ def create_app(service: NodeService) -> FastAPI:
         return response
 
     return app
+
+
+def _caller(request: Request) -> Caller:
+    who: Caller = request.state.caller
+    return who

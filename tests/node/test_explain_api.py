@@ -11,14 +11,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from federation import wire
+from federation import pki, wire
 from federation.cli.main import main
 from federation.config import NodeConfig
 from federation.procs import free_port
+from node.agent import api_server
 from node.data import load_jsonl, tokenize
 from node.engine import ModelHost
 from node.explain_service import MAX_EVALS_LIMIT, ExplanationNotFound, Explanations
@@ -26,6 +25,7 @@ from node.model import load_model
 from node.server import create_app
 from node.service import NodeService
 from privacy.audit import sha256_hex, verify
+from tests.node.peers import as_peer, policy_for
 
 # "Kussmaul" and "cardiology" must never reach the audit trail.
 PROMPT = "Kussmaul breathing and ketones in urine. Glucose 31 mmol/L. Which department?"
@@ -57,13 +57,10 @@ def service(tiny_model_dir: Path, site_data_dir: Path, tmp_path_factory: pytest.
 
 
 @pytest.fixture(scope="module")
-def app(service: NodeService) -> FastAPI:
-    return create_app(service)
-
-
-@pytest.fixture(scope="module")
-def client(app: FastAPI) -> TestClient:
-    return TestClient(app, raise_server_exceptions=False)
+def client(service: NodeService) -> TestClient:
+    """A reviewer (the role explanations need), without TLS: see tests/node/peers.py."""
+    app = create_app(service, access=policy_for(service))
+    return TestClient(app, headers=as_peer("rita", "reviewer"), raise_server_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -333,19 +330,10 @@ def test_ids_never_name_paths(service: NodeService) -> None:
 
 
 @pytest.fixture(scope="module")
-def node_url(app: FastAPI, pki_dir: Path) -> Iterator[str]:
-    """The same app behind real HTTPS with site-a's certificate, as `fedseek node start` serves it."""
+def node_url(service: NodeService, pki_dir: Path) -> Iterator[str]:
+    """The node's API as `fedseek node start` serves it: real TLS, certificates, roles."""
     port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            ssl_certfile=str(pki_dir / "site-a" / "cert.pem"),
-            ssl_keyfile=str(pki_dir / "site-a" / "key.pem"),
-            log_level="warning",
-        )
-    )
+    server, gate = api_server(service, pki.load_leaf(pki_dir, "site-a"), host="127.0.0.1", port=port)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -355,6 +343,18 @@ def node_url(app: FastAPI, pki_dir: Path) -> Iterator[str]:
     yield f"https://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(timeout=10)
+    gate.stop()
+
+
+def cli_identity(pki_dir: Path, name: str) -> list[str]:
+    return [
+        "--ca",
+        str(pki_dir / "ca" / "ca.pem"),
+        "--cert",
+        str(pki_dir / name / "cert.pem"),
+        "--key",
+        str(pki_dir / name / "key.pem"),
+    ]
 
 
 def test_cli_explain_against_the_https_node(
@@ -363,7 +363,7 @@ def test_cli_explain_against_the_https_node(
     messages = tmp_path / "messages.json"
     messages.write_text(json.dumps([{"role": "system", "content": "Triage."}, {"role": "user", "content": PROMPT}]))
     out = tmp_path / "result.json"
-    argv = ["explain", "--node", node_url, "--ca", str(pki_dir / "ca" / "ca.pem"), "--messages-file", str(messages)]
+    argv = ["explain", "--node", node_url, *cli_identity(pki_dir, "reviewer"), "--messages-file", str(messages)]
     argv += ["--model", "v1", "--response", RESPONSE, "--granularity", "sentence", "--max-evals", "20"]
     assert main([*argv, "--out", str(out)]) == 0
 
@@ -381,8 +381,21 @@ def test_cli_explain_reports_refusal_in_one_line(
     node_url: str, pki_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "never.json"
-    argv = ["explain", "--node", node_url, "--ca", str(pki_dir / "ca" / "ca.pem"), "--prompt", PROMPT]
+    argv = ["explain", "--node", node_url, *cli_identity(pki_dir, "reviewer"), "--prompt", PROMPT]
     assert main([*argv, "--model", "v9", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("fedseek: error: node answered 404: model 'v9'")
     assert not out.exists()
+
+
+def test_cli_explain_with_a_node_certificate_is_refused_and_audited(
+    node_url: str, pki_dir: Path, service: NodeService, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Real handshake: the certificate is valid, but a node may not ask for explanations."""
+    before = len(service.audit)
+    argv = ["explain", "--node", node_url, *cli_identity(pki_dir, "site-b"), "--prompt", PROMPT]
+    assert main([*argv, "--out", str(tmp_path / "never.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fedseek: error: node answered 403: role 'node' may not call this route")
+    refusal = audit_records(service)[before:]
+    assert [r["action"] for r in refusal] == ["access.refused"] and refusal[0]["actor"] == "site-b"

@@ -19,6 +19,7 @@ from node.model import load_model
 from node.server import MAX_BODY_BYTES, create_app
 from node.service import NodeService
 from privacy.audit import verify
+from tests.node.peers import HEADER, api_key, as_peer, policy_for
 
 N_TRAIN, N_EVAL = 16, 4
 PROMPT = "ST elevation on ECG and troponin elevated. Which department?"
@@ -54,11 +55,18 @@ def service(tiny_model_dir: Path, site_data_dir: Path, tmp_path_factory: pytest.
 
 @pytest.fixture(scope="module")
 def client(service: NodeService) -> TestClient:
-    return TestClient(create_app(service), raise_server_exceptions=False)
+    """An application with its API key, and (for the explanation routes) a reviewer's certificate."""
+    app = create_app(service, access=policy_for(service))
+    headers = {"authorization": f"Bearer {api_key(service)}", **as_peer("rita", "reviewer")}
+    return TestClient(app, headers=headers, raise_server_exceptions=False)
 
 
 def auth(service: NodeService) -> dict[str, str]:
-    return {"authorization": f"Bearer {service.token}"}
+    """The local ClientApp: this site's node certificate and the agent token."""
+    return {"authorization": f"Bearer {service.token}", **as_peer("site-a", "node")}
+
+
+ADMIN = as_peer("olga", "admin")
 
 
 def assert_openai_error(response: Any, status: int) -> dict[str, Any]:
@@ -190,22 +198,68 @@ def test_oversized_body_is_413(client: TestClient, service: NodeService) -> None
 # ---- internal and admin routes ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"}, {"authorization": "token"}])
+NO_PEER = {HEADER: ""}
+
+
 @pytest.mark.parametrize(
-    ("method", "path"), [("post", "/internal/train"), ("post", "/internal/deploy"), ("get", "/v1/admin/status")]
+    ("method", "path", "who", "status"),
+    [
+        pytest.param("post", "/internal/train", {**NO_PEER, "authorization": ""}, 401, id="train-nothing"),
+        pytest.param(
+            "post",
+            "/internal/train",
+            {**as_peer("site-a", "node"), "authorization": "Bearer x"},
+            401,
+            id="train-wrong-token",
+        ),
+        pytest.param("post", "/internal/train", "token+site-b", 403, id="train-other-site"),
+        pytest.param("post", "/internal/deploy", "token+reviewer", 403, id="deploy-reviewer"),
+        pytest.param("get", "/v1/admin/status", as_peer("site-a", "node"), 403, id="admin-node-cert"),
+        pytest.param("get", "/v1/admin/status", {}, 403, id="admin-reviewer-cert"),
+        pytest.param("get", "/v1/admin/status", NO_PEER, 401, id="admin-no-cert"),
+        pytest.param("post", "/v1/explanations", as_peer("site-a", "node"), 403, id="explain-node-cert"),
+        pytest.param("post", "/v1/explanations", ADMIN, 403, id="explain-admin-cert"),
+        pytest.param("get", "/v1/explanations/expl-0", NO_PEER, 401, id="get-explanation-no-cert"),
+        pytest.param("post", "/v1/chat/completions", {"authorization": ""}, 401, id="chat-no-key"),
+        pytest.param("post", "/v1/chat/completions", {"authorization": "Bearer fsk-forged"}, 401, id="chat-bad-key"),
+        pytest.param("get", "/v1/models", {"authorization": f"Bearer {'0' * 64}"}, 401, id="models-digest-as-key"),
+    ],
 )
-def test_protected_routes_need_the_token(
-    client: TestClient, service: NodeService, headers: dict[str, str], method: str, path: str
+def test_routes_refuse_the_wrong_caller_and_audit_it(
+    client: TestClient, service: NodeService, method: str, path: str, who: dict[str, str] | str, status: int
 ) -> None:
-    entries = service.ledger.entries()
-    r = client.request(method.upper(), path, headers={**headers, CONFIG_HEADER: json.dumps({"run-id": "x"})})
-    err = assert_openai_error(r, 401)
-    assert err["type"] == "authentication_error"
+    if isinstance(who, str):  # the right agent token, presented with the wrong certificate
+        name, role = {"token+site-b": ("site-b", "node"), "token+reviewer": ("rita", "reviewer")}[who]
+        who = {**auth(service), **as_peer(name, role)}
+    entries, records = service.ledger.entries(), len(service.audit)
+    body = {"run-id": "x"}  # a well-formed body would not matter: the caller is checked first
+    r = client.request(method.upper(), path, headers={**who, CONFIG_HEADER: json.dumps(body)}, json=CHAT)
+    err = assert_openai_error(r, status)
+    assert err["type"] == ("authentication_error" if status == 401 else "permission_error")
     assert service.ledger.entries() == entries
+    assert len(service.audit) == records + 1
+    refusal = audit_records(service)[-1]
+    assert refusal["action"] == "access.refused" and refusal["resource"] == path
+    assert refusal["details"]["status"] == status and refusal["details"]["reason"] == err["message"]
+
+
+def test_api_key_added_while_running_works_and_only_its_digest_is_stored(
+    client: TestClient, service: NodeService
+) -> None:
+    from node.api_keys import ApiKeys
+
+    keys = ApiKeys(service.state_dir / "api-keys.sha256")
+    new = keys.create()
+    assert new not in keys.path.read_text()
+    r = client.get("/v1/models", headers={"authorization": f"Bearer {new}"})
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/chat/completions", headers={"authorization": f"Bearer {new}"}, json=CHAT)
+    assert r.status_code == 200, r.text
+    assert audit_records(service)[-1]["actor"].startswith("key-")
 
 
 def test_admin_status_with_token(client: TestClient, service: NodeService) -> None:
-    r = client.get("/v1/admin/status", headers=auth(service))
+    r = client.get("/v1/admin/status", headers=ADMIN)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["name"] == "site-a"
@@ -234,7 +288,7 @@ def test_internal_train_with_token(client: TestClient, service: NodeService) -> 
     assert report.site == "site-a"
     assert report.num_examples == N_TRAIN
     assert report.epsilon == pytest.approx(service.ledger.spent())
-    status = client.get("/v1/admin/status", headers=auth(service)).json()
+    status = client.get("/v1/admin/status", headers=ADMIN).json()
     assert status["rounds_trained"] == 1
     assert status["privacy"]["epsilon_spent"] == pytest.approx(report.epsilon)
     assert [e["status"] for e in status["privacy"]["entries"]] == ["completed"]

@@ -1,0 +1,122 @@
+"""Who may call which node route, decided in one place.
+
+| routes                         | caller                                                  |
+| ------------------------------ | ------------------------------------------------------- |
+| `/v1/explanations*`            | a `reviewer` certificate (regulators, clinical review)  |
+| `/v1/admin/*`                  | an `admin` certificate                                  |
+| `/internal/*`                  | this site's own `node` certificate AND the agent token  |
+| OpenAI routes (`/v1/models`, `/v1/chat/completions`) | an API key, or any consortium certificate (`openai_auth`) |
+| `/healthz`                     | anyone who completed the TLS handshake                  |
+
+Certificates are verified by the TLS layer (federation.mtls_server); here only their role and
+name are read. Every refusal is logged and written to the audit trail.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import Request
+
+from federation.mtls_server import peer_of
+from federation.pki import Identity
+from node.api_keys import ApiKeys
+from privacy.audit import AuditTrail
+
+log = logging.getLogger("fedseek.node.access")
+
+Rule = Literal["reviewer", "admin", "self", "application"]
+OpenAIAuth = Literal["api_key", "mtls"]
+PeerFn = Callable[[Request], Identity | None]
+
+
+class AccessDenied(Exception):
+    """401 (no credentials) or 403 (credentials of the wrong kind); the message names what is needed."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Caller:
+    actor: str  # the name written to the audit trail
+    identity: Identity | None = None
+
+
+class AccessPolicy:
+    def __init__(
+        self,
+        *,
+        site: str,
+        audit: AuditTrail,
+        api_keys: ApiKeys,
+        agent_token: str,
+        openai_auth: OpenAIAuth = "api_key",
+        peer: PeerFn = peer_of,
+    ) -> None:
+        if openai_auth not in ("api_key", "mtls"):
+            raise ValueError(f"openai_auth must be 'api_key' or 'mtls', got {openai_auth!r}")
+        self.site = site
+        self.audit = audit
+        self.api_keys = api_keys
+        self.agent_token = agent_token
+        self.openai_auth = openai_auth
+        self.peer = peer
+
+    def require(self, request: Request, rule: Rule) -> Caller:
+        """The caller, or AccessDenied after logging and auditing the refusal."""
+        identity = self.peer(request)
+        try:
+            return self._decide(request, rule, identity)
+        except AccessDenied as exc:
+            who = f"{identity.name} ({identity.role})" if identity else _address(request)
+            log.warning("refused %s %s from %s: %s", request.method, request.url.path, who, exc)
+            self.audit.append(
+                actor=identity.name if identity else _address(request),
+                action="access.refused",
+                resource=request.url.path,
+                details={"status": exc.status, "reason": str(exc), "role": identity.role if identity else None},
+            )
+            raise
+
+    def _decide(self, request: Request, rule: Rule, identity: Identity | None) -> Caller:
+        if rule == "application":
+            return self._application(request, identity)
+        wanted = {"reviewer": "reviewer", "admin": "admin", "self": "node"}[rule]
+        if identity is None:
+            raise AccessDenied(401, f"this route needs a client certificate with role '{wanted}'")
+        if identity.role != wanted:
+            raise AccessDenied(403, f"role '{identity.role}' may not call this route; it needs role '{wanted}'")
+        if rule == "self":
+            if identity.name != self.site:
+                raise AccessDenied(403, f"only this site's own node ({self.site}) may call internal routes")
+            if not hmac.compare_digest(_bearer(request), self.agent_token):
+                raise AccessDenied(401, "missing or wrong agent token")
+        return Caller(actor=identity.name, identity=identity)
+
+    def _application(self, request: Request, identity: Identity | None) -> Caller:
+        if self.openai_auth == "mtls":
+            if identity is None:
+                raise AccessDenied(401, "this site requires a consortium client certificate for the API")
+            return Caller(actor=identity.name, identity=identity)
+        key = _bearer(request)
+        if not key:
+            raise AccessDenied(401, "missing API key: send 'Authorization: Bearer <key>'")
+        kid = self.api_keys.verify(key)
+        if kid is None:
+            raise AccessDenied(401, "invalid API key")
+        return Caller(actor=kid, identity=identity)
+
+
+def _bearer(request: Request) -> str:
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def _address(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
