@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -83,6 +84,7 @@ def _prepare(settings: DemoSettings, names: list[str]) -> tuple[Path, Path]:
         pki.init_ca(pki_dir, consortium="fedseek-demo", passphrase=secret)
         pki.issue(pki_dir, "coordinator", role="coordinator", passphrase=secret)
         pki.issue(pki_dir, "reviewer", role="reviewer", passphrase=secret)
+        pki.issue(pki_dir, "operator", role="admin", passphrase=secret)
         for name in names:
             pki.issue(pki_dir, name, role="node", passphrase=secret)
     from federation.flower_auth import ensure_auth_keypair
@@ -185,8 +187,11 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         stop_all(procs)
 
 
-def _client(ca: Path) -> httpx.Client:
-    return httpx.Client(verify=str(ca), timeout=300)
+def _client(pki_dir: Path, party: str) -> httpx.Client:
+    """An HTTPS client presenting `party`'s consortium certificate (roles decide the routes)."""
+    tls = ssl.create_default_context(cafile=str(pki_dir / "ca" / "ca.pem"))
+    tls.load_cert_chain(str(pki_dir / party / "cert.pem"), str(pki_dir / party / "key.pem"))
+    return httpx.Client(verify=tls, timeout=300)
 
 
 def _check_sites(
@@ -207,19 +212,20 @@ def _check_sites(
     probe = generate_site_records(site_index=0, n_sites=len(names), n=1, seed=999)[0]
     messages = question_for(probe)
     sites = []
-    with _client(ca) as http:
+    with _client(pki_dir, "operator") as admin, _client(pki_dir, "reviewer") as reviewer:
         for node, state in zip(nodes, node_states, strict=True):
-            client = OpenAI(
-                base_url=f"{node['openai']}/v1", api_key="site-app", http_client=DefaultHttpxClient(verify=str(ca))
+            client = OpenAI(  # the site's application, with the API key the node created on first start
+                base_url=f"{node['openai']}/v1",
+                api_key=(state / "api-key").read_text().strip(),
+                http_client=DefaultHttpxClient(verify=str(ca)),
             )
             served = [m.id for m in client.models.list().data]
             reply = client.chat.completions.create(model=version, messages=messages, max_tokens=8)  # type: ignore[arg-type]
             say(f"{node['name']} serves {served}; answer from {reply.model}: {reply.choices[0].message.content!r}")
-            token = (state / "agent.token").read_text().strip()
-            status = http.get(f"{node['openai']}/v1/admin/status", headers={"authorization": f"Bearer {token}"}).json()
+            status = admin.get(f"{node['openai']}/v1/admin/status").json()
             sites.append((node, state, status, reply.model))
         say(f"requesting a SHAP explanation from {nodes[0]['name']} (max_evals={settings.max_evals})")
-        expl = http.post(
+        expl = reviewer.post(
             f"{nodes[0]['openai']}/v1/explanations",
             # explain the labelled answer: what in the note pushes this adapter towards it
             json={"model": version, "messages": messages, "response": probe.answer, "max_evals": settings.max_evals},
