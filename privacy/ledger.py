@@ -4,13 +4,17 @@ Every round of every run is recorded before training starts, and the site's
 total epsilon is always recomputed by composing the full history with an
 Opacus accountant (never by summing per-round epsilons). Rows are hash
 chained and the chain's end is kept in a meta table, so an edited, deleted or
-appended row makes the ledger refuse to plan or charge.
+appended row makes the ledger refuse to plan or charge. Commits are fsync'd
+(WAL, ``synchronous=FULL``), and a new ledger appears under its name only once
+complete, so a file that exists but is empty or not a ledger is refused rather
+than silently taken for a fresh budget.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -19,9 +23,9 @@ from dataclasses import asdict, astuple, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from opacus.accountants import create_accountant  # type: ignore[import-untyped,unused-ignore]
+from opacus.accountants import RDPAccountant, create_accountant  # type: ignore[import-untyped,unused-ignore]
 
-from privacy.audit import GENESIS_HASH, canonical_json, sha256_hex, utc_now
+from privacy.audit import GENESIS_HASH, canonical_json, fsync_dir, sha256_hex, utc_now
 
 SUPPORTED_ACCOUNTANTS = ("rdp", "prv")
 MIN_NOISE = 0.3
@@ -48,6 +52,10 @@ class BudgetExceeded(RuntimeError):
 
 class LedgerError(RuntimeError):
     """The ledger failed its integrity check or was given a bad configuration."""
+
+
+class PolicyError(LedgerError):
+    """A configured budget breaks the site's policy (epsilon above its cap, delta >= 1/n, no records)."""
 
 
 @dataclass(frozen=True)
@@ -208,12 +216,11 @@ def _store(conn: sqlite3.Connection, entries: Sequence[LedgerEntry], *, from_id:
 
 
 def _reconcile_budget(conn: sqlite3.Connection, budget: Budget) -> None:
-    """Store the budget on creation; afterwards it may only be tightened."""
+    """The budget stored at creation may only be tightened afterwards."""
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if not {"meta", "entries"} <= tables:
+        raise LedgerError("not a privacy ledger (empty, truncated or foreign file); refusing")
     stored = _get_meta(conn, "budget")
-    if stored is None and _get_meta(conn, "head") is None:
-        _put_meta(conn, "budget", asdict(budget))
-        _put_meta(conn, "head", {"id": 0, "hash": GENESIS_HASH})
-        return
     try:
         old = Budget(**stored)
     except (TypeError, LedgerError):
@@ -233,17 +240,57 @@ def read_budget(path: Path) -> Budget:
     """The lifetime budget stored in an existing ledger (for read-only tools like `fedseek budget`)."""
     if not path.exists():
         raise LedgerError(f"no privacy ledger at {path}")
-    conn = sqlite3.connect(path)
     try:
-        stored = _get_meta(conn, "budget")
-    finally:
-        conn.close()
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            stored = _get_meta(conn, "budget")
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise LedgerError(f"{path}: not a readable privacy ledger ({exc})") from exc
     if not isinstance(stored, dict):
         raise LedgerError(f"ledger {path} has no stored budget")
     try:
         return Budget(**stored)
-    except TypeError as exc:
+    except (TypeError, LedgerError) as exc:
         raise LedgerError(f"ledger {path} has a malformed budget: {exc}") from None
+
+
+def _create(path: Path, budget: Budget) -> None:
+    """Build a new ledger beside ``path`` and link it into place only when complete.
+
+    ``os.link`` fails if ``path`` appeared meanwhile (another process won the race), so an
+    existing ledger is never replaced; a crash leaves at most a stray temp file, never a
+    half-made ledger that would later read as an unspent budget.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.new")
+    tmp.unlink(missing_ok=True)
+    try:
+        conn = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            _put_meta(conn, "budget", asdict(budget))
+            _put_meta(conn, "head", {"id": 0, "hash": GENESIS_HASH})
+            conn.execute("COMMIT")
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            conn.close()
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return
+        fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 class PrivacyLedger:
@@ -253,11 +300,16 @@ class PrivacyLedger:
         self._path = path
         self._budget = budget
         path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            _create(path, budget)
         with self._session() as conn:
-            for statement in _SCHEMA:
-                conn.execute(statement)
             _reconcile_budget(conn, budget)
             _load(conn)
+
+    @classmethod
+    def open_existing(cls, path: Path) -> PrivacyLedger:
+        """Open a ledger under its stored budget, never creating one (for read-only tools)."""
+        return cls(path, budget=read_budget(path))
 
     @property
     def budget(self) -> Budget:
@@ -265,10 +317,13 @@ class PrivacyLedger:
 
     @contextmanager
     def _session(self) -> Iterator[sqlite3.Connection]:
-        """One write-locked transaction, so check-then-charge is atomic across processes."""
+        """One write-locked transaction, so check-then-charge is atomic across processes.
+
+        WAL mode is persistent in the file (set at creation); setting it here would write to a
+        file that may not be a ledger at all. ``synchronous=FULL`` fsyncs the WAL on commit.
+        """
         conn = sqlite3.connect(self._path, isolation_level=None, timeout=30.0)
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -390,11 +445,22 @@ class PrivacyLedger:
         return done
 
     def to_json(self) -> dict[str, Any]:
+        """Everything an auditor needs to recompute epsilon with an independent accountant.
+
+        Entries carry each round's (steps, sample rate, noise multiplier); with the RDP
+        accountant the orders it minimises over are listed too, since the epsilon bound
+        depends on that grid.
+        """
         entries = self.entries()
-        return {
-            "epsilon_spent": self._epsilon(_history(entries)),
+        spent = self._epsilon(_history(entries))
+        report: dict[str, Any] = {
+            "epsilon_spent": spent,
+            "epsilon_remaining": max(0.0, self._budget.epsilon - spent),
             "delta": self._budget.delta,
             "budget_epsilon": self._budget.epsilon,
             "accountant": self._budget.accountant,
             "entries": [asdict(e) for e in entries],
         }
+        if self._budget.accountant == "rdp":
+            report["rdp_orders"] = [float(a) for a in RDPAccountant.DEFAULT_ALPHAS]
+        return report

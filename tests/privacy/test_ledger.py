@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import shutil
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from dp_accounting import dp_event, pld, rdp
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from privacy.ledger import (
@@ -17,6 +21,7 @@ from privacy.ledger import (
     PrivacyLedger,
     RoundPlan,
     compose_epsilon,
+    read_budget,
 )
 
 RATE, STEPS = 0.01, 50
@@ -174,12 +179,27 @@ def test_to_json(tmp_path: Path) -> None:
     assert ledger.to_json()["epsilon_spent"] == 0.0
     _run_round(ledger, round_=0, rounds_left=2)
     report = ledger.to_json()
-    assert set(report) == {"epsilon_spent", "delta", "budget_epsilon", "accountant", "entries"}
+    assert set(report) == {
+        "epsilon_spent",
+        "epsilon_remaining",
+        "delta",
+        "budget_epsilon",
+        "accountant",
+        "entries",
+        "rdp_orders",
+    }
     assert (report["delta"], report["budget_epsilon"], report["accountant"]) == (DELTA, 1.0, "rdp")
     assert report["epsilon_spent"] == ledger.spent()
+    assert report["epsilon_remaining"] == pytest.approx(1.0 - ledger.spent())
     (entry,) = report["entries"]
+    assert {
+        "run_id", "round", "steps", "sample_rate", "noise_multiplier", "max_grad_norm", "accountant", "delta",
+        "epsilon_after",
+    } <= set(entry)  # fmt: skip
     assert entry["status"] == "completed" and entry["run_id"] == "run-1" and entry["ts"].endswith("Z")
     assert entry["epsilon_after"] == report["epsilon_spent"]
+    assert (entry["steps"], entry["sample_rate"], entry["max_grad_norm"]) == (STEPS, RATE, 1.0)
+    assert json.loads(json.dumps(report)) == report  # plain JSON, no NaN or infinity
 
 
 @pytest.mark.parametrize(
@@ -212,3 +232,123 @@ def test_prv_accountant_composes_history(tmp_path: Path) -> None:
     assert ledger.spent() == pytest.approx(independent.get_epsilon(delta=DELTA), rel=1e-9)
     assert ledger.spent() <= 0.5
     assert compose_epsilon([], budget=ledger.budget) == 0.0
+
+
+# ---- durability, independent recomputation, damaged files -------------------------------
+
+
+def test_commits_are_fsynced_in_wal_mode(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    with ledger._session() as conn:  # the connection every read and charge goes through
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL: the WAL is fsync'd on commit
+    assert not list(tmp_path.glob(".*.new"))  # the creation temp file is gone
+
+
+def _independent_epsilon(report: dict[str, object]) -> float:
+    """Recompute epsilon from `fedseek budget --json` alone with Google's dp-accounting."""
+    events = [
+        dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(e["sample_rate"], dp_event.GaussianDpEvent(e["noise_multiplier"])),
+            e["steps"],
+        )
+        for e in report["entries"]  # type: ignore[attr-defined]
+    ]
+    if report["accountant"] == "rdp":
+        accountant: object = rdp.RdpAccountant(orders=report["rdp_orders"])
+    else:
+        accountant = pld.PLDAccountant(value_discretization_interval=1e-4)
+    for event in events:
+        accountant.compose(event)  # type: ignore[attr-defined]
+    return float(accountant.get_epsilon(report["delta"]))  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("accountant", "rel"), [("rdp", 1e-6), ("prv", 0.03)])
+def test_json_is_enough_to_recompute_epsilon_independently(tmp_path: Path, accountant: str, rel: float) -> None:
+    """The PRV accountant is numerical; PLD is a different numerical method, so they agree to a few %."""
+    ledger = _ledger(tmp_path, accountant=accountant)
+    _run_round(ledger, round_=0, rounds_left=3)
+    plan = ledger.plan_round(sample_rate=0.05, steps=20, rounds_left=2)
+    ledger.charge(run_id="run-2", round=0, plan=plan, max_grad_norm=0.5)  # left charged: a crash
+    report = json.loads(json.dumps(ledger.to_json()))
+    assert len(report["entries"]) == 2
+    assert _independent_epsilon(report) == pytest.approx(report["epsilon_spent"], rel=rel)
+    assert report["entries"][-1]["epsilon_after"] == report["epsilon_spent"]
+
+
+def _digest(directory: Path) -> dict[str, str]:
+    """Hashes of every file but SQLite's -shm index; a -wal file may appear, but only empty."""
+    wal = directory / "ledger.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0, "something was written to the ledger's WAL"
+    files = sorted(p for p in directory.iterdir() if not p.name.endswith(("-shm", "-wal")))
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+def _flip_bytes(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + 16):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as f:
+        f.truncate(size)
+
+
+def _damage(path: Path, how: str) -> None:
+    size = path.stat().st_size
+    if how == "flip-header":
+        _flip_bytes(path, 0)
+    elif how == "flip-page-header":
+        _flip_bytes(path, 4096)  # page 2's b-tree header
+    elif how == "flip-row-value":
+        data = path.read_bytes()
+        _flip_bytes(path, data.rindex(b"run-1"))  # inside a stored row: only the hash chain can tell
+    elif how == "truncate-half":
+        _truncate(path, size // 2)
+    elif how == "truncate-empty":
+        _truncate(path, 0)
+    elif how == "edit-row":
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE entries SET sample_rate = sample_rate / 2 WHERE id = 2")
+        conn.close()
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize(
+    "how", ["flip-header", "flip-page-header", "flip-row-value", "truncate-half", "truncate-empty", "edit-row"]
+)
+def test_damaged_ledger_file_is_refused_and_left_unchanged(two_rounds: Path, tmp_path: Path, how: str) -> None:
+    path = tmp_path / "ledger.db"
+    shutil.copy(two_rounds, path)
+    _damage(path, how)
+    before = _digest(tmp_path)
+    with pytest.raises(LedgerError) as info:
+        _ledger(tmp_path)
+    message = str(info.value)
+    assert message and "\n" not in message
+    with pytest.raises(LedgerError):
+        PrivacyLedger.open_existing(path)
+    assert _digest(tmp_path) == before  # nothing written, no fresh ledger in its place
+
+
+def test_foreign_sqlite_file_is_not_taken_for_a_fresh_ledger(tmp_path: Path) -> None:
+    with sqlite3.connect(tmp_path / "ledger.db") as conn:
+        conn.execute("CREATE TABLE notes (x TEXT)")
+    conn.close()
+    before = _digest(tmp_path)
+    with pytest.raises(LedgerError, match="not a privacy ledger"):
+        _ledger(tmp_path)
+    assert _digest(tmp_path) == before
+
+
+def test_creation_never_replaces_an_existing_ledger(tmp_path: Path) -> None:
+    ledger = _ledger(tmp_path)
+    _run_round(ledger, round_=0, rounds_left=2)
+    entries = ledger.entries()
+    stray = tmp_path / f".ledger.db.{os.getpid()}.new"
+    stray.write_bytes(b"left by a crash during creation")
+    assert _ledger(tmp_path).entries() == entries
+    assert read_budget(tmp_path / "ledger.db") == ledger.budget
