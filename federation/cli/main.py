@@ -80,26 +80,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 # ---- privacy and audit -------------------------------------------------------------------------
-def _budget(args: argparse.Namespace) -> int:
-    from privacy.ledger import PrivacyLedger, read_budget
-
-    path = Path(args.state) / "ledger.sqlite"
-    if not path.exists():
-        raise CLIError(f"no privacy ledger at {path}")
-    ledger = PrivacyLedger(path, budget=read_budget(path))
-    data = ledger.to_json()
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        print(f"epsilon spent {data['epsilon_spent']:.4f} of {data['budget_epsilon']:.4f} (delta {data['delta']:.2e})")
-        for e in data["entries"]:
-            print(
-                f"  run {e['run_id']} round {e['round']}: {e['steps']} steps, q={e['sample_rate']:.4f}, "
-                f"sigma={e['noise_multiplier']:.3f} -> epsilon {e['epsilon_after']:.4f} [{e['status']}]"
-            )
-    return 0
-
-
 def _audit_verify(args: argparse.Namespace) -> int:
     from privacy.audit import verify
 
@@ -232,10 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=1800)
     p.set_defaults(func=_run)
 
-    p = sub.add_parser("budget", help="show a site's privacy ledger")
-    p.add_argument("--state", required=True, help="the node's state directory")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_budget)
+    from federation.cli.budget import add_budget_command
+    from federation.cli.privacy_audit import add_privacy_commands
+
+    add_budget_command(sub)
+    add_privacy_commands(sub)
 
     audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="audit_command", required=True)
     p = audit.add_parser("verify", help="verify a hash-chained audit trail")

@@ -139,3 +139,45 @@ def test_audit_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     log.write_text("\n".join([lines[0], lines[2]]) + "\n")  # delete the middle record
     assert main(["audit", "verify", str(log)]) == 1
     assert "TAMPERED" in capsys.readouterr().err
+
+
+def _ledger_with_rounds(state: Path) -> None:
+    from privacy.ledger import Budget, PrivacyLedger
+
+    ledger = PrivacyLedger(state / "ledger.sqlite", budget=Budget(epsilon=1.0, delta=1e-4))
+    for r in range(2):
+        plan = ledger.plan_round(sample_rate=1.0, steps=1, rounds_left=2 - r)
+        ledger.complete(ledger.charge(run_id="run-1", round=r, plan=plan, max_grad_norm=1.0).id, steps=1)
+
+
+def test_budget_json_text_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import hashlib
+    import json
+
+    _ledger_with_rounds(tmp_path)
+    before = hashlib.sha256((tmp_path / "ledger.sqlite").read_bytes()).hexdigest()
+    assert main(["budget", "--state", str(tmp_path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["budget_epsilon"] == 1.0 and data["delta"] == 1e-4 and len(data["entries"]) == 2
+    assert data["epsilon_spent"] == data["entries"][-1]["epsilon_after"] <= 1.0
+    assert main(["budget", "--state", str(tmp_path), "--plot", str(tmp_path / "budget.png")]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("epsilon spent ") and text.count("run run-1 round") == 2
+    assert (tmp_path / "budget.png").read_bytes()[:4] == b"\x89PNG"
+    assert hashlib.sha256((tmp_path / "ledger.sqlite").read_bytes()).hexdigest() == before  # read-only
+
+
+def test_budget_of_damaged_ledger_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _ledger_with_rounds(tmp_path)
+    path = tmp_path / "ledger.sqlite"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert main(["budget", "--state", str(tmp_path), "--json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedseek: error:")
+
+
+def test_privacy_audit_rejects_too_few_canaries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["privacy", "audit", "--model", str(tmp_path), "--canaries", "3"])
+    assert info.value.code == 2
+    assert "at least 4 canaries" in capsys.readouterr().err

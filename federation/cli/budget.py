@@ -1,0 +1,48 @@
+"""`fedseek budget`: a site's privacy ledger as text, JSON (for independent recomputation) or a PNG.
+
+The ledger is opened under its own stored budget and verified (hash chain, head) before
+anything is shown; a damaged ledger is a one-line error, and nothing is written to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from privacy.ledger import LedgerError, PrivacyLedger
+
+LEDGER_FILE = "ledger.sqlite"
+
+
+def add_budget_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Register `budget` on the root parser's subcommands."""
+    p = sub.add_parser("budget", help="show a site's privacy ledger")
+    p.add_argument("--state", required=True, help="the node's state directory")
+    p.add_argument("--json", action="store_true", help="machine-readable: every entry, enough to recompute epsilon")
+    p.add_argument("--plot", metavar="FILE.png", help="also write a PNG of epsilon over the ledger's rounds")
+    p.set_defaults(func=_budget)
+
+
+def _budget(args: argparse.Namespace) -> int:
+    path = Path(args.state) / LEDGER_FILE
+    if not path.exists():
+        raise LedgerError(f"no privacy ledger at {path}")
+    data = PrivacyLedger.open_existing(path).to_json()
+    if args.plot:
+        from privacy.budget_plot import plot_budget
+
+        plot_budget(data, Path(args.plot))
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"epsilon spent {data['epsilon_spent']:.4f} of {data['budget_epsilon']:.4f} (delta {data['delta']:.2e})")
+        for e in data["entries"]:
+            print(
+                f"  run {e['run_id']} round {e['round']}: {e['steps']} steps, q={e['sample_rate']:.4f}, "
+                f"sigma={e['noise_multiplier']:.3f}, C={e['max_grad_norm']:g} -> epsilon {e['epsilon_after']:.4f} "
+                f"[{e['status']}]"
+            )
+        if args.plot:
+            print(f"plot: {args.plot}")
+    return 0
