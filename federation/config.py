@@ -31,12 +31,17 @@ class NodeConfig:
     api_port: int = 8443
     fleet_sidecar_port: int = 0  # 0: pick a free loopback port
     supernode_port: int = 0
-    epsilon: float = 1.0
-    delta: float = 0.0  # 0: choose 1 / (10 n) for n training records
+    epsilon: float = 1.0  # the lifetime budget of this site's data; at most privacy_policy_epsilon
+    delta: float = 0.0  # 0: choose 1 / (10 n) for n training records; must be below 1 / n
+    privacy_policy_epsilon: float = 1.0  # the site's ceiling (DESIGN: epsilon <= 1.0); a budget above it is refused
     accountant: str = "rdp"
     device: str = "cpu"
     max_length: int = 256
     secure_mode: bool = False
+    # Applications reach the OpenAI routes with an API key ("api_key") or a consortium
+    # client certificate ("mtls"); reviewers and admins always use certificates.
+    openai_auth: str = "api_key"
+    pki_poll_seconds: float = 5.0  # how often CRL and certificates are re-read (revocation bound: 60 s)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,13 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from federation import wire
 from federation.config import NodeConfig
-from node.data import TokenizedExample, load_jsonl, tokenize
-from node.engine import AdapterInfo, Generation, ModelHost
-from node.trainer import RoundResult, TrainSettings, evaluate_loss, train_round
+from node.data import TokenizedExample, collate, load_jsonl, tokenize
+from node.engine import TRAIN_ADAPTER, AdapterInfo, Generation, ModelHost
+from node.trainer import RoundResult, TrainingError, TrainSettings, evaluate_loss, per_sample_loss, train_round
 from privacy.audit import AuditTrail
-from privacy.ledger import Budget, PrivacyLedger
+from privacy.ledger import Budget, PolicyError, PrivacyLedger
 
 
 def sha256_text(text: str) -> str:
@@ -41,6 +43,7 @@ class NodeService:
     def __init__(
         self, config: NodeConfig, host: ModelHost, *, train: list[TokenizedExample], eval_data: list[TokenizedExample]
     ) -> None:
+        budget = site_budget(config, len(train))  # refuse a bad policy before touching the state dir
         self.config = config
         self.host = host
         self.train_data = train
@@ -48,7 +51,7 @@ class NodeService:
         self.state_dir = Path(config.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditTrail(self.state_dir / "audit.jsonl")
-        self.ledger = PrivacyLedger(self.state_dir / "ledger.sqlite", budget=site_budget(config, len(train)))
+        self.ledger = PrivacyLedger(self.state_dir / "ledger.sqlite", budget=budget)
         self.adapters_dir = self.state_dir / "adapters"
         self.reports_dir = self.state_dir / "explanations"
         self.token = _ensure_token(self.state_dir / "agent.token")
@@ -114,6 +117,7 @@ class NodeService:
         )
         with self.train_lock:
             try:
+                self._check_finite_start(global_arrays, settings.batch_size)
                 result = train_round(
                     self.host,
                     self.ledger,
@@ -145,6 +149,24 @@ class NodeService:
                 },
             )
             return result
+
+    def _check_finite_start(self, global_arrays: wire.Arrays | None, batch_size: int) -> None:
+        """Refuse, before the ledger is charged, a round whose loss is already NaN or infinite.
+
+        A broken base model or start adapter would only burn budget: this catches it on the first
+        records with the round's starting weights. A loss that turns non-finite during training
+        is a crash midway, and stays charged.
+        """
+        if not self.train_data:
+            return  # train_round refuses an empty dataset itself
+        pad = int(self.host.tokenizer.pad_token_id)
+        probe = collate(self.train_data[: max(1, batch_size)], pad_id=pad, left=True)
+        with self.host.lock, torch.no_grad():
+            self.host.reset_train_adapter(global_arrays)
+            self.host.peft.set_adapter(TRAIN_ADAPTER)
+            losses = per_sample_loss(self.host.peft, {k: v.to(self.host.device) for k, v in probe.items()})
+        if not bool(torch.isfinite(losses).all()):
+            raise TrainingError("non-finite loss before training (model or adapter is broken); round refused")
 
     def deploy(self, version: str, sha256: str, arrays: wire.Arrays, *, parent: str | None = None) -> dict[str, Any]:
         """Install a global adapter version, persist it, and score it on local eval data."""
@@ -198,10 +220,21 @@ class NodeService:
 
 
 def site_budget(config: NodeConfig, n_records: int) -> Budget:
-    """The site's policy; delta defaults to 1/(10 n), below the 1/n that DP requires."""
-    delta = config.delta if config.delta > 0 else 1.0 / (10 * max(1, n_records))
-    if delta >= 1.0 / max(1, n_records):
-        raise ValueError(f"delta {delta:g} must be below 1/n = {1.0 / max(1, n_records):g} for {n_records} records")
+    """The budget the config asks for, refused unless it fits the site's policy.
+
+    A delta of 1/n or more would allow releasing a whole record outright, so delta must stay
+    below 1/n (default 1/(10 n)); epsilon may not exceed `privacy_policy_epsilon`.
+    """
+    if n_records < 1:
+        raise PolicyError("the site has no training records (empty dataset); refusing")
+    if not config.epsilon <= config.privacy_policy_epsilon:
+        raise PolicyError(
+            f"configured budget epsilon {config.epsilon:g} is looser than the site's policy "
+            f"(epsilon <= {config.privacy_policy_epsilon:g}); refusing"
+        )
+    delta = config.delta if config.delta > 0 else 1.0 / (10 * n_records)
+    if not delta < 1.0 / n_records:
+        raise PolicyError(f"delta {delta:g} must be below 1/n = {1.0 / n_records:g} for {n_records} records; refusing")
     return Budget(epsilon=config.epsilon, delta=delta, accountant=config.accountant)
 
 
