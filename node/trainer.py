@@ -20,7 +20,7 @@ from federation import wire
 from node.data import TokenizedExample, collate
 from node.engine import TRAIN_ADAPTER, ModelHost
 from privacy.ledger import PrivacyLedger
-from privacy.lora_dp import LoraGradSampler
+from privacy.lora_dp import GroupedDPOptimizer, LoraGradSampler
 
 Progress = Callable[[int, int, float], None]
 
@@ -37,8 +37,8 @@ class TrainSettings:
     max_grad_norm: float = 1.0
     secure_mode: bool = False
     clipping: Literal["lora", "opacus"] = "lora"
-    """Per-sample gradients: "lora" (privacy.lora_dp: the same values without Opacus's module hooks) or
-    "opacus" (Opacus hooks). Clipping, noise and accounting are Opacus's either way."""
+    """Per-sample gradients: "lora" (privacy.lora_dp: the same values without Opacus's module hooks, clipped
+    in batches per shape) or "opacus" (Opacus hooks). Noise and accounting are Opacus's either way."""
     freeze_lora_a: bool = False
     """FFA-LoRA: train only B. A keeps the seeded init every site shares, so averaging B is exact."""
 
@@ -114,7 +114,8 @@ def train_round(
     generator = torch.Generator().manual_seed(torch.seed()) if not settings.secure_mode else None
     losses: list[float] = []
     with host.lock, _train_adapter(host, global_arrays, freeze_a=settings.freeze_lora_a) as params:
-        optimizer = DPOptimizer(
+        model, close, optimizer_class = _per_sample_model(host, settings.clipping)
+        optimizer = optimizer_class(
             torch.optim.AdamW(params, lr=settings.learning_rate),
             noise_multiplier=plan.noise_multiplier,
             max_grad_norm=settings.max_grad_norm,
@@ -122,7 +123,6 @@ def train_round(
             loss_reduction="mean",
             secure_mode=settings.secure_mode,
         )
-        model, close = _per_sample_model(host, settings.clipping)
         model.train()
         try:
             for step in range(steps):
@@ -164,14 +164,14 @@ def train_round(
     return RoundResult(arrays=arrays, report=report)
 
 
-def _per_sample_model(host: ModelHost, clipping: str) -> tuple[torch.nn.Module, Callable[[], None]]:
-    """The module to run forwards through, and how to detach its per-sample gradient machinery."""
+def _per_sample_model(host: ModelHost, clipping: str) -> tuple[torch.nn.Module, Callable[[], None], type[DPOptimizer]]:
+    """The module to run forwards through, how to detach its per-sample gradient machinery, the optimizer."""
     if clipping == "lora":
         sampler = LoraGradSampler(host.peft, adapter_name=TRAIN_ADAPTER, loss_reduction="mean")
-        return host.peft, sampler.close
+        return host.peft, sampler.close, GroupedDPOptimizer
     if clipping == "opacus":
         gsm = GradSampleModule(host.peft, batch_first=True, loss_reduction="mean", strict=False)
-        return gsm, gsm._close
+        return gsm, gsm._close, DPOptimizer
     raise ValueError(f"unknown clipping {clipping!r}; use 'lora' or 'opacus'")
 
 

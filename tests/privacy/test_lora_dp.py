@@ -22,7 +22,7 @@ from torch import nn
 from node.data import TokenizedExample, collate
 from node.model import load_model, lora_target_modules
 from node.trainer import per_sample_loss
-from privacy.lora_dp import LoraGradSampler, UnsupportedLoraModel
+from privacy.lora_dp import GroupedDPOptimizer, LoraGradSampler, UnsupportedLoraModel
 
 ADAPTER = "site_local"
 REL_TOL = 1e-4  # the issue's bound on the fp32 relative difference
@@ -273,3 +273,36 @@ def test_second_backward_without_zero_grad_is_refused(qwen2: PeftModel) -> None:
     finally:
         for p in params:
             p.grad_sample = None  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("secure_mode", [False, True])
+def test_grouped_optimizer_steps_like_opacus(qwen2: PeftModel, secure_mode: bool) -> None:
+    """Same clipped sums, the same noise draws (seeded), the same scaled gradients as DPOptimizer."""
+    params = [p for p in qwen2.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(3)
+    record_scale = torch.linspace(0.2, 3.0, 6)
+    samples = [torch.randn((6, *p.shape), generator=g) * record_scale.view(6, *[1] * p.dim()) for p in params]
+    norms = torch.stack([s.flatten(1).norm(dim=1) for s in samples], dim=1).norm(dim=1)
+    clip = float(norms.median())  # some of the 6 records clipped, some not
+    results = []
+    for cls in (DPOptimizer, GroupedDPOptimizer):
+        optimizer = cls(
+            torch.optim.SGD(params, lr=0.0),
+            noise_multiplier=0.7,
+            max_grad_norm=clip,
+            expected_batch_size=4,
+            generator=torch.Generator().manual_seed(5),
+            secure_mode=secure_mode,
+        )
+        for p, s in zip(params, samples, strict=True):
+            p.grad_sample = s.clone()  # type: ignore[attr-defined]
+        optimizer.clip_and_accumulate()
+        clipped = [p.summed_grad.clone() for p in params]  # type: ignore[attr-defined]
+        optimizer.add_noise()
+        optimizer.scale_grad()
+        results.append((clipped, [p.grad.clone() for p in params]))  # type: ignore[union-attr]
+        optimizer.zero_grad(set_to_none=True)
+    (ref_clipped, ref_grad), (clipped, grad) = results
+    assert (norms > clip).any() and (norms < clip).any()
+    assert _max_rel(clipped, ref_clipped) <= 1e-6
+    assert _max_rel(grad, ref_grad) <= 1e-6
