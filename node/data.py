@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +26,20 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Example:
-    """A chat whose last message is the assistant answer to learn."""
+    """A chat whose last message is the assistant answer to learn; ``line`` is where it was read."""
 
     messages: list[dict[str, str]]
+    line: int | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if len(self.messages) < 2:
             raise DataError("an example needs at least one prompt message and an answer")
         if self.messages[-1].get("role") != "assistant":
             raise DataError("the last message must have role 'assistant'")
+        if not any(m.get("role") == "user" for m in self.messages[:-1]):
+            raise DataError("an example needs a 'user' message before the answer")
+        if not self.messages[-1].get("content", "").strip():
+            raise DataError("the answer (last assistant message) is empty")
 
     @property
     def prompt_messages(self) -> list[dict[str, str]]:
@@ -70,6 +75,8 @@ def _parse_record(record: Any) -> Example:
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}")
     if "messages" in record:
+        if "prompt" in record or "completion" in record:
+            raise DataError("give either 'messages' or 'prompt'/'completion', not both")
         raw = record["messages"]
         if not isinstance(raw, list) or not raw:
             raise DataError("'messages' must be a non-empty list")
@@ -96,7 +103,7 @@ def _parse_line(line: str) -> Example:
 def load_jsonl(path: Path) -> list[Example]:
     """Read one example per non-blank line; errors name the file and line."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
@@ -106,7 +113,7 @@ def load_jsonl(path: Path) -> list[Example]:
         if not line.strip():
             continue
         try:
-            examples.append(_parse_line(line))
+            examples.append(replace(_parse_line(line), line=number))
         except DataError as exc:
             raise DataError(f"{Path(path).name} line {number}: {exc}") from exc
     if not examples:
@@ -148,12 +155,15 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, *, max_length: int = 2
     """Chat-template the prompt, append answer + EOS, and mask the prompt out of the labels."""
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise DataError("the tokenizer has no chat template; the model directory must provide one")
     tokenized: list[TokenizedExample] = []
     for index, example in enumerate(examples):
         try:
             tokenized.append(_tokenize_one(example, tokenizer, max_length=max_length))
         except DataError as exc:
-            raise DataError(f"example {index}: {exc}") from exc
+            where = f"line {example.line}" if example.line is not None else f"example {index}"
+            raise DataError(f"{where}: {exc}") from exc
     return tokenized
 
 

@@ -81,6 +81,15 @@ def test_load_messages_and_prompt_completion(tmp_path: Path) -> None:
             '{"messages": [{"role": "user", "content": 3}]}',
             "'content' must be a string",
         ),
+        (
+            '{"messages": [{"role": "system", "content": "S"}, {"role": "assistant", "content": "A"}]}',
+            "needs a 'user' message",
+        ),
+        ('{"prompt": "Q?", "completion": "  "}', "answer (last assistant message) is empty"),
+        (
+            '{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}], "prompt": "Q"}',
+            "not both",
+        ),
     ],
 )
 def test_malformed_line_names_file_and_line(tmp_path: Path, bad_line: str, reason: str) -> None:
@@ -227,3 +236,42 @@ def test_dataset_with_dataloader(tokenizer: Any) -> None:
 )
 def test_exact_match(prediction: str, answer: str, expected: bool) -> None:
     assert exact_match(prediction, answer) is expected
+
+
+def test_multi_turn_chat_learns_only_the_last_answer(tokenizer: Any, tmp_path: Path) -> None:
+    chat = {
+        "messages": [
+            {"role": "system", "content": "Triage."},
+            {"role": "user", "content": "Chest pain?"},
+            {"role": "assistant", "content": "neurology"},
+            {"role": "user", "content": "Troponin is up."},
+            {"role": "assistant", "content": "cardiology"},
+        ]
+    }
+    (example,) = load_jsonl(_write(tmp_path / "train.jsonl", [json.dumps(chat)]))
+    (tok,) = tokenize([example], tokenizer)
+    answer = [t for t in tok.labels if t != IGNORE_INDEX]
+    assert tokenizer.decode(answer) == "cardiology" + tokenizer.eos_token
+    assert tok.input_ids == _chat_ids(tokenizer, chat["messages"])  # earlier turns are prompt, in the template
+
+
+def test_byte_order_mark_is_tolerated(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(CHAT).encode() + b"\n")
+    (example,) = load_jsonl(path)
+    assert example.answer == "cardiology" and example.line == 1
+
+
+def test_tokenize_errors_name_the_source_line(tokenizer: Any, tmp_path: Path) -> None:
+    long = {"prompt": "Q?", "completion": "a very long answer " * 5}
+    path = _write(tmp_path / "train.jsonl", [json.dumps(CHAT), "", json.dumps(long)])
+    with pytest.raises(DataError, match=r"^line 3: answer is \d+ tokens"):
+        tokenize(load_jsonl(path), tokenizer, max_length=8)
+
+
+def test_tokenizer_without_chat_template_is_refused(tokenizer: Any) -> None:
+    class NoTemplate:
+        chat_template = None
+
+    with pytest.raises(DataError, match="no chat template"):
+        tokenize([Example(messages=CHAT["messages"])], NoTemplate())
