@@ -181,3 +181,21 @@ def test_privacy_audit_rejects_too_few_canaries(tmp_path: Path, capsys: pytest.C
         main(["privacy", "audit", "--model", str(tmp_path), "--canaries", "3"])
     assert info.value.code == 2
     assert "at least 4 canaries" in capsys.readouterr().err
+
+
+def test_privacy_audit_reports_dp_next_to_baseline(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Wiring only (one tiny step each); tests/node/test_canary_audit.py checks what it measures."""
+    import json
+
+    out = tmp_path / "audit.json"
+    argv = ["privacy", "audit", "--model", str(tiny_model_dir), "--canaries", "4", "--epochs", "1"]
+    assert main([*argv, "--batch-size", "2", "--out", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("dp     claimed epsilon     1  AUC ")
+    assert lines[1].startswith("no_dp  claimed epsilon  none  AUC ")
+    report = json.loads(out.read_text())
+    assert report["canaries"] == 4 and report["site_records"] == 0
+    assert report["runs"]["dp"]["claimed_epsilon"] == 1.0 and report["runs"]["no_dp"]["claimed_epsilon"] is None
+    assert all(run["members"] == run["nonmembers"] == 2 for run in report["runs"].values())
