@@ -13,16 +13,18 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
+from coordinator.sites import SiteAccess, flwr_supernode
 from federation import pki
 from federation.config import CoordinatorConfig
+from federation.filewatch import FileWatcher
 from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
 from federation.sidecar import TLSFiles, make_sidecar, server_config
+from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator")
 
@@ -53,17 +55,26 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
-def register_site(state_dir: Path, public_key: Path, *, name: str) -> None:
-    """Register a site's SuperNode key (second factor) with the running SuperLink."""
-    out = subprocess.run(
-        [flwr_bin("flwr"), "supernode", "register", str(public_key), CONNECTION, "--name", name],
-        env=flwr_env(state_dir / "flwr-cli"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    if out.returncode != 0:
-        raise CoordinatorError(f"registering {name} failed: {(out.stdout + out.stderr).strip().splitlines()[-1:]}")
+def register_site(state_dir: Path, public_key: Path, *, name: str) -> int:
+    """Register a site's SuperNode key (second factor) with the running SuperLink; its node id."""
+    try:
+        out = flwr_supernode(
+            ["register", str(public_key), CONNECTION, "--name", name],
+            env=flwr_env(state_dir / "flwr-cli"),
+            flwr=flwr_bin("flwr"),
+        )
+    except RuntimeError as exc:
+        raise CoordinatorError(f"registering {name}: {exc}") from exc
+    return int(str(out["node-id"]))
+
+
+def unregister_site(state_dir: Path, node_id: int) -> None:
+    try:
+        flwr_supernode(
+            ["unregister", str(node_id), CONNECTION], env=flwr_env(state_dir / "flwr-cli"), flwr=flwr_bin("flwr")
+        )
+    except RuntimeError as exc:
+        raise CoordinatorError(f"unregistering node {node_id}: {exc}") from exc
 
 
 def run_coordinator(config: CoordinatorConfig) -> None:
@@ -103,13 +114,14 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     sidecar = make_sidecar(
         name="fleet-sidecar",
         config_text=server_config(
-            tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert),
+            tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl),
             accept=f"{config.fleet_host}:{config.fleet_port}",
             connect=f"127.0.0.1:{link_port}",
         ),
         workdir=state / "sidecar",
     )
     procs = [superlink, sidecar]
+    watcher: FileWatcher | None = None
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
@@ -117,11 +129,25 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         superlink.start().wait_port("127.0.0.1", link_port, timeout=60)
         sidecar.start().wait_port(config.fleet_host, config.fleet_port, timeout=30)
         write_cli_config(state / "flwr-cli", f"127.0.0.1:{link_port}", ca_cert=leaf.ca_cert)
-        registered = []
-        if config.site_keys_dir:
-            for key in sorted(Path(config.site_keys_dir).glob("*.pub")):
-                register_site(state, key, name=key.stem)
-                registered.append(key.stem)
+        sites = SiteAccess(
+            pki_dir=pki_dir,
+            site_keys_dir=Path(config.site_keys_dir or pki_dir / pki.SITE_KEYS_DIR),
+            audit=AuditTrail(state / "audit.jsonl"),
+            register=lambda key, name: register_site(state, key, name=name),
+            unregister=lambda node_id: unregister_site(state, node_id),
+        )
+        registered = sorted(sites.sync())
+
+        def pki_changed() -> None:
+            """A new CRL, index or site key: reload the sidecar's CRL, then re-decide who may join."""
+            sidecar.reload()
+            sites.sync()
+
+        watcher = FileWatcher(
+            [leaf.crl, pki_dir / "ca" / "index.json", sites.site_keys_dir],
+            pki_changed,
+            interval=config.pki_poll_seconds,
+        ).start()
         info: dict[str, Any] = {
             "superlink": f"127.0.0.1:{link_port}",
             "fleet": f"{config.fleet_host}:{config.fleet_port}",
@@ -138,5 +164,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     except ProcessError as exc:
         raise CoordinatorError(str(exc).splitlines()[0]) from exc
     finally:
+        if watcher is not None:
+            watcher.stop()
         stop_all(procs)
         (state / STATE_FILE).unlink(missing_ok=True)

@@ -53,6 +53,7 @@ class CoordinatorConfig:
     fleet_port: int = 9443
     superlink_port: int = 0  # 0: pick a free loopback port
     site_keys_dir: str = ""  # directory of <site>.pub SuperNode keys to register
+    pki_poll_seconds: float = 5.0  # how often the CRL and CA index are checked (revocation bound: 60 s)
 
 
 def to_json(cfg: Any) -> dict[str, Any]:

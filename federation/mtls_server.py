@@ -27,11 +27,11 @@ from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from federation import pki
+from federation.filewatch import FileWatcher, stamp
 
 log = logging.getLogger("fedseek.mtls")
 
 PEER_STATE_KEY = "tls_peer"
-_NO_FILE = (0.0, -1)
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,6 @@ class Refusal:
 
 
 RefusalHook = Callable[[Refusal], None]
-
-
-def _stamp(path: Path | None) -> tuple[float, int]:
-    if path is None:
-        return _NO_FILE
-    try:
-        st = path.stat()
-    except OSError:
-        return _NO_FILE
-    return (st.st_mtime, st.st_size)
 
 
 def revoked_serials(crl_path: Path | None) -> frozenset[int]:
@@ -108,15 +98,15 @@ class TLSGate:
         self._context: ssl.SSLContext | None = None
         self._revoked: frozenset[int] = frozenset()
         self._live: dict[_GatedH11, tuple[asyncio.AbstractEventLoop, int]] = {}
-        self._stop = threading.Event()
-        self._watcher: threading.Thread | None = None
         self.refresh()  # a broken certificate or key fails here, at start-up
+        files = (tls.cert, tls.key, tls.ca_cert, tls.crl)
+        self._watcher = FileWatcher(files, self.refresh, interval=tls.poll_interval)
 
     # ---- state that follows the files on disk ----------------------------------------------
     def refresh(self) -> bool:
         """Reload if any file changed; returns whether it did. Keeps the old context on error."""
         files = (self.tls.cert, self.tls.key, self.tls.ca_cert, self.tls.crl)
-        stamps = tuple(_stamp(p) for p in files)
+        stamps = tuple(stamp(p) for p in files)
         with self._lock:
             if stamps == self._stamps and self._context is not None:
                 return False
@@ -172,22 +162,11 @@ class TLSGate:
     # ---- watcher ---------------------------------------------------------------------------
     def start(self) -> TLSGate:
         """Poll the files so revocation and renewal apply without any new connection."""
-        if self._watcher is None:
-            self._watcher = threading.Thread(target=self._watch, name="tls-watch", daemon=True)
-            self._watcher.start()
+        self._watcher.start()
         return self
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=5)
-
-    def _watch(self) -> None:
-        while not self._stop.wait(self.tls.poll_interval):
-            try:
-                self.refresh()
-            except Exception:
-                log.exception("TLS refresh failed")
+        self._watcher.stop()
 
     def protocol_class(self) -> type[asyncio.Protocol]:
         """The uvicorn `http=` protocol class bound to this gate (uvicorn must get no `ssl_*`)."""

@@ -113,6 +113,15 @@ class Managed:
             f"{self.name} did not listen on {host}:{port} within {timeout:.0f}s:\n{log_tail(self.log_path)}"
         )
 
+    def reload(self) -> bool:
+        """SIGHUP the process itself (stunnel re-reads its config, certificates and CRL,
+        keeping open connections); returns whether it was running."""
+        if not self.alive():
+            return False
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        return True
+
     def stop(self, *, timeout: float = 10.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left."""
         if self.proc is None or self.proc.poll() is not None:

@@ -23,6 +23,7 @@ import uvicorn
 
 from federation import pki
 from federation.config import NodeConfig
+from federation.filewatch import FileWatcher
 from federation.flower_auth import ensure_auth_keypair
 from federation.mtls_server import Refusal, ServerTLS, TLSGate
 from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
@@ -117,7 +118,7 @@ def _fleet_processes(
     sidecar = make_sidecar(
         name="fleet-sidecar",
         config_text=client_config(
-            tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert),
+            tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl),
             accept=f"127.0.0.1:{sidecar_port}",
             connect=config.coordinator,
             server_name=config.coordinator_name,
@@ -160,7 +161,9 @@ def _fleet_processes(
     return [sidecar, supernode], sidecar_port
 
 
-def api_server(service: NodeService, leaf: pki.LeafFiles, *, host: str, port: int) -> tuple[uvicorn.Server, TLSGate]:
+def api_server(
+    service: NodeService, leaf: pki.LeafFiles, *, host: str, port: int, poll_seconds: float = 2.0
+) -> tuple[uvicorn.Server, TLSGate]:
     """The node's HTTPS API: TLS 1.3, consortium client certificates checked against the CRL,
     refusals in the audit trail, certificate and CRL changes picked up without a restart."""
 
@@ -171,7 +174,7 @@ def api_server(service: NodeService, leaf: pki.LeafFiles, *, host: str, port: in
             details={"peer": refusal.peer, "reason": refusal.reason},
         )
 
-    tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl)
+    tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl, poll_interval=poll_seconds)
     gate = TLSGate(tls, on_refusal=audit_refusal).start()
     return gate.server(create_app(service), host=host, port=port), gate
 
@@ -183,11 +186,12 @@ def run_node(config: NodeConfig) -> None:
     state = Path(config.state_dir)
     port = config.api_port or free_port()
     api_url = f"https://{config.api_host}:{port}"
-    server, gate = api_server(service, leaf, host=config.api_host, port=port)
+    server, gate = api_server(service, leaf, host=config.api_host, port=port, poll_seconds=config.pki_poll_seconds)
     api_thread = threading.Thread(target=server.run, name="api", daemon=True)
     api_thread.start()
     procs, sidecar_port = _fleet_processes(config, leaf, service, api_url)
     stopping = threading.Event()
+    watcher: FileWatcher | None = None
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
@@ -197,6 +201,8 @@ def run_node(config: NodeConfig) -> None:
             time.sleep(0.1)
         procs[0].start().wait_port("127.0.0.1", sidecar_port, timeout=30)
         procs[1].start()
+        # A new CRL (or renewed certificate) reaches the fleet sidecar without dropping the tunnel.
+        watcher = FileWatcher([leaf.crl, leaf.cert], procs[0].reload, interval=config.pki_poll_seconds).start()
         endpoints = NodeEndpoints(config.name, api_url, f"127.0.0.1:{sidecar_port}", os.getpid())
         _write_json(state / "node.json", endpoints.to_json())
         log.info("node %s ready: api %s, fleet sidecar %s", config.name, api_url, endpoints.fleet_sidecar)
@@ -205,6 +211,8 @@ def run_node(config: NodeConfig) -> None:
     except ProcessError as exc:
         raise NodeStartError(str(exc).splitlines()[0]) from exc
     finally:
+        if watcher is not None:
+            watcher.stop()
         stop_all(procs)
         server.should_exit = True
         api_thread.join(timeout=10)

@@ -113,6 +113,10 @@ def _explain(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise CLIError(f"cannot load CA certificate {args.ca}: {exc}") from exc
     try:
+        tls.load_cert_chain(args.cert, args.key)  # explanations are for the reviewer role only
+    except (OSError, ssl.SSLError) as exc:
+        raise CLIError(f"cannot load the reviewer certificate {args.cert} / key {args.key}: {exc}") from exc
+    try:
         with httpx.Client(base_url=args.node, verify=tls, timeout=60) as http:
             state = _node_json(http.post("/v1/explanations", json=body))
             with tqdm(total=args.max_evals, desc=state["id"], unit="eval", file=sys.stderr) as bar:
@@ -226,6 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("explain", help="explain a model answer with SHAP, computed at a site's node")
     p.add_argument("--node", required=True, help="the node's API base URL, e.g. https://localhost:8443")
     p.add_argument("--ca", required=True, help="consortium CA certificate (PEM) the node's TLS cert chains to")
+    p.add_argument("--cert", required=True, help="your reviewer certificate (PEM), issued by the consortium CA")
+    p.add_argument("--key", required=True, help="the private key of --cert (PEM)")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--prompt", help="the user prompt to explain")
     what.add_argument("--messages-file", help="JSON file with a chat `messages` list")

@@ -1,0 +1,90 @@
+"""Which sites may join the federation, kept in step with the consortium CA.
+
+A site's SuperNode key (second factor) is registered with the SuperLink only while the CA's
+records show a valid `node` certificate for that same site name: the certificate and the
+Flower key must name the same site. When the CRL or the CA index changes, `sync()` runs
+again: a revoked (or expired) site is unregistered at once, so its open SuperNode session
+stops being served, and a newly issued site is registered without a restart.
+
+The coordinator reads only public PKI files: the CA certificate, its index of issued
+certificates (names, roles, serials, revocations) and the party certificates; never a key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from federation import pki
+from privacy.audit import AuditTrail
+
+log = logging.getLogger("fedseek.coordinator.sites")
+
+Register = Callable[[Path, str], int]
+Unregister = Callable[[int], None]
+
+
+@dataclass
+class SiteAccess:
+    pki_dir: Path
+    site_keys_dir: Path
+    audit: AuditTrail
+    register: Register
+    unregister: Unregister
+    registered: dict[str, int] = field(default_factory=dict)  # site -> SuperLink node id
+
+    def allowed(self) -> dict[str, pki.Identity]:
+        """Sites with a currently valid node certificate, by name."""
+        return {
+            ident.name: ident
+            for ident, status in pki.list_status(self.pki_dir)
+            if ident.role == "node" and status == "valid"
+        }
+
+    def sync(self) -> dict[str, int]:
+        """Register keys of valid sites, unregister the rest; returns the registered map."""
+        allowed = self.allowed()
+        keys = {p.stem: p for p in sorted(self.site_keys_dir.glob("*.pub"))} if self.site_keys_dir.is_dir() else {}
+        for name, node_id in list(self.registered.items()):
+            if name not in allowed:
+                self.unregister(node_id)
+                del self.registered[name]
+                log.warning("site %s unregistered (node %d): no valid certificate (revoked or expired)", name, node_id)
+                self.audit.append(
+                    actor="coordinator", action="site.unregistered", resource=name, details={"node_id": node_id}
+                )
+        for name, key in keys.items():
+            if name in self.registered:
+                continue
+            if name not in allowed:
+                log.warning("site key %s not registered: the CA shows no valid node certificate for it", key)
+                continue
+            node_id = self.register(key, name)
+            self.registered[name] = node_id
+            serial = allowed[name].serial
+            self.audit.append(
+                actor="coordinator",
+                action="site.registered",
+                resource=name,
+                details={"node_id": node_id, "certificate_serial": f"{serial:x}"},
+            )
+        return dict(self.registered)
+
+
+def flwr_supernode(args: list[str], *, env: dict[str, str], flwr: str) -> dict[str, object]:
+    """Run `flwr supernode ... --format json` against the local SuperLink's Control API."""
+    out = subprocess.run(
+        [flwr, "supernode", *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    try:
+        data = json.loads(out.stdout)
+    except json.JSONDecodeError:
+        data = {}
+    if out.returncode != 0 or not data.get("success", False):
+        detail = (out.stdout + out.stderr).strip().splitlines()[-1:] or ["no output"]
+        raise RuntimeError(f"flwr supernode {args[0]} failed: {detail[0]}")
+    return dict(data)
