@@ -1,0 +1,38 @@
+"""The serving engine: continuous batching over a static KV cache, several LoRA versions per batch.
+
+`make_runner` picks the fast runner for Qwen2/Llama models and the generic HF runner otherwise;
+`Engine` schedules requests over it (see scheduler.py for the API the HTTP layer uses).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from node.serving.fast import FastRunner, supports
+from node.serving.lora import LoraWeights, lora_from_arrays, lora_from_peft
+from node.serving.runner import HFRunner, Runner, UnknownAdapter
+from node.serving.sampling import SamplingParams
+from node.serving.scheduler import Completion, Engine, Event, QueueFull
+
+__all__ = [
+    "Completion",
+    "Engine",
+    "Event",
+    "FastRunner",
+    "HFRunner",
+    "LoraWeights",
+    "QueueFull",
+    "Runner",
+    "SamplingParams",
+    "UnknownAdapter",
+    "lora_from_arrays",
+    "lora_from_peft",
+    "make_runner",
+]
+
+
+def make_runner(model: Any, *, max_slots: int = 64, max_len: int | None = None, **fast: Any) -> Runner:
+    """The fast runner where the architecture allows it, else the generic one."""
+    if supports(model):
+        return FastRunner(model, max_slots=max_slots, max_len=max_len, **fast)
+    return HFRunner(model, max_slots=max_slots, max_len=max_len)

@@ -1,0 +1,124 @@
+"""Model runners: what the scheduler needs from a model, and the generic path for any HF causal LM.
+
+A runner owns a fixed number of KV-cache slots. The scheduler tells it which slot each request
+occupies; `prefill` fills slots from prompts, `decode` advances every given slot by one token in
+one batched forward and returns the next-token logits. Only the scheduler's thread calls a runner.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+class UnknownAdapter(LookupError):
+    """A request names an adapter the runner has not loaded."""
+
+
+class Runner(Protocol):
+    max_slots: int
+    max_len: int
+    device: torch.device
+
+    def adapter_id(self, name: str | None) -> int:
+        """0 for the base model (None), else the id of a loaded adapter; raises UnknownAdapter."""
+        ...
+
+    def adapters(self) -> list[str]: ...
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[int]) -> torch.Tensor:
+        """Fill `slots` with `prompts`; return the logits after each prompt's last token, [n, vocab]."""
+        ...
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int], adapters: Sequence[int]) -> torch.Tensor:
+        """Append one token to each slot; return next-token logits, [n, vocab]."""
+        ...
+
+    def release(self, slot: int) -> None: ...
+
+
+class HFRunner:
+    """Correctness-first path for any HF causal LM (the tiny DeepSeek-V3 MLA model included).
+
+    Each slot keeps its own per-layer (keys, values); a decode step left-pads them into one batched
+    cache with an attention mask and explicit positions (RoPE makes left padding exact), runs the
+    model once, and splits the grown cache back. A peft model serves several adapters in the same
+    batch through peft's `adapter_names` (mixed-batch LoRA). `lock` (e.g. ModelHost.lock) is held
+    around each forward so training never sees a half-served model.
+    """
+
+    def __init__(
+        self, model: Any, *, max_slots: int = 8, max_len: int | None = None, lock: threading.RLock | None = None
+    ) -> None:
+        self.model = model
+        self.max_slots = max_slots
+        self.max_len: int = max_len or int(getattr(model.config, "max_position_embeddings", 2048))
+        self.device = next(model.parameters()).device
+        self.lock = lock or threading.RLock()
+        self._peft = hasattr(model, "peft_config")
+        self._names = [BASE_ADAPTER]
+        self._kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def adapters(self) -> list[str]:
+        return sorted(self.model.peft_config) if self._peft else []
+
+    def adapter_id(self, name: str | None) -> int:
+        if name in (None, BASE_ADAPTER):
+            return 0
+        if not self._peft or name not in self.model.peft_config:
+            raise UnknownAdapter(f"adapter {name!r} is not loaded")
+        if name not in self._names:
+            self._names.append(str(name))
+        return self._names.index(str(name))
+
+    def _forward(self, adapters: Sequence[int], **kwargs: Any) -> Any:
+        extra = {"adapter_names": [self._names[a] for a in adapters]} if self._peft else {}
+        with self.lock, torch.no_grad():
+            return self.model(use_cache=True, logits_to_keep=1, **kwargs, **extra)
+
+    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[int]) -> torch.Tensor:
+        rows = []
+        for slot, ids, adapter in zip(slots, prompts, adapters, strict=True):
+            out = self._forward([adapter], input_ids=torch.tensor([list(ids)], device=self.device))
+            self._kv[slot] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            rows.append(out.logits[0, -1])
+        return torch.stack(rows)
+
+    def decode(self, slots: Sequence[int], tokens: Sequence[int], adapters: Sequence[int]) -> torch.Tensor:
+        lens = [self._kv[s][0][0].shape[2] for s in slots]
+        width = max(lens)
+        n_layers = len(self._kv[slots[0]])
+
+        def padded(layer: int, which: int) -> torch.Tensor:
+            parts = []
+            for s, n in zip(slots, lens, strict=True):
+                t = self._kv[s][layer][which]
+                parts.append(torch.nn.functional.pad(t, (0, 0, width - n, 0)))
+            return torch.cat(parts)
+
+        cache = DynamicCache([(padded(i, 0), padded(i, 1)) for i in range(n_layers)])
+        mask = torch.zeros((len(slots), width + 1), dtype=torch.long, device=self.device)
+        for row, n in enumerate(lens):
+            mask[row, width - n :] = 1
+        out = self._forward(
+            adapters,
+            input_ids=torch.tensor([[t] for t in tokens], device=self.device),
+            attention_mask=mask,
+            position_ids=torch.tensor([[n] for n in lens], device=self.device),
+            past_key_values=cache,
+        )
+        layers = out.past_key_values.layers
+        for row, (s, n) in enumerate(zip(slots, lens, strict=True)):
+            start = width - n
+            self._kv[s] = [(lay.keys[row : row + 1, :, start:], lay.values[row : row + 1, :, start:]) for lay in layers]
+        logits: torch.Tensor = out.logits[:, -1]
+        return logits
+
+    def release(self, slot: int) -> None:
+        self._kv.pop(slot, None)

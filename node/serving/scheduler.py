@@ -1,0 +1,376 @@
+"""Continuous batching: requests join and leave the running batch at token granularity.
+
+One engine thread loops: apply queued commands (adapter loads), release cancelled slots, admit
+waiting requests into free slots (one batched prefill, up to a token budget), then run ONE batched
+decode step for every running slot and stream each new token to its request. `cancel` frees the
+slot under the lock at once, so the next step already admits someone else into it; a step that
+was in flight drops the cancelled row's token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+
+from node.serving.runner import Runner
+from node.serving.sampling import SamplingParams, TextStream, sample
+
+T = TypeVar("T")
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue is full (the HTTP layer answers 429)."""
+
+
+@dataclass(frozen=True)
+class Event:
+    """A piece of one request's output. The last event has `finish_reason` set."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: str | None  # "stop" | "length" | "cancelled" | "error"
+    prompt_tokens: int
+    completion_tokens: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+
+
+@dataclass(eq=False)
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    adapter: int
+    seed: int
+    on_event: Callable[[Event], None]
+    text: TextStream
+    submitted: float = field(default_factory=time.perf_counter)
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    first_token_at: float | None = None
+
+    def event(self, text: str, tokens: tuple[int, ...], finish: str | None, error: str | None = None) -> Event:
+        return Event(self.id, text, tokens, finish, len(self.prompt), len(self.generated), error)
+
+
+class Engine:
+    """The serving engine over a `Runner`. Thread-safe; `stream`/`astream` suit the HTTP layer."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        tokenizer: Any,
+        *,
+        max_queue: int = 256,
+        prefill_token_budget: int = 8192,
+        eos_token_ids: Sequence[int] | None = None,
+    ) -> None:
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.prefill_token_budget = prefill_token_budget
+        eos = eos_token_ids if eos_token_ids is not None else [tokenizer.eos_token_id]
+        self.eos = frozenset(int(t) for t in eos if t is not None)
+        self._cv = threading.Condition()
+        self._waiting: collections.deque[_Request] = collections.deque()
+        self._slots: list[_Request | None] = [None] * runner.max_slots
+        self._requests: dict[str, _Request] = {}
+        self._to_release: list[int] = []
+        self._commands: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.steps = 0
+        self.generated_tokens = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="fedseek-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        for req in list(self._requests.values()):
+            self.cancel(req.id)
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- requests -------------------------------------------------------------------------
+    def submit(
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        adapter: str | None = None,
+        on_event: Callable[[Event], None],
+        request_id: str | None = None,
+    ) -> str:
+        """Queue a request; `on_event` is called from the engine thread. Raises QueueFull, ValueError,
+        UnknownAdapter."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) + params.max_tokens > self.runner.max_len:
+            raise ValueError(
+                f"prompt of {len(prompt)} tokens plus max_tokens {params.max_tokens} exceeds the context of "
+                f"{self.runner.max_len}"
+            )
+        req = _Request(
+            id=request_id or f"req-{uuid.uuid4().hex}",
+            prompt=prompt,
+            params=params,
+            adapter=self.runner.adapter_id(adapter),
+            seed=params.resolved_seed(),
+            on_event=on_event,
+            text=TextStream(self.tokenizer, params.stop),
+        )
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            if req.id in self._requests:
+                raise ValueError(f"request id {req.id!r} is in use")
+            self._requests[req.id] = req
+            self._waiting.append(req)
+            self._cv.notify_all()
+        return req.id
+
+    def cancel(self, request_id: str) -> bool:
+        """Drop a waiting or running request; its slot is free when this returns."""
+        with self._cv:
+            req = self._requests.pop(request_id, None)
+            if req is None:
+                return False
+            if req.slot >= 0:
+                self._slots[req.slot] = None
+                self._to_release.append(req.slot)
+            else:
+                self._waiting.remove(req)
+            self._cv.notify_all()
+        req.on_event(req.event(req.text.flush(), (), "cancelled"))
+        return True
+
+    def stream(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, adapter: str | None = None
+    ) -> Iterator[Event]:
+        """Blocking iterator of events; closing it early (client gone) cancels the request."""
+        import queue
+
+        q: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        rid = self.submit(prompt_ids, params, adapter=adapter, on_event=q.put)
+        try:
+            while True:
+                ev = q.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            self.cancel(rid)
+
+    async def astream(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, adapter: str | None = None
+    ) -> AsyncIterator[Event]:
+        """Async iterator of events for an asyncio server; cancelling or closing it cancels the request."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[Event] = asyncio.Queue()
+
+        def put(ev: Event) -> None:
+            loop.call_soon_threadsafe(q.put_nowait, ev)
+
+        rid = self.submit(prompt_ids, params, adapter=adapter, on_event=put)
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            self.cancel(rid)
+
+    def complete(
+        self, prompt_ids: Sequence[int], params: SamplingParams | None = None, *, adapter: str | None = None
+    ) -> Completion:
+        """Run one request to the end (blocking)."""
+        start = time.perf_counter()
+        first: float | None = None
+        text: list[str] = []
+        ids: list[int] = []
+        last: Event | None = None
+        for ev in self.stream(prompt_ids, params, adapter=adapter):
+            if first is None and ev.token_ids:
+                first = time.perf_counter() - start
+            text.append(ev.text)
+            ids.extend(ev.token_ids)
+            last = ev
+        assert last is not None and last.finish_reason is not None
+        if last.finish_reason == "error":
+            raise RuntimeError(f"generation failed: {last.error}")
+        return Completion(
+            last.request_id, "".join(text), ids, last.finish_reason, last.prompt_tokens, len(ids), first or 0.0
+        )
+
+    # ---- state and commands ---------------------------------------------------------------
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between steps (runner state is single-threaded)."""
+        if self._thread is None or threading.current_thread() is self._thread:
+            return fn()
+        fut: Future[T] = Future()
+        with self._cv:
+            self._commands.append((fn, fut))
+            self._cv.notify_all()
+        return fut.result()
+
+    def stats(self) -> dict[str, int]:
+        with self._cv:
+            running = sum(r is not None for r in self._slots)
+            return {
+                "waiting": len(self._waiting),
+                "running": running,
+                "free_slots": len(self._slots) - running,
+                "steps": self.steps,
+                "generated_tokens": self.generated_tokens,
+            }
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._stopping or self._waiting or self._commands or any(self._slots)):
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, fut in commands:
+                try:
+                    fut.set_result(fn())
+                except BaseException as exc:  # handed to the caller
+                    fut.set_exception(exc)
+            try:
+                self.step()
+            except Exception as exc:  # a broken step fails its requests, not the engine
+                self._fail_all(f"{type(exc).__name__}: {exc}")
+
+    def step(self) -> None:
+        """Admit into free slots (batched prefill), then one batched decode step over all running slots."""
+        with self._cv:
+            released, self._to_release = self._to_release, []
+            admitted = self._admit()
+        for slot in released:
+            self.runner.release(slot)
+        emits: list[tuple[_Request, Event]] = []
+        if admitted:
+            logits = self.runner.prefill(
+                [r.slot for r in admitted], [r.prompt for r in admitted], [r.adapter for r in admitted]
+            )
+            emits += self._advance(admitted, logits)
+        with self._cv:
+            running = [r for r in self._slots if r is not None and r.generated]
+        if running:
+            logits = self.runner.decode(
+                [r.slot for r in running], [r.generated[-1] for r in running], [r.adapter for r in running]
+            )
+            emits += self._advance(running, logits)
+        self.steps += 1
+        for req, ev in emits:
+            req.on_event(ev)
+
+    def _admit(self) -> list[_Request]:
+        """Waiting requests into the lowest free slots (keeps the decode batch dense), under the lock."""
+        admitted: list[_Request] = []
+        budget = self.prefill_token_budget
+        free = (i for i, r in enumerate(self._slots) if r is None)
+        for slot in free:
+            if not self._waiting or (admitted and len(self._waiting[0].prompt) > budget):
+                break
+            req = self._waiting.popleft()
+            budget -= len(req.prompt)
+            req.slot = slot
+            self._slots[slot] = req
+            admitted.append(req)
+        return admitted
+
+    def _advance(self, reqs: list[_Request], logits: torch.Tensor) -> list[tuple[_Request, Event]]:
+        """Sample one token per row, record it and decide who finishes."""
+        temps = [r.params.temperature for r in reqs]
+        top_ps = [r.params.top_p for r in reqs]
+        dev = logits.device
+        tokens = sample(
+            logits,
+            torch.tensor(temps, device=dev),
+            torch.tensor(top_ps, device=dev),
+            torch.tensor([r.seed for r in reqs], device=dev),
+            torch.tensor([len(r.generated) for r in reqs], device=dev),
+            any_random=any(t > 0 for t in temps),
+            any_top_p=any(p < 1 for p in top_ps),
+        ).tolist()
+        out: list[tuple[_Request, Event]] = []
+        with self._cv:
+            for req, tok in zip(reqs, tokens, strict=True):
+                if self._requests.get(req.id) is not req:
+                    continue  # cancelled while the step ran
+                out.append((req, self._record(req, int(tok))))
+        return out
+
+    def _record(self, req: _Request, tok: int) -> Event:
+        """Append `tok` to `req` (under the lock); finish and free its slot when done."""
+        p = req.params
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        self.generated_tokens += 1
+        if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
+            return self._finish(req, "stop", req.text.flush(), ())  # the stop token is not part of the output
+        req.generated.append(tok)
+        delta = req.text.push(tok)
+        if req.text.stopped:
+            return self._finish(req, "stop", delta, (tok,))
+        if len(req.generated) >= p.max_tokens or len(req.prompt) + len(req.generated) >= self.runner.max_len:
+            return self._finish(req, "length", delta + req.text.flush(), (tok,))
+        return req.event(delta, (tok,), None)
+
+    def _finish(self, req: _Request, reason: str, text: str, tokens: tuple[int, ...]) -> Event:
+        self._requests.pop(req.id, None)
+        self._slots[req.slot] = None
+        self._to_release.append(req.slot)
+        return req.event(text, tokens, reason)
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            reqs = [r for r in self._slots if r is not None]
+            for req in reqs:
+                self._requests.pop(req.id, None)
+                self._slots[req.slot] = None
+                self._to_release.append(req.slot)
+        for req in reqs:
+            req.on_event(req.event("", (), "error", message))
