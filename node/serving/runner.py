@@ -80,7 +80,12 @@ class HFRunner:
     def _forward(self, adapters: Sequence[int], **kwargs: Any) -> Any:
         extra = {"adapter_names": [self._names[a] for a in adapters]} if self._peft else {}
         with self.lock, torch.no_grad():
-            return self.model(use_cache=True, logits_to_keep=1, **kwargs, **extra)
+            training = self.model.training  # peft refuses adapter_names in train mode (ModelHost's peft model is)
+            self.model.eval()
+            try:
+                return self.model(use_cache=True, logits_to_keep=1, **kwargs, **extra)
+            finally:
+                self.model.train(training)
 
     def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[int]) -> torch.Tensor:
         rows = []

@@ -1,0 +1,86 @@
+"""Tiny seeded Qwen2 models (the fast path's architecture) and a toy tokenizer for the engine tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+EOS = 1
+
+
+class ToyTokenizer:
+    """Token i renders as one letter; EOS renders as nothing (a special token)."""
+
+    eos_token_id = EOS
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(97 + i % 26) for i in ids if not (skip_special_tokens and i == EOS))
+
+
+def tiny_qwen(seed: int = 0, vocab: int = 512) -> Any:
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        eos_token_id=EOS,
+    )
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+
+
+def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+@pytest.fixture
+def qwen() -> Any:
+    return tiny_qwen()
+
+
+@pytest.fixture
+def tok() -> ToyTokenizer:
+    return ToyTokenizer()
+
+
+def run_together(
+    engine: Any, requests: list[tuple[list[int], Any, str | None]], timeout: float = 60
+) -> list[list[Any]]:
+    """Submit every request before the engine starts (so they share batches), run, return each one's events."""
+    import threading
+
+    events: list[list[Any]] = [[] for _ in requests]
+    done = threading.Semaphore(0)
+
+    def collect(i: int) -> Any:
+        def on_event(ev: Any) -> None:
+            events[i].append(ev)
+            if ev.finish_reason is not None:
+                done.release()
+
+        return on_event
+
+    for i, (prompt, params, adapter) in enumerate(requests):
+        engine.submit(prompt, params, adapter=adapter, on_event=collect(i))
+    engine.start()
+    for _ in requests:
+        assert done.acquire(timeout=timeout)
+    return events
+
+
+def token_ids(events: list[Any]) -> list[int]:
+    return [t for ev in events for t in ev.token_ids]
