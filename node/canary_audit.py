@@ -106,7 +106,7 @@ def audit_site(
     tokenized = tokenize([_example(c) for c in records], host.tokenizer, max_length=max_length)
     index = {id(c): t for c, t in zip(records, tokenized, strict=True)}
     n = len(site_data) + canaries // 2
-    budget = Budget(epsilon=epsilon or 1.0, delta=delta if delta is not None else 1.0 / (10 * n))
+    budget = Budget(epsilon=1.0 if epsilon is None else epsilon, delta=1.0 / (10 * n) if delta is None else delta)
     base = dict(zip(map(id, records), secret_losses(host, tokenized, model="base"), strict=True))
 
     with tempfile.TemporaryDirectory(prefix="fedseek-audit-") as scratch:
