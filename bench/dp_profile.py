@@ -44,7 +44,8 @@ def main() -> None:
     vocab = model.get_base_model().config.vocab_size  # type: ignore[operator]
     batch = build_batch(vocab, 8, 512 if args.shape != "tiny" else 64, 128 if args.shape != "tiny" else 16, args.device)
     for name in ("nonprivate", "opacus", "ours"):
-        print(name, {k: round(v, 4) for k, v in phases(name, model, batch, args.device, args.steps).items()}, flush=True)
+        timing = phases(name, model, batch, args.device, args.steps)
+        print(name, {k: round(v, 4) for k, v in timing.items()}, flush=True)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if args.device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -18,12 +18,15 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from coordinator.admin_api import create_admin_app
+from coordinator.registry import AdapterRegistry
 from coordinator.sites import SiteAccess, flwr_supernode
 from federation import pki
 from federation.config import CoordinatorConfig
 from federation.filewatch import FileWatcher
+from federation.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
 from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
-from federation.sidecar import TLSFiles, make_sidecar, server_config
+from federation.sidecar import RefusalLog, TLSFiles, make_sidecar, server_config
 from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator")
@@ -77,6 +80,26 @@ def unregister_site(state_dir: Path, node_id: int) -> None:
         raise CoordinatorError(f"unregistering node {node_id}: {exc}") from exc
 
 
+def _start_admin_api(
+    config: CoordinatorConfig, leaf: pki.LeafFiles, *, sites: SiteAccess, audit: AuditTrail, registry: Path
+) -> HTTPSService:
+    """The admin API on its own HTTPS port (admin certificates only), in a thread."""
+    tls = ServerTLS(
+        cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl, poll_interval=config.pki_poll_seconds
+    )
+    app = create_admin_app(sites=sites, registry=AdapterRegistry(registry), audit=audit)
+    try:
+        return HTTPSService.start(
+            app,
+            tls,
+            host=config.admin_host,
+            port=config.admin_port or free_port(),
+            on_refusal=audit_hook(audit.append, endpoint="admin"),
+        )
+    except ServiceStartError as exc:
+        raise CoordinatorError(str(exc)) from exc
+
+
 def run_coordinator(config: CoordinatorConfig) -> None:
     """Run until SIGTERM/SIGINT."""
     pki_dir = Path(config.pki_dir)
@@ -122,6 +145,8 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     )
     procs = [superlink, sidecar]
     watcher: FileWatcher | None = None
+    follower: FileWatcher | None = None
+    admin: HTTPSService | None = None
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
@@ -129,10 +154,11 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         superlink.start().wait_port("127.0.0.1", link_port, timeout=60)
         sidecar.start().wait_port(config.fleet_host, config.fleet_port, timeout=30)
         write_cli_config(state / "flwr-cli", f"127.0.0.1:{link_port}", ca_cert=leaf.ca_cert)
+        audit = AuditTrail(state / "audit.jsonl")
         sites = SiteAccess(
             pki_dir=pki_dir,
             site_keys_dir=Path(config.site_keys_dir or pki_dir / pki.SITE_KEYS_DIR),
-            audit=AuditTrail(state / "audit.jsonl"),
+            audit=audit,
             register=lambda key, name: register_site(state, key, name=name),
             unregister=lambda node_id: unregister_site(state, node_id),
         )
@@ -148,12 +174,17 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             pki_changed,
             interval=config.pki_poll_seconds,
         ).start()
+        # Every handshake the fleet sidecar refuses becomes a log line and an audit record.
+        refusals = RefusalLog(sidecar.log_path, audit_hook(audit.append, endpoint="fleet"))
+        follower = FileWatcher([sidecar.log_path], refusals.poll, interval=1.0).start()
+        admin = _start_admin_api(config, leaf, sites=sites, audit=audit, registry=state / "registry")
         info: dict[str, Any] = {
             "superlink": f"127.0.0.1:{link_port}",
             "fleet": f"{config.fleet_host}:{config.fleet_port}",
             "registry": str(state / "registry"),
             "flwr_home": str(state / "flwr-cli"),
             "registered_sites": registered,
+            "admin": admin.url,
             "pid": os.getpid(),
         }
         tmp = state / (STATE_FILE + ".tmp")
@@ -164,7 +195,10 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     except ProcessError as exc:
         raise CoordinatorError(str(exc).splitlines()[0]) from exc
     finally:
-        if watcher is not None:
-            watcher.stop()
+        for w in (watcher, follower):
+            if w is not None:
+                w.stop()
+        if admin is not None:
+            admin.stop()
         stop_all(procs)
         (state / STATE_FILE).unlink(missing_ok=True)

@@ -54,6 +54,8 @@ class CoordinatorConfig:
     superlink_port: int = 0  # 0: pick a free loopback port
     site_keys_dir: str = ""  # directory of <site>.pub SuperNode keys to register
     pki_poll_seconds: float = 5.0  # how often the CRL and CA index are checked (revocation bound: 60 s)
+    admin_host: str = "127.0.0.1"  # the admin API (HTTPS, admin certificates only)
+    admin_port: int = 0  # 0: pick a free port; written to coordinator.json
 
 
 def to_json(cfg: Any) -> dict[str, Any]:

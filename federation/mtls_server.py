@@ -17,6 +17,7 @@ import asyncio
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,19 @@ class Refusal:
 
 
 RefusalHook = Callable[[Refusal], None]
+
+
+def audit_hook(append: Callable[..., object], **details: str) -> RefusalHook:
+    """A refusal hook writing `tls.refused` records through an audit trail's `append`."""
+
+    def record(refusal: Refusal) -> None:
+        append(
+            actor=refusal.subject or refusal.peer,
+            action="tls.refused",
+            details={"peer": refusal.peer, "reason": refusal.reason, **details},
+        )
+
+    return record
 
 
 def revoked_serials(crl_path: Path | None) -> frozenset[int]:
@@ -300,3 +314,39 @@ def _handshake_reason(exc: BaseException) -> str:
 def peer_of(request: Any) -> pki.Identity | None:
     """The verified client certificate's identity for a Starlette request, if any."""
     return getattr(request.state, PEER_STATE_KEY, None)
+
+
+class ServiceStartError(RuntimeError):
+    """The HTTPS service did not come up (port taken, bad certificate)."""
+
+
+@dataclass
+class HTTPSService:
+    """An ASGI app behind a TLSGate, served by uvicorn in a daemon thread."""
+
+    server: uvicorn.Server
+    thread: threading.Thread
+    gate: TLSGate
+    url: str
+
+    @classmethod
+    def start(
+        cls, app: Any, tls: ServerTLS, *, host: str, port: int, on_refusal: RefusalHook | None, timeout: float = 30.0
+    ) -> HTTPSService:
+        gate = TLSGate(tls, on_refusal=on_refusal).start()
+        server = gate.server(app, host=host, port=port)
+        thread = threading.Thread(target=server.run, name=f"https-{port}", daemon=True)
+        thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                server.should_exit = True
+                gate.stop()
+                raise ServiceStartError(f"HTTPS service failed to start on {host}:{port}")
+            time.sleep(0.05)
+        return cls(server=server, thread=thread, gate=gate, url=f"https://{host}:{port}")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.gate.stop()

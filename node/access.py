@@ -23,23 +23,18 @@ from typing import Literal
 from fastapi import Request
 
 from federation.mtls_server import peer_of
-from federation.pki import Identity
+from federation.pki import Identity, Role
+from federation.roles import AccessDenied, require_role
 from node.api_keys import ApiKeys
 from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.node.access")
 
+__all__ = ["AccessDenied", "AccessPolicy", "Caller", "Rule"]
+
 Rule = Literal["reviewer", "admin", "self", "application"]
 OpenAIAuth = Literal["api_key", "mtls"]
 PeerFn = Callable[[Request], Identity | None]
-
-
-class AccessDenied(Exception):
-    """401 (no credentials) or 403 (credentials of the wrong kind); the message names what is needed."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -87,11 +82,8 @@ class AccessPolicy:
     def _decide(self, request: Request, rule: Rule, identity: Identity | None) -> Caller:
         if rule == "application":
             return self._application(request, identity)
-        wanted = {"reviewer": "reviewer", "admin": "admin", "self": "node"}[rule]
-        if identity is None:
-            raise AccessDenied(401, f"this route needs a client certificate with role '{wanted}'")
-        if identity.role != wanted:
-            raise AccessDenied(403, f"role '{identity.role}' may not call this route; it needs role '{wanted}'")
+        wanted: Role = {"reviewer": "reviewer", "admin": "admin", "self": "node"}[rule]  # type: ignore[assignment]
+        identity = require_role(identity, wanted)
         if rule == "self":
             if identity.name != self.site:
                 raise AccessDenied(403, f"only this site's own node ({self.site}) may call internal routes")

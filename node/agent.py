@@ -14,18 +14,15 @@ import os
 import signal
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import uvicorn
 
 from federation import pki
 from federation.config import NodeConfig
 from federation.filewatch import FileWatcher
 from federation.flower_auth import ensure_auth_keypair
-from federation.mtls_server import Refusal, ServerTLS, TLSGate
+from federation.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
 from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
 from federation.sidecar import TLSFiles, client_config, make_sidecar
 from node.engine import ModelHost
@@ -161,22 +158,15 @@ def _fleet_processes(
     return [sidecar, supernode], sidecar_port
 
 
-def api_server(
+def start_api(
     service: NodeService, leaf: pki.LeafFiles, *, host: str, port: int, poll_seconds: float = 2.0
-) -> tuple[uvicorn.Server, TLSGate]:
+) -> HTTPSService:
     """The node's HTTPS API: TLS 1.3, consortium client certificates checked against the CRL,
     refusals in the audit trail, certificate and CRL changes picked up without a restart."""
-
-    def audit_refusal(refusal: Refusal) -> None:
-        service.audit.append(
-            actor=refusal.subject or refusal.peer,
-            action="tls.refused",
-            details={"peer": refusal.peer, "reason": refusal.reason},
-        )
-
     tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl, poll_interval=poll_seconds)
-    gate = TLSGate(tls, on_refusal=audit_refusal).start()
-    return gate.server(create_app(service), host=host, port=port), gate
+    return HTTPSService.start(
+        create_app(service), tls, host=host, port=port, on_refusal=audit_hook(service.audit.append)
+    )
 
 
 def run_node(config: NodeConfig) -> None:
@@ -185,20 +175,17 @@ def run_node(config: NodeConfig) -> None:
     service = build_service(config)
     state = Path(config.state_dir)
     port = config.api_port or free_port()
-    api_url = f"https://{config.api_host}:{port}"
-    server, gate = api_server(service, leaf, host=config.api_host, port=port, poll_seconds=config.pki_poll_seconds)
-    api_thread = threading.Thread(target=server.run, name="api", daemon=True)
-    api_thread.start()
+    try:
+        api = start_api(service, leaf, host=config.api_host, port=port, poll_seconds=config.pki_poll_seconds)
+    except ServiceStartError as exc:
+        raise NodeStartError(str(exc)) from exc
+    api_url = api.url
     procs, sidecar_port = _fleet_processes(config, leaf, service, api_url)
     stopping = threading.Event()
     watcher: FileWatcher | None = None
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
-        while not server.started:
-            if not api_thread.is_alive():
-                raise NodeStartError(f"API server failed to start on {config.api_host}:{port}")
-            time.sleep(0.1)
         procs[0].start().wait_port("127.0.0.1", sidecar_port, timeout=30)
         procs[1].start()
         # A new CRL (or renewed certificate) reaches the fleet sidecar without dropping the tunnel.
@@ -214,9 +201,7 @@ def run_node(config: NodeConfig) -> None:
         if watcher is not None:
             watcher.stop()
         stop_all(procs)
-        server.should_exit = True
-        api_thread.join(timeout=10)
-        gate.stop()
+        api.stop()
         (state / "node.json").unlink(missing_ok=True)
 
 

@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from explain.attribution import NonFiniteScores
 from federation import wire
+from federation.roles import openai_error
 from node.access import AccessDenied, AccessPolicy, Caller, Rule
 from node.api_keys import ensure_first_key
 from node.client_app import CONFIG_HEADER, REPORT_HEADER
@@ -50,10 +51,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
 
 
-def error(status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
-    return JSONResponse(
-        status_code=status, content={"error": {"message": message, "type": type_, "param": None, "code": code}}
-    )
+error = openai_error  # one error shape for every FedSeek HTTP API
 
 
 def default_access(service: NodeService) -> AccessPolicy:
@@ -80,8 +78,7 @@ def create_app(service: NodeService, *, access: AccessPolicy | None = None) -> F
 
     @app.exception_handler(AccessDenied)
     async def _denied(_: Request, exc: AccessDenied) -> JSONResponse:
-        kind = "authentication_error" if exc.status == 401 else "permission_error"
-        return error(exc.status, str(exc), type_=kind)
+        return error(exc.status, str(exc), type_=exc.kind)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -14,6 +14,7 @@ import ssl
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from federation import config as cfg
@@ -54,10 +55,17 @@ def handshake(pki_dir: Path, name: str, fleet: str) -> str:
         return str(exc)
 
 
+def admin_client(pki_dir: Path, name: str) -> httpx.Client:
+    ctx = ssl.create_default_context(cafile=str(pki_dir / "ca" / "ca.pem"))
+    ctx.load_cert_chain(str(pki_dir / name / "cert.pem"), str(pki_dir / name / "key.pem"))
+    return httpx.Client(verify=ctx, timeout=10)
+
+
 def test_revoked_site_is_shut_out_within_a_minute_and_the_other_stays(tmp_path: Path) -> None:
     root = tmp_path / "pki"
     pki.init_ca(root, consortium="revocation-test")
     pki.issue(root, "coordinator", role="coordinator")
+    pki.issue(root, "operator", role="admin")
     for site in ("site-x", "site-y"):
         pki.issue(root, site, role="node")
         register_site_key(root, site)
@@ -115,6 +123,21 @@ def test_revoked_site_is_shut_out_within_a_minute_and_the_other_stays(tmp_path: 
         assert proc.alive()
         sidecar_log = (state / "sidecar" / "fleet-sidecar.log").read_text(errors="replace")
         assert "certificate revoked" in sidecar_log.lower()
+        while time.monotonic() < deadline and not any(
+            r["action"] == "tls.refused" and "revoked" in str(r["details"]) for r in audit_actions(state)
+        ):
+            time.sleep(0.5)
+        fleet_refusals = [r for r in audit_actions(state) if r["action"] == "tls.refused"]
+        assert any(r["actor"] == "site-x" and r["details"]["endpoint"] == "fleet" for r in fleet_refusals)
+
+        # The admin API: admins only, and it shows what happened.
+        admin_url = str(info["admin"])
+        with admin_client(root, "operator") as admin:
+            rows = {row["name"]: row for row in admin.get(f"{admin_url}/v1/admin/sites").json()["data"]}
+        assert rows["site-x"]["status"] == "revoked" and rows["site-x"]["registered_node_id"] is None
+        assert rows["site-y"]["status"] == "valid" and rows["site-y"]["registered_node_id"] is not None
+        with admin_client(root, "site-y") as node:
+            assert node.get(f"{admin_url}/v1/admin/sites").status_code == 403
     finally:
         for procs in nodes.values():
             stop(procs)

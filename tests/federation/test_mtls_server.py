@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import pytest
 from fastapi import FastAPI, Request
 
 from federation import pki
-from federation.mtls_server import Refusal, ServerTLS, TLSGate, peer_of
+from federation.mtls_server import HTTPSService, Refusal, ServerTLS, TLSGate, peer_of
 from federation.procs import free_port
 
 PASS = "correct horse battery staple"
@@ -80,19 +79,10 @@ def endpoint(ca: Path) -> Iterator[Endpoint]:
     tls = ServerTLS(
         cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=ca / "site-a" / "crl.pem", poll_interval=POLL
     )
-    gate = TLSGate(tls, on_refusal=refusals.append).start()
     port = free_port()
-    server = gate.server(_app(), host=HOST, port=port)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started
-    yield Endpoint(f"https://localhost:{port}", port, gate, refusals)
-    server.should_exit = True
-    thread.join(timeout=10)
-    gate.stop()
+    service = HTTPSService.start(_app(), tls, host=HOST, port=port, on_refusal=refusals.append)
+    yield Endpoint(f"https://localhost:{port}", port, service.gate, refusals)
+    service.stop()
 
 
 def client_ctx(

@@ -49,7 +49,7 @@ def test_supervise_gives_up_on_a_child_that_keeps_dying(tmp_path: Path) -> None:
     watchdog = threading.Timer(60, stopping.set)
     watchdog.start()
     try:
-        with pytest.raises(ProcessError, match="broken died 3 times.*giving up") as err:
+        with pytest.raises(ProcessError, match=r"broken died 3 times.*giving up") as err:
             supervise([proc], stopping, max_restarts=2, window=60)
     finally:
         watchdog.cancel()

@@ -12,10 +12,12 @@ have reached it (not just to have failed to echo).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import subprocess
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,8 +26,16 @@ from pathlib import Path
 import pytest
 
 from federation import pki
+from federation.mtls_server import Refusal
 from federation.procs import Managed, ProcessError, free_port
-from federation.sidecar import TLSFiles, client_config, make_sidecar, server_config, stunnel_binary
+from federation.sidecar import (
+    RefusalLog,
+    TLSFiles,
+    client_config,
+    make_sidecar,
+    server_config,
+    stunnel_binary,
+)
 
 HOST = "127.0.0.1"
 IO_TIMEOUT = 10.0
@@ -282,3 +292,37 @@ def test_bad_config_fails_start_up_with_log(tmp_path: Path) -> None:
         proc.stop()
     assert (tmp_path / "broken.conf").is_file()
     assert (tmp_path / "broken.log").read_text().strip()
+
+
+def test_refusals_are_read_from_the_stunnel_log(coordinator: Coordinator, tmp_path: Path) -> None:
+    """Each refused handshake becomes one Refusal (for the log and the audit trail)."""
+    refusals: list[Refusal] = []
+    follower = RefusalLog(coordinator.sidecar.log_path, refusals.append)
+    other = tmp_path / "other-pki"
+    pki.init_ca(other, consortium="someone-else")
+    pki.issue(other, "site-a", role="node")
+    rogue = ssl.create_default_context(cafile=str(coordinator.ca_cert))
+    rogue.load_cert_chain(str(other / "site-a" / "cert.pem"), str(other / "site-a" / "key.pem"))
+    for ctx in (rogue, ssl.create_default_context(cafile=str(coordinator.ca_cert))):
+        with (
+            socket.create_connection((HOST, coordinator.port), timeout=5) as raw,
+            contextlib.suppress(ssl.SSLError, OSError),
+            ctx.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
+            s.settimeout(3)
+            s.recv(1)
+    with socket.create_connection((HOST, coordinator.port), timeout=5) as raw:  # plaintext
+        raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        with contextlib.suppress(OSError):
+            raw.recv(100)
+    deadline = time.monotonic() + 10
+    while len(refusals) < 3 and time.monotonic() < deadline:
+        follower.poll()
+        time.sleep(0.2)
+    reasons = [r.reason for r in refusals]
+    assert len(refusals) == 3, reasons
+    assert "unable to get local issuer certificate" in reasons[0] and refusals[0].subject == "site-a"
+    assert "peer did not return a certificate" in reasons[1]
+    assert reasons[2] in ("wrong version number", "http request")  # plaintext
+    assert all(r.peer.startswith("127.0.0.1:") for r in refusals)
+    assert follower.poll() == 0  # each refusal is reported once

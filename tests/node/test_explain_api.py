@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -17,7 +19,7 @@ from federation import pki, wire
 from federation.cli.main import main
 from federation.config import NodeConfig
 from federation.procs import free_port
-from node.agent import api_server
+from node.agent import start_api
 from node.data import load_jsonl, tokenize
 from node.engine import ModelHost
 from node.explain_service import MAX_EVALS_LIMIT, ExplanationNotFound, Explanations
@@ -332,18 +334,9 @@ def test_ids_never_name_paths(service: NodeService) -> None:
 @pytest.fixture(scope="module")
 def node_url(service: NodeService, pki_dir: Path) -> Iterator[str]:
     """The node's API as `fedseek node start` serves it: real TLS, certificates, roles."""
-    port = free_port()
-    server, gate = api_server(service, pki.load_leaf(pki_dir, "site-a"), host="127.0.0.1", port=port)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"https://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(timeout=10)
-    gate.stop()
+    api = start_api(service, pki.load_leaf(pki_dir, "site-a"), host="127.0.0.1", port=free_port())
+    yield api.url
+    api.stop()
 
 
 def cli_identity(pki_dir: Path, name: str) -> list[str]:
@@ -399,3 +392,22 @@ def test_cli_explain_with_a_node_certificate_is_refused_and_audited(
     assert err.startswith("fedseek: error: node answered 403: role 'node' may not call this route")
     refusal = audit_records(service)[before:]
     assert [r["action"] for r in refusal] == ["access.refused"] and refusal[0]["actor"] == "site-b"
+
+
+def test_certificate_from_another_ca_fails_the_handshake_and_is_audited(
+    node_url: str, service: NodeService, pki_dir: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other-pki"
+    pki.init_ca(other, consortium="not-our-consortium")
+    pki.issue(other, "reviewer", role="reviewer")
+    before = len(service.audit)
+    ctx = ssl.create_default_context(cafile=str(pki_dir / "ca" / "ca.pem"))
+    ctx.load_cert_chain(str(other / "reviewer" / "cert.pem"), str(other / "reviewer" / "key.pem"))
+    with pytest.raises(httpx.HTTPError), httpx.Client(verify=ctx, timeout=10) as http:
+        http.get(f"{node_url}/v1/explanations/expl-" + "0" * 32)
+    deadline = time.monotonic() + 10
+    while len(service.audit) == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    record = audit_records(service)[-1]
+    assert record["action"] == "tls.refused"
+    assert "unable to get local issuer certificate" in record["details"]["reason"]

@@ -1,0 +1,100 @@
+"""The coordinator's admin API: HTTPS with consortium client certificates, `admin` role only.
+
+Read-only views for the consortium operator: which sites may join and which are registered
+with the SuperLink, the adapter versions in the registry with their lineage, and run
+summaries. Served through federation.mtls_server (TLS 1.3, CRL, refusals logged and audited).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from coordinator.registry import AdapterRegistry, RegistryError
+from coordinator.sites import SiteAccess
+from federation import pki
+from federation.mtls_server import peer_of
+from federation.roles import AccessDenied, require_role
+from privacy.audit import AuditTrail
+
+log = logging.getLogger("fedseek.coordinator.admin")
+
+PeerFn = Callable[[Request], pki.Identity | None]
+
+
+def create_admin_app(
+    *, sites: SiteAccess, registry: AdapterRegistry, audit: AuditTrail, peer: PeerFn = peer_of
+) -> FastAPI:
+    app = FastAPI(title="FedSeek coordinator admin", version="0.1.0")
+
+    def admin(request: Request) -> pki.Identity:
+        identity = peer(request)
+        try:
+            return require_role(identity, "admin")
+        except AccessDenied as exc:
+            who = identity.name if identity else (request.client.host if request.client else "unknown")
+            log.warning("refused %s %s from %s: %s", request.method, request.url.path, who, exc)
+            audit.append(
+                actor=who,
+                action="access.refused",
+                resource=request.url.path,
+                details={"status": exc.status, "reason": str(exc), "role": identity.role if identity else None},
+            )
+            raise
+
+    @app.exception_handler(AccessDenied)
+    async def _denied(_: Request, exc: AccessDenied) -> JSONResponse:
+        return JSONResponse(
+            status_code=exc.status,
+            content={"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}},
+        )
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/admin/sites")
+    def site_list(who: pki.Identity = Depends(admin)) -> dict[str, Any]:  # noqa: B008 - FastAPI dependency
+        registered = dict(sites.registered)
+        rows = [
+            {
+                "name": ident.name,
+                "role": ident.role,
+                "status": status,
+                "not_after": ident.not_after.isoformat(),
+                "serial": f"{ident.serial:x}",
+                "registered_node_id": registered.get(ident.name),
+            }
+            for ident, status in pki.list_status(sites.pki_dir)
+        ]
+        audit.append(actor=who.name, action="admin.sites", resource="/v1/admin/sites")
+        return {"object": "list", "data": rows}
+
+    @app.get("/v1/admin/versions")
+    def versions(who: pki.Identity = Depends(admin)) -> dict[str, Any]:  # noqa: B008
+        data = []
+        for version in registry.versions():
+            try:
+                data.append(registry.manifest(version).to_json())
+            except RegistryError as exc:  # a damaged version is shown, not hidden
+                data.append({"version": version, "error": str(exc)})
+        audit.append(actor=who.name, action="admin.versions", resource="/v1/admin/versions")
+        return {"object": "list", "latest": registry.latest(), "data": data}
+
+    @app.get("/v1/admin/runs")
+    def runs(who: pki.Identity = Depends(admin)) -> dict[str, Any]:  # noqa: B008
+        out = []
+        for path in sorted((registry.root / "runs").glob("*.json")):
+            try:
+                out.append(json.loads(path.read_text()))
+            except (OSError, json.JSONDecodeError) as exc:
+                out.append({"run": path.stem, "error": f"unreadable summary: {exc}"})
+        audit.append(actor=who.name, action="admin.runs", resource="/v1/admin/runs")
+        return {"object": "list", "data": out}
+
+    return app

@@ -1,0 +1,82 @@
+"""The coordinator's admin API through TestClient: admin role only, refusals audited, views correct.
+
+Real handshakes against the running coordinator's admin port: tests/e2e/test_fleet_revocation.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from coordinator.admin_api import create_admin_app
+from coordinator.registry import AdapterRegistry
+from coordinator.sites import SiteAccess
+from privacy.audit import AuditTrail
+from tests.fake_peer import as_peer, header_peer
+
+
+@pytest.fixture
+def setup(pki_dir: Path, tmp_path: Path) -> tuple[TestClient, AuditTrail, SiteAccess]:
+    audit = AuditTrail(tmp_path / "audit.jsonl")
+    sites = SiteAccess(
+        pki_dir=pki_dir,
+        site_keys_dir=tmp_path / "no-keys",
+        audit=audit,
+        register=lambda key, name: 1,
+        unregister=lambda node_id: None,
+    )
+    sites.registered["site-a"] = 7
+    registry = AdapterRegistry(tmp_path / "registry")
+    (registry.root / "runs").mkdir(parents=True)
+    (registry.root / "runs" / "r1.json").write_text(json.dumps({"run": "r1", "rounds_completed": 2}))
+    (registry.root / "runs" / "broken.json").write_text("{not json")
+    app = create_admin_app(sites=sites, registry=registry, audit=audit, peer=header_peer)
+    return TestClient(app, raise_server_exceptions=False), audit, sites
+
+
+def records(audit: AuditTrail) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in audit.path.read_text().splitlines()]
+
+
+def test_sites_view_shows_certificate_status_and_registration(
+    setup: tuple[TestClient, AuditTrail, SiteAccess],
+) -> None:
+    client, audit, _ = setup
+    r = client.get("/v1/admin/sites", headers=as_peer("olga", "admin"))
+    assert r.status_code == 200, r.text
+    rows = {row["name"]: row for row in r.json()["data"]}
+    assert rows["site-a"]["role"] == "node" and rows["site-a"]["registered_node_id"] == 7
+    assert rows["site-b"]["registered_node_id"] is None
+    assert rows["reviewer"]["status"] == "valid"
+    assert records(audit)[-1]["action"] == "admin.sites" and records(audit)[-1]["actor"] == "olga"
+
+
+def test_runs_and_versions_views(setup: tuple[TestClient, AuditTrail, SiteAccess]) -> None:
+    client, _, _ = setup
+    runs = client.get("/v1/admin/runs", headers=as_peer("olga", "admin")).json()["data"]
+    assert {"run": "r1", "rounds_completed": 2} in runs
+    assert any("unreadable summary" in r.get("error", "") for r in runs)  # shown, not hidden
+    versions = client.get("/v1/admin/versions", headers=as_peer("olga", "admin")).json()
+    assert versions == {"object": "list", "latest": None, "data": []}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [({}, 401), (as_peer("site-a", "node"), 403), (as_peer("rita", "reviewer"), 403)],
+    ids=["no-cert", "node-cert", "reviewer-cert"],
+)
+def test_only_admins_get_in_and_refusals_are_audited(
+    setup: tuple[TestClient, AuditTrail, SiteAccess], headers: dict[str, str], status: int
+) -> None:
+    client, audit, _ = setup
+    r = client.get("/v1/admin/sites", headers=headers)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert err["type"] == ("authentication_error" if status == 401 else "permission_error")
+    assert "role 'admin'" in err["message"]
+    last = records(audit)[-1]
+    assert last["action"] == "access.refused" and last["details"]["status"] == status
