@@ -286,6 +286,7 @@ def test_grouped_optimizer_steps_like_opacus(qwen2: PeftModel, secure_mode: bool
     clip = float(norms.median())  # some of the 6 records clipped, some not
     results = []
     for cls in (DPOptimizer, GroupedDPOptimizer):
+        extra = {"batched_noise": False} if cls is GroupedDPOptimizer else {}  # Opacus's draw order
         optimizer = cls(
             torch.optim.SGD(params, lr=0.0),
             noise_multiplier=0.7,
@@ -293,6 +294,7 @@ def test_grouped_optimizer_steps_like_opacus(qwen2: PeftModel, secure_mode: bool
             expected_batch_size=4,
             generator=torch.Generator().manual_seed(5),
             secure_mode=secure_mode,
+            **extra,
         )
         for p, s in zip(params, samples, strict=True):
             p.grad_sample = s.clone()  # type: ignore[attr-defined]
@@ -306,3 +308,33 @@ def test_grouped_optimizer_steps_like_opacus(qwen2: PeftModel, secure_mode: bool
     assert (norms > clip).any() and (norms < clip).any()
     assert _max_rel(clipped, ref_clipped) <= 1e-6
     assert _max_rel(grad, ref_grad) <= 1e-6
+
+
+def test_batched_noise_is_the_same_gaussian_mechanism(qwen2: PeftModel) -> None:
+    """One draw per dtype: every coordinate of every clipped sum gets N(0, (sigma C)^2), independently."""
+    params = [p for p in qwen2.parameters() if p.requires_grad]
+    sigma, clip = 0.9, 2.0
+    draws = []
+    for seed in (11, 12):
+        optimizer = GroupedDPOptimizer(
+            torch.optim.SGD(params, lr=0.0),
+            noise_multiplier=sigma,
+            max_grad_norm=clip,
+            expected_batch_size=4,
+            generator=torch.Generator().manual_seed(seed),
+        )
+        for p in params:
+            p.summed_grad = torch.full_like(p, 0.25)  # type: ignore[attr-defined]
+        optimizer.add_noise()
+        noise = [(p.grad - 0.25).flatten() for p in params]  # type: ignore[operator]
+        draws.append(torch.cat(noise))
+        assert all(p.grad.shape == p.shape for p in params)  # type: ignore[union-attr]
+        for p in params:
+            p.grad = p.summed_grad = None  # type: ignore[attr-defined]
+    first, second = draws
+    assert first.numel() > 5000
+    assert float(first.std()) == pytest.approx(sigma * clip, rel=0.03)
+    assert abs(float(first.mean())) < 4 * sigma * clip / first.numel() ** 0.5
+    per_tensor_std = [float(t.std()) for t in first.split([p.numel() for p in params]) if t.numel() > 200]
+    assert min(per_tensor_std) > 0.8 * sigma * clip  # no tensor left without noise
+    assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.05  # fresh draws per step
