@@ -1,29 +1,47 @@
-"""The node agent's in-process state: model host, data, privacy ledger, audit trail.
+"""The node agent's in-process state: model host, serving engine, data, privacy ledger, audit trail.
 
-Everything the HTTP layer (node/server.py) does goes through `NodeService`, so the same
-logic is tested without sockets and every model call lands in the audit trail.
+Everything the HTTP layer (node/server.py) does goes through `NodeService` (or its `Serving`),
+so the same logic is tested without sockets and every model call lands in the audit trail.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import secrets
 import threading
 import time
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from federation import wire
 from federation.config import NodeConfig
 from node.data import TokenizedExample, collate, load_jsonl, tokenize
-from node.engine import TRAIN_ADAPTER, AdapterInfo, Generation, ModelHost
+from node.engine import BASE, TRAIN_ADAPTER, AdapterInfo, Generation, ModelHost
+from node.metrics import ServingMetrics
+from node.serving import (
+    Engine,
+    Event,
+    FastRunner,
+    HFRunner,
+    QueueFull,
+    Runner,
+    SamplingParams,
+    UnknownAdapter,
+    lora_from_peft,
+)
+from node.serving.fast import supports
 from node.trainer import RoundResult, TrainingError, TrainSettings, evaluate_loss, per_sample_loss, train_round
-from privacy.audit import AuditTrail
+from privacy.audit import AuditRecord, AuditTrail
 from privacy.ledger import Budget, PolicyError, PrivacyLedger
+
+TRAIN_YIELD_S = 0.05
+"""How long a training round waits, after each DP step, while requests are in flight (see Serving)."""
 
 
 def sha256_text(text: str) -> str:
@@ -35,6 +53,199 @@ class NodeState:
     eval_loss_before: float
     eval_loss_after: dict[str, float] = field(default_factory=dict)
     rounds_trained: int = 0
+
+
+class Loading(RuntimeError):
+    """The model is still loading (the HTTP layer answers 503)."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request resolved before it is queued: token ids, the engine's adapter, the model id to report."""
+
+    prompt_ids: list[int]
+    adapter: str | None  # None: the base model
+    served: str
+    prompt_sha256: str
+
+
+def serving_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """The same model as new module objects over the very same parameter and buffer tensors.
+
+    A DP round patches forwards, registers hooks and flips train/eval on the host's peft model for
+    its whole length; serving through its own module tree is untouched by that, so it runs
+    concurrently with training while holding no second copy of the weights.
+    """
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    served: torch.nn.Module = copy.deepcopy(model, memo)
+    return served.eval()
+
+
+class Serving:
+    """The OpenAI serving side of a node: one continuous-batching `Engine` over the host's model.
+
+    Qwen2/Llama models get the fast runner (its own forward over the shared weights, adapters in
+    its LoRA bank); any other model the generic runner over `serving_copy` of the peft model. Either
+    way serving never takes `host.lock`, which a training round holds from start to end: see
+    "Serving" in docs/ARCHITECTURE.md. Every request is audited when it ends.
+    """
+
+    def __init__(
+        self,
+        host: ModelHost,
+        audit: AuditTrail,
+        *,
+        owner: str,
+        max_slots: int = 8,
+        max_queue: int = 64,
+        max_model_len: int = 4096,
+        max_adapters: int = 8,
+    ) -> None:
+        self.host = host
+        self.audit = audit
+        self.owner = owner
+        self.max_adapters = max_adapters
+        max_len = min(max_model_len, host.context_length)
+        self._fast = supports(host.peft)
+        with host.lock:
+            self.runner: Runner = (
+                FastRunner(host.peft, max_slots=max_slots, max_len=max_len, max_adapters=max_adapters)
+                if self._fast
+                else HFRunner(serving_copy(host.peft), max_slots=max_slots, max_len=max_len)
+            )
+        self.engine = Engine(self.runner, host.tokenizer, max_queue=max_queue).start()
+        self.metrics = ServingMetrics(self.engine, model_name=host.model_name, max_lora=max_adapters)
+        self._loaded: dict[str, str] = {}  # adapter version -> sha256 the runner serves
+        self.sync_adapters()
+
+    def close(self) -> None:
+        self.engine.stop()
+
+    # ---- adapters -----------------------------------------------------------------------
+    def sync_adapters(self) -> None:
+        """Serve what the host has installed (call after every `ModelHost.install`)."""
+        with self.host.lock:
+            wanted = {v: a.sha256 for v, a in self.host.adapters.items()}
+            if wanted == self._loaded:
+                return
+            if self._fast:
+                keep = list(wanted)[-self.max_adapters :]  # the bank is bounded: the newest versions stay
+                fresh = {v: lora_from_peft(self.host.peft, v) for v in keep if self._loaded.get(v) != wanted[v]}
+            else:
+                model = serving_copy(self.host.peft)
+        if self._fast:
+            self.engine.call(lambda: self._load_fast(keep, fresh))
+            self._loaded = {v: wanted[v] for v in keep}
+        else:
+            self.engine.call(lambda: setattr(self.runner, "model", model))  # between two engine steps
+            self._loaded = wanted
+
+    def _load_fast(self, keep: list[str], fresh: dict[str, Any]) -> None:
+        runner = self.runner
+        assert isinstance(runner, FastRunner)
+        for name in runner.adapters():
+            if name not in keep or name in fresh:
+                runner.unload_adapter(name)
+        for name, weights in fresh.items():
+            runner.load_adapter(name, weights)
+
+    # ---- requests -----------------------------------------------------------------------
+    def models(self) -> list[dict[str, Any]]:
+        base = {"id": self.host.model_name, "object": "model", "created": 0, "owned_by": self.owner, "parent": None}
+        versions = [
+            {
+                "id": a.version,
+                "object": "model",
+                "created": a.created,
+                "owned_by": "consortium",
+                "parent": a.parent or self.host.model_name,
+                "sha256": a.sha256,
+            }
+            for a in self.host.adapters.values()
+        ]
+        return [base, *versions]
+
+    def prepare(self, prompt: list[dict[str, str]] | str | list[int], model: str | None) -> Prepared:
+        """Chat messages, text or token ids; raises UnknownModel for a model not served here."""
+        name = self.host.resolve(model)
+        if isinstance(prompt, str):
+            ids = [int(i) for i in self.host.tokenizer(prompt, add_special_tokens=True).input_ids]
+        elif prompt and isinstance(prompt[0], dict):
+            ids = self.host.prompt_ids(prompt)  # type: ignore[arg-type]
+        else:
+            ids = [int(i) for i in prompt]  # type: ignore[arg-type]
+            vocab = int(getattr(self.host.peft.get_base_model().config, "vocab_size", 0)) or 2**31
+            if any(not 0 <= i < vocab for i in ids):
+                raise ValueError(f"prompt token ids must be in [0, {vocab})")  # else one bad row fails the batch
+        served = self.host.model_name if name == BASE else name
+        digest = sha256_text(json.dumps(prompt, sort_keys=True))
+        return Prepared(ids, None if name == BASE else name, served, digest)
+
+    async def generate(
+        self, prep: Prepared, params: SamplingParams, *, actor: str, receipt: dict[str, str] | None = None
+    ) -> AsyncGenerator[Event, None]:
+        """The request's events, audited at the end (`receipt["audit_hash"]` then holds the record's hash).
+
+        The first `anext` queues it, so QueueFull, ValueError (too long for the context) and
+        UnknownAdapter come before any output; closing it early cancels the request at once.
+        """
+        track = self.metrics.request(prep.adapter)
+        stream = cast(AsyncGenerator[Event, None], self.engine.astream(prep.prompt_ids, params, adapter=prep.adapter))
+        last: Event | None = None
+        refused = False
+        try:
+            async for ev in stream:
+                track.event(ev)
+                last = ev
+                yield ev
+        except (QueueFull, ValueError, UnknownAdapter):
+            refused = last is None  # refused by `submit`: nothing ran
+            raise
+        finally:
+            await stream.aclose()  # no await inside: the engine's cancel runs even in a cancelled task
+            track.done(not refused)
+            if not refused:
+                rec = self._audit(prep, actor, last.completion_tokens if last else 0, last, track.elapsed())
+                if receipt is not None:
+                    receipt["audit_hash"] = rec.hash
+
+    def complete(self, prep: Prepared, params: SamplingParams, *, actor: str) -> tuple[Generation, str]:
+        """Blocking: run to the end; returns the generation and its audit record hash."""
+        started = time.perf_counter()
+        out = self.engine.complete(prep.prompt_ids, params, adapter=prep.adapter)
+        gen = Generation(out.text, out.prompt_tokens, out.completion_tokens, out.finish_reason, out.token_ids)
+        self.metrics.completed(out)
+        rec = self._audit(prep, actor, out.completion_tokens, out.finish_reason, time.perf_counter() - started)
+        return gen, rec.hash
+
+    def _audit(
+        self, prep: Prepared, actor: str, completion_tokens: int, finish: Event | str | None, latency_s: float
+    ) -> AuditRecord:
+        """One `serve` record per request, cancelled ones too (the model ran); the prompt only as a hash."""
+        if isinstance(finish, Event) or finish is None:
+            finish = finish.finish_reason if finish is not None else None
+        return self.audit.append(
+            actor=actor,
+            action="serve",
+            resource=prep.served,
+            details={
+                "prompt_sha256": prep.prompt_sha256,
+                "prompt_tokens": len(prep.prompt_ids),
+                "completion_tokens": completion_tokens,
+                "finish_reason": finish or "cancelled",
+                "latency_s": round(latency_s, 4),
+            },
+        )
+
+    def yield_to_requests(self, max_wait_s: float) -> float:
+        """Between two training steps: wait while requests are in flight, at most `max_wait_s`."""
+        start = time.perf_counter()
+        while time.perf_counter() - start < max_wait_s:
+            stats = self.engine.stats()
+            if not (stats["running"] or stats["waiting"]):
+                break
+            time.sleep(0.002)
+        return time.perf_counter() - start
 
 
 class NodeService:
@@ -58,49 +269,19 @@ class NodeService:
         self.state = NodeState(eval_loss_before=evaluate_loss(host, eval_data, model="base"))
         self.train_lock = threading.Lock()
         self._restore_adapters()
+        self.serving = Serving(host, self.audit, owner=config.name)
 
     # ---- serving ------------------------------------------------------------------
     def chat(
         self, messages: list[dict[str, str]], *, model: str | None, actor: str, **kwargs: Any
     ) -> tuple[Generation, str, str]:
-        """Generate a reply; returns (generation, served model id, audit record hash)."""
-        name = self.host.resolve(model)
-        served = self.host.model_name if name == "base" else name
-        started = time.perf_counter()
-        gen = self.host.generate(messages, model=name, **kwargs)
-        rec = self.audit.append(
-            actor=actor,
-            action="serve",
-            resource=served,
-            details={
-                "prompt_sha256": sha256_text(json.dumps(messages, sort_keys=True)),
-                "prompt_tokens": gen.prompt_tokens,
-                "completion_tokens": gen.completion_tokens,
-                "latency_s": round(time.perf_counter() - started, 4),
-            },
-        )
-        return gen, served, rec.hash
+        """Generate a reply (blocking); returns (generation, served model id, audit record hash)."""
+        prep = self.serving.prepare(messages, model)
+        gen, audit_hash = self.serving.complete(prep, SamplingParams(**kwargs), actor=actor)
+        return gen, prep.served, audit_hash
 
     def models(self) -> list[dict[str, Any]]:
-        base = {
-            "id": self.host.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": self.config.name,
-            "parent": None,
-        }
-        versions = [
-            {
-                "id": a.version,
-                "object": "model",
-                "created": a.created,
-                "owned_by": "consortium",
-                "parent": a.parent or self.host.model_name,
-                "sha256": a.sha256,
-            }
-            for a in self.host.adapters.values()
-        ]
-        return [base, *versions]
+        return self.serving.models()
 
     # ---- federation ---------------------------------------------------------------
     def train(self, global_arrays: wire.Arrays | None, config: dict[str, Any]) -> RoundResult:
@@ -128,6 +309,7 @@ class NodeService:
                     rounds_left=max(1, rounds - server_round + 1),
                     global_arrays=global_arrays,
                     settings=settings,
+                    progress=self._between_steps,
                 )
             except Exception as exc:
                 self.audit.append(
@@ -150,6 +332,10 @@ class NodeService:
             )
             return result
 
+    def _between_steps(self, *_: Any) -> None:
+        """Serving's priority: after each DP step, let in-flight requests run for up to `TRAIN_YIELD_S`."""
+        self.serving.yield_to_requests(TRAIN_YIELD_S)
+
     def _check_finite_start(self, global_arrays: wire.Arrays | None, batch_size: int) -> None:
         """Refuse, before the ledger is charged, a round whose loss is already NaN or infinite.
 
@@ -171,6 +357,7 @@ class NodeService:
     def deploy(self, version: str, sha256: str, arrays: wire.Arrays, *, parent: str | None = None) -> dict[str, Any]:
         """Install a global adapter version, persist it, and score it on local eval data."""
         info = self.host.install(version, arrays, sha256=sha256, parent=parent)
+        self.serving.sync_adapters()
         self._persist_adapter(info, arrays)
         loss = evaluate_loss(self.host, self.eval_data, model=version)
         self.state.eval_loss_after[version] = loss

@@ -153,6 +153,22 @@ def test_chat_with_openai_client_shape(client: TestClient) -> None:
     assert completion.choices[0].message.role == "assistant"
 
 
+def test_chat_stream_is_server_sent_chunks_and_audited(client: TestClient, service: NodeService) -> None:
+    before = len(service.audit)
+    body = {**CHAT, "model": "v1", "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] <= CHAT["max_tokens"]
+    assert len(service.audit) == before + 1
+
+
 def test_unknown_model_is_404(client: TestClient, service: NodeService) -> None:
     before = len(service.audit)
     r = client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4"})
@@ -178,7 +194,9 @@ def test_unknown_model_is_404(client: TestClient, service: NodeService) -> None:
         pytest.param(json.dumps({**CHAT, "max_tokens": "many"}), id="max-tokens-str"),
         pytest.param(json.dumps({**CHAT, "top_p": 0}), id="top-p-0"),
         pytest.param(json.dumps({**CHAT, "n": 2}), id="n-2"),
-        pytest.param(json.dumps({**CHAT, "stream": True}), id="stream"),
+        pytest.param(json.dumps({**CHAT, "stop": [""]}), id="empty-stop"),
+        pytest.param(json.dumps({**CHAT, "stop": ["a", "b", "c", "d", "e"]}), id="five-stops"),
+        pytest.param(json.dumps({**CHAT, "seed": 2**64}), id="seed-beyond-int64"),
         pytest.param(json.dumps({**CHAT, "max_tokens": 4000}), id="context-overflow"),
     ],
 )
