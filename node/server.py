@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from explain.attribution import NonFiniteScores
@@ -124,6 +125,13 @@ def _app(title: str, policy: AccessPolicy, *, site: str) -> tuple[FastAPI, Calle
         first = exc.errors()[0] if exc.errors() else {"msg": "invalid request"}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error(400, f"{where}: {first['msg']}" if where else str(first["msg"]))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Starlette's own refusals (an unparsable body, an unknown route) in the same shape."""
+        return error(
+            exc.status_code, str(exc.detail), type_="invalid_request_error" if exc.status_code < 500 else "server_error"
+        )
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
