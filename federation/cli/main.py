@@ -218,9 +218,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from federation.cli.budget import add_budget_command
     from federation.cli.privacy_audit import add_privacy_commands
+    from federation.cli.serve import add_serve_command
 
     add_budget_command(sub)
     add_privacy_commands(sub)
+    add_serve_command(sub)
 
     audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="audit_command", required=True)
     p = audit.add_parser("verify", help="verify a hash-chained audit trail")
