@@ -57,7 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's packages
 
 from bench.common import machine, versions
-from coordinator.strategy import weighted_average
+from coordinator.aggregate import weighted_average
 from federation import wire
 from federation.cli.demo_data import (
     DEPARTMENTS,

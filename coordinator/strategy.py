@@ -10,11 +10,11 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from coordinator.aggregate import weighted_average as weighted_average  # re-export: the mean lives Flower-free
 from coordinator.registry import AdapterRegistry, Manifest, SiteLineage
 from federation import records, wire
 
@@ -33,19 +33,6 @@ class RoundRecord:
 
 def _layout(arrays: wire.Arrays) -> tuple[tuple[str, tuple[int, ...]], ...]:
     return tuple(sorted((name, tuple(value.shape)) for name, value in arrays.items()))
-
-
-def weighted_average(updates: list[tuple[wire.Arrays, float]]) -> wire.Arrays:
-    """Weighted mean of same-shaped array dicts, accumulated in float64 for exactness."""
-    total = float(sum(w for _, w in updates))
-    if total <= 0:
-        raise ValueError("weights must sum to a positive number")
-    out: dict[str, np.ndarray] = {}
-    for arrays, weight in updates:
-        for name, value in arrays.items():
-            acc = out.setdefault(name, np.zeros(value.shape, dtype=np.float64))
-            acc += value.astype(np.float64) * (weight / total)
-    return {name: acc.astype(np.float32) for name, acc in out.items()}
 
 
 class LoraFedAvg(FedAvg):
