@@ -34,6 +34,11 @@ log = logging.getLogger("fedseek.mtls")
 
 PEER_STATE_KEY = "tls_peer"
 
+# Longer than the idle expiry of common HTTP clients (httpx, hence `openai`: 5 s), so the client
+# always drops an idle connection first. With equal timeouts a client can reuse a connection at
+# the moment the server closes it, and the request fails with a read error (seen under load).
+KEEP_ALIVE_S = 30
+
 
 @dataclass(frozen=True)
 class ServerTLS:
@@ -193,7 +198,13 @@ class TLSGate:
         handshake here (the client saw EOF after the handshake timeout).
         """
         config = uvicorn.Config(
-            app, host=host, port=port, http=self.protocol_class(), loop="asyncio", log_level=log_level
+            app,
+            host=host,
+            port=port,
+            http=self.protocol_class(),
+            loop="asyncio",
+            log_level=log_level,
+            timeout_keep_alive=KEEP_ALIVE_S,
         )
         return uvicorn.Server(config)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import secrets
+import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from federation.cli.main import CLIError
+    from federation.mtls_server import KEEP_ALIVE_S
     from node.access import AccessPolicy
     from node.api_keys import ensure_first_key
     from node.server import create_serving_app
@@ -110,12 +112,22 @@ def _serve(args: argparse.Namespace) -> int:
 
     app = create_serving_app(lambda: loaded.get("serving"), policy, name=Path(args.model).name)
     config = uvicorn.Config(
-        app, host=args.host, port=args.port, log_level="warning", ssl_certfile=args.cert, ssl_keyfile=args.key
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        ssl_certfile=args.cert,
+        ssl_keyfile=args.key,
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     server = uvicorn.Server(config)
     scheme = "https" if args.cert else "http"
     print(f"serving on {scheme}://{args.host}:{args.port}/v1 (API key in {state / 'api-key'}); loading...", flush=True)
     threading.Thread(target=load, name="fedseek-load", daemon=True).start()
+    # uvicorn shuts down gracefully on SIGTERM, then re-raises it against the handler that was in
+    # place before; a no-op handler here lets the engine close and the command exit 0, as a
+    # service manager expects of a requested stop.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         server.run()
     finally:
