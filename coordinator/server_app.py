@@ -37,8 +37,15 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
     registry = AdapterRegistry(Path(str(run_config["registry-dir"])))
     run_name = str(run_config.get("run-name", "run"))
     rounds = int(run_config.get("num-rounds", 2))
+    ffa = bool(run_config.get("ffa-lora", False))  # FFA-LoRA: A frozen at the shared seeded init, B-only traffic
     summary_path = registry.root / "runs" / f"{run_name}.json"
-    summary: dict[str, Any] = {"run": run_name, "status": "running", "rounds_planned": rounds, "rounds": []}
+    summary: dict[str, Any] = {
+        "run": run_name,
+        "status": "running",
+        "rounds_planned": rounds,
+        "ffa_lora": ffa,
+        "rounds": [],
+    }
 
     def snapshot() -> None:
         summary["rounds"] = [asdict(r) for r in strategy.rounds]
@@ -49,7 +56,11 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
         write_run_summary(summary_path, summary)
 
     strategy = LoraFedAvg(
-        registry=registry, run_name=run_name, min_nodes=int(run_config.get("min-nodes", 2)), on_round=snapshot
+        registry=registry,
+        run_name=run_name,
+        min_nodes=int(run_config.get("min-nodes", 2)),
+        on_round=snapshot,
+        ffa=ffa,
     )
     train_config = ConfigRecord(
         {

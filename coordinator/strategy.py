@@ -1,6 +1,10 @@
 """FedAvg over LoRA arrays that validates every update and records each global version.
 
 It talks only to Flower's abstract `Grid`, so tests drive it with an in-memory grid.
+With `ffa=True` (FFA-LoRA) it averages the B factors only: every site trains against the same
+seeded A, so the mean of the sites' B A products is (mean B) A exactly. The A factors arrive
+once, in the first round's replies; after that train and evaluate messages and replies carry
+B only, and each reply's A digest must be the run's.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ class RoundRecord:
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     eval_loss: dict[str, float] = field(default_factory=dict)
+    update_bytes: dict[str, int] = field(default_factory=dict)
+    """Array bytes each accepted site sent (about half the adapter's under FFA-LoRA)."""
+
+
+Parsed = tuple[Message, wire.AdapterUpdate, wire.PrivacyReport]
 
 
 def _layout(arrays: wire.Arrays) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -46,6 +55,7 @@ class LoraFedAvg(FedAvg):
         min_nodes: int,
         parent: str | None = None,
         on_round: Callable[[], None] | None = None,
+        ffa: bool = False,
     ) -> None:
         super().__init__(min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
         self.on_round = on_round
@@ -55,31 +65,83 @@ class LoraFedAvg(FedAvg):
         self.rounds: list[RoundRecord] = []
         self.latest: Manifest | None = None
         self.global_arrays: wire.Arrays | None = registry.load(parent)[0] if parent else None
+        self.ffa = ffa
 
     @staticmethod
     def _reject(rec: RoundRecord, msg: Message, exc: Exception) -> None:
         rec.rejected[f"node-{msg.metadata.src_node_id}"] = str(exc)
         log.warning("round %d: rejected update from node %s: %s", rec.round, msg.metadata.src_node_id, exc)
 
-    def _parse_reply(self, msg: Message) -> tuple[wire.Arrays, wire.PrivacyReport]:
+    def _parse_reply(self, msg: Message) -> tuple[wire.AdapterUpdate, wire.PrivacyReport]:
         content = msg.content
-        arrays = records.from_array_record(content.array_records[records.ARRAYS])
+        update = records.update_from_content(content)
         report = records.config_to_report(content.config_records[records.PRIVACY])
         if report.num_examples <= 0:
             raise wire.WireError("update reports no training examples")
-        return arrays, report
+        return update, report
+
+    def _averaged(self, arrays: wire.Arrays) -> wire.Arrays:
+        """The part of an adapter that is averaged: all of it, or under FFA-LoRA its B factors."""
+        return wire.lora_b(arrays) if self.ffa else arrays
 
     def _reference_layout(self, candidates: list[wire.Arrays]) -> wire.Arrays | None:
         """Tensor names and shapes every update must have: the current global adapter's, or in
         the first round the layout most sites agree on (none on a tie: the round is refused)."""
         if self.global_arrays is not None:
-            return self.global_arrays
+            return self._averaged(self.global_arrays)
         layouts = Counter(_layout(a) for a in candidates)
         ranked = layouts.most_common(2)
         if not ranked or (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
             return None
         winner = ranked[0][0]
         return next(a for a in candidates if _layout(a) == winner)
+
+    def _run_lora_a(self, rec: RoundRecord, parsed: list[Parsed]) -> tuple[list[Parsed], wire.Arrays | None]:
+        """FFA-LoRA: keep the replies trained against the run's A, and return that A.
+
+        The run's A is the global adapter's, or in the first round the A digest most sites
+        report (none on a tie). A whole-adapter reply must also hold exactly one A per B, so the
+        A taken from it completes the averaged B factors.
+        """
+        known = self.global_arrays
+        expected = wire.lora_a_sha256(known) if known is not None else None
+        if expected is None:
+            ranked = Counter(u.lora_a_sha256 for _, u, _ in parsed if u.lora_a_sha256).most_common(2)
+            if ranked and not (len(ranked) == 2 and ranked[0][1] == ranked[1][1]):
+                expected = ranked[0][0]
+        kept: list[Parsed] = []
+        for msg, update, report in parsed:
+            try:
+                if expected is None:
+                    raise wire.WireError("FFA-LoRA: sites disagree on the lora_A factors; no majority")
+                if update.lora_a_sha256 != expected:
+                    got = update.lora_a_sha256[:12] or "missing"
+                    raise wire.WireError(f"FFA-LoRA: lora_A sha256 {got} is not the run's {expected[:12]}")
+                if update.factors == "AB":
+                    wire.with_lora_a(wire.lora_b(update.arrays), wire.lora_a(update.arrays))
+                kept.append((msg, update, report))
+            except wire.WireError as exc:
+                self._reject(rec, msg, exc)
+        sources = [wire.lora_a(u.arrays) for _, u, _ in kept if u.factors == "AB"]
+        return kept, (wire.lora_a(known) if known is not None else next(iter(sources), None))
+
+    def _ffa_message(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
+        """What an FFA-LoRA train or evaluate message carries: B only once A is known, else a request for A."""
+        cfg = ConfigRecord(dict(config))
+        cfg["ffa-lora"] = True
+        if self.global_arrays is None:
+            cfg["reply-factors"] = "AB"
+            return arrays, cfg
+        cfg["reply-factors"] = "B"
+        cfg["lora-a-sha256"] = wire.lora_a_sha256(self.global_arrays)
+        return ArrayRecord({k: v for k, v in arrays.items() if wire.factor_of(k) != "A"}), cfg
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.ffa:
+            arrays, config = self._ffa_message(arrays, config)
+        return super().configure_train(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -89,22 +151,29 @@ class LoraFedAvg(FedAvg):
         self.rounds.append(rec)
         for msg in errors:
             rec.rejected[f"node-{msg.metadata.src_node_id}"] = str(msg.error.reason)
-        parsed: list[tuple[Message, wire.Arrays, wire.PrivacyReport]] = []
+        parsed: list[Parsed] = []
         for msg in valid:
             try:
                 parsed.append((msg, *self._parse_reply(msg)))
             except (wire.WireError, KeyError, TypeError) as exc:
                 self._reject(rec, msg, exc)
-        reference = self._reference_layout([a for _, a, _ in parsed])
+        run_a: wire.Arrays | None = None
+        if self.ffa:
+            parsed, run_a = self._run_lora_a(rec, parsed)
+        reference = self._reference_layout([self._averaged(u.arrays) for _, u, _ in parsed])
         updates: list[tuple[wire.Arrays, wire.PrivacyReport]] = []
-        for msg, arrays, report in parsed:
+        for msg, update, report in parsed:
             try:
                 if reference is None:
                     raise wire.WireError("sites disagree on the adapter layout; no majority")
-                updates.append((wire.validate_arrays(arrays, like=reference), report))
+                updates.append((wire.validate_arrays(self._averaged(update.arrays), like=reference), report))
                 rec.accepted.append(report.site)
+                rec.update_bytes[report.site] = sum(int(v.nbytes) for v in update.arrays.values())
             except wire.WireError as exc:
                 self._reject(rec, msg, exc)
+        if self.ffa and run_a is None and updates:
+            log.error("round %d: FFA-LoRA, but no site sent its lora_A; global adapter unchanged", server_round)
+            return None, None
         if len(updates) < self.min_train_nodes:
             log.error(
                 "round %d: only %d valid updates (need %d); global adapter unchanged",
@@ -114,6 +183,8 @@ class LoraFedAvg(FedAvg):
             )
             return None, None
         averaged = weighted_average([(a, float(r.num_examples)) for a, r in updates])
+        if run_a is not None:  # FFA-LoRA: the one A every site trained against, as it is
+            averaged = wire.with_lora_a(averaged, run_a)
         lineage = [
             SiteLineage(r.site, r.epsilon, r.delta, r.num_examples, r.steps, r.noise_multiplier) for _, r in updates
         ]
@@ -139,6 +210,8 @@ class LoraFedAvg(FedAvg):
         """Evaluation doubles as deployment: nodes install the version named here, then score it."""
         if self.latest is None:
             return []
+        if self.ffa:  # B only: the node adds its seeded A and checks the whole adapter's sha256
+            arrays, config = self._ffa_message(arrays, config)
         cfg = ConfigRecord(dict(config))
         cfg["adapter-version"] = self.latest.version
         cfg["adapter-sha256"] = self.latest.sha256

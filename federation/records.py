@@ -1,16 +1,23 @@
 """Conversion between FedSeek's wire types and Flower records, done once at the edge.
 
 Reply layout of a training message (ClientApp -> ServerApp):
-`arrays` (ArrayRecord of LoRA tensors), `metrics` (MetricRecord with `num-examples`), and
-`privacy` (ConfigRecord holding a PrivacyReport).
+`arrays` (ArrayRecord of LoRA tensors), `adapter` (ConfigRecord: `fedseek-wire`, the format
+version; `factors`, "AB" or "B" for what `arrays` holds; `lora-a-sha256`, the digest of the
+site's A factors), `metrics` (MetricRecord with `num-examples`), and `privacy` (ConfigRecord holding a
+PrivacyReport). A reply without `adapter` is wire version 1: the whole adapter.
+
+FFA-LoRA keys in the train and evaluate config (ServerApp -> ClientApp -> node agent):
+`ffa-lora` (bool), `reply-factors` ("AB" while the coordinator lacks A, then "B") and, once
+the coordinator knows A, `lora-a-sha256`; `arrays` then holds the B factors only.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from federation import wire
 
@@ -19,6 +26,7 @@ METRICS = "metrics"
 PRIVACY = "privacy"
 CONFIG = "config"
 SITE = "site"
+ADAPTER = "adapter"
 
 
 def to_array_record(arrays: wire.Arrays) -> ArrayRecord:
@@ -28,6 +36,18 @@ def to_array_record(arrays: wire.Arrays) -> ArrayRecord:
 def from_array_record(record: ArrayRecord) -> wire.Arrays:
     """Validated float32 arrays from a Flower ArrayRecord (NaN/Inf raise WireError)."""
     return wire.validate_arrays({name: arr.numpy() for name, arr in record.items()})
+
+
+def update_records(update: wire.AdapterUpdate) -> dict[str, ArrayRecord | MetricRecord | ConfigRecord]:
+    """The `arrays` and `adapter` records of a training reply."""
+    return {ARRAYS: to_array_record(update.check().arrays), ADAPTER: ConfigRecord(dict[str, Any](update.descriptor()))}
+
+
+def update_from_content(content: RecordDict) -> wire.AdapterUpdate:
+    """The checked update in a training reply (WireError if malformed; version 1 without `adapter`)."""
+    arrays = from_array_record(content.array_records[ARRAYS])
+    desc: Mapping[str, Any] = content.config_records.get(ADAPTER, {})
+    return wire.AdapterUpdate.from_descriptor(arrays, dict(desc))
 
 
 def report_to_config(report: wire.PrivacyReport) -> ConfigRecord:

@@ -3,14 +3,24 @@
 A LoRA update is a flat mapping of tensor name to float array. It travels inside Flower
 records (converted at the edge, in the ClientApp / ServerApp) and over the node agent's
 local HTTPS API as safetensors bytes, whose sha256 names an adapter version.
+
+Wire version 2 adds which LoRA factors an update holds (`AdapterUpdate`): "AB" (the whole
+adapter) or "B" (FFA-LoRA: A is the seeded init every site shares and never trains, so only
+B travels, with `lora_a_sha256`, the sha256 of the site's A factors, to prove it). Over the
+agent's HTTPS API the descriptor rides in the safetensors metadata (`fedseek-wire`,
+`factors`, `lora-a-sha256`); in Flower replies it is the `adapter` ConfigRecord
+(federation/records.py). A payload without it is version 1: the whole adapter.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+import struct
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -20,6 +30,12 @@ from safetensors.numpy import save as st_save
 Arrays = dict[str, NDArray[np.float32]]
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
+
+WIRE_VERSION = 2
+Factors = Literal["AB", "B"]
+FACTORS: tuple[Factors, ...] = ("AB", "B")
+_FACTOR_RE = re.compile(r"(^|\.)lora_([AB])(\.|$)")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 class WireError(ValueError):
@@ -70,6 +86,121 @@ def decode(data: bytes) -> Arrays:
 def sha256_of(arrays: Mapping[str, NDArray[Any]]) -> str:
     """Content hash of an adapter: sha256 of its canonical safetensors encoding."""
     return hashlib.sha256(encode(arrays)).hexdigest()
+
+
+# ---- LoRA factors (FFA-LoRA) ---------------------------------------------------------------
+
+
+def factor_of(name: str) -> Literal["A", "B"] | None:
+    """Which LoRA factor a tensor is ("A", "B"), from its peft name; None for anything else."""
+    m = _FACTOR_RE.search(name)
+    return cast(Literal["A", "B"], m.group(2)) if m else None
+
+
+def lora_a(arrays: Mapping[str, NDArray[np.float32]]) -> Arrays:
+    """The A factors of an adapter (no copies)."""
+    return {k: v for k, v in arrays.items() if factor_of(k) == "A"}
+
+
+def lora_b(arrays: Mapping[str, NDArray[np.float32]]) -> Arrays:
+    """Everything but the A factors: what an FFA-LoRA update carries."""
+    return {k: v for k, v in arrays.items() if factor_of(k) != "A"}
+
+
+def lora_a_sha256(arrays: Mapping[str, NDArray[np.float32]]) -> str:
+    """sha256 of an adapter's A factors (their canonical safetensors encoding, names in order)."""
+    return sha256_of(lora_a(arrays))
+
+
+def _partner_a(name: str) -> str:
+    return _FACTOR_RE.sub(lambda m: f"{m.group(1)}lora_A{m.group(3)}", name, count=1)
+
+
+def with_lora_a(b_arrays: Mapping[str, NDArray[np.float32]], a_arrays: Mapping[str, NDArray[np.float32]]) -> Arrays:
+    """A whole adapter from a B-only update and the A factors it was trained against.
+
+    Every B needs its A and every A its B, so an update for another layout cannot be completed.
+    """
+    if lora_a(b_arrays):
+        raise WireError("a B-only update must not hold lora_A tensors")
+    if set(a_arrays) != set(lora_a(a_arrays)):
+        raise WireError("the A factors to add hold tensors that are not lora_A")
+    wanted = {_partner_a(k) for k in b_arrays if factor_of(k) == "B"}
+    missing, extra = sorted(wanted - set(a_arrays)), sorted(set(a_arrays) - wanted)
+    if missing or extra:
+        raise WireError(f"lora_A factors do not pair with the B factors: missing {missing[:3]}, extra {extra[:3]}")
+    return {**b_arrays, **a_arrays}
+
+
+@dataclass(frozen=True)
+class AdapterUpdate:
+    """A site's reply: the whole adapter ("AB") or, under FFA-LoRA, its B factors only ("B").
+
+    `lora_a_sha256` is the digest of the A factors the update was trained against ("" for a
+    version-1 payload): the coordinator refuses an update whose A is not the run's.
+    """
+
+    arrays: Arrays
+    factors: Factors = "AB"
+    lora_a_sha256: str = ""
+
+    @classmethod
+    def of(cls, adapter: Arrays, factors: Factors) -> AdapterUpdate:
+        """What to send from a whole adapter: all of it, or its B factors with A's digest."""
+        digest = lora_a_sha256(adapter)
+        return cls(adapter if factors == "AB" else lora_b(adapter), factors, digest)
+
+    def check(self) -> AdapterUpdate:
+        """Refuse an update whose descriptor does not match its arrays (WireError); return it."""
+        if self.factors not in FACTORS:
+            raise WireError(f"unknown LoRA factors {self.factors!r}; expected one of {FACTORS}")
+        if self.lora_a_sha256 and not _SHA256_RE.match(self.lora_a_sha256):
+            raise WireError("lora-a-sha256 is not a sha256 hex digest")
+        if self.factors == "B":
+            if lora_a(self.arrays):
+                raise WireError(f"a B-only update holds lora_A tensors: {sorted(lora_a(self.arrays))[:3]}")
+            if not any(factor_of(k) == "B" for k in self.arrays):
+                raise WireError("a B-only update holds no lora_B tensors")
+            if not self.lora_a_sha256:
+                raise WireError("a B-only update must name the sha256 of its lora_A factors")
+        elif self.lora_a_sha256 and lora_a_sha256(self.arrays) != self.lora_a_sha256:
+            raise WireError("the update's lora_A factors do not match its lora-a-sha256")
+        return self
+
+    def descriptor(self) -> dict[str, str]:
+        """The version-2 descriptor, as strings (safetensors metadata allows nothing else)."""
+        return {"fedseek-wire": str(WIRE_VERSION), "factors": self.factors, "lora-a-sha256": self.lora_a_sha256}
+
+    @classmethod
+    def from_descriptor(cls, arrays: Arrays, descriptor: Mapping[str, Any]) -> AdapterUpdate:
+        """Parse and check; an empty descriptor is a version-1 payload (the whole adapter)."""
+        if not descriptor:
+            return cls(arrays).check()
+        try:
+            version = int(descriptor["fedseek-wire"])
+            factors = str(descriptor["factors"])
+            digest = str(descriptor.get("lora-a-sha256", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireError(f"malformed adapter descriptor: {exc}") from exc
+        if not 1 <= version <= WIRE_VERSION:
+            raise WireError(f"unsupported adapter wire version {version} (this side speaks up to {WIRE_VERSION})")
+        return cls(arrays, cast(Factors, factors), digest).check()
+
+
+def encode_update(update: AdapterUpdate) -> bytes:
+    """Safetensors bytes of the update's arrays with its descriptor in the metadata."""
+    return encode(update.check().arrays, metadata=update.descriptor())
+
+
+def decode_update(data: bytes) -> AdapterUpdate:
+    """Parse `encode_update` bytes (or version-1 bytes without a descriptor) and check them."""
+    arrays = decode(data)
+    (size,) = struct.unpack("<Q", data[:8])
+    metadata = json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+    return AdapterUpdate.from_descriptor(arrays, {k: v for k, v in metadata.items() if k in _DESCRIPTOR_KEYS})
+
+
+_DESCRIPTOR_KEYS = ("fedseek-wire", "factors", "lora-a-sha256")
 
 
 @dataclass(frozen=True)

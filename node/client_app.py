@@ -5,6 +5,10 @@ converts Flower records to the wire format and back, and calls the agent's local
 (`/internal/train`, `/internal/deploy`) over HTTPS with the site's own node certificate and
 the agent's bearer token. Node config keys (from `flower-supernode --node-config`):
 `agent-url`, `agent-token-file`, `agent-ca`, `agent-cert`, `agent-key`.
+
+What travels is the agent's choice: under FFA-LoRA the train reply holds only the B factors
+and the `adapter` record says so (wire version 2, see federation/wire.py); a B-only global
+adapter is relayed as it is and the agent adds its own seeded A.
 """
 
 from __future__ import annotations
@@ -59,10 +63,10 @@ def _call(context: Context, path: str, msg: Message) -> httpx.Response:
 def train(msg: Message, context: Context) -> Message:
     resp = _call(context, "/internal/train", msg)
     report = wire.PrivacyReport.from_dict(json.loads(resp.headers[REPORT_HEADER]))
-    arrays = wire.decode(resp.content)
+    update = wire.decode_update(resp.content)  # under FFA-LoRA the agent sends B and A's digest only
     content = RecordDict(
         {
-            records.ARRAYS: records.to_array_record(arrays),
+            **records.update_records(update),
             records.METRICS: records.report_metrics(report),
             records.PRIVACY: records.report_to_config(report),
         }

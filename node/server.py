@@ -188,7 +188,7 @@ def create_app(service: NodeService, *, access: AccessPolicy | None = None) -> F
         except (BudgetExceeded, LedgerError, TrainingError) as exc:
             return error(409, str(exc), code=type(exc).__name__)
         return Response(
-            content=wire.encode(result.arrays),
+            content=wire.encode_update(result.update()),  # FFA-LoRA: B only, with A's digest
             media_type="application/octet-stream",
             headers={REPORT_HEADER: json.dumps(result.report.to_dict())},
         )

@@ -36,7 +36,16 @@ from node.serving import (
     lora_from_peft,
 )
 from node.serving.fast import supports
-from node.trainer import RoundResult, TrainingError, TrainSettings, evaluate_loss, per_sample_loss, train_round
+from node.trainer import (
+    RoundResult,
+    TrainingError,
+    TrainSettings,
+    evaluate_loss,
+    per_sample_loss,
+    start_arrays,
+    train_round,
+    with_seeded_lora_a,
+)
 from privacy.audit import AuditRecord, AuditTrail
 from privacy.ledger import Budget, PolicyError, PrivacyLedger
 
@@ -295,9 +304,12 @@ class NodeService:
             max_grad_norm=float(config.get("max-grad-norm", 1.0)),
             secure_mode=self.config.secure_mode,
             freeze_lora_a=bool(config.get("ffa-lora", False)),
+            send_lora_a=str(config.get("reply-factors", "AB")) == "AB",
+            lora_a_sha256=str(config.get("lora-a-sha256", "")),
         )
         with self.train_lock:
             try:
+                global_arrays = start_arrays(self.host, global_arrays, settings)  # FFA: B-only gets our A
                 self._check_finite_start(global_arrays, settings.batch_size)
                 result = train_round(
                     self.host,
@@ -328,6 +340,7 @@ class NodeService:
                     "round": server_round,
                     **{k: v for k, v in result.report.to_dict().items() if k != "extra"},
                     "update_sha256": wire.sha256_of(result.arrays),
+                    "factors_sent": result.factors,
                 },
             )
             return result
@@ -355,7 +368,12 @@ class NodeService:
             raise TrainingError("non-finite loss before training (model or adapter is broken); round refused")
 
     def deploy(self, version: str, sha256: str, arrays: wire.Arrays, *, parent: str | None = None) -> dict[str, Any]:
-        """Install a global adapter version, persist it, and score it on local eval data."""
+        """Install a global adapter version, persist it, and score it on local eval data.
+
+        An FFA-LoRA deployment carries B only: the seeded A is added before the whole adapter's
+        sha256 is checked.
+        """
+        arrays = with_seeded_lora_a(self.host, arrays)
         info = self.host.install(version, arrays, sha256=sha256, parent=parent)
         self.serving.sync_adapters()
         self._persist_adapter(info, arrays)

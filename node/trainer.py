@@ -41,12 +41,22 @@ class TrainSettings:
     in batches per shape) or "opacus" (Opacus hooks). Noise and accounting are Opacus's either way."""
     freeze_lora_a: bool = False
     """FFA-LoRA: train only B. A keeps the seeded init every site shares, so averaging B is exact."""
+    send_lora_a: bool = True
+    """With `freeze_lora_a`: False sends B and A's digest only (the coordinator asks for A until it has it)."""
+    lora_a_sha256: str = ""
+    """With `freeze_lora_a`: the run's A digest; a site whose seeded A differs refuses before being charged."""
 
 
 @dataclass(frozen=True)
 class RoundResult:
     arrays: wire.Arrays
+    """The whole trained adapter, A and B, as the site's working copy holds it."""
     report: wire.PrivacyReport
+    factors: wire.Factors = "AB"
+    """What leaves the site: the whole adapter or, under FFA-LoRA, its B factors."""
+
+    def update(self) -> wire.AdapterUpdate:
+        return wire.AdapterUpdate.of(self.arrays, self.factors)
 
 
 def per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -104,8 +114,7 @@ def train_round(
     n = len(data)
     if n == 0:
         raise TrainingError("the site has no training data")
-    if global_arrays:  # a malformed global update must not cost privacy budget
-        global_arrays = wire.validate_arrays(global_arrays, like=host.initial_arrays())
+    global_arrays = start_arrays(host, global_arrays, settings)  # a malformed one must not cost budget
     sample_rate = min(1.0, settings.batch_size / n)
     steps = max(1, math.ceil(settings.local_epochs / sample_rate))
     plan = ledger.plan_round(sample_rate=sample_rate, steps=steps, rounds_left=rounds_left)
@@ -148,6 +157,8 @@ def train_round(
             host.peft.eval()
         arrays = host.adapter_arrays(TRAIN_ADAPTER)
     wire.validate_arrays(arrays)  # a NaN update never leaves the site
+    if settings.freeze_lora_a and wire.lora_a_sha256(arrays) != wire.lora_a_sha256(host.initial_arrays()):
+        raise TrainingError("lora_A moved during an FFA-LoRA round; the update is withheld")
     done = ledger.complete(entry.id, steps=steps)
     report = wire.PrivacyReport(
         site=site,
@@ -161,7 +172,42 @@ def train_round(
         num_examples=n,
         train_loss=sum(losses) / len(losses) if losses else float("nan"),
     )
-    return RoundResult(arrays=arrays, report=report)
+    factors: wire.Factors = "B" if settings.freeze_lora_a and not settings.send_lora_a else "AB"
+    return RoundResult(arrays=arrays, report=report, factors=factors)
+
+
+def start_arrays(host: ModelHost, arrays: wire.Arrays | None, settings: TrainSettings) -> wire.Arrays | None:
+    """The round's whole starting adapter from what the coordinator sent (None: the seeded init).
+
+    Under FFA-LoRA the coordinator sends B only once it knows A: the site adds its own seeded A,
+    after checking the run's A digest is its own, so a site with another init (model, rank, seed)
+    refuses instead of averaging B factors that belong to a different A.
+    """
+    init = host.initial_arrays()
+    if settings.freeze_lora_a:
+        own = wire.lora_a_sha256(init)
+        if settings.lora_a_sha256 and settings.lora_a_sha256 != own:
+            raise wire.WireError(
+                f"FFA-LoRA: the run's lora_A (sha256 {settings.lora_a_sha256[:12]}) is not this site's seeded "
+                f"lora_A ({own[:12]}); refusing"
+            )
+        if arrays:
+            sent_a = wire.lora_a(arrays)
+            if sent_a and wire.sha256_of(sent_a) != own:
+                raise wire.WireError("FFA-LoRA: the global adapter's lora_A is not the seeded lora_A; refusing")
+            arrays = wire.with_lora_a(wire.lora_b(arrays), wire.lora_a(init))
+    return wire.validate_arrays(arrays, like=init) if arrays else None
+
+
+def with_seeded_lora_a(host: ModelHost, arrays: wire.Arrays) -> wire.Arrays:
+    """A B-only adapter (an FFA-LoRA deployment) completed with the site's seeded A; others as given.
+
+    Whether that is the adapter the coordinator stored is for its sha256 to say, which
+    `ModelHost.install` checks on the whole adapter.
+    """
+    if wire.lora_a(arrays) or not any(wire.factor_of(k) == "B" for k in arrays):
+        return arrays
+    return wire.with_lora_a(arrays, wire.lora_a(host.initial_arrays()))
 
 
 def _per_sample_model(host: ModelHost, clipping: str) -> tuple[torch.nn.Module, Callable[[], None], type[DPOptimizer]]:

@@ -71,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = run(
         Path(args.state),
         run_name=args.name,
-        settings={"num-rounds": args.rounds, "min-nodes": args.min_nodes},
+        settings={"num-rounds": args.rounds, "min-nodes": args.min_nodes, "ffa-lora": args.ffa_lora},
         timeout=args.timeout,
         progress=show,
     )
@@ -214,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-nodes", type=int, default=2)
     p.add_argument("--name", default="run")
     p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument(
+        "--ffa-lora",
+        action="store_true",
+        help="FFA-LoRA: freeze A at the shared seeded init and send only B (about half the bytes, exact averaging)",
+    )
     p.set_defaults(func=_run)
 
     from federation.cli.budget import add_budget_command

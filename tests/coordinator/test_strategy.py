@@ -53,6 +53,13 @@ def _over_the_wire(msg: Message) -> Message:
     return Message(content=inflated, metadata=metadata)
 
 
+def _serialized_size(msg: Message) -> int:
+    """Bytes of the message's records as Flower's object transport carries them."""
+    if msg.has_error():
+        return 0
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg.content).values())
+
+
 class InProcessGrid(Grid):
     """A Grid whose nodes are callables; replies come back in `reply_order` (default: node id order)."""
 
@@ -62,6 +69,7 @@ class InProcessGrid(Grid):
         self._run = Run.create_empty(RUN_ID)
         self._replies: dict[str, Message] = {}
         self.delivered: list[Message] = []
+        self.reply_bytes: list[tuple[Message, int]] = []  # (instruction, serialized size of its reply)
 
     def set_run(self, run: Run) -> None:
         self._run = run
@@ -91,6 +99,7 @@ class InProcessGrid(Grid):
             assert reply.metadata.reply_to_message_id == msg_id
             assert reply.metadata.src_node_id == msg.metadata.dst_node_id
             self._replies[msg_id] = _over_the_wire(reply)
+            self.reply_bytes.append((delivered, _serialized_size(reply)))
             ids.append(msg_id)
         return ids
 
@@ -482,3 +491,191 @@ def test_malformed_evaluate_reply_does_not_abort_the_run(tmp_path: Path) -> None
     summary, _ = _single_round(tmp_path, sites)
     assert summary["status"] == "finished"
     assert summary["rounds"][0]["eval_loss"] == {"site-a": 1.25, "site-c": 1.75}
+
+
+# -- FFA-LoRA: A frozen at the shared seeded init, B-only traffic ------------------------
+
+FFA_SHAPES = {  # peft names, rank 8 over a 64-wide model: A is r x in, B is out x r
+    f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{f}.weight": (8, 64) if f == "A" else (64, 8)
+    for i in range(2)
+    for p in ("q_proj", "v_proj")
+    for f in "AB"
+}
+
+
+@dataclass
+class FfaSite(FakeSite):
+    """Answers like a node agent: A from a shared seed (the seeded LoRA init), B its own.
+
+    It follows the FFA keys of the train config, refuses a run whose A is not its own, and on
+    deployment adds its A to a B-only adapter and checks the whole adapter's sha256.
+    """
+
+    a_seed: int = 1234
+    deployed: dict[int, str] = field(default_factory=dict)
+    received: dict[tuple[str, int], list[str]] = field(default_factory=dict)
+
+    def lora_a(self) -> wire.Arrays:
+        rng = np.random.default_rng(self.a_seed)
+        return {k: rng.standard_normal(s).astype(np.float32) for k, s in FFA_SHAPES.items() if ".lora_A." in k}
+
+    def update_for(self, server_round: int) -> wire.Arrays:
+        rng = np.random.default_rng([zlib.crc32(self.name.encode()), server_round])
+        b = {k: rng.standard_normal(s).astype(np.float32) for k, s in FFA_SHAPES.items() if ".lora_B." in k}
+        return {**self.lora_a(), **b}
+
+    def train(self, msg: Message, server_round: int) -> Message:
+        cfg = msg.content.config_records[records.CONFIG]
+        self.received[("train", server_round)] = sorted(msg.content.array_records[records.ARRAYS].keys())
+        own = wire.lora_a_sha256(self.lora_a())
+        if cfg.get("ffa-lora") and cfg.get("lora-a-sha256", own) != own:
+            return Message(Error(code=0, reason=f"{self.name}: the run's lora_A is not mine"), reply_to=msg)
+        full = self.update_for(server_round)
+        self.updates[server_round] = full
+        factors: wire.Factors = "B" if cfg.get("ffa-lora") and cfg.get("reply-factors") == "B" else "AB"
+        report = self.report(server_round)
+        content = {
+            **records.update_records(wire.AdapterUpdate.of(full, factors)),
+            records.METRICS: records.report_metrics(report),
+            records.PRIVACY: records.report_to_config(report),
+        }
+        return Message(RecordDict(content), reply_to=msg)
+
+    def evaluate(self, msg: Message, server_round: int) -> Message:
+        cfg = msg.content.config_records[records.CONFIG]
+        carried = records.from_array_record(msg.content.array_records[records.ARRAYS])
+        self.received[("evaluate", server_round)] = sorted(carried)
+        whole = carried if wire.lora_a(carried) else wire.with_lora_a(carried, self.lora_a())
+        if wire.sha256_of(whole) != cfg["adapter-sha256"]:  # what ModelHost.install refuses
+            return Message(Error(code=0, reason=f"{self.name}: adapter sha256 mismatch"), reply_to=msg)
+        self.deployed[server_round] = str(cfg["adapter-version"])
+        return super().evaluate(msg, server_round)
+
+
+def _ffa_sites(**a_seeds: int) -> dict[int, FfaSite]:
+    return {
+        node_id: FfaSite(s.name, s.num_examples, s.epsilon, s.eval_loss, a_seed=a_seeds.get(s.name, 1234))
+        for node_id, s in _sites().items()
+    }
+
+
+def _ffa_run(tmp_path: Path, sites: dict[int, FfaSite], **cfg: Any) -> tuple[dict[str, Any], InProcessGrid]:
+    grid = InProcessGrid(dict(sites))
+    return run_federation(grid, _run_config(tmp_path, **cfg)), grid
+
+
+def test_ffa_round_gives_full_fedavg_of_b_with_the_shared_a(tmp_path: Path) -> None:
+    sites = _ffa_sites()
+    summary, _ = _ffa_run(tmp_path, sites, **{"ffa-lora": True})
+    assert summary["status"] == "finished" and summary["ffa_lora"] is True
+    registry = AdapterRegistry(tmp_path / "registry")
+    shared_a = sites[11].lora_a()
+    for server_round, version in ((1, "global-v0001"), (2, "global-v0002")):
+        stored, manifest = registry.load(version)  # the registry keeps whole adapters, sha256-checked
+        assert manifest.sha256 == wire.sha256_of(stored) and stored.keys() == FFA_SHAPES.keys()
+        fedavg = weighted_average([(s.updates[server_round], float(s.num_examples)) for s in sites.values()])
+        for name, value in stored.items():
+            if ".lora_B." in name:
+                np.testing.assert_array_equal(value, fedavg[name], err_msg=name)
+            else:  # A is the one every site shares, as it is (full FedAvg gives it back up to rounding)
+                np.testing.assert_array_equal(value, shared_a[name], err_msg=name)
+                np.testing.assert_allclose(fedavg[name], value, rtol=1e-6, atol=1e-6)
+        # exact averaging: the mean of the sites' B A products is the stored B times A
+        for name in (n for n in stored if ".lora_B." in n):
+            a = shared_a[name.replace(".lora_B.", ".lora_A.")].astype(np.float64)
+            total = sum(s.num_examples for s in sites.values())
+            mean_delta = sum(s.num_examples / total * (s.updates[server_round][name] @ a) for s in sites.values())
+            np.testing.assert_allclose(stored[name].astype(np.float64) @ a, mean_delta, rtol=1e-5, atol=1e-5)
+
+
+def test_ffa_messages_carry_a_once_and_b_after(tmp_path: Path) -> None:
+    sites = _ffa_sites()
+    summary, grid = _ffa_run(tmp_path, sites, **{"ffa-lora": True})
+    digest = wire.lora_a_sha256(sites[11].lora_a())
+    b_names = sorted(k for k in FFA_SHAPES if ".lora_B." in k)
+    for msg in grid.sent(MessageType.TRAIN):
+        cfg = msg.content.config_records[records.CONFIG]
+        assert cfg["ffa-lora"] is True
+        if cfg["server-round"] == 1:  # the coordinator has no A yet: it asks for it
+            assert cfg["reply-factors"] == "AB" and "lora-a-sha256" not in cfg
+            assert len(msg.content.array_records[records.ARRAYS]) == 0
+        else:
+            assert cfg["reply-factors"] == "B" and cfg["lora-a-sha256"] == digest
+            assert sorted(msg.content.array_records[records.ARRAYS].keys()) == b_names
+    for msg in grid.sent(MessageType.EVALUATE):
+        assert sorted(msg.content.array_records[records.ARRAYS].keys()) == b_names
+    for site in sites.values():
+        assert site.deployed == {1: "global-v0001", 2: "global-v0002"}
+    first, second = summary["rounds"]
+    whole = sum(4 * int(np.prod(s)) for s in FFA_SHAPES.values())
+    assert set(first["update_bytes"].values()) == {whole}
+    assert set(second["update_bytes"].values()) == {whole // 2}
+
+
+def test_ffa_reply_is_about_half_the_bytes_of_a_full_reply(tmp_path: Path) -> None:
+    _, ffa = _ffa_run(tmp_path / "ffa", _ffa_sites(), **{"ffa-lora": True})
+    _, full = _ffa_run(tmp_path / "full", _ffa_sites())
+
+    def round_two_train_replies(grid: InProcessGrid) -> list[int]:
+        return [
+            size
+            for m, size in grid.reply_bytes
+            if m.metadata.message_type == MessageType.TRAIN
+            and m.content.config_records[records.CONFIG]["server-round"] == 2
+        ]
+
+    ffa_sizes, full_sizes = round_two_train_replies(ffa), round_two_train_replies(full)
+    assert len(ffa_sizes) == len(full_sizes) == 3
+    assert max(ffa_sizes) < 0.6 * min(full_sizes)
+    assert min(ffa_sizes) > 0.4 * max(full_sizes)  # B is half the adapter here, not less
+    # and the training message back to the sites is B only as well
+    ffa_train = [
+        m for m in ffa.sent(MessageType.TRAIN) if m.content.config_records[records.CONFIG]["server-round"] == 2
+    ]
+    full_train = [
+        m for m in full.sent(MessageType.TRAIN) if m.content.config_records[records.CONFIG]["server-round"] == 2
+    ]
+    assert _serialized_size(ffa_train[0]) < 0.6 * _serialized_size(full_train[0])
+
+
+def test_ffa_reply_trained_against_another_a_is_refused(tmp_path: Path) -> None:
+    sites = _ffa_sites(**{"site-b": 99})
+    summary, _ = _ffa_run(tmp_path, sites, **{"ffa-lora": True, "num-rounds": 1})
+    (rec,) = summary["rounds"]
+    assert set(rec["rejected"]) == {"node-22"}
+    assert "is not the run's" in rec["rejected"]["node-22"]
+    stored, _ = AdapterRegistry(tmp_path / "registry").load("global-v0001")
+    kept = [sites[11], sites[33]]
+    fedavg = weighted_average([(s.updates[1], float(s.num_examples)) for s in kept])
+    for name in (n for n in stored if ".lora_B." in n):
+        np.testing.assert_array_equal(stored[name], fedavg[name])
+    # its B-only deployment completed with its own A is not the stored adapter: it cannot install it
+    assert sites[22].deployed == {} and sites[11].deployed == sites[33].deployed == {1: "global-v0001"}
+
+
+def test_ffa_site_whose_a_changes_after_round_one_is_refused(tmp_path: Path) -> None:
+    sites = _ffa_sites()
+    original = sites[22].train
+
+    def switch_a(msg: Message, server_round: int) -> Message:
+        if server_round == 2:
+            sites[22].a_seed = 7  # a B-only reply that names another A digest
+            cfg = msg.content.config_records[records.CONFIG]
+            del cfg["lora-a-sha256"]  # so the fake site does not refuse the run itself
+        return original(msg, server_round)
+
+    sites[22].train = switch_a  # type: ignore[method-assign]
+    summary, _ = _ffa_run(tmp_path, sites, **{"ffa-lora": True})
+    first, second = summary["rounds"]
+    assert first["rejected"] == {}
+    assert set(second["rejected"]) == {"node-22"} and "is not the run's" in second["rejected"]["node-22"]
+    assert second["version"] == "global-v0002"
+
+
+def test_ffa_run_refuses_whole_adapter_replies_without_an_a_digest(tmp_path: Path) -> None:
+    sites = _sites()  # wire-version-1 sites: whole adapters, no descriptor
+    summary, _ = _single_round(tmp_path, sites, **{"ffa-lora": True})
+    (rec,) = summary["rounds"]
+    assert rec["version"] is None
+    assert set(rec["rejected"]) == {"node-11", "node-22", "node-33"}
+    assert all("no majority" in reason for reason in rec["rejected"].values())

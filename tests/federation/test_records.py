@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
@@ -124,3 +124,39 @@ def test_report_metrics_carries_num_examples_for_fedavg_weighting() -> None:
     assert metrics["num-examples"] == 160
     assert metrics["train-loss"] == pytest.approx(1.75)
     assert metrics["epsilon"] == pytest.approx(0.91)
+
+
+# -- the adapter descriptor record (wire version 2) --------------------------------------
+
+
+def _over_flower(content: RecordDict) -> RecordDict:
+    contents = {oid: obj.deflate() for oid, obj in get_all_nested_objects(content).items()}
+    copy = inflate_object_from_contents(content.object_id, contents)
+    assert isinstance(copy, RecordDict)
+    return copy
+
+
+@pytest.mark.parametrize("factors", ["AB", "B"])
+def test_update_records_survive_flower_serialisation(factors: wire.Factors) -> None:
+    full = _adapter()
+    update = wire.AdapterUpdate.of(full, factors)
+    content = _over_flower(RecordDict(records.update_records(update)))
+    back = records.update_from_content(content)
+    assert back.factors == factors
+    assert back.lora_a_sha256 == wire.lora_a_sha256(full)
+    assert back.arrays.keys() == update.arrays.keys()
+    assert ("q.lora_A" in back.arrays) == (factors == "AB")
+    assert dict(content.config_records[records.ADAPTER])["fedseek-wire"] == str(wire.WIRE_VERSION)
+
+
+def test_reply_without_adapter_record_is_version_1_whole_adapter() -> None:
+    content = RecordDict({records.ARRAYS: records.to_array_record(_adapter())})
+    update = records.update_from_content(content)
+    assert update.factors == "AB" and update.lora_a_sha256 == ""
+
+
+def test_adapter_record_naming_another_lora_a_is_wire_error() -> None:
+    content = RecordDict(records.update_records(wire.AdapterUpdate.of(_adapter(), "AB")))
+    content.config_records[records.ADAPTER]["lora-a-sha256"] = "0" * 64
+    with pytest.raises(WireError, match="do not match"):
+        records.update_from_content(_over_flower(content))

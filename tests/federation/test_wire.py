@@ -277,3 +277,126 @@ def test_privacy_report_bad_value_is_wire_error(key: str, value: Any) -> None:
 def test_privacy_report_from_non_mapping_is_wire_error(data: Any) -> None:
     with pytest.raises(WireError):
         PrivacyReport.from_dict(data)
+
+
+# -- LoRA factors and the FFA-LoRA update (wire version 2) ------------------------------
+
+
+def _lora(seed: int = 0, *, layers: int = 3, r: int = 4, d: int = 32) -> wire.Arrays:
+    """A peft-named adapter: one A (r x d) and one B (d x r) per projection."""
+    rng = np.random.default_rng(seed)
+    out: wire.Arrays = {}
+    for i in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{proj}"
+            out[f"{prefix}.lora_A.weight"] = rng.standard_normal((r, d)).astype(np.float32)
+            out[f"{prefix}.lora_B.weight"] = rng.standard_normal((d, r)).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("name", "factor"),
+    [
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight", "A"),
+        ("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight", "B"),
+        ("layers.0.q_proj.lora_A", "A"),
+        ("lora_B", "B"),
+        ("layers.0.q_proj.mylora_A.weight", None),
+        ("layers.0.q_proj.lora_AB.weight", None),
+        ("layers.0.bias", None),
+    ],
+)
+def test_factor_of_reads_the_peft_name(name: str, factor: str | None) -> None:
+    assert wire.factor_of(name) == factor
+
+
+def test_lora_a_and_lora_b_split_an_adapter() -> None:
+    full = _lora()
+    a, b = wire.lora_a(full), wire.lora_b(full)
+    assert a and b and set(a) | set(b) == set(full) and not set(a) & set(b)
+    assert all(".lora_A." in k for k in a) and all(".lora_B." in k for k in b)
+    assert wire.with_lora_a(b, a).keys() == full.keys()
+
+
+def test_lora_a_digest_covers_a_only_and_every_value() -> None:
+    full = _lora()
+    digest = wire.lora_a_sha256(full)
+    assert digest == wire.sha256_of(wire.lora_a(full))
+    other_b = {**full, **{k: v + 1 for k, v in wire.lora_b(full).items()}}
+    assert wire.lora_a_sha256(other_b) == digest
+    assert wire.lora_a_sha256(dict(reversed(list(full.items())))) == digest  # name order, not insertion order
+    moved = {k: v.copy() for k, v in full.items()}
+    name = next(iter(wire.lora_a(full)))
+    moved[name][0, 0] = np.nextafter(moved[name][0, 0], np.float32(np.inf))
+    assert wire.lora_a_sha256(moved) != digest
+
+
+def test_b_only_update_round_trips_with_its_descriptor_at_about_half_the_bytes() -> None:
+    full = _lora()
+    update = wire.AdapterUpdate.of(full, "B")
+    assert update.factors == "B" and set(update.arrays) == set(wire.lora_b(full))
+    assert update.lora_a_sha256 == wire.lora_a_sha256(full)
+    payload = wire.encode_update(update)
+    back = wire.decode_update(payload)
+    assert back.factors == "B" and back.lora_a_sha256 == update.lora_a_sha256
+    assert back.arrays.keys() == update.arrays.keys()
+    for k, v in update.arrays.items():
+        np.testing.assert_array_equal(back.arrays[k], v)
+    whole = wire.encode_update(wire.AdapterUpdate.of(full, "AB"))
+    assert wire.decode_update(whole).factors == "AB"
+    assert len(payload) < 0.6 * len(whole)
+    # the agent completes it with the A it trained against: the very adapter again
+    assert wire.sha256_of(wire.with_lora_a(back.arrays, wire.lora_a(full))) == wire.sha256_of(full)
+
+
+def test_version_1_payload_decodes_as_the_whole_adapter() -> None:
+    full = _lora()
+    update = wire.decode_update(wire.encode(full))
+    assert update.factors == "AB" and update.lora_a_sha256 == ""
+    assert wire.sha256_of(update.arrays) == wire.sha256_of(full)
+
+
+def _payload(arrays: wire.Arrays, **metadata: str) -> bytes:
+    return bytes(st_save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata))
+
+
+@pytest.mark.parametrize(
+    ("which", "metadata", "reason"),
+    [
+        ("full", {"factors": "AB", "lora-a-sha256": "0" * 64}, "do not match"),
+        ("full", {"factors": "B", "lora-a-sha256": "DIGEST"}, "holds lora_A"),
+        ("b", {"factors": "B", "lora-a-sha256": ""}, "must name the sha256"),
+        ("b", {"factors": "B", "lora-a-sha256": "not-hex"}, "not a sha256"),
+        ("b", {"factors": "A", "lora-a-sha256": "DIGEST"}, "unknown LoRA factors"),
+        ("a", {"factors": "B", "lora-a-sha256": "DIGEST"}, "holds lora_A"),
+        ("b", {"fedseek-wire": "3", "factors": "B", "lora-a-sha256": "DIGEST"}, "unsupported adapter wire version"),
+        ("b", {"fedseek-wire": "two", "factors": "B"}, "malformed adapter descriptor"),
+    ],
+)
+def test_inconsistent_descriptor_is_refused(which: str, metadata: dict[str, str], reason: str) -> None:
+    full = _lora()
+    arrays = {"full": full, "b": wire.lora_b(full), "a": wire.lora_a(full)}[which]
+    metadata = {"fedseek-wire": "2", **metadata}
+    if metadata.get("lora-a-sha256") == "DIGEST":
+        metadata["lora-a-sha256"] = wire.lora_a_sha256(full)
+    with pytest.raises(WireError, match=reason):
+        wire.decode_update(_payload(arrays, **metadata))
+
+
+def test_b_only_update_without_b_is_refused() -> None:
+    with pytest.raises(WireError, match="no lora_B"):
+        wire.AdapterUpdate({"bias": np.zeros(2, np.float32)}, "B", "0" * 64).check()
+
+
+def test_with_lora_a_refuses_factors_that_do_not_pair() -> None:
+    full = _lora()
+    a, b = wire.lora_a(full), wire.lora_b(full)
+    first = next(iter(a))
+    with pytest.raises(WireError, match="missing"):
+        wire.with_lora_a(b, {k: v for k, v in a.items() if k != first})
+    with pytest.raises(WireError, match="extra"):
+        wire.with_lora_a(b, {**a, "layers.9.q_proj.lora_A.weight": a[first]})
+    with pytest.raises(WireError, match="must not hold lora_A"):
+        wire.with_lora_a(full, a)
+    with pytest.raises(WireError, match="not lora_A"):
+        wire.with_lora_a(b, {**a, "bias": np.zeros(2, np.float32)})

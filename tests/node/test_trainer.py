@@ -420,3 +420,95 @@ def test_unknown_clipping_is_refused(
 ) -> None:
     with pytest.raises(ValueError, match="unknown clipping"):
         _round(host, site_data[0], tmp_path, monkeypatch, TrainSettings(clipping="ghost"))  # type: ignore[arg-type]
+
+
+def test_ffa_round_sends_b_only_with_the_seeded_a_digest(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    train = site_data[0]
+    init = host.initial_arrays()
+    settings = TrainSettings(batch_size=len(train), freeze_lora_a=True, send_lora_a=False)
+    result = _round(host, train, tmp_path, monkeypatch, settings)
+    update = result.update()
+    assert result.factors == update.factors == "B"
+    assert set(update.arrays) == set(wire.lora_b(init)) and not wire.lora_a(update.arrays)
+    assert update.lora_a_sha256 == wire.lora_a_sha256(init) == wire.lora_a_sha256(result.arrays)
+    for k, v in wire.lora_a(init).items():  # A unchanged: the node keeps the whole adapter
+        np.testing.assert_array_equal(result.arrays[k], v, err_msg=k)
+    assert any(not np.array_equal(update.arrays[k], init[k]) for k in update.arrays)
+    back = wire.decode_update(wire.encode_update(update))  # what the agent's /internal/train returns
+    assert back.factors == "B" and wire.sha256_of(wire.with_lora_a(back.arrays, wire.lora_a(init))) == wire.sha256_of(
+        result.arrays
+    )
+    whole = len(wire.encode_update(wire.AdapterUpdate.of(result.arrays, "AB")))
+    assert len(wire.encode_update(update)) < 0.6 * whole
+
+
+def _ffa_config(server_round: int, num_rounds: int, **extra: Any) -> dict[str, Any]:
+    return {**round_config(server_round, num_rounds), "ffa-lora": True, "reply-factors": "B", **extra}
+
+
+def test_ffa_service_round_from_b_only_global_arrays(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    site_data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """Round 2 of an FFA run: the coordinator sends B only and the run's A digest; the site adds its A."""
+    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
+    init = host.initial_arrays()
+    digest = wire.lora_a_sha256(init)
+    first = service.train(None, {**_ffa_config(1, 2), "reply-factors": "AB"})
+    assert first.factors == "AB" and first.update().lora_a_sha256 == digest  # round 1: the coordinator asks for A
+    global_b = wire.lora_b(random_arrays(init, seed=3, scale=0.01))
+    second = service.train(global_b, _ffa_config(2, 2, **{"lora-a-sha256": digest}))
+    assert second.factors == "B" and second.update().arrays.keys() == global_b.keys()
+    for k, v in wire.lora_a(init).items():
+        np.testing.assert_array_equal(second.arrays[k], v, err_msg=k)
+    record = json.loads(service.audit.path.read_text().splitlines()[-1])
+    assert record["action"] == "train" and record["details"]["factors_sent"] == "B"
+    assert [e.status for e in service.ledger.entries()] == ["completed", "completed"]
+
+
+@pytest.mark.parametrize("bad", ["digest", "global-a"])
+def test_ffa_round_against_another_a_is_refused_before_charging(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    site_data_dir: Path,
+    tmp_path: Path,
+    bad: str,
+) -> None:
+    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
+    init = host.initial_arrays()
+    if bad == "digest":
+        arrays, config = wire.lora_b(init), _ffa_config(1, 2, **{"lora-a-sha256": "0" * 64})
+    else:
+        arrays, config = random_arrays(init, seed=4), _ffa_config(1, 2)  # a whole adapter with another A
+    with pytest.raises(wire.WireError, match="FFA-LoRA"):
+        service.train(arrays, config)
+    assert service.ledger.entries() == [] and service.ledger.spent() == 0.0
+    record = json.loads(service.audit.path.read_text().splitlines()[-1])
+    assert record["action"] == "train.refused" and "lora_A" in record["details"]["error"]
+
+
+def test_ffa_deployment_carries_b_only_and_is_checked_whole(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    site_data_dir: Path,
+    tmp_path: Path,
+) -> None:
+    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
+    init = host.initial_arrays()
+    stored = {**init, **wire.lora_b(random_arrays(init, seed=6, scale=0.01))}  # what the registry holds
+    result = service.deploy("global-v0007", wire.sha256_of(stored), wire.lora_b(stored))
+    assert result["sha256"] == wire.sha256_of(stored)
+    served = host.adapter_arrays("global-v0007")
+    for k, v in stored.items():
+        np.testing.assert_array_equal(served[k], v, err_msg=k)
+    other = {**random_arrays(init, seed=8), **wire.lora_b(stored)}  # same B, another A: another adapter
+    with pytest.raises(wire.WireError, match="sha256 mismatch"):
+        service.deploy("global-v0008", wire.sha256_of(other), wire.lora_b(other))
+    assert "global-v0008" not in host.adapters
