@@ -1,10 +1,11 @@
-"""`fedseek coordinator start`: SuperLink on loopback behind an mTLS terminator.
+"""`fedseek coordinator start`: SuperLink on loopback behind the nginx fleet gateway.
 
-The SuperLink listens on 127.0.0.1 only, with TLS (the coordinator certificate); the stunnel
-sidecar on the public fleet port requires a client certificate chained to the consortium CA
-and carries the SuperNode's own TLS session inside that mTLS tunnel. SuperNode authentication is on
-as a second factor: each site's public key is registered through the Control API, which
-stays on loopback for the consortium operator.
+The SuperLink listens on 127.0.0.1 only, with TLS (the coordinator certificate). The public
+fleet port is nginx (`federation.fleet_gateway`): it requires a client certificate chained to
+the consortium CA and not on its CRL, forwards only the Fleet API, and only when the
+request's Flower key is the one registered for the certificate's site. SuperNode
+authentication stays on as a second factor: each site's key is registered through the
+Control API, which is served to the operator on loopback only.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from coordinator.sites import SiteAccess, flwr_supernode
 from federation import pki
 from federation.config import CoordinatorConfig
 from federation.filewatch import FileWatcher
+from federation.fleet_gateway import Gateway, GatewayLog, audit_refusal
 from federation.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
 from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
-from federation.sidecar import RefusalLog, TLSFiles, make_sidecar, server_config
+from federation.sidecar import TLSFiles
 from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator")
@@ -41,6 +43,10 @@ class CoordinatorError(RuntimeError):
 
 def flwr_bin(name: str) -> str:
     return str(Path(sys.executable).parent / name)
+
+
+def _bin_path() -> str:
+    return os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)])
 
 
 def write_cli_config(flwr_home: Path, superlink: str, *, ca_cert: Path) -> Path:
@@ -132,18 +138,17 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             str(state / "superlink.db"),
         ],
         log_path=state / "logs" / "superlink.log",
-        env={"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"},
+        # PATH: the SuperLink starts `flower-superexec` by name, from this environment's bin/
+        env={"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": _bin_path()},
     )
-    sidecar = make_sidecar(
-        name="fleet-sidecar",
-        config_text=server_config(
-            tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl),
-            accept=f"{config.fleet_host}:{config.fleet_port}",
-            connect=f"127.0.0.1:{link_port}",
-        ),
-        workdir=state / "sidecar",
+    gateway = Gateway(
+        workdir=state / "gateway",
+        tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl),
+        listen=f"{config.fleet_host}:{config.fleet_port}",
+        upstream=f"127.0.0.1:{link_port}",
     )
-    procs = [superlink, sidecar]
+    nginx = gateway.process()
+    procs = [superlink, nginx]
     watcher: FileWatcher | None = None
     follower: FileWatcher | None = None
     admin: HTTPSService | None = None
@@ -152,7 +157,6 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
         superlink.start().wait_port("127.0.0.1", link_port, timeout=60)
-        sidecar.start().wait_port(config.fleet_host, config.fleet_port, timeout=30)
         write_cli_config(state / "flwr-cli", f"127.0.0.1:{link_port}", ca_cert=leaf.ca_cert)
         audit = AuditTrail(state / "audit.jsonl")
         sites = SiteAccess(
@@ -163,20 +167,26 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             unregister=lambda node_id: unregister_site(state, node_id),
         )
         registered = sorted(sites.sync())
+        gateway.write_bindings(sites.fleet_bindings())
+        # Every request the gateway refuses becomes a log line and an audit record.
+        refusals = GatewayLog(gateway.access_log, gateway.error_log, audit_refusal(audit.append, endpoint="fleet"))
+        nginx.start().wait_port(config.fleet_host, config.fleet_port, timeout=30)
 
         def pki_changed() -> None:
-            """A new CRL, index or site key: reload the sidecar's CRL, then re-decide who may join."""
-            sidecar.reload()
-            sites.sync()
+            """A new CRL, index or site key: re-decide who may join, then reload nginx (CRL and
+            binding map); its old workers end within a few seconds, open requests included."""
+            try:
+                sites.sync()
+            finally:  # the new CRL must reach nginx even if registering a site failed
+                gateway.write_bindings(sites.fleet_bindings())
+                nginx.reload()
 
         watcher = FileWatcher(
             [leaf.crl, pki_dir / "ca" / "index.json", sites.site_keys_dir],
             pki_changed,
             interval=config.pki_poll_seconds,
         ).start()
-        # Every handshake the fleet sidecar refuses becomes a log line and an audit record.
-        refusals = RefusalLog(sidecar.log_path, audit_hook(audit.append, endpoint="fleet"))
-        follower = FileWatcher([sidecar.log_path], refusals.poll, interval=1.0).start()
+        follower = FileWatcher([gateway.access_log, gateway.error_log], refusals.poll, interval=1.0).start()
         admin = _start_admin_api(config, leaf, sites=sites, audit=audit, registry=state / "registry")
         info: dict[str, Any] = {
             "superlink": f"127.0.0.1:{link_port}",
@@ -190,7 +200,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         tmp = state / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps(info, indent=2))
         os.replace(tmp, state / STATE_FILE)
-        print(f"coordinator ready: fleet (mTLS) {info['fleet']}, sites {registered}", flush=True)
+        print(f"coordinator ready: fleet (mTLS, nginx) {info['fleet']}, sites {registered}", flush=True)
         supervise(procs, stopping)
     except ProcessError as exc:
         raise CoordinatorError(str(exc).splitlines()[0]) from exc

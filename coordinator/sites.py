@@ -8,6 +8,9 @@ stops being served, and a newly issued site is registered without a restart.
 
 The coordinator reads only public PKI files: the CA certificate, its index of issued
 certificates (names, roles, serials, revocations) and the party certificates; never a key.
+
+`fleet_bindings()` hands the fleet gateway (nginx) the same decision per request: the
+certificate subject of each registered site and the Flower key it must present.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from federation import pki
+from federation.fleet_gateway import GatewayError, flower_key_header, subject_dn
 from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator.sites")
@@ -36,6 +40,7 @@ class SiteAccess:
     register: Register
     unregister: Unregister
     registered: dict[str, int] = field(default_factory=dict)  # site -> SuperLink node id
+    bound: dict[str, tuple[str, str]] = field(default_factory=dict)  # site -> (cert subject, key header)
 
     def allowed(self) -> dict[str, pki.Identity]:
         """Sites with a currently valid node certificate, by name."""
@@ -53,6 +58,7 @@ class SiteAccess:
             if name not in allowed:
                 self.unregister(node_id)
                 del self.registered[name]
+                self.bound.pop(name, None)
                 log.warning("site %s unregistered (node %d): no valid certificate (revoked or expired)", name, node_id)
                 self.audit.append(
                     actor="coordinator", action="site.unregistered", resource=name, details={"node_id": node_id}
@@ -63,9 +69,16 @@ class SiteAccess:
             if name not in allowed:
                 log.warning("site key %s not registered: the CA shows no valid node certificate for it", key)
                 continue
+            try:
+                header = flower_key_header(key.read_bytes())
+            except (OSError, GatewayError) as exc:
+                log.warning("site key %s not registered: %s", key, exc)
+                continue
             node_id = self.register(key, name)
             self.registered[name] = node_id
-            serial = allowed[name].serial
+            ident = allowed[name]
+            self.bound[name] = (subject_dn(name=name, role="node", consortium=ident.consortium), header)
+            serial = ident.serial
             self.audit.append(
                 actor="coordinator",
                 action="site.registered",
@@ -73,6 +86,10 @@ class SiteAccess:
                 details={"node_id": node_id, "certificate_serial": f"{serial:x}"},
             )
         return dict(self.registered)
+
+    def fleet_bindings(self) -> dict[str, str]:
+        """Certificate subject -> `flwr-public-key` value of every registered site."""
+        return dict(self.bound.values())
 
 
 def flwr_supernode(args: list[str], *, env: dict[str, str], flwr: str) -> dict[str, object]:

@@ -288,8 +288,11 @@ def issue(
     Leaves are short-lived (at most ``MAX_LEAF_DAYS``) so a lost key stops
     working on its own. ``hosts`` become subjectAltNames so the party can also
     act as a TLS server under those names/addresses. Other files in the
-    party's directory (its Flower auth key) are kept.
+    party's directory (its Flower auth key) are kept. A node certificate always names
+    127.0.0.1: the site's sidecar serves it to the local SuperNode (`federation.sidecar`).
     """
+    if role == "node" and "127.0.0.1" not in hosts:
+        hosts = (*hosts, "127.0.0.1")
     return _issue_at(pki_dir, name, role=role, hosts=hosts, days=days, not_before=None, passphrase=passphrase)
 
 

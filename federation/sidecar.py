@@ -1,20 +1,19 @@
-"""stunnel sidecars that add mutual TLS to Flower's fleet traffic.
+"""stunnel sidecars that add mutual TLS to Flower's fleet traffic at the sites.
 
-Flower's own TLS authenticates only the server, so both ends of the fleet channel run an
-existing TLS terminator: the coordinator's sidecar requires a client certificate chained to
-the consortium CA; each site's sidecar presents the site certificate and checks the
-coordinator's name. Flower itself runs on loopback behind them.
+Flower's own TLS authenticates only the server. Each site's sidecar terminates its
+SuperNode's TLS on loopback (the site certificate, which always names 127.0.0.1) and
+re-originates the fleet traffic as mTLS with the site certificate, checking the
+coordinator's name; the coordinator's gateway (`federation.fleet_gateway`, nginx) can then
+read every HTTP request. `server_config` is a plain stunnel mTLS server, kept as the
+counterpart the sidecar tests talk to.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from federation.mtls_server import Refusal
 from federation.procs import Managed
 
 
@@ -51,23 +50,42 @@ def _common(tls: TLSFiles) -> list[str]:
     return lines
 
 
-def _stunnel_conf(service: list[str], tls: TLSFiles, tail: list[str]) -> str:
-    head = ["foreground = yes", "pid =", "debug = notice", "", "[fleet]"]
-    return "\n".join([*head, *service, *_common(tls), *tail, ""])
+_HEAD = ["foreground = yes", "pid =", "debug = notice", ""]
 
 
 def server_config(*, tls: TLSFiles, accept: str, connect: str) -> str:
-    """Coordinator side: require a consortium client certificate on `accept`, forward to `connect`."""
-    return _stunnel_conf([f"accept = {accept}", f"connect = {connect}"], tls, ["requireCert = yes"])
+    """A stunnel mTLS server: require a consortium client certificate on `accept`, forward to `connect`."""
+    service = ["[fleet]", f"accept = {accept}", f"connect = {connect}", *_common(tls), "requireCert = yes"]
+    return "\n".join([*_HEAD, *service, ""])
 
 
-def client_config(*, tls: TLSFiles, accept: str, connect: str, server_name: str) -> str:
-    """Site side: accept on loopback `accept`, open mTLS to the coordinator at `connect`."""
-    return _stunnel_conf(
-        ["client = yes", f"accept = {accept}", f"connect = {connect}"],
-        tls,
-        [f"checkHost = {server_name}", f"sni = {server_name}"],
-    )
+def client_config(*, tls: TLSFiles, accept: str, relay: str, connect: str, server_name: str) -> str:
+    """Site side, two services in one stunnel.
+
+    `[supernode]` terminates the SuperNode's TLS on loopback `accept` with the site
+    certificate and passes plain HTTP to loopback `relay`; `[fleet]` takes it there and opens
+    mTLS to the coordinator at `connect`, presenting the site certificate and checking
+    `server_name`. So the coordinator's gateway sees each request, and nothing leaves the
+    host unencrypted.
+    """
+    terminate = [
+        "[supernode]",
+        f"accept = {accept}",
+        f"connect = {relay}",
+        f"cert = {tls.cert}",
+        f"key = {tls.key}",
+        "sslVersionMin = TLSv1.3",
+    ]
+    fleet = [
+        "[fleet]",
+        "client = yes",
+        f"accept = {relay}",
+        f"connect = {connect}",
+        *_common(tls),
+        f"checkHost = {server_name}",
+        f"sni = {server_name}",
+    ]
+    return "\n".join([*_HEAD, *terminate, "", *fleet, ""])
 
 
 def make_sidecar(*, name: str, config_text: str, workdir: Path) -> Managed:
@@ -76,62 +94,3 @@ def make_sidecar(*, name: str, config_text: str, workdir: Path) -> Managed:
     conf = workdir / f"{name}.conf"
     conf.write_text(config_text)
     return Managed(name=name, argv=[stunnel_binary(), str(conf)], log_path=workdir / f"{name}.log")
-
-
-_LOG_LINE = re.compile(r"LOG\d\[(?P<conn>[^\]]+)\]: (?P<msg>.*)$")
-_ACCEPTED = re.compile(r"accepted connection from (?P<peer>\S+)")
-_SUBJECT = re.compile(r"Rejected by CERT at depth=0: CN=(?P<cn>[^,]+)")
-_NOT_REFUSALS = ("unexpected eof while reading",)  # a port probe that connects and closes
-
-
-@dataclass
-class RefusalLog:
-    """Follows a stunnel server's log and reports each refused handshake once.
-
-    stunnel logs a refusal over several lines of one connection id: the peer address when it
-    accepts the connection, the verification error and rejected subject, then `SSL_accept:`
-    with OpenSSL's reason. Only lines written after this object was created are read.
-    """
-
-    path: Path
-    on_refusal: Callable[[Refusal], None]
-    _offset: int = field(init=False, default=0)
-    _peers: dict[str, str] = field(init=False, default_factory=dict)
-    _reasons: dict[str, str] = field(init=False, default_factory=dict)
-    _subjects: dict[str, str] = field(init=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        self._offset = self.path.stat().st_size if self.path.exists() else 0
-
-    def poll(self) -> int:
-        """Read what was appended since the last poll; returns how many refusals it reported."""
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self._offset)
-                data = f.read()
-        except OSError:
-            return 0
-        complete = data[: data.rfind(b"\n") + 1]  # a half-written last line waits for the next poll
-        self._offset += len(complete)
-        return sum(self._line(line) for line in complete.decode("utf-8", "replace").splitlines())
-
-    def _line(self, line: str) -> int:
-        m = _LOG_LINE.search(line)
-        if not m:
-            return 0
-        conn, msg = m["conn"], m["msg"]
-        if accepted := _ACCEPTED.search(msg):
-            self._peers[conn] = accepted["peer"]
-        elif msg.startswith("CERT: Pre-verification error: "):
-            self._reasons[conn] = "client certificate rejected: " + msg.split(": ", 2)[-1]
-        elif subject := _SUBJECT.search(msg):
-            self._subjects[conn] = subject["cn"]
-        elif msg.startswith("SSL_accept:"):
-            detail = msg.rsplit("::", 1)[-1]
-            peer, subject_cn = self._peers.pop(conn, "?"), self._subjects.pop(conn, None)
-            reason = self._reasons.pop(conn, detail)
-            if detail in _NOT_REFUSALS:
-                return 0
-            self.on_refusal(Refusal(peer=peer, reason=reason, subject=subject_cn))
-            return 1
-        return 0

@@ -60,6 +60,11 @@ def preflight(config: NodeConfig) -> pki.LeafFiles:
         leaf = pki.load_party(Path(config.pki_dir), config.name, role="node")
     except pki.PKIError as exc:
         raise NodeStartError(f"certificate check failed: {exc}") from exc
+    if "127.0.0.1" not in pki.read_identity(leaf.cert).hosts:
+        raise NodeStartError(
+            f"certificate check failed: {config.name}'s certificate does not name 127.0.0.1, where the fleet "
+            "sidecar serves it to the SuperNode; re-issue it (`fedseek ca issue` adds it)"
+        )
     state = Path(config.state_dir)
     audit_path = state / "audit.jsonl"
     if audit_path.exists() or head_path(audit_path).exists():
@@ -117,6 +122,7 @@ def _fleet_processes(
         config_text=client_config(
             tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl),
             accept=f"127.0.0.1:{sidecar_port}",
+            relay=f"127.0.0.1:{free_port()}",
             connect=config.coordinator,
             server_name=config.coordinator_name,
         ),
@@ -138,7 +144,7 @@ def _fleet_processes(
         name="supernode",
         argv=[
             str(Path(sys.executable).parent / "flower-supernode"),
-            # TLS to the SuperLink end to end, tunnelled through the local mTLS sidecar
+            # TLS to the local sidecar (site certificate), which re-originates mTLS to the gateway
             "--root-certificates",
             str(leaf.ca_cert),
             "--superlink",
@@ -153,7 +159,12 @@ def _fleet_processes(
             "3600",
         ],
         log_path=state / "logs" / "supernode.log",
-        env={"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1"},
+        # PATH: the SuperNode starts `flower-superexec` by name, from this environment's bin/
+        env={
+            "FLWR_HOME": str(state / "flwr"),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
+        },
     )
     return [sidecar, supernode], sidecar_port
 

@@ -1,16 +1,24 @@
-"""Shared by the fleet e2e tests: a coordinator process and SuperNodes behind site sidecars."""
+"""Shared by the fleet e2e tests: a coordinator process (SuperLink + nginx gateway) and SuperNodes
+behind site sidecars."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from federation.procs import Managed, free_port
 from federation.sidecar import TLSFiles, client_config, make_sidecar
 
-FLWR_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1"}
+# PATH: SuperNodes start `flower-superexec` by name, from this environment's bin/
+FLWR_ENV = {
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
+}
 
 
 def wait_json(path: Path, proc: Managed, timeout: float = 90) -> dict[str, object]:
@@ -21,6 +29,24 @@ def wait_json(path: Path, proc: Managed, timeout: float = 90) -> dict[str, objec
         assert proc.alive(), proc.log_path.read_text()[-2000:]
         time.sleep(0.3)
     raise AssertionError(f"{path} not written in {timeout}s")
+
+
+def site_sidecar(tmp_path: Path, name: str, *, tls: TLSFiles, target: str) -> tuple[Managed, str]:
+    """A site's fleet sidecar (started): its loopback TLS address for the SuperNode."""
+    port = free_port()
+    sidecar = make_sidecar(
+        name=f"{name}-sidecar",
+        config_text=client_config(
+            tls=tls,
+            accept=f"127.0.0.1:{port}",
+            relay=f"127.0.0.1:{free_port()}",
+            connect=target,
+            server_name="localhost",
+        ),
+        workdir=tmp_path / name,
+    )
+    sidecar.start().wait_port("127.0.0.1", port, timeout=20)
+    return sidecar, f"127.0.0.1:{port}"
 
 
 def supernode(
@@ -34,19 +60,15 @@ def supernode(
     max_retries: int = 3,
     max_wait: float = 20,
 ) -> list[Managed]:
-    """A SuperNode behind its own site sidecar (tls given) or pointed straight at `target`."""
+    """A SuperNode behind its own site sidecar (tls given) or pointed straight at `target`.
+
+    `ca` is what the SuperNode trusts: the CA of the certificate its sidecar serves it.
+    """
     procs: list[Managed] = []
     superlink = target
     if tls is not None:
-        port = free_port()
-        sidecar = make_sidecar(
-            name=f"{name}-sidecar",
-            config_text=client_config(tls=tls, accept=f"127.0.0.1:{port}", connect=target, server_name="localhost"),
-            workdir=tmp_path / name,
-        )
-        procs.append(sidecar.start())
-        sidecar.wait_port("127.0.0.1", port, timeout=20)
-        superlink = f"127.0.0.1:{port}"
+        sidecar, superlink = site_sidecar(tmp_path, name, tls=tls, target=target)
+        procs.append(sidecar)
     procs.append(
         Managed(
             name=name,
@@ -70,6 +92,27 @@ def supernode(
         ).start()
     )
     return procs
+
+
+def audit_records(state: Path, action: str) -> list[dict[str, Any]]:
+    path = state / "audit.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [r for r in rows if r["action"] == action]
+
+
+def wait_record(
+    state: Path, action: str, match: Callable[[dict[str, Any]], bool], timeout: float, *, after: int = 0
+) -> dict[str, Any]:
+    """The first `action` audit record (from the `after`-th on) that `match`es, waiting up to
+    `timeout` seconds for it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [r for r in audit_records(state, action)[after:] if match(r)]
+        if found:
+            return found[0]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no matching {action} record in {timeout}s: {audit_records(state, action)}")
+        time.sleep(0.3)
 
 
 def activated(coord: dict[str, object]) -> int:

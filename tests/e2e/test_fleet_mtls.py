@@ -1,22 +1,37 @@
-"""Real processes: a coordinator (SuperLink + stunnel) and raw `flower-supernode`s.
+"""Real processes: a coordinator (SuperLink + nginx gateway), site sidecars (stunnel) and raw
+`flower-supernode`s.
 
-Only a SuperNode whose sidecar presents a consortium certificate AND whose Flower auth key
-is registered gets in; the others fail at the TLS handshake or at SuperNode authentication.
+Only a SuperNode whose sidecar presents a consortium certificate AND whose Flower key is the
+one registered for that certificate's site gets in; the others are refused by the gateway,
+each with an audit record. The fleet port serves the Fleet API only: the Control API is out
+of reach even with a valid node certificate.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from coordinator.service import CONNECTION, flwr_bin, flwr_env, write_cli_config
 from federation import pki
 from federation.flower_auth import ensure_auth_keypair
 from federation.procs import free_port
 from federation.sidecar import TLSFiles
-from tests.e2e.fleet import start_coordinator, stop, supernode, wait_activated
+from tests.e2e.fleet import (
+    activated,
+    audit_records,
+    site_sidecar,
+    start_coordinator,
+    stop,
+    supernode,
+    wait_activated,
+    wait_record,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -34,57 +49,88 @@ def coordinator(tmp_path: Path, pki_dir: Path) -> Iterator[dict[str, object]]:
         proc.stop()
 
 
-def test_only_consortium_certificate_with_registered_key_gets_in(
+def flwr_ls(flwr_home: Path, address: str, ca: Path) -> subprocess.CompletedProcess[str]:
+    """`flwr ls` (the Control API's list-runs) against `address`, trusting `ca`."""
+    write_cli_config(flwr_home, address, ca_cert=ca)
+    return subprocess.run(
+        [flwr_bin("flwr"), "ls", CONNECTION, "--format", "json"],
+        env=flwr_env(flwr_home),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_only_consortium_certificate_with_its_sites_key_gets_in(
     tmp_path: Path, pki_dir: Path, coordinator: dict[str, object]
 ) -> None:
     ca = pki_dir / "ca" / "ca.pem"
-    fleet = str(coordinator["fleet"])
-    site_a = pki.load_leaf(pki_dir, "site-a")
+    fleet, state = str(coordinator["fleet"]), Path(str(coordinator["state"]))
+    site_a, site_b = pki.load_leaf(pki_dir, "site-a"), pki.load_leaf(pki_dir, "site-b")
     key_a = ensure_auth_keypair(pki_dir / "site-a").private_key
+    key_b = ensure_auth_keypair(pki_dir / "site-b").private_key
 
-    # 1. A certificate from another CA: the coordinator's sidecar refuses the handshake.
+    # 1. A certificate from another CA (its SuperNode trusts its own sidecar), and no client
+    #    certificate at all: the gateway refuses both, with the reason in the audit trail.
     other = tmp_path / "other-pki"
     pki.init_ca(other, consortium="fedseek-test")
-    pki.issue(other, "site-a", role="node")
-    rogue_leaf = pki.load_leaf(other, "site-a")
-    rogue = supernode(
-        tmp_path, "rogue", tls=TLSFiles(rogue_leaf.cert, rogue_leaf.key, ca), target=fleet, auth_key=key_a, ca=ca
-    )
-    # 2. No client certificate at all: straight to the mTLS port.
+    rogue_leaf = pki.issue(other, "site-a", role="node")
+    rogue_tls = TLSFiles(rogue_leaf.cert, rogue_leaf.key, ca)
+    rogue = supernode(tmp_path, "rogue", tls=rogue_tls, target=fleet, auth_key=key_a, ca=rogue_leaf.ca_cert)
     bare = supernode(tmp_path, "bare", tls=None, target=fleet, auth_key=key_a, ca=ca)
     try:
-        assert not wait_activated(coordinator, 1, timeout=15), "a node without a consortium certificate got in"
+        foreign = wait_record(state, "tls.refused", lambda r: "CN=site-a" in r["details"]["reason"], 30)
+        missing = wait_record(state, "tls.refused", lambda r: r["details"]["reason"] == "no client certificate", 30)
     finally:
         stop(rogue + bare)
-    coord_sidecar_log = (Path(str(coordinator["state"])) / "sidecar" / "fleet-sidecar.log").read_text(errors="replace")
-    assert (
-        "CERTIFICATE_REQUIRED" in coord_sidecar_log.upper() or "peer did not return a certificate" in coord_sidecar_log
-    )
-    assert (
-        "certificate verify failed" in coord_sidecar_log.lower()
-        or "unable to get local issuer" in coord_sidecar_log.lower()
-    )
+    assert foreign["details"]["endpoint"] == "fleet" and foreign["details"]["status"] == 400
+    assert "unable to verify the first certificate" in foreign["details"]["reason"]  # OpenSSL, depth 1
+    assert foreign["actor"].startswith("127.0.0.1:")  # an unverified subject is no actor
+    assert missing["actor"].startswith("127.0.0.1:")
+    assert activated(coordinator) == 0, "a node without a consortium certificate got in"
 
-    # 3. A consortium certificate but an unregistered Flower auth key: the second factor refuses it.
-    site_b = pki.load_leaf(pki_dir, "site-b")
-    unregistered = supernode(
-        tmp_path,
-        "unregistered",
-        tls=TLSFiles(site_b.cert, site_b.key, ca),
-        target=fleet,
-        auth_key=ensure_auth_keypair(pki_dir / "site-b").private_key,
-        ca=ca,
-    )
-    try:
-        assert not wait_activated(coordinator, 1, timeout=12), "a node with an unregistered auth key got in"
-    finally:
-        stop(unregistered)
-    link_log = (Path(str(coordinator["state"])) / "logs" / "superlink.log").read_text(errors="replace")
-    assert "No SuperNode found with the given public key" in link_log
+    # 2. A valid certificate for site-b with site-b's own, unregistered key, then with site-a's
+    #    registered (stolen) key: refused per request, before the SuperLink sees either.
+    for name, key in (("unregistered", key_b), ("stolen-key", key_a)):
+        before = len(audit_records(state, "access.refused"))
+        node = supernode(tmp_path, name, tls=TLSFiles(site_b.cert, site_b.key, ca), target=fleet, auth_key=key, ca=ca)
+        try:
+            denied = wait_record(state, "access.refused", lambda r: True, 30, after=before)
+        finally:
+            stop(node)
+        assert denied["actor"] == "site-b" and denied["details"]["status"] == 403, denied
+        assert denied["resource"].startswith("POST /v1/fleet/"), denied
+        assert "does not match the key registered" in denied["details"]["reason"]
+        assert activated(coordinator) == 0, f"{name}: a node whose Flower key is not its site's got in"
 
-    # 4. Positive control: consortium certificate and registered key.
+    # 3. Positive control: site-a's certificate and site-a's key.
     good = supernode(tmp_path, "good", tls=TLSFiles(site_a.cert, site_a.key, ca), target=fleet, auth_key=key_a, ca=ca)
     try:
         assert wait_activated(coordinator, 1, timeout=40), (tmp_path / "good" / "supernode.log").read_text()[-2000:]
     finally:
         stop(good)
+
+
+def test_control_api_is_not_reachable_through_the_fleet_port(
+    tmp_path: Path, pki_dir: Path, coordinator: dict[str, object]
+) -> None:
+    """`flwr ls` through a site's sidecar (valid node certificate) is refused 403 and audited;
+    the same command on the coordinator's loopback Control API works."""
+    ca = pki_dir / "ca" / "ca.pem"
+    state = Path(str(coordinator["state"]))
+    loopback = flwr_ls(tmp_path / "flwr-operator", str(coordinator["superlink"]), ca)
+    assert loopback.returncode == 0 and json.loads(loopback.stdout)["success"], loopback.stdout + loopback.stderr
+
+    site_a = pki.load_leaf(pki_dir, "site-a")
+    sidecar, address = site_sidecar(
+        tmp_path, "site-a", tls=TLSFiles(site_a.cert, site_a.key, ca), target=str(coordinator["fleet"])
+    )
+    try:
+        through_fleet = flwr_ls(tmp_path / "flwr-site", address, ca)
+    finally:
+        sidecar.stop()
+    refused = json.loads(through_fleet.stdout)
+    assert not refused["success"] and "403 Forbidden" in refused["error-message"], refused
+    denied = wait_record(state, "access.refused", lambda r: r["resource"].startswith("POST /v1/control/"), 10)
+    assert denied["actor"] == "site-a" and denied["details"]["status"] == 403
+    assert denied["details"]["reason"] == "route not served on the fleet port (Fleet API only)"

@@ -2,8 +2,9 @@
 
 Topology of the happy path::
 
-    test client --plain--> site sidecar (client = yes, site-a cert)
-                --mTLS-->  coordinator sidecar (requireCert = yes)
+    test client --TLS-->   site sidecar [supernode] (site-a cert, as the SuperNode sees it)
+                --plain--> site sidecar [fleet] (client = yes, site-a cert), loopback relay
+                --mTLS-->  a stunnel mTLS server (requireCert = yes), standing in for the gateway
                 --plain--> echo server (thread)
 
 The echo server remembers every byte it was sent, so a rejected connection is proven not to
@@ -12,12 +13,10 @@ have reached it (not just to have failed to echo).
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,10 +25,8 @@ from pathlib import Path
 import pytest
 
 from federation import pki
-from federation.mtls_server import Refusal
 from federation.procs import Managed, ProcessError, free_port
 from federation.sidecar import (
-    RefusalLog,
     TLSFiles,
     client_config,
     make_sidecar,
@@ -165,7 +162,11 @@ def _site_sidecar(
     proc = make_sidecar(
         name="site-sidecar",
         config_text=client_config(
-            tls=tls, accept=f"{HOST}:{port}", connect=f"{HOST}:{coordinator_port}", server_name=server_name
+            tls=tls,
+            accept=f"{HOST}:{port}",
+            relay=f"{HOST}:{free_port()}",
+            connect=f"{HOST}:{coordinator_port}",
+            server_name=server_name,
         ),
         workdir=workdir,
     )
@@ -180,18 +181,49 @@ def test_stunnel_binary_is_found_and_runs() -> None:
     assert "stunnel" in (out.stdout + out.stderr).lower()
 
 
+def _sections(text: str) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    current = ""
+    for line in text.splitlines():
+        if line.startswith("["):
+            current = line.strip("[]")
+        elif line:
+            out.setdefault(current, []).append(line)
+    return out
+
+
 def test_configs_enforce_mutual_tls(pki_dir: Path) -> None:
-    tls = _tls(pki.load_leaf(pki_dir, "coordinator"))
-    server = server_config(tls=tls, accept="127.0.0.1:1", connect="127.0.0.1:2")
-    client = client_config(tls=tls, accept="127.0.0.1:3", connect="10.0.0.1:9443", server_name="coord.example")
-    for text in (server, client):
-        assert "verifyChain = yes" in text
-        assert f"CAfile = {tls.ca_cert}" in text
-        assert "sslVersionMin = TLSv1.3" in text
-    assert "requireCert = yes" in server.splitlines()
-    assert "client = yes" in client.splitlines()
-    assert "checkHost = coord.example" in client.splitlines()
-    assert "client = yes" not in server.splitlines()
+    tls = _tls(pki.load_leaf(pki_dir, "site-a"))
+    server = _sections(server_config(tls=tls, accept="127.0.0.1:1", connect="127.0.0.1:2"))["fleet"]
+    client = _sections(
+        client_config(
+            tls=tls, accept="127.0.0.1:3", relay="127.0.0.1:4", connect="10.0.0.1:9443", server_name="coord.example"
+        )
+    )
+    fleet, local = client["fleet"], client["supernode"]
+    for lines in (server, fleet):
+        assert "verifyChain = yes" in lines
+        assert f"CAfile = {tls.ca_cert}" in lines
+        assert "sslVersionMin = TLSv1.3" in lines
+    assert "requireCert = yes" in server and "client = yes" not in server
+    # the site: TLS from the SuperNode on loopback, plain to the relay, mTLS from the relay out
+    assert local == [
+        "accept = 127.0.0.1:3",
+        "connect = 127.0.0.1:4",
+        f"cert = {tls.cert}",
+        f"key = {tls.key}",
+        "sslVersionMin = TLSv1.3",
+    ]
+    assert {"client = yes", "accept = 127.0.0.1:4", "connect = 10.0.0.1:9443", "checkHost = coord.example"} <= set(
+        fleet
+    )
+    assert f"cert = {tls.cert}" in fleet
+
+
+def _exchange_local(port: int, ca_cert: Path, payload: bytes) -> bytes:
+    """What the SuperNode does: TLS to the site sidecar on 127.0.0.1, trusting the consortium CA
+    (so the site certificate must name 127.0.0.1); returns the echo or b''."""
+    return _tls_client_exchange(port, _client_context(ca_cert), payload, server_hostname=HOST)
 
 
 def test_site_sidecar_relays_to_coordinator_over_mtls(coordinator: Coordinator, pki_dir: Path, tmp_path: Path) -> None:
@@ -199,12 +231,13 @@ def test_site_sidecar_relays_to_coordinator_over_mtls(coordinator: Coordinator, 
     try:
         proc.start()
         proc.wait_port(HOST, port, timeout=30)
+        assert _exchange_plain(port, _token()) == b""  # the SuperNode side speaks TLS only
         for _ in range(2):  # more than one connection through the same sidecar
             token = _token()
-            assert _exchange_plain(port, token) == token
+            assert _exchange_local(port, coordinator.ca_cert, token) == token
             assert coordinator.echo.saw(token)
         big = _token() * 4096  # ~180 KB: several TLS records each way
-        assert _exchange_plain(port, big) == big
+        assert _exchange_local(port, coordinator.ca_cert, big) == big
     finally:
         proc.stop()
     assert not proc.alive()
@@ -220,7 +253,7 @@ def test_site_with_certificate_from_another_ca_is_refused(coordinator: Coordinat
         proc.start()
         proc.wait_port(HOST, port, timeout=30)
         token = _token()
-        assert _exchange_plain(port, token) == b""
+        assert _exchange_local(port, coordinator.ca_cert, token) == b""
         assert not coordinator.echo.saw(token)
     finally:
         proc.stop()
@@ -236,18 +269,20 @@ def test_site_sidecar_refuses_coordinator_with_wrong_name(
         proc.start()
         proc.wait_port(HOST, port, timeout=30)
         token = _token()
-        assert _exchange_plain(port, token) == b""
+        assert _exchange_local(port, coordinator.ca_cert, token) == b""
         assert not coordinator.echo.saw(token)
     finally:
         proc.stop()
 
 
-def _tls_client_exchange(port: int, ctx: ssl.SSLContext, payload: bytes) -> bytes:
-    """TLS to the coordinator sidecar; returns the echo, or b'' if the handshake or stream failed."""
+def _tls_client_exchange(
+    port: int, ctx: ssl.SSLContext, payload: bytes, *, server_hostname: str = "localhost"
+) -> bytes:
+    """TLS to a sidecar; returns the echo, or b'' if the handshake or stream failed."""
     try:
         with (
             socket.create_connection((HOST, port), timeout=IO_TIMEOUT) as raw,
-            ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+            ctx.wrap_socket(raw, server_hostname=server_hostname) as tls,
         ):
             tls.sendall(payload)
             return _recv_until(tls, len(payload))
@@ -292,37 +327,3 @@ def test_bad_config_fails_start_up_with_log(tmp_path: Path) -> None:
         proc.stop()
     assert (tmp_path / "broken.conf").is_file()
     assert (tmp_path / "broken.log").read_text().strip()
-
-
-def test_refusals_are_read_from_the_stunnel_log(coordinator: Coordinator, tmp_path: Path) -> None:
-    """Each refused handshake becomes one Refusal (for the log and the audit trail)."""
-    refusals: list[Refusal] = []
-    follower = RefusalLog(coordinator.sidecar.log_path, refusals.append)
-    other = tmp_path / "other-pki"
-    pki.init_ca(other, consortium="someone-else")
-    pki.issue(other, "site-a", role="node")
-    rogue = ssl.create_default_context(cafile=str(coordinator.ca_cert))
-    rogue.load_cert_chain(str(other / "site-a" / "cert.pem"), str(other / "site-a" / "key.pem"))
-    for ctx in (rogue, ssl.create_default_context(cafile=str(coordinator.ca_cert))):
-        with (
-            socket.create_connection((HOST, coordinator.port), timeout=5) as raw,
-            contextlib.suppress(ssl.SSLError, OSError),
-            ctx.wrap_socket(raw, server_hostname="localhost") as s,
-        ):
-            s.settimeout(3)
-            s.recv(1)
-    with socket.create_connection((HOST, coordinator.port), timeout=5) as raw:  # plaintext
-        raw.sendall(b"GET / HTTP/1.1\r\n\r\n")
-        with contextlib.suppress(OSError):
-            raw.recv(100)
-    deadline = time.monotonic() + 10
-    while len(refusals) < 3 and time.monotonic() < deadline:
-        follower.poll()
-        time.sleep(0.2)
-    reasons = [r.reason for r in refusals]
-    assert len(refusals) == 3, reasons
-    assert "unable to get local issuer certificate" in reasons[0] and refusals[0].subject == "site-a"
-    assert "peer did not return a certificate" in reasons[1]
-    assert reasons[2] in ("wrong version number", "http request")  # plaintext
-    assert all(r.peer.startswith("127.0.0.1:") for r in refusals)
-    assert follower.poll() == 0  # each refusal is reported once

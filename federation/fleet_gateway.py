@@ -1,0 +1,341 @@
+"""nginx as the coordinator's fleet gateway: mTLS, fleet routes only, certificate bound to Flower key.
+
+Flower 1.42's SuperLink serves its Fleet (`/v1/fleet/*`), Control (`/v1/control/*`) and
+Runtime APIs as one FastAPI app on one HTTPS port, and a SuperNode speaks protobuf over
+HTTP/1.1 (httpx) to it, signing each request and sending its public key in the
+`flwr-public-key` header (base64 of the key's PEM SubjectPublicKeyInfo). A byte tunnel cannot
+see any of that, so the coordinator's public fleet port is nginx, which terminates the
+consortium mTLS itself and then, per request:
+
+- proxies only `/v1/fleet/` to the SuperLink on loopback (TLS, verified against the CA);
+  every other route answers 403;
+- requires that `flwr-public-key` is the key registered for the client certificate's subject
+  (an nginx `map` over "subject|key", rewritten whenever the registered sites change), so
+  the certificate-to-Flower-key binding holds on every request, not only at registration.
+
+nginx checks client certificates after the handshake: a missing, foreign, expired or revoked
+certificate and plaintext HTTP are answered 496/495/497 on the first request. `GatewayLog`
+turns those, the 403s and failed handshakes (error log) into `Refusal`s for the audit trail.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from base64 import b64encode
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+
+from federation.mtls_server import Refusal
+from federation.procs import Managed
+from federation.sidecar import TLSFiles
+
+log = logging.getLogger("fedseek.fleet_gateway")
+
+FLEET_PREFIX = "/v1/fleet/"  # flwr.superlink.routers.fleet.router prefix
+KEY_HEADER = "flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER
+SHUTDOWN_TIMEOUT_S = 2  # after a reload, old workers (and a revoked site's open requests) end this soon
+_TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # nginx's defaults are root's paths
+_SAFE = re.compile(r"^[A-Za-z0-9=,.+/\-|]+$")  # what goes into the map; nothing nginx would interpret
+
+
+class GatewayError(RuntimeError):
+    """nginx is missing or a binding cannot be expressed safely."""
+
+
+def nginx_binary() -> str:
+    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    if not found:
+        raise GatewayError("nginx is not installed (Debian package nginx)")
+    return found
+
+
+def flower_key_header(openssh_line: bytes) -> str:
+    """The `flwr-public-key` header value a SuperNode with this (OpenSSH) public key sends.
+
+    Flower sends `b64encode(public_key_to_bytes(key))`, i.e. base64 of the PEM
+    SubjectPublicKeyInfo (flwr.supernode.node_auth_http_interceptor).
+    """
+    try:
+        key = serialization.load_ssh_public_key(openssh_line.strip())
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise GatewayError(f"not an OpenSSH public key: {exc}") from exc
+    pem = key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return b64encode(pem).decode("ascii")
+
+
+def subject_dn(*, name: str, role: str, consortium: str) -> str:
+    """A party certificate's subject as nginx's `$ssl_client_s_dn` prints it (RFC 2253 order)."""
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, consortium),
+            x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+        ]
+    )
+    return subject.rfc4514_string()
+
+
+def binding_map(bindings: Mapping[str, str]) -> str:
+    """nginx `map` entries: "<certificate subject>|<flwr-public-key value>" -> 1, one per site."""
+    lines = []
+    for dn, key in sorted(bindings.items()):
+        entry = f"{dn}|{key}"
+        if not _SAFE.match(entry) or dn.startswith("~"):
+            raise GatewayError(f"refusing to put {entry!r} into the gateway's binding map")
+        lines.append(f'"{entry}" 1;')
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """Where one gateway keeps its config, map, logs, pid and temp files."""
+
+    workdir: Path
+    tls: TLSFiles
+    listen: str  # host:port, public
+    upstream: str  # the SuperLink, 127.0.0.1:port
+    upstream_name: str = "localhost"  # a name on the coordinator certificate
+
+    @property
+    def conf(self) -> Path:
+        return self.workdir / "nginx.conf"
+
+    @property
+    def site_map(self) -> Path:
+        return self.workdir / "sites.map"
+
+    @property
+    def access_log(self) -> Path:
+        return self.workdir / "access.log"
+
+    @property
+    def error_log(self) -> Path:
+        return self.workdir / "error.log"
+
+    def config(self) -> str:
+        """The whole nginx.conf (unprivileged: every path inside `workdir`)."""
+        if self.tls.crl is None:
+            raise GatewayError("the fleet gateway needs the consortium CRL")
+        w, t = self.workdir, self.tls
+        temp = "\n".join(f"    {kind}_temp_path {w}/tmp/{kind};" for kind in _TEMP_KINDS)
+        deny = '{"error":{"message":"%s","type":"permission_error","code":403}}'
+        return f"""# written by fedseek (federation/fleet_gateway.py); edits are overwritten
+daemon off;
+worker_processes 1;
+pid {w}/nginx.pid;
+error_log {self.error_log} info;
+worker_shutdown_timeout {SHUTDOWN_TIMEOUT_S}s;
+events {{ worker_connections 1024; }}
+http {{
+{temp}
+    server_tokens off;
+    log_format fleet escape=json '{{"time":"$time_iso8601","peer":"$remote_addr:$remote_port",'
+        '"status":$status,"https":"$https","verify":"$ssl_client_verify","subject":"$ssl_client_s_dn",'
+        '"serial":"$ssl_client_serial","method":"$request_method","uri":"$uri","bound":"$fleet_bound"}}';
+    access_log {self.access_log} fleet;
+    map_hash_bucket_size 1024;
+    map "$ssl_client_s_dn|$http_{KEY_HEADER.replace("-", "_")}" $fleet_bound {{
+        default 0;
+        include {self.site_map};
+    }}
+    upstream superlink {{
+        server {self.upstream};
+        keepalive 16;
+    }}
+    server {{
+        listen {self.listen} ssl;
+        ssl_protocols TLSv1.3;
+        ssl_certificate {t.cert};
+        ssl_certificate_key {t.key};
+        ssl_client_certificate {t.ca_cert};
+        ssl_verify_client on;
+        ssl_verify_depth 1;
+        ssl_crl {t.crl};
+        ssl_session_tickets off;
+        ssl_session_cache off;
+        default_type application/json;
+        client_max_body_size 0;
+        location {FLEET_PREFIX} {{
+            if ($fleet_bound = 0) {{
+                return 403 '{deny % "the Flower key does not belong to the site on the client certificate"}';
+            }}
+            proxy_pass https://superlink;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_verify on;
+            proxy_ssl_verify_depth 1;
+            proxy_ssl_trusted_certificate {t.ca_cert};
+            proxy_ssl_crl {t.crl};
+            proxy_ssl_name {self.upstream_name};
+            proxy_ssl_server_name on;
+            proxy_ssl_protocols TLSv1.3;
+            proxy_buffering off;
+            proxy_request_buffering off;
+            proxy_read_timeout 600s;
+        }}
+        location / {{
+            return 403 '{deny % "only the Flower Fleet API is served on this port"}';
+        }}
+    }}
+}}
+"""
+
+    def write_bindings(self, bindings: Mapping[str, str]) -> bool:
+        """Rewrite the binding map (atomically); returns whether it changed (then reload)."""
+        text = binding_map(bindings)
+        try:
+            if self.site_map.read_text() == text:
+                return False
+        except OSError:
+            pass
+        tmp = self.site_map.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.site_map)
+        return True
+
+    def process(self, bindings: Mapping[str, str] | None = None) -> Managed:
+        """Write config and map into `workdir`; the (not yet started) nginx process."""
+        for kind in _TEMP_KINDS:
+            (self.workdir / "tmp" / kind).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(self.config())
+        self.write_bindings(bindings or {})
+        return Managed(
+            name="fleet-gateway",
+            argv=[nginx_binary(), "-p", str(self.workdir), "-c", str(self.conf), "-e", str(self.error_log)],
+            log_path=self.workdir / "nginx.out",
+        )
+
+
+@dataclass(frozen=True)
+class GatewayRefusal(Refusal):
+    """A refusal with what it was: `tls.refused` (certificate, plaintext, handshake) or
+    `access.refused` (a route other than the fleet API, a Flower key not the certificate's)."""
+
+    action: str = "tls.refused"
+    status: int | None = None
+    route: str | None = None
+
+
+def audit_refusal(append: Callable[..., object], **details: str) -> Callable[[Refusal], None]:
+    """Log line and audit record for each refusal (`tls.refused` or `access.refused`)."""
+
+    def record(refusal: Refusal) -> None:
+        action = refusal.action if isinstance(refusal, GatewayRefusal) else "tls.refused"
+        extra: dict[str, object] = {}
+        if isinstance(refusal, GatewayRefusal):
+            extra = {k: v for k, v in (("status", refusal.status), ("route", refusal.route)) if v is not None}
+        who = refusal.subject or "no valid certificate"
+        log.warning("fleet gateway refused %s (%s): %s", refusal.peer, who, refusal.reason)
+        append(
+            actor=refusal.subject or refusal.peer,
+            action=action,
+            resource=str(extra.get("route", "")),
+            details={"peer": refusal.peer, "reason": refusal.reason, **extra, **details},
+        )
+
+    return record
+
+
+_HANDSHAKE = re.compile(
+    r"SSL_do_handshake\(\) failed \(SSL: (?:error:[0-9A-F]+:[^:]*::)?(?P<reason>[^)]*)\).*?client: (?P<client>[^,\s]+)"
+)
+_CN = re.compile(r"(?:^|,)CN=(?P<cn>[^,]+)")
+
+
+def refusal_from_access(entry: Mapping[str, object]) -> GatewayRefusal | None:
+    """The refusal one access-log entry records, or None for a request that was served."""
+    status = int(str(entry.get("status", 0)))
+    if status < 400 or status not in (400, 403, 495, 496, 497):
+        return None
+    verify, dn = str(entry.get("verify", "")), str(entry.get("subject", ""))
+    cn = _CN.search(dn)
+    subject = cn["cn"] if cn else None
+    peer, route = str(entry.get("peer", "?")), f"{entry.get('method', '')} {entry.get('uri', '')}".strip()
+    if entry.get("https") != "on" or status == 497:
+        return GatewayRefusal(peer=peer, reason="plaintext HTTP on the mTLS port", status=status)
+    if verify == "NONE" or status == 496:
+        return GatewayRefusal(peer=peer, reason="no client certificate", status=status)
+    if verify.startswith("FAILED"):  # the subject is only a claim here: named in the reason, not the actor
+        detail = verify.partition(":")[2] or "verification failed"
+        claim = f" (certificate subject {dn})" if dn else ""
+        return GatewayRefusal(peer=peer, reason=f"client certificate rejected: {detail}{claim}", status=status)
+    if status != 403:
+        return None  # a malformed request of a verified client: not an access decision
+    if str(entry.get("uri", "")).startswith(FLEET_PREFIX):
+        reason = "Flower key header does not match the key registered for the certificate's site"
+    else:
+        reason = "route not served on the fleet port (Fleet API only)"
+    return GatewayRefusal(
+        peer=peer, reason=reason, subject=subject, action="access.refused", status=status, route=route
+    )
+
+
+def refusal_from_error(line: str) -> GatewayRefusal | None:
+    """A failed TLS handshake in nginx's error log (wrong protocol, plaintext, TLS 1.2...)."""
+    m = _HANDSHAKE.search(line)
+    if not m:
+        return None
+    return GatewayRefusal(peer=m["client"], reason=f"TLS handshake failed: {m['reason']}")
+
+
+@dataclass
+class _Tail:
+    path: Path
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.offset = self.path.stat().st_size if self.path.exists() else 0
+
+    def lines(self) -> list[str]:
+        try:
+            with self.path.open("rb") as f:
+                if f.seek(0, os.SEEK_END) < self.offset:
+                    self.offset = 0  # rotated or truncated
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        complete = data[: data.rfind(b"\n") + 1]  # a half-written last line waits for the next poll
+        self.offset += len(complete)
+        return complete.decode("utf-8", "replace").splitlines()
+
+
+@dataclass
+class GatewayLog:
+    """Follows the gateway's access and error logs and reports each refusal once.
+
+    Only lines written after this object was created are read (like `sidecar.RefusalLog`).
+    """
+
+    access_log: Path
+    error_log: Path
+    on_refusal: Callable[[Refusal], None]
+    _tails: tuple[_Tail, _Tail] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._tails = (_Tail(self.access_log), _Tail(self.error_log))
+
+    def poll(self) -> int:
+        """Read what was appended since the last poll; returns how many refusals it reported."""
+        found: list[GatewayRefusal] = []
+        for line in self._tails[0].lines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(entry, dict) and (refusal := refusal_from_access(entry)):
+                found.append(refusal)
+        found += [r for line in self._tails[1].lines() if (r := refusal_from_error(line))]
+        for refusal in found:
+            self.on_refusal(refusal)
+        return len(found)
