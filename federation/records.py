@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from federation import wire
 
@@ -48,6 +49,11 @@ def update_from_content(content: RecordDict) -> wire.AdapterUpdate:
     arrays = from_array_record(content.array_records[ARRAYS])
     desc: Mapping[str, Any] = content.config_records.get(ADAPTER, {})
     return wire.AdapterUpdate.from_descriptor(arrays, dict(desc))
+
+
+def serialized_size(content: RecordDict) -> int:
+    """Bytes of `content` as Flower's object transport carries it (every nested object deflated)."""
+    return sum(len(obj.deflate()) for obj in get_all_nested_objects(content).values())
 
 
 def report_to_config(report: wire.PrivacyReport) -> ConfigRecord:

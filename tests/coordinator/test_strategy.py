@@ -54,10 +54,7 @@ def _over_the_wire(msg: Message) -> Message:
 
 
 def _serialized_size(msg: Message) -> int:
-    """Bytes of the message's records as Flower's object transport carries them."""
-    if msg.has_error():
-        return 0
-    return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg.content).values())
+    return 0 if msg.has_error() else records.serialized_size(msg.content)
 
 
 class InProcessGrid(Grid):
