@@ -9,7 +9,10 @@ One process, one seeded random-init model, random prompts of exactly ``--prompt-
 * ``engine_c{N}``: the engine with N requests submitted together (``engine_c1``: one at a time, in
   sequence); ``engine_c{N}_a{K}``: the same N requests spread round-robin over K model versions
   (base + K-1 LoRA adapters, rank 16 on every linear layer) in the same running batch;
-* with ``--int8`` / ``--compile``: the same engine runs with INT8 weights / torch.compile'd layers.
+* with ``--int8``: the same engine runs with INT8 weights.
+
+Each measured configuration is first run once with 4 new tokens (same concurrency, same versions),
+so prefill shapes and decode graphs are warm.
 
 The JSON is rewritten after each method, so a run cut short keeps what finished. Shapes:
 ``r1-distill-1.5b`` (the GPU benchmark, fast runner), ``qwen-tiny`` (the fast runner on a CPU-sized
@@ -339,7 +342,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--hf-requests", type=int, default=2, help="requests for the sequential HF baseline")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--int8", action="store_true", help="also run the engine with INT8 weights")
-    ap.add_argument("--compile", action="store_true", help="also run the engine with torch.compile'd layers")
     ap.add_argument("--out", type=Path, default=Path("serving.json"))
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -413,10 +415,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             extra = {"engine_weight_gb": round(runner.weight_bytes() / 1e9, 3)}
             extra["kv_cache_gb"] = round(runner.kv.nbytes() / 1e9, 3)
         with Engine(runner, tok) as engine:
-            engine_run(engine, prompts[:top], 4, [None], together=True)  # warm-up: prefill shapes, sampling
 
             def measure(c: int, names: list[str | None]) -> dict[str, Any]:
                 n = args.sequential_requests if c == 1 else c
+                engine_run(engine, prompts[: min(n, c)], 4, names, together=c > 1)  # warm-up: shapes, graphs
                 out = engine_run(engine, prompts[:n], new, names, together=c > 1)
                 return {**out, "peak_memory_gb": peak_gb(args.device), **extra}
 
@@ -430,8 +432,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_engine("", model, {1: [None]})
         if args.int8 and fast:
             run_engine("_int8", model, {1: [None]}, int8=True)
-        if args.compile and fast:
-            run_engine("_compiled", model, {1: [None]}, compile=True)
         multi = [k for k in versions_n if k > 1]
         if multi:
             peft = add_adapters(model, max(multi) - 1)

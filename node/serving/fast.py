@@ -2,13 +2,26 @@
 
 Our own forward over the HF module's weights: embedding, RMSNorm, rotary, GQA attention, SwiGLU.
 q/k/v and gate/up are fused into one matmul each; by default the HF parameters become views of the
-fused tensors, so the model is held once. K/V live in a static cache; a decode step runs over slot
-rows 0..B-1 (B a power-of-two bucket; the scheduler keeps slots dense), attends over a bucketed
-prefix of the cache with a per-row length mask, and on CUDA is replayed from a CUDA graph captured
-per (batch bucket, length bucket). Several LoRA adapters run in the same batch: per fused group,
-`x @ A_all` for every adapter at once, a per-row mask keeps the row's own adapter (index 0, the base
-model, keeps none) and `@ B_all` adds the delta, so mixing versions costs two small matmuls per group
-whatever the mix.
+fused tensors, so the model is held once. K/V live in a static cache.
+
+A decode step is self-contained on the device: it reads each slot's last token, position and
+sampling parameters from static buffers, runs the model over rows 0..B-1 (B a power-of-two bucket;
+the scheduler keeps slots dense), samples the next token (greedy or seeded, see sampling.py) and
+writes it and the advanced position back into those buffers. On CUDA the whole step is one CUDA
+graph replay per (batch bucket, length bucket, live adapters, sampling mode), so the host launches
+step t+1 before it has read step t's tokens (the scheduler checks stops one step behind).
+
+Kernels per layer are kept few because at batch 1 each costs about as much as it computes: one
+RMSNorm kernel, rotary of every q and k head as one batched matmul by a per-row rotation matrix
+(built once per step), residual adds folded into the o/down matmuls (`addmm_`), one additive
+attention mask per step.
+
+Several LoRA adapters run in the same batch. Adapter slot s owns `m * rank` rows of each fused
+group's A (m = targets in the group: 3 for q/k/v, 2 for gate/up) and the same rows of B; for q/k/v
+and gate/up the A rows are stored under the base weight, so ONE matmul yields the base output and
+every adapter's `x A^T`. A per-row mask keeps the row's own adapter (id 0, the base model, keeps
+none) and `addmm_` adds `(t * mask) B`. Only the rows of slots up to the highest adapter id in the
+running batch are computed, so the cost follows the adapters in use, not the bank's capacity.
 """
 
 from __future__ import annotations
@@ -22,8 +35,9 @@ import torch.nn.functional as F
 
 from node.serving.kv_cache import StaticKVCache
 from node.serving.lora import LoraWeights
-from node.serving.quant import Linear, LinearParts, linear
+from node.serving.quant import Linear, linear
 from node.serving.runner import UnknownAdapter
+from node.serving.sampling import RowSampling, sample
 
 SUPPORTED = frozenset({"qwen2", "llama"})
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -32,6 +46,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "gate_up": ("mlp.gate_proj", "mlp.up_proj"),
     "down": ("mlp.down_proj",),
 }
+GREEDY, RANDOM, RANDOM_TOP_P = 0, 1, 2  # sampling modes: each is its own decode graph
 
 
 def supports(model: Any) -> bool:
@@ -49,9 +64,8 @@ def _pow2_buckets(n: int) -> list[int]:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As HF's Qwen2RMSNorm: normalise in fp32, scale in the model dtype."""
-    h = F.rms_norm(x.float(), (x.shape[-1],), eps=eps)  # one fused kernel on CUDA instead of six
-    return weight * h.to(x.dtype)
+    """One fused kernel on CUDA; computes in fp32 internally (HF's Qwen2RMSNorm up to one rounding)."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -59,53 +73,128 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
-def lora_delta(h: torch.Tensor, a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per-row LoRA for a fused group: h [n, T, in], a [in, G*W], b [G*W, out], mask [n, 1, 1, W]."""
-    t = (h @ a).unflatten(-1, (groups, -1)) * mask
-    return t.flatten(-2) @ b
+def rotate_half_matrix(dim: int) -> torch.Tensor:
+    """M with x @ M == cat(-x[half:], x[:half]) (HF's rotate_half) for row vectors x."""
+    half = dim // 2
+    m = torch.zeros(dim, dim)
+    idx = torch.arange(half)
+    m[idx + half, idx] = -1.0
+    m[idx, idx + half] = 1.0
+    return m
+
+
+class Proj:
+    """One fused projection group with its LoRA bank rows (`capacity * m * rank` of A and of B)."""
+
+    def __init__(
+        self,
+        mods: list[Any],
+        *,
+        lora_rows: int,
+        int8: bool,
+        share: bool,
+    ) -> None:
+        ws = [m.weight for m in mods]
+        self.m = len(ws)
+        self.splits = [int(w.shape[0]) for w in ws]
+        self.out = sum(self.splits)
+        in_features = int(ws[0].shape[1])
+        dtype, device = ws[0].dtype, ws[0].device
+        biases = [m.bias for m in mods]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, ws, strict=True)])
+        self.full: torch.Tensor | None = None  # [out + lora_rows, in]: base rows, then LoRA A rows
+        self.full_bias: torch.Tensor | None = None
+        if self.m > 1 and not int8:
+            self.full = torch.zeros(self.out + lora_rows, in_features, dtype=dtype, device=device)
+            self.full[: self.out] = torch.cat([w.detach() for w in ws])
+            weight = self.full[: self.out]
+            if share:  # the HF parameters become views of the fused tensor: one copy in memory
+                for mod, view in zip(mods, weight.split(self.splits), strict=True):
+                    mod.weight.data = view
+            if bias is not None:
+                self.full_bias = torch.zeros(self.out + lora_rows, dtype=dtype, device=device)
+                self.full_bias[: self.out] = bias.detach()
+                bias = self.full_bias[: self.out]
+            self.a = self.full[self.out :]
+        else:
+            weight = ws[0].detach() if self.m == 1 else torch.cat([w.detach() for w in ws])
+            self.a = torch.zeros(lora_rows, in_features, dtype=dtype, device=device)
+        self.lin = Linear(weight, None if bias is None else bias.detach(), int8=int8)
+        self.b = torch.zeros(lora_rows, self.out, dtype=dtype, device=device)
+
+    def __call__(self, x: torch.Tensor, rows: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [N, in] -> [N, out] with the first `rows` LoRA rows applied under `mask` [N, rows]."""
+        if rows == 0 or mask is None:
+            return linear(x, self.lin.parts)
+        if self.full is not None:
+            bias = None if self.full_bias is None else self.full_bias[: self.out + rows]
+            both = F.linear(x, self.full[: self.out + rows], bias)
+            y, t = both[:, : self.out], both[:, self.out :]
+        else:
+            y, t = linear(x, self.lin.parts), F.linear(x, self.a[:rows])
+        return y.addmm_(t * mask, self.b[:rows])
+
+    def residual(self, x: torch.Tensor, inp: torch.Tensor, rows: int, mask: torch.Tensor | None) -> None:
+        """x += proj(inp), in place (the add rides in the matmul where the weight allows)."""
+        weight, bias, scale = self.lin.parts
+        if scale is None and bias is None:
+            x.addmm_(inp, weight.t())
+        else:
+            x.add_(linear(inp, self.lin.parts))
+        if rows and mask is not None:
+            x.addmm_(F.linear(inp, self.a[:rows]) * mask, self.b[:rows])
+
+    def nbytes(self) -> int:
+        return self.lin.nbytes()
 
 
 @dataclass
 class _Layer:
     ln1: torch.Tensor
     ln2: torch.Tensor
-    linears: dict[str, Linear]
-    splits: dict[str, list[int]]
+    qkv: Proj
+    o: Proj
+    gate_up: Proj
+    down: Proj
+
+    def groups(self) -> dict[str, Proj]:
+        return {"qkv": self.qkv, "o": self.o, "gate_up": self.gate_up, "down": self.down}
 
 
 class LoraBank:
-    """Stacked adapter weights per (layer, fused group); adapter slot a (1..N) owns columns a-1 of each block."""
+    """Which adapter owns which slot of every group's bank rows; slot s (id s+1) owns rows
+    `[s * m * rank, (s + 1) * m * rank)`, target t of the group inside at `t * rank`."""
 
-    def __init__(self, layers: list[_Layer], *, adapters: int, rank: int, dtype: torch.dtype, device: torch.device):
-        self.n, self.rank = adapters, rank
-        width = adapters * rank
-        self.a: list[dict[str, torch.Tensor]] = []
-        self.b: list[dict[str, torch.Tensor]] = []
-        for layer in layers:
-            self.a.append({})
-            self.b.append({})
-            for g, lin in layer.linears.items():
-                m = len(GROUPS[g])
-                in_features = int(lin.weight.shape[1])
-                self.a[-1][g] = torch.zeros(in_features, m * width, dtype=dtype, device=device)
-                self.b[-1][g] = torch.zeros(m * width, lin.out_features, dtype=dtype, device=device)
-        self.splits = [layer.splits for layer in layers]
+    def __init__(self, layers: list[_Layer], *, adapters: int, rank: int, device: torch.device) -> None:
+        self.layers, self.n, self.rank = layers, adapters, rank
         self.names: list[str | None] = [None] * adapters
-        self.owner = torch.arange(width, device=device) // rank + 1
+        self._owner = {m: torch.arange(adapters * m * rank, device=device) // (m * rank) + 1 for m in (1, 2, 3)}
 
-    def mask(self, adapter_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return (self.owner[None, :] == adapter_ids[:, None]).to(dtype)[:, None, None, :]
+    def rows(self, m: int, live: int) -> int:
+        """Bank rows a group of `m` targets computes when adapter ids up to `live` run."""
+        return live * m * self.rank
+
+    def masks(self, ids: torch.Tensor, live: int, dtype: torch.dtype) -> dict[int, torch.Tensor] | None:
+        """Per group size m, the [N, rows] 0/1 mask that keeps each row's own adapter."""
+        if live == 0:
+            return None
+        return {m: (o[: self.rows(m, live)][None, :] == ids[:, None]).to(dtype) for m, o in self._owner.items()}
+
+    def live(self) -> int:
+        return max((i + 1 for i, n in enumerate(self.names) if n is not None), default=0)
 
     def load(self, name: str, weights: LoraWeights) -> int:
         """Copy an adapter into its slot (the same name replaces in place); returns its id (1..N)."""
         if name in self.names:
             slot = self.names.index(name)
         elif None in self.names:
-            slot = self.names.index(None)
+            slot = self.names.index(None)  # the lowest free slot keeps live ids dense
         else:
             raise RuntimeError(f"all {self.n} adapter slots are in use; unload one first")
         unknown = set(weights) - {
-            f"model.layers.{i}.{t}" for i in range(len(self.a)) for ts in GROUPS.values() for t in ts
+            f"model.layers.{i}.{t}" for i in range(len(self.layers)) for ts in GROUPS.values() for t in ts
         }
         if unknown:
             raise ValueError(f"adapter {name!r} targets modules the engine does not serve: {sorted(unknown)[:3]}")
@@ -121,19 +210,19 @@ class LoraBank:
         self.names[slot] = None
 
     def _fill(self, slot: int, weights: LoraWeights) -> None:
-        """Write (or, where `weights` lacks a module, zero) adapter slot `slot`'s columns and rows."""
+        """Write (or, where `weights` lacks a module, zero) adapter slot `slot`'s rows."""
         r = self.rank
-        for i, (a_g, b_g) in enumerate(zip(self.a, self.b, strict=True)):
-            for g, targets in GROUPS.items():
-                ends = torch.tensor(self.splits[i][g]).cumsum(0).tolist()
-                for t, target in enumerate(targets):
-                    col, lo, hi = (t * self.n + slot) * r, ends[t] - self.splits[i][g][t], ends[t]
-                    a_g[g][:, col : col + r].zero_()
-                    b_g[g][col : col + r, lo:hi].zero_()
+        for i, layer in enumerate(self.layers):
+            for g, proj in layer.groups().items():
+                ends = torch.tensor(proj.splits).cumsum(0).tolist()
+                for t, target in enumerate(GROUPS[g]):
+                    row, lo, hi = (slot * proj.m + t) * r, ends[t] - proj.splits[t], ends[t]
+                    proj.a[row : row + r].zero_()
+                    proj.b[row : row + r].zero_()
                     if (ab := weights.get(f"model.layers.{i}.{target}")) is not None:
                         rank = ab[0].shape[0]
-                        a_g[g][:, col : col + rank] = ab[0].t().to(a_g[g])
-                        b_g[g][col : col + rank, lo:hi] = ab[1].t().to(b_g[g])
+                        proj.a[row : row + rank] = ab[0].to(proj.a)
+                        proj.b[row : row + rank, lo:hi] = ab[1].t().to(proj.b)
 
 
 class FastRunner:
@@ -147,7 +236,6 @@ class FastRunner:
         max_len: int | None = None,
         int8: bool = False,
         cuda_graphs: bool | None = None,
-        compile: bool = False,
         max_adapters: int = 4,
         max_lora_rank: int = 16,
         share_weights: bool = True,
@@ -170,10 +258,12 @@ class FastRunner:
         self.embed = base.model.embed_tokens.weight
         self.norm = base.model.norm.weight
         self.lm_head = Linear(base.lm_head.weight, int8=int8)
-        self.layers = [self._layer(layer, share=share_weights and not int8) for layer in base.model.layers]
+        share = share_weights and not int8
+        self.layers = [self._layer(layer, max_adapters * max_lora_rank, share) for layer in base.model.layers]
         zero = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = base.model.rotary_emb(zero, torch.arange(self.max_len, device=self.device)[None])
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim], exactly HF's values
+        self._rot_half = rotate_half_matrix(self.head_dim).to(self.device, self.dtype)
         self.kv = StaticKVCache(
             layers=len(self.layers),
             slots=max_slots,
@@ -183,51 +273,47 @@ class FastRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.lora = LoraBank(
-            self.layers, adapters=max_adapters, rank=max_lora_rank, dtype=self.dtype, device=self.device
-        )
-        self._len = [0] * max_slots
+        self.lora = LoraBank(self.layers, adapters=max_adapters, rank=max_lora_rank, device=self.device)
+        # Per-slot state the decode step reads and advances on the device (static addresses for graphs).
+        dev, s = self.device, max_slots
+        self._tok = torch.zeros(s, dtype=torch.long, device=dev)  # the slot's last token: the next input
+        self._pos = torch.zeros(s, dtype=torch.long, device=dev)  # its position
+        self._plen = torch.zeros(s, dtype=torch.long, device=dev)  # prompt length (sampling step = pos - plen + 1)
+        self._aid = torch.zeros(s, dtype=torch.long, device=dev)
+        self._active = torch.zeros(s, dtype=torch.bool, device=dev)
+        self._temp = torch.zeros(s, dtype=torch.float32, device=dev)
+        self._top_p = torch.ones(s, dtype=torch.float32, device=dev)
+        self._seed = torch.zeros(s, dtype=torch.long, device=dev)
+        self._rows = torch.arange(s, device=dev)
+        self._keys = torch.arange(self.max_len, device=dev)
+        # Host mirrors: what the host needs to pick a graph without reading the device.
+        self._len = [0] * s
+        self._aid_host = [0] * s
+        self._sampling: list[RowSampling | None] = [None] * s
+        self._active_host = [False] * s
         self.batch_buckets = _pow2_buckets(max_slots)
-        self._tok = torch.zeros(max_slots, dtype=torch.long, device=self.device)
-        self._pos = torch.zeros(max_slots, dtype=torch.long, device=self.device)
-        self._aid = torch.zeros(max_slots, dtype=torch.long, device=self.device)
-        self._rows = torch.arange(max_slots, device=self.device)
-        self._keys = torch.arange(self.max_len, device=self.device)
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
-        self._pre, self._post = _pre_attention, _post_attention
-        if compile:
-            self._pre = torch.compile(_pre_attention, dynamic=None)
-            self._post = torch.compile(_post_attention, dynamic=None)
+        self.last_logits: torch.Tensor | None = None  # the latest step's logits (rows 0..B-1), for tests
 
     # ---- weights --------------------------------------------------------------------------
-    def _layer(self, layer: Any, *, share: bool) -> _Layer:
-        linears: dict[str, Linear] = {}
-        splits: dict[str, list[int]] = {}
-        for g, targets in GROUPS.items():
-            mods = [_unwrap(layer.get_submodule(t)) for t in targets]
-            ws = [m.weight for m in mods]
-            weight = ws[0] if len(ws) == 1 else torch.cat([w.detach() for w in ws])
-            if share and len(ws) > 1:  # the HF parameters become views of the fused tensor: one copy in memory
-                for m, view in zip(mods, weight.split([w.shape[0] for w in ws]), strict=True):
-                    m.weight.data = view
-            biases = [m.bias for m in mods]
-            bias = None
-            if any(b is not None for b in biases):
-                bias = torch.cat(
-                    [b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, ws, strict=True)]
-                )
-            linears[g] = Linear(weight.detach(), None if bias is None else bias.detach(), int8=self.int8)
-            splits[g] = [int(w.shape[0]) for w in ws]
-        return _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, linears, splits)
+    def _layer(self, layer: Any, lora_width: int, share: bool) -> _Layer:
+        projs = {
+            g: Proj(
+                [_unwrap(layer.get_submodule(t)) for t in targets],
+                lora_rows=lora_width * len(targets),
+                int8=self.int8,
+                share=share,
+            )
+            for g, targets in GROUPS.items()
+        }
+        return _Layer(layer.input_layernorm.weight, layer.post_attention_layernorm.weight, **projs)
 
     def weight_bytes(self) -> int:
         """Bytes one decode step reads for weights (embedding rows aside)."""
         return self.lm_head.nbytes() + sum(
-            lin.nbytes() + layer.ln1.nbytes + layer.ln2.nbytes
-            for layer in self.layers
-            for lin in layer.linears.values()
+            p.nbytes() + layer.ln1.nbytes + layer.ln2.nbytes for layer in self.layers for p in layer.groups().values()
         )
 
     # ---- adapters -------------------------------------------------------------------------
@@ -247,180 +333,187 @@ class FastRunner:
     def unload_adapter(self, name: str) -> None:
         self.lora.unload(name)
 
-    @property
-    def lora_on(self) -> bool:
-        return any(n is not None for n in self.lora.names)
-
     # ---- forward --------------------------------------------------------------------------
-    def _layers(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, lmask: torch.Tensor | None, attend: Any
-    ) -> torch.Tensor:
-        shape = (self.heads, self.kv_heads, self.head_dim)
-        for i, layer in enumerate(self.layers):
-            lin = layer.linears
-            la = self.lora.a[i] if lmask is not None else None
-            lb = self.lora.b[i] if lmask is not None else None
-            q, k, v = self._pre(x, layer.ln1, self.eps, lin["qkv"].parts, cos, sin, shape, _ab(la, lb, "qkv"), lmask)
-            o = attend(i, q, k, v)
-            x = self._post(
-                x, o, lin["o"].parts, layer.ln2, self.eps, lin["gate_up"].parts, lin["down"].parts, la, lb, lmask
-            )
-        return x
+    def _layer_mlp(self, layer: _Layer, x: torch.Tensor, live: int, masks: dict[int, torch.Tensor] | None) -> None:
+        """x += MLP(norm(x)), in place."""
+        m2, m1 = (masks[2], masks[1]) if masks else (None, None)
+        gate, up = layer.gate_up(rms_norm(x, layer.ln2, self.eps), self.lora.rows(2, live), m2).chunk(2, dim=-1)
+        layer.down.residual(x, F.silu(gate) * up, self.lora.rows(1, live), m1)
 
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[int]) -> torch.Tensor:
+    def prefill(
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        adapters: Sequence[int],
+        sampling: Sequence[RowSampling],
+    ) -> torch.Tensor:
+        """Fill `slots` from `prompts`, sample each first token; returns them ([n], on the device)."""
         n, width = len(prompts), max(len(p) for p in prompts)
         ids = torch.zeros((n, width), dtype=torch.long)
         for row, p in enumerate(prompts):
             ids[row, : len(p)] = torch.tensor(list(p))
         lens = torch.tensor([len(p) for p in prompts], device=self.device)
         slot_t = torch.tensor(list(slots), device=self.device)
-        lmask = self.lora.mask(torch.tensor(list(adapters), device=self.device), self.dtype) if self.lora_on else None
-
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.kv.write_prompt(i, slot_t, k, v)  # right padding: pad keys sit after each prompt, never attended
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.heads != self.kv_heads)
-            return o.transpose(1, 2).reshape(n, width, -1)
-
+        aid = torch.tensor(list(adapters), device=self.device)
+        live = max(adapters)
+        masks = self.lora.masks(aid.repeat_interleave(width), live, self.dtype)
+        h_, kvh, d = self.heads, self.kv_heads, self.head_dim
+        cos, sin = self.cos[:width], self.sin[:width]
         with torch.no_grad():
-            x = F.embedding(ids.to(self.device), self.embed)
-            x = self._layers(x, self.cos[:width], self.sin[:width], lmask, attend)
-            last = x[torch.arange(n, device=self.device), lens - 1]
+            x = F.embedding(ids.to(self.device), self.embed).view(n * width, -1)
+            for i, layer in enumerate(self.layers):
+                qkv = layer.qkv(
+                    rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), masks[3] if masks else None
+                ).view(n, width, h_ + 2 * kvh, d)
+                qk = rotate(qkv[:, :, : h_ + kvh].transpose(1, 2), cos, sin)  # q and k heads in one pass
+                q, k, v = qk[:, :h_], qk[:, h_:], qkv[:, :, h_ + kvh :].transpose(1, 2)
+                self.kv.write_prompt(i, slot_t, k, v)  # right padding: pad keys sit after each prompt, never attended
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h_ != kvh)
+                o = o.transpose(1, 2).reshape(n * width, h_ * d)
+                layer.o.residual(x, o, self.lora.rows(1, live), masks[1] if masks else None)
+                self._layer_mlp(layer, x, live, masks)
+            last = x.view(n, width, -1)[torch.arange(n, device=self.device), lens - 1]
             logits = self.lm_head(rms_norm(last, self.norm, self.eps))
-        for s, p in zip(slots, prompts, strict=True):
-            self._len[s] = len(p)
+            temp, top_p, seed = _sampling_tensors(sampling, self.device)
+            tokens = sample(
+                logits,
+                temp,
+                top_p,
+                seed,
+                torch.zeros(n, dtype=torch.long, device=self.device),
+                any_random=any(s.random for s in sampling),
+                any_top_p=any(s.nucleus for s in sampling),
+            )
+            self._tok[slot_t] = tokens
+            self._pos[slot_t] = lens
+            self._plen[slot_t] = lens
+            self._aid[slot_t] = aid
+            self._temp[slot_t], self._top_p[slot_t], self._seed[slot_t] = temp, top_p, seed
+        self.last_logits = logits
+        for s, p, a, smp in zip(slots, prompts, adapters, sampling, strict=True):
+            self._len[s], self._aid_host[s], self._sampling[s] = len(p), a, smp
+        return tokens
+
+    def _decode_rows(self, batch: int, width: int, live: int, mode: int) -> torch.Tensor:
+        """One decode step over rows 0..batch-1 from the static buffers, sampling included; graph-capturable.
+
+        Advances `_tok` and `_pos` of the active rows in place; returns the logits."""
+        tok, pos, active = self._tok[:batch], self._pos[:batch], self._active[:batch]
+        rows = self._rows[:batch]
+        h_, kvh, d = self.heads, self.kv_heads, self.head_dim
+        # x @ rot == x * cos + rotate_half(x) * sin, per row: rotary of all q and k heads is one bmm per layer
+        cos, sin = self.cos[pos], self.sin[pos]
+        rot = torch.diag_embed(cos) + self._rot_half * sin[:, None, :]
+        bias = torch.zeros(batch, 1, 1, width, dtype=self.dtype, device=self.device)
+        bias.masked_fill_((self._keys[:width][None, :] > pos[:, None])[:, None, None, :], float("-inf"))
+        masks = self.lora.masks(self._aid[:batch], live, self.dtype)
+        x = F.embedding(tok, self.embed)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), masks[3] if masks else None)
+            qk = torch.bmm(qkv[:, : (h_ + kvh) * d].view(batch, h_ + kvh, d), rot)
+            v = qkv[:, (h_ + kvh) * d :].view(batch, kvh, d)
+            self.kv.write_token(i, rows, pos, qk[:, h_:], v)
+            keys, values = self.kv.keys[i][:batch, :, :width], self.kv.values[i][:batch, :, :width]
+            q = qk[:, :h_].reshape(batch, kvh, h_ // kvh, d)  # query heads of one KV head side by side
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+            layer.o.residual(x, o.reshape(batch, h_ * d), self.lora.rows(1, live), masks[1] if masks else None)
+            self._layer_mlp(layer, x, live, masks)
+        logits = self.lm_head(rms_norm(x, self.norm, self.eps))
+        step = pos - self._plen[:batch] + 1  # index of the token being sampled within its request
+        nxt = sample(
+            logits,
+            self._temp[:batch],
+            self._top_p[:batch],
+            self._seed[:batch],
+            step,
+            any_random=mode != GREEDY,
+            any_top_p=mode == RANDOM_TOP_P,
+        )
+        tok.copy_(torch.where(active, nxt, tok))
+        pos.add_(active).clamp_(max=self.max_len - 1)
         return logits
 
-    def _decode_rows(self, batch: int, width: int, lora_on: bool) -> torch.Tensor:
-        """One decode step over rows 0..batch-1 from the static inputs; graph-capturable."""
-        tok, pos = self._tok[:batch], self._pos[:batch]
-        rows = self._rows[:batch]
-        cos, sin = self.cos[pos][:, None, None, :], self.sin[pos][:, None, None, :]
-        amask = (self._keys[:width][None, :] <= pos[:, None])[:, None, None, :]
-        lmask = self.lora.mask(self._aid[:batch], self.dtype) if lora_on else None
-        group = self.heads // self.kv_heads
+    def decode(self, slots: Sequence[int]) -> torch.Tensor:
+        """Advance each slot in `slots` by one sampled token; returns next tokens indexed by slot (device).
 
-        def attend(i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.kv.write_token(i, rows, pos, k[:, :, 0], v[:, :, 0])
-            keys, values = self.kv.keys[i][:batch, :, :width], self.kv.values[i][:batch, :, :width]
-            qg = q.reshape(batch, self.kv_heads, group, self.head_dim)  # query heads of one KV head side by side
-            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=amask)
-            return o.reshape(batch, 1, -1)
-
-        x = F.embedding(tok, self.embed)[:, None, :]
-        x = self._layers(x, cos, sin, lmask, attend)
-        return self.lm_head(rms_norm(x[:, 0], self.norm, self.eps))
-
-    def decode(self, slots: Sequence[int], tokens: Sequence[int], adapters: Sequence[int]) -> torch.Tensor:
+        Launches work and returns without waiting for it: the result is a view of a static buffer
+        that the next step overwrites, so copy it (non-blocking) before calling again."""
         batch = next(b for b in self.batch_buckets if b > max(slots))
-        host = torch.zeros((3, batch), dtype=torch.long)
-        for s, t, a in zip(slots, tokens, adapters, strict=True):
-            host[0, s], host[1, s], host[2, s] = t, self._len[s], a
-        width = self.kv.bucket(int(host[1].max()) + 1)
-        for buf, row in zip((self._tok, self._pos, self._aid), host, strict=True):
-            buf[:batch].copy_(row, non_blocking=True)
+        active = [False] * self.max_slots
+        for s in slots:
+            active[s] = True
+        if active != self._active_host:  # only when the running set changes: no per-step copy
+            self._active.copy_(torch.tensor(active), non_blocking=True)
+            self._active_host = active
+        width = self.kv.bucket(max(self._len[s] for s in slots) + 1)
+        live = max(self._aid_host[s] for s in slots)
+        rows = [smp for s in slots if (smp := self._sampling[s]) is not None]
+        mode = GREEDY if not any(r.random for r in rows) else RANDOM_TOP_P if any(r.nucleus for r in rows) else RANDOM
         with torch.no_grad():
-            out = self._graph(batch, width) if self.use_graphs else self._decode_rows(batch, width, self.lora_on)
+            if self.use_graphs:
+                self.last_logits = self._graph(batch, width, live, mode)
+            else:
+                self.last_logits = self._decode_rows(batch, width, live, mode)
         for s in slots:
             self._len[s] += 1
-        return out[torch.tensor(list(slots), device=self.device)]
+        return self._tok[:batch]
 
-    def _graph(self, batch: int, width: int) -> torch.Tensor:
+    def _graph(self, batch: int, width: int, live: int, mode: int) -> torch.Tensor:
         """Replay (capturing first if new) the decode graph of this bucket."""
-        key = (batch, width, self.lora_on)
+        key = (batch, width, live, mode)
         if key not in self._graphs:
+            saved = [t[:batch].clone() for t in (self._tok, self._pos)]  # warm-up and capture advance them
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside capture (allocator, cuBLAS, compile)
+            with torch.cuda.stream(stream):  # warm-up outside capture (allocator, cuBLAS workspaces)
                 for _ in range(2):
-                    self._decode_rows(batch, width, key[2])
+                    self._decode_rows(batch, width, live, mode)
             torch.cuda.current_stream().wait_stream(stream)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self._decode_rows(batch, width, key[2])
+                out = self._decode_rows(batch, width, live, mode)
             self._graphs[key] = (graph, out)
+            for buf, old in zip((self._tok, self._pos), saved, strict=True):
+                buf[:batch].copy_(old)
         graph, out = self._graphs[key]
         graph.replay()
         return out
 
     def capture(self, max_batch: int | None = None) -> int:
-        """Capture every decode graph up to `max_batch` rows ahead of serving (no-op off CUDA)."""
+        """Capture the greedy decode graphs up to `max_batch` rows, for no adapters and for every
+        loaded one, ahead of serving (no-op off CUDA). Writes only into free slots' cache rows."""
         if not self.use_graphs:
             return 0
-        saved = self._len[:]
+        saved_pos = self._pos.clone()
         with torch.no_grad():
-            for batch in self.batch_buckets:
-                if max_batch is not None and batch > max_batch and batch != self.batch_buckets[0]:
-                    break
-                for width in self.kv.buckets:
-                    self._pos[:batch].fill_(width - 1)  # free slots only: capture runs write into them
-                    self._graph(batch, width)
-        self._len = saved
+            for live in sorted({0, self.lora.live()}):
+                for batch in self.batch_buckets:
+                    if max_batch is not None and batch > max_batch and batch != self.batch_buckets[0]:
+                        break
+                    for width in self.kv.buckets:
+                        self._pos[:batch].fill_(width - 1)
+                        self._graph(batch, width, live, GREEDY)
+        self._pos.copy_(saved_pos)
         return len(self._graphs)
 
     def release(self, slot: int) -> None:
         self._len[slot] = 0
+        self._aid_host[slot] = 0
+        self._sampling[slot] = None
+
+
+def _sampling_tensors(
+    rows: Sequence[RowSampling], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return (
+        torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=device),
+        torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=device),
+        torch.tensor([r.seed for r in rows], dtype=torch.long, device=device),
+    )
 
 
 def _unwrap(module: Any) -> Any:
     """The plain Linear under a peft LoRA wrapper (the runner applies LoRA itself)."""
     return getattr(module, "base_layer", module)
-
-
-def _ab(
-    la: dict[str, torch.Tensor] | None, lb: dict[str, torch.Tensor] | None, group: str
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    return None if la is None or lb is None else (la[group], lb[group])
-
-
-def _linear(
-    lin: LinearParts,
-    x: torch.Tensor,
-    lora: tuple[torch.Tensor, torch.Tensor] | None,
-    mask: torch.Tensor | None,
-    groups: int,
-) -> torch.Tensor:
-    y = linear(x, lin)
-    if lora is not None and mask is not None:
-        y = y + lora_delta(x, lora[0], lora[1], mask, groups)
-    return y
-
-
-def _pre_attention(
-    x: torch.Tensor,
-    ln: torch.Tensor,
-    eps: float,
-    qkv: LinearParts,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    shape: tuple[int, int, int],
-    lora: tuple[torch.Tensor, torch.Tensor] | None,
-    mask: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Norm, fused q/k/v projection (+ LoRA), rotary: q [n, heads, T, D], k and v [n, kv_heads, T, D]."""
-    heads, kv_heads, dim = shape
-    n, t = x.shape[:2]
-    h = rms_norm(x, ln, eps)
-    qk, v = _linear(qkv, h, lora, mask, 3).split([(heads + kv_heads) * dim, kv_heads * dim], dim=-1)
-    qk = rotate(qk.view(n, t, heads + kv_heads, dim).transpose(1, 2), cos, sin)  # q and k heads in one pass
-    v = v.view(n, t, kv_heads, dim).transpose(1, 2)
-    return qk[:, :heads], qk[:, heads:], v
-
-
-def _post_attention(
-    x: torch.Tensor,
-    o: torch.Tensor,
-    o_proj: LinearParts,
-    ln: torch.Tensor,
-    eps: float,
-    gate_up: LinearParts,
-    down: LinearParts,
-    la: dict[str, torch.Tensor] | None,
-    lb: dict[str, torch.Tensor] | None,
-    mask: torch.Tensor | None,
-) -> torch.Tensor:
-    """Output projection and residual, then the SwiGLU MLP and residual (each + LoRA)."""
-    x = x + _linear(o_proj, o, _ab(la, lb, "o"), mask, 1)
-    gate, up = _linear(gate_up, rms_norm(x, ln, eps), _ab(la, lb, "gate_up"), mask, 2).chunk(2, dim=-1)
-    return x + _linear(down, F.silu(gate) * up, _ab(la, lb, "down"), mask, 1)

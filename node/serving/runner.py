@@ -1,8 +1,10 @@
 """Model runners: what the scheduler needs from a model, and the generic path for any HF causal LM.
 
 A runner owns a fixed number of KV-cache slots. The scheduler tells it which slot each request
-occupies; `prefill` fills slots from prompts, `decode` advances every given slot by one token in
-one batched forward and returns the next-token logits. Only the scheduler's thread calls a runner.
+occupies; `prefill` fills slots from prompts and samples each first token, `decode` advances every
+given slot by one sampled token in one batched forward. Tokens stay on the device: a slot's last
+token is the next step's input without a host round trip, and the scheduler reads them back
+asynchronously. Only the scheduler's thread calls a runner.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import Any, Protocol
 
 import torch
 from transformers.cache_utils import DynamicCache
+
+from node.serving.sampling import RowSampling, sample
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
@@ -32,12 +36,21 @@ class Runner(Protocol):
 
     def adapters(self) -> list[str]: ...
 
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[int]) -> torch.Tensor:
-        """Fill `slots` with `prompts`; return the logits after each prompt's last token, [n, vocab]."""
+    def prefill(
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        adapters: Sequence[int],
+        sampling: Sequence[RowSampling],
+    ) -> torch.Tensor:
+        """Fill `slots` with `prompts` (serving adapter ids `adapters`, sampling as `sampling` for the
+        slot's whole life); return each prompt's first sampled token, [n] on the device."""
         ...
 
-    def decode(self, slots: Sequence[int], tokens: Sequence[int], adapters: Sequence[int]) -> torch.Tensor:
-        """Append one token to each slot; return next-token logits, [n, vocab]."""
+    def decode(self, slots: Sequence[int]) -> torch.Tensor:
+        """Feed each slot its last token; return the next sampled tokens indexed by slot (device,
+        at least max(slots) + 1 long). May return before the device finishes and reuse the buffer
+        on the next call: copy it out first."""
         ...
 
     def release(self, slot: int) -> None: ...
@@ -64,6 +77,9 @@ class HFRunner:
         self._peft = hasattr(model, "peft_config")
         self._names = [BASE_ADAPTER]
         self._kv: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._slot: dict[int, tuple[int, RowSampling]] = {}  # slot -> (adapter id, sampling)
+        self._last: dict[int, torch.Tensor] = {}  # slot -> its last token ([1], device)
+        self._made: dict[int, int] = {}  # slot -> tokens sampled so far (the seeded draw's step)
 
     def adapters(self) -> list[str]:
         return sorted(self.model.peft_config) if self._peft else []
@@ -87,15 +103,39 @@ class HFRunner:
             finally:
                 self.model.train(training)
 
-    def prefill(self, slots: Sequence[int], prompts: Sequence[Sequence[int]], adapters: Sequence[int]) -> torch.Tensor:
+    def _sample(self, slots: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
+        rows = [self._slot[s][1] for s in slots]
+        dev = logits.device
+        tokens = sample(
+            logits,
+            torch.tensor([r.temperature for r in rows], device=dev),
+            torch.tensor([r.top_p for r in rows], device=dev),
+            torch.tensor([r.seed for r in rows], device=dev),
+            torch.tensor([self._made[s] for s in slots], device=dev),
+            any_random=any(r.random for r in rows),
+            any_top_p=any(r.nucleus for r in rows),
+        )
+        for i, s in enumerate(slots):
+            self._last[s] = tokens[i : i + 1]
+            self._made[s] += 1
+        return tokens
+
+    def prefill(
+        self,
+        slots: Sequence[int],
+        prompts: Sequence[Sequence[int]],
+        adapters: Sequence[int],
+        sampling: Sequence[RowSampling],
+    ) -> torch.Tensor:
         rows = []
-        for slot, ids, adapter in zip(slots, prompts, adapters, strict=True):
+        for slot, ids, adapter, smp in zip(slots, prompts, adapters, sampling, strict=True):
             out = self._forward([adapter], input_ids=torch.tensor([list(ids)], device=self.device))
             self._kv[slot] = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+            self._slot[slot], self._made[slot] = (adapter, smp), 0
             rows.append(out.logits[0, -1])
-        return torch.stack(rows)
+        return self._sample(slots, torch.stack(rows))
 
-    def decode(self, slots: Sequence[int], tokens: Sequence[int], adapters: Sequence[int]) -> torch.Tensor:
+    def decode(self, slots: Sequence[int]) -> torch.Tensor:
         lens = [self._kv[s][0][0].shape[2] for s in slots]
         width = max(lens)
         n_layers = len(self._kv[slots[0]])
@@ -112,8 +152,8 @@ class HFRunner:
         for row, n in enumerate(lens):
             mask[row, width - n :] = 1
         out = self._forward(
-            adapters,
-            input_ids=torch.tensor([[t] for t in tokens], device=self.device),
+            [self._slot[s][0] for s in slots],
+            input_ids=torch.stack([self._last[s] for s in slots]),
             attention_mask=mask,
             position_ids=torch.tensor([[n] for n in lens], device=self.device),
             past_key_values=cache,
@@ -122,8 +162,13 @@ class HFRunner:
         for row, (s, n) in enumerate(zip(slots, lens, strict=True)):
             start = width - n
             self._kv[s] = [(lay.keys[row : row + 1, :, start:], lay.values[row : row + 1, :, start:]) for lay in layers]
-        logits: torch.Tensor = out.logits[:, -1]
-        return logits
+        tokens = self._sample(slots, out.logits[:, -1])
+        by_slot = torch.zeros(max(slots) + 1, dtype=torch.long, device=self.device)
+        by_slot[torch.tensor(list(slots), device=self.device)] = tokens
+        return by_slot
 
     def release(self, slot: int) -> None:
         self._kv.pop(slot, None)
+        self._slot.pop(slot, None)
+        self._last.pop(slot, None)
+        self._made.pop(slot, None)

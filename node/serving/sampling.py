@@ -43,6 +43,24 @@ class SamplingParams:
         return self.seed if self.seed is not None else secrets.randbits(63)
 
 
+@dataclass(frozen=True)
+class RowSampling:
+    """What a runner needs to sample one request's tokens on the device."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def random(self) -> bool:
+        return self.temperature > 0
+
+    @property
+    def nucleus(self) -> bool:
+        """Top-p filtering is in force (a random row with top_p below 1)."""
+        return self.random and self.top_p < 1
+
+
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """lowbias32 (C. Wellons) on int64 tensors holding uint32 values: a bijective 32-bit mixer."""
     x = x ^ (x >> 16)

@@ -1,10 +1,15 @@
 """Continuous batching: requests join and leave the running batch at token granularity.
 
-One engine thread loops: apply queued commands (adapter loads), release cancelled slots, admit
-waiting requests into free slots (one batched prefill, up to a token budget), then run ONE batched
-decode step for every running slot and stream each new token to its request. `cancel` frees the
-slot under the lock at once, so the next step already admits someone else into it; a step that
-was in flight drops the cancelled row's token.
+One engine thread loops: apply queued commands (adapter loads), release finished and cancelled
+slots, admit waiting requests into free slots (one batched prefill, up to a token budget), launch
+ONE batched decode step for every running slot, and only then read back the previous step's
+tokens and stream them to their requests. The runner samples on the device and keeps each slot's
+last token there, so launching step t+1 needs nothing from step t on the host: the device never
+waits for the host's bookkeeping, and stops (EOS, stop strings) are checked one step behind. A
+request that stopped at step t was also run in step t+1; that extra token is dropped. A length
+limit is known ahead, so such a request is never launched past it. `cancel` frees the slot under
+the lock at once, so the next step already admits someone else into it; steps in flight drop the
+cancelled row's tokens.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any, TypeVar
 import torch
 
 from node.serving.runner import Runner
-from node.serving.sampling import SamplingParams, TextStream, sample
+from node.serving.sampling import RowSampling, SamplingParams, TextStream
 
 T = TypeVar("T")
 
@@ -55,6 +60,31 @@ class Completion:
     ttft_s: float
 
 
+@dataclass
+class _Launched:
+    """One launched prefill or decode step: its tokens' host copy and which request reads which row."""
+
+    tokens: torch.Tensor  # host copy (pinned on CUDA), filled asynchronously
+    ready: Any  # torch.cuda.Event recorded after the copy, or None on the CPU
+    rows: list[tuple[_Request, int]]
+
+    @staticmethod
+    def of(device_tokens: torch.Tensor, rows: list[tuple[_Request, int]]) -> _Launched:
+        cuda = device_tokens.is_cuda
+        host = torch.empty(device_tokens.shape, dtype=device_tokens.dtype, pin_memory=cuda)
+        host.copy_(device_tokens, non_blocking=cuda)
+        ready = None
+        if cuda:
+            ready = torch.cuda.Event()
+            ready.record()
+        return _Launched(host, ready, rows)
+
+    def wait(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return [int(t) for t in self.tokens.tolist()]
+
+
 @dataclass(eq=False)
 class _Request:
     id: str
@@ -66,8 +96,13 @@ class _Request:
     text: TextStream
     submitted: float = field(default_factory=time.perf_counter)
     slot: int = -1
+    launched: int = 0  # tokens whose generation has been launched on the device
     generated: list[int] = field(default_factory=list)
     first_token_at: float | None = None
+
+    def can_launch(self, max_len: int) -> bool:
+        """Another token may be launched: the length limits are known before the tokens are."""
+        return 0 < self.launched < self.params.max_tokens and len(self.prompt) + self.launched < max_len
 
     def event(self, text: str, tokens: tuple[int, ...], finish: str | None, error: str | None = None) -> Event:
         return Event(self.id, text, tokens, finish, len(self.prompt), len(self.generated), error)
@@ -96,6 +131,7 @@ class Engine:
         self._slots: list[_Request | None] = [None] * runner.max_slots
         self._requests: dict[str, _Request] = {}
         self._to_release: list[int] = []
+        self._inflight: collections.deque[_Launched] = collections.deque()
         self._commands: collections.deque[tuple[Callable[[], Any], Future[Any]]] = collections.deque()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -266,7 +302,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._waiting or self._commands or any(self._slots)):
+                while not (self._stopping or self._waiting or self._commands or self._inflight or any(self._slots)):
                     self._cv.wait()
                 if self._stopping:
                     return
@@ -283,25 +319,33 @@ class Engine:
                 self._fail_all(f"{type(exc).__name__}: {exc}")
 
     def step(self) -> None:
-        """Admit into free slots (batched prefill), then one batched decode step over all running slots."""
+        """Admit into free slots (batched prefill), launch one batched decode step over every running
+        slot, then read back and stream everything launched before that step."""
         with self._cv:
             released, self._to_release = self._to_release, []
             admitted = self._admit()
         for slot in released:
             self.runner.release(slot)
-        emits: list[tuple[_Request, Event]] = []
         if admitted:
-            logits = self.runner.prefill(
-                [r.slot for r in admitted], [r.prompt for r in admitted], [r.adapter for r in admitted]
+            tokens = self.runner.prefill(
+                [r.slot for r in admitted],
+                [r.prompt for r in admitted],
+                [r.adapter for r in admitted],
+                [RowSampling(r.params.temperature, r.params.top_p, r.seed) for r in admitted],
             )
-            emits += self._advance(admitted, logits)
+            for r in admitted:
+                r.launched = 1
+            self._inflight.append(_Launched.of(tokens, [(r, i) for i, r in enumerate(admitted)]))
         with self._cv:
-            running = [r for r in self._slots if r is not None and r.generated]
+            running = [r for r in self._slots if r is not None and r.can_launch(self.runner.max_len)]
         if running:
-            logits = self.runner.decode(
-                [r.slot for r in running], [r.generated[-1] for r in running], [r.adapter for r in running]
-            )
-            emits += self._advance(running, logits)
+            tokens = self.runner.decode([r.slot for r in running])
+            for r in running:
+                r.launched += 1
+            self._inflight.append(_Launched.of(tokens, [(r, r.slot) for r in running]))
+        emits: list[tuple[_Request, Event]] = []
+        while len(self._inflight) > (1 if running else 0):  # the step just launched runs while we read
+            emits += self._collect(self._inflight.popleft())
         self.steps += 1
         for req, ev in emits:
             req.on_event(ev)
@@ -321,26 +365,15 @@ class Engine:
             admitted.append(req)
         return admitted
 
-    def _advance(self, reqs: list[_Request], logits: torch.Tensor) -> list[tuple[_Request, Event]]:
-        """Sample one token per row, record it and decide who finishes."""
-        temps = [r.params.temperature for r in reqs]
-        top_ps = [r.params.top_p for r in reqs]
-        dev = logits.device
-        tokens = sample(
-            logits,
-            torch.tensor(temps, device=dev),
-            torch.tensor(top_ps, device=dev),
-            torch.tensor([r.seed for r in reqs], device=dev),
-            torch.tensor([len(r.generated) for r in reqs], device=dev),
-            any_random=any(t > 0 for t in temps),
-            any_top_p=any(p < 1 for p in top_ps),
-        ).tolist()
+    def _collect(self, launched: _Launched) -> list[tuple[_Request, Event]]:
+        """Wait for a launched step's tokens; record each for its request unless it finished or left."""
+        tokens = launched.wait()
         out: list[tuple[_Request, Event]] = []
         with self._cv:
-            for req, tok in zip(reqs, tokens, strict=True):
+            for req, row in launched.rows:
                 if self._requests.get(req.id) is not req:
-                    continue  # cancelled while the step ran
-                out.append((req, self._record(req, int(tok))))
+                    continue  # finished one step earlier (this token is past its stop), or cancelled
+                out.append((req, self._record(req, tokens[row])))
         return out
 
     def _record(self, req: _Request, tok: int) -> Event:
@@ -366,6 +399,7 @@ class Engine:
         return req.event(text, tokens, reason)
 
     def _fail_all(self, message: str) -> None:
+        self._inflight.clear()
         with self._cv:
             reqs = [r for r in self._slots if r is not None]
             for req in reqs:

@@ -9,6 +9,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
 from node.serving import Engine, FastRunner, SamplingParams, lora_from_arrays, lora_from_peft
 from node.serving.quant import quantize_int8
+from node.serving.sampling import RowSampling
 from tests.node.serving.conftest import hf_greedy, run_together, token_ids
 
 PROMPTS = [[5, 17, 99, 3, 250, 7], [42, 8], [300, 301, 302, 303, 304, 305, 306, 307, 308, 309, 310]]
@@ -16,17 +17,31 @@ PROMPTS = [[5, 17, 99, 3, 250, 7], [42, 8], [300, 301, 302, 303, 304, 305, 306, 
 
 def test_prefill_and_batched_decode_match_hf(qwen: Any) -> None:
     runner = FastRunner(qwen, max_slots=4, max_len=64)
-    logits = runner.prefill([0, 1, 2], PROMPTS, [0, 0, 0])  # different lengths in one prefill
+    first = runner.prefill([0, 1, 2], PROMPTS, [0, 0, 0], [RowSampling()] * 3)  # different lengths in one prefill
+    assert runner.last_logits is not None
     with torch.no_grad():
         for row, p in enumerate(PROMPTS):
             ref = qwen(input_ids=torch.tensor([p])).logits[0, -1]
-            assert (logits[row] - ref).abs().max().item() < 1e-4
-    tokens = [[int(t)] for t in logits.argmax(-1)]
-    for _ in range(7):  # rows sit at different positions in every step
-        step = runner.decode([0, 1, 2], [t[-1] for t in tokens], [0, 0, 0]).argmax(-1)
-        for row, t in enumerate(step):
-            tokens[row].append(int(t))
+            assert (runner.last_logits[row] - ref).abs().max().item() < 1e-4
+    tokens = [[int(t)] for t in first]
+    for _ in range(7):  # rows sit at different positions in every step; the runner feeds its own tokens back
+        step = runner.decode([0, 1, 2])
+        for row in range(3):
+            tokens[row].append(int(step[row]))
     assert tokens == [hf_greedy(qwen, p, 8) for p in PROMPTS]
+
+
+def test_decode_leaves_rows_outside_the_step_alone(qwen: Any) -> None:
+    """A slot not in the step (finished, or between requests) keeps its token and position."""
+    runner = FastRunner(qwen, max_slots=4, max_len=64)
+    runner.prefill([0, 1], PROMPTS[:2], [0, 0], [RowSampling()] * 2)
+    pos_before, tok_before = int(runner._pos[1]), int(runner._tok[1])
+    runner.decode([0])
+    runner.decode([0])
+    assert (int(runner._pos[1]), int(runner._tok[1])) == (pos_before, tok_before)
+    assert int(runner._pos[0]) == len(PROMPTS[0]) + 2
+    got = [int(runner.decode([0, 1])[1]) for _ in range(3)]  # slot 1 resumes exactly where it was
+    assert got == hf_greedy(qwen, PROMPTS[1], 4)[1:]
 
 
 def _peft_with_two_adapters(model: Any) -> Any:
@@ -82,8 +97,14 @@ def test_int8_weights_error_bound(qwen: Any) -> None:
     assert q.dtype == torch.int8
     assert ((q.float() * scale[:, None] - w).abs() <= scale[:, None] / 2 + 1e-7).all()
 
-    exact = FastRunner(qwen, max_slots=2, max_len=64, share_weights=False).prefill([0], [PROMPTS[0]], [0])[0]
-    int8 = FastRunner(qwen, max_slots=2, max_len=64, int8=True).prefill([0], [PROMPTS[0]], [0])[0]
+    exact = _prompt_logits(FastRunner(qwen, max_slots=2, max_len=64, share_weights=False))
+    int8 = _prompt_logits(FastRunner(qwen, max_slots=2, max_len=64, int8=True))
     rel = (int8 - exact).abs().max() / exact.abs().max()
     assert rel.item() < 0.05
     assert torch.corrcoef(torch.stack([int8, exact]))[0, 1].item() > 0.999
+
+
+def _prompt_logits(runner: FastRunner) -> torch.Tensor:
+    runner.prefill([0], [PROMPTS[0]], [0], [RowSampling()])
+    assert runner.last_logits is not None
+    return runner.last_logits[0]
