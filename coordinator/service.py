@@ -173,12 +173,12 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         nginx.start().wait_port(config.fleet_host, config.fleet_port, timeout=30)
 
         def pki_changed() -> None:
-            """A new CRL, index or site key: re-decide who may join, then reload nginx (CRL and
-            binding map); its old workers end within a few seconds, open requests included."""
-            try:
-                sites.sync()
-            finally:  # the new CRL must reach nginx even if registering a site failed
-                gateway.write_bindings(sites.fleet_bindings())
+            """A new CRL, index or site key: nginx re-reads the CRL at once (its old workers, and
+            a revoked site's open connections, end within seconds), then who may join is
+            re-decided and nginx reloads again if the binding map changed."""
+            nginx.reload()
+            sites.sync()
+            if gateway.write_bindings(sites.fleet_bindings()):
                 nginx.reload()
 
         watcher = FileWatcher(

@@ -262,13 +262,14 @@ def refusal_from_access(entry: Mapping[str, object]) -> GatewayRefusal | None:
     subject = cn["cn"] if cn else None
     peer, route = str(entry.get("peer", "?")), f"{entry.get('method', '')} {entry.get('uri', '')}".strip()
     if entry.get("https") != "on" or status == 497:
-        return GatewayRefusal(peer=peer, reason="plaintext HTTP on the mTLS port", status=status)
+        return GatewayRefusal(peer=peer, reason="plaintext HTTP on the mTLS port", status=status, route=route)
     if verify == "NONE" or status == 496:
-        return GatewayRefusal(peer=peer, reason="no client certificate", status=status)
+        return GatewayRefusal(peer=peer, reason="no client certificate", status=status, route=route)
     if verify.startswith("FAILED"):  # the subject is only a claim here: named in the reason, not the actor
         detail = verify.partition(":")[2] or "verification failed"
         claim = f" (certificate subject {dn})" if dn else ""
-        return GatewayRefusal(peer=peer, reason=f"client certificate rejected: {detail}{claim}", status=status)
+        reason = f"client certificate rejected: {detail}{claim}"
+        return GatewayRefusal(peer=peer, reason=reason, status=status, route=route)
     if status != 403:
         return None  # a malformed request of a verified client: not an access decision
     if str(entry.get("uri", "")).startswith(FLEET_PREFIX):
