@@ -510,7 +510,6 @@ class FfaSite(FakeSite):
 
     a_seed: int = 1234
     deployed: dict[int, str] = field(default_factory=dict)
-    received: dict[tuple[str, int], list[str]] = field(default_factory=dict)
 
     def lora_a(self) -> wire.Arrays:
         rng = np.random.default_rng(self.a_seed)
@@ -523,7 +522,6 @@ class FfaSite(FakeSite):
 
     def train(self, msg: Message, server_round: int) -> Message:
         cfg = msg.content.config_records[records.CONFIG]
-        self.received[("train", server_round)] = sorted(msg.content.array_records[records.ARRAYS].keys())
         own = wire.lora_a_sha256(self.lora_a())
         if cfg.get("ffa-lora") and cfg.get("lora-a-sha256", own) != own:
             return Message(Error(code=0, reason=f"{self.name}: the run's lora_A is not mine"), reply_to=msg)
@@ -541,7 +539,6 @@ class FfaSite(FakeSite):
     def evaluate(self, msg: Message, server_round: int) -> Message:
         cfg = msg.content.config_records[records.CONFIG]
         carried = records.from_array_record(msg.content.array_records[records.ARRAYS])
-        self.received[("evaluate", server_round)] = sorted(carried)
         whole = carried if wire.lora_a(carried) else wire.with_lora_a(carried, self.lora_a())
         if wire.sha256_of(whole) != cfg["adapter-sha256"]:  # what ModelHost.install refuses
             return Message(Error(code=0, reason=f"{self.name}: adapter sha256 mismatch"), reply_to=msg)
