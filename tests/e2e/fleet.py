@@ -94,10 +94,11 @@ def supernode(
     return procs
 
 
-def audit_records(state: Path, action: str) -> list[dict[str, Any]]:
+def audit_records(state: Path, action: str | None = None) -> list[dict[str, Any]]:
+    """The coordinator's audit records (of one `action`, if given)."""
     path = state / "audit.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    return [r for r in rows if r["action"] == action]
+    return [r for r in rows if action is None or r["action"] == action]
 
 
 def wait_record(

@@ -24,16 +24,11 @@ from federation.flower_auth import ensure_auth_keypair
 from federation.procs import free_port
 from federation.sidecar import TLSFiles
 from federation.site_binding import register_site_key
-from tests.e2e.fleet import start_coordinator, stop, supernode, wait_activated
+from tests.e2e.fleet import audit_records, start_coordinator, stop, supernode, wait_activated
 
 pytestmark = pytest.mark.e2e
 
 LIMIT_S = 60.0
-
-
-def audit_actions(state: Path) -> list[dict[str, object]]:
-    path = state / "audit.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def probe(pki_dir: Path, name: str, fleet: str) -> tuple[int, str]:
@@ -94,7 +89,7 @@ def test_revoked_site_is_shut_out_within_a_minute_and_the_other_stays(tmp_path: 
             )
         assert wait_activated(info, 2, timeout=90), (tmp_path / "site-x" / "supernode.log").read_text()[-2000:]
         assert probe(root, "site-x", fleet)[0] == 403
-        registered = {r["resource"]: r for r in audit_actions(state) if r["action"] == "site.registered"}
+        registered = {r["resource"]: r for r in audit_records(state) if r["action"] == "site.registered"}
         assert set(registered) == {"site-x", "site-y"}
         y_sidecar_pid = nodes["site-y"][0].pid
 
@@ -109,9 +104,9 @@ def test_revoked_site_is_shut_out_within_a_minute_and_the_other_stays(tmp_path: 
                 and "certificate revoked" in r["details"]["reason"]
                 and "CN=site-x" in r["details"]["reason"]
                 and r["resource"].startswith("POST /v1/fleet/")  # the SuperNode's, not the probe's
-                for r in audit_actions(state)
+                for r in audit_records(state)
             ),
-            "unregistered": lambda: any(r["action"] == "site.unregistered" for r in audit_actions(state)),
+            "unregistered": lambda: any(r["action"] == "site.unregistered" for r in audit_records(state)),
         }
         after: dict[str, float] = {}
         while len(after) < len(checks) and time.monotonic() < deadline:
@@ -123,7 +118,7 @@ def test_revoked_site_is_shut_out_within_a_minute_and_the_other_stays(tmp_path: 
         assert set(after) == set(checks) and max(after.values()) < LIMIT_S, after
         status, body = probe(root, "site-x", fleet)
         assert status == 400 and "SSL certificate error" in body
-        gone = [r for r in audit_actions(state) if r["action"] == "site.unregistered"]
+        gone = [r for r in audit_records(state) if r["action"] == "site.unregistered"]
         assert [r["resource"] for r in gone] == ["site-x"], gone
 
         # The other site: same sidecar process, certificate accepted, served again after the reload.
@@ -134,7 +129,7 @@ def test_revoked_site_is_shut_out_within_a_minute_and_the_other_stays(tmp_path: 
             time.sleep(0.5)
         assert served_since(state, "site-y", revoked_at), "site-y was not served after the reload"
         assert proc.alive()
-        fleet_refusals = [r for r in audit_actions(state) if r["action"] == "tls.refused"]
+        fleet_refusals = [r for r in audit_records(state) if r["action"] == "tls.refused"]
         assert all(r["details"]["endpoint"] == "fleet" for r in fleet_refusals)
 
         # The admin API: admins only, and it shows what happened.
