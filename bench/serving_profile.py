@@ -63,8 +63,8 @@ def step_ms(fn: Callable[[], Any], steps: int) -> float:
     return round(start.elapsed_time(end) / steps, 4)
 
 
-def new_runner(model: Any, names: Sequence[str]) -> FastRunner:
-    runner = FastRunner(model, max_slots=64, max_len=256)
+def new_runner(model: Any, names: Sequence[str], **opts: Any) -> FastRunner:
+    runner = FastRunner(model, max_slots=64, max_len=256, **opts)
     for n in names:
         runner.load_adapter(n, lora_from_peft(model, n))
     return runner
@@ -136,12 +136,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))
 
-    runner = new_runner(peft, names)
-    for name, batch, k in CONFIGS:
-        res["new"][name] = profile_new(runner, batch, k, prompts, args.steps)
-        print(name, "new", json.dumps(res["new"][name])[:600], flush=True)
-        save()
-    del runner
+    variants = {"": {}, "_unfused": {"fused": False}, "_one_stream": {"lora_streams": False}}
+    for suffix, opts in variants.items():
+        runner = new_runner(peft, names, **opts)
+        res["new"]["fused_off" + suffix] = runner.fused_off
+        res["new"]["gemv_tiles" + suffix] = runner._gemv_cfg
+        for name, batch, k in CONFIGS:
+            if (suffix == "_unfused" and batch > 1) or (suffix == "_one_stream" and k == 1):
+                continue  # the variant changes nothing there
+            res["new"][name + suffix] = profile_new(runner, batch, k, prompts, args.steps)
+            print(name + suffix, json.dumps(res["new"][name + suffix])[:600], flush=True)
+            save()
+        del runner
     if args.old:
         spec = importlib.util.spec_from_file_location("old_fast", args.old)
         assert spec is not None and spec.loader is not None

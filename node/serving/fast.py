@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from node.serving import kernels
 from node.serving.kv_cache import StaticKVCache
 from node.serving.lora import LoraWeights
 from node.serving.quant import Linear, linear
@@ -124,27 +125,51 @@ class Proj:
         self.lin = Linear(weight, None if bias is None else bias.detach(), int8=int8)
         self.b = torch.zeros(lora_rows, self.out, dtype=dtype, device=device)
 
-    def __call__(self, x: torch.Tensor, rows: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """x [N, in] -> [N, out] with the first `rows` LoRA rows applied under `mask` [N, rows]."""
+    def __call__(self, x: torch.Tensor, rows: int, mask: torch.Tensor | None, side: Any = None) -> torch.Tensor:
+        """x [N, in] -> [N, out] with the first `rows` LoRA rows applied under `mask` [N, rows].
+
+        With a `side` CUDA stream, `x A^T * mask` runs there while the base matmul runs on the
+        current stream (two branches of the decode graph), so only `addmm_` of B follows it."""
         if rows == 0 or mask is None:
             return linear(x, self.lin.parts)
-        if self.full is not None:
+        if side is not None:
+            t = self._shrink(x, rows, mask, side)
+            y = linear(x, self.lin.parts)
+            torch.cuda.current_stream().wait_stream(side)
+        elif self.full is not None:
             bias = None if self.full_bias is None else self.full_bias[: self.out + rows]
             both = F.linear(x, self.full[: self.out + rows], bias)
-            y, t = both[:, : self.out], both[:, self.out :]
+            y, t = both[:, : self.out], both[:, self.out :] * mask
         else:
-            y, t = linear(x, self.lin.parts), F.linear(x, self.a[:rows])
-        return y.addmm_(t * mask, self.b[:rows])
+            y, t = linear(x, self.lin.parts), F.linear(x, self.a[:rows]) * mask
+        return y.addmm_(t, self.b[:rows])
 
-    def residual(self, x: torch.Tensor, inp: torch.Tensor, rows: int, mask: torch.Tensor | None) -> None:
+    def residual(
+        self, x: torch.Tensor, inp: torch.Tensor, rows: int, mask: torch.Tensor | None, side: Any = None
+    ) -> None:
         """x += proj(inp), in place (the add rides in the matmul where the weight allows)."""
+        t = self._shrink(inp, rows, mask, side) if rows and mask is not None and side is not None else None
         weight, bias, scale = self.lin.parts
         if scale is None and bias is None:
             x.addmm_(inp, weight.t())
         else:
             x.add_(linear(inp, self.lin.parts))
         if rows and mask is not None:
-            x.addmm_(F.linear(inp, self.a[:rows]) * mask, self.b[:rows])
+            if t is None:
+                t = F.linear(inp, self.a[:rows]) * mask
+            else:
+                torch.cuda.current_stream().wait_stream(side)
+            x.addmm_(t, self.b[:rows])
+
+    def _shrink(self, x: torch.Tensor, rows: int, mask: Any, side: Any) -> torch.Tensor:
+        """`x A^T * mask` on the side stream, into memory taken on the current one (so no other
+        stream's allocation can reuse it before the join)."""
+        t = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.mm(x, self.a[:rows].t(), out=t)
+            t.mul_(mask)
+        return t
 
     def nbytes(self) -> int:
         return self.lin.nbytes()
@@ -239,6 +264,8 @@ class FastRunner:
         max_adapters: int = 4,
         max_lora_rank: int = 16,
         share_weights: bool = True,
+        fused: bool | None = None,
+        lora_streams: bool | None = None,
     ) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg = base.config
@@ -296,6 +323,17 @@ class FastRunner:
         self._graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool: Any = None
         self.last_logits: torch.Tensor | None = None  # the latest step's logits (rows 0..B-1), for tests
+        cuda = self.device.type == "cuda"
+        self._side = torch.cuda.Stream(self.device) if (cuda if lora_streams is None else lora_streams) else None
+        # The fused Triton kernels serve batch-1 steps without live adapters (kernels.py).
+        self.fused_off: str | None = "off" if fused is False or int8 else None
+        if self.fused_off is None and (fused or cuda):
+            self.fused_off = kernels.available(self.device)
+        elif self.fused_off is None:
+            self.fused_off = "CPU"
+        self._gemv_cfg: dict[str, tuple[int, int, int]] = {}
+        if self.fused_off is None:
+            self._tune()
 
     # ---- weights --------------------------------------------------------------------------
     def _layer(self, layer: Any, lora_width: int, share: bool) -> _Layer:
@@ -337,8 +375,9 @@ class FastRunner:
     def _layer_mlp(self, layer: _Layer, x: torch.Tensor, live: int, masks: dict[int, torch.Tensor] | None) -> None:
         """x += MLP(norm(x)), in place."""
         m2, m1 = (masks[2], masks[1]) if masks else (None, None)
-        gate, up = layer.gate_up(rms_norm(x, layer.ln2, self.eps), self.lora.rows(2, live), m2).chunk(2, dim=-1)
-        layer.down.residual(x, F.silu(gate) * up, self.lora.rows(1, live), m1)
+        side = self._side
+        gate, up = layer.gate_up(rms_norm(x, layer.ln2, self.eps), self.lora.rows(2, live), m2, side).chunk(2, dim=-1)
+        layer.down.residual(x, F.silu(gate) * up, self.lora.rows(1, live), m1, side)
 
     def prefill(
         self,
@@ -363,14 +402,14 @@ class FastRunner:
             x = F.embedding(ids.to(self.device), self.embed).view(n * width, -1)
             for i, layer in enumerate(self.layers):
                 qkv = layer.qkv(
-                    rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), masks[3] if masks else None
+                    rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), masks[3] if masks else None, self._side
                 ).view(n, width, h_ + 2 * kvh, d)
                 qk = rotate(qkv[:, :, : h_ + kvh].transpose(1, 2), cos, sin)  # q and k heads in one pass
                 q, k, v = qk[:, :h_], qk[:, h_:], qkv[:, :, h_ + kvh :].transpose(1, 2)
                 self.kv.write_prompt(i, slot_t, k, v)  # right padding: pad keys sit after each prompt, never attended
                 o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h_ != kvh)
                 o = o.transpose(1, 2).reshape(n * width, h_ * d)
-                layer.o.residual(x, o, self.lora.rows(1, live), masks[1] if masks else None)
+                layer.o.residual(x, o, self.lora.rows(1, live), masks[1] if masks else None, self._side)
                 self._layer_mlp(layer, x, live, masks)
             last = x.view(n, width, -1)[torch.arange(n, device=self.device), lens - 1]
             logits = self.lm_head(rms_norm(last, self.norm, self.eps))
@@ -398,7 +437,9 @@ class FastRunner:
         """One decode step over rows 0..batch-1 from the static buffers, sampling included; graph-capturable.
 
         Advances `_tok` and `_pos` of the active rows in place; returns the logits."""
-        tok, pos, active = self._tok[:batch], self._pos[:batch], self._active[:batch]
+        if batch == 1 and live == 0 and self.fused_off is None:
+            return self._advance(batch, mode, self._forward_fused())
+        pos = self._pos[:batch]
         rows = self._rows[:batch]
         h_, kvh, d = self.heads, self.kv_heads, self.head_dim
         # x @ rot == x * cos + rotate_half(x) * sin, per row: rotary of all q and k heads is one bmm per layer
@@ -407,18 +448,75 @@ class FastRunner:
         bias = torch.zeros(batch, 1, 1, width, dtype=self.dtype, device=self.device)
         bias.masked_fill_((self._keys[:width][None, :] > pos[:, None])[:, None, None, :], float("-inf"))
         masks = self.lora.masks(self._aid[:batch], live, self.dtype)
-        x = F.embedding(tok, self.embed)
+        x = F.embedding(self._tok[:batch], self.embed)
         for i, layer in enumerate(self.layers):
-            qkv = layer.qkv(rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), masks[3] if masks else None)
+            m3, m1 = (masks[3], masks[1]) if masks else (None, None)
+            qkv = layer.qkv(rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), m3, self._side)
             qk = torch.bmm(qkv[:, : (h_ + kvh) * d].view(batch, h_ + kvh, d), rot)
             v = qkv[:, (h_ + kvh) * d :].view(batch, kvh, d)
             self.kv.write_token(i, rows, pos, qk[:, h_:], v)
             keys, values = self.kv.keys[i][:batch, :, :width], self.kv.values[i][:batch, :, :width]
             q = qk[:, :h_].reshape(batch, kvh, h_ // kvh, d)  # query heads of one KV head side by side
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
-            layer.o.residual(x, o.reshape(batch, h_ * d), self.lora.rows(1, live), masks[1] if masks else None)
+            layer.o.residual(x, o.reshape(batch, h_ * d), self.lora.rows(1, live), m1, self._side)
             self._layer_mlp(layer, x, live, masks)
-        logits = self.lm_head(rms_norm(x, self.norm, self.eps))
+        return self._advance(batch, mode, self.lm_head(rms_norm(x, self.norm, self.eps)))
+
+    def _forward_fused(self) -> torch.Tensor:
+        """Row 0's logits [1, vocab] through the fused kernels: five launches per layer."""
+        x = F.embedding(self._tok[:1], self.embed).view(-1)
+        pos, cfg, eps = self._pos[:1], self._gemv_cfg, self.eps
+        o = torch.empty(1, self.heads * self.head_dim, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.layers):
+            qkv_w, qkv_b, _ = layer.qkv.lin.parts
+            qkv = torch.empty(layer.qkv.out, dtype=self.dtype, device=self.device)
+            kernels.gemv(qkv_w, x, qkv, cfg=cfg["qkv"], bias=qkv_b, ln=layer.ln1, eps=eps)
+            kernels.attention(
+                qkv.view(1, -1),
+                self.cos,
+                self.sin,
+                pos,
+                self.kv.keys[i],
+                self.kv.values[i],
+                o,
+                heads=self.heads,
+                kv_heads=self.kv_heads,
+            )
+            kernels.gemv(layer.o.lin.weight, o.view(-1), x, cfg=cfg["o"], residual=True)
+            gu = torch.empty(layer.gate_up.out, dtype=self.dtype, device=self.device)
+            kernels.gemv(layer.gate_up.lin.weight, x, gu, cfg=cfg["gate_up"], ln=layer.ln2, eps=eps)
+            kernels.gemv(layer.down.lin.weight, gu, x, cfg=cfg["down"], swiglu=True, residual=True)
+        logits = torch.empty(self.lm_head.out_features, dtype=self.dtype, device=self.device)
+        kernels.gemv(self.lm_head.weight, x, logits, cfg=cfg["lm_head"], ln=self.norm, eps=eps)
+        return logits.view(1, -1)
+
+    def _tune(self) -> None:
+        """Pick the fused GEMV's tiles per weight shape (all layers share them) by timing."""
+        if self.device.type != "cuda":  # Triton's interpreter (tests): any tiles will do
+            self._gemv_cfg = dict.fromkeys(("qkv", "o", "gate_up", "down", "lm_head"), (16, 64, 4))
+            return
+        layer, h = self.layers[0], self.embed.shape[1]
+        x = torch.randn(h, dtype=self.dtype, device=self.device)
+        gu = torch.randn(2 * layer.down.lin.weight.shape[1], dtype=self.dtype, device=self.device)
+
+        def out(n: int) -> torch.Tensor:
+            return torch.zeros(n, dtype=self.dtype, device=self.device)
+
+        w_qkv, b_qkv, _ = layer.qkv.lin.parts
+        cfg = self._gemv_cfg
+        cfg["qkv"] = kernels.tune_gemv(w_qkv, x, out(layer.qkv.out), bias=b_qkv, ln=layer.ln1, eps=self.eps)
+        cfg["o"] = kernels.tune_gemv(layer.o.lin.weight, x, out(h), residual=True)
+        cfg["gate_up"] = kernels.tune_gemv(
+            layer.gate_up.lin.weight, x, out(layer.gate_up.out), ln=layer.ln2, eps=self.eps
+        )
+        cfg["down"] = kernels.tune_gemv(layer.down.lin.weight, gu, out(h), swiglu=True, residual=True)
+        cfg["lm_head"] = kernels.tune_gemv(
+            self.lm_head.weight, x, out(self.lm_head.out_features), ln=self.norm, eps=self.eps
+        )
+
+    def _advance(self, batch: int, mode: int, logits: torch.Tensor) -> torch.Tensor:
+        """Sample the next token of rows 0..batch-1 and advance the active ones' token and position."""
+        tok, pos, active = self._tok[:batch], self._pos[:batch], self._active[:batch]
         step = pos - self._plen[:batch] + 1  # index of the token being sampled within its request
         nxt = sample(
             logits,
