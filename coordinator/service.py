@@ -25,7 +25,7 @@ from coordinator.sites import SiteAccess, flwr_supernode
 from federation import pki
 from federation.config import CoordinatorConfig
 from federation.filewatch import FileWatcher
-from federation.fleet_gateway import Gateway, GatewayLog, audit_refusal
+from federation.fleet_gateway import Gateway, GatewayError, GatewayLog, audit_refusal
 from federation.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
 from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
 from federation.sidecar import TLSFiles
@@ -147,7 +147,10 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         listen=f"{config.fleet_host}:{config.fleet_port}",
         upstream=f"127.0.0.1:{link_port}",
     )
-    nginx = gateway.process()
+    try:
+        nginx = gateway.process()
+    except GatewayError as exc:
+        raise CoordinatorError(str(exc)) from exc
     procs = [superlink, nginx]
     watcher: FileWatcher | None = None
     follower: FileWatcher | None = None

@@ -212,7 +212,7 @@ http {{
         return Managed(
             name="fleet-gateway",
             argv=[nginx_binary(), "-p", str(self.workdir), "-c", str(self.conf), "-e", str(self.error_log)],
-            log_path=self.workdir / "nginx.out",
+            log_path=self.error_log,  # nginx's own start-up errors land here too
         )
 
 

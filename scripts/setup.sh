@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Debian packages, each only if its command is missing: stunnel4 (mTLS sidecars) and
-# chromium (the test that renders an explanation report headless).
+# Debian packages, each only if its command is missing: stunnel4 (the sites' mTLS sidecars),
+# nginx (the coordinator's fleet gateway; fedseek runs its own unprivileged instance, the
+# system service is not used) and chromium (the test that renders an explanation report headless).
 MISSING=()
 command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || MISSING+=(stunnel4)
+command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || MISSING+=(nginx)
 command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${MISSING[*]}"
