@@ -97,3 +97,12 @@ def test_certificate_not_from_the_consortium(site: cfg.NodeConfig, tmp_path: Pat
         shutil.copy(other / "site-a" / name, mixed / "site-a" / name)
     proc = _start(cfg.NodeConfig(**{**cfg.to_json(site), "pki_dir": str(mixed)}), tmp_path)
     _one_line_error(proc, "certificate check failed", "not signed by the consortium CA")
+
+
+def test_certificate_without_loopback_address(site: cfg.NodeConfig, tmp_path: Path, pki_dir: Path) -> None:
+    """The fleet sidecar serves the site certificate to the SuperNode on 127.0.0.1."""
+    mixed = tmp_path / "no-loopback-pki"
+    shutil.copytree(pki_dir, mixed)
+    pki._issue_at(mixed, "site-a", role="node", hosts=("site-a.example",), days=5, not_before=None)
+    proc = _start(cfg.NodeConfig(**{**cfg.to_json(site), "pki_dir": str(mixed)}), tmp_path)
+    _one_line_error(proc, "certificate check failed", "does not name 127.0.0.1")

@@ -327,3 +327,12 @@ def test_bad_config_fails_start_up_with_log(tmp_path: Path) -> None:
         proc.stop()
     assert (tmp_path / "broken.conf").is_file()
     assert (tmp_path / "broken.log").read_text().strip()
+
+
+def test_node_certificates_always_name_the_loopback_address(tmp_path: Path) -> None:
+    """The site sidecar serves the node certificate to its SuperNode at 127.0.0.1."""
+    pki.init_ca(tmp_path, consortium="fedseek-test")
+    leaf = pki.issue(tmp_path, "site-z", role="node", hosts=("site-z.example",))
+    assert pki.read_identity(leaf.cert).hosts == ("site-z.example", "127.0.0.1")
+    reviewer = pki.issue(tmp_path, "rev", role="reviewer", hosts=("rev.example",))
+    assert pki.read_identity(reviewer.cert).hosts == ("rev.example",)
