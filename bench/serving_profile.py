@@ -141,6 +141,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         runner = new_runner(peft, names, **opts)
         res["new"]["fused_off" + suffix] = runner.fused_off
         res["new"]["gemv_tiles" + suffix] = runner._gemv_cfg
+        res["new"]["attention_tiles" + suffix] = runner._attn_cfg
         for name, batch, k in CONFIGS:
             if (suffix == "_unfused" and batch > 1) or (suffix == "_one_stream" and k == 1):
                 continue  # the variant changes nothing there

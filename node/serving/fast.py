@@ -312,6 +312,13 @@ class FastRunner:
         self._top_p = torch.ones(s, dtype=torch.float32, device=dev)
         self._seed = torch.zeros(s, dtype=torch.long, device=dev)
         self._rows = torch.arange(s, device=dev)
+        self._p_ids = torch.zeros(s, self.max_len, dtype=torch.long, device=dev)  # prefill inputs (static)
+        self._p_long = torch.zeros(4, s, dtype=torch.long, device=dev)  # lengths, slots, adapter ids, seeds
+        self._p_float = torch.zeros(2, s, dtype=torch.float32, device=dev)  # temperatures, top-p
+        self.prefill_buckets = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048) if b < self.max_len]
+        self.prefill_buckets.append(self.max_len)
+        self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self.prefill_graphs_off: str | None = None
         self._keys = torch.arange(self.max_len, device=dev)
         # Host mirrors: what the host needs to pick a graph without reading the device.
         self._len = [0] * s
@@ -332,6 +339,7 @@ class FastRunner:
         elif self.fused_off is None:
             self.fused_off = "CPU"
         self._gemv_cfg: dict[str, tuple[int, int, int]] = {}
+        self._attn_cfg = kernels.ATTENTION_CONFIGS[0]
         if self.fused_off is None:
             self._tune()
 
@@ -372,10 +380,11 @@ class FastRunner:
         self.lora.unload(name)
 
     # ---- forward --------------------------------------------------------------------------
-    def _layer_mlp(self, layer: _Layer, x: torch.Tensor, live: int, masks: dict[int, torch.Tensor] | None) -> None:
+    def _layer_mlp(
+        self, layer: _Layer, x: torch.Tensor, live: int, masks: dict[int, torch.Tensor] | None, side: Any
+    ) -> None:
         """x += MLP(norm(x)), in place."""
         m2, m1 = (masks[2], masks[1]) if masks else (None, None)
-        side = self._side
         gate, up = layer.gate_up(rms_norm(x, layer.ln2, self.eps), self.lora.rows(2, live), m2, side).chunk(2, dim=-1)
         layer.down.residual(x, F.silu(gate) * up, self.lora.rows(1, live), m1, side)
 
@@ -386,52 +395,69 @@ class FastRunner:
         adapters: Sequence[int],
         sampling: Sequence[RowSampling],
     ) -> torch.Tensor:
-        """Fill `slots` from `prompts`, sample each first token; returns them ([n], on the device)."""
-        n, width = len(prompts), max(len(p) for p in prompts)
+        """Fill `slots` from `prompts`, sample each first token; returns them ([n], on the device).
+
+        A single prompt without an adapter is padded to a length bucket and, where `capture()` made
+        one, replayed from a CUDA graph: eager prefill costs a few hundred launches of host time."""
+        n, live, mode = len(prompts), max(adapters), _mode(sampling)
+        longest = max(len(p) for p in prompts)
+        single = n == 1 and live == 0
+        width = next(b for b in self.prefill_buckets if b >= longest) if single else longest
         ids = torch.zeros((n, width), dtype=torch.long)
         for row, p in enumerate(prompts):
             ids[row, : len(p)] = torch.tensor(list(p))
-        lens = torch.tensor([len(p) for p in prompts], device=self.device)
-        slot_t = torch.tensor(list(slots), device=self.device)
-        aid = torch.tensor(list(adapters), device=self.device)
-        live = max(adapters)
-        masks = self.lora.masks(aid.repeat_interleave(width), live, self.dtype)
-        h_, kvh, d = self.heads, self.kv_heads, self.head_dim
-        cos, sin = self.cos[:width], self.sin[:width]
+        self._p_ids[:n, :width].copy_(ids, non_blocking=True)
+        meta = [[len(p) for p in prompts], list(slots), list(adapters), [r.seed for r in sampling]]
+        self._p_long[:, :n].copy_(torch.tensor(meta), non_blocking=True)
+        temp_top_p = [[r.temperature for r in sampling], [r.top_p for r in sampling]]
+        self._p_float[:, :n].copy_(torch.tensor(temp_top_p, dtype=torch.float32), non_blocking=True)
         with torch.no_grad():
-            x = F.embedding(ids.to(self.device), self.embed).view(n * width, -1)
-            for i, layer in enumerate(self.layers):
-                qkv = layer.qkv(
-                    rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), masks[3] if masks else None, self._side
-                ).view(n, width, h_ + 2 * kvh, d)
-                qk = rotate(qkv[:, :, : h_ + kvh].transpose(1, 2), cos, sin)  # q and k heads in one pass
-                q, k, v = qk[:, :h_], qk[:, h_:], qkv[:, :, h_ + kvh :].transpose(1, 2)
-                self.kv.write_prompt(i, slot_t, k, v)  # right padding: pad keys sit after each prompt, never attended
-                o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h_ != kvh)
-                o = o.transpose(1, 2).reshape(n * width, h_ * d)
-                layer.o.residual(x, o, self.lora.rows(1, live), masks[1] if masks else None, self._side)
-                self._layer_mlp(layer, x, live, masks)
-            last = x.view(n, width, -1)[torch.arange(n, device=self.device), lens - 1]
-            logits = self.lm_head(rms_norm(last, self.norm, self.eps))
-            temp, top_p, seed = _sampling_tensors(sampling, self.device)
-            tokens = sample(
-                logits,
-                temp,
-                top_p,
-                seed,
-                torch.zeros(n, dtype=torch.long, device=self.device),
-                any_random=any(s.random for s in sampling),
-                any_top_p=any(s.nucleus for s in sampling),
-            )
-            self._tok[slot_t] = tokens
-            self._pos[slot_t] = lens
-            self._plen[slot_t] = lens
-            self._aid[slot_t] = aid
-            self._temp[slot_t], self._top_p[slot_t], self._seed[slot_t] = temp, top_p, seed
+            if single and (width, mode) in self._prefill_graphs:
+                graph, (logits, tokens) = self._prefill_graphs[(width, mode)]
+                graph.replay()
+            else:
+                logits, tokens = self._prefill_rows(n, width, live, mode)
         self.last_logits = logits
         for s, p, a, smp in zip(slots, prompts, adapters, sampling, strict=True):
             self._len[s], self._aid_host[s], self._sampling[s] = len(p), a, smp
         return tokens
+
+    def _prefill_rows(self, n: int, width: int, live: int, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill from the static prompt buffers (graph-capturable); returns (logits, first tokens)."""
+        ids = self._p_ids[:n, :width]
+        lens, slot_t, aid, seed = self._p_long[:, :n]
+        temp, top_p = self._p_float[:, :n]
+        masks = self.lora.masks(aid.repeat_interleave(width), live, self.dtype) if live else None
+        h_, kvh, d = self.heads, self.kv_heads, self.head_dim
+        cos, sin = self.cos[:width], self.sin[:width]
+        x = F.embedding(ids, self.embed).view(n * width, -1)
+        for i, layer in enumerate(self.layers):
+            m3, m1 = (masks[3], masks[1]) if masks else (None, None)
+            qkv = layer.qkv(rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), m3)
+            qkv = qkv.view(n, width, h_ + 2 * kvh, d)
+            qk = rotate(qkv[:, :, : h_ + kvh].transpose(1, 2), cos, sin)  # q and k heads in one pass
+            q, k, v = qk[:, :h_], qk[:, h_:], qkv[:, :, h_ + kvh :].transpose(1, 2)
+            self.kv.write_prompt(i, slot_t, k, v)  # right padding: pad keys sit after each prompt, never attended
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h_ != kvh)
+            layer.o.residual(x, o.transpose(1, 2).reshape(n * width, h_ * d), self.lora.rows(1, live), m1)
+            self._layer_mlp(layer, x, live, masks, side=None)
+        last = x.view(n, width, -1)[self._rows[:n], lens - 1]
+        logits = self.lm_head(rms_norm(last, self.norm, self.eps))
+        tokens = sample(
+            logits,
+            temp,
+            top_p,
+            seed,
+            torch.zeros(n, dtype=torch.long, device=self.device),
+            any_random=mode != GREEDY,
+            any_top_p=mode == RANDOM_TOP_P,
+        )
+        self._tok[slot_t] = tokens
+        self._pos[slot_t] = lens
+        self._plen[slot_t] = lens
+        self._aid[slot_t] = aid
+        self._temp[slot_t], self._top_p[slot_t], self._seed[slot_t] = temp, top_p, seed
+        return logits, tokens
 
     def _decode_rows(self, batch: int, width: int, live: int, mode: int) -> torch.Tensor:
         """One decode step over rows 0..batch-1 from the static buffers, sampling included; graph-capturable.
@@ -459,7 +485,7 @@ class FastRunner:
             q = qk[:, :h_].reshape(batch, kvh, h_ // kvh, d)  # query heads of one KV head side by side
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
             layer.o.residual(x, o.reshape(batch, h_ * d), self.lora.rows(1, live), m1, self._side)
-            self._layer_mlp(layer, x, live, masks)
+            self._layer_mlp(layer, x, live, masks, self._side)
         return self._advance(batch, mode, self.lm_head(rms_norm(x, self.norm, self.eps)))
 
     def _forward_fused(self) -> torch.Tensor:
@@ -481,6 +507,7 @@ class FastRunner:
                 o,
                 heads=self.heads,
                 kv_heads=self.kv_heads,
+                cfg=self._attn_cfg,
             )
             kernels.gemv(layer.o.lin.weight, o.view(-1), x, cfg=cfg["o"], residual=True)
             gu = torch.empty(layer.gate_up.out, dtype=self.dtype, device=self.device)
@@ -512,6 +539,16 @@ class FastRunner:
         cfg["down"] = kernels.tune_gemv(layer.down.lin.weight, gu, out(h), swiglu=True, residual=True)
         cfg["lm_head"] = kernels.tune_gemv(
             self.lm_head.weight, x, out(self.lm_head.out_features), ln=self.norm, eps=self.eps
+        )
+        qkv = torch.randn(1, layer.qkv.out, dtype=self.dtype, device=self.device)
+        self._attn_cfg = kernels.tune_attention(
+            qkv,
+            self.cos,
+            self.sin,
+            min(self.max_len - 1, 192),
+            heads=self.heads,
+            kv_heads=self.kv_heads,
+            dim=self.head_dim,
         )
 
     def _advance(self, batch: int, mode: int, logits: torch.Tensor) -> torch.Tensor:
@@ -545,8 +582,7 @@ class FastRunner:
             self._active_host = active
         width = self.kv.bucket(max(self._len[s] for s in slots) + 1)
         live = max(self._aid_host[s] for s in slots)
-        rows = [smp for s in slots if (smp := self._sampling[s]) is not None]
-        mode = GREEDY if not any(r.random for r in rows) else RANDOM_TOP_P if any(r.nucleus for r in rows) else RANDOM
+        mode = _mode([smp for s in slots if (smp := self._sampling[s]) is not None])
         with torch.no_grad():
             if self.use_graphs:
                 self.last_logits = self._graph(batch, width, live, mode)
@@ -556,32 +592,38 @@ class FastRunner:
             self._len[s] += 1
         return self._tok[:batch]
 
+    def _capture(self, fn: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
+        """Warm `fn` up twice on a side stream (allocator, cuBLAS, Triton), then capture it."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            out = fn()
+        return graph, out
+
     def _graph(self, batch: int, width: int, live: int, mode: int) -> torch.Tensor:
         """Replay (capturing first if new) the decode graph of this bucket."""
         key = (batch, width, live, mode)
         if key not in self._graphs:
-            saved = [t[:batch].clone() for t in (self._tok, self._pos)]  # warm-up and capture advance them
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # warm-up outside capture (allocator, cuBLAS workspaces)
-                for _ in range(2):
-                    self._decode_rows(batch, width, live, mode)
-            torch.cuda.current_stream().wait_stream(stream)
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                out = self._decode_rows(batch, width, live, mode)
-            self._graphs[key] = (graph, out)
+            saved = [t[:batch].clone() for t in (self._tok, self._pos)]  # warm-up runs advance them
+            self._graphs[key] = self._capture(lambda: self._decode_rows(batch, width, live, mode))
             for buf, old in zip((self._tok, self._pos), saved, strict=True):
                 buf[:batch].copy_(old)
         graph, out = self._graphs[key]
         graph.replay()
         return out
 
-    def capture(self, max_batch: int | None = None) -> int:
+    def capture(self, max_batch: int | None = None, max_prompt: int = 512) -> int:
         """Capture the greedy decode graphs up to `max_batch` rows, for no adapters and for every
-        loaded one, ahead of serving (no-op off CUDA). Writes only into free slots' cache rows."""
+        loaded one, and the single-prompt prefill graphs up to `max_prompt` tokens, ahead of serving
+        (no-op off CUDA). Call it before requests run: it writes into the cache rows of slot 0 and
+        of free slots."""
         if not self.use_graphs:
             return 0
         saved_pos = self._pos.clone()
@@ -593,8 +635,18 @@ class FastRunner:
                     for width in self.kv.buckets:
                         self._pos[:batch].fill_(width - 1)
                         self._graph(batch, width, live, GREEDY)
+            for width in (b for b in self.prefill_buckets if b <= max_prompt):
+                self._p_ids[:1].zero_()
+                self._p_long[:, :1] = torch.tensor([[width], [0], [0], [0]])
+                self._p_float[:, :1] = torch.tensor([[0.0], [1.0]])
+                try:
+                    graph = self._capture(lambda: self._prefill_rows(1, width, 0, GREEDY))  # noqa: B023
+                except RuntimeError as exc:  # eager prefill still serves; say why once
+                    self.prefill_graphs_off = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                    break
+                self._prefill_graphs[(width, GREEDY)] = graph
         self._pos.copy_(saved_pos)
-        return len(self._graphs)
+        return len(self._graphs) + len(self._prefill_graphs)
 
     def release(self, slot: int) -> None:
         self._len[slot] = 0
@@ -602,14 +654,11 @@ class FastRunner:
         self._sampling[slot] = None
 
 
-def _sampling_tensors(
-    rows: Sequence[RowSampling], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (
-        torch.tensor([r.temperature for r in rows], dtype=torch.float32, device=device),
-        torch.tensor([r.top_p for r in rows], dtype=torch.float32, device=device),
-        torch.tensor([r.seed for r in rows], dtype=torch.long, device=device),
-    )
+def _mode(rows: Sequence[RowSampling]) -> int:
+    """The sampling graph a set of rows needs."""
+    if not any(r.random for r in rows):
+        return GREEDY
+    return RANDOM_TOP_P if any(r.nucleus for r in rows) else RANDOM
 
 
 def _unwrap(module: Any) -> Any:

@@ -145,8 +145,21 @@ if triton is not None:
         tl.store(out_ptr + b * out_stride + qoff + d[None, :], o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
-GEMV_CONFIGS = ((4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (32, 256, 4), (64, 256, 8))
+GEMV_CONFIGS = (
+    (2, 2048, 8),
+    (4, 1024, 4),
+    (4, 2048, 8),
+    (8, 512, 4),
+    (8, 1024, 4),
+    (16, 512, 4),
+    (16, 1024, 8),
+    (32, 256, 4),
+    (32, 512, 8),
+    (64, 256, 8),
+)
 """(BLOCK_N, BLOCK_K, num_warps) candidates; `tune_gemv` keeps the fastest per weight shape."""
+ATTENTION_CONFIGS = ((64, 4), (32, 4), (128, 8))
+"""(BLOCK_W keys per iteration, num_warps) candidates for `attention`."""
 
 
 def gemv(
@@ -195,6 +208,7 @@ def attention(
     *,
     heads: int,
     kv_heads: int,
+    cfg: tuple[int, int] = ATTENTION_CONFIGS[0],
 ) -> torch.Tensor:
     """Decode attention for rows 0..B-1: qkv [B, (H + 2 KV) D] (row-strided ok), cache [S, KV, L, D],
     cos/sin [L, D], pos [B]; writes k/v at pos and out [B, H D]."""
@@ -220,33 +234,50 @@ def attention(
         G=g,
         GP=max(16, triton.next_power_of_2(g)),
         D=d,
-        BLOCK_W=64,
-        num_warps=4,
+        BLOCK_W=cfg[0],
+        num_warps=cfg[1],
     )
     return out
 
 
-def tune_gemv(
-    w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, reps: int = 20, **flags: Any
-) -> tuple[int, int, int]:
-    """The fastest config of GEMV_CONFIGS for this weight (CUDA events, after one warm-up each)."""
-    best, best_ms = GEMV_CONFIGS[0], float("inf")
-    saved = out.clone()
-    for cfg in GEMV_CONFIGS:
-        if cfg[1] > 2 * triton.next_power_of_2(w.shape[1]):
-            continue
-        gemv(w, x, out, cfg=cfg, **flags)
+def _time(fn: Any, reps: int = 25, trials: int = 3) -> float:
+    """Best of `trials` mean times of `reps` calls (CUDA events), after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(trials):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(reps):
-            gemv(w, x, out, cfg=cfg, **flags)
+            fn()
         end.record()
         end.synchronize()
-        ms = start.elapsed_time(end) / reps
-        if ms < best_ms:
-            best, best_ms = cfg, ms
-    out.copy_(saved)
+        best = min(best, start.elapsed_time(end) / reps)
     return best
+
+
+def tune_gemv(w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, **flags: Any) -> tuple[int, int, int]:
+    """The fastest config of GEMV_CONFIGS for this weight."""
+    saved = out.clone()
+    cfgs = [c for c in GEMV_CONFIGS if c[1] <= 2 * triton.next_power_of_2(w.shape[1])]
+    times = {c: _time(lambda c=c: gemv(w, x, out, cfg=c, **flags)) for c in cfgs}
+    out.copy_(saved)
+    return min(times, key=lambda c: times[c])
+
+
+def tune_attention(
+    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, length: int, *, heads: int, kv_heads: int, dim: int
+) -> tuple[int, int]:
+    """The fastest config of ATTENTION_CONFIGS for one row attending over `length` keys (scratch cache)."""
+    cache = torch.zeros(1, kv_heads, length + 1, dim, dtype=qkv.dtype, device=qkv.device)
+    values = torch.zeros_like(cache)
+    pos = torch.tensor([length], device=qkv.device)
+    out = torch.empty(1, heads * dim, dtype=qkv.dtype, device=qkv.device)
+
+    def run(cfg: tuple[int, int]) -> None:
+        attention(qkv, cos, sin, pos, cache, values, out, heads=heads, kv_heads=kv_heads, cfg=cfg)
+
+    times = {c: _time(lambda c=c: run(c)) for c in ATTENTION_CONFIGS}
+    return min(times, key=lambda c: times[c])
 
 
 def available(device: torch.device) -> str | None:
@@ -291,20 +322,38 @@ def _self_test(device: torch.device) -> str | None:
     gemv(w, gu, out, cfg=(16, 64, 4), swiglu=True, residual=True)
     if not torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=0):
         return "gemv (swiglu, residual) disagrees with torch"
-    return _attention_test(rnd, device, dtype, tol)
+    return _attention_test(rnd, device, tol)
 
 
-def _attention_test(rnd: Any, device: torch.device, dtype: torch.dtype, tol: float) -> str | None:
-    import torch.nn.functional as F
-
+def _attention_test(rnd: Any, device: torch.device, tol: float) -> str | None:
     heads, kv, d, slots, length = 4, 2, 16, 3, 80
     pos = torch.tensor([70, 5], device=device)
     qkv = rnd(2, (heads + 2 * kv) * d)
     cos, sin = rnd(length, d), rnd(length, d)
     keys, values = rnd(slots, kv, length, d), rnd(slots, kv, length, d)
+    for cfg in ATTENTION_CONFIGS:
+        if (why := _attention_check(qkv, cos, sin, pos, keys.clone(), values.clone(), cfg, tol)) is not None:
+            return why
+    return None
+
+
+def _attention_check(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    pos: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    cfg: tuple[int, int],
+    tol: float,
+) -> str | None:
+    import torch.nn.functional as F
+
+    heads, kv, d = 4, 2, 16
+    dtype = qkv.dtype
     ref_k, ref_v = keys.clone(), values.clone()
-    out = torch.empty(2, heads * d, device=device, dtype=dtype)
-    attention(qkv, cos, sin, pos, keys, values, out, heads=heads, kv_heads=kv)
+    out = torch.empty(2, heads * d, device=qkv.device, dtype=dtype)
+    attention(qkv, cos, sin, pos, keys, values, out, heads=heads, kv_heads=kv, cfg=cfg)
 
     def rot(t: torch.Tensor, p: int) -> torch.Tensor:
         half = d // 2
@@ -324,5 +373,5 @@ def _attention_test(rnd: Any, device: torch.device, dtype: torch.dtype, tol: flo
         q = qs[b].to(dtype).float().view(kv, heads // kv, d)
         o = F.scaled_dot_product_attention(q, kk, vv).reshape(heads * d)
         if not torch.allclose(out[b].float(), o, atol=tol * 10, rtol=0):
-            return "attention output disagrees with torch"
+            return f"attention output disagrees with torch (tiles {cfg})"
     return None
