@@ -36,8 +36,10 @@ from tests.e2e.fleet import (
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def coordinator(tmp_path: Path, pki_dir: Path) -> Iterator[dict[str, object]]:
+@pytest.fixture(scope="module")
+def coordinator(tmp_path_factory: pytest.TempPathFactory, pki_dir: Path) -> Iterator[dict[str, object]]:
+    """One coordinator for the tests below (start-up is the slow part); site-a's key registered."""
+    tmp_path = tmp_path_factory.mktemp("coordinator")
     keys = tmp_path / "site-keys"
     keys.mkdir()
     shutil.copy(ensure_auth_keypair(pki_dir / "site-a").public_key, keys / "site-a.pub")
