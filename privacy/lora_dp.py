@@ -20,7 +20,7 @@ the layers that read the same tensor (q/k/v, gate/up), where peft keeps one fp32
 from __future__ import annotations
 
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -38,13 +38,22 @@ class UnsupportedLoraModel(ValueError):
     """The model has trainable weights this module cannot give per-sample gradients for."""
 
 
+_ZERO: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _ignored(like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim `input` for `baddbmm`/`addmm` with beta=0, which ignore it (no fill kernel, no copy)."""
+    key = (like.device, like.dtype)
+    if key not in _ZERO:
+        _ZERO[key] = torch.zeros((), device=like.device, dtype=like.dtype)
+    return _ZERO[key]
+
+
 def _per_sample(grad: torch.Tensor, inp: torch.Tensor, scale: float) -> torch.Tensor:
-    """sum_t grad[i,t] inp[i,t]^T for each sample i; 3-D or 4-D, batch first, in grad's dtype."""
+    """scale * sum_t grad[i,t] inp[i,t]^T for each sample i, in one batched GEMM (batch first, any rank >= 2)."""
     n = inp.shape[0]
-    gs = torch.bmm(
-        grad.reshape(n, -1, grad.shape[-1]).transpose(1, 2), inp.reshape(n, -1, inp.shape[-1]).to(grad.dtype)
-    )
-    return gs.mul_(scale) if scale != 1.0 else gs
+    g, x = grad.reshape(n, -1, grad.shape[-1]), inp.reshape(n, -1, inp.shape[-1]).to(grad.dtype)
+    return torch.baddbmm(_ignored(g), g.transpose(1, 2), x, beta=0, alpha=scale)
 
 
 def _write(p: torch.Tensor, grad_sample: torch.Tensor) -> None:
@@ -56,32 +65,53 @@ def _write(p: torch.Tensor, grad_sample: torch.Tensor) -> None:
     p.grad_sample = grad_sample  # type: ignore[attr-defined]
 
 
-class _LoraDelta(torch.autograd.Function):
-    """`scaling * B(A(x))` whose backward writes per-sample gradients of A and B instead of summed ones."""
+class _LoraLinear(torch.autograd.Function):
+    """`base + scaling * B(A(x))`, cast to the base output's dtype, whose backward writes per-sample
+    gradients of A and B instead of summed ones.
+
+    One node per LoRA layer, with the base layer's output passed through: the add and the cast
+    back to the activations' dtype are one kernel, and their backward is the identity plus one
+    cast, where peft's graph has four nodes (mul, add, to, to). `xf` is x in the factors' dtype,
+    cast once per input tensor (q/k/v and gate/up share it) and saved for the per-sample GEMMs.
+    The scalings (LoRA's, and the batch size for a mean loss) ride on the GEMMs' alpha.
+    """
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float, mean: bool
+        ctx: Any,
+        x: torch.Tensor,
+        xf: torch.Tensor,
+        base: torch.Tensor,
+        weight_a: torch.Tensor,
+        weight_b: torch.Tensor,
+        scaling: float,
+        mean: bool,
     ) -> torch.Tensor:
-        h = F.linear(x.to(weight_a.dtype), weight_a)  # the same ops, in the same order, as peft
-        ctx.save_for_backward(x, h)
-        ctx.weights, ctx.scaling, ctx.mean = (weight_a, weight_b), scaling, mean
-        return F.linear(h, weight_b) * scaling
+        h = F.linear(xf, weight_a)  # the same ops, in the same order, as peft
+        delta = F.linear(h, weight_b) * scaling
+        ctx.save_for_backward(xf, h)
+        ctx.weights, ctx.scaling, ctx.mean, ctx.x_dtype = (weight_a, weight_b), scaling, mean, x.dtype
+        return torch.add(base, delta, out=torch.empty_like(base))  # peft's (base + delta).to(base.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
-        x, h = ctx.saved_tensors
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xf, h = ctx.saved_tensors
         weight_a, weight_b = ctx.weights
-        g = grad_out.to(weight_b.dtype) * ctx.scaling
-        gh = g @ weight_b
+        s = ctx.scaling
+        g = grad_out.to(weight_b.dtype)  # dL/d(delta): exactly grad_out, as peft's graph has it
+        g2 = g.reshape(-1, g.shape[-1])
+        gh = torch.addmm(_ignored(g2), g2, weight_b, beta=0, alpha=s)  # dL/dh = scaling * g B
         # A mean loss scales each record's gradient by 1/n; Opacus's hooks multiply it back by n.
-        scale = float(x.shape[0]) if ctx.mean else 1.0
+        n = float(xf.shape[0]) if ctx.mean else 1.0
         if weight_b.requires_grad:
-            _write(weight_b, _per_sample(g, h, scale))
+            _write(weight_b, _per_sample(g, h, s * n))
         if weight_a.requires_grad:
-            _write(weight_a, _per_sample(gh, x, scale))
-        grad_x = (gh @ weight_a).to(x.dtype) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None, None, None
+            _write(weight_a, _per_sample(gh, xf, n))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (gh @ weight_a).to(ctx.x_dtype).reshape(xf.shape)
+        grad_base = grad_out if ctx.needs_input_grad[2] else None
+        return grad_x, None, grad_base, None, None, None, None
 
 
 def lora_layers(model: nn.Module, adapter_name: str) -> Iterator[LoraLayer]:
@@ -105,6 +135,7 @@ class LoraGradSampler:
             raise ValueError(f"loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}")
         self.adapter_name = adapter_name
         self._patched: list[tuple[LoraLinear, Any]] = []
+        self._last_cast: tuple[torch.Tensor, int, torch.Tensor] | None = None
         covered: set[int] = set()
         layers: list[LoraLinear] = []
         for layer in lora_layers(model, adapter_name):
@@ -142,18 +173,32 @@ class LoraGradSampler:
             if torch.is_autocast_enabled(x.device.type):
                 raise RuntimeError("LoRA per-sample gradients do not support autocast")
             result = self_.base_layer(x, *args)
-            a, b = self_.lora_A[name], self_.lora_B[name]
+            weight_a: torch.Tensor = self_.lora_A[name].weight  # type: ignore[assignment]
+            weight_b: torch.Tensor = self_.lora_B[name].weight  # type: ignore[assignment]
             dropout = self_.lora_dropout[name]
             if not isinstance(dropout, nn.Identity):  # peft's order: cast, then dropout (same RNG draws)
-                x = dropout(self_._cast_input_dtype(x, a.weight.dtype))  # type: ignore[arg-type]
-            delta = _LoraDelta.apply(x, a.weight, b.weight, self_.scaling[name], mean)
-            return (result + delta).to(result.dtype)
+                x = dropout(self_._cast_input_dtype(x, weight_a.dtype))
+            xf = self._cast(x, weight_a.dtype)
+            return _LoraLinear.apply(x, xf, result, weight_a, weight_b, self_.scaling[name], mean)
 
         self._patched.append((layer, layer.__dict__.get("forward")))
         layer.forward = types.MethodType(forward, layer)  # type: ignore[method-assign]
 
+    def _cast(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """`x` in `dtype`, outside autograd, reused while the same unmodified tensor comes back
+        (q/k/v read one input, gate/up another): one cast and one saved copy per input, not per layer."""
+        if x.dtype == dtype:
+            return x.detach()
+        last = self._last_cast
+        if last is not None and last[0] is x and last[1] == x._version and last[2].dtype == dtype:
+            return last[2]
+        xf = x.detach().to(dtype)
+        self._last_cast = (x, x._version, xf)
+        return xf
+
     def close(self) -> None:
         """Restore the stock peft forward of every layer (idempotent)."""
+        self._last_cast = None
         while self._patched:
             layer, previous = self._patched.pop()
             if previous is None:
@@ -169,73 +214,142 @@ class LoraGradSampler:
 
 
 class GroupedDPOptimizer(DPOptimizer):
-    """Opacus's `DPOptimizer` with its per-parameter Python loops batched, for models with many small tensors.
+    """Opacus's `DPOptimizer` with its per-parameter loops batched, for models with many small tensors.
 
-    A LoRA model has hundreds of factor tensors (392 for R1-Distill-1.5B on all linears): Opacus
-    clips them with several kernels each and `scale_grad` rescans every parameter once per
-    parameter (quadratic). Here per-sample grads of equal shape are stacked, so the per-sample
-    norms, clip factors and clipped sums take a few kernels per shape; the norm formula, the
-    1e-6 guard and the order of the noise draws (`add_noise` is Opacus's own) stay the same.
+    A LoRA model has hundreds of factor tensors (392 for R1-Distill-1.5B on all linears), and a
+    step is bound by kernel launches and Python, not arithmetic: Opacus spends several kernels per
+    tensor on clipping and on noise, and rescans every parameter once per parameter. Here the
+    per-sample gradients of each dtype/device are laid side by side in one (n, D) matrix, so a
+    step's clipping is one norm, one clip factor and one GEMV (sum_i c_i g_i), the noise one draw
+    and one add, and the mean scaling one division; `p.summed_grad` and `p.grad` are views of those
+    buffers. The per-sample norm is the norm of the whole flattened per-sample gradient, which is
+    Opacus's norm of per-parameter norms up to rounding; the 1e-6 guard, the clip factor and the
+    Gaussian mechanism are Opacus's.
     """
 
     def __init__(self, *args: Any, batched_noise: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.batched_noise = batched_noise
+        self._sums: _Flat | None = None
+        self._grads: _Flat | None = None
+
+    def pre_step(self, closure: Callable[[], float] | None = None) -> bool:
+        """Opacus's `pre_step`, without listing every per-sample gradient twice to test for none."""
+        if not self.params:
+            return True
+        self.clip_and_accumulate()
+        if self._check_skip_next_step():
+            self._is_last_step_skipped = True
+            return False
+        self.add_noise()
+        self.scale_grad()
+        if self.step_hook:
+            self.step_hook(self)
+        self._is_last_step_skipped = False
+        return True
+
+    def clip_and_accumulate(self) -> None:
+        params = self.params
+        samples = [self._get_flat_grad_sample(p) for p in params]
+        self._sums = None
+        if not samples or len(samples[0]) == 0 or any(s.dtype != p.dtype for s, p in zip(samples, params, strict=True)):
+            super().clip_and_accumulate()  # empty batch, mixed dtypes: Opacus's loop
+            return
+        for p in params:
+            _check_processed_flag(p.grad_sample)  # type: ignore[attr-defined]
+        n = len(samples[0])
+        groups = _by_dtype_device(samples)
+        flat = {key: torch.cat([samples[i].reshape(n, -1) for i in idx], dim=1) for key, idx in groups.items()}
+        first = samples[0].device
+        sq = [f.norm(2, dim=1).to(first) for f in flat.values()]
+        norms = sq[0] if len(sq) == 1 else torch.stack(sq).norm(2, dim=0)
+        factor = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        fresh = all(p.summed_grad is None for p in params)  # type: ignore[attr-defined]
+        sums = _Flat()
+        for key, idx in groups.items():
+            summed = factor.to(flat[key]) @ flat[key]  # sum_i c_i g_i
+            views = sums.add(summed, idx, params)
+            for i, view in zip(idx, views, strict=True):
+                p = params[i]
+                p.summed_grad = view if fresh else p.summed_grad + view  # type: ignore[attr-defined]
+                _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
+        self._sums = sums if fresh else None
 
     def add_noise(self) -> None:
         """Opacus's Gaussian mechanism, N(0, (noise_multiplier * max_grad_norm)^2) on every coordinate
         of every clipped sum, drawn in one call per dtype/device instead of one (plus a zeros
         tensor) per parameter. Same distribution, different draw order from Opacus's loop, so
         `batched_noise=False` (and secure_mode, whose 4-draw sum stays Opacus's) keep the loop."""
+        self._grads = None
         if self.secure_mode or not self.batched_noise:
             super().add_noise()
             return
-        std = self.noise_multiplier * self.max_grad_norm
-        sums: list[torch.Tensor] = [p.summed_grad for p in self.params]  # type: ignore[attr-defined]
+        params = self.params
+        sums: list[torch.Tensor] = [p.summed_grad for p in params]  # type: ignore[attr-defined]
         for s in sums:
             _check_processed_flag(s)
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, s in enumerate(sums):
-            groups.setdefault((s.dtype, s.device), []).append(i)
-        for (dtype, device), idx in groups.items():
-            total = sum(sums[i].numel() for i in idx)
+        flats = self._sums if self._sums is not None and self._sums.holds(sums) else _Flat.of(sums, params)
+        std = self.noise_multiplier * self.max_grad_norm
+        grads = _Flat()
+        for summed, idx in flats.parts:
             if std == 0:
-                flat = torch.zeros(total, dtype=dtype, device=device)
+                noised = summed.clone()
             else:
-                flat = torch.normal(0.0, std, size=(total,), dtype=dtype, device=device, generator=self.generator)
-            chunks = flat.split([sums[i].numel() for i in idx])
-            noised = torch._foreach_add(
-                [sums[i] for i in idx], [c.view_as(sums[i]) for c, i in zip(chunks, idx, strict=True)]
-            )
-            for i, grad in zip(idx, noised, strict=True):
-                self.params[i].grad = grad.view_as(self.params[i])
+                noised = torch.normal(
+                    0.0, std, size=summed.shape, dtype=summed.dtype, device=summed.device, generator=self.generator
+                ).add_(summed)
+            for i, view in zip(idx, grads.add(noised, idx, params), strict=True):
+                params[i].grad = view
                 _mark_as_processed(sums[i])
-
-    def clip_and_accumulate(self) -> None:
-        params = self.params
-        samples = [self._get_flat_grad_sample(p) for p in params]
-        if not samples or len(samples[0]) == 0 or any(s.dtype != p.dtype for s, p in zip(samples, params, strict=True)):
-            super().clip_and_accumulate()  # empty batch, mixed dtypes: Opacus's loop
-            return
-        for p in params:
-            _check_processed_flag(p.grad_sample)  # type: ignore[attr-defined]
-        groups: dict[tuple[Any, ...], list[int]] = {}
-        for i, g in enumerate(samples):
-            groups.setdefault((g.shape, g.dtype, g.device), []).append(i)
-        n = len(samples[0])
-        stacked = {key: torch.stack([samples[i] for i in idx]) for key, idx in groups.items()}
-        norms = torch.empty((n, len(samples)), device=samples[0].device, dtype=samples[0].dtype)
-        for key, idx in groups.items():  # per-parameter, per-sample norms, as Opacus computes them
-            norms[:, idx] = stacked[key].reshape(len(idx), n, -1).norm(2, dim=-1).T.to(norms.device)
-        factor = (self.max_grad_norm / (norms.norm(2, dim=1) + 1e-6)).clamp(max=1.0)
-        for key, idx in groups.items():
-            summed = torch.einsum("i,ki...->k...", factor.to(stacked[key]), stacked[key])
-            for i, grad in zip(idx, summed.unbind(0), strict=True):
-                p = params[i]
-                p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad  # type: ignore[attr-defined]
-                _mark_as_processed(p.grad_sample)  # type: ignore[attr-defined]
+        self._grads = grads
 
     def scale_grad(self) -> None:
-        if self.loss_reduction == "mean":
-            grads = [p.grad for p in self.params if p.grad is not None]
-            torch._foreach_div_(grads, self.expected_batch_size * self.accumulated_iterations)
+        if self.loss_reduction != "mean":
+            return
+        params = self.params
+        denominator = self.expected_batch_size * self.accumulated_iterations
+        if self._grads is not None and self._grads.holds([p.grad for p in params]):
+            for flat, _ in self._grads.parts:
+                flat.div_(denominator)
+            return
+        torch._foreach_div_([p.grad for p in params if p.grad is not None], denominator)
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        super().zero_grad(set_to_none)
+        self._sums = self._grads = None
+
+
+def _by_dtype_device(tensors: list[torch.Tensor]) -> dict[tuple[torch.dtype, torch.device], list[int]]:
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return groups
+
+
+class _Flat:
+    """1-D buffers, each split into per-parameter views (parameter indices `idx`, parameter shapes)."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[torch.Tensor, list[int]]] = []
+        self.views: list[torch.Tensor | None] = []
+
+    def add(self, flat: torch.Tensor, idx: list[int], params: list[torch.Tensor]) -> list[torch.Tensor]:
+        views = [v.view_as(params[i]) for v, i in zip(flat.split([params[i].numel() for i in idx]), idx, strict=True)]
+        self.parts.append((flat, idx))
+        if len(self.views) < len(params):
+            self.views.extend([None] * (len(params) - len(self.views)))
+        for i, v in zip(idx, views, strict=True):
+            self.views[i] = v
+        return views
+
+    def holds(self, tensors: Sequence[torch.Tensor | None]) -> bool:
+        """Whether `tensors` are exactly the views this object handed out, in parameter order."""
+        return len(tensors) == len(self.views) and all(t is v for t, v in zip(tensors, self.views, strict=True))
+
+    @classmethod
+    def of(cls, tensors: list[torch.Tensor], params: list[torch.Tensor]) -> _Flat:
+        """Copies of `tensors` laid end to end, one buffer per dtype/device."""
+        out = cls()
+        for idx in _by_dtype_device(tensors).values():
+            out.add(torch.cat([tensors[i].reshape(-1) for i in idx]), idx, params)
+        return out

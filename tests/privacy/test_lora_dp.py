@@ -338,3 +338,64 @@ def test_batched_noise_is_the_same_gaussian_mechanism(qwen2: PeftModel) -> None:
     per_tensor_std = [float(t.std()) for t in first.split([p.numel() for p in params]) if t.numel() > 200]
     assert min(per_tensor_std) > 0.8 * sigma * clip  # no tensor left without noise
     assert abs(float(torch.corrcoef(torch.stack([first, second]))[0, 1])) < 0.05  # fresh draws per step
+
+
+def test_grouped_optimizer_accumulates_a_skipped_step_like_opacus(qwen2: PeftModel) -> None:
+    """Virtual steps (BatchMemoryManager's signal_skip_step): the second batch's clipped sum adds to the first's."""
+    params = [p for p in qwen2.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(8)
+    batches = [[torch.randn((3, *p.shape), generator=g) * (1.0 + k) for p in params] for k in range(2)]
+    results = []
+    for cls in (DPOptimizer, GroupedDPOptimizer):
+        extra = {"batched_noise": False} if cls is GroupedDPOptimizer else {}  # Opacus's draw order
+        optimizer = cls(
+            torch.optim.SGD(params, lr=0.0),
+            noise_multiplier=0.5,
+            max_grad_norm=1.0,
+            expected_batch_size=6,
+            generator=torch.Generator().manual_seed(9),
+            **extra,
+        )
+        optimizer.signal_skip_step(True)
+        for k, samples in enumerate(batches):
+            for p, s in zip(params, samples, strict=True):
+                p.grad_sample = s.clone()  # type: ignore[attr-defined]
+            optimizer.step()
+            if k == 0:
+                assert all(p.grad is None for p in params)  # skipped: clipped and summed, no noise, no step
+                optimizer.zero_grad(set_to_none=True)
+        results.append([p.grad.clone() for p in params])  # type: ignore[union-attr]
+        optimizer._is_last_step_skipped = False
+        optimizer.zero_grad(set_to_none=True)
+    ref, ours = results
+    assert _max_rel(ours, ref) <= 1e-6
+
+
+class _SharedInput(nn.Module):
+    """Two Linear layers reading one input, modified in place between them (a cached cast must not be reused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Linear(8, 8), nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.first(x)
+        x.mul_(3.0)
+        return y + self.second(x)
+
+
+def test_input_cast_is_not_reused_after_an_in_place_change() -> None:
+    torch.manual_seed(0)
+    module = _SharedInput().to(torch.bfloat16)
+    for p in module.parameters():
+        p.requires_grad_(False)
+    model = get_peft_model(
+        module, LoraConfig(r=2, target_modules=["first", "second"], init_lora_weights=False), adapter_name=ADAPTER
+    )
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}  # cast needed and cached
+    x = torch.randn(3, 5, 8, dtype=torch.bfloat16)
+    with torch.no_grad():
+        stock = model(x.clone())
+        with LoraGradSampler(model, adapter_name=ADAPTER):
+            patched = model(x.clone())
+    torch.testing.assert_close(patched, stock, rtol=0, atol=0)
