@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -174,6 +174,34 @@ def measure(name: str, model: Any, batch: dict[str, torch.Tensor], device: str, 
     }
 
 
+def measure_rounds(
+    names: Sequence[str], model: Any, batch: dict[str, torch.Tensor], device: str, warmup: int, steps: int, rounds: int
+) -> dict[str, dict[str, Any]]:
+    """`measure` each method in `rounds` interleaved rounds (order reversed every other round), pooled.
+
+    A step here is host-bound (the device idles between launches), so its time follows the host's
+    momentary speed; interleaving keeps a slow spell from landing on one method only. Per-round
+    medians are kept to show the spread of the ratios.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else list(reversed(names)):
+            runs[name].append(measure(name, model, batch, device, warmup, steps))
+            print(f"round {r} {name}: {runs[name][-1]['median_step_s']:.4f} s/step", flush=True)
+    out = {}
+    for name, rs in runs.items():
+        times = [t for r in rs for t in r["step_s"]]
+        peaks = [r["peak_memory_gib"] for r in rs if r["peak_memory_gib"] is not None]
+        out[name] = {
+            "median_step_s": round(statistics.median(times), 4),
+            "step_s": times,
+            "round_median_step_s": [r["median_step_s"] for r in rs],
+            "peak_memory_gib": max(peaks) if peaks else None,
+            "last_loss": rs[-1]["last_loss"],
+        }
+    return out
+
+
 def clipped_sum(name: str, model: Any, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     """The DP path's sum of per-sample-clipped gradients before noise (DPOptimizer.clip_and_accumulate)."""
     with method(name, model, batch) as m:
@@ -182,12 +210,51 @@ def clipped_sum(name: str, model: Any, batch: dict[str, torch.Tensor]) -> list[t
         return [p.summed_grad.detach().float().cpu() for p in m.optimizer.params]  # type: ignore[attr-defined]
 
 
-def agreement(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    ref, ours = clipped_sum("opacus", model, batch), clipped_sum("ours", model, batch)
+def compare(ours: list[torch.Tensor], ref: list[torch.Tensor]) -> dict[str, float]:
+    """max over tensors of max|ours - ref| / max|ref|, and the l2 relative difference over all tensors."""
     rel = [float((a - b).abs().max() / b.abs().max()) for a, b in zip(ours, ref, strict=True)]
     diff = torch.cat([(a - b).flatten() for a, b in zip(ours, ref, strict=True)])
     total = torch.cat([b.flatten() for b in ref])
     return {"max_rel_diff_per_tensor": max(rel), "rel_diff_l2": float(diff.norm() / total.norm())}
+
+
+def agreement(model: Any, batch: dict[str, torch.Tensor], *, repeat: bool = False) -> dict[str, Any]:
+    """Ours vs Opacus hooks on the same batch; with `repeat`, also each path vs a second run of itself
+    (the run-to-run spread of the model's own kernels, the floor any comparison can reach)."""
+    ref, ours = clipped_sum("opacus", model, batch), clipped_sum("ours", model, batch)
+    res: dict[str, Any] = compare(ours, ref)
+    if repeat:
+        res["opacus_vs_opacus"] = compare(clipped_sum("opacus", model, batch), ref)
+        res["ours_vs_ours"] = compare(clipped_sum("ours", model, batch), ours)
+    return res
+
+
+@contextmanager
+def deterministic(*, algorithms: bool = True, math_sdpa: bool = True) -> Iterator[None]:
+    """Deterministic kernels where PyTorch has them (warn, not fail, where it has none) and/or the math
+    SDPA backend, whose backward has no atomics (flash/cuDNN attention backward accumulate with them)."""
+    import warnings
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(algorithms, warn_only=True)
+    try:
+        with warnings.catch_warnings(), sdpa_kernel(SDPBackend.MATH) if math_sdpa else nullcontext():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+def trainable_state(model: Any) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+
+def restore(model: Any, state: list[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p, saved in zip([p for p in model.parameters() if p.requires_grad], state, strict=True):
+            p.copy_(saved)
 
 
 MARKDOWN_HEADER = (
@@ -214,7 +281,7 @@ def markdown_row(res: dict[str, Any]) -> str:
         peaks,
         fmt(r["opacus_memory"], ".2f", "x"),
         fmt(r["ours_memory"], ".2f", "x"),
-        fmt(res.get("agreement", {}).get("max_rel_diff_per_tensor"), ".1e"),
+        fmt(res.get("agreement_step0", res.get("agreement", {})).get("max_rel_diff_per_tensor"), ".1e"),
     ]
     return "| " + " | ".join(cells) + " |"
 
@@ -233,7 +300,10 @@ NOTES = [
     "difference is that, which a non-private step could also adopt",
     "weights are random (seeded), init_lora_weights=False (B non-zero): speed depends on the shape only",
     "agreement: max over tensors of max|ours - opacus| / max|opacus| of the clipped sums (max_grad_norm 1.0), "
-    "and the l2 relative difference, on the benchmark batch",
+    "and the l2 relative difference, on the benchmark batch; opacus_vs_opacus: Opacus hooks against a second run "
+    "of itself (run-to-run spread of the kernels). 'agreement' is measured after the timed noisy steps (as in "
+    "earlier runs), 'agreement_step0' on the initial weights, 'agreement_step0_deterministic' on the initial "
+    "weights with torch.use_deterministic_algorithms(warn_only) and the math SDPA backend",
 ]
 
 
@@ -247,10 +317,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--answer-tokens", type=int, default=128, help="loss positions per record (the trainer's)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=10, help="timed steps per method")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per method and round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per method and round")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds of --steps timed steps per method")
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument(
+        "--profile", action="store_true", help="also bench.dp_profile's phases and kernel counts (same model)"
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default bench/results/dp_training-*.json)")
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -265,10 +339,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     model = build_model(args.shape, args.device, dtype, args.rank, args.alpha)
     batch = build_batch(model.config.vocab_size, args.batch, args.seq, args.answer_tokens, args.device)
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    initial = trainable_state(model)
     methods: dict[str, dict[str, Any]] = {}
-    for name in args.methods:
-        methods[name] = measure(name, model, batch, args.device, args.warmup, args.steps)
-        print(f"{name}: {methods[name]['median_step_s']:.4f} s/step, peak {methods[name]['peak_memory_gib']} GiB")
+    methods = measure_rounds(args.methods, model, batch, args.device, args.warmup, args.steps, args.rounds)
+    for name, m in methods.items():
+        print(f"{name}: {m['median_step_s']:.4f} s/step, peak {m['peak_memory_gib']} GiB")
     res: dict[str, Any] = {
         "benchmark": "dp_training",
         "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -285,7 +360,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "target_modules": sorted(model.peft_config[ADAPTER].target_modules),
         "steps": args.steps,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "methods": {k: methods.get(k, {"skipped": True}) for k in METHODS},
+    }
+    res["round_ratios"] = {
+        f"{k}_time": [
+            round(a / b, 3)
+            for a, b in zip(
+                methods[k]["round_median_step_s"], methods["nonprivate"]["round_median_step_s"], strict=True
+            )
+        ]
+        for k in ("opacus", "ours")
+        if k in methods
     }
     res["ratios"] = {
         f"{k}_{what}": _ratio(res["methods"], k, key) if k in methods else None
@@ -293,7 +379,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for what, key in (("time", "median_step_s"), ("memory", "peak_memory_gib"))
     }
     if not args.skip_agreement:
-        res["agreement"] = agreement(model, batch)
+        res["agreement"] = agreement(model, batch, repeat=True)  # after the timed (noisy) steps
+        res["agreement"]["after_steps"] = len(args.methods) * (args.warmup + args.steps) * args.rounds
+        restore(model, initial)
+        for suffix, algorithms, math_sdpa in (
+            ("", False, False),
+            ("_math_sdpa", False, True),
+            ("_deterministic_algorithms", True, False),
+            ("_deterministic", True, True),
+        ):
+            with deterministic(algorithms=algorithms, math_sdpa=math_sdpa):
+                res["agreement_step0" + suffix] = agreement(model, batch, repeat=True)
+    if args.profile:
+        from bench.dp_profile import profile
+
+        restore(model, initial)
+        res["profile"] = profile(model, batch, args.device)
     ours_t, ours_m = res["ratios"]["ours_time"], res["ratios"]["ours_memory"]
     res["goals"] = {
         "ours_time_at_most_1_2x": None if ours_t is None else ours_t <= 1.2,
@@ -303,7 +404,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     res["markdown"] = {"header": MARKDOWN_HEADER, "row": markdown_row(res)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("machine", "ratios", "goals", "agreement") if k in res}, indent=2))
+    keys = ("machine", "ratios", "round_ratios", "goals", "agreement")
+    print(json.dumps({k: v for k, v in res.items() if k in keys or k.startswith("agreement_")}, indent=2))
     print(MARKDOWN_HEADER)
     print(res["markdown"]["row"])
     print(f"wrote {out}")
