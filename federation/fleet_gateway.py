@@ -42,6 +42,10 @@ from federation.sidecar import TLSFiles
 log = logging.getLogger("fedseek.fleet_gateway")
 
 FLEET_PREFIX = "/v1/fleet/"  # flwr.superlink.routers.fleet.router prefix
+# A fleet request as the SuperNode sends it (flwr.supernode.fleet_http_client: fixed paths such
+# as /v1/fleet/pull-messages, no query). nginx routes on the normalised URI but forwards the raw
+# one, so the raw URI must also be this plain: no dot segments, percent-escapes or query.
+FLEET_ROUTE = r"^/v1/fleet/[a-z-]+$"
 KEY_HEADER = "flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER
 SHUTDOWN_TIMEOUT_S = 2  # after a reload, old workers (and a revoked site's open requests) end this soon
 _TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # nginx's defaults are root's paths
@@ -129,6 +133,7 @@ class Gateway:
         w, t = self.workdir, self.tls
         temp = "\n".join(f"    {kind}_temp_path {w}/tmp/{kind};" for kind in _TEMP_KINDS)
         deny = '{"error":{"message":"%s","type":"permission_error","code":403}}'
+        only_fleet = "only the Flower Fleet API is served on this port"
         return f"""# written by fedseek (federation/fleet_gateway.py); edits are overwritten
 daemon off;
 worker_processes 1;
@@ -141,9 +146,13 @@ http {{
     server_tokens off;
     log_format fleet escape=json '{{"time":"$time_iso8601","peer":"$remote_addr:$remote_port",'
         '"status":$status,"https":"$https","verify":"$ssl_client_verify","subject":"$ssl_client_s_dn",'
-        '"serial":"$ssl_client_serial","method":"$request_method","uri":"$uri","bound":"$fleet_bound"}}';
+        '"serial":"$ssl_client_serial","method":"$request_method","uri":"$request_uri","route_ok":"$fleet_route","bound":"$fleet_bound"}}';
     access_log {self.access_log} fleet;
     map_hash_bucket_size 1024;
+    map $request_uri $fleet_route {{
+        default 0;
+        "~{FLEET_ROUTE}" 1;
+    }}
     map "$ssl_client_s_dn|$http_{KEY_HEADER.replace("-", "_")}" $fleet_bound {{
         default 0;
         include {self.site_map};
@@ -166,12 +175,16 @@ http {{
         default_type application/json;
         client_max_body_size 0;
         location {FLEET_PREFIX} {{
+            if ($fleet_route = 0) {{
+                return 403 '{deny % only_fleet}';
+            }}
             if ($fleet_bound = 0) {{
                 return 403 '{deny % "the Flower key does not belong to the site on the client certificate"}';
             }}
             proxy_pass https://superlink;
             proxy_http_version 1.1;
             proxy_set_header Connection "";
+            proxy_set_header {KEY_HEADER} $http_{KEY_HEADER.replace("-", "_")};  # exactly the value checked
             proxy_ssl_verify on;
             proxy_ssl_verify_depth 1;
             proxy_ssl_trusted_certificate {t.ca_cert};
@@ -184,7 +197,7 @@ http {{
             proxy_read_timeout 600s;
         }}
         location / {{
-            return 403 '{deny % "only the Flower Fleet API is served on this port"}';
+            return 403 '{deny % only_fleet}';
         }}
     }}
 }}
@@ -255,7 +268,7 @@ _CN = re.compile(r"(?:^|,)CN=(?P<cn>[^,]+)")
 def refusal_from_access(entry: Mapping[str, object]) -> GatewayRefusal | None:
     """The refusal one access-log entry records, or None for a request that was served."""
     status = int(str(entry.get("status", 0)))
-    if status < 400 or status not in (400, 403, 495, 496, 497):
+    if status not in (400, 403, 495, 496, 497):
         return None
     verify, dn = str(entry.get("verify", "")), str(entry.get("subject", ""))
     cn = _CN.search(dn)
@@ -272,7 +285,7 @@ def refusal_from_access(entry: Mapping[str, object]) -> GatewayRefusal | None:
         return GatewayRefusal(peer=peer, reason=reason, status=status, route=route)
     if status != 403:
         return None  # a malformed request of a verified client: not an access decision
-    if str(entry.get("uri", "")).startswith(FLEET_PREFIX):
+    if entry.get("route_ok") == "1":
         reason = "Flower key header does not match the key registered for the certificate's site"
     else:
         reason = "route not served on the fleet port (Fleet API only)"

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from email.message import Message
 from pathlib import Path
 
 import httpx
@@ -116,6 +117,8 @@ def test_config_requires_client_certificates_and_forwards_only_the_fleet_api(pki
         f"proxy_ssl_trusted_certificate {leaf.ca_cert};",
         "worker_shutdown_timeout 2s;",
         f"include {gw.site_map};",
+        '"~^/v1/fleet/[a-z-]+$" 1;',
+        "proxy_set_header flwr-public-key $http_flwr_public_key;  # exactly the value checked",
         f"error_log {gw.error_log} info;",
     ):
         assert directive in lines, directive
@@ -155,6 +158,7 @@ def _entry(**kw: object) -> dict[str, object]:
         "subject": "OU=node,O=c,CN=site-a",
         "method": "POST",
         "uri": "/v1/fleet/pull-messages",
+        "route_ok": "1",
     }
     return {**base, **kw}
 
@@ -177,7 +181,7 @@ def _entry(**kw: object) -> dict[str, object]:
             "site-a",
         ),
         (
-            _entry(status=403, uri="/v1/control/start-run"),
+            _entry(status=403, uri="/v1/control/start-run", route_ok="0"),
             "access.refused",
             "route not served on the fleet port (Fleet API only)",
             "site-a",
@@ -231,7 +235,7 @@ def test_log_reader_reports_each_refusal_once_from_complete_lines(tmp_path: Path
 def test_audit_records_say_what_was_refused(tmp_path: Path) -> None:
     trail = AuditTrail(tmp_path / "audit.jsonl")
     hook = audit_refusal(trail.append, endpoint="fleet")
-    route = refusal_from_access(_entry(status=403, uri="/v1/control/list-runs"))
+    route = refusal_from_access(_entry(status=403, uri="/v1/control/list-runs", route_ok="0"))
     assert route is not None
     hook(route)
     hook(Refusal(peer="10.0.0.1:1", reason="TLS handshake failed: unsupported protocol"))
@@ -257,10 +261,11 @@ class Upstream:
     """Stand-in SuperLink: HTTPS with the coordinator certificate; remembers every request."""
 
     seen: list[tuple[str, str]] = field(default_factory=list)
+    headers: list[Message] = field(default_factory=list)
     server: http.server.ThreadingHTTPServer | None = None
 
     def start(self, leaf: pki.LeafFiles) -> int:
-        seen = self.seen
+        seen, headers = self.seen, self.headers
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -268,6 +273,7 @@ class Upstream:
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers.get("content-length", 0)))
                 seen.append((self.path, self.headers.get(KEY_HEADER, "")))
+                headers.append(self.headers)
                 if self.path.endswith("/slow"):
                     time.sleep(20)
                 body = b'{"ok":true}'
@@ -372,6 +378,42 @@ def test_control_route_and_foreign_key_are_refused_and_never_forwarded(running: 
     ]
     assert got[0].reason == "route not served on the fleet port (Fleet API only)"
     assert "does not match" in got[1].reason and "does not match" in got[2].reason
+
+
+def _raw_request(running: Running, name: str, target: str, headers: list[tuple[str, str]]) -> int:
+    """Send exactly `POST target` (httpx would normalise the path); the response status."""
+    ctx = ssl.create_default_context(cafile=str(running.root / "ca" / "ca.pem"))
+    ctx.load_cert_chain(running.root / name / "cert.pem", running.root / name / "key.pem")
+    lines = [f"POST {target} HTTP/1.1", "Host: localhost", "Content-Length: 0", "Connection: close"]
+    request = "\r\n".join([*lines, *(f"{k}: {v}" for k, v in headers), "", ""]).encode()
+    with (
+        socket.create_connection((HOST, running.port), timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
+        tls.sendall(request)
+        return int(tls.recv(64).split()[1])
+
+
+def test_only_plain_fleet_paths_are_forwarded(running: Running) -> None:
+    """nginx routes on the normalised path but forwards the raw one, so the raw one must be plain."""
+    seen, before = len(running.upstream.seen), len(running.refusals)
+    key = [(KEY_HEADER, running.keys["site-a"])]
+    tricks = [
+        "/v1/control/../fleet/pull-messages",  # normalises into /v1/fleet/
+        "/v1/fleet/%2e%2e/control/start-run",
+        "/v1/fleet/../control/start-run",
+        "/v1/fleet/pull-messages?x=1",
+        "/v1/fleet/pull%2Dmessages",
+    ]
+    assert [_raw_request(running, "site-a", target, key) for target in tricks] == [403] * len(tricks)
+    assert len(running.upstream.seen) == seen
+    reasons = {r.reason for r in running.wait_refusals(before + len(tricks))[before:]}
+    assert reasons == {"route not served on the fleet port (Fleet API only)"}
+    # A second key header cannot slip past the check: the SuperLink gets the checked value only.
+    stolen = [(KEY_HEADER, running.keys["site-a"]), (KEY_HEADER, running.keys["site-b"])]
+    assert _raw_request(running, "site-a", "/v1/fleet/pull-messages", stolen) == 200
+    assert running.upstream.seen[-1] == ("/v1/fleet/pull-messages", running.keys["site-a"])
+    assert running.upstream.headers[-1].get_all(KEY_HEADER) == [running.keys["site-a"]]
 
 
 def test_each_bad_client_is_refused_with_its_reason(running: Running, tmp_path: Path) -> None:
