@@ -14,7 +14,7 @@ consortium mTLS itself and then, per request:
   the certificate-to-Flower-key binding holds on every request, not only at registration.
 
 nginx checks client certificates after the handshake: a missing, foreign, expired or revoked
-certificate and plaintext HTTP are answered 496/495/497 on the first request. `GatewayLog`
+certificate and plaintext HTTP get 400 on the first request (nginx's internal 496/495/497). `GatewayLog`
 turns those, the 403s and failed handshakes (error log) into `Refusal`s for the audit trail.
 """
 
@@ -57,7 +57,7 @@ class GatewayError(RuntimeError):
 
 
 def nginx_binary() -> str:
-    found = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx",) if os.access(p, os.X_OK)), None)
+    found = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin")  # sbin: not on users' PATH
     if not found:
         raise GatewayError("nginx is not installed (Debian package nginx)")
     return found
@@ -146,7 +146,8 @@ http {{
     server_tokens off;
     log_format fleet escape=json '{{"time":"$time_iso8601","peer":"$remote_addr:$remote_port",'
         '"status":$status,"https":"$https","verify":"$ssl_client_verify","subject":"$ssl_client_s_dn",'
-        '"serial":"$ssl_client_serial","method":"$request_method","uri":"$request_uri","route_ok":"$fleet_route","bound":"$fleet_bound"}}';
+        '"serial":"$ssl_client_serial","method":"$request_method","uri":"$request_uri",'
+        '"route_ok":"$fleet_route","bound":"$fleet_bound"}}';
     access_log {self.access_log} fleet;
     map_hash_bucket_size 1024;
     map $request_uri $fleet_route {{
