@@ -414,6 +414,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             runner.capture(top)
             extra = {"engine_weight_gb": round(runner.weight_bytes() / 1e9, 3)}
             extra["fused_batch1"] = runner.fused_off or "on"
+            extra["gemv_tiles"] = getattr(runner, "_gemv_cfg", None)
             extra["kv_cache_gb"] = round(runner.kv.nbytes() / 1e9, 3)
         with Engine(runner, tok) as engine:
 
