@@ -293,17 +293,21 @@ def _ratio(methods: dict[str, dict[str, Any]], num: str, key: str) -> float | No
 
 NOTES = [
     "nonprivate = stock peft forward/backward + AdamW; opacus = GradSampleModule(hooks) + DPOptimizer(AdamW); "
-    "ours = privacy.lora_dp.LoraGradSampler + GroupedDPOptimizer (a DPOptimizer subclass: the same clipping "
-    "batched per tensor shape, Opacus's add_noise with std = noise_multiplier * max_grad_norm, foreach scaling)",
-    "ours saves each LoRA branch's input in the activations' dtype (bf16), shared by layers reading the same "
-    "tensor (q/k/v, gate/up); stock peft (nonprivate and opacus) keeps an fp32 copy per layer: part of the memory "
-    "difference is that, which a non-private step could also adopt",
+    "ours = privacy.lora_dp.LoraGradSampler + GroupedDPOptimizer (a DPOptimizer subclass: per-sample gradients "
+    "laid side by side in one (n, D) matrix per dtype, one norm / GEMV for the clipped sum, one noise draw + add, "
+    "one division; noise std = noise_multiplier * max_grad_norm as Opacus)",
+    "ours casts each distinct LoRA input to fp32 once (q/k/v share one, gate/up another) and saves that copy; "
+    "stock peft (nonprivate and opacus) casts and saves an fp32 copy per layer: part of the memory difference "
+    "is that, which a non-private step could also adopt",
     "weights are random (seeded), init_lora_weights=False (B non-zero): speed depends on the shape only",
+    "the step is host-bound (the device idles between launches), so with --rounds > 1 the methods are measured "
+    "in interleaved rounds (order reversed every other round) and the pooled median is reported; round_ratios "
+    "are the per-round medians' ratios",
     "agreement: max over tensors of max|ours - opacus| / max|opacus| of the clipped sums (max_grad_norm 1.0), "
-    "and the l2 relative difference, on the benchmark batch; opacus_vs_opacus: Opacus hooks against a second run "
-    "of itself (run-to-run spread of the kernels). 'agreement' is measured after the timed noisy steps (as in "
-    "earlier runs), 'agreement_step0' on the initial weights, 'agreement_step0_deterministic' on the initial "
-    "weights with torch.use_deterministic_algorithms(warn_only) and the math SDPA backend",
+    "and the l2 relative difference, on the benchmark batch; opacus_vs_opacus / ours_vs_ours: each path against "
+    "a second run of itself (run-to-run spread of the kernels). 'agreement' is measured after the timed noisy "
+    "steps (as in earlier runs), 'agreement_step0*' on the initial weights: default kernels, the math SDPA "
+    "backend, torch.use_deterministic_algorithms(warn_only), and both",
 ]
 
 

@@ -13,8 +13,10 @@ through one autograd Function whose backward computes exactly what the summed ba
 Same FLOPs as the non-private backward, no module hooks. The result goes to `p.grad_sample`
 exactly as Opacus's hooks write it (scaled by the batch size for `loss_reduction="mean"`),
 so `DPOptimizer` clips, adds its noise and steps as it does for Opacus, and the accountant is
-untouched. The branch saves its input in the activations' own dtype (bf16 on GPU), shared by
-the layers that read the same tensor (q/k/v, gate/up), where peft keeps one fp32 copy per layer.
+untouched. A step of a small adapter on a GPU is bound by kernel launches and Python, so the
+branch is one node per layer with fewer kernels than peft's (see `_LoraLinear`), its fp32 input
+is cast once per input tensor and shared by the layers that read it (q/k/v, gate/up) where peft
+casts and keeps a copy per layer, and `GroupedDPOptimizer` clips and noises in a few kernels.
 """
 
 from __future__ import annotations
