@@ -158,3 +158,23 @@ def test_text_stream_holds_back_a_possible_stop_string() -> None:
     out = [stream.push(i) for i in (0, 2, 3, 4)]  # a c d e: "de" might start "def"
     assert "".join(out) == "ac" and not stream.stopped
     assert stream.push(5) == "" and stream.stopped and stream.text == "ac"
+
+
+def test_stop_checked_one_step_behind_changes_no_output(qwen: Any, tok: Any) -> None:
+    """A request stops on a token while others run on: the engine already launched one more step
+    for it, whose token must be dropped; its slot then serves a waiting request exactly as alone."""
+    runner = FastRunner(qwen, max_slots=2, max_len=64)
+    free = alone(runner, tok, LONG, greedy(10))
+    other = alone(runner, tok, SHORT, greedy(12))
+    third = alone(runner, tok, [60, 61], greedy(6))
+    stopper = SamplingParams(max_tokens=10, stop_token_ids=(free[3],))
+    engine = Engine(runner, tok)
+    try:  # two slots: the third request waits for the stopper's slot
+        events = run_together(engine, [(LONG, stopper, None), (SHORT, greedy(12), None), ([60, 61], greedy(6), None)])
+    finally:
+        engine.stop()
+    first = free.index(free[3])  # the first occurrence stops it (the stop token is not output)
+    assert token_ids(events[0]) == free[:first] and events[0][-1].finish_reason == "stop"
+    assert token_ids(events[1]) == other and events[1][-1].finish_reason == "length"
+    assert token_ids(events[2]) == third
+    assert [ev.completion_tokens for ev in (events[0][-1], events[2][-1])] == [first, 6]

@@ -108,3 +108,23 @@ def _prompt_logits(runner: FastRunner) -> torch.Tensor:
     runner.prefill([0], [PROMPTS[0]], [0], [RowSampling()])
     assert runner.last_logits is not None
     return runner.last_logits[0]
+
+
+def test_lora_rows_follow_the_live_adapters(qwen: Any, tok: Any) -> None:
+    """Base rows with adapters loaded equal a runner without any; after unloading v1 the bank has a
+    hole (only slot 2 live) and v2's rows still equal peft's v2."""
+    peft = _peft_with_two_adapters(qwen)
+    with peft.disable_adapter():
+        base = hf_greedy(peft, PROMPTS[2], 5)
+    peft.set_adapter("v2")
+    v2 = hf_greedy(peft, PROMPTS[2], 5)
+    runner = FastRunner(peft, max_slots=4, max_len=64)
+    for name in ("v1", "v2"):
+        runner.load_adapter(name, lora_from_peft(peft, name))
+    params = SamplingParams(max_tokens=5, ignore_eos=True)
+    with Engine(runner, tok) as engine:
+        assert engine.complete(PROMPTS[2], params).token_ids == base
+        engine.call(lambda: runner.unload_adapter("v1"))
+        assert runner.lora.live() == 2 and runner.adapter_id("v2") == 2
+        assert engine.complete(PROMPTS[2], params, adapter="v2").token_ids == v2
+        assert engine.complete(PROMPTS[2], params).token_ids == base
