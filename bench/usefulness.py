@@ -95,11 +95,14 @@ class SiteSplits:
     test: list[ClinicalRecord]
 
 
-def site_splits(*, n_sites: int, n_train: int, n_val: int, n_test: int, seed: int) -> list[SiteSplits]:
+def site_splits(
+    *, n_sites: int, n_train: int, n_val: int, n_test: int, seed: int, minority_weight: float = 1.0
+) -> list[SiteSplits]:
     """Every site's train / validation / test records, as ``write_site_dataset`` draws them (train first)."""
     out = []
     for i in range(n_sites):
-        recs = generate_site_records(site_index=i, n_sites=n_sites, n=n_train + n_val + n_test, seed=seed)
+        n = n_train + n_val + n_test
+        recs = generate_site_records(site_index=i, n_sites=n_sites, n=n, seed=seed, minority_weight=minority_weight)
         out.append(
             SiteSplits(
                 name=f"site-{i}",
@@ -130,25 +133,76 @@ def federated_average(results: Sequence[RoundResult]) -> wire.Arrays:
 
 # ---- base model: generated from config, public pretraining --------------------------------
 
+PUBLIC_QUESTION = "Which department referred this patient?"
+REFERRAL = "Referred by {department}."
+
+
+def public_chats(records: Sequence[ClinicalRecord], *, seed: int) -> list[list[dict[str, str]]]:
+    """The public corpus: notes, the task's prompt, and a referral-copy task that names departments.
+
+    A pretrained base model knows the words and the answer format (one department name, then
+    end of turn) but not the private mapping from findings to department. So each public note
+    becomes two chats: the task's own prompt *without* an answer, and a different question whose
+    answer is a department named in the text, drawn independently of the note's findings (the
+    public data carry no findings-to-department signal at all).
+    """
+    rng = random.Random(f"public-referrals:{seed}")
+    chats: list[list[dict[str, str]]] = []
+    for r in records:
+        chats.append(question_for(r))
+        referrer = rng.choice(DEPARTMENTS)
+        note = f"{r.note} {REFERRAL.format(department=referrer)}"
+        chats.append(
+            [
+                {"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": f"{note}\n{PUBLIC_QUESTION}"},
+                {"role": "assistant", "content": referrer},
+            ]
+        )
+    return chats
+
+
+# Qwen2's pre-tokenizer split (words with their leading space, single digits): transformers rebuilds
+# a qwen2 checkpoint's tokenizer as Qwen2Tokenizer from tokenizer.json's vocab and merges, so the
+# synthetic tokenizer must be a byte-level BPE of that shape to survive `node.model.load_model`.
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 
 def build_tokenizer() -> Any:
-    """Word-level tokenizer over the demo's vocabulary: lower-cased words, single digits, punctuation."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from tokenizers.trainers import WordLevelTrainer
+    """Byte-level BPE over the demo's vocabulary (every word one token), DeepSeek chat tokens, chat template.
+
+    Not a word-level model: `AutoTokenizer` loads a qwen2 directory as Qwen2Tokenizer, which
+    rebuilds a BPE from vocab and merges; a word-level tokenizer.json came back as single
+    letters, so the fine-tuning data were tokenized unlike the public pretraining (the cause of
+    the earlier 0% everywhere). `check_tokenizer_round_trip` guards this.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import BPE
+    from tokenizers.trainers import BpeTrainer
     from transformers import PreTrainedTokenizerFast
 
-    corpus = [SYSTEM_PROMPT, QUESTION, " ".join(DEPARTMENTS), "0 1 2 3 4 5 6 7 8 9 male female year old postcode"]
+    corpus = [SYSTEM_PROMPT, QUESTION, PUBLIC_QUESTION, *DEPARTMENTS]
+    corpus += [REFERRAL.format(department=d) for d in DEPARTMENTS]
     corpus += [p for phrases in FINDINGS.values() for p in phrases] + list(NEUTRAL_PHRASES)
     for i in range(3):  # every opener and joining word the notes use
         corpus += [r.note for r in generate_site_records(site_index=i, n_sites=3, n=200, seed=12345)]
-    tok = Tokenizer(WordLevel(unk_token=UNK))
-    tok.normalizer = normalizers.Lowercase()
+    tok = Tokenizer(BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
     )
-    specials = [PAD, BOS, EOS, UNK, *CHAT_TOKENS]
-    tok.train_from_iterator(corpus, WordLevelTrainer(special_tokens=specials, min_frequency=1))
+    tok.decoder = decoders.ByteLevel()
+    trainer = BpeTrainer(
+        vocab_size=4000,  # more than the corpus can merge into: every word ends up a single token
+        special_tokens=[PAD, BOS, EOS, UNK, *CHAT_TOKENS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         bos_token=BOS,
@@ -159,6 +213,16 @@ def build_tokenizer() -> Any:
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+def check_tokenizer_round_trip(built: Any, loaded: Any, records: Sequence[ClinicalRecord]) -> None:
+    """The tokenizer the node loads must encode the task exactly as the one pretraining used."""
+    for r in records:
+        chat = r.to_chat()["messages"]
+        a, b = (t.apply_chat_template(chat, tokenize=True) for t in (built, loaded))
+        a, b = (list(x["input_ids"] if hasattr(x, "keys") else x) for x in (a, b))
+        if a != b:
+            raise RuntimeError(f"the saved tokenizer reloads as {type(loaded).__name__} and encodes differently")
 
 
 @dataclass(frozen=True)
@@ -189,13 +253,14 @@ def build_base_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg).to(device)
     rows = []
-    for r in public:
-        ids = tok.apply_chat_template(question_for(r), add_generation_prompt=True, tokenize=True)
+    for chat in public_chats(public, seed=seed):
+        answered = chat[-1]["role"] == "assistant"
+        ids = tok.apply_chat_template(chat, add_generation_prompt=not answered, tokenize=True)
         ids = [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
-        rows.append(TokenizedExample(input_ids=ids, labels=list(ids)))
+        rows.append(TokenizedExample(input_ids=ids, labels=list(ids)))  # causal LM on every token
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     rng = random.Random(seed)
-    batch_size = 64
+    batch_size = 128
     total = epochs * math.ceil(len(rows) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=total, pct_start=0.1)
     model.train()
@@ -244,6 +309,7 @@ class ArmRun:
     noise: dict[str, list[float]] = field(default_factory=dict)
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    ledgers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def train_nonprivate(
@@ -333,11 +399,13 @@ def train_dp(
         losses.append(sum(r.report.train_loss * r.report.num_examples for r in results) / total)
     seconds = time.perf_counter() - start
     eps = {s: ledgers[s].spent() for s in data}
+    books = {s: ledgers[s].to_json() for s in data}
+    lr = settings.learning_rate
     if federated:
         assert global_arrays is not None
-        return [ArmRun("federated", settings.learning_rate, global_arrays, eps, noise, losses, seconds)]
+        return [ArmRun("federated", lr, global_arrays, eps, noise, losses, seconds, books)]
     return [
-        ArmRun(f"site_alone:{s}", settings.learning_rate, arrays, {s: eps[s]}, {s: noise[s]}, losses, seconds)
+        ArmRun(f"site_alone:{s}", lr, arrays, {s: eps[s]}, {s: noise[s]}, losses, seconds, {s: books[s]})
         for s, arrays in own.items()
         if arrays is not None
     ]
@@ -355,11 +423,13 @@ def score(host: ModelHost, arrays: wire.Arrays | None, records: Sequence[Clinica
         model = version
     hits: dict[str, list[int]] = {}
     predictions: dict[str, int] = {}
+    t0 = time.perf_counter()
     for r in records:
         text = host.generate(question_for(r), model=model, max_tokens=3).text
         hits.setdefault(r.answer, []).append(int(exact_match(text, r.answer)))
         key = text.strip().split(" ")[0] if text.strip() else "<empty>"
         predictions[key] = predictions.get(key, 0) + 1
+    _SECONDS_PER_ANSWER.append((time.perf_counter() - t0) / max(1, len(records)))
     if arrays is not None:  # keep the host from accumulating dozens of adapters
         host.peft.delete_adapter(version)
         host.adapters.pop(version, None)
@@ -404,41 +474,52 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--n-train", type=int, default=2000, help="private training records per site")
-    ap.add_argument("--n-val", type=int, default=50, help="validation records per site (learning-rate choice)")
-    ap.add_argument("--n-test", type=int, default=200, help="held-out test records per site")
-    ap.add_argument("--n-public", type=int, default=3000, help="public notes (no answers) for public pretraining")
-    ap.add_argument("--public-epochs", type=int, default=2)
+    ap.add_argument("--n-train", type=int, default=10000, help="private training records per site")
+    ap.add_argument("--n-val", type=int, default=30, help="validation records per site (learning-rate choice)")
+    ap.add_argument("--n-test", type=int, default=150, help="held-out test records per site")
+    ap.add_argument("--minority-weight", type=float, default=0.1, help="weight of a site's non-specialities (6 / 3)")
+    ap.add_argument("--n-public", type=int, default=3000, help="public notes for public pretraining")
+    ap.add_argument("--public-epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=128, help="expected (Poisson) batch of DP-SGD; batch of (a)")
+    ap.add_argument("--batch-size", type=int, default=500, help="expected (Poisson) batch of DP-SGD; batch of (a)")
     ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--lrs", type=float, nargs="+", default=[1e-2, 3e-2, 1e-1], help="grid every arm gets")
+    ap.add_argument(
+        "--lrs", type=float, nargs="+", default=[1e-2, 3e-2, 3e-3], help="grid every arm gets, in run order"
+    )
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--epsilon", type=float, default=1.0)
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--seed", type=int, default=7, help="private data seed")
     ap.add_argument("--public-seed", type=int, default=2024, help="public notes seed (must differ from --seed)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, one lr, 2 rounds")
+    ap.add_argument("--budget-s", type=float, default=None, help="stop the lr sweep early to finish within this")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.quick:
-        args.n_train, args.n_val, args.n_test, args.n_public, args.public_epochs = 200, 20, 20, 300, 1
-        args.rounds, args.lrs = 2, args.lrs[:1]
+        args.n_train, args.n_val, args.n_test, args.n_public, args.public_epochs = 200, 5, 5, 100, 1
+        args.rounds, args.batch_size, args.lrs = 2, 50, args.lrs[:1]
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is visible")
     if args.public_seed == args.seed:
         ap.error("--public-seed must differ from --seed: the public notes must not be the sites' records")
     if not args.delta < 1 / args.n_train:
         ap.error(f"--delta must be < 1/n = {1 / args.n_train:g}")
-    sizes = ("n_train", "n_val", "n_test", "n_public", "public_epochs", "rounds", "lrs")
+    sizes = ("n_train", "n_val", "n_test", "n_public", "public_epochs", "rounds", "batch_size", "lrs")
     reduced = [k for k in sizes if getattr(args, k) != ap.get_default(k)]  # a run below the full configuration
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     date = datetime.now(UTC)
     out = args.out or Path(__file__).parent / "results" / f"usefulness_{args.device}_{date:%Y-%m-%d}.json"
 
-    splits = site_splits(n_sites=args.sites, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed)
+    splits = site_splits(
+        n_sites=args.sites,
+        n_train=args.n_train,
+        n_val=args.n_val,
+        n_test=args.n_test,
+        seed=args.seed,
+        minority_weight=args.minority_weight,
+    )
     per_site_public = math.ceil(args.n_public / args.sites)
     public = [
         r
@@ -446,11 +527,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         for r in generate_site_records(site_index=i, n_sites=args.sites, n=per_site_public, seed=args.public_seed)
     ]
     work = Path(tempfile.mkdtemp(prefix="fedseek-usefulness-"))
-    print(f"public pretraining on {len(public)} notes (seed {args.public_seed}, no answers)", flush=True)
+    print(f"public pretraining on {len(public)} notes (seed {args.public_seed})", flush=True)
     base_info = build_base_model(
         work / "base", shape=BaseShape(), public=public, epochs=args.public_epochs, device=args.device, seed=0
     )
     model, tok = load_model(work / "base", device=args.device)  # the node's loader
+    check_tokenizer_round_trip(build_tokenizer(), tok, held_out(splits, "val"))
     host = ModelHost(model, tok, model_name="usefulness-base", lora=LoraSettings(r=args.rank, alpha=2 * args.rank))
     train = {s.name: tokenize(examples(s.train), tok) for s in splits}
     pooled = [t for s in splits for t in train[s.name]]
@@ -460,8 +542,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return float(score(host, arrays, val, version=f"val-{tag}")["exact_match"])
 
     budget = Budget(epsilon=args.epsilon, delta=args.delta)
+    sweep_seconds: list[float] = []
+    n_test_scores = (2 + 2 * args.sites) * args.sites * args.n_test  # base, (a), every (b), (c)
     candidates: dict[str, list[tuple[float, ArmRun]]] = {}
+    lrs_run: list[float] = []
     for lr in args.lrs:
+        if lrs_run and args.budget_s and _sweep_must_stop(args.budget_s, started, sweep_seconds, n_test_scores):
+            print(f"time budget: lr sweep stopped before lr {lr:g}", flush=True)
+            break
+        lr_started = time.perf_counter()
         settings = TrainSettings(
             local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=lr, max_grad_norm=args.clip
         )
@@ -479,10 +568,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             host, train, federated=True, rounds=args.rounds, settings=settings, budget=budget,
             ledger_dir=work / f"ledgers-c-{lr:g}", label=f"(c) lr {lr:g}",
         )  # fmt: skip
+        print(f"lr {lr:g} trained ({time.perf_counter() - started:.0f} s so far)", flush=True)
         for run in [run_a, *runs_b, *runs_c]:
             em = val_em(run.arrays, f"{run.arm}-{lr:g}")
             candidates.setdefault(run.arm, []).append((em, run))
             print(f"  validation EM {run.arm} lr {lr:g}: {em:.3f}", flush=True)
+        lrs_run.append(lr)
+        sweep_seconds.append(time.perf_counter() - lr_started)
 
     table: list[dict[str, Any]] = []
     base_test = score_by_site(host, None, splits, version="base")
@@ -491,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     chosen: dict[str, ArmRun] = {}
     for arm in sorted(candidates, key=lambda a: (ARMS.index(a.split(":")[0]), a)):
-        em, run = max(candidates[arm], key=lambda c: c[0])  # first (smallest lr) wins a tie
+        em, run = max(candidates[arm], key=lambda c: c[0])  # the earlier-run lr wins a tie
         chosen[arm] = run
         test = score_by_site(host, run.arrays, splits, version=f"test-{arm}")
         privacy = "none" if arm == "pooled_nonprivate" else ", ".join(f"eps {e:.3f}" for e in run.epsilon.values())
@@ -520,6 +612,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "val_per_site": args.n_val,
             "test_per_site": args.n_test,
             "test_total": args.sites * args.n_test,
+            "minority_weight": args.minority_weight,
+            "department_share_per_site": department_shares(splits),
             "seed": args.seed,
             "public_seed": args.public_seed,
         },
@@ -529,6 +623,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "batch_size": args.batch_size,
             "max_grad_norm": args.clip,
             "lr_grid": args.lrs,
+            "lr_grid_run": lrs_run,
             "budget": asdict(budget),
         },
         "table": table,
@@ -537,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for arm, run in chosen.items()
             if arm != "pooled_nonprivate"
         },
+        "ledgers_federated": chosen["federated"].ledgers,  # privacy/budget_plot.py draws these
         "train_loss_per_round": {arm: [round(x, 4) for x in run.losses] for arm, run in chosen.items()},
         "seconds": {arm: round(run.seconds, 1) for arm, run in chosen.items()},
         "goal": {
@@ -559,6 +655,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(json.dumps(res["goal"], indent=2))
     print(f"wrote {out} ({res['total_seconds']:.0f} s)")
     return res
+
+
+_SECONDS_PER_ANSWER: list[float] = []  # measured by `score`, for the time-budget guard
+
+
+def _sweep_must_stop(budget_s: float, started: float, sweep_seconds: Sequence[float], n_test_scores: int) -> bool:
+    """Would another learning rate plus the final test scoring overrun the time budget?"""
+    per_answer = sum(_SECONDS_PER_ANSWER) / max(1, len(_SECONDS_PER_ANSWER))
+    needed = 1.15 * max(sweep_seconds) + 1.3 * n_test_scores * per_answer
+    return time.perf_counter() - started + needed > budget_s
+
+
+def department_shares(splits: Sequence[SiteSplits]) -> dict[str, dict[str, float]]:
+    """How non-IID the sites are: each site's training share of every department."""
+    out = {}
+    for s in splits:
+        counts = {d: 0 for d in DEPARTMENTS}
+        for r in s.train:
+            counts[r.answer] += 1
+        out[s.name] = {d: round(c / max(1, len(s.train)), 4) for d, c in counts.items()}
+    return out
 
 
 def _test(scored: dict[str, Any]) -> dict[str, Any]:

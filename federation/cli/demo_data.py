@@ -138,10 +138,10 @@ def _check_site(*, site_index: int, n_sites: int) -> None:
         raise ValueError(f"site_index must be in [0, {n_sites}), got {site_index}")
 
 
-def _site_profile(*, site_index: int, n_sites: int) -> _SiteProfile:
+def _site_profile(*, site_index: int, n_sites: int, minority_weight: float = _BASE_WEIGHT) -> _SiteProfile:
     """Skewed departments, a disjoint postcode band and an age gradient across sites."""
     n_dept = len(DEPARTMENTS)
-    weights = [_BASE_WEIGHT] * n_dept
+    weights = [minority_weight] * n_dept
     weights[(site_index + 3) % n_dept] = _SECONDARY_WEIGHT
     weights[site_index % n_dept] = _PRIMARY_WEIGHT
     band = (_LAST_POSTCODE - _FIRST_POSTCODE + 1) // n_sites
@@ -174,12 +174,21 @@ def _make_record(*, rng: random.Random, profile: _SiteProfile) -> ClinicalRecord
     return ClinicalRecord(note=note, age=age, postcode=postcode, sex=sex, answer=department)
 
 
-def generate_site_records(*, site_index: int, n_sites: int, n: int, seed: int) -> list[ClinicalRecord]:
-    """`n` records for one site; the same arguments always give the same records."""
+def generate_site_records(
+    *, site_index: int, n_sites: int, n: int, seed: int, minority_weight: float = _BASE_WEIGHT
+) -> list[ClinicalRecord]:
+    """`n` records for one site; the same arguments always give the same records.
+
+    `minority_weight` is the relative weight of the departments that are neither the site's
+    primary (6) nor its secondary (3) one: lower it to make each site see the others rarely,
+    as hospitals with different specialities do (the usefulness benchmark uses 0.1).
+    """
     _check_site(site_index=site_index, n_sites=n_sites)
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    profile = _site_profile(site_index=site_index, n_sites=n_sites)
+    if not minority_weight >= 0:
+        raise ValueError(f"minority_weight must be >= 0, got {minority_weight}")
+    profile = _site_profile(site_index=site_index, n_sites=n_sites, minority_weight=minority_weight)
     # A string seed is hashed deterministically (not by PYTHONHASHSEED) and keeps sites apart.
     rng = random.Random(f"fedseek-demo:{seed}:{site_index}:{n_sites}")
     return [_make_record(rng=rng, profile=profile) for _ in range(n)]
