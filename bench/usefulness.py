@@ -532,6 +532,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         work / "base", shape=BaseShape(), public=public, epochs=args.public_epochs, device=args.device, seed=0
     )
     model, tok = load_model(work / "base", device=args.device)  # the node's loader
+    if args.device == "cuda":  # bf16 + SDPA gave NaN losses on the H200 with left-padded batches (fully masked rows)
+        model.float()
+        model.set_attn_implementation("eager")
     check_tokenizer_round_trip(build_tokenizer(), tok, held_out(splits, "val"))
     host = ModelHost(model, tok, model_name="usefulness-base", lora=LoraSettings(r=args.rank, alpha=2 * args.rank))
     train = {s.name: tokenize(examples(s.train), tok) for s in splits}
