@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     coord = sub.add_parser("coordinator", help="consortium coordinator").add_subparsers(
         dest="coord_command", required=True
     )
-    p = coord.add_parser("start", help="start SuperLink behind the mTLS sidecar")
+    p = coord.add_parser("start", help="start SuperLink behind the mTLS fleet gateway (nginx)")
     p.add_argument("--config")
     p.add_argument("--pki")
     p.add_argument("--state")
