@@ -7,7 +7,6 @@ not the clients that share this machine with it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -29,6 +28,7 @@ from federation.procs import free_port
 from node.engine import ModelHost
 from node.model import load_model
 from privacy.audit import verify
+from tests.load import chat_load
 
 USER = [{"role": "user", "content": "Chest pain since this morning."}]
 SLOTS, QUEUE = 8, 16
@@ -165,29 +165,11 @@ def test_models_chat_and_stream_with_the_openai_client(served: Served) -> None:
 def test_64_clients_every_request_answered_or_429_memory_bounded(served: Served) -> None:
     """64 clients x 40 requests against 8 slots and a queue of 16: only 200 and 429, nothing lost."""
     clients, per_client = 64, 40
-    statuses: Counter[int] = Counter()
     body = {"model": "clinic-v1", "messages": USER, "max_tokens": 2}
-
-    async def one_client(http: httpx.AsyncClient) -> None:
-        for _ in range(per_client):
-            r = await http.post("/v1/chat/completions", json=body)
-            statuses[r.status_code] += 1
-            if r.status_code == 429:
-                assert r.json()["error"]["code"] == "queue_full", r.text
-                await asyncio.sleep(0.05)
-            else:
-                assert r.json()["choices"][0]["finish_reason"] in {"length", "stop"}, r.text
-
-    async def run() -> None:
-        headers = {"authorization": f"Bearer {served.key}"}
-        limits = httpx.Limits(max_connections=clients)
-        async with httpx.AsyncClient(base_url=served.url, headers=headers, timeout=120, limits=limits) as http:
-            await asyncio.gather(*(one_client(http) for _ in range(clients)))
-
     before = served.rss_mib()
-    start = time.monotonic()
-    asyncio.run(run())
-    took = time.monotonic() - start
+    statuses, took = chat_load(
+        url=served.url, key=served.key, body=body, clients=clients, per_client=per_client, backoff_s=0.05, timeout_s=120
+    )
     grew = served.rss_mib() - before
     print(f"fedseek serve load: {dict(statuses)} in {took:.1f} s, server RSS {before:.0f} -> +{grew:.0f} MiB")
     assert sum(statuses.values()) == clients * per_client

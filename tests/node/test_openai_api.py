@@ -6,12 +6,10 @@ DeepSeek-V3 model with two adapter versions; `create_app` (the node) mounts the 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import threading
 import time
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,6 +34,7 @@ from node.server import create_serving_app
 from node.service import Serving
 from privacy.audit import AuditTrail
 from tests.fake_peer import header_peer
+from tests.load import chat_load
 
 torch.set_num_threads(2)
 
@@ -264,28 +263,12 @@ def test_bounded_load_every_request_answered_or_429(site: Site, url: str) -> Non
     Sized for a 2-core CI box (client and server share it): about 30 req/s here.
     """
     clients, per_client = 16, 40
-    statuses: Counter[int] = Counter()
     body = {"model": "v2", "messages": USER, "max_tokens": 2}
-
-    async def one_client(http: httpx.AsyncClient) -> None:
-        for _ in range(per_client):
-            r = await http.post("/v1/chat/completions", json=body)
-            statuses[r.status_code] += 1
-            if r.status_code == 429:
-                assert r.json()["error"]["type"] == "rate_limit_error"
-                await asyncio.sleep(0.02)
-
-    async def run() -> None:
-        headers = {"authorization": f"Bearer {site.key}"}
-        limits = httpx.Limits(max_connections=clients)
-        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60, limits=limits) as http:
-            await asyncio.gather(*(one_client(http) for _ in range(clients)))
-
     before = rss_mib()
-    start = time.monotonic()
     with queue_limit(site, 4):
-        asyncio.run(run())
-    took = time.monotonic() - start
+        statuses, took = chat_load(
+            url=url, key=site.key, body=body, clients=clients, per_client=per_client, backoff_s=0.02
+        )
     grew = rss_mib() - before
     print(f"load: {dict(statuses)} in {took:.1f} s, RSS +{grew:.0f} MiB")
     assert sum(statuses.values()) == clients * per_client
