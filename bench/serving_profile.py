@@ -136,14 +136,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))
 
-    variants = {"": {}, "_unfused": {"fused": False}, "_one_stream": {"lora_streams": False}}
+    variants = {"": {}, "_unfused": {"fused": False}}
     for suffix, opts in variants.items():
         runner = new_runner(peft, names, **opts)
         res["new"]["fused_off" + suffix] = runner.fused_off
         res["new"]["gemv_tiles" + suffix] = runner._gemv_cfg
         res["new"]["attention_tiles" + suffix] = runner._attn_cfg
         for name, batch, k in CONFIGS:
-            if (suffix == "_unfused" and batch > 1) or (suffix == "_one_stream" and k == 1):
+            if suffix == "_unfused" and batch > 1:
                 continue  # the variant changes nothing there
             res["new"][name + suffix] = profile_new(runner, batch, k, prompts, args.steps)
             print(name + suffix, json.dumps(res["new"][name + suffix])[:600], flush=True)

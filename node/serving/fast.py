@@ -51,6 +51,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("mlp.down_proj",),
 }
 GREEDY, RANDOM, RANDOM_TOP_P = 0, 1, 2  # sampling modes: each is its own decode graph
+GEMV_CANDIDATES: dict[str, list[kernels.GemvConfig]] = {}
+"""Per weight kind, the fused GEMV configs `_tune` times (absent: `kernels.gemv_candidates`)."""
 
 
 def supports(model: Any) -> bool:
@@ -88,18 +90,19 @@ def rotate_half_matrix(dim: int) -> torch.Tensor:
 
 
 class Proj:
-    """One fused projection group with its LoRA bank rows (`capacity * m * rank` of A and of B)."""
+    """One fused projection group with its LoRA bank rows (`capacity * m * rank` of A and of B).
 
-    def __init__(
-        self,
-        mods: list[Any],
-        *,
-        lora_rows: int,
-        int8: bool,
-        share: bool,
-    ) -> None:
+    Unless the weight is INT8, the bank's A rows sit under the base weight in one tensor (`full`), so
+    ONE matmul yields the base output and every live adapter's `x A^T`; `lora` (a Triton kernel on
+    CUDA, `kernels.lora`) then adds each row's own adapter `(x A^T)_own B_own` in one pass, together
+    with the group's epilogue: in place (q/k/v), into the residual stream (o, down), or SwiGLU
+    (gate/up, which runs that kernel even with no adapter, as the fused silu * up)."""
+
+    def __init__(self, mods: list[Any], *, rank: int, adapters: int, int8: bool, share: bool) -> None:
         ws = [m.weight for m in mods]
         self.m = len(ws)
+        self.rb = self.m * rank  # bank rows per adapter
+        lora_rows = adapters * self.rb
         self.splits = [int(w.shape[0]) for w in ws]
         self.out = sum(self.splits)
         in_features = int(ws[0].shape[1])
@@ -110,7 +113,7 @@ class Proj:
             bias = torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for b, w in zip(biases, ws, strict=True)])
         self.full: torch.Tensor | None = None  # [out + lora_rows, in]: base rows, then LoRA A rows
         self.full_bias: torch.Tensor | None = None
-        if self.m > 1 and not int8:
+        if not int8:
             self.full = torch.zeros(self.out + lora_rows, in_features, dtype=dtype, device=device)
             self.full[: self.out] = torch.cat([w.detach() for w in ws])
             weight = self.full[: self.out]
@@ -127,52 +130,43 @@ class Proj:
             self.a = torch.zeros(lora_rows, in_features, dtype=dtype, device=device)
         self.lin = Linear(weight, None if bias is None else bias.detach(), int8=int8)
         self.b = torch.zeros(lora_rows, self.out, dtype=dtype, device=device)
+        self.lora: Any = kernels.lora_torch  # the runner switches to the Triton kernel where it passed
 
-    def __call__(self, x: torch.Tensor, rows: int, mask: torch.Tensor | None, side: Any = None) -> torch.Tensor:
-        """x [N, in] -> [N, out] with the first `rows` LoRA rows applied under `mask` [N, rows].
+    def _both(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x W^T + bias, x A^T over the first `rows` bank rows): one GEMM where the bank sits under W."""
+        if self.full is None:
+            return linear(x, self.lin.parts), F.linear(x, self.a[:rows])
+        bias = None if self.full_bias is None else self.full_bias[: self.out + rows]
+        both = F.linear(x, self.full[: self.out + rows], bias)
+        return both[:, : self.out], both[:, self.out :]
 
-        With a `side` CUDA stream, `x A^T * mask` runs there while the base matmul runs on the
-        current stream (two branches of the decode graph), so only `addmm_` of B follows it."""
-        if rows == 0 or mask is None:
+    def __call__(self, x: torch.Tensor, rows: int, aid: torch.Tensor) -> torch.Tensor:
+        """x [N, in] -> [N, out], each row with its own adapter (`aid` [N], 0: none) of the first `rows`."""
+        if rows == 0:
             return linear(x, self.lin.parts)
-        if side is not None:
-            t = self._shrink(x, rows, mask, side)
-            y = linear(x, self.lin.parts)
-            torch.cuda.current_stream().wait_stream(side)
-        elif self.full is not None:
-            bias = None if self.full_bias is None else self.full_bias[: self.out + rows]
-            both = F.linear(x, self.full[: self.out + rows], bias)
-            y, t = both[:, : self.out], both[:, self.out :] * mask
-        else:
-            y, t = linear(x, self.lin.parts), F.linear(x, self.a[:rows]) * mask
-        return y.addmm_(t, self.b[:rows])
+        y, t = self._both(x, rows)
+        return self.lora(y, t, self.b[:rows], aid, y, rows_per_adapter=self.rb, mode=0)
 
-    def residual(
-        self, x: torch.Tensor, inp: torch.Tensor, rows: int, mask: torch.Tensor | None, side: Any = None
-    ) -> None:
-        """x += proj(inp), in place (the add rides in the matmul where the weight allows)."""
-        t = self._shrink(inp, rows, mask, side) if rows and mask is not None and side is not None else None
+    def swiglu(self, x: torch.Tensor, rows: int, aid: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this (gate/up) group's output, adapters included: [N, out / 2]."""
+        if rows == 0:
+            y, t = linear(x, self.lin.parts), x.new_empty(x.shape[0], 0)
+        else:
+            y, t = self._both(x, rows)
+        out = torch.empty(x.shape[0], self.out // 2, dtype=y.dtype, device=y.device)
+        return self.lora(y, t, self.b[:rows], aid, out, rows_per_adapter=self.rb, mode=2)
+
+    def residual(self, x: torch.Tensor, inp: torch.Tensor, rows: int, aid: torch.Tensor) -> None:
+        """x += proj(inp), in place (without adapters the add rides in the matmul where the weight allows)."""
+        if rows:
+            y, t = self._both(inp, rows)
+            self.lora(y, t, self.b[:rows], aid, x, rows_per_adapter=self.rb, mode=1)
+            return
         weight, bias, scale = self.lin.parts
         if scale is None and bias is None:
             x.addmm_(inp, weight.t())
         else:
             x.add_(linear(inp, self.lin.parts))
-        if rows and mask is not None:
-            if t is None:
-                t = F.linear(inp, self.a[:rows]) * mask
-            else:
-                torch.cuda.current_stream().wait_stream(side)
-            x.addmm_(t, self.b[:rows])
-
-    def _shrink(self, x: torch.Tensor, rows: int, mask: Any, side: Any) -> torch.Tensor:
-        """`x A^T * mask` on the side stream, into memory taken on the current one (so no other
-        stream's allocation can reuse it before the join)."""
-        t = torch.empty(x.shape[0], rows, dtype=x.dtype, device=x.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            torch.mm(x, self.a[:rows].t(), out=t)
-            t.mul_(mask)
-        return t
 
     def nbytes(self) -> int:
         return self.lin.nbytes()
@@ -195,20 +189,13 @@ class LoraBank:
     """Which adapter owns which slot of every group's bank rows; slot s (id s+1) owns rows
     `[s * m * rank, (s + 1) * m * rank)`, target t of the group inside at `t * rank`."""
 
-    def __init__(self, layers: list[_Layer], *, adapters: int, rank: int, device: torch.device) -> None:
+    def __init__(self, layers: list[_Layer], *, adapters: int, rank: int) -> None:
         self.layers, self.n, self.rank = layers, adapters, rank
         self.names: list[str | None] = [None] * adapters
-        self._owner = {m: torch.arange(adapters * m * rank, device=device) // (m * rank) + 1 for m in (1, 2, 3)}
 
     def rows(self, m: int, live: int) -> int:
         """Bank rows a group of `m` targets computes when adapter ids up to `live` run."""
         return live * m * self.rank
-
-    def masks(self, ids: torch.Tensor, live: int, dtype: torch.dtype) -> dict[int, torch.Tensor] | None:
-        """Per group size m, the [N, rows] 0/1 mask that keeps each row's own adapter."""
-        if live == 0:
-            return None
-        return {m: (o[: self.rows(m, live)][None, :] == ids[:, None]).to(dtype) for m, o in self._owner.items()}
 
     def live(self) -> int:
         return max((i + 1 for i, n in enumerate(self.names) if n is not None), default=0)
@@ -268,7 +255,6 @@ class FastRunner:
         max_lora_rank: int = 16,
         share_weights: bool = True,
         fused: bool | None = None,
-        lora_streams: bool | None = None,
     ) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         cfg = base.config
@@ -289,7 +275,7 @@ class FastRunner:
         self.norm = base.model.norm.weight
         self.lm_head = Linear(base.lm_head.weight, int8=int8)
         share = share_weights and not int8
-        self.layers = [self._layer(layer, max_adapters * max_lora_rank, share) for layer in base.model.layers]
+        self.layers = [self._layer(layer, max_adapters, max_lora_rank, share) for layer in base.model.layers]
         zero = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = base.model.rotary_emb(zero, torch.arange(self.max_len, device=self.device)[None])
         self.cos, self.sin = cos[0], sin[0]  # [max_len, head_dim], exactly HF's values
@@ -303,7 +289,7 @@ class FastRunner:
             dtype=self.dtype,
             device=self.device,
         )
-        self.lora = LoraBank(self.layers, adapters=max_adapters, rank=max_lora_rank, device=self.device)
+        self.lora = LoraBank(self.layers, adapters=max_adapters, rank=max_lora_rank)
         # Per-slot state the decode step reads and advances on the device (static addresses for graphs).
         dev, s = self.device, max_slots
         self._tok = torch.zeros(s, dtype=torch.long, device=dev)  # the slot's last token: the next input
@@ -334,14 +320,17 @@ class FastRunner:
         self._pool: Any = None
         self.last_logits: torch.Tensor | None = None  # the latest step's logits (rows 0..B-1), for tests
         cuda = self.device.type == "cuda"
-        self._side = torch.cuda.Stream(self.device) if (cuda if lora_streams is None else lora_streams) else None
-        # The fused Triton kernels serve batch-1 steps without live adapters (kernels.py).
-        self.fused_off: str | None = "off" if fused is False or int8 else None
-        if self.fused_off is None and (fused or cuda):
-            self.fused_off = kernels.available(self.device)
-        elif self.fused_off is None:
-            self.fused_off = "CPU"
-        self._gemv_cfg: dict[str, tuple[int, int, int]] = {}
+        # Triton kernels: the per-row LoRA/SwiGLU epilogue at any batch, and the fused batch-1 decode
+        # without adapters (kernels.py); each is used only where it compiled and passed its self-test.
+        triton_on = cuda if fused is None else fused
+        self.lora_kernel_off: str | None = kernels.available(self.device) if triton_on and not int8 else "off"
+        if self.lora_kernel_off is None:
+            for layer in self.layers:
+                for proj in layer.groups().values():
+                    proj.lora = kernels.lora
+        self.fused_off: str | None = self.lora_kernel_off
+        self._gemv_cfg: dict[str, kernels.GemvConfig] = {}
+        self.gemv_times: dict[str, dict[str, float]] = {}  # per weight kind: config -> ms per step's pass
         self._attn_cfg = kernels.ATTENTION_CONFIGS[0]
         if self.fused_off is None:
             try:
@@ -350,11 +339,12 @@ class FastRunner:
                 self.fused_off = f"tuning failed: {type(exc).__name__}: {exc}"
 
     # ---- weights --------------------------------------------------------------------------
-    def _layer(self, layer: Any, lora_width: int, share: bool) -> _Layer:
+    def _layer(self, layer: Any, adapters: int, rank: int, share: bool) -> _Layer:
         projs = {
             g: Proj(
                 [_unwrap(layer.get_submodule(t)) for t in targets],
-                lora_rows=lora_width * len(targets),
+                rank=rank,
+                adapters=adapters,
                 int8=self.int8,
                 share=share,
             )
@@ -386,13 +376,10 @@ class FastRunner:
         self.lora.unload(name)
 
     # ---- forward --------------------------------------------------------------------------
-    def _layer_mlp(
-        self, layer: _Layer, x: torch.Tensor, live: int, masks: dict[int, torch.Tensor] | None, side: Any
-    ) -> None:
+    def _layer_mlp(self, layer: _Layer, x: torch.Tensor, live: int, aid: torch.Tensor) -> None:
         """x += MLP(norm(x)), in place."""
-        m2, m1 = (masks[2], masks[1]) if masks else (None, None)
-        gate, up = layer.gate_up(rms_norm(x, layer.ln2, self.eps), self.lora.rows(2, live), m2, side).chunk(2, dim=-1)
-        layer.down.residual(x, F.silu(gate) * up, self.lora.rows(1, live), m1, side)
+        act = layer.gate_up.swiglu(rms_norm(x, layer.ln2, self.eps), self.lora.rows(2, live), aid)
+        layer.down.residual(x, act, self.lora.rows(1, live), aid)
 
     def prefill(
         self,
@@ -433,20 +420,19 @@ class FastRunner:
         ids = self._p_ids[:n, :width]
         lens, slot_t, aid, seed = self._p_long[:, :n]
         temp, top_p = self._p_float[:, :n]
-        masks = self.lora.masks(aid.repeat_interleave(width), live, self.dtype) if live else None
+        row_aid = aid.repeat_interleave(width)
         h_, kvh, d = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[:width], self.sin[:width]
         x = F.embedding(ids, self.embed).view(n * width, -1)
         for i, layer in enumerate(self.layers):
-            m3, m1 = (masks[3], masks[1]) if masks else (None, None)
-            qkv = layer.qkv(rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), m3)
+            qkv = layer.qkv(rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), row_aid)
             qkv = qkv.view(n, width, h_ + 2 * kvh, d)
             qk = rotate(qkv[:, :, : h_ + kvh].transpose(1, 2), cos, sin)  # q and k heads in one pass
             q, k, v = qk[:, :h_], qk[:, h_:], qkv[:, :, h_ + kvh :].transpose(1, 2)
             self.kv.write_prompt(i, slot_t, k, v)  # right padding: pad keys sit after each prompt, never attended
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h_ != kvh)
-            layer.o.residual(x, o.transpose(1, 2).reshape(n * width, h_ * d), self.lora.rows(1, live), m1)
-            self._layer_mlp(layer, x, live, masks, side=None)
+            layer.o.residual(x, o.transpose(1, 2).reshape(n * width, h_ * d), self.lora.rows(1, live), row_aid)
+            self._layer_mlp(layer, x, live, row_aid)
         last = x.view(n, width, -1)[self._rows[:n], lens - 1]
         logits = self.lm_head(rms_norm(last, self.norm, self.eps))
         tokens = sample(
@@ -479,24 +465,24 @@ class FastRunner:
         rot = torch.diag_embed(cos) + self._rot_half * sin[:, None, :]
         bias = torch.zeros(batch, 1, 1, width, dtype=self.dtype, device=self.device)
         bias.masked_fill_((self._keys[:width][None, :] > pos[:, None])[:, None, None, :], float("-inf"))
-        masks = self.lora.masks(self._aid[:batch], live, self.dtype)
+        aid = self._aid[:batch]
         x = F.embedding(self._tok[:batch], self.embed)
         for i, layer in enumerate(self.layers):
-            m3, m1 = (masks[3], masks[1]) if masks else (None, None)
-            qkv = layer.qkv(rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), m3, self._side)
+            qkv = layer.qkv(rms_norm(x, layer.ln1, self.eps), self.lora.rows(3, live), aid)
             qk = torch.bmm(qkv[:, : (h_ + kvh) * d].view(batch, h_ + kvh, d), rot)
             v = qkv[:, (h_ + kvh) * d :].view(batch, kvh, d)
             self.kv.write_token(i, rows, pos, qk[:, h_:], v)
             keys, values = self.kv.keys[i][:batch, :, :width], self.kv.values[i][:batch, :, :width]
             q = qk[:, :h_].reshape(batch, kvh, h_ // kvh, d)  # query heads of one KV head side by side
             o = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
-            layer.o.residual(x, o.reshape(batch, h_ * d), self.lora.rows(1, live), m1, self._side)
-            self._layer_mlp(layer, x, live, masks, self._side)
+            layer.o.residual(x, o.reshape(batch, h_ * d), self.lora.rows(1, live), aid)
+            self._layer_mlp(layer, x, live, aid)
         return self._advance(batch, mode, self.lm_head(rms_norm(x, self.norm, self.eps)))
 
     def _forward_fused(self) -> torch.Tensor:
-        """Row 0's logits [1, vocab] through the fused kernels: five launches per layer."""
-        x = F.embedding(self._tok[:1], self.embed).view(-1)
+        """Row 0's logits [1, vocab] through the fused kernels: five launches per layer. The residual
+        stream stays in fp32 here, so the o and down products may split K and add atomically."""
+        x = F.embedding(self._tok[:1], self.embed).view(-1).float()
         pos, cfg, eps = self._pos[:1], self._gemv_cfg, self.eps
         o = torch.empty(1, self.heads * self.head_dim, dtype=self.dtype, device=self.device)
         for i, layer in enumerate(self.layers):
@@ -524,30 +510,50 @@ class FastRunner:
         return logits.view(1, -1)
 
     def _tune(self) -> None:
-        """Pick the fused GEMV's tiles per weight shape (all layers share them) by timing."""
+        """Pick the fused GEMV's config per weight kind (all layers share it) by timing every layer's
+        weights in one graph, keeping the fastest that matches torch on layer 0's weight."""
         if self.device.type != "cuda":  # Triton's interpreter (tests): any tiles will do
-            self._gemv_cfg = dict.fromkeys(("qkv", "o", "gate_up", "down", "lm_head"), (16, 64, 4))
+            self._gemv_cfg = dict.fromkeys(("qkv", "o", "gate_up", "down", "lm_head"), (16, 64, 4, 1))
+            self._gemv_cfg["down"] = (16, 64, 4, 2)  # exercise split-K
             return
-        layer, h = self.layers[0], self.embed.shape[1]
-        x = torch.randn(h, dtype=self.dtype, device=self.device)
-        gu = torch.randn(2 * layer.down.lin.weight.shape[1], dtype=self.dtype, device=self.device)
+        layer, h, dev = self.layers[0], self.embed.shape[1], self.device
+        x = torch.randn(h, dtype=torch.float32, device=dev)
+        gu = torch.randn(2 * layer.down.lin.weight.shape[1], dtype=self.dtype, device=dev)
+        att = torch.randn(layer.o.lin.weight.shape[1], dtype=self.dtype, device=dev)
 
-        def out(n: int) -> torch.Tensor:
-            return torch.zeros(n, dtype=self.dtype, device=self.device)
+        def out(n: int, dtype: torch.dtype = self.dtype) -> torch.Tensor:
+            return torch.randn(n, dtype=dtype, device=dev)
 
-        b_qkv = layer.qkv.lin.bias
-        cfg, layers = self._gemv_cfg, self.layers
-        cfg["qkv"] = kernels.tune_gemv(
-            [la.qkv.lin.weight for la in layers], x, out(layer.qkv.out), bias=b_qkv, ln=layer.ln1, eps=self.eps
-        )
-        cfg["o"] = kernels.tune_gemv([la.o.lin.weight for la in layers], x, out(h), residual=True)
-        cfg["gate_up"] = kernels.tune_gemv(
-            [la.gate_up.lin.weight for la in layers], x, out(layer.gate_up.out), ln=layer.ln2, eps=self.eps
-        )
-        cfg["down"] = kernels.tune_gemv([la.down.lin.weight for la in layers], gu, out(h), swiglu=True, residual=True)
-        cfg["lm_head"] = kernels.tune_gemv(
-            [self.lm_head.weight], x, out(self.lm_head.out_features), ln=self.norm, eps=self.eps
-        )
+        eps, layers = self.eps, self.layers
+        specs: dict[str, tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, dict[str, Any]]] = {
+            "qkv": (
+                [la.qkv.lin.weight for la in layers],
+                x,
+                out(layer.qkv.out),
+                {"bias": layer.qkv.lin.bias, "ln": layer.ln1, "eps": eps},
+            ),
+            "o": ([la.o.lin.weight for la in layers], att, out(h, torch.float32), {"residual": True}),
+            "gate_up": (
+                [la.gate_up.lin.weight for la in layers],
+                x,
+                out(layer.gate_up.out),
+                {"ln": layer.ln2, "eps": eps},
+            ),
+            "down": (
+                [la.down.lin.weight for la in layers],
+                gu,
+                out(h, torch.float32),
+                {"swiglu": True, "residual": True},
+            ),
+            "lm_head": ([self.lm_head.weight], x, out(self.lm_head.out_features), {"ln": self.norm, "eps": eps}),
+        }
+        for name, (ws, inp, dst, flags) in specs.items():
+            times = kernels.gemv_times(ws, inp, dst, GEMV_CANDIDATES.get(name), **flags)
+            ranked = sorted(times, key=lambda c: times[c])
+            self._gemv_cfg[name] = next(
+                (c for c in ranked if kernels.check_gemv(ws[0], inp, dst, c, 3e-2, **flags) is None), kernels.CUBLAS
+            )
+            self.gemv_times[name] = {str(c): round(t, 4) for c, t in sorted(times.items(), key=lambda kv: kv[1])}
         qkv = torch.randn(1, layer.qkv.out, dtype=self.dtype, device=self.device)
         self._attn_cfg = kernels.tune_attention(
             qkv,

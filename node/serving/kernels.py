@@ -36,31 +36,40 @@ if triton is not None:
         bias_ptr,
         ln_ptr,
         N,
-        K,
         eps,
+        K: tl.constexpr,
+        CHUNK: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         NORM: tl.constexpr,
         SWIGLU: tl.constexpr,
         RESIDUAL: tl.constexpr,
+        ATOMIC: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        """out[n] (+)= sum_k w[n, k] * in[k] (+ bias[n]); in = x, rmsnorm(x) * ln, or silu(x[:K]) * x[K:]."""
+        """out[n] (+)= sum_k w[n, k] * in[k] (+ bias[n]); in = x, rmsnorm(x) * ln, or silu(x[:K]) * x[K:].
+
+        Program (i, j) owns rows [i BLOCK_N, (i + 1) BLOCK_N) and columns [j CHUNK, (j + 1) CHUNK); the
+        loop over the chunk is unrolled (K and CHUNK are compile-time), so every weight load of the
+        program can be in flight at once. The norm's sum of squares rides in the same pass (rstd is one
+        scalar, applied to the dot product at the end). With several chunks (split-K) each program adds
+        its partial sum atomically into the fp32 `out`."""
         pid = tl.program_id(0)
+        k_lo = tl.program_id(1) * CHUNK
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rmask = rows < N
         cols = tl.arange(0, BLOCK_K)
-        rstd = 1.0
-        if NORM:
-            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                xs = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
-                sq += xs * xs
-            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + cols
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for i in tl.static_range(CHUNK // BLOCK_K):
+            kk = k_lo + i * BLOCK_K + cols
             kmask = kk < K
+            w = tl.load(
+                w_ptr + rows[:, None] * K + kk[None, :],
+                mask=rmask[:, None] & kmask[None, :],
+                other=0.0,
+                eviction_policy="evict_first",
+            )
             if SWIGLU:
                 g = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
                 u = tl.load(x_ptr + K + kk, mask=kmask, other=0.0).to(tl.float32)
@@ -68,15 +77,75 @@ if triton is not None:
             else:
                 xin = tl.load(x_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
             if NORM:
-                xin = xin * rstd * tl.load(ln_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * K + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+                sq += xin * xin
+                xin = xin * tl.load(ln_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
             acc += w.to(tl.float32) * xin[None, :]
         y = tl.sum(acc, axis=1)
+        if NORM:
+            y = y / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
         if HAS_BIAS:
             y += tl.load(bias_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        if RESIDUAL:
-            y += tl.load(out_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+        if ATOMIC:
+            tl.atomic_add(out_ptr + rows, y, mask=rmask, sem="relaxed")
+        else:
+            if RESIDUAL:
+                y += tl.load(out_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rows, y.to(out_ptr.dtype.element_ty), mask=rmask)
+
+    @triton.jit
+    def _lora_kernel(
+        base_ptr,
+        base_stride,
+        t_ptr,
+        t_stride,
+        b_ptr,
+        b_stride,
+        aid_ptr,
+        out_ptr,
+        out_stride,
+        M,
+        N,
+        ROWS,
+        RB: tl.constexpr,
+        MODE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+    ):
+        """y = base + (t * own) B over rows of one batch, own[m, r] = (r // RB + 1 == aid[m]): each row's
+        own adapter only (id 0, the base model, none). MODE 0: out = y (may alias base); 1: out += y
+        (the residual stream); 2: out = silu(y[:, :N]) * y[:, N:] (gate/up to the MLP's input)."""
+        pm = tl.program_id(0)
+        pc = tl.program_id(1)
+        rows = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+        mmask = rows < M
+        cols = pc * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = cols < N
+        aid = tl.load(aid_ptr + rows, mask=mmask, other=0)
+        r = tl.arange(0, BLOCK_R)
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        acc2 = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+        for r0 in range(0, ROWS, BLOCK_R):
+            rr = r0 + r
+            own = (rr[None, :] < ROWS) & ((rr[None, :] // RB + 1) == aid[:, None]) & mmask[:, None]
+            t = tl.load(t_ptr + rows[:, None] * t_stride + rr[None, :], mask=own, other=0.0)
+            bmask = (rr[:, None] < ROWS) & cmask[None, :]
+            b = tl.load(b_ptr + rr[:, None] * b_stride + cols[None, :], mask=bmask, other=0.0)
+            acc = tl.dot(t, b, acc)
+            if MODE == 2:
+                b2 = tl.load(b_ptr + rr[:, None] * b_stride + N + cols[None, :], mask=bmask, other=0.0)
+                acc2 = tl.dot(t, b2, acc2)
+        mask = mmask[:, None] & cmask[None, :]
+        y = acc + tl.load(base_ptr + rows[:, None] * base_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        optr = out_ptr + rows[:, None] * out_stride + cols[None, :]
+        if MODE == 1:
+            y += tl.load(optr, mask=mask, other=0.0).to(tl.float32)
+        if MODE == 2:
+            u = acc2 + tl.load(base_ptr + rows[:, None] * base_stride + N + cols[None, :], mask=mask, other=0.0).to(
+                tl.float32
+            )
+            y = y / (1.0 + tl.exp(-y)) * u
+        tl.store(optr, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _attention_kernel(
@@ -146,21 +215,44 @@ if triton is not None:
         tl.store(out_ptr + b * out_stride + qoff + d[None, :], o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
 
 
-GEMV_CONFIGS = (
-    (2, 2048, 8),
-    (4, 1024, 4),
-    (4, 2048, 8),
+GemvConfig = tuple[int, int, int, int]
+"""(BLOCK_N, BLOCK_K, num_warps, split): split > 1 cuts K into that many chunks (atomic fp32 adds);
+BLOCK_N 0 means cuBLAS through torch (the norm, SwiGLU and residual as separate kernels)."""
+CUBLAS: GemvConfig = (0, 0, 0, 1)
+GEMV_TILES = (
+    (4, 512, 4),
+    (8, 256, 4),
     (8, 512, 4),
-    (8, 1024, 4),
-    (16, 512, 4),
-    (16, 1024, 8),
-    (32, 256, 4),
-    (32, 512, 8),
-    (64, 256, 8),
+    (8, 512, 8),
+    (16, 256, 4),
+    (16, 512, 8),
+    (32, 256, 8),
+    (32, 128, 4),
 )
-"""(BLOCK_N, BLOCK_K, num_warps) candidates; `tune_gemv` keeps the fastest per weight shape."""
+"""(BLOCK_N, BLOCK_K, num_warps) tiles that `gemv_candidates` combines with splits."""
 ATTENTION_CONFIGS = ((64, 4), (32, 4), (128, 8))
 """(BLOCK_W keys per iteration, num_warps) candidates for `attention`."""
+
+
+def gemv_candidates(
+    n: int, k: int, *, splittable: bool, tiles: Sequence[tuple[int, int, int]] = GEMV_TILES, sms: int = 132
+) -> list[GemvConfig]:
+    """Configs worth timing for an [n, k] weight: each tile unsplit, and where the output may take
+    atomic adds, the splits whose chunks are whole tiles and whose grid covers the SMs one to eight
+    times over (a short matrix such as down [1536, 8960] has too few row blocks to fill the chip)."""
+    out: list[GemvConfig] = [CUBLAS]
+    for bn, bk, warps in tiles:
+        if bk > 2 * k:
+            continue
+        out.append((bn, bk, warps, 1))
+        if not splittable:
+            continue
+        blocks = -(-n // bn)
+        steps = -(-k // bk)
+        for split in range(2, steps + 1):
+            if steps % split == 0 and sms <= blocks * split <= 8 * sms and blocks < 2 * sms:
+                out.append((bn, bk, warps, split))
+    return out
 
 
 def gemv(
@@ -168,34 +260,138 @@ def gemv(
     x: torch.Tensor,
     out: torch.Tensor,
     *,
-    cfg: tuple[int, int, int],
+    cfg: GemvConfig,
     bias: torch.Tensor | None = None,
     ln: torch.Tensor | None = None,
     eps: float = 0.0,
     swiglu: bool = False,
     residual: bool = False,
 ) -> torch.Tensor:
-    """out [N] (+)= w [N, K] @ f(x), f per the flags (see `_gemv_kernel`); x and out contiguous, batch 1."""
+    """out [N] (+)= w [N, K] @ f(x), f per the flags (see `_gemv_kernel`); x and out contiguous, batch 1.
+    A split config needs `residual` and an fp32 `out` (the partial sums are added atomically)."""
     n, k = w.shape
-    block_n, block_k, warps = cfg
-    _gemv_kernel[(triton.cdiv(n, block_n),)](
+    block_n, block_k, warps, split = cfg
+    if block_n == 0:
+        return _gemv_torch(w, x, out, bias=bias, ln=ln, eps=eps, swiglu=swiglu, residual=residual)
+    if split > 1 and not (residual and out.dtype == torch.float32):
+        raise ValueError("a split-K GEMV adds into an fp32 residual")
+    if split > 1 and (ln is not None or bias is not None):
+        raise ValueError("the norm and the bias need the whole row: no split")
+    chunk = triton.cdiv(triton.cdiv(k, split), block_k) * block_k
+    _gemv_kernel[(triton.cdiv(n, block_n), triton.cdiv(k, chunk))](
         w,
         x,
         out,
         bias if bias is not None else w,
         ln if ln is not None else w,
         n,
-        k,
         eps,
+        K=k,
+        CHUNK=chunk,
         HAS_BIAS=bias is not None,
         NORM=ln is not None,
         SWIGLU=swiglu,
         RESIDUAL=residual,
+        ATOMIC=split > 1,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         num_warps=warps,
     )
     return out
+
+
+def _gemv_torch(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    bias: torch.Tensor | None,
+    ln: torch.Tensor | None,
+    eps: float,
+    swiglu: bool,
+    residual: bool,
+) -> torch.Tensor:
+    """The same function through torch (cuBLAS for the product): a tuning candidate and the reference."""
+    import torch.nn.functional as F
+
+    k = w.shape[1]
+    xin = x.float()
+    if swiglu:
+        xin = F.silu(xin[:k]) * xin[k:]
+    if ln is not None:
+        xin = F.rms_norm(xin, (k,), ln.float(), eps)
+    y = F.linear(xin.to(w.dtype), w, bias)
+    if residual:
+        return out.add_(y)
+    return out.copy_(y)
+
+
+def lora(
+    base: torch.Tensor,
+    t: torch.Tensor,
+    b: torch.Tensor,
+    aid: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    rows_per_adapter: int,
+    mode: int,
+) -> torch.Tensor:
+    """Each row's own adapter added to the base output in one kernel (see `_lora_kernel`): base [M, N]
+    (or [M, 2N] for mode 2), t = x A^T [M, R] over the live adapters' R bank rows, b [R, N or 2N],
+    aid [M] adapter ids; writes out [M, N]. Rows need unit column stride; base may alias out."""
+    m = base.shape[0]
+    n = out.shape[1]
+    rows = t.shape[1]
+    block_m = 16 if m <= 64 else 64
+    block_c = 64 if m <= 64 else 128
+    _lora_kernel[(triton.cdiv(m, block_m), triton.cdiv(n, block_c))](
+        base,
+        base.stride(0),
+        t,
+        t.stride(0),
+        b,
+        b.stride(0),
+        aid,
+        out,
+        out.stride(0),
+        m,
+        n,
+        rows,
+        RB=rows_per_adapter,
+        MODE=mode,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+        BLOCK_R=32,
+        num_warps=4,
+    )
+    return out
+
+
+def lora_torch(
+    base: torch.Tensor,
+    t: torch.Tensor,
+    b: torch.Tensor,
+    aid: torch.Tensor,
+    out: torch.Tensor,
+    *,
+    rows_per_adapter: int,
+    mode: int,
+) -> torch.Tensor:
+    """`lora` in torch: the reference, and the path where Triton is absent (the CPU)."""
+    import torch.nn.functional as F
+
+    rows = t.shape[1]
+    if rows:
+        owner = torch.arange(rows, device=t.device) // rows_per_adapter + 1
+        y = torch.addmm(base, t * (owner[None, :] == aid[:, None]).to(t.dtype), b)
+    else:
+        y = base
+    if mode == 1:
+        return out.add_(y)
+    if mode == 2:
+        gate, up = y.chunk(2, dim=-1)
+        return out.copy_(F.silu(gate) * up)
+    return out.copy_(y)
 
 
 def attention(
@@ -256,20 +452,59 @@ def _time(fn: Any, reps: int = 25, trials: int = 3) -> float:
     return best
 
 
-def tune_gemv(ws: Sequence[torch.Tensor], x: torch.Tensor, out: torch.Tensor, **flags: Any) -> tuple[int, int, int]:
-    """The fastest config of GEMV_CONFIGS for weights of this shape. Each timed call runs over every
-    layer's weight in turn, so the weights stream from HBM as in a decode step: one matrix repeated
-    stays in the 60 MB L2 and would reward tiles that are fast only from cache."""
+def _time_graph(fn: Any, reps: int = 5, trials: int = 3) -> float:
+    """`_time` of `fn` captured as one CUDA graph, so launch gaps are those of a decode step's graph
+    (eager launches would hide the difference between kernels of a few microseconds)."""
+    fn()  # compile and warm up outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        fn()
+    return _time(graph.replay, reps=reps, trials=trials)
+
+
+def tune_gemv(
+    ws: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    out: torch.Tensor,
+    candidates: Sequence[GemvConfig] | None = None,
+    **flags: Any,
+) -> GemvConfig:
+    """The fastest config for weights of this shape (`gemv_candidates` by default). Each timed call
+    runs over every layer's weight in turn, as one graph, so the weights stream from HBM as in a
+    decode step: one matrix repeated stays in the 60 MB L2 and would reward tiles fast only from cache."""
+    return min(gemv_times(ws, x, out, candidates, **flags).items(), key=lambda kv: kv[1])[0]
+
+
+def gemv_times(
+    ws: Sequence[torch.Tensor],
+    x: torch.Tensor,
+    out: torch.Tensor,
+    candidates: Sequence[GemvConfig] | None = None,
+    **flags: Any,
+) -> dict[GemvConfig, float]:
+    """Milliseconds per pass over `ws` for each candidate that compiles (see `tune_gemv`)."""
+    n, k = ws[0].shape
+    if candidates is None:
+        splittable = bool(flags.get("residual")) and out.dtype == torch.float32
+        candidates = gemv_candidates(n, k, splittable=splittable)
     saved = out.clone()
-    cfgs = [c for c in GEMV_CONFIGS if c[1] <= 2 * triton.next_power_of_2(ws[0].shape[1])]
+    times: dict[GemvConfig, float] = {}
+    for cfg in candidates:
 
-    def run(cfg: tuple[int, int, int]) -> None:
-        for w in ws:
-            gemv(w, x, out, cfg=cfg, **flags)
+        def run(cfg: GemvConfig = cfg) -> None:
+            for w in ws:
+                gemv(w, x, out, cfg=cfg, **flags)
 
-    times = {c: _time(lambda c=c: run(c), reps=3) for c in cfgs}
-    out.copy_(saved)
-    return min(times, key=lambda c: times[c])
+        try:
+            times[cfg] = _time_graph(run)
+        except Exception:  # a tile that does not compile here is not a candidate
+            continue
+        finally:
+            out.copy_(saved)
+    if not times:
+        raise RuntimeError("no GEMV config ran")
+    return times
 
 
 def tune_attention(
@@ -308,7 +543,6 @@ def _interpreting() -> bool:
 
 def _self_test(device: torch.device) -> str | None:
     """Small random problems through every kernel mode against the torch formulas."""
-    import torch.nn.functional as F
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
@@ -320,17 +554,52 @@ def _self_test(device: torch.device) -> str | None:
     n, k = 96, 200
     w, x, ln, bias = rnd(n, k), rnd(k), rnd(k), rnd(n)
     out = torch.empty(n, device=device, dtype=dtype)
-    ref = F.linear(F.rms_norm(x.float(), (k,), ln.float(), 1e-6), w.float(), bias.float())
-    gemv(w, x, out, cfg=(8, 64, 4), bias=bias, ln=ln, eps=1e-6)
-    if not torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=0):
-        return "gemv (norm, bias) disagrees with torch"
+    if (why := check_gemv(w, x, out, (8, 64, 4, 1), tol, bias=bias, ln=ln, eps=1e-6)) is not None:
+        return why
     gu, res = rnd(2 * k), rnd(n)
-    out = res.clone()
-    ref = res.float() + F.linear(F.silu(gu[:k].float()) * gu[k:].float(), w.float())
-    gemv(w, gu, out, cfg=(16, 64, 4), swiglu=True, residual=True)
-    if not torch.allclose(out.float(), ref, atol=tol * ref.abs().max().item(), rtol=0):
-        return "gemv (swiglu, residual) disagrees with torch"
+    for cfg in ((16, 64, 4, 1), (16, 32, 4, 3)):  # split-K: adds atomically into an fp32 residual
+        out = res.clone() if cfg[3] == 1 else res.float()
+        if (why := check_gemv(w, gu, out, cfg, tol, swiglu=True, residual=True)) is not None:
+            return why
+    if (why := _lora_test(rnd, device, tol)) is not None:
+        return why
     return _attention_test(rnd, device, tol)
+
+
+def check_gemv(
+    w: torch.Tensor, x: torch.Tensor, out: torch.Tensor, cfg: GemvConfig, tol: float, **flags: Any
+) -> str | None:
+    """None if `gemv` with `cfg` matches the torch formula on these inputs (`out` is left as it was)."""
+    ref = _gemv_torch(
+        w,
+        x,
+        out.float().clone(),
+        bias=flags.get("bias"),
+        ln=flags.get("ln"),
+        eps=flags.get("eps", 0.0),
+        swiglu=flags.get("swiglu", False),
+        residual=flags.get("residual", False),
+    )
+    saved = out.clone()
+    got = gemv(w, x, out, cfg=cfg, **flags).float().clone()
+    out.copy_(saved)
+    if not bool(torch.isfinite(got).all()) or not torch.allclose(got, ref, atol=tol * ref.abs().max().item(), rtol=0):
+        return f"gemv {cfg} disagrees with torch"
+    return None
+
+
+def _lora_test(rnd: Any, device: torch.device, tol: float) -> str | None:
+    """`lora` against `lora_torch` in its three modes, with base rows, two adapters and a ragged batch."""
+    m, n, rb, live = 37, 80, 6, 3
+    aid = torch.tensor([i % (live + 1) for i in range(m)], device=device)
+    t = rnd(m, live * rb + 5)[:, : live * rb]  # a strided view, as the GEMM's extra columns are
+    for mode, width in ((0, n), (1, n), (2, 2 * n)):
+        base, b, out = rnd(m, width), rnd(live * rb, width), rnd(m, n)
+        ref = lora_torch(base, t, b, aid, out.clone().float(), rows_per_adapter=rb, mode=mode)
+        got = lora(base, t, b, aid, out, rows_per_adapter=rb, mode=mode).float()
+        if not torch.allclose(got, ref, atol=tol * ref.abs().max().item(), rtol=0):
+            return f"lora kernel (mode {mode}) disagrees with torch"
+    return None
 
 
 def _attention_test(rnd: Any, device: torch.device, tol: float) -> str | None:

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 ROOT = Path(__file__).resolve().parents[3]
 
 SCRIPT = """
+import tests.node.serving.interp_fix  # noqa: F401  (numpy >= 2.4 under Triton's interpreter)
 import torch
 from node.serving import FastRunner, kernels
 from node.serving.sampling import RowSampling
@@ -34,6 +35,25 @@ tokens = [int(runner.prefill([0], [prompt], [0], [RowSampling()])[0])]
 for _ in range(8):  # from position 60 past one 64-key block of the attention kernel
     tokens.append(int(runner.decode([0])[0]))
 assert tokens == hf_greedy(model, prompt, 9), tokens
+
+# the LoRA/SwiGLU epilogue kernel in a mixed batch (base, v1, v2 rows) against the torch path
+from node.serving import lora_from_peft
+from tests.node.serving.test_fast_runner import PROMPTS, _peft_with_two_adapters
+
+peft = _peft_with_two_adapters(tiny_qwen())
+logits = []
+for fused in (True, False):
+    r = FastRunner(peft, max_slots=4, max_len=64, fused=fused, share_weights=False)
+    assert (r.lora_kernel_off is None) == fused, r.lora_kernel_off
+    for name in ("v1", "v2"):
+        r.load_adapter(name, lora_from_peft(peft, name))
+    r.prefill([0, 1, 2], PROMPTS, [0, 1, 2], [RowSampling()] * 3)
+    steps = [r.last_logits.clone()]
+    for _ in range(2):
+        r.decode([0, 1, 2])
+        steps.append(r.last_logits[:3].clone())
+    logits.append(torch.cat(steps))
+assert (logits[0] - logits[1]).abs().max().item() < 1e-4
 print("ok")
 """
 
