@@ -405,16 +405,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def run_engine(suffix: str, served: Any, adapters_for: dict[int, list[str | None]], **opts: Any) -> None:
         reset_memory(args.device)
-        runner: Any = make_runner(served, max_slots=top, max_len=max_len, **opts)
+        t_load = time.perf_counter()
+        runner: Any = make_runner(served, max_slots=top, max_len=max_len, **opts)  # as node.service.Serving does
+        extra: dict[str, Any] = {"runner_build_s": round(time.perf_counter() - t_load, 1)}
         if hasattr(runner, "load_adapter"):  # the fast runner; the generic one serves peft's adapters directly
-            for name in {a for names in adapters_for.values() for a in names if a}:
-                runner.load_adapter(name, lora_from_peft(served, name))
-        extra: dict[str, Any] = {}
-        if hasattr(runner, "capture"):
-            runner.capture(top)
-            extra = {"engine_weight_gb": round(runner.weight_bytes() / 1e9, 3)}
+            for name in sorted({a for names in adapters_for.values() for a in names if a}):
+                runner.load_adapter(name, lora_from_peft(served, name))  # as Serving.sync_adapters does
+            extra["engine_weight_gb"] = round(runner.weight_bytes() / 1e9, 3)
             extra["fused_batch1"] = runner.fused_off or "on"
-            extra["gemv_tiles"] = getattr(runner, "_gemv_cfg", None)
+            extra["lora_kernel"] = runner.lora_kernel_off or "on"
+            extra["gemv_tiles"] = {k: list(v) for k, v in runner._gemv_cfg.items()}
             extra["kv_cache_gb"] = round(runner.kv.nbytes() / 1e9, 3)
         with Engine(runner, tok) as engine:
 

@@ -71,17 +71,57 @@ def new_runner(model: Any, names: Sequence[str], **opts: Any) -> FastRunner:
 
 
 def profile_new(runner: FastRunner, batch: int, versions_n: int, prompts: list[list[int]], steps: int) -> Any:
+    """Prefill `batch` prompts (timed, with its kernels), then time decode steps; keeps the logits of
+    the prefill and of the first decode step (`agreement` compares them across variants)."""
     slots = list(range(batch))
     for s in range(runner.max_slots):
         runner.release(s)
     aids = [s % versions_n for s in slots]
-    runner.prefill(slots, prompts[:batch], aids, [RowSampling()] * batch)
+
+    def prefill() -> None:
+        runner.prefill(slots, prompts[:batch], aids, [RowSampling()] * batch)
+
+    prefill_ms = step_ms(prefill, 5)
+    prefill_k = kernels(prefill)
+    prefill()
+    assert runner.last_logits is not None
+    seen = [runner.last_logits[:batch].float().clone()]
+    runner.decode(slots)
+    torch.cuda.synchronize()
+    seen.append(runner.last_logits[:batch].float().clone())
     ms = step_ms(lambda: runner.decode(slots), steps)
     live = max(aids)
     width = runner.kv.bucket(max(runner._len[s] for s in slots) + 1)
     with torch.no_grad():
         k = kernels(lambda: runner._decode_rows(batch, width, live, 0))
-    return {"step_ms": ms, "kernels": k}
+    return {"step_ms": ms, "kernels": k, "prefill_ms": prefill_ms, "prefill_kernels": prefill_k}, seen
+
+
+def engine_ttft(runner: FastRunner, prompts: list[list[int]], versions_n: int) -> dict[str, Any]:
+    """64 requests submitted together through the Engine (8 new tokens): TTFT and the prefill batches
+    the scheduler formed (sizes and host seconds per call)."""
+    from bench.serving import ToyTokenizer, engine_run
+    from node.serving import Engine
+
+    calls: list[tuple[int, float]] = []
+    inner = runner.prefill
+
+    def prefill(*a: Any, **kw: Any) -> Any:
+        t = time.perf_counter()
+        out = inner(*a, **kw)
+        calls.append((len(a[1]), round(time.perf_counter() - t, 4)))
+        return out
+
+    runner.prefill = prefill  # type: ignore[method-assign]
+    names = [None, "v1", "v2"][:versions_n]
+    try:
+        with Engine(runner, ToyTokenizer()) as engine:
+            engine_run(engine, prompts, 4, names, together=True)
+            calls.clear()
+            out = engine_run(engine, prompts, 8, names, together=True)
+    finally:
+        runner.prefill = inner  # type: ignore[method-assign]
+    return {**out, "prefill_calls": calls}
 
 
 def profile_old(
@@ -136,19 +176,35 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))
 
-    variants = {"": {}, "_unfused": {"fused": False}}
+    variants = {"": {}, "_unfused": {"fused": False}}  # Triton kernels on; the torch path (the reference)
+    seen: dict[str, list[torch.Tensor]] = {}
     for suffix, opts in variants.items():
+        t = time.perf_counter()
         runner = new_runner(peft, names, **opts)
+        res["new"]["build_s" + suffix] = round(time.perf_counter() - t, 1)
         res["new"]["fused_off" + suffix] = runner.fused_off
+        res["new"]["lora_kernel_off" + suffix] = runner.lora_kernel_off
         res["new"]["gemv_tiles" + suffix] = runner._gemv_cfg
+        res["new"]["gemv_times_ms" + suffix] = runner.gemv_times
         res["new"]["attention_tiles" + suffix] = runner._attn_cfg
         for name, batch, k in CONFIGS:
-            if suffix == "_unfused" and batch > 1:
-                continue  # the variant changes nothing there
-            res["new"][name + suffix] = profile_new(runner, batch, k, prompts, args.steps)
+            res["new"][name + suffix], seen[name + suffix] = profile_new(runner, batch, k, prompts, args.steps)
             print(name + suffix, json.dumps(res["new"][name + suffix])[:600], flush=True)
             save()
+        if not suffix:
+            for k in (1, 3):
+                res["new"][f"engine_c64_a{k}"] = engine_ttft(runner, prompts, k)
+                print(f"engine_c64_a{k}", res["new"][f"engine_c64_a{k}"], flush=True)
+                save()
         del runner
+    agreement: dict[str, Any] = {}
+    for name, _, _ in CONFIGS:  # relative L2 error of the Triton path against the torch path (bf16)
+        agreement[name] = [
+            round(float((a - b).norm() / b.norm()), 5) for a, b in zip(seen[name], seen[name + "_unfused"], strict=True)
+        ]
+    res["new"]["agreement_prefill_decode_rel_l2"] = agreement
+    print("agreement", agreement, flush=True)
+    save()
     if args.old:
         spec = importlib.util.spec_from_file_location("old_fast", args.old)
         assert spec is not None and spec.loader is not None

@@ -34,6 +34,7 @@ from node.serving import (
     SamplingParams,
     UnknownAdapter,
     lora_from_peft,
+    make_runner,
 )
 from node.serving.fast import supports
 from node.trainer import (
@@ -118,7 +119,7 @@ class Serving:
         self._fast = supports(host.peft)
         with host.lock:
             self.runner: Runner = (
-                FastRunner(host.peft, max_slots=max_slots, max_len=max_len, max_adapters=max_adapters)
+                make_runner(host.peft, max_slots=max_slots, max_len=max_len, max_adapters=max_adapters)
                 if self._fast
                 else HFRunner(serving_copy(host.peft), max_slots=max_slots, max_len=max_len)
             )

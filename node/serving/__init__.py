@@ -31,8 +31,18 @@ __all__ = [
 ]
 
 
-def make_runner(model: Any, *, max_slots: int = 64, max_len: int | None = None, **fast: Any) -> Runner:
-    """The fast runner where the architecture allows it, else the generic one."""
+def make_runner(
+    model: Any, *, max_slots: int = 64, max_len: int | None = None, max_prompt: int = 512, **fast: Any
+) -> Runner:
+    """The fast runner where the architecture allows it, else the generic one.
+
+    This is how serving builds its runner (`node.service.Serving`, so `fedseek serve` and `fedseek
+    node start`) and how bench/serving.py measures it. On CUDA the fast runner captures its graphs
+    here, at load: the decode graphs without adapters and the single-prompt prefill graphs up to
+    `max_prompt` tokens (longer prompts prefill eagerly; graphs for adapters are captured when a
+    batch first uses them)."""
     if supports(model):
-        return FastRunner(model, max_slots=max_slots, max_len=max_len, **fast)
+        runner = FastRunner(model, max_slots=max_slots, max_len=max_len, **fast)
+        runner.capture(max_prompt=max_prompt)
+        return runner
     return HFRunner(model, max_slots=max_slots, max_len=max_len)
