@@ -153,11 +153,7 @@ class Serving:
     def _load_fast(self, keep: list[str], fresh: dict[str, Any]) -> None:
         runner = self.runner
         assert isinstance(runner, FastRunner)
-        for name in runner.adapters():
-            if name not in keep or name in fresh:
-                runner.unload_adapter(name)
-        for name, weights in fresh.items():
-            runner.load_adapter(name, weights)
+        runner.sync_adapters(keep, fresh)  # also captures the new live set's decode graphs
 
     # ---- requests -----------------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:

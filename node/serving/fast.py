@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from node.serving import kernels
 from node.serving.kv_cache import StaticKVCache
@@ -51,8 +52,19 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("mlp.down_proj",),
 }
 GREEDY, RANDOM, RANDOM_TOP_P = 0, 1, 2  # sampling modes: each is its own decode graph
-GEMV_CANDIDATES: dict[str, list[kernels.GemvConfig]] = {}
-"""Per weight kind, the fused GEMV configs `_tune` times (absent: `kernels.gemv_candidates`)."""
+PREFILL_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+"""Prefill attention backends: not cuDNN, whose plan is built per new (prompts, length) shape (seen
+as 85 ms prefills of 29 and 35 prompts on an H200 against 45 ms for 64 prompts of a warm shape)."""
+GEMV_CANDIDATES: dict[str, list[kernels.GemvConfig]] = {
+    "qkv": [(4, 512, 4, 1), (8, 512, 4, 1), (2, 512, 4, 1), (4, 256, 4, 1), kernels.CUBLAS],
+    "o": [(8, 256, 4, 3), (32, 128, 4, 12), (16, 256, 4, 6), (8, 512, 8, 3), kernels.CUBLAS],
+    "gate_up": [(32, 128, 4, 1), (16, 256, 4, 1), (8, 256, 4, 1), (64, 128, 8, 1), kernels.CUBLAS],
+    "down": [(16, 512, 8, 9), (16, 512, 8, 6), (32, 128, 4, 14), (8, 512, 8, 9), kernels.CUBLAS],
+    "lm_head": [(8, 256, 4, 1), (16, 256, 4, 1), (8, 512, 4, 1), (4, 256, 4, 1), kernels.CUBLAS],
+}
+"""Per weight kind, the fused GEMV configs `_tune` times: the fastest of `kernels.gemv_candidates`
+for the R1-Distill-1.5B shapes on an H200 (bench/results/serving_profile_h200_2026-11-28_run3.json)
+and neighbours; a kind not listed gets all of `gemv_candidates`."""
 
 
 def supports(model: Any) -> bool:
@@ -430,7 +442,10 @@ class FastRunner:
             qk = rotate(qkv[:, :, : h_ + kvh].transpose(1, 2), cos, sin)  # q and k heads in one pass
             q, k, v = qk[:, :h_], qk[:, h_:], qkv[:, :, h_ + kvh :].transpose(1, 2)
             self.kv.write_prompt(i, slot_t, k, v)  # right padding: pad keys sit after each prompt, never attended
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=h_ != kvh)
+            if h_ != kvh:  # each query head its own K/V copy: flash attention without the GQA path
+                k, v = k.repeat_interleave(h_ // kvh, dim=1), v.repeat_interleave(h_ // kvh, dim=1)
+            with sdpa_kernel(PREFILL_ATTENTION):
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             layer.o.residual(x, o.transpose(1, 2).reshape(n * width, h_ * d), self.lora.rows(1, live), row_aid)
             self._layer_mlp(layer, x, live, row_aid)
         last = x.view(n, width, -1)[self._rows[:n], lens - 1]
@@ -621,7 +636,7 @@ class FastRunner:
             out = fn()
         return graph, out
 
-    def _graph(self, batch: int, width: int, live: int, mode: int) -> torch.Tensor:
+    def _graph(self, batch: int, width: int, live: int, mode: int, *, replay: bool = True) -> torch.Tensor:
         """Replay (capturing first if new) the decode graph of this bucket."""
         key = (batch, width, live, mode)
         if key not in self._graphs:
@@ -630,26 +645,33 @@ class FastRunner:
             for buf, old in zip((self._tok, self._pos), saved, strict=True):
                 buf[:batch].copy_(old)
         graph, out = self._graphs[key]
-        graph.replay()
+        if replay:
+            graph.replay()
         return out
 
-    def capture(self, max_batch: int | None = None, max_prompt: int = 512) -> int:
-        """Capture the greedy decode graphs up to `max_batch` rows, for no adapters and for every
-        loaded one, and the single-prompt prefill graphs up to `max_prompt` tokens, ahead of serving
-        (no-op off CUDA). Call it before requests run: it writes into the cache rows of slot 0 and
-        of free slots."""
+    def capture(self, max_batch: int | None = None, max_prompt: int = 512, *, prefill: bool = True) -> int:
+        """Capture the greedy decode graphs not captured yet, up to `max_batch` rows, without adapters
+        and for the live ones, and with `prefill` the single-prompt prefill graphs up to `max_prompt`
+        tokens (no-op off CUDA); returns the graphs held.
+
+        With `prefill=False` it is safe between engine steps (after an adapter load): a decode
+        graph's warm-up runs restore every slot's token and position, and the keys they write sit at
+        each row's next position, which the next real step overwrites. The prefill graphs are
+        captured through slot 0's cache rows, so take them before requests run."""
         if not self.use_graphs:
             return 0
-        saved_pos = self._pos.clone()
         with torch.no_grad():
             for live in sorted({0, self.lora.live()}):
                 for batch in self.batch_buckets:
                     if max_batch is not None and batch > max_batch and batch != self.batch_buckets[0]:
                         break
                     for width in self.kv.buckets:
-                        self._pos[:batch].fill_(width - 1)
-                        self._graph(batch, width, live, GREEDY)
-            for width in (b for b in self.prefill_buckets if b <= max_prompt):
+                        if (batch, width, live, GREEDY) not in self._graphs:
+                            self._graph(batch, width, live, GREEDY, replay=False)
+            widths = [b for b in self.prefill_buckets if b <= max_prompt and (b, GREEDY) not in self._prefill_graphs]
+            for width in widths if prefill and self.prefill_graphs_off is None else []:
+                state = (self._tok, self._pos, self._plen, self._aid, self._temp, self._top_p)
+                saved = [t.clone() for t in state]
                 self._p_ids[:1].zero_()
                 self._p_long[:, :1] = torch.tensor([[width], [0], [0], [0]])
                 self._p_float[:, :1] = torch.tensor([[0.0], [1.0]])
@@ -658,9 +680,22 @@ class FastRunner:
                 except RuntimeError as exc:  # eager prefill still serves; say why once
                     self.prefill_graphs_off = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
                     break
+                finally:
+                    for buf, old in zip(state, saved, strict=True):
+                        buf.copy_(old)
                 self._prefill_graphs[(width, GREEDY)] = graph
-        self._pos.copy_(saved_pos)
         return len(self._graphs) + len(self._prefill_graphs)
+
+    def sync_adapters(self, keep: Sequence[str], fresh: dict[str, LoraWeights]) -> None:
+        """Serve exactly the versions in `keep`: unload the others and those `fresh` replaces, load
+        `fresh`, then capture the decode graphs of the new live set now rather than on first use
+        (node.service.Serving calls this between engine steps; bench/serving.py does the same)."""
+        for name in self.adapters():
+            if name not in keep or name in fresh:
+                self.unload_adapter(name)
+        for name, weights in fresh.items():
+            self.load_adapter(name, weights)
+        self.capture(prefill=False)
 
     def release(self, slot: int) -> None:
         self._len[slot] = 0
