@@ -150,3 +150,37 @@ def lora_target_modules(model: Any) -> list[str]:
         mla = ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]
         return [m for m in mla if m in names]
     return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def pad_safe_attention_mask(model: torch.nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """A 4-D mask for a left-padded batch under which every query attends at least one key.
+
+    From a 2-D mask transformers builds a causal mask in which a leading pad token's query
+    sees no key at all. CUDA's fused SDPA kernels return NaN for such a row in bf16 (the CPU
+    and math kernels return 0), the NaN becomes that position's value in the next layer, and
+    a real query's zero weight on it gives 0 * NaN = NaN: the whole batch's loss is NaN and the
+    trainer refuses every round. Here each query keeps the causal mask over real keys and also
+    attends itself, which changes only pad rows (their outputs are never scored). Applied for
+    "sdpa" (boolean mask) and "eager" (additive mask) on full-attention models; other
+    implementations (flash-attention unpads the batch) and sliding-window layers, which need
+    their own mask, get the 2-D mask back, as does a batch without padding (SDPA's causal path).
+    """
+    from transformers import PreTrainedConfig
+
+    hf = next((m for m in model.modules() if isinstance(getattr(m, "config", None), PreTrainedConfig)), None)
+    if hf is None or attention_mask.ndim != 2:
+        return attention_mask
+    config: Any = hf.config
+    impl = getattr(config, "_attn_implementation", None)
+    layer_types = getattr(config, "layer_types", None) or []
+    valid = attention_mask.bool()
+    if impl not in ("sdpa", "eager") or any(t != "full_attention" for t in layer_types) or bool(valid.all()):
+        return attention_mask
+    n = valid.size(1)
+    pos = torch.arange(n, device=valid.device)
+    allowed = ((pos[None, :] <= pos[:, None]) & valid[:, None, :]) | (pos[None, :] == pos[:, None])
+    allowed = allowed[:, None]  # (batch, 1, query, key)
+    if impl == "sdpa":
+        return allowed
+    dtype = next(p.dtype for p in hf.parameters() if p.is_floating_point())
+    return torch.zeros(allowed.shape, dtype=dtype, device=valid.device).masked_fill(~allowed, torch.finfo(dtype).min)

@@ -19,6 +19,7 @@ from opacus.optimizers import DPOptimizer
 from federation import wire
 from node.data import TokenizedExample, collate
 from node.engine import TRAIN_ADAPTER, ModelHost
+from node.model import pad_safe_attention_mask
 from privacy.ledger import PrivacyLedger
 from privacy.lora_dp import GroupedDPOptimizer, LoraGradSampler
 
@@ -69,7 +70,8 @@ def per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     answer_cols = torch.nonzero((labels != -100).any(dim=0)).flatten()
     keep = int(labels.size(1) - answer_cols.min()) + 1 if answer_cols.numel() else 2
     keep = min(keep, labels.size(1))
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=keep).logits
+    attention = pad_safe_attention_mask(model, batch["attention_mask"])  # no all-masked pad rows: NaN in CUDA SDPA
+    logits = model(input_ids=batch["input_ids"], attention_mask=attention, logits_to_keep=keep).logits
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, labels.size(1) - keep + 1 :]
     tok = torch.nn.functional.cross_entropy(

@@ -9,8 +9,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 
-from node.model import CHAT_TEMPLATE, ModelLoadError, load_model, lora_target_modules, write_tiny_model
+from node.model import (
+    CHAT_TEMPLATE,
+    ModelLoadError,
+    load_model,
+    lora_target_modules,
+    pad_safe_attention_mask,
+    write_tiny_model,
+)
 
 MLA = {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
 MLP = {"gate_proj", "up_proj", "down_proj"}
@@ -101,3 +109,44 @@ def test_lora_targets_are_mla_projections(loaded: tuple[Any, Any]) -> None:
 def test_lora_targets_for_other_architectures() -> None:
     qwen = SimpleNamespace(config=SimpleNamespace(model_type="qwen2"))
     assert set(lora_target_modules(qwen)) == {"q_proj", "k_proj", "v_proj", "o_proj", *MLP}
+
+
+LEFT_PADDED = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+
+
+def _transformers_mask(model: Any, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The 4-D mask transformers itself builds from the 2-D mask (what the model used before)."""
+    from transformers.masking_utils import create_causal_mask
+
+    embeds = torch.zeros((*attention_mask.shape, 1), dtype=model.dtype)
+    return create_causal_mask(model.config, embeds, attention_mask, past_key_values=None, allow_is_causal_skip=False)
+
+
+def test_pad_safe_mask_leaves_no_query_without_keys(loaded: tuple[Any, Any]) -> None:
+    model, _ = loaded
+    assert model.config._attn_implementation == "sdpa"
+    ours = pad_safe_attention_mask(model, LEFT_PADDED)
+    theirs = _transformers_mask(model, LEFT_PADDED)
+    assert ours.dtype == torch.bool and ours.shape == (3, 1, 5, 5)
+    assert (~theirs).all(dim=-1).any(), "transformers' own mask has all-masked pad rows (the NaN's cause)"
+    assert ours.any(dim=-1).all(), "every query row attends at least one key"
+    real = LEFT_PADDED.bool()[:, None, :, None].expand_as(ours)
+    assert torch.equal(ours[real], theirs[real]), "rows of real tokens are unchanged"
+    pad_rows = ours[~real].view(-1, 5)
+    assert (pad_rows.sum(dim=-1) == 1).all(), "a pad query attends itself only"
+
+
+def test_pad_safe_mask_is_additive_for_eager_and_untouched_otherwise(loaded: tuple[Any, Any]) -> None:
+    model, _ = loaded
+    sdpa = pad_safe_attention_mask(model, LEFT_PADDED)
+    assert pad_safe_attention_mask(model, torch.ones(2, 5, dtype=torch.long)).shape == (2, 5)  # no padding: causal path
+    try:
+        model.config._attn_implementation = "eager"
+        eager = pad_safe_attention_mask(model, LEFT_PADDED)
+        model.config._attn_implementation = "flash_attention_2"
+        assert pad_safe_attention_mask(model, LEFT_PADDED) is LEFT_PADDED  # unpads the batch itself
+    finally:
+        model.config._attn_implementation = "sdpa"
+    assert eager.dtype == model.dtype
+    assert torch.equal(eager == 0, sdpa)
+    assert (eager[~sdpa] == torch.finfo(model.dtype).min).all()

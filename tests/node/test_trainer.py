@@ -412,6 +412,54 @@ def test_ffa_lora_trains_b_only(
     assert any(".lora_A." in n for n in trainable)  # A is trainable again after the round
 
 
+def _fused_cuda_sdpa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """SDPA as CUDA's fused kernels treat a query whose keys are all masked (bf16, H200): softmax of -inf only, NaN.
+
+    CPU and math kernels return 0 for such a row, so the failure needs this stand-in to show on CPU.
+    """
+    if enable_gqa:
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
+        value = value.repeat_interleave(query.size(-3) // value.size(-3), dim=-3)
+    scores = (query @ key.transpose(-2, -1)).float() * (scale if scale is not None else query.size(-1) ** -0.5)
+    if is_causal:
+        attn_mask = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1).to(value.dtype) @ value
+
+
+def test_left_padded_round_is_finite_where_sdpa_gives_nan_for_all_masked_rows(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A leading pad token's query sees no key under the model's own mask: the trainer must not depend on it."""
+    train = site_data[0]
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _fused_cuda_sdpa)
+    batch = collate(train, pad_id=int(host.tokenizer.pad_token_id), left=True)
+    assert (batch["attention_mask"] == 0).any(), "the batch must be left-padded"
+    with host.using("base") as m, torch.no_grad():
+        unsafe = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        safe = per_sample_loss(m, batch)
+    assert torch.isnan(unsafe).all(dim=-1).any(), "the 2-D mask path reproduces the NaN"
+    assert torch.isfinite(safe).all()
+    result = _round(host, train, tmp_path, monkeypatch, TrainSettings(batch_size=len(train)))
+    assert np.isfinite(result.report.train_loss)
+    init = host.initial_arrays()
+    assert all(np.isfinite(v).all() for v in result.arrays.values())
+    assert any(not np.array_equal(result.arrays[k], init[k]) for k in init)
+
+
 def test_unknown_clipping_is_refused(
     host: ModelHost,
     site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
