@@ -16,15 +16,17 @@ RMSNorm kernel, rotary of every q and k head as one batched matmul by a per-row 
 (built once per step), residual adds folded into the o/down matmuls (`addmm_`), one additive
 attention mask per step.
 
-Several LoRA adapters run in the same batch. Adapter slot s owns `m * rank` rows of each fused
-group's A (m = targets in the group: 3 for q/k/v, 2 for gate/up) and the same rows of B; for q/k/v
-and gate/up the A rows are stored under the base weight, so on one stream ONE matmul yields the base
-output and every adapter's `x A^T`. A per-row mask keeps the row's own adapter (id 0, the base
-model, keeps none) and `addmm_` adds `(t * mask) B`. In the CUDA decode graph `x A^T * mask` runs
-instead on a side stream beside the base matmul (measured faster at 64 rows). Only the rows of slots
-up to the highest adapter id in the running batch are computed, so the cost follows the adapters in
-use, not the bank's capacity. Batch-1 steps without adapters take the fused Triton path
-(kernels.py) where it compiled and passed its check.
+Several LoRA adapters run in the same batch. Adapter slot s owns `m * rank` rows of each group's A
+(m = targets in the group: 3 for q/k/v, 2 for gate/up, 1 for o and down) and the same rows of B;
+the A rows are stored under the base weight, so ONE matmul yields the base output and every live
+adapter's `x A^T`. One Triton kernel per group (`kernels.lora`) then adds each row's own adapter,
+`(x A^T)_own B_own`, with the group's epilogue: in place for q/k/v, into the residual stream for o
+and down, SwiGLU for gate/up (which runs it without adapters too, as the fused silu * up). The row's
+adapter id selects its bank rows inside the kernel: no mask tensors, no side stream. Only the rows
+of slots up to the highest adapter id in the running batch are computed, so the cost follows the
+adapters in use, not the bank's capacity. Batch-1 steps without adapters take the fused Triton
+GEMV path (kernels.py) where it compiled and passed its check; the torch path (and `lora_torch`)
+serves elsewhere, the CPU included.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ GEMV_CANDIDATES: dict[str, list[kernels.GemvConfig]] = {
     "lm_head": [(8, 256, 4, 1), (16, 256, 4, 1), (8, 512, 4, 1), (4, 256, 4, 1), kernels.CUBLAS],
 }
 """Per weight kind, the fused GEMV configs `_tune` times: the fastest of `kernels.gemv_candidates`
-for the R1-Distill-1.5B shapes on an H200 (bench/results/serving_profile_h200_2026-11-28_run3.json)
+for the R1-Distill-1.5B shapes on an H200 (bench/results/serving_profile_h200_2026-11-28_sweep.json)
 and neighbours; a kind not listed gets all of `gemv_candidates`."""
 
 

@@ -1,13 +1,17 @@
-"""Fused Triton kernels for the batch-1 decode step (CUDA only; the torch path is the reference).
+"""Triton kernels for the fast runner (CUDA only; the torch formulas are the reference and the CPU path).
 
 At batch 1 a decode step reads every weight once and each kernel costs a few microseconds of
-launch and ramp, so the step is bound by bytes AND by kernel count. These kernels cut a layer to
-five launches: RMSNorm fused into the q/k/v and gate/up matrix-vector products (each program
-recomputes the norm of the 1536-wide input, which sits in L2), rotary + KV-cache write + attention
-in one kernel per layer, SwiGLU fused into the down projection's input, residual adds fused into
-the o/down outputs. `available()` compiles and checks each kernel against the torch path once;
-the runner uses them only if that passes. Tile sizes are picked per weight shape by timing a few
-candidates at load (`tune_gemv`).
+launch and ramp, so the step is bound by bytes AND by kernel count. The batch-1 kernels cut a layer
+to five launches: RMSNorm fused into the q/k/v and gate/up matrix-vector products (the norm's sum of
+squares rides in the same pass over the input, which sits in L2), rotary + KV-cache write +
+attention in one kernel per layer, SwiGLU fused into the down projection's input, residual adds
+fused into the o/down outputs. Each GEMV program's loop is unrolled so all its 16-byte weight loads
+can be in flight; o and down, short matrices with too few row blocks to fill the chip, may split K
+and add atomically into the fp32 residual stream. The config per weight kind (cuBLAS through torch
+among the candidates) is picked by timing every layer's weights in one CUDA graph at load
+(`tune_gemv`), then checked against torch. `lora` is the per-row multi-adapter epilogue used at
+every batch size. `available()` compiles and checks each kernel against the torch formulas once;
+the runner uses them only if that passes.
 """
 
 from __future__ import annotations
@@ -131,10 +135,10 @@ if triton is not None:
             t = tl.load(t_ptr + rows[:, None] * t_stride + rr[None, :], mask=own, other=0.0)
             bmask = (rr[:, None] < ROWS) & cmask[None, :]
             b = tl.load(b_ptr + rr[:, None] * b_stride + cols[None, :], mask=bmask, other=0.0)
-            acc = tl.dot(t, b, acc)
+            acc = tl.dot(t, b, acc, input_precision="ieee")  # fp32 weights: no TF32 rounding
             if MODE == 2:
                 b2 = tl.load(b_ptr + rr[:, None] * b_stride + N + cols[None, :], mask=bmask, other=0.0)
-                acc2 = tl.dot(t, b2, acc2)
+                acc2 = tl.dot(t, b2, acc2, input_precision="ieee")
         mask = mmask[:, None] & cmask[None, :]
         y = acc + tl.load(base_ptr + rows[:, None] * base_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         optr = out_ptr + rows[:, None] * out_stride + cols[None, :]

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
-from node.serving import Engine, FastRunner, SamplingParams, lora_from_arrays, lora_from_peft
+from node.serving import Engine, FastRunner, SamplingParams, lora_from_arrays, lora_from_peft, make_runner
 from node.serving.quant import quantize_int8
 from node.serving.sampling import RowSampling
 from tests.node.serving.conftest import hf_greedy, run_together, token_ids
@@ -128,3 +129,58 @@ def test_lora_rows_follow_the_live_adapters(qwen: Any, tok: Any) -> None:
         assert runner.lora.live() == 2 and runner.adapter_id("v2") == 2
         assert engine.complete(PROMPTS[2], params, adapter="v2").token_ids == v2
         assert engine.complete(PROMPTS[2], params).token_ids == base
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_adapter_sync_between_steps_keeps_running_requests(tok: Any) -> None:
+    """Loading an adapter mid-stream captures the new live set's decode graphs at once (warm-up
+    runs over the running rows); the running request's tokens stay those of an undisturbed run,
+    and the new version then serves like peft's."""
+    from tests.node.serving.conftest import tiny_qwen
+
+    peft = _peft_with_two_adapters(tiny_qwen()).cuda()
+    peft.set_adapter("v1")
+    v1 = hf_greedy_cuda(peft, PROMPTS[0], 6)
+    runner = make_runner(peft, max_slots=4, max_len=64)  # graphs captured at load, as Serving builds it
+    assert isinstance(runner, FastRunner)
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    with Engine(runner, tok) as engine:
+        expected = engine.complete(PROMPTS[2], params).token_ids
+        graphs = len(runner._graphs)
+        seen: list[int] = []
+
+        def on_event(ev: Any) -> None:  # the engine thread, between two steps
+            seen.extend(ev.token_ids)
+            if len(seen) == 3:
+                runner.sync_adapters(["v1"], {"v1": lora_from_peft(peft, "v1")})
+
+        done = run_one(engine, PROMPTS[2], params, on_event)
+        assert done and seen == expected
+        assert len(runner._graphs) > graphs  # the live set's graphs came with the load
+        assert engine.complete(PROMPTS[0], SamplingParams(max_tokens=6, ignore_eos=True), adapter="v1").token_ids == v1
+
+
+def hf_greedy_cuda(model: Any, prompt: list[int], n: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([prompt], device="cuda"),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return [int(t) for t in out[0, len(prompt) :]]
+
+
+def run_one(engine: Any, prompt: list[int], params: SamplingParams, on_event: Any) -> bool:
+    import threading
+
+    finished = threading.Event()
+
+    def cb(ev: Any) -> None:
+        on_event(ev)
+        if ev.finish_reason is not None:
+            finished.set()
+
+    engine.submit(prompt, params, on_event=cb)
+    return finished.wait(timeout=120)
