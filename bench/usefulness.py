@@ -34,12 +34,18 @@ referral-copy chat ("Referred by X. Which department referred this patient?" -> 
 is drawn independently of the findings. So the base knows the words and the one-word answer
 format but not the private findings-to-department mapping (it scores about chance). Nothing is
 downloaded. (SmolLM2-135M loads here but trains at ~1 s per record on 2 CPU cores, far too slow
-for the thousands of records DP at epsilon 1 needs.) On CUDA the base runs in float32 with eager
-attention: the node's bf16 + SDPA gave NaN losses on left-padded batches on the H200.
+for the thousands of records DP at epsilon 1 needs.) On CUDA the base runs as the node loads it:
+bf16 with SDPA (the trainer's pad-safe mask keeps left-padded batches finite, ``bench/pad_mask_check.py``).
 
-Usage: ``python -m bench.usefulness --device cuda --budget-s 285`` (the full configuration,
-3 min on an H200; ``--budget-s`` stops the lr sweep early to fit a time limit), ``--quick`` for
-a CPU smoke run. Writes ``bench/results/usefulness_<device>_<date>.json`` (with every DP site's
+Noise. DP-SGD's noise on the averaged gradient is ``sigma * clip / batch``, and at a fixed sample
+rate and number of epochs sigma stays put while the batch grows with the records: 50,000
+synthetic records per site at q = 0.05 give batches of 2,500 (five times less noise per step than
+10,000 records). ``--ffa-lora`` (default on) trains the DP arms as FFA-LoRA (``TrainSettings.
+freeze_lora_a``, B only: half the noisy dimensions, exact averaging); arm (a) trains A and B.
+
+Usage: ``python -m bench.usefulness --device cuda --budget-s 400`` (the full configuration on
+an H200; ``--budget-s`` stops the lr sweep early to fit a time limit), ``--quick`` for a CPU
+smoke run. Writes ``bench/results/usefulness_<device>_<date>.json`` (with every DP site's
 ledger of arm (c), for ``privacy/budget_plot.py``) and prints a markdown table.
 """
 
@@ -355,6 +361,11 @@ def _ledger(root: Path, site: str, budget: Budget) -> PrivacyLedger:
     return PrivacyLedger(root / f"{site}.ledger.sqlite", budget=budget)
 
 
+def _sent(arrays: wire.Arrays | None, settings: TrainSettings) -> wire.Arrays | None:
+    """What the coordinator sends a site: under FFA-LoRA the B factors only (the site adds its seeded A)."""
+    return wire.lora_b(arrays) if arrays is not None and settings.freeze_lora_a else arrays
+
+
 def train_dp(
     host: ModelHost,
     data: dict[str, list[TokenizedExample]],
@@ -388,7 +399,7 @@ def train_dp(
                 run_id=label,
                 round=rnd,
                 rounds_left=rounds - rnd + 1,  # as node.service computes it
-                global_arrays=global_arrays if federated else own[site],
+                global_arrays=_sent(global_arrays, settings) if federated else own[site],
                 settings=settings,
             )
             own[site] = res.arrays
@@ -480,7 +491,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--n-train", type=int, default=10000, help="private training records per site")
+    ap.add_argument("--n-train", type=int, default=50000, help="private training records per site")
     ap.add_argument("--n-val", type=int, default=30, help="validation records per site (learning-rate choice)")
     ap.add_argument("--n-test", type=int, default=150, help="held-out test records per site")
     ap.add_argument("--minority-weight", type=float, default=0.1, help="weight of a site's non-specialities (6 / 3)")
@@ -488,7 +499,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--public-epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=500, help="expected (Poisson) batch of DP-SGD; batch of (a)")
+    ap.add_argument("--batch-size", type=int, default=2500, help="expected (Poisson) batch of DP-SGD; batch of (a)")
+    ap.add_argument(
+        "--ffa-lora", action=argparse.BooleanOptionalAction, default=True, help="DP arms train B only (FFA-LoRA)"
+    )
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument(
         "--lrs", type=float, nargs="+", default=[1e-2, 3e-2, 3e-3], help="grid every arm gets, in run order"
@@ -511,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ap.error("--public-seed must differ from --seed: the public notes must not be the sites' records")
     if not args.delta < 1 / args.n_train:
         ap.error(f"--delta must be < 1/n = {1 / args.n_train:g}")
-    sizes = ("n_train", "n_val", "n_test", "n_public", "public_epochs", "rounds", "batch_size", "lrs")
+    sizes = ("n_train", "n_val", "n_test", "n_public", "public_epochs", "rounds", "batch_size", "lrs", "ffa_lora")
     reduced = [k for k in sizes if getattr(args, k) != ap.get_default(k)]  # a run below the full configuration
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -538,9 +552,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         work / "base", shape=BaseShape(), public=public, epochs=args.public_epochs, device=args.device, seed=0
     )
     model, tok = load_model(work / "base", device=args.device)  # the node's loader
-    if args.device == "cuda":  # bf16 + SDPA gave NaN losses on the H200 with left-padded batches (fully masked rows)
-        model.float()
-        model.set_attn_implementation("eager")
     check_tokenizer_round_trip(build_tokenizer(), tok, held_out(splits, "val"))
     host = ModelHost(model, tok, model_name="usefulness-base", lora=LoraSettings(r=args.rank, alpha=2 * args.rank))
     train = {s.name: tokenize(examples(s.train), tok) for s in splits}
@@ -561,7 +572,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             break
         lr_started = time.perf_counter()
         settings = TrainSettings(
-            local_epochs=args.local_epochs, batch_size=args.batch_size, learning_rate=lr, max_grad_norm=args.clip
+            local_epochs=args.local_epochs,
+            batch_size=args.batch_size,
+            learning_rate=lr,
+            max_grad_norm=args.clip,
+            freeze_lora_a=args.ffa_lora,
         )
         print(f"lr {lr:g}: (a) pooled non-private", flush=True)
         run_a = train_nonprivate(
@@ -614,7 +629,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "r": args.rank,
             "alpha": 2 * args.rank,
             "targets": sorted(getattr(host.peft.peft_config[TRAIN_ADAPTER], "target_modules", None) or []),
+            "trained_factors": {
+                "pooled_nonprivate": "A and B",
+                "dp_arms": "B (FFA-LoRA)" if args.ffa_lora else "A and B",
+            },
         },
+        "dtype": str(next(model.parameters()).dtype),
+        "attn_implementation": model.config._attn_implementation,
         "data": {
             "sites": args.sites,
             "train_per_site": args.n_train,
@@ -630,6 +651,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "rounds": args.rounds,
             "local_epochs": args.local_epochs,
             "batch_size": args.batch_size,
+            "sample_rate": min(1.0, args.batch_size / args.n_train),
+            "ffa_lora": args.ffa_lora,
             "max_grad_norm": args.clip,
             "lr_grid": args.lrs,
             "lr_grid_run": lrs_run,
