@@ -1,12 +1,14 @@
-"""Left-padded batches in bf16 + SDPA on CUDA: the 2-D mask (NaN) against the trainer's pad-safe mask.
+"""Left-padded batches in bf16 + SDPA on CUDA: transformers' 2-D-mask path against the trainer's pad-safe mask.
 
-The usefulness benchmark found NaN losses on the H200 when the node's model ran in bf16 with
-SDPA on left-padded batches. This measures, per SDPA backend, whether the per-record losses and
+The usefulness benchmark saw NaN losses on the H200 in bf16 + SDPA on left-padded batches, blamed
+on query rows with every key masked. This measures, per SDPA backend, whether the per-record losses and
 the DP per-sample gradients (``privacy.lora_dp.LoraGradSampler``) are finite with the mask
 transformers builds from the 2-D padding mask (a leading pad token's query sees no key) and
 with ``node.model.pad_safe_attention_mask`` (what ``node.trainer.per_sample_loss`` now uses),
-then runs one real ``node.trainer.train_round`` in bf16. Models: the product's tiny DeepSeek-V3
-(MLA + MoE) and a Qwen2 of the usefulness benchmark's shape (GQA), both seeded, nothing downloaded.
+then runs one real ``node.trainer.train_round`` in bf16. H200, torch 2.11 (2026-11-28): finite
+everywhere, with either mask (``bench/results/pad_mask_check_h200_2026-11-28.json``). Models:
+the product's tiny DeepSeek-V3 (MLA + MoE) and a Qwen2 of the usefulness benchmark's shape (GQA),
+both seeded, nothing downloaded.
 
 Usage: ``python bench/pad_mask_check.py --out results.json`` (CUDA; a CPU run shows the CPU
 kernels' zeros for all-masked rows).

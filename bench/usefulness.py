@@ -34,17 +34,22 @@ referral-copy chat ("Referred by X. Which department referred this patient?" -> 
 is drawn independently of the findings. So the base knows the words and the one-word answer
 format but not the private findings-to-department mapping (it scores about chance). Nothing is
 downloaded. (SmolLM2-135M loads here but trains at ~1 s per record on 2 CPU cores, far too slow
-for the thousands of records DP at epsilon 1 needs.) On CUDA the base runs as the node loads it:
-bf16 with SDPA (the trainer's pad-safe mask keeps left-padded batches finite, ``bench/pad_mask_check.py``).
+for the thousands of records DP at epsilon 1 needs.) On CUDA the base runs in float32 with eager
+attention (``--cuda-precision fp32-eager``, the default): in bf16 + SDPA (``node``, as the node
+loads it) the DP arms trained finite on the H200, but arm (a), which has no clipping, went NaN
+after its first epoch at lr 0.01 (2026-11-28, 50,000 records/site, batch 2,500). All-masked pad
+rows are not the cause there: ``bench/pad_mask_check.py`` found every SDPA backend finite on them.
+An adapter with NaN scores 0 and is marked diverged instead of stopping the run.
 
 Noise. DP-SGD's noise on the averaged gradient is ``sigma * clip / batch``, and at a fixed sample
-rate and number of epochs sigma stays put while the batch grows with the records: 50,000
-synthetic records per site at q = 0.05 give batches of 2,500 (five times less noise per step than
+rate and number of epochs sigma stays put while the batch grows with the records: 30,000
+synthetic records per site at q = 0.05 give batches of 1,500 (three times less noise per step than
 10,000 records). ``--ffa-lora`` (default on) trains the DP arms as FFA-LoRA (``TrainSettings.
 freeze_lora_a``, B only: half the noisy dimensions, exact averaging); arm (a) trains A and B.
 
-Usage: ``python -m bench.usefulness --device cuda --budget-s 400`` (the full configuration on
-an H200; ``--budget-s`` stops the lr sweep early to fit a time limit), ``--quick`` for a CPU
+Usage: ``python -m bench.usefulness --device cuda --budget-s 600`` (the full configuration on
+an H200, about 2 min per learning rate; ``--budget-s`` stops the lr sweep early to fit a time
+limit), ``--quick`` for a CPU
 smoke run. Writes ``bench/results/usefulness_<device>_<date>.json`` (with every DP site's
 ledger of arm (c), for ``privacy/budget_plot.py``) and prints a markdown table.
 """
@@ -64,6 +69,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's packages
@@ -435,6 +441,9 @@ def score(host: ModelHost, arrays: wire.Arrays | None, records: Sequence[Clinica
     """Exact match of greedy answers served by ModelHost.generate under `arrays` (None: the base model)."""
     model = host.model_name
     version = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in version)  # peft: no dots in names
+    if arrays is not None and not all(np.isfinite(v).all() for v in arrays.values()):
+        n = len(records)
+        return {"exact_match": 0.0, "n": n, "diverged": True, "per_department": {}, "top_predictions": {}}
     if arrays is not None:
         host.install(version, arrays, sha256=wire.sha256_of(arrays))
         model = version
@@ -490,8 +499,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument(
+        "--cuda-precision",
+        choices=("fp32-eager", "node"),
+        default="fp32-eager",
+        help="on CUDA: float32 + eager attention, or the node's bf16 + SDPA (arm (a) went NaN there)",
+    )
     ap.add_argument("--sites", type=int, default=3)
-    ap.add_argument("--n-train", type=int, default=50000, help="private training records per site")
+    ap.add_argument("--n-train", type=int, default=30000, help="private training records per site")
     ap.add_argument("--n-val", type=int, default=30, help="validation records per site (learning-rate choice)")
     ap.add_argument("--n-test", type=int, default=150, help="held-out test records per site")
     ap.add_argument("--minority-weight", type=float, default=0.1, help="weight of a site's non-specialities (6 / 3)")
@@ -499,13 +514,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--public-epochs", type=int, default=3)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=2500, help="expected (Poisson) batch of DP-SGD; batch of (a)")
+    ap.add_argument("--batch-size", type=int, default=1500, help="expected (Poisson) batch of DP-SGD; batch of (a)")
     ap.add_argument(
         "--ffa-lora", action=argparse.BooleanOptionalAction, default=True, help="DP arms train B only (FFA-LoRA)"
     )
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument(
-        "--lrs", type=float, nargs="+", default=[1e-2, 3e-2, 3e-3], help="grid every arm gets, in run order"
+        "--lrs", type=float, nargs="+", default=[1e-2, 3e-3, 3e-2], help="grid every arm gets, in run order"
     )
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--epsilon", type=float, default=1.0)
@@ -552,6 +567,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         work / "base", shape=BaseShape(), public=public, epochs=args.public_epochs, device=args.device, seed=0
     )
     model, tok = load_model(work / "base", device=args.device)  # the node's loader
+    if args.device == "cuda" and args.cuda_precision == "fp32-eager":
+        model.float()
+        model.set_attn_implementation("eager")
     check_tokenizer_round_trip(build_tokenizer(), tok, held_out(splits, "val"))
     host = ModelHost(model, tok, model_name="usefulness-base", lora=LoraSettings(r=args.rank, alpha=2 * args.rank))
     train = {s.name: tokenize(examples(s.train), tok) for s in splits}
@@ -668,6 +686,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "train_loss_per_round": {arm: [round(x, 4) for x in run.losses] for arm, run in chosen.items()},
         "seconds": {arm: round(run.seconds, 1) for arm, run in chosen.items()},
         "goal": {
+            "pooled_learned": a > test_em["base (public pretraining only)"],  # else (a) is no reference
             "federated_over_pooled": round(c / a, 4) if a else None,
             "federated_at_least_90pct_of_pooled": c >= GOAL_FRACTION * a,
             "best_site_alone": best_b,
@@ -677,7 +696,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "versions": versions("torch", "transformers", "peft", "opacus"),
     }
     res["goal"]["met"] = (
-        res["goal"]["federated_at_least_90pct_of_pooled"] and res["goal"]["federated_beats_every_site_alone"]
+        res["goal"]["pooled_learned"]
+        and res["goal"]["federated_at_least_90pct_of_pooled"]
+        and res["goal"]["federated_beats_every_site_alone"]
     )
     res["markdown"] = {"header": MARKDOWN_HEADER, "rows": markdown_rows(res)}
     out.parent.mkdir(parents=True, exist_ok=True)

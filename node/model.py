@@ -156,11 +156,13 @@ def pad_safe_attention_mask(model: torch.nn.Module, attention_mask: torch.Tensor
     """A 4-D mask for a left-padded batch under which every query attends at least one key.
 
     From a 2-D mask transformers builds a causal mask in which a leading pad token's query
-    sees no key at all. CUDA's fused SDPA kernels return NaN for such a row in bf16 (the CPU
-    and math kernels return 0), the NaN becomes that position's value in the next layer, and
-    a real query's zero weight on it gives 0 * NaN = NaN: the whole batch's loss is NaN and the
-    trainer refuses every round. Here each query keeps the causal mask over real keys and also
-    attends itself, which changes only pad rows (their outputs are never scored). Applied for
+    sees no key at all. A kernel that does not special-case such a row (softmax over -inf only,
+    as torch's SDPA did before 2.5; transformers dropped its own fix, `allow_torch_fix`, relying
+    on it) gives NaN there; the NaN becomes that position's value in the next layer, a real
+    query's zero weight on it gives 0 * NaN = NaN, and the trainer refuses every round. Torch
+    2.11's kernels (CPU, and on an H200 the efficient, cuDNN and math ones, in bf16) return 0
+    instead, so this is a guard that does not depend on the kernel. Each query keeps the causal
+    mask over real keys and also attends itself: only pad rows change (never scored). Applied for
     "sdpa" (boolean mask) and "eager" (additive mask) on full-attention models; other
     implementations (flash-attention unpads the batch) and sliding-window layers, which need
     their own mask, get the 2-D mask back, as does a batch without padding (SDPA's causal path).

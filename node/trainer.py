@@ -70,7 +70,7 @@ def per_sample_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     answer_cols = torch.nonzero((labels != -100).any(dim=0)).flatten()
     keep = int(labels.size(1) - answer_cols.min()) + 1 if answer_cols.numel() else 2
     keep = min(keep, labels.size(1))
-    attention = pad_safe_attention_mask(model, batch["attention_mask"])  # no all-masked pad rows: NaN in CUDA SDPA
+    attention = pad_safe_attention_mask(model, batch["attention_mask"])  # no query without keys (NaN in some kernels)
     logits = model(input_ids=batch["input_ids"], attention_mask=attention, logits_to_keep=keep).logits
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, labels.size(1) - keep + 1 :]

@@ -422,9 +422,9 @@ def _fused_cuda_sdpa(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    """SDPA as CUDA's fused kernels treat a query whose keys are all masked (bf16, H200): softmax of -inf only, NaN.
+    """SDPA without a special case for a query whose keys are all masked: softmax of -inf only, NaN.
 
-    CPU and math kernels return 0 for such a row, so the failure needs this stand-in to show on CPU.
+    Torch's SDPA before 2.5 did this; torch 2.11 returns 0 for such a row, so the failure needs this stand-in.
     """
     if enable_gqa:
         key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
