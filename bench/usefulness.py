@@ -520,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument(
-        "--lrs", type=float, nargs="+", default=[1e-2, 3e-3, 3e-2], help="grid every arm gets, in run order"
+        "--lrs", type=float, nargs="+", default=[3e-3, 1e-2, 3e-2], help="grid every arm gets, in run order"
     )
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--epsilon", type=float, default=1.0)
