@@ -66,6 +66,22 @@ def make_service(
     return NodeService(config, host, train=list(train), eval_data=list(eval_data))
 
 
+@pytest.fixture
+def service(
+    host: ModelHost,
+    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
+    site_data_dir: Path,
+    tmp_path: Path,
+) -> NodeService:
+    """A fresh site service (its own state dir, ledger and audit trail) on the module's model."""
+    return make_service(host, site_data, tmp_path / "state", site_data_dir)
+
+
+def last_audit(service: NodeService) -> dict[str, Any]:
+    record: dict[str, Any] = json.loads(service.audit.path.read_text().splitlines()[-1])
+    return record
+
+
 def random_arrays(like: wire.Arrays, *, seed: int, scale: float = 0.05) -> wire.Arrays:
     rng = np.random.default_rng(seed)
     return {k: rng.normal(0.0, scale, v.shape).astype(np.float32) for k, v in like.items()}
@@ -265,12 +281,9 @@ def test_served_model_still_works_after_round(first_round: FirstRound, host: Mod
 
 
 def test_last_round_uses_the_rest_and_then_training_is_refused(
-    host: ModelHost,
-    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
-    site_data_dir: Path,
+    service: NodeService,
     tmp_path: Path,
 ) -> None:
-    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
     first = service.train(None, round_config(1, 2))
     second = service.train(first.arrays, round_config(2, 2))  # rounds_left = 1
     entries = service.ledger.entries()
@@ -289,7 +302,7 @@ def test_last_round_uses_the_rest_and_then_training_is_refused(
     assert service.state.rounds_trained == 2
     assert len(service.audit) == audit_before + 1
     assert verify(service.audit.path).ok
-    record = json.loads(service.audit.path.read_text().splitlines()[-1])
+    record = last_audit(service)
     assert record["action"] == "train.refused"
     assert record["resource"] == "run-1"
     assert record["details"]["round"] == 3
@@ -307,12 +320,9 @@ def _nan_arrays(host: ModelHost) -> wire.Arrays:
 
 
 def test_nan_global_arrays_are_refused_before_training(
+    service: NodeService,
     host: ModelHost,
-    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
-    site_data_dir: Path,
-    tmp_path: Path,
 ) -> None:
-    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
     host.reset_train_adapter(None)
     before = host.adapter_arrays(TRAIN_ADAPTER)
     with pytest.raises(wire.WireError, match="NaN"):
@@ -321,19 +331,16 @@ def test_nan_global_arrays_are_refused_before_training(
     for k, v in before.items():
         np.testing.assert_array_equal(after[k], v)
     assert service.state.rounds_trained == 0
-    record = json.loads(service.audit.path.read_text().splitlines()[-1])
+    record = last_audit(service)
     assert record["action"] == "train.refused"
 
 
 @pytest.mark.parametrize("bad", ["nan", "shape"])
 def test_bad_global_arrays_leave_the_ledger_unchanged(
+    service: NodeService,
     host: ModelHost,
-    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
-    site_data_dir: Path,
-    tmp_path: Path,
     bad: str,
 ) -> None:
-    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
     if bad == "nan":
         arrays = _nan_arrays(host)
     else:
@@ -500,13 +507,10 @@ def _ffa_config(server_round: int, num_rounds: int, **extra: Any) -> dict[str, A
 
 
 def test_ffa_service_round_from_b_only_global_arrays(
+    service: NodeService,
     host: ModelHost,
-    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
-    site_data_dir: Path,
-    tmp_path: Path,
 ) -> None:
     """Round 2 of an FFA run: the coordinator sends B only and the run's A digest; the site adds its A."""
-    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
     init = host.initial_arrays()
     digest = wire.lora_a_sha256(init)
     first = service.train(None, {**_ffa_config(1, 2), "reply-factors": "AB"})
@@ -516,20 +520,17 @@ def test_ffa_service_round_from_b_only_global_arrays(
     assert second.factors == "B" and second.update().arrays.keys() == global_b.keys()
     for k, v in wire.lora_a(init).items():
         np.testing.assert_array_equal(second.arrays[k], v, err_msg=k)
-    record = json.loads(service.audit.path.read_text().splitlines()[-1])
+    record = last_audit(service)
     assert record["action"] == "train" and record["details"]["factors_sent"] == "B"
     assert [e.status for e in service.ledger.entries()] == ["completed", "completed"]
 
 
 @pytest.mark.parametrize("bad", ["digest", "global-a"])
 def test_ffa_round_against_another_a_is_refused_before_charging(
+    service: NodeService,
     host: ModelHost,
-    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
-    site_data_dir: Path,
-    tmp_path: Path,
     bad: str,
 ) -> None:
-    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
     init = host.initial_arrays()
     if bad == "digest":
         arrays, config = wire.lora_b(init), _ffa_config(1, 2, **{"lora-a-sha256": "0" * 64})
@@ -538,17 +539,14 @@ def test_ffa_round_against_another_a_is_refused_before_charging(
     with pytest.raises(wire.WireError, match="FFA-LoRA"):
         service.train(arrays, config)
     assert service.ledger.entries() == [] and service.ledger.spent() == 0.0
-    record = json.loads(service.audit.path.read_text().splitlines()[-1])
+    record = last_audit(service)
     assert record["action"] == "train.refused" and "lora_A" in record["details"]["error"]
 
 
 def test_ffa_deployment_carries_b_only_and_is_checked_whole(
+    service: NodeService,
     host: ModelHost,
-    site_data: tuple[list[TokenizedExample], list[TokenizedExample]],
-    site_data_dir: Path,
-    tmp_path: Path,
 ) -> None:
-    service = make_service(host, site_data, tmp_path / "state", site_data_dir)
     init = host.initial_arrays()
     stored = {**init, **wire.lora_b(random_arrays(init, seed=6, scale=0.01))}  # what the registry holds
     result = service.deploy("global-v0007", wire.sha256_of(stored), wire.lora_b(stored))
