@@ -40,10 +40,10 @@ def tiny_qwen(seed: int = 0, vocab: int = 512) -> Any:
 
 
 def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:
+    """HF greedy decoding of `prompt` on the model's own device: the reference tokens."""
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
     with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
-        )
+        out = model.generate(input_ids=ids, max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)
     return [int(t) for t in out[0, len(prompt) :]]
 
 

@@ -140,7 +140,7 @@ def test_adapter_sync_between_steps_keeps_running_requests(tok: Any) -> None:
 
     peft = _peft_with_two_adapters(tiny_qwen()).cuda()
     peft.set_adapter("v1")
-    v1 = hf_greedy_cuda(peft, PROMPTS[0], 6)
+    v1 = hf_greedy(peft, PROMPTS[0], 6)
     runner = make_runner(peft, max_slots=4, max_len=64)  # graphs captured at load, as Serving builds it
     assert isinstance(runner, FastRunner)
     params = SamplingParams(max_tokens=24, ignore_eos=True)
@@ -158,18 +158,6 @@ def test_adapter_sync_between_steps_keeps_running_requests(tok: Any) -> None:
         assert done and seen == expected
         assert len(runner._graphs) > graphs  # the live set's graphs came with the load
         assert engine.complete(PROMPTS[0], SamplingParams(max_tokens=6, ignore_eos=True), adapter="v1").token_ids == v1
-
-
-def hf_greedy_cuda(model: Any, prompt: list[int], n: int) -> list[int]:
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=torch.tensor([prompt], device="cuda"),
-            max_new_tokens=n,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
-        )
-    return [int(t) for t in out[0, len(prompt) :]]
 
 
 def run_one(engine: Any, prompt: list[int], params: SamplingParams, on_event: Any) -> bool:
