@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -316,8 +317,6 @@ def _gemv_torch(
     residual: bool,
 ) -> torch.Tensor:
     """The same function through torch (cuBLAS for the product): a tuning candidate and the reference."""
-    import torch.nn.functional as F
-
     k = w.shape[1]
     xin = x.float()
     if swiglu:
@@ -382,8 +381,6 @@ def lora_torch(
     mode: int,
 ) -> torch.Tensor:
     """`lora` in torch: the reference, and the path where Triton is absent (the CPU)."""
-    import torch.nn.functional as F
-
     rows = t.shape[1]
     if rows:
         owner = torch.arange(rows, device=t.device) // rows_per_adapter + 1
@@ -628,8 +625,6 @@ def _attention_check(
     cfg: tuple[int, int],
     tol: float,
 ) -> str | None:
-    import torch.nn.functional as F
-
     heads, kv, d = 4, 2, 16
     dtype = qkv.dtype
     ref_k, ref_v = keys.clone(), values.clone()
