@@ -419,7 +419,7 @@ def test_ffa_lora_trains_b_only(
     assert any(".lora_A." in n for n in trainable)  # A is trainable again after the round
 
 
-def _fused_cuda_sdpa(
+def _sdpa_without_all_masked_guard(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -452,7 +452,7 @@ def test_left_padded_round_is_finite_where_sdpa_gives_nan_for_all_masked_rows(
 ) -> None:
     """A leading pad token's query sees no key under the model's own mask: the trainer must not depend on it."""
     train = site_data[0]
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _fused_cuda_sdpa)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", _sdpa_without_all_masked_guard)
     batch = collate(train, pad_id=int(host.tokenizer.pad_token_id), left=True)
     assert (batch["attention_mask"] == 0).any(), "the batch must be left-padded"
     with host.using("base") as m, torch.no_grad():
