@@ -29,7 +29,7 @@ from flwr.app import RecordDict
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's packages
 
 from bench.common import machine, versions
-from federation import records, wire
+from federation.protocol import records, wire
 
 REPORT = wire.PrivacyReport(
     site="site-a",

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's packages
 
 from bench.common import machine, versions
-from federation.cli.demo_data import generate_site_records
+from examples.demo.data import generate_site_records
 from node.data import Example, collate, tokenize
 from node.engine import TRAIN_ADAPTER, ModelHost
 from node.model import load_model, write_tiny_model

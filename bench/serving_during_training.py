@@ -27,8 +27,8 @@ USER = [{"role": "user", "content": "Chest pain since this morning, troponin ele
 
 
 def build_node(root: Path) -> Any:
-    from federation.cli.demo_data import write_site_dataset
-    from federation.config import NodeConfig
+    from examples.demo.data import write_site_dataset
+    from federation.protocol.config import NodeConfig
     from node.data import load_jsonl, tokenize
     from node.engine import ModelHost
     from node.model import load_model, write_tiny_model

@@ -2,7 +2,7 @@
 
 Read-only views for the consortium operator: which sites may join and which are registered
 with the SuperLink, the adapter versions in the registry with their lineage, and run
-summaries. Served through federation.mtls_server (TLS 1.3, CRL, refusals logged and audited).
+summaries. Served through federation.security.mtls_server (TLS 1.3, CRL, refusals logged and audited).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from fastapi.responses import JSONResponse
 
 from coordinator.registry import AdapterRegistry, RegistryError
 from coordinator.sites import SiteAccess
-from federation import pki
-from federation.mtls_server import peer_of
-from federation.roles import AccessDenied, require_role
+from federation.security import pki
+from federation.security.mtls_server import peer_of
+from federation.security.roles import AccessDenied, require_role
 from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator.admin")

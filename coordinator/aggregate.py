@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from federation import wire
+from federation.protocol import wire
 
 
 def weighted_average(updates: list[tuple[wire.Arrays, float]]) -> wire.Arrays:

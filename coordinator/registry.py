@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from federation import wire
+from federation.protocol import wire
 
 _VERSION_RE = re.compile(r"^global-v(\d{4,})$")
 

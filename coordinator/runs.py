@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import federation
+import federation.protocol
 from coordinator.service import CONNECTION, STATE_FILE, CoordinatorError, flwr_bin, flwr_env
 
-FAB_DIR = Path(federation.__file__).parent / "flower_app"
+FAB_DIR = Path(federation.protocol.__file__).parent / "flower_app"
 
 Progress = Callable[[dict[str, Any]], None]
 

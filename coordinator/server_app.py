@@ -1,7 +1,7 @@
 """The Flower ServerApp: federated DP-LoRA rounds, one global adapter version per round.
 
 The SuperLink starts it for each `fedseek run`; its run config (see
-federation/flower_app/pyproject.toml) says where the registry lives and how many rounds to run.
+federation/protocol/flower_app/pyproject.toml) says where the registry lives and how many rounds to run.
 A summary of the run is written to `<registry>/runs/<run-name>.json` for operators and the demo.
 """
 

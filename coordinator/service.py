@@ -1,7 +1,7 @@
 """`fedseek coordinator start`: SuperLink on loopback behind the nginx fleet gateway.
 
 The SuperLink listens on 127.0.0.1 only, with TLS (the coordinator certificate). The public
-fleet port is nginx (`federation.fleet_gateway`): it requires a client certificate chained to
+fleet port is nginx (`federation.security.fleet_gateway`): it requires a client certificate chained to
 the consortium CA and not on its CRL, forwards only the Fleet API, and only when the
 request's Flower key is the one registered for the certificate's site. SuperNode
 authentication stays on as a second factor: each site's key is registered through the
@@ -22,13 +22,13 @@ from typing import Any
 from coordinator.admin_api import create_admin_app
 from coordinator.registry import AdapterRegistry
 from coordinator.sites import SiteAccess, flwr_supernode
-from federation import pki
-from federation.config import CoordinatorConfig
-from federation.filewatch import FileWatcher
-from federation.fleet_gateway import Gateway, GatewayError, GatewayLog, audit_refusal
-from federation.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
-from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
-from federation.sidecar import TLSFiles
+from federation.ops.filewatch import FileWatcher
+from federation.ops.supervise import Managed, ProcessError, free_port, stop_all, supervise
+from federation.protocol.config import CoordinatorConfig
+from federation.security import pki
+from federation.security.fleet_gateway import Gateway, GatewayError, GatewayLog, audit_refusal
+from federation.security.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
+from federation.security.sidecar import TLSFiles
 from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator")

@@ -22,8 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from federation import pki
-from federation.fleet_gateway import GatewayError, flower_key_header, subject_dn
+from federation.security import pki
+from federation.security.fleet_gateway import GatewayError, flower_key_header, subject_dn
 from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator.sites")

@@ -20,7 +20,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from coordinator.aggregate import weighted_average as weighted_average  # re-export: the mean lives Flower-free
 from coordinator.registry import AdapterRegistry, Manifest, SiteLineage
-from federation import records, wire
+from federation.protocol import records, wire
 
 log = logging.getLogger("fedseek.coordinator")
 

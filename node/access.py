@@ -8,7 +8,7 @@
 | OpenAI routes (`/v1/models`, `/v1/chat/completions`) | an API key, or any consortium certificate (`openai_auth`) |
 | `/healthz`                     | anyone who completed the TLS handshake                  |
 
-Certificates are verified by the TLS layer (federation.mtls_server); here only their role and
+Certificates are verified by the TLS layer (federation.security.mtls_server); here only their role and
 name are read. Every refusal is logged and written to the audit trail.
 """
 
@@ -22,9 +22,9 @@ from typing import Literal
 
 from fastapi import Request
 
-from federation.mtls_server import peer_of
-from federation.pki import Identity, Role
-from federation.roles import AccessDenied, require_role
+from federation.security.mtls_server import peer_of
+from federation.security.pki import Identity, Role
+from federation.security.roles import AccessDenied, require_role
 from node.api_keys import ApiKeys
 from privacy.audit import AuditTrail
 

@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federation import pki
-from federation.config import NodeConfig
-from federation.filewatch import FileWatcher
-from federation.flower_auth import ensure_auth_keypair
-from federation.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
-from federation.procs import Managed, ProcessError, free_port, stop_all, supervise
-from federation.sidecar import TLSFiles, client_config, make_sidecar
+from federation.ops.filewatch import FileWatcher
+from federation.ops.supervise import Managed, ProcessError, free_port, stop_all, supervise
+from federation.protocol.config import NodeConfig
+from federation.security import pki
+from federation.security.flower_auth import ensure_auth_keypair
+from federation.security.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
+from federation.security.sidecar import TLSFiles, client_config, make_sidecar
 from node.engine import ModelHost
 from node.model import load_model
 from node.server import create_app

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from federation import wire
+from federation.protocol import wire
 from node.data import IGNORE_INDEX, Example, TokenizedExample, collate, tokenize
 from node.engine import ModelHost
 from node.trainer import TrainSettings, per_sample_loss, train_round

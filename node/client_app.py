@@ -7,7 +7,7 @@ the agent's bearer token. Node config keys (from `flower-supernode --node-config
 `agent-url`, `agent-token-file`, `agent-ca`, `agent-cert`, `agent-key`.
 
 What travels is the agent's choice: under FFA-LoRA the train reply holds only the B factors
-and the `adapter` record says so (wire version 2, see federation/wire.py); a B-only global
+and the `adapter` record says so (wire version 2, see federation/protocol/wire.py); a B-only global
 adapter is relayed as it is and the agent adds its own seeded A.
 """
 
@@ -22,7 +22,7 @@ import httpx
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from federation import records, wire
+from federation.protocol import records, wire
 
 app = ClientApp()
 

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from federation import wire
+from federation.protocol import wire
 from node.model import lora_target_modules
 
 TRAIN_ADAPTER = "site_local"

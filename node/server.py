@@ -25,8 +25,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from explain.attribution import NonFiniteScores
-from federation import wire
-from federation.roles import openai_error
+from federation.protocol import wire
+from federation.security.roles import openai_error
 from node.access import AccessDenied, AccessPolicy, Caller, Rule
 from node.api_keys import ensure_first_key
 from node.client_app import CONFIG_HEADER, REPORT_HEADER

@@ -19,8 +19,8 @@ from typing import Any, cast
 
 import torch
 
-from federation import wire
-from federation.config import NodeConfig
+from federation.protocol import wire
+from federation.protocol.config import NodeConfig
 from node.data import TokenizedExample, collate, load_jsonl, tokenize
 from node.engine import BASE, TRAIN_ADAPTER, AdapterInfo, Generation, ModelHost
 from node.metrics import ServingMetrics

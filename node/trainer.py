@@ -16,7 +16,7 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from federation import wire
+from federation.protocol import wire
 from node.data import TokenizedExample, collate
 from node.engine import TRAIN_ADAPTER, ModelHost
 from node.model import pad_safe_attention_mask

@@ -23,7 +23,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def site_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from federation.cli.demo_data import write_site_dataset
+    from examples.demo.data import write_site_dataset
 
     out = tmp_path_factory.mktemp("site-data")
     write_site_dataset(out, site_index=0, n_sites=3, n_train=48, n_eval=12)
@@ -33,7 +33,7 @@ def site_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A consortium CA with a coordinator, two sites and a reviewer."""
-    from federation import pki
+    from federation.security import pki
 
     root = tmp_path_factory.mktemp("pki")
     pki.init_ca(root, consortium="fedseek-test")

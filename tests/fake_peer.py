@@ -1,7 +1,7 @@
 """A stand-in for the TLS layer in TestClient tests, which have no handshake.
 
 `x-test-peer: name:role` plays the verified client certificate. Only tests pass `header_peer`
-to an app; the parties themselves always read the certificate federation.mtls_server verified
+to an app; the parties themselves always read the certificate federation.security.mtls_server verified
 (tests with real handshakes: tests/federation/test_mtls_server.py, the `node_url` tests of
 tests/node/test_explain_api.py, tests/e2e/test_fleet_revocation.py).
 """
@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 from fastapi import Request
 
-from federation.pki import Identity
+from federation.security.pki import Identity
 
 HEADER = "x-test-peer"
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import get_args
 
-from federation import pki
+from federation.security import pki
 
 _LOOPBACK = ("localhost", "127.0.0.1")
 
@@ -108,7 +108,7 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _issue(args: argparse.Namespace) -> int:
-    from federation.site_binding import register_site_key
+    from federation.security.site_binding import register_site_key
 
     pki_dir = Path(args.pki)
     hosts = list(args.host or _LOOPBACK)

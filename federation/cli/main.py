@@ -36,7 +36,7 @@ def _model_tiny(args: argparse.Namespace) -> int:
 # ---- services ------------------------------------------------------------------------------
 def _coordinator_start(args: argparse.Namespace) -> int:
     from coordinator.service import run_coordinator
-    from federation import config as cfg
+    from federation.protocol import config as cfg
 
     if args.config:
         conf = cfg.load(cfg.CoordinatorConfig, Path(args.config))
@@ -55,7 +55,7 @@ def _coordinator_start(args: argparse.Namespace) -> int:
 
 
 def _node_start(args: argparse.Namespace) -> int:
-    from federation import config as cfg
+    from federation.protocol import config as cfg
     from node.agent import run_node
 
     run_node(cfg.load(cfg.NodeConfig, Path(args.config)))
@@ -167,7 +167,7 @@ def _node_json(response: httpx.Response) -> dict[str, Any]:
 
 # ---- demo -------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
-    from federation.cli.demo import DemoSettings, run_demo
+    from examples.demo.run import DemoSettings, run_demo
 
     report = run_demo(
         DemoSettings(out=Path(args.out), sites=args.sites, rounds=args.rounds, keep_running=args.keep_running)
@@ -264,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types whose message is meant for the operator (imported lazily)."""
     from coordinator.service import CoordinatorError
-    from federation.config import ConfigError
-    from federation.pki import PKIError
-    from federation.sidecar import SidecarError
+    from federation.protocol.config import ConfigError
+    from federation.security.pki import PKIError
+    from federation.security.sidecar import SidecarError
     from node.agent import NodeStartError
     from privacy.ledger import BudgetExceeded, LedgerError
 

@@ -56,7 +56,7 @@ def load_serving(args: argparse.Namespace, adapters: dict[str, Path], audit: Any
     """Model, adapters and engine; what `fedseek node start` builds, minus the federation."""
     from safetensors.numpy import load_file
 
-    from federation import wire
+    from federation.protocol import wire
     from node.engine import ModelHost
     from node.model import load_model
     from node.service import Serving
@@ -81,7 +81,7 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from federation.cli.main import CLIError
-    from federation.mtls_server import KEEP_ALIVE_S
+    from federation.security.mtls_server import KEEP_ALIVE_S
     from node.access import AccessPolicy
     from node.api_keys import ensure_first_key
     from node.server import create_serving_app

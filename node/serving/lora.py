@@ -1,7 +1,7 @@
 """LoRA adapter weights in the form the serving engine uses: per target module, A and a scaled B.
 
 Adapters come from the peft model that ModelHost keeps (named adapters) or from the safetensors
-arrays a node receives (`federation.wire`, peft state-dict keys); either way the result is a plain
+arrays a node receives (`federation.protocol.wire`, peft state-dict keys); either way the result is a plain
 mapping the fast runner copies into its stacked multi-adapter buffers.
 """
 

@@ -19,8 +19,8 @@ from bench.usefulness import (
     public_chats,
     site_splits,
 )
-from federation import wire
-from federation.cli.demo_data import DEPARTMENTS, QUESTION, generate_site_records
+from examples.demo.data import DEPARTMENTS, QUESTION, generate_site_records
+from federation.protocol import wire
 from node.data import IGNORE_INDEX, tokenize
 from node.model import load_model
 from node.trainer import RoundResult

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from coordinator.registry import AdapterRegistry, Manifest, RegistryError, SiteLineage
-from federation import wire
+from federation.protocol import wire
 
 
 def _adapter(seed: int) -> wire.Arrays:

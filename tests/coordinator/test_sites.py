@@ -10,9 +10,9 @@ import json
 from pathlib import Path
 
 from coordinator.sites import SiteAccess
-from federation import pki
-from federation.fleet_gateway import flower_key_header, subject_dn
-from federation.site_binding import register_site_key
+from federation.security import pki
+from federation.security.fleet_gateway import flower_key_header, subject_dn
+from federation.security.site_binding import register_site_key
 from privacy.audit import AuditTrail
 
 

@@ -30,7 +30,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from coordinator.registry import AdapterRegistry
 from coordinator.server_app import run_federation
 from coordinator.strategy import weighted_average
-from federation import records, wire
+from federation.protocol import records, wire
 
 RUN_ID = 4242
 SHAPES = {"layers.0.q_proj.lora_A": (2, 8), "layers.0.q_proj.lora_B": (8, 2), "layers.1.v_proj.lora_A": (2, 8)}

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from federation.procs import Managed, free_port
-from federation.sidecar import TLSFiles, client_config, make_sidecar
+from federation.ops.supervise import Managed, free_port
+from federation.security.sidecar import TLSFiles, client_config, make_sidecar
 
 # PATH: SuperNodes start `flower-superexec` by name, from this environment's bin/
 FLWR_ENV = {

@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from coordinator.service import CONNECTION, flwr_bin, flwr_env, write_cli_config
-from federation import pki
-from federation.flower_auth import ensure_auth_keypair
-from federation.procs import free_port
-from federation.sidecar import TLSFiles
+from federation.ops.supervise import free_port
+from federation.security import pki
+from federation.security.flower_auth import ensure_auth_keypair
+from federation.security.sidecar import TLSFiles
 from tests.e2e.fleet import (
     activated,
     audit_records,

@@ -18,12 +18,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from federation import config as cfg
-from federation import pki
-from federation.flower_auth import ensure_auth_keypair
-from federation.procs import free_port
-from federation.sidecar import TLSFiles
-from federation.site_binding import register_site_key
+from federation.ops.supervise import free_port
+from federation.protocol import config as cfg
+from federation.security import pki
+from federation.security.flower_auth import ensure_auth_keypair
+from federation.security.sidecar import TLSFiles
+from federation.security.site_binding import register_site_key
 from tests.e2e.fleet import audit_records, start_coordinator, stop, supernode, wait_activated
 
 pytestmark = pytest.mark.e2e

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from federation import config as cfg
-from federation import pki
+from federation.protocol import config as cfg
+from federation.security import pki
 from node.service import site_budget
 from privacy.audit import AuditTrail
 from privacy.ledger import PrivacyLedger

@@ -24,7 +24,7 @@ import openai
 import pytest
 from safetensors.numpy import save_file
 
-from federation.procs import free_port
+from federation.ops.supervise import free_port
 from node.engine import ModelHost
 from node.model import load_model
 from privacy.audit import verify

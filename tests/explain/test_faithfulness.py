@@ -22,7 +22,7 @@ import torch
 from scipy.stats import spearmanr
 
 from explain.attribution import _MASK_TOKEN, Attribution, _FaithfulText, explain_text
-from federation import wire
+from federation.protocol import wire
 from node.engine import ModelHost
 from node.model import load_model
 

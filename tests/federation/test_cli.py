@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from federation import pki
 from federation.cli.main import main
+from federation.security import pki
 
 
 def _pass_file(tmp_path: Path, secret: str = "cli test passphrase, not the env one") -> str:

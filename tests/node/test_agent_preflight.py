@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from federation import pki
-from federation.config import NodeConfig
+from federation.protocol.config import NodeConfig
+from federation.security import pki
 from node.agent import NodeStartError, build_service, preflight
 from node.service import site_budget
 from privacy.audit import AuditTrail, verify

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from federation import wire
+from federation.protocol import wire
 from node.engine import BASE, TRAIN_ADAPTER, ModelHost, UnknownModel
 from node.model import load_model
 

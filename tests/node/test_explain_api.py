@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from federation import pki, wire
 from federation.cli.main import main
-from federation.config import NodeConfig
-from federation.procs import free_port
+from federation.ops.supervise import free_port
+from federation.protocol import wire
+from federation.protocol.config import NodeConfig
+from federation.security import pki
 from node.agent import start_api
 from node.data import load_jsonl, tokenize
 from node.engine import ModelHost

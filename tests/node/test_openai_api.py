@@ -24,8 +24,8 @@ import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
-from federation import wire
-from federation.procs import free_port
+from federation.ops.supervise import free_port
+from federation.protocol import wire
 from node.access import AccessPolicy
 from node.api_keys import ensure_first_key
 from node.engine import ModelHost

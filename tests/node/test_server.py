@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from federation import wire
-from federation.config import NodeConfig
+from federation.protocol import wire
+from federation.protocol.config import NodeConfig
 from node.client_app import CONFIG_HEADER, REPORT_HEADER
 from node.data import load_jsonl, tokenize
 from node.engine import ModelHost

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from federation.config import NodeConfig
+from federation.protocol.config import NodeConfig
 from node.data import TokenizedExample, load_jsonl, tokenize
 from node.engine import ModelHost
 from node.model import load_model

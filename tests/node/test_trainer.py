@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from federation import wire
-from federation.config import NodeConfig
+from federation.protocol import wire
+from federation.protocol.config import NodeConfig
 from node.data import TokenizedExample, collate, load_jsonl, tokenize
 from node.engine import TRAIN_ADAPTER, ModelHost
 from node.model import load_model

@@ -75,7 +75,7 @@ def test_generic_runner_serves_mixed_adapters_like_model_host(tiny_model_dir: An
     torch.manual_seed(3)
     for version in ("v1", "v2"):
         arrays = {k: v + torch.randn(v.shape).numpy() * 0.5 for k, v in host.initial_arrays().items()}
-        from federation import wire
+        from federation.protocol import wire
 
         host.install(version, arrays, sha256=wire.sha256_of(arrays))
     messages = [{"role": "user", "content": "chest pain"}]

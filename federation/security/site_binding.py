@@ -17,8 +17,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
-from federation.flower_auth import ensure_auth_keypair
-from federation.pki import SITE_KEYS_DIR, Identity, PKIError, _write_atomic, read_identity
+from federation.security.flower_auth import ensure_auth_keypair
+from federation.security.pki import SITE_KEYS_DIR, Identity, PKIError, _write_atomic, read_identity
 
 __all__ = ["check_site_binding", "register_site_key", "registered_site_key"]
 

@@ -21,9 +21,9 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from federation import pki
-from federation.mtls_server import HTTPSService, Refusal, ServerTLS, TLSGate, peer_of
-from federation.procs import free_port
+from federation.ops.supervise import free_port
+from federation.security import pki
+from federation.security.mtls_server import HTTPSService, Refusal, ServerTLS, TLSGate, peer_of
 
 PASS = "correct horse battery staple"
 HOST = "127.0.0.1"

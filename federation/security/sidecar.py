@@ -3,7 +3,7 @@
 Flower's own TLS authenticates only the server. Each site's sidecar terminates its
 SuperNode's TLS on loopback (the site certificate, which always names 127.0.0.1) and
 re-originates the fleet traffic as mTLS with the site certificate, checking the
-coordinator's name; the coordinator's gateway (`federation.fleet_gateway`, nginx) can then
+coordinator's name; the coordinator's gateway (`federation.security.fleet_gateway`, nginx) can then
 read every HTTP request. `server_config` is a plain stunnel mTLS server, kept as the
 counterpart the sidecar tests talk to.
 """
@@ -14,7 +14,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from federation.procs import Managed
+from federation.ops.supervise import Managed
 
 
 class SidecarError(RuntimeError):

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as st_save
 
-from federation import wire
-from federation.wire import PrivacyReport, WireError
+from federation.protocol import wire
+from federation.protocol.wire import PrivacyReport, WireError
 
 
 def _adapter(seed: int = 0) -> wire.Arrays:

@@ -27,8 +27,8 @@ import uvicorn
 from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from federation import pki
-from federation.filewatch import FileWatcher, stamp
+from federation.ops.filewatch import FileWatcher, stamp
+from federation.security import pki
 
 log = logging.getLogger("fedseek.mtls")
 

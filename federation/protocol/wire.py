@@ -9,7 +9,7 @@ adapter) or "B" (FFA-LoRA: A is the seeded init every site shares and never trai
 B travels, with `lora_a_sha256`, the sha256 of the site's A factors, to prove it). Over the
 agent's HTTPS API the descriptor rides in the safetensors metadata (`fedseek-wire`,
 `factors`, `lora-a-sha256`); in Flower replies it is the `adapter` ConfigRecord
-(federation/records.py). A payload without it is version 1: the whole adapter.
+(federation/protocol/records.py). A payload without it is version 1: the whole adapter.
 """
 
 from __future__ import annotations

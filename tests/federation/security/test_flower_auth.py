@@ -8,7 +8,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from federation.flower_auth import auth_key_paths, ensure_auth_keypair
+from federation.security.flower_auth import auth_key_paths, ensure_auth_keypair
 
 
 def test_creates_both_files_in_a_new_directory(tmp_path: Path) -> None:

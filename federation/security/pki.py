@@ -13,7 +13,7 @@ servers, hence the plain on-disk layout::
     pki_dir/<name>/key.pem   leaf private key (0600, unencrypted: sidecars start unattended)
     pki_dir/<name>/ca.pem    copy of the CA certificate (trust anchor)
     pki_dir/<name>/crl.pem   copy of the CRL (each party reads only its own directory)
-    pki_dir/site-keys/       Flower SuperNode public keys (see federation.site_binding)
+    pki_dir/site-keys/       Flower SuperNode public keys (see federation.security.site_binding)
 
 Only CA operations (init, issue, renew, revoke, crl) need the CA passphrase;
 parties never do. It is passed in, or read from ``FEDSEEK_CA_PASSPHRASE``.
@@ -289,7 +289,7 @@ def issue(
     working on its own. ``hosts`` become subjectAltNames so the party can also
     act as a TLS server under those names/addresses. Other files in the
     party's directory (its Flower auth key) are kept. A node certificate always names
-    127.0.0.1: the site's sidecar serves it to the local SuperNode (`federation.sidecar`).
+    127.0.0.1: the site's sidecar serves it to the local SuperNode (`federation.security.sidecar`).
     """
     if role == "node" and "127.0.0.1" not in hosts:
         hosts = (*hosts, "127.0.0.1")

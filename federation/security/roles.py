@@ -1,6 +1,6 @@
 """Role checks shared by every party's HTTPS routes (node and coordinator alike).
 
-The TLS layer (federation.mtls_server) proves who the peer is; these helpers decide whether
+The TLS layer (federation.security.mtls_server) proves who the peer is; these helpers decide whether
 that role may call a route, with one wording for 401 (no certificate) and 403 (wrong role).
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from federation.pki import Identity, Role
+from federation.security.pki import Identity, Role
 
 
 class AccessDenied(Exception):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from federation.flower_auth import auth_key_paths
-from federation.pki import PKIError, init_ca, issue
-from federation.site_binding import check_site_binding, register_site_key, registered_site_key
+from federation.security.flower_auth import auth_key_paths
+from federation.security.pki import PKIError, init_ca, issue
+from federation.security.site_binding import check_site_binding, register_site_key, registered_site_key
 
 
 @pytest.fixture

@@ -24,9 +24,9 @@ from pathlib import Path
 
 import pytest
 
-from federation import pki
-from federation.procs import Managed, ProcessError, free_port
-from federation.sidecar import (
+from federation.ops.supervise import Managed, ProcessError, free_port
+from federation.security import pki
+from federation.security.sidecar import (
     TLSFiles,
     client_config,
     make_sidecar,

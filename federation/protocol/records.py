@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from federation import wire
+from federation.protocol import wire
 
 ARRAYS = "arrays"
 METRICS = "metrics"

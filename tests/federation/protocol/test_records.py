@@ -8,8 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
-from federation import records, wire
-from federation.wire import PrivacyReport, WireError
+from federation.protocol import records, wire
+from federation.protocol.wire import PrivacyReport, WireError
 
 
 def _adapter() -> wire.Arrays:

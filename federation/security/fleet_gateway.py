@@ -35,9 +35,9 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from federation.mtls_server import Refusal
-from federation.procs import Managed
-from federation.sidecar import TLSFiles
+from federation.ops.supervise import Managed
+from federation.security.mtls_server import Refusal
+from federation.security.sidecar import TLSFiles
 
 log = logging.getLogger("fedseek.fleet_gateway")
 
@@ -134,7 +134,7 @@ class Gateway:
         temp = "\n".join(f"    {kind}_temp_path {w}/tmp/{kind};" for kind in _TEMP_KINDS)
         deny = '{"error":{"message":"%s","type":"permission_error","code":403}}'
         only_fleet = "only the Flower Fleet API is served on this port"
-        return f"""# written by fedseek (federation/fleet_gateway.py); edits are overwritten
+        return f"""# written by fedseek (federation/security/fleet_gateway.py); edits are overwritten
 daemon off;
 worker_processes 1;
 pid {w}/nginx.pid;

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.cli.demo_data import (
+from examples.demo.data import (
     DEPARTMENTS,
     FINDINGS,
     QUESTION,

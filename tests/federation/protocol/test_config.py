@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.config import ConfigError, CoordinatorConfig, NodeConfig, from_json, load, save, to_json
+from federation.protocol.config import ConfigError, CoordinatorConfig, NodeConfig, from_json, load, save, to_json
 
 
 def _node() -> NodeConfig:

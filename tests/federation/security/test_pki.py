@@ -26,8 +26,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from federation import pki as pki_mod
-from federation.pki import (
+from federation.ops.supervise import free_port
+from federation.security import pki as pki_mod
+from federation.security.pki import (
     CRL_DAYS,
     PASSPHRASE_ENV,
     PKIError,
@@ -50,8 +51,7 @@ from federation.pki import (
     verify_leaf,
     write_crl,
 )
-from federation.procs import free_port
-from federation.sidecar import TLSFiles, make_sidecar, server_config
+from federation.security.sidecar import TLSFiles, make_sidecar, server_config
 
 PASS = "correct horse battery staple"
 
@@ -365,7 +365,7 @@ def test_corrupt_index_refused(pki: Path) -> None:
 
 
 def test_renew_gives_a_new_certificate_for_the_same_party(pki: Path) -> None:
-    from federation.site_binding import register_site_key
+    from federation.security.site_binding import register_site_key
 
     old = issue(pki, "coordinator", role="coordinator", hosts=("fl.example.org", "127.0.0.1"), days=5)
     old_cert, old_key = old.cert.read_bytes(), old.key.read_bytes()

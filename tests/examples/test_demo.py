@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from federation import wire
-from federation.procs import port_open
+from federation.ops.supervise import port_open
+from federation.protocol import wire
 
 pytestmark = pytest.mark.e2e
 

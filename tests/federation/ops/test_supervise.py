@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from federation.procs import Managed, ProcessError, free_port, supervise
+from federation.ops.supervise import Managed, ProcessError, free_port, supervise
 
 
 def _ephemeral_range() -> tuple[int, int]:

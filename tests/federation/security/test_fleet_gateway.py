@@ -25,8 +25,9 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from flwr.supernode.node_auth_http_interceptor import NodeAuthHttpInterceptor
 
-from federation import pki
-from federation.fleet_gateway import (
+from federation.ops.supervise import Managed, free_port
+from federation.security import pki
+from federation.security.fleet_gateway import (
     KEY_HEADER,
     Gateway,
     GatewayError,
@@ -40,10 +41,9 @@ from federation.fleet_gateway import (
     refusal_from_error,
     subject_dn,
 )
-from federation.flower_auth import ensure_auth_keypair
-from federation.mtls_server import Refusal
-from federation.procs import Managed, free_port
-from federation.sidecar import TLSFiles
+from federation.security.flower_auth import ensure_auth_keypair
+from federation.security.mtls_server import Refusal
+from federation.security.sidecar import TLSFiles
 from privacy.audit import AuditTrail
 
 HOST = "127.0.0.1"
@@ -322,7 +322,7 @@ class Running:
 
 @pytest.fixture(scope="module")
 def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
-    from federation.site_binding import register_site_key
+    from federation.security.site_binding import register_site_key
 
     root = tmp_path_factory.mktemp("gw-pki")
     pki.init_ca(root, consortium="gateway-test")

@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 
-from federation import config as cfg
-from federation import pki
-from federation.cli.demo_data import generate_site_records, question_for, write_site_dataset
-from federation.procs import Managed, ProcessError, free_port, log_tail, stop_all
+from examples.demo.data import generate_site_records, question_for, write_site_dataset
+from federation.ops.supervise import Managed, ProcessError, free_port, log_tail, stop_all
+from federation.protocol import config as cfg
+from federation.security import pki
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def _prepare(settings: DemoSettings, names: list[str]) -> tuple[Path, Path]:
         pki.issue(pki_dir, "operator", role="admin", passphrase=secret)
         for name in names:
             pki.issue(pki_dir, name, role="node", passphrase=secret)
-    from federation.flower_auth import ensure_auth_keypair
+    from federation.security.flower_auth import ensure_auth_keypair
 
     keys_dir = pki_dir / "site-keys"
     keys_dir.mkdir(exist_ok=True)

@@ -1,0 +1,1 @@
+"""Runnable examples; the first is the local consortium demo (`fedseek demo`)."""

@@ -1,0 +1,101 @@
+"""One exception family for all of FedSeek.
+
+Every error FedSeek raises on purpose is a `FedSeekError`: its message is one line an operator
+can act on, and the class says how it leaves the process:
+- the CLI (`federation/cli/main.py`, one `except FedSeekError`) prints `fedseek: error: <message>`
+  and exits with `exit_code`;
+- an HTTP API answers `http_status` with OpenAI's error body (`type` = `openai_type`, `code` =
+  the instance's `code`), through `federation.security.refusals.error_response`.
+
+The kinds below name what went wrong for the caller (bad input, no credentials, not found,
+conflict, busy, unavailable); each module's own error subclasses the kind that fits and, where
+callers already catch a builtin (`ValueError`, `LookupError`), that builtin too, so behaviour
+stays as it was. This module imports nothing of FedSeek: every layer may use it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "Busy",
+    "Conflict",
+    "FedSeekError",
+    "Forbidden",
+    "InvalidInput",
+    "NotFound",
+    "Unauthenticated",
+    "Unavailable",
+]
+
+
+class FedSeekError(Exception):
+    """Base of every deliberate FedSeek error: a one-line operator message, an exit code, an HTTP status."""
+
+    exit_code: ClassVar[int] = 2
+    http_status: ClassVar[int] = 500
+    openai_type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str | None] = None
+
+    def __init__(self, message: str = "", *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code if code is not None else self.default_code
+
+    @property
+    def status(self) -> int:
+        """The HTTP status this error answers with (an instance may override the class's)."""
+        return self.http_status
+
+    def one_line(self) -> str:
+        """The operator message: the first line, or the class name when there is none."""
+        text = str(self)
+        return text.splitlines()[0] if text.strip() else type(self).__name__
+
+
+class InvalidInput(FedSeekError):
+    """The caller sent something malformed, oversized or out of range (400)."""
+
+    http_status = 400
+    openai_type = "invalid_request_error"
+
+
+class Unauthenticated(FedSeekError):
+    """No credential, or one that does not verify (401)."""
+
+    http_status = 401
+    openai_type = "authentication_error"
+
+
+class Forbidden(FedSeekError):
+    """A valid credential of the wrong kind for what it asks (403)."""
+
+    http_status = 403
+    openai_type = "permission_error"
+
+
+class NotFound(FedSeekError, LookupError):
+    """What the caller names does not exist (404)."""
+
+    http_status = 404
+    openai_type = "invalid_request_error"
+
+
+class Conflict(FedSeekError):
+    """The request is well formed but the state refuses it: a spent budget, a broken ledger (409)."""
+
+    http_status = 409
+    openai_type = "invalid_request_error"
+
+
+class Busy(FedSeekError):
+    """A bounded queue is full; the caller should retry later (429)."""
+
+    http_status = 429
+    openai_type = "rate_limit_error"
+
+
+class Unavailable(FedSeekError):
+    """The service cannot answer yet or any more: loading, a child process down (503)."""
+
+    http_status = 503
+    openai_type = "service_unavailable"

@@ -1,0 +1,1 @@
+"""Running the parties: process supervision, file watching, atomic writes, state-directory layout."""
