@@ -26,10 +26,7 @@ place: a refused or interrupted operation leaves the PKI directory as it was.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import fcntl
-import functools
 import ipaddress
 import json
 import os
@@ -37,7 +34,7 @@ import re
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,6 +45,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from federation.ops.atomic import install_dir, write_atomic
 
 __all__ = [
     "CRL_DAYS",
@@ -197,7 +196,7 @@ def generate_passphrase_file(path: Path) -> bytes:
         raise PKIError(f"passphrase file {path} already exists")
     secret = secrets.token_urlsafe(32).encode()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, secret + b"\n", mode=0o600)
+    write_atomic(path, secret + b"\n", mode=0o600)
     return secret
 
 
@@ -262,12 +261,12 @@ def init_ca(
             serialization.PrivateFormat.PKCS8,
             serialization.BestAvailableEncryption(secret),
         )
-        _write_atomic(staging / _CA_KEY, key_pem, mode=0o600)
-        _write_atomic(staging / _CA_CERT, _cert_pem(cert), mode=0o644)
-        _write_atomic(staging / _INDEX, _index_bytes(index), mode=0o644)
-        _write_atomic(staging / _CRL, crl, mode=0o644)
+        write_atomic(staging / _CA_KEY, key_pem, mode=0o600)
+        write_atomic(staging / _CA_CERT, _cert_pem(cert), mode=0o644)
+        write_atomic(staging / _INDEX, _index_bytes(index), mode=0o644)
+        write_atomic(staging / _CRL, crl, mode=0o644)
         os.chmod(staging, 0o700)
-        _install_dir(staging, ca_dir)
+        install_dir(staging, ca_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -664,18 +663,18 @@ def _commit(pki_dir: Path, index: _Index, crl: bytes, *, install: tuple[Path, Pa
     """
     index_path = pki_dir / _CA_DIR / _INDEX
     before = index_path.read_bytes() if index_path.is_file() else None
-    _write_atomic(index_path, _index_bytes(index), mode=0o644)
+    write_atomic(index_path, _index_bytes(index), mode=0o644)
     try:
         if install is not None:
-            _install_dir(*install)
+            install_dir(*install)
     except BaseException:
         if before is None:
             index_path.unlink(missing_ok=True)
         else:
-            _write_atomic(index_path, before, mode=0o644)
+            write_atomic(index_path, before, mode=0o644)
         raise
     for target in (pki_dir / _CA_DIR, *_party_dirs(pki_dir)):
-        _write_atomic(target / _CRL, crl, mode=0o644)
+        write_atomic(target / _CRL, crl, mode=0o644)
 
 
 def _sign_crl(ca: _CA, index: _Index, *, now: datetime, days: int = CRL_DAYS) -> bytes:
@@ -802,10 +801,10 @@ def _issue_at(
         staging = Path(tempfile.mkdtemp(dir=pki_dir, prefix=f".{name}.new-"))
         try:
             _carry_over(leaf_dir, staging)
-            _write_atomic(staging / _LEAF_KEY, _leaf_key_pem(key), mode=0o600)
-            _write_atomic(staging / _LEAF_CERT, _cert_pem(cert), mode=0o644)
-            _write_atomic(staging / _LEAF_CA, _cert_pem(ca.cert), mode=0o644)
-            _write_atomic(staging / _CRL, crl, mode=0o644)
+            write_atomic(staging / _LEAF_KEY, _leaf_key_pem(key), mode=0o600)
+            write_atomic(staging / _LEAF_CERT, _cert_pem(cert), mode=0o644)
+            write_atomic(staging / _LEAF_CA, _cert_pem(ca.cert), mode=0o644)
+            write_atomic(staging / _CRL, crl, mode=0o644)
             os.chmod(staging, 0o755)
             _commit(pki_dir, index, crl, install=(staging, leaf_dir))
         finally:
@@ -1025,89 +1024,3 @@ def _leaf_key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write via temp file + fsync + rename so readers never see a partial file."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _install_dir(staging: Path, dest: Path) -> None:
-    """Move a fully written directory into place, replacing any previous one.
-
-    Where the kernel can (Linux renameat2 RENAME_EXCHANGE) the two swap in one
-    step, so a party re-reading its files during a renewal sees the old or the
-    new directory, never none; ``staging`` then holds the old one, for the
-    caller to delete. Elsewhere (POSIX cannot rename over a non-empty
-    directory) the old one is moved aside first and restored if the second
-    rename fails.
-    """
-    if dest.is_dir() and not dest.is_symlink() and _exchange(staging, dest):
-        _fsync_dir(dest.parent)
-        return
-    old: Path | None = None
-    if dest.exists() or dest.is_symlink():
-        old = dest.parent / f".{dest.name}.old-{secrets.token_hex(4)}"
-        os.rename(dest, old)
-    try:
-        os.rename(staging, dest)
-    except BaseException:
-        if old is not None:
-            os.rename(old, dest)
-        raise
-    _fsync_dir(dest.parent)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):
-                old.unlink()
-
-
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
-
-
-@functools.cache
-def _renameat2() -> Callable[..., int] | None:
-    try:
-        func = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    func.restype = ctypes.c_int
-    result: Callable[..., int] = func
-    return result
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths; False where the platform or filesystem cannot."""
-    renameat2 = _renameat2()
-    if renameat2 is None:
-        return False
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,8 +17,9 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from federation.ops.atomic import write_atomic
 from federation.security.flower_auth import ensure_auth_keypair
-from federation.security.pki import SITE_KEYS_DIR, Identity, PKIError, _write_atomic, read_identity
+from federation.security.pki import SITE_KEYS_DIR, Identity, PKIError, read_identity
 
 __all__ = ["check_site_binding", "register_site_key", "registered_site_key"]
 
@@ -30,7 +31,7 @@ def register_site_key(pki_dir: Path, name: str) -> Path:
     site_keys = pki_dir / SITE_KEYS_DIR
     site_keys.mkdir(exist_ok=True)
     dest = site_keys / f"{name}.pub"
-    _write_atomic(dest, keys.public_key.read_bytes(), mode=0o644)
+    write_atomic(dest, keys.public_key.read_bytes(), mode=0o644)
     return dest
 
 
