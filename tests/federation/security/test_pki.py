@@ -344,7 +344,7 @@ def test_failure_while_installing_leaves_directory_as_before(pki: Path, monkeypa
     def broken(staging: Path, dest: Path) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pki_mod, "_install_dir", broken)
+    monkeypatch.setattr(pki_mod, "install_dir", broken)
     for operation in (lambda: issue(pki, "site-b", role="node"), lambda: renew(pki, "site-a")):
         with pytest.raises(OSError, match="No space left"):
             operation()
