@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from bench.common import machine, versions
+from federation.protocol.round_settings import RunSettings, TrainInstruction
 
 USER = [{"role": "user", "content": "Chest pain since this morning, troponin elevated. Which department?"}]
 
@@ -29,10 +30,10 @@ USER = [{"role": "user", "content": "Chest pain since this morning, troponin ele
 def build_node(root: Path) -> Any:
     from examples.demo.data import write_site_dataset
     from federation.protocol.config import NodeConfig
+    from node.build import assemble_node
     from node.data import load_jsonl, tokenize
     from node.engine import ModelHost
     from node.model import load_model, write_tiny_model
-    from node.service import NodeService
 
     model_dir = write_tiny_model(root / "model")
     write_site_dataset(root / "data", site_index=0, n_sites=3, n_train=64, n_eval=8)
@@ -47,7 +48,7 @@ def build_node(root: Path) -> Any:
     )
     train = tokenize(load_jsonl(root / "data" / "train.jsonl"), tok)
     eval_data = tokenize(load_jsonl(root / "data" / "eval.jsonl"), tok)
-    return NodeService(config, ModelHost(model, tok, model_name="tiny"), train=train, eval_data=eval_data)
+    return assemble_node(config, ModelHost(model, tok, model_name="tiny"), train=train, eval_data=eval_data)
 
 
 def serve_for(service: Any, seconds: float, clients: int, max_tokens: int) -> dict[str, Any]:
@@ -91,8 +92,9 @@ def serve_for(service: Any, seconds: float, clients: int, max_tokens: int) -> di
 def train(service: Any, server_round: int) -> dict[str, Any]:
     """One DP round of 32 steps (Poisson batches of 8 of 64 records, 4 epochs); a quarter of the budget."""
     start = time.perf_counter()
-    config = {"local-epochs": 4, "batch-size": 8, "server-round": server_round, "num-rounds": 4, "run-id": "bench"}
-    result = service.train(None, config)
+    run = RunSettings(num_rounds=4, local_epochs=4, batch_size=8)
+    instruction = TrainInstruction(run=run, server_round=server_round, run_id="bench")
+    result = service.train(None, instruction.to_config_record())
     took = time.perf_counter() - start
     return {
         "steps": result.report.steps,

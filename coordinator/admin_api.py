@@ -2,7 +2,8 @@
 
 Read-only views for the consortium operator: which sites may join and which are registered
 with the SuperLink, the adapter versions in the registry with their lineage, and run
-summaries. Served through federation.security.mtls_server (TLS 1.3, CRL, refusals logged and audited).
+summaries. Served through federation.security.mtls_server (TLS 1.3, CRL); refused callers are
+logged, audited and answered by federation.security.refusals, exactly as the node's routes are.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse
 
 from coordinator.registry import AdapterRegistry, RegistryError
 from coordinator.sites import SiteAccess
 from federation.security import pki
 from federation.security.mtls_server import peer_of
+from federation.security.refusals import audit_refusal, install_error_handlers
 from federation.security.roles import AccessDenied, require_role
 from privacy.audit import AuditTrail
 
@@ -31,28 +32,15 @@ def create_admin_app(
     *, sites: SiteAccess, registry: AdapterRegistry, audit: AuditTrail, peer: PeerFn = peer_of
 ) -> FastAPI:
     app = FastAPI(title="FedSeek coordinator admin", version="0.1.0")
+    install_error_handlers(app)
 
     def admin(request: Request) -> pki.Identity:
         identity = peer(request)
         try:
             return require_role(identity, "admin")
         except AccessDenied as exc:
-            who = identity.name if identity else (request.client.host if request.client else "unknown")
-            log.warning("refused %s %s from %s: %s", request.method, request.url.path, who, exc)
-            audit.append(
-                actor=who,
-                action="access.refused",
-                resource=request.url.path,
-                details={"status": exc.status, "reason": str(exc), "role": identity.role if identity else None},
-            )
+            audit_refusal(request, exc, identity=identity, audit=audit, log=log)
             raise
-
-    @app.exception_handler(AccessDenied)
-    async def _denied(_: Request, exc: AccessDenied) -> JSONResponse:
-        return JSONResponse(
-            status_code=exc.status,
-            content={"error": {"message": str(exc), "type": exc.kind, "param": None, "code": None}},
-        )
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:

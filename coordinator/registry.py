@@ -17,12 +17,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from federation.errors import Conflict
 from federation.protocol import wire
 
 _VERSION_RE = re.compile(r"^global-v(\d{4,})$")
 
 
-class RegistryError(RuntimeError):
+class RegistryError(Conflict):
     """A missing or corrupt adapter version."""
 
 
@@ -96,6 +97,8 @@ class AdapterRegistry:
             for name in ("adapter.safetensors", "manifest.json"):
                 with open(tmp / name, "rb") as fh:
                     os.fsync(fh.fileno())
+            # Not federation.ops.atomic.install_dir: that swaps out an existing directory, whereas this
+            # rename fails (ENOTEMPTY) if the version was already published, so none is ever overwritten.
             os.replace(tmp, self.root / version)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import json
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import federation.protocol
-from coordinator.service import CONNECTION, STATE_FILE, CoordinatorError, flwr_bin, flwr_env
+from coordinator.service import CONNECTION, CoordinatorError, flwr_bin, flwr_env
+from federation.ops.layout import CoordinatorLayout
+from federation.protocol.round_settings import RunConfig, RunSettings
 
 FAB_DIR = Path(federation.protocol.__file__).parent / "flower_app"
 
@@ -22,32 +25,32 @@ Progress = Callable[[dict[str, Any]], None]
 
 
 def coordinator_info(state_dir: Path) -> dict[str, Any]:
+    path = CoordinatorLayout(state_dir).endpoints
     try:
-        data: dict[str, Any] = json.loads((state_dir / STATE_FILE).read_text())
+        data: dict[str, Any] = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise CoordinatorError(f"no running coordinator found in {state_dir} ({STATE_FILE} unreadable)") from exc
+        raise CoordinatorError(f"no running coordinator found in {state_dir} ({path.name} unreadable)") from exc
     return data
 
 
-def _toml_value(value: Any) -> str:
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string is JSON-compatible for these values
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+def submit_run(state_dir: Path, *, settings: RunSettings) -> str:
+    """Submit a run with `settings` to the coordinator in `state_dir`; return Flower's run id.
 
-
-def submit_run(state_dir: Path, *, run_name: str, settings: dict[str, Any]) -> str:
+    The run config goes to `flwr run` as a TOML file: any run name or registry path survives
+    quoting, and the SuperLink refuses a key the app does not declare.
+    """
     info = coordinator_info(state_dir)
-    config = {"registry-dir": info["registry"], "run-name": run_name, **settings}
-    run_config = " ".join(f"{k}={_toml_value(v)}" for k, v in config.items())
-    out = subprocess.run(
-        [flwr_bin("flwr"), "run", str(FAB_DIR), CONNECTION, "--run-config", run_config, "--format", "json"],
-        env=flwr_env(Path(info["flwr_home"])),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    config = RunConfig(settings, registry_dir=str(info["registry"]))
+    with tempfile.TemporaryDirectory(prefix="fedseek-run-") as tmp:
+        run_config = Path(tmp) / "run-config.toml"
+        run_config.write_text(config.to_toml())
+        out = subprocess.run(
+            [flwr_bin("flwr"), "run", str(FAB_DIR), CONNECTION, "--run-config", str(run_config), "--format", "json"],
+            env=flwr_env(Path(info["flwr_home"])),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     try:
         result = json.loads(out.stdout)
     except ValueError:
@@ -83,7 +86,7 @@ def wait_run(state_dir: Path, *, run_name: str, timeout: float, progress: Progre
 
 
 def run(
-    state_dir: Path, *, run_name: str, settings: dict[str, Any], timeout: float = 1800, progress: Progress | None = None
+    state_dir: Path, *, settings: RunSettings, timeout: float = 1800, progress: Progress | None = None
 ) -> dict[str, Any]:
-    submit_run(state_dir, run_name=run_name, settings=settings)
-    return wait_run(state_dir, run_name=run_name, timeout=timeout, progress=progress)
+    submit_run(state_dir, settings=settings)
+    return wait_run(state_dir, run_name=settings.run_name, timeout=timeout, progress=progress)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from coordinator.registry import AdapterRegistry
 from coordinator.strategy import LoraFedAvg
+from federation.ops.atomic import write_atomic
+from federation.protocol.round_settings import RoundSettingsError, RunConfig
 
 log = logging.getLogger("fedseek.coordinator")
 
@@ -27,23 +29,26 @@ app = ServerApp()
 
 def write_run_summary(path: Path, summary: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(summary, indent=2))
 
 
-def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
-    """Run the configured rounds on `grid`; return the run summary (also used by tests)."""
-    registry = AdapterRegistry(Path(str(run_config["registry-dir"])))
-    run_name = str(run_config.get("run-name", "run"))
-    rounds = int(run_config.get("num-rounds", 2))
-    ffa = bool(run_config.get("ffa-lora", False))  # FFA-LoRA: A frozen at the shared seeded init, B-only traffic
-    summary_path = registry.root / "runs" / f"{run_name}.json"
+def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Run the configured rounds on `grid`; return the run summary (also used by tests).
+
+    `run_config` is Flower's run config of the app: an unknown key or a wrong type is refused
+    (RoundSettingsError) before anything runs, and absent keys take RunSettings' defaults.
+    """
+    config = RunConfig.from_run_config(run_config)
+    if not config.registry_dir:
+        raise RoundSettingsError("the run config names no registry-dir; submit runs with `fedseek run`")
+    settings = config.settings
+    registry = AdapterRegistry(Path(config.registry_dir))
+    summary_path = registry.root / "runs" / f"{settings.run_name}.json"
     summary: dict[str, Any] = {
-        "run": run_name,
+        "run": settings.run_name,
         "status": "running",
-        "rounds_planned": rounds,
-        "ffa_lora": ffa,
+        "rounds_planned": settings.num_rounds,
+        "ffa_lora": settings.ffa_lora,
         "rounds": [],
     }
 
@@ -55,32 +60,15 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
             summary["global_adapter"]["path"] = str(registry.path(strategy.latest.version))
         write_run_summary(summary_path, summary)
 
-    strategy = LoraFedAvg(
-        registry=registry,
-        run_name=run_name,
-        min_nodes=int(run_config.get("min-nodes", 2)),
-        on_round=snapshot,
-        ffa=ffa,
-    )
-    train_config = ConfigRecord(
-        {
-            "run-name": run_name,
-            "num-rounds": rounds,
-            "local-epochs": int(run_config.get("local-epochs", 1)),
-            "batch-size": int(run_config.get("batch-size", 8)),
-            "learning-rate": float(run_config.get("learning-rate", 2e-3)),
-            "max-grad-norm": float(run_config.get("max-grad-norm", 1.0)),
-        }
-    )
+    strategy = LoraFedAvg(registry=registry, settings=settings, on_round=snapshot)
     write_run_summary(summary_path, summary)
     try:
-        strategy.start(
+        strategy.start(  # each train message's config is the strategy's TrainInstruction for its round
             grid=grid,
             initial_arrays=ArrayRecord(),  # empty: sites start from the seeded LoRA init
-            num_rounds=rounds,
-            timeout=float(run_config.get("round-timeout", 900.0)),
-            train_config=train_config,
-            evaluate_config=ConfigRecord({"run-name": run_name}),
+            num_rounds=settings.num_rounds,
+            timeout=settings.round_timeout,
+            evaluate_config=ConfigRecord({"run-name": settings.run_name}),
         )
         summary["status"] = "finished"
     except Exception as exc:
@@ -95,4 +83,4 @@ def run_federation(grid: Grid, run_config: dict[str, Any]) -> dict[str, Any]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO)
-    run_federation(grid, dict(context.run_config))
+    run_federation(grid, context.run_config)

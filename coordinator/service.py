@@ -22,7 +22,10 @@ from typing import Any
 from coordinator.admin_api import create_admin_app
 from coordinator.registry import AdapterRegistry
 from coordinator.sites import SiteAccess, flwr_supernode
+from federation.errors import Unavailable
+from federation.ops.atomic import write_atomic
 from federation.ops.filewatch import FileWatcher
+from federation.ops.layout import CoordinatorLayout
 from federation.ops.supervise import Managed, ProcessError, free_port, stop_all, supervise
 from federation.protocol.config import CoordinatorConfig
 from federation.security import pki
@@ -33,11 +36,10 @@ from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator")
 
-STATE_FILE = "coordinator.json"
 CONNECTION = "fedseek"
 
 
-class CoordinatorError(RuntimeError):
+class CoordinatorError(Unavailable):
     """The coordinator refuses to start or a run failed; one line for the operator."""
 
 
@@ -64,12 +66,12 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
-def register_site(state_dir: Path, public_key: Path, *, name: str) -> int:
+def register_site(flwr_cli: Path, public_key: Path, *, name: str) -> int:
     """Register a site's SuperNode key (second factor) with the running SuperLink; its node id."""
     try:
         out = flwr_supernode(
             ["register", str(public_key), CONNECTION, "--name", name],
-            env=flwr_env(state_dir / "flwr-cli"),
+            env=flwr_env(flwr_cli),
             flwr=flwr_bin("flwr"),
         )
     except RuntimeError as exc:
@@ -77,11 +79,9 @@ def register_site(state_dir: Path, public_key: Path, *, name: str) -> int:
     return int(str(out["node-id"]))
 
 
-def unregister_site(state_dir: Path, node_id: int) -> None:
+def unregister_site(flwr_cli: Path, node_id: int) -> None:
     try:
-        flwr_supernode(
-            ["unregister", str(node_id), CONNECTION], env=flwr_env(state_dir / "flwr-cli"), flwr=flwr_bin("flwr")
-        )
+        flwr_supernode(["unregister", str(node_id), CONNECTION], env=flwr_env(flwr_cli), flwr=flwr_bin("flwr"))
     except RuntimeError as exc:
         raise CoordinatorError(f"unregistering node {node_id}: {exc}") from exc
 
@@ -113,8 +113,8 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         leaf = pki.load_party(pki_dir, config.name, role="coordinator")
     except pki.PKIError as exc:
         raise CoordinatorError(f"certificate check failed: {exc}") from exc
-    state = Path(config.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    layout = CoordinatorLayout(Path(config.state_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
     link_port = config.superlink_port or free_port()
     superlink = Managed(
         name="superlink",
@@ -135,14 +135,14 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             "--enable-supernode-auth",
             "--disable-runtime-dependency-installation",
             "--database",
-            str(state / "superlink.db"),
+            str(layout.superlink_db),
         ],
-        log_path=state / "logs" / "superlink.log",
+        log_path=layout.superlink_log,
         # PATH: the SuperLink starts `flower-superexec` by name, from this environment's bin/
-        env={"FLWR_HOME": str(state / "flwr"), "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": _bin_path()},
+        env={"FLWR_HOME": str(layout.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": _bin_path()},
     )
     gateway = Gateway(
-        workdir=state / "gateway",
+        workdir=layout.gateway,
         tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl),
         listen=f"{config.fleet_host}:{config.fleet_port}",
         upstream=f"127.0.0.1:{link_port}",
@@ -160,14 +160,14 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
         superlink.start().wait_port("127.0.0.1", link_port, timeout=60)
-        write_cli_config(state / "flwr-cli", f"127.0.0.1:{link_port}", ca_cert=leaf.ca_cert)
-        audit = AuditTrail(state / "audit.jsonl")
+        write_cli_config(layout.flwr_cli, f"127.0.0.1:{link_port}", ca_cert=leaf.ca_cert)
+        audit = AuditTrail(layout.audit)
         sites = SiteAccess(
             pki_dir=pki_dir,
             site_keys_dir=Path(config.site_keys_dir or pki_dir / pki.SITE_KEYS_DIR),
             audit=audit,
-            register=lambda key, name: register_site(state, key, name=name),
-            unregister=lambda node_id: unregister_site(state, node_id),
+            register=lambda key, name: register_site(layout.flwr_cli, key, name=name),
+            unregister=lambda node_id: unregister_site(layout.flwr_cli, node_id),
         )
         registered = sorted(sites.sync())
         gateway.write_bindings(sites.fleet_bindings())
@@ -190,19 +190,17 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             interval=config.pki_poll_seconds,
         ).start()
         follower = FileWatcher([gateway.access_log, gateway.error_log], refusals.poll, interval=1.0).start()
-        admin = _start_admin_api(config, leaf, sites=sites, audit=audit, registry=state / "registry")
+        admin = _start_admin_api(config, leaf, sites=sites, audit=audit, registry=layout.registry)
         info: dict[str, Any] = {
             "superlink": f"127.0.0.1:{link_port}",
             "fleet": f"{config.fleet_host}:{config.fleet_port}",
-            "registry": str(state / "registry"),
-            "flwr_home": str(state / "flwr-cli"),
+            "registry": str(layout.registry),
+            "flwr_home": str(layout.flwr_cli),
             "registered_sites": registered,
             "admin": admin.url,
             "pid": os.getpid(),
         }
-        tmp = state / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, state / STATE_FILE)
+        write_atomic(layout.endpoints, json.dumps(info, indent=2))
         print(f"coordinator ready: fleet (mTLS, nginx) {info['fleet']}, sites {registered}", flush=True)
         supervise(procs, stopping)
     except ProcessError as exc:
@@ -214,4 +212,4 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         if admin is not None:
             admin.stop()
         stop_all(procs)
-        (state / STATE_FILE).unlink(missing_ok=True)
+        layout.endpoints.unlink(missing_ok=True)

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import FedAvg
 from coordinator.aggregate import weighted_average as weighted_average  # re-export: the mean lives Flower-free
 from coordinator.registry import AdapterRegistry, Manifest, SiteLineage
 from federation.protocol import records, wire
+from federation.protocol.round_settings import RunSettings, TrainInstruction
 
 log = logging.getLogger("fedseek.coordinator")
 
@@ -51,21 +52,21 @@ class LoraFedAvg(FedAvg):
         self,
         *,
         registry: AdapterRegistry,
-        run_name: str,
-        min_nodes: int,
+        settings: RunSettings,
         parent: str | None = None,
         on_round: Callable[[], None] | None = None,
-        ffa: bool = False,
     ) -> None:
-        super().__init__(min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes, min_available_nodes=min_nodes)
+        nodes = settings.min_nodes
+        super().__init__(min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes)
+        self.settings = settings
         self.on_round = on_round
         self.registry = registry
-        self.run_name = run_name
+        self.run_name = settings.run_name
         self.parent = parent
         self.rounds: list[RoundRecord] = []
         self.latest: Manifest | None = None
         self.global_arrays: wire.Arrays | None = registry.load(parent)[0] if parent else None
-        self.ffa = ffa
+        self.ffa = settings.ffa_lora  # FFA-LoRA: A frozen at the shared seeded init, B-only traffic
 
     @staticmethod
     def _reject(rec: RoundRecord, msg: Message, exc: Exception) -> None:
@@ -125,23 +126,32 @@ class LoraFedAvg(FedAvg):
         sources = [wire.lora_a(u.arrays) for _, u, _ in kept if u.factors == "AB"]
         return kept, (wire.lora_a(known) if known is not None else next(iter(sources), None))
 
-    def _ffa_message(self, arrays: ArrayRecord, config: ConfigRecord) -> tuple[ArrayRecord, ConfigRecord]:
-        """What an FFA-LoRA train or evaluate message carries: B only once A is known, else a request for A."""
-        cfg = ConfigRecord(dict(config))
-        cfg["ffa-lora"] = True
-        if self.global_arrays is None:
-            cfg["reply-factors"] = "AB"
-            return arrays, cfg
-        cfg["reply-factors"] = "B"
-        cfg["lora-a-sha256"] = wire.lora_a_sha256(self.global_arrays)
-        return ArrayRecord({k: v for k, v in arrays.items() if wire.factor_of(k) != "A"}), cfg
+    def _instruction(self, server_round: int) -> TrainInstruction:
+        """What this round's train messages tell the nodes. Under FFA-LoRA: send B only, naming A's
+        digest, once the coordinator knows A; until then ask for the whole adapter."""
+        if not self.ffa or self.global_arrays is None:
+            return TrainInstruction(run=self.settings, server_round=server_round)
+        digest = wire.lora_a_sha256(self.global_arrays)
+        return TrainInstruction(run=self.settings, server_round=server_round, reply_factors="B", lora_a_sha256=digest)
+
+    @staticmethod
+    def _sent_arrays(arrays: ArrayRecord, instruction: TrainInstruction) -> ArrayRecord:
+        """The global adapter as a message carries it: without lora_A when the nodes are told B only."""
+        if instruction.reply_factors == "AB":
+            return arrays
+        return ArrayRecord({k: v for k, v in arrays.items() if wire.factor_of(k) != "A"})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        if self.ffa:
-            arrays, config = self._ffa_message(arrays, config)
-        return super().configure_train(server_round, arrays, config, grid)
+        """Every train message's config is this round's TrainInstruction, built from the run's settings.
+
+        `config` (what `start` was given, stamped with the round by FedAvg) is not used: the one
+        source of a round's settings is `self.settings`.
+        """
+        instruction = self._instruction(server_round)
+        sent = self._sent_arrays(arrays, instruction)
+        return super().configure_train(server_round, sent, instruction.to_config_record(), grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -210,9 +220,12 @@ class LoraFedAvg(FedAvg):
         """Evaluation doubles as deployment: nodes install the version named here, then score it."""
         if self.latest is None:
             return []
-        if self.ffa:  # B only: the node adds its seeded A and checks the whole adapter's sha256
-            arrays, config = self._ffa_message(arrays, config)
         cfg = ConfigRecord(dict(config))
+        if self.ffa:  # B only: the node adds its seeded A and checks the whole adapter's sha256
+            instruction = self._instruction(server_round)
+            arrays = self._sent_arrays(arrays, instruction)
+            ffa_keys = ("ffa-lora", "reply-factors", "lora-a-sha256")
+            cfg.update({k: v for k, v in instruction.to_config_record().items() if k in ffa_keys})
         cfg["adapter-version"] = self.latest.version
         cfg["adapter-sha256"] = self.latest.sha256
         return super().configure_evaluate(server_round, arrays, cfg, grid)

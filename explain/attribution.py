@@ -17,6 +17,7 @@ import numpy as np
 import shap
 
 from explain.granularity import Granularity, feature_tokenizer
+from federation.errors import FedSeekError
 
 ScoreFn = Callable[[Sequence[str]], np.ndarray]
 """``score_fn(prompts) -> (len(prompts), T)`` log-probs of the T fixed response tokens."""
@@ -31,8 +32,10 @@ _RTOL = 1e-4
 _ATOL = 1e-6
 
 
-class NonFiniteScores(RuntimeError):
+class NonFiniteScores(FedSeekError):
     """The model returned NaN or infinite log-probs, so no attribution would mean anything."""
+
+    default_code = "non_finite_scores"
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: ndarray fields make generated __eq__ ambiguous

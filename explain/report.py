@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from explain.attribution import Attribution
+from federation.ops.atomic import write_atomic
 
 _TOP_N = 10
 _POS_RGB = (220, 38, 38)  # red: raises the response's log-prob
@@ -174,14 +173,5 @@ def _bar_plot_png(top: list[tuple[str, float]]) -> bytes:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    # mkstemp's 0600 mode is kept on purpose: the report contains clinical text.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write a report file crash-safely, readable by its owner only: it contains clinical text."""
+    write_atomic(path, data, mode=0o600)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "KINDS",
     "Busy",
     "Conflict",
     "FedSeekError",
@@ -26,11 +27,16 @@ __all__ = [
     "NotFound",
     "Unauthenticated",
     "Unavailable",
+    "kind_for_status",
 ]
 
 
 class FedSeekError(Exception):
-    """Base of every deliberate FedSeek error: a one-line operator message, an exit code, an HTTP status."""
+    """Base of every deliberate FedSeek error: a one-line operator message, an exit code, an HTTP status.
+
+    Subclassed directly, it is the kind for a failure on FedSeek's side that the caller cannot fix
+    (a damaged audit trail, a model that returned NaN): 500, `server_error`.
+    """
 
     exit_code: ClassVar[int] = 2
     http_status: ClassVar[int] = 500
@@ -99,3 +105,23 @@ class Unavailable(FedSeekError):
 
     http_status = 503
     openai_type = "service_unavailable"
+
+
+KINDS: tuple[type[FedSeekError], ...] = (
+    InvalidInput,
+    Unauthenticated,
+    Forbidden,
+    NotFound,
+    Conflict,
+    Busy,
+    Unavailable,
+)
+"""Every kind below the base, one per HTTP status."""
+
+
+def kind_for_status(status: int) -> type[FedSeekError]:
+    """The kind that answers `status`, so a client can raise a FedSeek server's refusal as what it is.
+
+    A status no kind answers (500, or anything foreign) is a plain `FedSeekError`.
+    """
+    return next((kind for kind in KINDS if kind.http_status == status), FedSeekError)

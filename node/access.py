@@ -9,7 +9,8 @@
 | `/healthz`                     | anyone who completed the TLS handshake                  |
 
 Certificates are verified by the TLS layer (federation.security.mtls_server); here only their role and
-name are read. Every refusal is logged and written to the audit trail.
+name are read. Every refusal is logged and written to the audit trail
+(federation.security.refusals.audit_refusal, as the coordinator's admin API does).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from fastapi import Request
 
 from federation.security.mtls_server import peer_of
 from federation.security.pki import Identity, Role
-from federation.security.roles import AccessDenied, require_role
+from federation.security.refusals import audit_refusal
+from federation.security.roles import AccessDenied, NotAuthenticated, NotPermitted, require_role
 from node.api_keys import ApiKeys
 from privacy.audit import AuditTrail
 
@@ -69,14 +71,7 @@ class AccessPolicy:
         try:
             return self._decide(request, rule, identity)
         except AccessDenied as exc:
-            who = f"{identity.name} ({identity.role})" if identity else _address(request)
-            log.warning("refused %s %s from %s: %s", request.method, request.url.path, who, exc)
-            self.audit.append(
-                actor=identity.name if identity else _address(request),
-                action="access.refused",
-                resource=request.url.path,
-                details={"status": exc.status, "reason": str(exc), "role": identity.role if identity else None},
-            )
+            audit_refusal(request, exc, identity=identity, audit=self.audit, log=log)
             raise
 
     def _decide(self, request: Request, rule: Rule, identity: Identity | None) -> Caller:
@@ -86,29 +81,25 @@ class AccessPolicy:
         identity = require_role(identity, wanted)
         if rule == "self":
             if identity.name != self.site:
-                raise AccessDenied(403, f"only this site's own node ({self.site}) may call internal routes")
+                raise NotPermitted(f"only this site's own node ({self.site}) may call internal routes")
             if not hmac.compare_digest(_bearer(request), self.agent_token):
-                raise AccessDenied(401, "missing or wrong agent token")
+                raise NotAuthenticated("missing or wrong agent token")
         return Caller(actor=identity.name, identity=identity)
 
     def _application(self, request: Request, identity: Identity | None) -> Caller:
         if self.openai_auth == "mtls":
             if identity is None:
-                raise AccessDenied(401, "this site requires a consortium client certificate for the API")
+                raise NotAuthenticated("this site requires a consortium client certificate for the API")
             return Caller(actor=identity.name, identity=identity)
         key = _bearer(request)
         if not key:
-            raise AccessDenied(401, "missing API key: send 'Authorization: Bearer <key>'")
+            raise NotAuthenticated("missing API key: send 'Authorization: Bearer <key>'")
         kid = self.api_keys.verify(key)
         if kid is None:
-            raise AccessDenied(401, "invalid API key")
+            raise NotAuthenticated("invalid API key")
         return Caller(actor=kid, identity=identity)
 
 
 def _bearer(request: Request) -> str:
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
     return value.strip() if scheme.lower() == "bearer" else ""
-
-
-def _address(request: Request) -> str:
-    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"

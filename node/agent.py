@@ -3,7 +3,8 @@
 Start-up order is chosen so that a bad input is refused before anything is touched:
 certificate (must chain to the consortium CA), audit trail and ledger (integrity), privacy
 budget (must have room left), data, model. Then the HTTPS API, the mTLS fleet sidecar and
-the SuperNode start, and the agent supervises both until it is stopped.
+the SuperNode start, and the agent supervises both until it is stopped. The node itself
+(model, ledger, audit trail, serving) is built by `node.build`.
 """
 
 from __future__ import annotations
@@ -18,17 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from federation.ops.atomic import write_atomic
 from federation.ops.filewatch import FileWatcher
+from federation.ops.layout import NodeLayout
 from federation.ops.supervise import Managed, ProcessError, free_port, stop_all, supervise
 from federation.protocol.config import NodeConfig
 from federation.security import pki
 from federation.security.flower_auth import ensure_auth_keypair
 from federation.security.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
 from federation.security.sidecar import TLSFiles, client_config, make_sidecar
-from node.engine import ModelHost
-from node.model import load_model
-from node.server import create_app
-from node.service import NodeService, load_site_data
+from node.api import create_app
+from node.build import NodeStartError, build_node, node_access, site_budget
+from node.service import NodeService
 from privacy.audit import head_path, verify
 from privacy.ledger import PrivacyLedger
 
@@ -37,10 +39,6 @@ log = logging.getLogger("fedseek.node")
 
 # A remainder below this share of the budget is too small to train on: treat it as spent.
 MIN_ROUND_FRACTION = 0.01
-
-
-class NodeStartError(RuntimeError):
-    """The node refuses to start; the message is one line for the operator."""
 
 
 @dataclass(frozen=True)
@@ -65,19 +63,16 @@ def preflight(config: NodeConfig) -> pki.LeafFiles:
             f"certificate check failed: {config.name}'s certificate does not name 127.0.0.1, where the fleet "
             "sidecar serves it to the SuperNode; re-issue it (`fedseek ca issue` adds it)"
         )
-    state = Path(config.state_dir)
-    audit_path = state / "audit.jsonl"
+    layout = NodeLayout(Path(config.state_dir))
+    audit_path = layout.audit
     if audit_path.exists() or head_path(audit_path).exists():
         result = verify(audit_path)
         if not result.ok:
             raise NodeStartError(f"audit trail failed its integrity check: {audit_path}: {result.error}")
-    ledger_path = state / "ledger.sqlite"
-    if ledger_path.exists():
-        from node.service import site_budget
-
+    if layout.ledger.exists():
         try:
             ledger = PrivacyLedger(
-                ledger_path, budget=site_budget(config, _count_lines(Path(config.data_dir) / "train.jsonl"))
+                layout.ledger, budget=site_budget(config, _count_lines(Path(config.data_dir) / "train.jsonl"))
             )
             spent = ledger.spent()
         except Exception as exc:
@@ -97,25 +92,8 @@ def _count_lines(path: Path) -> int:
         raise NodeStartError(f"cannot read training data {path}: {exc.strerror}") from exc
 
 
-def build_service(config: NodeConfig) -> NodeService:
-    from node.model import ModelLoadError
-
-    try:
-        model, tokenizer = load_model(config.model_dir, device=config.device)
-    except ModelLoadError as exc:
-        raise NodeStartError(str(exc)) from exc
-    try:
-        train, eval_data = load_site_data(config, tokenizer)
-    except ValueError as exc:
-        raise NodeStartError(f"bad site data: {exc}") from exc
-    host = ModelHost(model, tokenizer, model_name=Path(config.model_dir).name)
-    return NodeService(config, host, train=train, eval_data=eval_data)
-
-
-def _fleet_processes(
-    config: NodeConfig, leaf: pki.LeafFiles, service: NodeService, api_url: str
-) -> tuple[list[Managed], int]:
-    state = Path(config.state_dir)
+def _fleet_processes(config: NodeConfig, leaf: pki.LeafFiles, api_url: str) -> tuple[list[Managed], int]:
+    layout = NodeLayout(Path(config.state_dir))
     sidecar_port = config.fleet_sidecar_port or free_port()
     sidecar = make_sidecar(
         name="fleet-sidecar",
@@ -126,14 +104,14 @@ def _fleet_processes(
             connect=config.coordinator,
             server_name=config.coordinator_name,
         ),
-        workdir=state / "sidecar",
+        workdir=layout.sidecar,
     )
     keys = ensure_auth_keypair(Path(config.pki_dir) / config.name)
     node_config = " ".join(
         f'{key}="{value}"'
         for key, value in {
             "agent-url": api_url,
-            "agent-token-file": state / "agent.token",
+            "agent-token-file": layout.agent_token,
             "agent-ca": leaf.ca_cert,
             "agent-cert": leaf.cert,
             "agent-key": leaf.key,
@@ -158,10 +136,10 @@ def _fleet_processes(
             "--max-wait-time",
             "3600",
         ],
-        log_path=state / "logs" / "supernode.log",
+        log_path=layout.supernode_log,
         # PATH: the SuperNode starts `flower-superexec` by name, from this environment's bin/
         env={
-            "FLWR_HOME": str(state / "flwr"),
+            "FLWR_HOME": str(layout.flwr_home),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
         },
@@ -176,22 +154,25 @@ def start_api(
     refusals in the audit trail, certificate and CRL changes picked up without a restart."""
     tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl, poll_interval=poll_seconds)
     return HTTPSService.start(
-        create_app(service), tls, host=host, port=port, on_refusal=audit_hook(service.audit.append)
+        create_app(service, access=node_access(service)),
+        tls,
+        host=host,
+        port=port,
+        on_refusal=audit_hook(service.audit.append),
     )
 
 
 def run_node(config: NodeConfig) -> None:
     """Run the agent until SIGTERM/SIGINT; raises NodeStartError on refused start-up."""
     leaf = preflight(config)
-    service = build_service(config)
-    state = Path(config.state_dir)
+    service = build_node(config)
     port = config.api_port or free_port()
     try:
         api = start_api(service, leaf, host=config.api_host, port=port, poll_seconds=config.pki_poll_seconds)
     except ServiceStartError as exc:
         raise NodeStartError(str(exc)) from exc
     api_url = api.url
-    procs, sidecar_port = _fleet_processes(config, leaf, service, api_url)
+    procs, sidecar_port = _fleet_processes(config, leaf, api_url)
     stopping = threading.Event()
     watcher: FileWatcher | None = None
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -202,7 +183,7 @@ def run_node(config: NodeConfig) -> None:
         # A new CRL (or renewed certificate) reaches the fleet sidecar without dropping the tunnel.
         watcher = FileWatcher([leaf.crl, leaf.cert], procs[0].reload, interval=config.pki_poll_seconds).start()
         endpoints = NodeEndpoints(config.name, api_url, f"127.0.0.1:{sidecar_port}", os.getpid())
-        _write_json(state / "node.json", endpoints.to_json())
+        write_atomic(service.layout.endpoints, json.dumps(endpoints.to_json(), indent=2))
         log.info("node %s ready: api %s, fleet sidecar %s", config.name, api_url, endpoints.fleet_sidecar)
         print(f"node {config.name} ready: {api_url}", flush=True)
         supervise(procs, stopping)
@@ -213,10 +194,4 @@ def run_node(config: NodeConfig) -> None:
             watcher.stop()
         stop_all(procs)
         api.stop()
-        (state / "node.json").unlink(missing_ok=True)
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+        service.layout.endpoints.unlink(missing_ok=True)

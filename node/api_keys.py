@@ -1,6 +1,6 @@
 """API keys for the site's applications calling the OpenAI-compatible routes.
 
-Only SHA-256 digests are stored (one per line, `state/api-keys.sha256`), so a copied state
+Only SHA-256 digests are stored (one per line, `NodeLayout.api_key_digests`), so a copied state
 directory does not leak usable keys; the file is re-read when it changes, so keys are added
 or withdrawn without restarting the node. A key's id (the first 12 hex digits of its digest)
 names the caller in the audit trail.
@@ -15,9 +15,9 @@ import secrets
 import threading
 from pathlib import Path
 
+from federation.ops.layout import NodeLayout
+
 KEY_PREFIX = "fsk-"
-DIGESTS_FILE = "api-keys.sha256"
-FIRST_KEY_FILE = "api-key"
 
 
 def digest(key: str) -> str:
@@ -75,14 +75,13 @@ class ApiKeys:
         return len(self._current())
 
 
-def ensure_first_key(state_dir: Path) -> ApiKeys:
-    """The node's keys; on first start, one key is created and left in `state/api-key` (0600)
+def ensure_first_key(layout: NodeLayout) -> ApiKeys:
+    """The node's keys; on first start, one key is created and left in `layout.api_key` (0600)
     for the operator to hand to the site's application."""
-    keys = ApiKeys(state_dir / DIGESTS_FILE)
+    keys = ApiKeys(layout.api_key_digests)
     if not keys.path.exists():
         key = keys.create()
-        first = state_dir / FIRST_KEY_FILE
-        fd = os.open(first, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(layout.api_key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, f"{key}\n".encode())
         finally:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from federation.ops.layout import NodeLayout
 from federation.protocol import wire
 from node.data import IGNORE_INDEX, Example, TokenizedExample, collate, tokenize
 from node.engine import ModelHost
@@ -111,7 +112,7 @@ def audit_site(
 
     with tempfile.TemporaryDirectory(prefix="fedseek-audit-") as scratch:
         ledger_cls = PrivacyLedger if epsilon is not None else _NoiseFreeLedger
-        ledger = ledger_cls(Path(scratch) / "ledger.sqlite", budget=budget)
+        ledger = ledger_cls(NodeLayout(Path(scratch)).ledger, budget=budget)  # laid out like a site's state
 
         def train(inserted: Sequence[Canary]) -> str:
             data = [*site_data, *(index[id(c)] for c in inserted)]

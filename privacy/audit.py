@@ -18,11 +18,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from federation.errors import FedSeekError
+from federation.ops.atomic import write_atomic
+
 GENESIS_HASH = "0" * 64
 _TAIL_CHUNK = 8192
 
 
-class AuditError(RuntimeError):
+class AuditError(FedSeekError):
     """The audit trail is damaged or cannot be written; callers must stop."""
 
 
@@ -69,15 +72,6 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def fsync_dir(directory: Path) -> None:
-    """Make a rename or file creation in ``directory`` durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def head_path(path: Path) -> Path:
     """Location of the head file kept next to the log."""
     return path.with_suffix(path.suffix + ".head")
@@ -120,14 +114,7 @@ def _read_head(path: Path) -> tuple[int, str] | None:
 
 def _write_head(path: Path, *, seq: int, hash_: str) -> None:
     """Atomically replace the head file so a crash leaves the old or new one."""
-    head = head_path(path)
-    tmp = head.with_name(head.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(canonical_json({"seq": seq, "hash": hash_}))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, head)
-    fsync_dir(head.parent)
+    write_atomic(head_path(path), canonical_json({"seq": seq, "hash": hash_}))
 
 
 def _check_head(path: Path, *, records: int, last_hash: str) -> None:

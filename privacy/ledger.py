@@ -25,7 +25,9 @@ from typing import Any
 
 from opacus.accountants import RDPAccountant, create_accountant  # type: ignore[import-untyped,unused-ignore]
 
-from privacy.audit import GENESIS_HASH, canonical_json, fsync_dir, sha256_hex, utc_now
+from federation.errors import Conflict
+from federation.ops.atomic import fsync_dir
+from privacy.audit import GENESIS_HASH, canonical_json, sha256_hex, utc_now
 
 SUPPORTED_ACCOUNTANTS = ("rdp", "prv")
 MIN_NOISE = 0.3
@@ -46,16 +48,22 @@ _SCHEMA = (
 )
 
 
-class BudgetExceeded(RuntimeError):
+class BudgetExceeded(Conflict):
     """The site's lifetime privacy budget does not allow this round."""
 
+    default_code = "BudgetExceeded"  # the codes /internal/train has always answered with
 
-class LedgerError(RuntimeError):
+
+class LedgerError(Conflict):
     """The ledger failed its integrity check or was given a bad configuration."""
+
+    default_code = "LedgerError"
 
 
 class PolicyError(LedgerError):
     """A configured budget breaks the site's policy (epsilon above its cap, delta >= 1/n, no records)."""
+
+    default_code = "PolicyError"
 
 
 @dataclass(frozen=True)

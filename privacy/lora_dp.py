@@ -33,10 +33,12 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 from torch.nn import functional as F
 
+from federation.errors import InvalidInput
+
 __all__ = ["GroupedDPOptimizer", "LoraGradSampler", "UnsupportedLoraModel", "lora_layers"]
 
 
-class UnsupportedLoraModel(ValueError):
+class UnsupportedLoraModel(InvalidInput, ValueError):
     """The model has trainable weights this module cannot give per-sample gradients for."""
 
 

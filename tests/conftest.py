@@ -1,8 +1,9 @@
-"""Shared fixtures: the tiny seeded DeepSeek-V3 model and a site's synthetic data, made once."""
+"""Shared fixtures: the tiny seeded DeepSeek-V3 model, a site's synthetic data and a PKI, made once."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +43,17 @@ def pki_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in ("site-a", "site-b"):
         pki.issue(root, name, role="node")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """The tiny model's matmuls are too small to split; two threads only add sync cost.
+
+    Module-scoped, for modules that score the tiny model many times: `pytestmark = pytest.mark.usefixtures(...)`.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from examples.demo.data import generate_site_records, question_for, write_site_dataset
+from federation.ops.layout import CoordinatorLayout, NodeLayout
 from federation.ops.supervise import Managed, ProcessError, free_port, log_tail, stop_all
 from federation.protocol import config as cfg
 from federation.security import pki
@@ -123,7 +124,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             log_path=out / "logs" / "coordinator.log",
         ).start()
         procs.append(coordinator)
-        coord_info = _wait_file(coord_state / "coordinator.json", coordinator, timeout=settings.start_timeout)
+        coord_info = _wait_file(CoordinatorLayout(coord_state).endpoints, coordinator, timeout=settings.start_timeout)
         say(f"coordinator up: SuperLink {coord_info['superlink']} (loopback), mTLS fleet {coord_info['fleet']}")
 
         node_states = []
@@ -148,13 +149,14 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             )
             node_states.append(site / "state")
         nodes = [
-            _wait_file(state / "node.json", proc, timeout=settings.start_timeout)
+            _wait_file(NodeLayout(state).endpoints, proc, timeout=settings.start_timeout)
             for state, proc in zip(node_states, procs[1:], strict=True)
         ]
         for n in nodes:
             say(f"node {n['name']} up: OpenAI API {n['openai']}, fleet sidecar {n['fleet_sidecar']}")
 
         from coordinator.runs import run
+        from federation.protocol.round_settings import RunSettings
 
         say(f"starting federated DP-LoRA run: {settings.rounds} rounds, {len(names)} sites")
 
@@ -165,13 +167,10 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 f"round {rec['round']} done: {rec['version']} (sha256 {sha}) from {rec['accepted']}; eval loss {losses}"
             )
 
-        summary = run(
-            coord_state,
-            run_name=f"demo-{int(time.time())}",
-            settings={"num-rounds": settings.rounds, "min-nodes": len(names), "batch-size": 8, "learning-rate": 0.005},
-            timeout=settings.run_timeout,
-            progress=progress,
+        run_settings = RunSettings(
+            run_name=f"demo-{int(time.time())}", num_rounds=settings.rounds, min_nodes=len(names), learning_rate=0.005
         )
+        summary = run(coord_state, settings=run_settings, timeout=settings.run_timeout, progress=progress)
         report = _check_sites(settings, names, nodes, node_states, summary, pki_dir, coord_info)
         (out / "report.json").write_text(json.dumps(report, indent=2))
         say(f"report written to {out / 'report.json'}")
@@ -216,7 +215,7 @@ def _check_sites(
         for node, state in zip(nodes, node_states, strict=True):
             client = OpenAI(  # the site's application, with the API key the node created on first start
                 base_url=f"{node['openai']}/v1",
-                api_key=(state / "api-key").read_text().strip(),
+                api_key=NodeLayout(state).api_key.read_text().strip(),
                 http_client=DefaultHttpxClient(verify=str(ca)),
             )
             served = [m.id for m in client.models.list().data]

@@ -1,7 +1,8 @@
 """`fedseek budget`: a site's privacy ledger as text, JSON (for independent recomputation) or a PNG.
 
 The ledger is opened under its own stored budget and verified (hash chain, head) before
-anything is shown; a damaged ledger is a one-line error, and nothing is written to it.
+anything is shown; a missing or damaged ledger is a LedgerError (one line from `main`), and
+nothing is written to it. privacy.ledger (Opacus, torch) is imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from privacy.ledger import LedgerError, PrivacyLedger
-
-LEDGER_FILE = "ledger.sqlite"
+from federation.ops.layout import NodeLayout
 
 
 def add_budget_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -25,10 +24,9 @@ def add_budget_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _budget(args: argparse.Namespace) -> int:
-    path = Path(args.state) / LEDGER_FILE
-    if not path.exists():
-        raise LedgerError(f"no privacy ledger at {path}")
-    data = PrivacyLedger.open_existing(path).to_json()
+    from privacy.ledger import PrivacyLedger
+
+    data = PrivacyLedger.open_existing(NodeLayout(Path(args.state)).ledger).to_json()
     if args.plot:
         from privacy.budget_plot import plot_budget
 

@@ -1,7 +1,12 @@
 """`fedseek`: the one console script, and the only place that wires every package together.
 
-Each subcommand is a thin adapter from arguments to a library call; errors the user can
-fix are printed as one line (`fedseek: error: ...`) with exit status 2.
+Each subcommand is a thin adapter from arguments to a library call. Every deliberate failure is
+a `FedSeekError` (federation/errors.py); `main` maps it in one place: one line on stderr
+(`fedseek: error: ...`) and the error's exit code (2).
+
+`fedseek --help` builds the whole parser, so nothing at module level here or in the command
+modules may import torch, opacus, transformers, peft, shap or Flower: handlers import what they
+need when they run (tests/federation/cli/test_help.py checks it).
 """
 
 from __future__ import annotations
@@ -14,14 +19,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from federation.errors import FedSeekError, InvalidInput, Unavailable, kind_for_status
+
 if TYPE_CHECKING:
     import httpx
 
 Handler = Callable[[argparse.Namespace], int]
-
-
-class CLIError(RuntimeError):
-    """A user-facing failure; printed as one line."""
 
 
 # ---- model --------------------------------------------------------------------------------
@@ -42,7 +45,7 @@ def _coordinator_start(args: argparse.Namespace) -> int:
         conf = cfg.load(cfg.CoordinatorConfig, Path(args.config))
     else:
         if not (args.pki and args.state):
-            raise CLIError("give --config FILE, or --pki and --state")
+            raise InvalidInput("give --config FILE, or --pki and --state")
         conf = cfg.CoordinatorConfig(
             pki_dir=args.pki,
             state_dir=args.state,
@@ -64,17 +67,15 @@ def _node_start(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from coordinator.runs import run
+    from federation.protocol.round_settings import RunSettings
 
     def show(rec: dict[str, Any]) -> None:
         print(f"round {rec['round']}: {rec['version']} from {rec['accepted']} eval_loss={rec['eval_loss']}", flush=True)
 
-    summary = run(
-        Path(args.state),
-        run_name=args.name,
-        settings={"num-rounds": args.rounds, "min-nodes": args.min_nodes, "ffa-lora": args.ffa_lora},
-        timeout=args.timeout,
-        progress=show,
-    )
+    settings = RunSettings(
+        run_name=args.name, num_rounds=args.rounds, min_nodes=args.min_nodes, ffa_lora=args.ffa_lora
+    )  # a bad value is refused here (RoundSettingsError: one line, exit 2), before anything is submitted
+    summary = run(Path(args.state), settings=settings, timeout=args.timeout, progress=show)
     print(json.dumps(summary["global_adapter"], indent=2))
     return 0
 
@@ -111,11 +112,11 @@ def _explain(args: argparse.Namespace) -> int:
     try:
         tls = ssl.create_default_context(cafile=args.ca)
     except OSError as exc:
-        raise CLIError(f"cannot load CA certificate {args.ca}: {exc}") from exc
+        raise InvalidInput(f"cannot load CA certificate {args.ca}: {exc}") from exc
     try:
         tls.load_cert_chain(args.cert, args.key)  # explanations are for the reviewer role only
     except (OSError, ssl.SSLError) as exc:
-        raise CLIError(f"cannot load the reviewer certificate {args.cert} / key {args.key}: {exc}") from exc
+        raise InvalidInput(f"cannot load the reviewer certificate {args.cert} / key {args.key}: {exc}") from exc
     try:
         with httpx.Client(base_url=args.node, verify=tls, timeout=60) as http:
             state = _node_json(http.post("/v1/explanations", json=body))
@@ -129,9 +130,9 @@ def _explain(args: argparse.Namespace) -> int:
                     bar.n = bar.total
                     bar.refresh()
     except httpx.HTTPError as exc:
-        raise CLIError(f"node {args.node}: {exc}") from exc
+        raise Unavailable(f"node {args.node}: {exc}") from exc
     if state.get("status") != "completed":
-        raise CLIError(f"explanation {state['id']} {state.get('status')}: {state.get('error', 'no result')}")
+        raise FedSeekError(f"explanation {state['id']} {state.get('status')}: {state.get('error', 'no result')}")
     out = Path(args.out or f"{state['id']}.json")
     out.write_text(json.dumps(state, indent=2), encoding="utf-8")
     print(f"explanation {state['id']} of {state['model']} ({state['granularity']} features):")
@@ -148,12 +149,12 @@ def _explain_input(args: argparse.Namespace) -> dict[str, Any]:
     try:
         data = json.loads(Path(args.messages_file).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise CLIError(f"cannot read messages from {args.messages_file}: {exc}") from exc
+        raise InvalidInput(f"cannot read messages from {args.messages_file}: {exc}") from exc
     return {"messages": data.get("messages") if isinstance(data, dict) else data}  # a list, or {"messages": [...]}
 
 
 def _node_json(response: httpx.Response) -> dict[str, Any]:
-    """The JSON body of a node's success response; its OpenAI-style error as a CLIError otherwise."""
+    """The JSON body of a node's success response; otherwise its OpenAI-style error, raised as its kind."""
     try:
         data = response.json()
     except ValueError:
@@ -162,7 +163,9 @@ def _node_json(response: httpx.Response) -> dict[str, Any]:
         return data
     error = data.get("error") if isinstance(data, dict) else None
     message = error.get("message") if isinstance(error, dict) else response.text[:200]
-    raise CLIError(f"node answered {response.status_code}: {message}")
+    code = error.get("code") if isinstance(error, dict) else None
+    kind = kind_for_status(response.status_code)
+    raise kind(f"node answered {response.status_code}: {message}", code=code if isinstance(code, str) else None)
 
 
 # ---- demo -------------------------------------------------------------------------------------
@@ -208,11 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.set_defaults(func=_node_start)
 
+    from federation.protocol.round_settings import RunSettings
+
+    run_defaults = RunSettings()
     p = sub.add_parser("run", help="start a federated run on the running coordinator")
     p.add_argument("--state", required=True, help="the coordinator's state directory")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--min-nodes", type=int, default=2)
-    p.add_argument("--name", default="run")
+    p.add_argument("--rounds", type=int, default=run_defaults.num_rounds)
+    p.add_argument("--min-nodes", type=int, default=run_defaults.min_nodes)
+    p.add_argument("--name", default=run_defaults.run_name)
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument(
         "--ffa-lora",
@@ -261,27 +267,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types whose message is meant for the operator (imported lazily)."""
-    from coordinator.service import CoordinatorError
-    from federation.protocol.config import ConfigError
-    from federation.security.pki import PKIError
-    from federation.security.sidecar import SidecarError
-    from node.agent import NodeStartError
-    from privacy.ledger import BudgetExceeded, LedgerError
-
-    return (
-        CLIError,
-        CoordinatorError,
-        ConfigError,
-        PKIError,
-        SidecarError,
-        NodeStartError,
-        BudgetExceeded,
-        LedgerError,
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -292,11 +277,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
-        if isinstance(exc, _user_errors()):
-            print(f"fedseek: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
-            return 2
-        raise
+    except FedSeekError as exc:  # the one place a deliberate failure becomes what the operator sees
+        print(f"fedseek: error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

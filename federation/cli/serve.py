@@ -3,21 +3,20 @@
 For quick starts and benchmarks: the same engine, routes, API keys, audit trail and metrics as
 `fedseek node start`, but no PKI, ledger or training. The HTTP port opens at once and answers 503
 until the model has loaded. Plain HTTP (loopback by default) or server-side TLS with --cert/--key.
+What is served is built by `node.build` (`serving_access`, `build_serving`); this module parses
+the arguments, runs the HTTP server and prints.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import secrets
 import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("fedseek.serve")
-
-ADAPTER_FILES = ("adapter.safetensors", "adapter_model.safetensors")  # FedSeek's own, or peft's save_pretrained
 
 
 def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -38,79 +37,54 @@ def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def parse_adapters(specs: list[str]) -> dict[str, Path]:
-    from federation.cli.main import CLIError
+    from federation.errors import InvalidInput
+    from node.adapter_store import ADAPTER_FILES, weights_file
 
     out: dict[str, Path] = {}
     for spec in specs:
         name, sep, directory = spec.partition("=")
         if not (sep and name and directory):
-            raise CLIError(f"--adapter wants NAME=DIR, got {spec!r}")
+            raise InvalidInput(f"--adapter wants NAME=DIR, got {spec!r}")
         path = Path(directory)
-        if not any((path / f).is_file() for f in ADAPTER_FILES):
-            raise CLIError(f"adapter {name}: no {' or '.join(ADAPTER_FILES)} in {path}")
+        if weights_file(path) is None:
+            raise InvalidInput(f"adapter {name}: no {' or '.join(ADAPTER_FILES)} in {path}")
         out[name] = path
     return out
-
-
-def load_serving(args: argparse.Namespace, adapters: dict[str, Path], audit: Any) -> Any:
-    """Model, adapters and engine; what `fedseek node start` builds, minus the federation."""
-    from safetensors.numpy import load_file
-
-    from federation.protocol import wire
-    from node.engine import ModelHost
-    from node.model import load_model
-    from node.service import Serving
-
-    model, tokenizer = load_model(args.model, device=args.device)
-    host = ModelHost(model, tokenizer, model_name=Path(args.model).name)
-    for name, path in adapters.items():
-        file = next(path / f for f in ADAPTER_FILES if (path / f).is_file())
-        arrays = load_file(str(file))
-        host.install(name, arrays, sha256=wire.sha256_of(arrays))
-    return Serving(
-        host,
-        audit,
-        owner="local",
-        max_slots=args.max_slots,
-        max_queue=args.max_queue,
-        max_model_len=args.max_model_len,
-    )
 
 
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from federation.cli.main import CLIError
+    from federation.errors import InvalidInput, Unavailable
+    from federation.ops.layout import NodeLayout
     from federation.security.mtls_server import KEEP_ALIVE_S
-    from node.access import AccessPolicy
-    from node.api_keys import ensure_first_key
-    from node.server import create_serving_app
-    from privacy.audit import AuditTrail
+    from node.api import create_serving_app
+    from node.build import ServeOptions, build_serving, serving_access
 
     if bool(args.cert) != bool(args.key):
-        raise CLIError("give both --cert and --key for TLS, or neither")
-    adapters = parse_adapters(args.adapter)
-    state = Path(args.state)
-    state.mkdir(parents=True, exist_ok=True)
-    audit = AuditTrail(state / "audit.jsonl")  # one writer: serving and access refusals alike
-    policy = AccessPolicy(
-        site="local",
-        audit=audit,
-        api_keys=ensure_first_key(state),
-        agent_token=secrets.token_urlsafe(32),  # no /internal routes here
+        raise InvalidInput("give both --cert and --key for TLS, or neither")
+    options = ServeOptions(
+        model_dir=Path(args.model),
+        adapters=parse_adapters(args.adapter),
+        device=args.device,
+        max_slots=args.max_slots,
+        max_queue=args.max_queue,
+        max_model_len=args.max_model_len,
     )
+    layout = NodeLayout(Path(args.state))
+    policy = serving_access(layout)
     loaded: dict[str, Any] = {}
     failed: list[BaseException] = []
 
     def load() -> None:
         try:
-            loaded["serving"] = load_serving(args, adapters, audit)
-            print(f"model {Path(args.model).name} loaded; adapters: {sorted(adapters) or 'none'}", flush=True)
+            loaded["serving"] = build_serving(options, audit=policy.audit)
+            print(f"model {options.model_dir.name} loaded; adapters: {sorted(options.adapters) or 'none'}", flush=True)
         except BaseException as exc:  # reported below; the server stops
             failed.append(exc)
             server.should_exit = True
 
-    app = create_serving_app(lambda: loaded.get("serving"), policy, name=Path(args.model).name)
+    app = create_serving_app(lambda: loaded.get("serving"), policy, name=options.model_dir.name)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -122,7 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     server = uvicorn.Server(config)
     scheme = "https" if args.cert else "http"
-    print(f"serving on {scheme}://{args.host}:{args.port}/v1 (API key in {state / 'api-key'}); loading...", flush=True)
+    print(f"serving on {scheme}://{args.host}:{args.port}/v1 (API key in {layout.api_key}); loading...", flush=True)
     threading.Thread(target=load, name="fedseek-load", daemon=True).start()
     # uvicorn shuts down gracefully on SIGTERM, then re-raises it against the handler that was in
     # place before; a no-op handler here lets the engine close and the command exit 0, as a
@@ -134,5 +108,5 @@ def _serve(args: argparse.Namespace) -> int:
         if "serving" in loaded:
             loaded["serving"].close()
     if failed:
-        raise CLIError(f"cannot serve: {str(failed[0]).splitlines()[0] if str(failed[0]) else failed[0]!r}")
+        raise Unavailable(f"cannot serve: {str(failed[0]).splitlines()[0] if str(failed[0]) else failed[0]!r}")
     return 0

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from federation.errors import Unavailable
+
 log = logging.getLogger("fedseek.procs")
 
 # Listening ports are drawn below Linux's ephemeral range (32768-60999 by default): a port
@@ -28,7 +30,7 @@ _handed_out: set[int] = set()
 _port_lock = threading.Lock()
 
 
-class ProcessError(RuntimeError):
+class ProcessError(Unavailable):
     """A supervised process failed to start or died."""
 
 

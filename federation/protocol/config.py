@@ -11,10 +11,12 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from federation.errors import InvalidInput
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput, ValueError):
     """A config file that is missing, malformed or has unknown fields."""
 
 

@@ -27,6 +27,8 @@ from numpy.typing import NDArray
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+from federation.errors import InvalidInput
+
 Arrays = dict[str, NDArray[np.float32]]
 
 MAX_ADAPTER_BYTES = 512 * 1024 * 1024
@@ -38,7 +40,7 @@ _FACTOR_RE = re.compile(r"(^|\.)lora_([AB])(\.|$)")
 _SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
-class WireError(ValueError):
+class WireError(InvalidInput, ValueError):
     """A malformed, non-finite or mismatched adapter update."""
 
 

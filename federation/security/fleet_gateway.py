@@ -35,6 +35,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from federation.errors import Unavailable
+from federation.ops.atomic import write_atomic
 from federation.ops.supervise import Managed
 from federation.security.mtls_server import Refusal
 from federation.security.sidecar import TLSFiles
@@ -52,7 +54,7 @@ _TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # nginx's de
 _SAFE = re.compile(r"^[A-Za-z0-9=,.+/\-|]+$")  # what goes into the map; nothing nginx would interpret
 
 
-class GatewayError(RuntimeError):
+class GatewayError(Unavailable):
     """nginx is missing or a binding cannot be expressed safely."""
 
 
@@ -212,9 +214,7 @@ http {{
                 return False
         except OSError:
             pass
-        tmp = self.site_map.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.site_map)
+        write_atomic(self.site_map, text)  # nginx may reload at any moment: never a half-written map
         return True
 
     def process(self, bindings: Mapping[str, str] | None = None) -> Managed:

@@ -7,12 +7,13 @@ Flower expects an EC key on a NIST curve: the private key in OpenSSH format for
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from federation.ops.atomic import write_atomic
 
 
 @dataclass(frozen=True)
@@ -36,10 +37,7 @@ def ensure_auth_keypair(directory: Path) -> AuthKeyPair:
         serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
     )
     pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    tmp = paths.private_key.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(priv)
-    os.replace(tmp, paths.private_key)
-    paths.public_key.write_bytes(pub + b"\n")
+    # The private key first: a crash between the two leaves no public key, so the pair is made anew.
+    write_atomic(paths.private_key, priv, mode=0o600)
+    write_atomic(paths.public_key, pub + b"\n", mode=0o644)
     return paths

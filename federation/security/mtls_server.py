@@ -27,6 +27,7 @@ import uvicorn
 from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from federation.errors import Unavailable
 from federation.ops.filewatch import FileWatcher, stamp
 from federation.security import pki
 
@@ -327,7 +328,7 @@ def peer_of(request: Any) -> pki.Identity | None:
     return getattr(request.state, PEER_STATE_KEY, None)
 
 
-class ServiceStartError(RuntimeError):
+class ServiceStartError(Unavailable):
     """The HTTPS service did not come up (port taken, bad certificate)."""
 
 

@@ -14,10 +14,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from federation.errors import Unavailable
 from federation.ops.supervise import Managed
 
 
-class SidecarError(RuntimeError):
+class SidecarError(Unavailable):
     """stunnel is missing or misconfigured."""
 
 

@@ -16,13 +16,16 @@ from typing import Any, Protocol
 import torch
 from transformers.cache_utils import DynamicCache
 
+from federation.errors import NotFound
 from node.serving.sampling import RowSampling, sample
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
-class UnknownAdapter(LookupError):
+class UnknownAdapter(NotFound):
     """A request names an adapter the runner has not loaded."""
+
+    default_code = "model_not_found"  # to an OpenAI client an adapter is a model
 
 
 class Runner(Protocol):

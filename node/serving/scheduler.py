@@ -26,14 +26,17 @@ from typing import Any, TypeVar
 
 import torch
 
+from federation.errors import Busy
 from node.serving.runner import Runner
 from node.serving.sampling import RowSampling, SamplingParams, TextStream
 
 T = TypeVar("T")
 
 
-class QueueFull(RuntimeError):
+class QueueFull(Busy):
     """The waiting queue is full (the HTTP layer answers 429)."""
+
+    default_code = "queue_full"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,13 @@ from coordinator.registry import AdapterRegistry
 from coordinator.server_app import run_federation
 from coordinator.strategy import weighted_average
 from federation.protocol import records, wire
+from federation.protocol.round_settings import (
+    RoundSettingsError,
+    RunConfig,
+    RunSettings,
+    Scalar,
+    TrainInstruction,
+)
 
 RUN_ID = 4242
 SHAPES = {"layers.0.q_proj.lora_A": (2, 8), "layers.0.q_proj.lora_B": (8, 2), "layers.1.v_proj.lora_A": (2, 8)}
@@ -225,17 +232,10 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_node_id", SUPERLINK_NODE_ID)
 
 
-def _run_config(tmp_path: Path, **overrides: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "registry-dir": str(tmp_path / "registry"),
-        "run-name": "unit-run",
-        "num-rounds": 2,
-        "min-nodes": 2,
-        "round-timeout": 30.0,
-        "learning-rate": 0.01,
-    }
-    cfg.update(overrides)
-    return cfg
+def _run_config(tmp_path: Path, **settings: Any) -> dict[str, Scalar]:
+    """Flower's run config of a unit run, as `fedseek run` submits it; `settings` override RunSettings fields."""
+    run = RunSettings(**{"run_name": "unit-run", "round_timeout": 30.0, "learning_rate": 0.01, **settings})
+    return RunConfig(run, registry_dir=str(tmp_path / "registry")).to_run_config()
 
 
 # -- weighted_average -----------------------------------------------------------------
@@ -352,11 +352,11 @@ def test_train_messages_carry_config_and_the_current_global_adapter(happy_run: A
     train = grid.sent(MessageType.TRAIN)
     assert len(train) == 6
     by_round: dict[int, list[Message]] = {}
-    for msg in train:
-        cfg = msg.content.config_records[records.CONFIG]
-        assert cfg["run-name"] == "unit-run"
-        assert cfg["learning-rate"] == pytest.approx(0.01)
-        by_round.setdefault(int(cfg["server-round"]), []).append(msg)  # type: ignore[arg-type]
+    run = RunSettings(run_name="unit-run", round_timeout=30.0, learning_rate=0.01)
+    for msg in train:  # each carries the run's settings and its round, as a node parses them
+        instruction = TrainInstruction.from_config_record(msg.content.config_records[records.CONFIG])
+        assert instruction.run == run and (instruction.reply_factors, instruction.run_id) == ("AB", "")
+        by_round.setdefault(instruction.server_round, []).append(msg)
     assert sorted(by_round) == [1, 2]
     assert sorted(m.metadata.dst_node_id for m in by_round[1]) == [11, 22, 33]
     # round 1 starts from the sites' own seeded LoRA init; round 2 from global-v0001
@@ -385,6 +385,13 @@ def test_evaluate_messages_name_and_carry_the_new_version(happy_run: Any) -> Non
     assert seen == {(r, n) for r in (1, 2) for n in (11, 22, 33)}
 
 
+def test_a_typo_in_the_run_config_is_refused_before_any_round(tmp_path: Path) -> None:
+    grid = InProcessGrid(dict(_sites()))
+    with pytest.raises(RoundSettingsError, match="unknown run config key 'learning_rate'"):
+        run_federation(grid, {**_run_config(tmp_path), "learning_rate": 0.5})
+    assert grid.delivered == [] and not (tmp_path / "registry").exists()
+
+
 def test_eval_loss_is_recorded_per_site_and_round(happy_run: Any) -> None:
     summary, _, sites, _ = happy_run
     expected = {s.name: s.eval_loss for s in sites.values()}
@@ -394,7 +401,7 @@ def test_eval_loss_is_recorded_per_site_and_round(happy_run: Any) -> None:
 def _single_round(tmp_path: Path, sites: dict[int, FakeSite], **cfg: Any) -> tuple[dict[str, Any], InProcessGrid]:
     reply_order = cfg.pop("reply_order", None)
     grid = InProcessGrid(dict(sites), reply_order=reply_order)
-    return run_federation(grid, _run_config(tmp_path, **{"num-rounds": 1, **cfg})), grid
+    return run_federation(grid, _run_config(tmp_path, **{"num_rounds": 1, **cfg})), grid
 
 
 @pytest.mark.parametrize(
@@ -444,7 +451,7 @@ def test_round_two_updates_must_match_the_current_global_adapter(tmp_path: Path)
 
 def test_too_few_valid_updates_saves_no_version(tmp_path: Path) -> None:
     sites = _sites(site_b="nan", site_c="shape")
-    summary, grid = _single_round(tmp_path, sites, **{"min-nodes": 3})
+    summary, grid = _single_round(tmp_path, sites, min_nodes=3)
     (rec,) = summary["rounds"]
     assert summary["status"] == "finished"
     assert rec["version"] is None and rec["sha256"] is None
@@ -463,7 +470,7 @@ def test_failed_round_keeps_and_redeploys_the_previous_version(tmp_path: Path) -
     sites = _sites(site_b="nan")
     sites[22].bad_rounds = {2}
     grid = InProcessGrid(dict(sites))
-    summary = run_federation(grid, _run_config(tmp_path, **{"min-nodes": 3}))
+    summary = run_federation(grid, _run_config(tmp_path, min_nodes=3))
     first, second = summary["rounds"]
     assert first["version"] == "global-v0001"
     assert second["version"] is None
@@ -521,13 +528,13 @@ class FfaSite(FakeSite):
         return {**self.lora_a(), **b}
 
     def train(self, msg: Message, server_round: int) -> Message:
-        cfg = msg.content.config_records[records.CONFIG]
+        instruction = TrainInstruction.from_config_record(msg.content.config_records[records.CONFIG])
         own = wire.lora_a_sha256(self.lora_a())
-        if cfg.get("ffa-lora") and cfg.get("lora-a-sha256", own) != own:
+        if instruction.run.ffa_lora and instruction.lora_a_sha256 not in ("", own):
             return Message(Error(code=0, reason=f"{self.name}: the run's lora_A is not mine"), reply_to=msg)
         full = self.update_for(server_round)
         self.updates[server_round] = full
-        factors: wire.Factors = "B" if cfg.get("ffa-lora") and cfg.get("reply-factors") == "B" else "AB"
+        factors: wire.Factors = "B" if instruction.run.ffa_lora and instruction.reply_factors == "B" else "AB"
         report = self.report(server_round)
         content = {
             **records.update_records(wire.AdapterUpdate.of(full, factors)),
@@ -560,7 +567,7 @@ def _ffa_run(tmp_path: Path, sites: dict[int, FfaSite], **cfg: Any) -> tuple[dic
 
 def test_ffa_round_gives_full_fedavg_of_b_with_the_shared_a(tmp_path: Path) -> None:
     sites = _ffa_sites()
-    summary, _ = _ffa_run(tmp_path, sites, **{"ffa-lora": True})
+    summary, _ = _ffa_run(tmp_path, sites, ffa_lora=True)
     assert summary["status"] == "finished" and summary["ffa_lora"] is True
     registry = AdapterRegistry(tmp_path / "registry")
     shared_a = sites[11].lora_a()
@@ -584,7 +591,7 @@ def test_ffa_round_gives_full_fedavg_of_b_with_the_shared_a(tmp_path: Path) -> N
 
 def test_ffa_messages_carry_a_once_and_b_after(tmp_path: Path) -> None:
     sites = _ffa_sites()
-    summary, grid = _ffa_run(tmp_path, sites, **{"ffa-lora": True})
+    summary, grid = _ffa_run(tmp_path, sites, ffa_lora=True)
     digest = wire.lora_a_sha256(sites[11].lora_a())
     b_names = sorted(k for k in FFA_SHAPES if ".lora_B." in k)
     for msg in grid.sent(MessageType.TRAIN):
@@ -607,7 +614,7 @@ def test_ffa_messages_carry_a_once_and_b_after(tmp_path: Path) -> None:
 
 
 def test_ffa_reply_is_about_half_the_bytes_of_a_full_reply(tmp_path: Path) -> None:
-    _, ffa = _ffa_run(tmp_path / "ffa", _ffa_sites(), **{"ffa-lora": True})
+    _, ffa = _ffa_run(tmp_path / "ffa", _ffa_sites(), ffa_lora=True)
     _, full = _ffa_run(tmp_path / "full", _ffa_sites())
 
     def round_two_train_replies(grid: InProcessGrid) -> list[int]:
@@ -634,7 +641,7 @@ def test_ffa_reply_is_about_half_the_bytes_of_a_full_reply(tmp_path: Path) -> No
 
 def test_ffa_reply_trained_against_another_a_is_refused(tmp_path: Path) -> None:
     sites = _ffa_sites(**{"site-b": 99})
-    summary, _ = _ffa_run(tmp_path, sites, **{"ffa-lora": True, "num-rounds": 1})
+    summary, _ = _ffa_run(tmp_path, sites, ffa_lora=True, num_rounds=1)
     (rec,) = summary["rounds"]
     assert set(rec["rejected"]) == {"node-22"}
     assert "is not the run's" in rec["rejected"]["node-22"]
@@ -659,7 +666,7 @@ def test_ffa_site_whose_a_changes_after_round_one_is_refused(tmp_path: Path) -> 
         return original(msg, server_round)
 
     sites[22].train = switch_a  # type: ignore[method-assign]
-    summary, _ = _ffa_run(tmp_path, sites, **{"ffa-lora": True})
+    summary, _ = _ffa_run(tmp_path, sites, ffa_lora=True)
     first, second = summary["rounds"]
     assert first["rejected"] == {}
     assert set(second["rejected"]) == {"node-22"} and "is not the run's" in second["rejected"]["node-22"]
@@ -668,7 +675,7 @@ def test_ffa_site_whose_a_changes_after_round_one_is_refused(tmp_path: Path) -> 
 
 def test_ffa_run_refuses_whole_adapter_replies_without_an_a_digest(tmp_path: Path) -> None:
     sites = _sites()  # wire-version-1 sites: whole adapters, no descriptor
-    summary, _ = _single_round(tmp_path, sites, **{"ffa-lora": True})
+    summary, _ = _single_round(tmp_path, sites, ffa_lora=True)
     (rec,) = summary["rounds"]
     assert rec["version"] is None
     assert set(rec["rejected"]) == {"node-11", "node-22", "node-33"}

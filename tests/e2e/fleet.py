@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from federation.ops.layout import CoordinatorLayout
 from federation.ops.supervise import Managed, free_port
 from federation.security.sidecar import TLSFiles, client_config, make_sidecar
 
@@ -96,7 +97,7 @@ def supernode(
 
 def audit_records(state: Path, action: str | None = None) -> list[dict[str, Any]]:
     """The coordinator's audit records (of one `action`, if given)."""
-    path = state / "audit.jsonl"
+    path = CoordinatorLayout(state).audit
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     return [r for r in rows if action is None or r["action"] == action]
 
@@ -117,7 +118,7 @@ def wait_record(
 
 
 def activated(coord: dict[str, object]) -> int:
-    log = Path(str(coord["state"])) / "logs" / "superlink.log"
+    log = CoordinatorLayout(Path(str(coord["state"]))).superlink_log
     return log.read_text(errors="replace").count("Activated node_id")
 
 
@@ -146,6 +147,6 @@ def start_coordinator(tmp_path: Path, argv: list[str]) -> tuple[Managed, dict[st
 
 
 def proc_info(tmp_path: Path, proc: Managed) -> dict[str, object]:
-    info = wait_json(tmp_path / "coord" / "coordinator.json", proc)
+    info = wait_json(CoordinatorLayout(tmp_path / "coord").endpoints, proc)
     info["state"] = str(tmp_path / "coord")
     return info

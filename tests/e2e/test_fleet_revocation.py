@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from federation.ops.layout import CoordinatorLayout
 from federation.ops.supervise import free_port
 from federation.protocol import config as cfg
 from federation.security import pki
@@ -43,7 +44,7 @@ def probe(pki_dir: Path, name: str, fleet: str) -> tuple[int, str]:
 
 def served_since(state: Path, site: str, when: str) -> bool:
     """Whether the gateway forwarded a request of `site` (HTTP 200) at or after ISO time `when`."""
-    for line in (state / "gateway" / "access.log").read_text().splitlines():
+    for line in (CoordinatorLayout(state).gateway / "access.log").read_text().splitlines():
         entry = json.loads(line)
         if entry["status"] == 200 and entry["subject"].endswith(f"CN={site}") and entry["time"] >= when:
             return True

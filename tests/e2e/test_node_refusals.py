@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from federation.ops.layout import NodeLayout
 from federation.protocol import config as cfg
 from federation.security import pki
-from node.service import site_budget
+from federation.security.pki.ca import issue_at
+from node.build import site_budget
 from privacy.audit import AuditTrail
 from privacy.ledger import PrivacyLedger
 
@@ -45,7 +47,7 @@ def _one_line_error(proc: subprocess.CompletedProcess[str], *needles: str) -> No
 @pytest.fixture
 def site(tmp_path: Path, pki_dir: Path, tiny_model_dir: Path, site_data_dir: Path) -> cfg.NodeConfig:
     state = tmp_path / "state"
-    trail = AuditTrail(state / "audit.jsonl")
+    trail = AuditTrail(NodeLayout(state).audit)
     trail.append(actor="test", action="serve", resource="base")
     return cfg.NodeConfig(
         name="site-a",
@@ -58,7 +60,7 @@ def site(tmp_path: Path, pki_dir: Path, tiny_model_dir: Path, site_data_dir: Pat
 
 
 def test_missing_model_directory(site: cfg.NodeConfig, tmp_path: Path) -> None:
-    audit = Path(site.state_dir) / "audit.jsonl"
+    audit = NodeLayout(Path(site.state_dir)).audit
     before = _digest(audit)
     proc = _start(cfg.NodeConfig(**{**cfg.to_json(site), "model_dir": str(tmp_path / "nope")}), tmp_path)
     _one_line_error(proc, "model directory not found")
@@ -76,15 +78,16 @@ def test_corrupt_model_directory(site: cfg.NodeConfig, tmp_path: Path, tiny_mode
 
 def test_budget_already_spent(site: cfg.NodeConfig, tmp_path: Path, site_data_dir: Path) -> None:
     n = sum(1 for line in (site_data_dir / "train.jsonl").read_text().splitlines() if line.strip())
-    ledger_path = Path(site.state_dir) / "ledger.sqlite"
+    layout = NodeLayout(Path(site.state_dir))
+    ledger_path = layout.ledger
     ledger = PrivacyLedger(ledger_path, budget=site_budget(site, n))
     plan = ledger.plan_round(sample_rate=0.2, steps=50, rounds_left=1)
     ledger.complete(ledger.charge(run_id="old", round=1, plan=plan, max_grad_norm=1.0).id, steps=50)
     del ledger
-    before = (_digest(ledger_path), _digest(Path(site.state_dir) / "audit.jsonl"))
+    before = (_digest(ledger_path), _digest(layout.audit))
     proc = _start(site, tmp_path)
     _one_line_error(proc, "privacy budget exhausted")
-    assert (_digest(ledger_path), _digest(Path(site.state_dir) / "audit.jsonl")) == before
+    assert (_digest(ledger_path), _digest(layout.audit)) == before
 
 
 def test_certificate_not_from_the_consortium(site: cfg.NodeConfig, tmp_path: Path, pki_dir: Path) -> None:
@@ -103,6 +106,6 @@ def test_certificate_without_loopback_address(site: cfg.NodeConfig, tmp_path: Pa
     """The fleet sidecar serves the site certificate to the SuperNode on 127.0.0.1."""
     mixed = tmp_path / "no-loopback-pki"
     shutil.copytree(pki_dir, mixed)
-    pki._issue_at(mixed, "site-a", role="node", hosts=("site-a.example",), days=5, not_before=None)
+    issue_at(mixed, "site-a", role="node", hosts=("site-a.example",), days=5, not_before=None)
     proc = _start(cfg.NodeConfig(**{**cfg.to_json(site), "pki_dir": str(mixed)}), tmp_path)
     _one_line_error(proc, "certificate check failed", "does not name 127.0.0.1")

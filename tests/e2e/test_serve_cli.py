@@ -24,6 +24,7 @@ import openai
 import pytest
 from safetensors.numpy import save_file
 
+from federation.ops.layout import NodeLayout
 from federation.ops.supervise import free_port
 from node.engine import ModelHost
 from node.model import load_model
@@ -45,7 +46,7 @@ class Served:
     proc: subprocess.Popen[bytes]
     url: str
     key: str
-    state: Path
+    state: NodeLayout
     log: Path
     early_statuses: Counter[int]
 
@@ -96,20 +97,21 @@ def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        early = wait_ready_with_key(url, proc, log, state)
-        yield Served(proc, url, (state / "api-key").read_text().strip(), state, log, early)
+        layout = NodeLayout(state)
+        early = wait_ready_with_key(url, proc, log, layout.api_key)
+        yield Served(proc, url, layout.api_key.read_text().strip(), layout, log, early)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
 
 
-def wait_ready_with_key(url: str, proc: subprocess.Popen[bytes], log: Path, state: Path) -> Counter[int]:
+def wait_ready_with_key(url: str, proc: subprocess.Popen[bytes], log: Path, key_file: Path) -> Counter[int]:
     deadline = time.monotonic() + 60
-    while not (state / "api-key").exists():
+    while not key_file.exists():
         assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
         time.sleep(0.05)
-    key = (state / "api-key").read_text().strip()
+    key = key_file.read_text().strip()
     seen: Counter[int] = Counter()
     while time.monotonic() < deadline + 60:
         assert proc.poll() is None, f"fedseek serve exited {proc.returncode}:\n{log.read_text()}"
@@ -183,14 +185,14 @@ def test_64_clients_every_request_answered_or_429_memory_bounded(served: Served)
         if line.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting"))
     }
     assert gauges == {"vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0}, gauges
-    served_records = [line for line in (served.state / "audit.jsonl").read_text().splitlines() if '"serve"' in line]
+    served_records = [line for line in served.state.audit.read_text().splitlines() if '"serve"' in line]
     assert len(served_records) >= statuses[200]
 
 
 def test_sigterm_stops_cleanly_and_the_audit_trail_verifies(served: Served) -> None:
     served.proc.send_signal(signal.SIGTERM)
     assert served.proc.wait(30) == 0, served.log.read_text()
-    result = verify(served.state / "audit.jsonl")
+    result = verify(served.state.audit)
     assert result.ok and result.records > 0, result.error
 
 

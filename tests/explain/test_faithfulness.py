@@ -12,19 +12,20 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import spearmanr
 
 from explain.attribution import _MASK_TOKEN, Attribution, _FaithfulText, explain_text
 from federation.protocol import wire
 from node.engine import ModelHost
 from node.model import load_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SYSTEM = [{"role": "system", "content": "You are a hospital triage assistant. Answer with one department name."}]
 PROMPT = "Chest pain, troponin high."
@@ -94,15 +95,6 @@ def deletion_auc(table: np.ndarray, n: int, order: Sequence[int]) -> float:
         coalition &= ~(1 << int(i))
         scores.append(float(table[coalition].sum()))
     return float(np.mean(scores))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny model's matmuls are too small to split; two threads only add sync cost."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ def policy_for(service: NodeService, *, openai_auth: str = "api_key") -> AccessP
     return AccessPolicy(
         site=service.config.name,
         audit=service.audit,
-        api_keys=ensure_first_key(service.state_dir),
+        api_keys=ensure_first_key(service.layout),
         agent_token=service.token,
         openai_auth=openai_auth,  # type: ignore[arg-type]
         peer=header_peer,
@@ -22,5 +22,5 @@ def policy_for(service: NodeService, *, openai_auth: str = "api_key") -> AccessP
 
 
 def api_key(service: NodeService) -> str:
-    ensure_first_key(service.state_dir)
-    return (service.state_dir / "api-key").read_text().strip()
+    ensure_first_key(service.layout)
+    return service.layout.api_key.read_text().strip()

@@ -1,4 +1,8 @@
-"""`fedseek node start` refuses bad inputs before touching anything: certificate, audit, ledger, model."""
+"""`fedseek node start` refuses bad inputs before touching anything: certificate, audit, ledger, model.
+
+`node.agent.preflight` checks what needs no model; `node.build.build_node` refuses a model or
+dataset it cannot read.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from federation.ops.layout import NodeLayout
 from federation.protocol.config import NodeConfig
 from federation.security import pki
-from node.agent import NodeStartError, build_service, preflight
-from node.service import site_budget
+from node.agent import preflight
+from node.build import NodeStartError, build_node, site_budget
 from privacy.audit import AuditTrail, verify
 from privacy.ledger import BudgetExceeded, PrivacyLedger, RoundPlan, compose_epsilon
 
@@ -41,6 +46,10 @@ def refused(config: NodeConfig) -> str:
     message = str(info.value)
     assert message.strip() and "\n" not in message
     return message
+
+
+def state(config: NodeConfig) -> NodeLayout:
+    return NodeLayout(Path(config.state_dir))
 
 
 def digest(path: Path) -> str:
@@ -102,7 +111,7 @@ def test_non_node_certificate_is_refused(
 
 
 def _audit_with_two_records(config: NodeConfig) -> Path:
-    path = Path(config.state_dir) / "audit.jsonl"
+    path = state(config).audit
     trail = AuditTrail(path)
     trail.append(actor="operator-1", action="serve", resource="m", details={"n": 1})
     trail.append(actor="operator-1", action="serve", resource="m", details={"n": 2})
@@ -153,7 +162,7 @@ def test_truncated_audit_trail_is_refused(config: NodeConfig) -> None:
 def _exhaust(config: NodeConfig) -> PrivacyLedger:
     """Charge rounds (sample rate 1, one step) until the site's lifetime epsilon is spent."""
     budget = site_budget(config, n_train(config))
-    ledger = PrivacyLedger(Path(config.state_dir) / "ledger.sqlite", budget=budget)
+    ledger = PrivacyLedger(state(config).ledger, budget=budget)
     plan = ledger.plan_round(sample_rate=1.0, steps=1, rounds_left=2)
     ledger.complete(ledger.charge(run_id="r", round=1, plan=plan, max_grad_norm=1.0).id, steps=1)
     history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in ledger.entries()]
@@ -175,7 +184,7 @@ def _exhaust(config: NodeConfig) -> PrivacyLedger:
 
 def test_exhausted_budget_is_refused_and_ledger_untouched(config: NodeConfig) -> None:
     ledger = _exhaust(config)
-    path = Path(config.state_dir) / "ledger.sqlite"
+    path = state(config).ledger
     entries, before = ledger.entries(), digest(path)
     message = refused(config)
     assert "privacy budget exhausted" in message
@@ -184,17 +193,17 @@ def test_exhausted_budget_is_refused_and_ledger_untouched(config: NodeConfig) ->
 
 
 def test_partly_spent_budget_passes(config: NodeConfig) -> None:
-    ledger = PrivacyLedger(Path(config.state_dir) / "ledger.sqlite", budget=site_budget(config, n_train(config)))
+    ledger = PrivacyLedger(state(config).ledger, budget=site_budget(config, n_train(config)))
     plan = ledger.plan_round(sample_rate=1.0, steps=1, rounds_left=2)
     ledger.charge(run_id="r", round=1, plan=plan, max_grad_norm=1.0)
     assert preflight(config).role == "node"
 
 
 def test_edited_ledger_is_refused(config: NodeConfig) -> None:
-    ledger = PrivacyLedger(Path(config.state_dir) / "ledger.sqlite", budget=site_budget(config, n_train(config)))
+    ledger = PrivacyLedger(state(config).ledger, budget=site_budget(config, n_train(config)))
     plan = ledger.plan_round(sample_rate=1.0, steps=1, rounds_left=2)
     ledger.charge(run_id="r", round=1, plan=plan, max_grad_norm=1.0)
-    path = Path(config.state_dir) / "ledger.sqlite"
+    path = state(config).ledger
     conn = sqlite3.connect(path)
     with conn:
         conn.execute("UPDATE entries SET noise_multiplier = 100.0")
@@ -209,7 +218,7 @@ def test_edited_ledger_is_refused(config: NodeConfig) -> None:
 def test_loosened_budget_is_refused(
     tmp_path: Path, pki_dir: Path, tiny_model_dir: Path, site_data_dir: Path, config: NodeConfig
 ) -> None:
-    PrivacyLedger(Path(config.state_dir) / "ledger.sqlite", budget=site_budget(config, n_train(config)))
+    PrivacyLedger(state(config).ledger, budget=site_budget(config, n_train(config)))
     looser = make_config(
         tmp_path, name="site-a", pki_dir=pki_dir, model_dir=tiny_model_dir, data_dir=site_data_dir, epsilon=8.0
     )
@@ -220,7 +229,7 @@ def test_loosened_budget_is_refused(
 def test_ledger_without_training_data_is_refused(
     tmp_path: Path, pki_dir: Path, tiny_model_dir: Path, config: NodeConfig
 ) -> None:
-    PrivacyLedger(Path(config.state_dir) / "ledger.sqlite", budget=site_budget(config, n_train(config)))
+    PrivacyLedger(state(config).ledger, budget=site_budget(config, n_train(config)))
     no_data = make_config(
         tmp_path, name="site-a", pki_dir=pki_dir, model_dir=tiny_model_dir, data_dir=tmp_path / "no-data"
     )
@@ -228,29 +237,29 @@ def test_ledger_without_training_data_is_refused(
     assert "training data" in message
 
 
-# ---- build_service ---------------------------------------------------------------------
+# ---- build_node ------------------------------------------------------------------------
 
 
-def test_build_service_with_missing_model_dir(tmp_path: Path, pki_dir: Path, site_data_dir: Path) -> None:
+def test_build_node_with_missing_model_dir(tmp_path: Path, pki_dir: Path, site_data_dir: Path) -> None:
     config = make_config(
         tmp_path, name="site-a", pki_dir=pki_dir, model_dir=tmp_path / "no-model", data_dir=site_data_dir
     )
     with pytest.raises(NodeStartError) as info:
-        build_service(config)
+        build_node(config)
     message = str(info.value)
     assert "\n" not in message
     assert "model directory not found" in message and "no-model" in message
-    assert not (tmp_path / "state" / "ledger.sqlite").exists()
+    assert not state(config).ledger.exists()
 
 
-def test_build_service_with_bad_site_data(tmp_path: Path, pki_dir: Path, tiny_model_dir: Path) -> None:
+def test_build_node_with_bad_site_data(tmp_path: Path, pki_dir: Path, tiny_model_dir: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     (data / "train.jsonl").write_text('{"prompt": "Q?"}\n')
     (data / "eval.jsonl").write_text('{"prompt": "Q?", "completion": "A"}\n')
     config = make_config(tmp_path, name="site-a", pki_dir=pki_dir, model_dir=tiny_model_dir, data_dir=data)
     with pytest.raises(NodeStartError) as info:
-        build_service(config)
+        build_node(config)
     message = str(info.value)
     assert message.startswith("bad site data:") and "train.jsonl line 1" in message
     assert "\n" not in message

@@ -12,6 +12,7 @@ import torch
 from federation.protocol import wire
 from node.engine import BASE, TRAIN_ADAPTER, ModelHost, UnknownModel
 from node.model import load_model
+from tests.node.arrays import random_arrays
 
 MODEL_NAME = "tiny-deepseek-v3"
 SHORT = [{"role": "user", "content": "Fever?"}]
@@ -25,11 +26,6 @@ MEDIUM = [{"role": "user", "content": "Sudden weakness of the left arm and slurr
 def _host(model_dir: Path) -> ModelHost:
     model, tok = load_model(model_dir)
     return ModelHost(model, tok, model_name=MODEL_NAME)
-
-
-def random_arrays(like: wire.Arrays, *, seed: int, scale: float = 0.05) -> wire.Arrays:
-    rng = np.random.default_rng(seed)
-    return {k: rng.normal(0.0, scale, v.shape).astype(np.float32) for k, v in like.items()}
 
 
 @pytest.fixture(scope="module")

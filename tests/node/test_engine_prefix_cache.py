@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +12,8 @@ import torch
 from federation.protocol import wire
 from node.engine import BASE, ModelHost
 from node.model import load_model
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SYSTEM = {"role": "system", "content": "You are a hospital triage assistant. Answer with one department name."}
 TEXTS = [
@@ -23,15 +25,6 @@ TEXTS = [
 ]
 PROMPTS = [[SYSTEM, {"role": "user", "content": t}] for t in TEXTS]
 Messages = list[dict[str, str]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny model's matmuls are too small to split; two threads only add sync cost."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,12 @@ from federation.protocol import wire
 from federation.protocol.config import NodeConfig
 from federation.security import pki
 from node.agent import start_api
+from node.api import create_app
+from node.build import assemble_node
 from node.data import load_jsonl, tokenize
 from node.engine import ModelHost
 from node.explain_service import MAX_EVALS_LIMIT, ExplanationNotFound, Explanations
 from node.model import load_model
-from node.server import create_app
 from node.service import NodeService
 from privacy.audit import sha256_hex, verify
 from tests.node.peers import as_peer, policy_for
@@ -52,7 +53,7 @@ def service(tiny_model_dir: Path, site_data_dir: Path, tmp_path_factory: pytest.
     )
     train = tokenize(load_jsonl(site_data_dir / "train.jsonl"), tok)[:8]
     eval_data = tokenize(load_jsonl(site_data_dir / "eval.jsonl"), tok)[:2]
-    svc = NodeService(config, host, train=train, eval_data=eval_data)
+    svc = assemble_node(config, host, train=train, eval_data=eval_data)
     rng = np.random.default_rng(1)
     v1 = {k: rng.normal(0.0, 0.05, v.shape).astype(np.float32) for k, v in host.initial_arrays().items()}
     svc.deploy("v1", wire.sha256_of(v1), v1)
@@ -80,7 +81,7 @@ def audit_records(service: NodeService) -> list[dict[str, Any]]:
 
 
 def report_files(service: NodeService) -> set[str]:
-    return {p.name for p in service.reports_dir.iterdir()} if service.reports_dir.exists() else set()
+    return {p.name for p in service.layout.explanations.iterdir()} if service.layout.explanations.exists() else set()
 
 
 def poll(client: TestClient, explanation_id: str, *, until: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
@@ -129,7 +130,7 @@ def test_sync_explanation_has_every_field(explained: tuple[dict[str, Any], int],
     assert [(t["feature"], t["value"]) for t in body["top_features"]] == ranked
     assert body["created_at"].endswith("Z")
     html, png = Path(body["html"]), Path(body["png"])
-    assert html.parent == png.parent == service.reports_dir
+    assert html.parent == png.parent == service.layout.explanations
     assert body["audit_record"]["hash"] in html.read_text()
     assert png.read_bytes().startswith(b"\x89PNG")
 
@@ -155,7 +156,7 @@ def test_get_returns_the_stored_result(
     explained: tuple[dict[str, Any], int], client: TestClient, service: NodeService
 ) -> None:
     body, _ = explained
-    stored = service.reports_dir / f"{body['id']}.json"
+    stored = service.layout.explanations / f"{body['id']}.json"
     assert json.loads(stored.read_text()) == body
     assert stored.stat().st_mode & 0o077 == 0  # clinical text: readable by the node's user only
     r = client.get(f"/v1/explanations/{body['id']}")
@@ -237,7 +238,7 @@ def test_background_job_reports_progress_then_completes(
     running = poll(client, explanation_id, until=lambda s: s["status"] != "running" or s["progress"]["done"] > 0)
     assert running["status"] == "running", running
     assert 0 < running["progress"]["done"] <= running["progress"]["total"] == REQUEST["max_evals"]
-    assert not (service.reports_dir / f"{explanation_id}.json").exists()
+    assert not (service.layout.explanations / f"{explanation_id}.json").exists()
     assert len(service.audit) == before  # audited when it completes, not before
 
     gate.release.set()
@@ -321,8 +322,8 @@ def test_get_unknown_or_malformed_id_is_404(client: TestClient, path: str) -> No
 
 
 def test_ids_never_name_paths(service: NodeService) -> None:
-    service.reports_dir.mkdir(parents=True, exist_ok=True)
-    (service.reports_dir.parent / "secret.json").write_text('{"leaked": true}')
+    service.layout.explanations.mkdir(parents=True, exist_ok=True)
+    (service.layout.explanations.parent / "secret.json").write_text('{"leaked": true}')
     store = Explanations(service)
     for bad in ("../secret", "expl-../../secret", "expl-" + "0" * 32 + "/../../secret"):
         with pytest.raises(ExplanationNotFound):

@@ -24,13 +24,14 @@ import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
+from federation.ops.layout import NodeLayout
 from federation.ops.supervise import free_port
 from federation.protocol import wire
 from node.access import AccessPolicy
+from node.api import create_serving_app
 from node.api_keys import ensure_first_key
 from node.engine import ModelHost
 from node.model import load_model
-from node.server import create_serving_app
 from node.service import Serving
 from privacy.audit import AuditTrail
 from tests.fake_peer import header_peer
@@ -55,9 +56,10 @@ class Site:
     def __init__(self, root: Path, model_dir: Path) -> None:
         model, tok = load_model(model_dir)
         self.host = ModelHost(model, tok, model_name=model_dir.name)
-        self.audit = AuditTrail(root / "audit.jsonl")
-        keys = ensure_first_key(root)
-        self.key = (root / "api-key").read_text().strip()
+        layout = NodeLayout(root)
+        self.audit = AuditTrail(layout.audit)
+        keys = ensure_first_key(layout)
+        self.key = layout.api_key.read_text().strip()
         self.policy = AccessPolicy(site="site-a", audit=self.audit, api_keys=keys, agent_token="-", peer=header_peer)
         self.serving = Serving(self.host, self.audit, owner="site-a", max_slots=8, max_queue=32)
         for seed, (version, parent) in enumerate([("v1", None), ("v2", "v1")], start=1):

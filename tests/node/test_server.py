@@ -12,11 +12,12 @@ from fastapi.testclient import TestClient
 
 from federation.protocol import wire
 from federation.protocol.config import NodeConfig
+from node.api import MAX_BODY_BYTES, create_app
+from node.build import assemble_node
 from node.client_app import CONFIG_HEADER, REPORT_HEADER
 from node.data import load_jsonl, tokenize
 from node.engine import ModelHost
 from node.model import load_model
-from node.server import MAX_BODY_BYTES, create_app
 from node.service import NodeService
 from privacy.audit import verify
 from tests.node.peers import HEADER, api_key, as_peer, policy_for
@@ -45,7 +46,7 @@ def service(tiny_model_dir: Path, site_data_dir: Path, tmp_path_factory: pytest.
     )
     train = tokenize(load_jsonl(site_data_dir / "train.jsonl"), tok)[:N_TRAIN]
     eval_data = tokenize(load_jsonl(site_data_dir / "eval.jsonl"), tok)[:N_EVAL]
-    svc = NodeService(config, host, train=train, eval_data=eval_data)
+    svc = assemble_node(config, host, train=train, eval_data=eval_data)
     v1 = random_arrays(host.initial_arrays(), seed=1)
     v2 = random_arrays(host.initial_arrays(), seed=2)
     svc.deploy("v1", wire.sha256_of(v1), v1)
@@ -266,7 +267,7 @@ def test_api_key_added_while_running_works_and_only_its_digest_is_stored(
 ) -> None:
     from node.api_keys import ApiKeys
 
-    keys = ApiKeys(service.state_dir / "api-keys.sha256")
+    keys = ApiKeys(service.layout.api_key_digests)
     new = keys.create()
     assert new not in keys.path.read_text()
     r = client.get("/v1/models", headers={"authorization": f"Bearer {new}"})
@@ -317,6 +318,7 @@ def test_internal_train_with_token(client: TestClient, service: NodeService) -> 
     [
         pytest.param(b"", "{not json", id="bad-config-header"),
         pytest.param(b"not safetensors", "{}", id="bad-payload"),
+        pytest.param(b"", '{"run-id": "r", "learning_rate": 0.01}', id="unknown-setting"),
     ],
 )
 def test_internal_train_bad_input_is_400(client: TestClient, service: NodeService, content: bytes, config: str) -> None:
@@ -348,7 +350,7 @@ def test_internal_deploy_with_bad_sha256_is_400(client: TestClient, service: Nod
     assert "sha256" in err["message"]
     ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
     assert "v-bad" not in ids
-    assert not (service.adapters_dir / "v-bad").exists()
+    assert not (service.layout.adapters / "v-bad").exists()
     r = client.post("/v1/chat/completions", json={**CHAT, "model": "v-bad"})
     assert_openai_error(r, 404)
 
@@ -381,7 +383,7 @@ def test_internal_deploy_with_token(client: TestClient, service: NodeService) ->
     body = r.json()
     assert body["version"] == "v3" and body["sha256"] == sha and body["site"] == "site-a"
     assert np.isfinite(body["eval_loss"]) and body["num_examples"] == N_EVAL
-    assert (service.adapters_dir / "v3" / "adapter.safetensors").is_file()
+    assert (service.layout.adapters / "v3" / "adapter.safetensors").is_file()
     assert "v3" in {m["id"] for m in client.get("/v1/models").json()["data"]}
     assert audit_records(service)[-1]["action"] == "deploy"
 
@@ -433,7 +435,7 @@ def test_explanation_top_tokens_and_report(explanation: tuple[dict[str, Any], in
     assert all(tok and tok in features for tok in body["top_tokens"])
     html = Path(body["html"])
     assert html.is_file() and html.stat().st_size > 0
-    assert html.parent == service.reports_dir
+    assert html.parent == service.layout.explanations
     assert body["id"] in html.name
     text = html.read_text()
     assert body["audit_record"]["hash"] in text

@@ -7,14 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from federation.protocol.config import NodeConfig
+from federation.protocol.round_settings import RunSettings, TrainInstruction
+from node.build import assemble_node, site_budget
 from node.data import TokenizedExample, load_jsonl, tokenize
 from node.engine import ModelHost
 from node.model import load_model
-from node.service import NodeService, site_budget
 from node.trainer import TrainingError
 from privacy.ledger import PolicyError
+
+
+def round_config(*, num_rounds: int) -> ConfigRecord:
+    """Round 1 of a run of `num_rounds`, batches of 8 (every record of the 8-record dataset)."""
+    return TrainInstruction(run=RunSettings(num_rounds=num_rounds, batch_size=8), run_id="r").to_config_record()
 
 
 def config(state: Path, **kw: object) -> NodeConfig:
@@ -60,9 +67,9 @@ def train(host: ModelHost, site_data_dir: Path) -> list[TokenizedExample]:
 def test_service_refuses_before_touching_state(
     host: ModelHost, train: list[TokenizedExample], tmp_path: Path, case: str
 ) -> None:
-    good = NodeService(config(tmp_path / "state"), host, train=train, eval_data=train[:2])
-    good.train(None, {"run-id": "r", "server-round": 1, "num-rounds": 2, "batch-size": 8})
-    ledger = tmp_path / "state" / "ledger.sqlite"
+    good = assemble_node(config(tmp_path / "state"), host, train=train, eval_data=train[:2])
+    good.train(None, round_config(num_rounds=2))
+    ledger = good.layout.ledger
     before, entries = hashlib.sha256(ledger.read_bytes()).hexdigest(), good.ledger.entries()
     bad = {
         "over-policy": (config(tmp_path / "state", epsilon=2.0), train),
@@ -70,20 +77,20 @@ def test_service_refuses_before_touching_state(
         "empty-dataset": (config(tmp_path / "state"), []),
     }[case]
     with pytest.raises(PolicyError):
-        NodeService(bad[0], host, train=bad[1], eval_data=train[:2])
+        assemble_node(bad[0], host, train=bad[1], eval_data=train[:2])
     assert hashlib.sha256(ledger.read_bytes()).hexdigest() == before
     assert good.ledger.entries() == entries
     fresh = tmp_path / "fresh"
     with pytest.raises(PolicyError):
-        NodeService(config(fresh, epsilon=2.0), host, train=train, eval_data=train[:2])
+        assemble_node(config(fresh, epsilon=2.0), host, train=train, eval_data=train[:2])
     assert not fresh.exists()
 
 
 def test_nan_loss_at_start_is_refused_and_nothing_charged(
     host: ModelHost, train: list[TokenizedExample], tmp_path: Path
 ) -> None:
-    service = NodeService(config(tmp_path / "state"), host, train=train, eval_data=train[:2])
-    ledger = tmp_path / "state" / "ledger.sqlite"
+    service = assemble_node(config(tmp_path / "state"), host, train=train, eval_data=train[:2])
+    ledger = service.layout.ledger
     before = hashlib.sha256(ledger.read_bytes()).hexdigest()
     norm = host.peft.get_base_model().model.norm.weight
     saved = norm.detach().clone()
@@ -91,7 +98,7 @@ def test_nan_loss_at_start_is_refused_and_nothing_charged(
         norm[0] = float("nan")  # a broken base model: every loss is NaN
     try:
         with pytest.raises(TrainingError, match="non-finite loss before training"):
-            service.train(None, {"run-id": "r", "server-round": 1, "num-rounds": 1, "batch-size": 8})
+            service.train(None, round_config(num_rounds=1))
     finally:
         with torch.no_grad():
             norm.copy_(saved)

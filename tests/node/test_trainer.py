@@ -14,9 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from flwr.app import ConfigRecord
 
 from federation.protocol import wire
 from federation.protocol.config import NodeConfig
+from federation.protocol.round_settings import RoundSettingsError, RunSettings, TrainInstruction
+from node.build import assemble_node
 from node.data import TokenizedExample, collate, load_jsonl, tokenize
 from node.engine import TRAIN_ADAPTER, ModelHost
 from node.model import load_model
@@ -28,15 +31,18 @@ from privacy.ledger import Budget, BudgetExceeded, PrivacyLedger
 N_TRAIN, N_EVAL = 16, 4
 
 
-def round_config(server_round: int, num_rounds: int, run_id: str = "run-1") -> dict[str, Any]:
-    return {
-        "run-id": run_id,
-        "server-round": server_round,
-        "num-rounds": num_rounds,
-        "batch-size": N_TRAIN,  # sample rate 1: one step per epoch, closed-form RDP
-        "local-epochs": 1,
-        "learning-rate": 1e-2,
-    }
+def round_config(
+    server_round: int, num_rounds: int, *, run_id: str = "run-1", ffa: bool = False, **round_fields: Any
+) -> ConfigRecord:
+    """A train message's config as the ClientApp relays it to the agent."""
+    run = RunSettings(
+        num_rounds=num_rounds,
+        batch_size=N_TRAIN,  # sample rate 1: one step per epoch, closed-form RDP
+        local_epochs=1,
+        learning_rate=1e-2,
+        ffa_lora=ffa,
+    )
+    return TrainInstruction(run=run, server_round=server_round, run_id=run_id, **round_fields).to_config_record()
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +69,7 @@ def make_service(
         pki_dir=str(state_dir / "unused-pki"),
     )
     train, eval_data = site_data
-    return NodeService(config, host, train=list(train), eval_data=list(eval_data))
+    return assemble_node(config, host, train=list(train), eval_data=list(eval_data))
 
 
 @pytest.fixture
@@ -292,13 +298,13 @@ def test_last_round_uses_the_rest_and_then_training_is_refused(
     assert second.report.epsilon >= 0.99  # the last round spends (almost) everything left
     assert second.report.noise_multiplier < first.report.noise_multiplier  # more budget, less noise
     audit_before = len(service.audit)
-    ledger_file = (tmp_path / "state" / "ledger.sqlite").read_bytes()
+    ledger_file = service.layout.ledger.read_bytes()
 
     with pytest.raises(BudgetExceeded, match="privacy budget exhausted"):
         service.train(second.arrays, round_config(3, 3))
 
     assert service.ledger.entries() == entries
-    assert (tmp_path / "state" / "ledger.sqlite").read_bytes() == ledger_file
+    assert service.layout.ledger.read_bytes() == ledger_file
     assert service.state.rounds_trained == 2
     assert len(service.audit) == audit_before + 1
     assert verify(service.audit.path).ok
@@ -351,6 +357,35 @@ def test_bad_global_arrays_leave_the_ledger_unchanged(
         service.train(arrays, round_config(1, 2))
     assert service.ledger.entries() == []
     assert service.ledger.spent() == 0.0
+
+
+def test_train_settings_take_the_run_defaults() -> None:
+    """One set of defaults: a local round (benchmarks, audits) trains like a federated one by default."""
+    assert TrainSettings.of(TrainInstruction(), secure_mode=False) == TrainSettings()
+    ffa = TrainInstruction(run=RunSettings(ffa_lora=True, batch_size=4), reply_factors="B", lora_a_sha256="0" * 64)
+    assert TrainSettings.of(ffa, secure_mode=True) == TrainSettings(
+        batch_size=4, secure_mode=True, freeze_lora_a=True, send_lora_a=False, lora_a_sha256="0" * 64
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        pytest.param({"learning_rate": 0.5}, "unknown train config key 'learning_rate'", id="typo"),
+        pytest.param({"batch-size": "8"}, "batch-size must be int", id="wrong-type"),
+        pytest.param({"local-epochs": 0}, "local-epochs must be a positive integer", id="out-of-range"),
+    ],
+)
+def test_a_bad_train_config_is_refused_before_charging(
+    service: NodeService, change: dict[str, Any], match: str
+) -> None:
+    """A typo'd or mistyped setting on the wire is refused, never trained with a default instead."""
+    audit_before = len(service.audit)
+    with pytest.raises(RoundSettingsError, match=match) as refused:
+        service.train(None, {**round_config(1, 2), **change})
+    assert refused.value.status == 400
+    assert service.ledger.entries() == [] and service.state.rounds_trained == 0
+    assert len(service.audit) == audit_before
 
 
 # ---- per-sample gradient paths and FFA-LoRA ----------------------------------------------
@@ -502,8 +537,8 @@ def test_ffa_round_sends_b_only_with_the_seeded_a_digest(
     assert len(wire.encode_update(update)) < 0.6 * whole
 
 
-def _ffa_config(server_round: int, num_rounds: int, **extra: Any) -> dict[str, Any]:
-    return {**round_config(server_round, num_rounds), "ffa-lora": True, "reply-factors": "B", **extra}
+def _ffa_config(server_round: int, num_rounds: int, **round_fields: Any) -> ConfigRecord:
+    return round_config(server_round, num_rounds, ffa=True, **{"reply_factors": "B", **round_fields})
 
 
 def test_ffa_service_round_from_b_only_global_arrays(
@@ -513,10 +548,10 @@ def test_ffa_service_round_from_b_only_global_arrays(
     """Round 2 of an FFA run: the coordinator sends B only and the run's A digest; the site adds its A."""
     init = host.initial_arrays()
     digest = wire.lora_a_sha256(init)
-    first = service.train(None, {**_ffa_config(1, 2), "reply-factors": "AB"})
+    first = service.train(None, _ffa_config(1, 2, reply_factors="AB"))
     assert first.factors == "AB" and first.update().lora_a_sha256 == digest  # round 1: the coordinator asks for A
     global_b = wire.lora_b(random_arrays(init, seed=3, scale=0.01))
-    second = service.train(global_b, _ffa_config(2, 2, **{"lora-a-sha256": digest}))
+    second = service.train(global_b, _ffa_config(2, 2, lora_a_sha256=digest))
     assert second.factors == "B" and second.update().arrays.keys() == global_b.keys()
     for k, v in wire.lora_a(init).items():
         np.testing.assert_array_equal(second.arrays[k], v, err_msg=k)
@@ -533,7 +568,7 @@ def test_ffa_round_against_another_a_is_refused_before_charging(
 ) -> None:
     init = host.initial_arrays()
     if bad == "digest":
-        arrays, config = wire.lora_b(init), _ffa_config(1, 2, **{"lora-a-sha256": "0" * 64})
+        arrays, config = wire.lora_b(init), _ffa_config(1, 2, lora_a_sha256="0" * 64)
     else:
         arrays, config = random_arrays(init, seed=4), _ffa_config(1, 2)  # a whole adapter with another A
     with pytest.raises(wire.WireError, match="FFA-LoRA"):

@@ -23,6 +23,7 @@ from node.data import TokenizedExample, collate
 from node.model import load_model, lora_target_modules
 from node.trainer import per_sample_loss
 from privacy.lora_dp import GroupedDPOptimizer, LoraGradSampler, UnsupportedLoraModel
+from tests.tiny_qwen import tiny_qwen2
 
 ADAPTER = "site_local"
 REL_TOL = 1e-4  # the bound on the fp32 relative difference
@@ -52,20 +53,7 @@ def _peft(model: Any, *, dropout: float = 0.0, seed: int = 0) -> PeftModel:
 
 
 def _qwen2(dtype: torch.dtype = torch.float32) -> Any:
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    cfg = Qwen2Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-    )
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    return tiny_qwen2(dtype=dtype, intermediate_size=96, pad_token_id=0)
 
 
 @pytest.fixture(scope="module")

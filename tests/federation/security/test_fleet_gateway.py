@@ -43,6 +43,7 @@ from federation.security.fleet_gateway import (
 )
 from federation.security.flower_auth import ensure_auth_keypair
 from federation.security.mtls_server import Refusal
+from federation.security.pki.ca import issue_at
 from federation.security.sidecar import TLSFiles
 from privacy.audit import AuditTrail
 
@@ -331,7 +332,7 @@ def running(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
     for site in ("site-a", "site-b"):
         pki.issue(root, site, role="node")
         keys[site] = flower_key_header(register_site_key(root, site).read_bytes())
-    pki._issue_at(root, "site-old", role="node", hosts=(), days=1, not_before=datetime.now(UTC) - timedelta(days=5))
+    issue_at(root, "site-old", role="node", hosts=(), days=1, not_before=datetime.now(UTC) - timedelta(days=5))
     upstream = Upstream()
     upstream_port = upstream.start(coordinator)
     port = free_port()

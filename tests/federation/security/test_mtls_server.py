@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from federation.ops.supervise import free_port
 from federation.security import pki
 from federation.security.mtls_server import HTTPSService, Refusal, ServerTLS, TLSGate, peer_of
+from federation.security.pki.ca import issue_at
 
 PASS = "correct horse battery staple"
 HOST = "127.0.0.1"
@@ -39,7 +40,7 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pki.issue(root, name, role="reviewer", passphrase=PASS)
     now = datetime.now(UTC)
     for name, start in (("old", now - timedelta(days=40)), ("future", now + timedelta(days=2))):
-        pki._issue_at(
+        issue_at(
             root, name, role="reviewer", hosts=("localhost",), days=10, not_before=start, passphrase=PASS
         )  # tests only: validity in the past / future
     return root

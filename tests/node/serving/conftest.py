@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 import torch
 
+from tests.tiny_qwen import tiny_qwen2
+
 torch.set_num_threads(2)
 
 EOS = 1
@@ -22,21 +24,7 @@ class ToyTokenizer:
 
 
 def tiny_qwen(seed: int = 0, vocab: int = 512) -> Any:
-    from transformers import AutoModelForCausalLM, Qwen2Config
-
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        eos_token_id=EOS,
-    )
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return tiny_qwen2(seed=seed, vocab_size=vocab, max_position_embeddings=256, eos_token_id=EOS)
 
 
 def hf_greedy(model: Any, prompt: list[int], n: int) -> list[int]:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+from datetime import timedelta
 from pathlib import Path
 
+import httpx
 import pytest
 
+from federation.cli import main as cli_main
 from federation.cli.main import main
+from federation.errors import KINDS, FedSeekError, Forbidden, InvalidInput, Unavailable
+from federation.ops.layout import NodeLayout
 from federation.security import pki
 
 
@@ -58,7 +64,7 @@ def test_ca_renew_revoke_crl(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert main(["ca", "renew", "site-x", "--pki", str(root), *pw]) == 0
     new = pki.read_identity(root / "site-x" / "cert.pem")
     assert f"serial {new.serial:x}" in capsys.readouterr().out
-    assert new.serial != old.serial and new.not_after - new.not_before > pki.timedelta(days=29)
+    assert new.serial != old.serial and new.not_after - new.not_before > timedelta(days=29)
     assert (root / "site-x" / "supernode_auth.key").read_bytes() == flower_key
 
     assert main(["ca", "revoke", "site-x", "--pki", str(root), "--serial", f"{old.serial:x}", *pw]) == 0
@@ -126,6 +132,73 @@ def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureF
     assert "no privacy ledger" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("kind", [FedSeekError, *KINDS], ids=lambda kind: kind.__name__)
+def test_any_fedseek_error_in_a_handler_is_one_line_and_its_exit_code(
+    kind: type[FedSeekError], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def handler(args: argparse.Namespace) -> int:
+        raise kind("what went wrong\nTraceback-like detail that belongs in a log, not on the terminal")
+
+    monkeypatch.setattr(cli_main, "_model_tiny", handler)
+    assert main(["model", "tiny", "--out", str(tmp_path)]) == kind.exit_code == 2
+    printed = capsys.readouterr()
+    assert printed.err == "fedseek: error: what went wrong\n" and printed.out == ""
+
+
+def test_an_error_without_a_message_is_named_and_other_exceptions_propagate(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    raised: list[BaseException] = [Unavailable(), RuntimeError("a bug keeps its traceback"), KeyboardInterrupt()]
+
+    def handler(args: argparse.Namespace) -> int:
+        raise raised.pop(0)
+
+    monkeypatch.setattr(cli_main, "_model_tiny", handler)
+    argv = ["model", "tiny", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "fedseek: error: Unavailable\n"
+    with pytest.raises(RuntimeError, match="a bug keeps its traceback"):
+        main(argv)
+    assert main(argv) == 130
+
+
+EXPLAIN = ["explain", "--node", "https://localhost:1", "--cert", "cert.pem", "--key", "key.pem"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["coordinator", "start"], "give --config FILE, or --pki and --state"),
+        (["serve", "--model", ".", "--cert", "cert.pem"], "give both --cert and --key for TLS, or neither"),
+        (["serve", "--model", ".", "--adapter", "no-equals-sign"], "--adapter wants NAME=DIR"),
+        ([*EXPLAIN, "--ca", "missing-ca.pem", "--prompt", "hi"], "cannot load CA certificate missing-ca.pem"),
+        ([*EXPLAIN, "--ca", "ca.pem", "--messages-file", "missing.json"], "cannot read messages from missing.json"),
+    ],
+    ids=["coordinator-start", "serve-tls", "serve-adapter", "explain-ca", "explain-messages"],
+)
+def test_each_command_refuses_bad_input_in_one_line(
+    argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fedseek: error: {message}")
+    assert list(tmp_path.iterdir()) == []  # refused before writing anything
+
+
+def test_a_node_refusal_is_raised_as_its_kind_with_its_code() -> None:
+    body = {"error": {"message": "role 'node' may not call this route", "type": "permission_error", "code": "role"}}
+    with pytest.raises(Forbidden, match="node answered 403: role 'node' may not") as info:
+        cli_main._node_json(httpx.Response(403, json=body))
+    assert info.value.code == "role"
+    with pytest.raises(FedSeekError, match="node answered 502: bad gateway") as other:
+        cli_main._node_json(httpx.Response(502, text="bad gateway"))
+    assert type(other.value) is FedSeekError and other.value.code is None
+    with pytest.raises(InvalidInput, match="node answered 400"):
+        cli_main._node_json(httpx.Response(400, json={"error": {"message": "bad", "code": None}}))
+    assert cli_main._node_json(httpx.Response(200, json={"id": "x"})) == {"id": "x"}
+
+
 def test_audit_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from privacy.audit import AuditTrail
 
@@ -144,7 +217,7 @@ def test_audit_verify_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def _ledger_with_rounds(state: Path) -> None:
     from privacy.ledger import Budget, PrivacyLedger
 
-    ledger = PrivacyLedger(state / "ledger.sqlite", budget=Budget(epsilon=1.0, delta=1e-4))
+    ledger = PrivacyLedger(NodeLayout(state).ledger, budget=Budget(epsilon=1.0, delta=1e-4))
     for r in range(2):
         plan = ledger.plan_round(sample_rate=1.0, steps=1, rounds_left=2 - r)
         ledger.complete(ledger.charge(run_id="run-1", round=r, plan=plan, max_grad_norm=1.0).id, steps=1)
@@ -155,7 +228,7 @@ def test_budget_json_text_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture
     import json
 
     _ledger_with_rounds(tmp_path)
-    before = hashlib.sha256((tmp_path / "ledger.sqlite").read_bytes()).hexdigest()
+    before = hashlib.sha256(NodeLayout(tmp_path).ledger.read_bytes()).hexdigest()
     assert main(["budget", "--state", str(tmp_path), "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["budget_epsilon"] == 1.0 and data["delta"] == 1e-4 and len(data["entries"]) == 2
@@ -164,12 +237,12 @@ def test_budget_json_text_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture
     text = capsys.readouterr().out
     assert text.startswith("epsilon spent ") and text.count("run run-1 round") == 2
     assert (tmp_path / "budget.png").read_bytes()[:4] == b"\x89PNG"
-    assert hashlib.sha256((tmp_path / "ledger.sqlite").read_bytes()).hexdigest() == before  # read-only
+    assert hashlib.sha256(NodeLayout(tmp_path).ledger.read_bytes()).hexdigest() == before  # read-only
 
 
 def test_budget_of_damaged_ledger_is_one_line_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _ledger_with_rounds(tmp_path)
-    path = tmp_path / "ledger.sqlite"
+    path = NodeLayout(tmp_path).ledger
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     assert main(["budget", "--state", str(tmp_path), "--json"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

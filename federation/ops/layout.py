@@ -1,0 +1,138 @@
+"""What a party keeps in its state directory, named once.
+
+A node's and a coordinator's state directories hold files that several modules (and the
+operator, and the demo, and the tests) must agree on: the ledger the agent charges is the one
+`fedseek budget` reads, the API key `fedseek serve` writes is the one the operator hands out.
+Every such path is a property here, so a file is renamed or moved in one place, and
+`paths()` lists what a state directory may contain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CoordinatorLayout", "NodeLayout"]
+
+
+class _Layout:
+    root: Path
+
+    def paths(self) -> dict[str, Path]:
+        """Every file and directory of this layout, by property name."""
+        names = [n for n, v in vars(type(self)).items() if isinstance(v, property)]
+        return {n: getattr(self, n) for n in names}
+
+
+@dataclass(frozen=True)
+class NodeLayout(_Layout):
+    """A site's state directory (`NodeConfig.state_dir`, or `fedseek serve --state`)."""
+
+    root: Path
+
+    @property
+    def audit(self) -> Path:
+        """The hash-chained audit trail (its head file sits beside it: `privacy.audit.head_path`)."""
+        return self.root / "audit.jsonl"
+
+    @property
+    def ledger(self) -> Path:
+        """The privacy ledger: every epsilon this site's data has spent."""
+        return self.root / "ledger.sqlite"
+
+    @property
+    def agent_token(self) -> Path:
+        """The secret the local ClientApp presents on the agent's /internal routes (0600)."""
+        return self.root / "agent.token"
+
+    @property
+    def api_key(self) -> Path:
+        """The first API key, created on first start for the operator to hand out (0600)."""
+        return self.root / "api-key"
+
+    @property
+    def api_key_digests(self) -> Path:
+        """SHA-256 digests of the current API keys, one a line (the keys themselves are never kept)."""
+        return self.root / "api-keys.sha256"
+
+    @property
+    def adapters(self) -> Path:
+        """Deployed global adapter versions, one directory each, restored on restart."""
+        return self.root / "adapters"
+
+    @property
+    def explanations(self) -> Path:
+        """Stored explanation reports (JSON, HTML, PNG), served back by id."""
+        return self.root / "explanations"
+
+    @property
+    def sidecar(self) -> Path:
+        """The mTLS fleet sidecar's working directory (its config and log)."""
+        return self.root / "sidecar"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def supernode_log(self) -> Path:
+        return self.logs / "supernode.log"
+
+    @property
+    def flwr_home(self) -> Path:
+        """FLWR_HOME of the site's SuperNode."""
+        return self.root / "flwr"
+
+    @property
+    def endpoints(self) -> Path:
+        """`node.json`: the running agent's addresses and pid; removed when it stops."""
+        return self.root / "node.json"
+
+
+@dataclass(frozen=True)
+class CoordinatorLayout(_Layout):
+    """The coordinator's state directory (`CoordinatorConfig.state_dir`)."""
+
+    root: Path
+
+    @property
+    def audit(self) -> Path:
+        """Site joins and leaves, admin calls and every refused connection."""
+        return self.root / "audit.jsonl"
+
+    @property
+    def registry(self) -> Path:
+        """Global adapter versions and run summaries (`coordinator.registry.AdapterRegistry`)."""
+        return self.root / "registry"
+
+    @property
+    def superlink_db(self) -> Path:
+        return self.root / "superlink.db"
+
+    @property
+    def gateway(self) -> Path:
+        """The nginx fleet gateway's working directory (config, site bindings, access and error logs)."""
+        return self.root / "gateway"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def superlink_log(self) -> Path:
+        return self.logs / "superlink.log"
+
+    @property
+    def flwr_home(self) -> Path:
+        """FLWR_HOME of the SuperLink process."""
+        return self.root / "flwr"
+
+    @property
+    def flwr_cli(self) -> Path:
+        """FLWR_HOME of the operator's `flwr` commands: a config naming the loopback Control API."""
+        return self.root / "flwr-cli"
+
+    @property
+    def endpoints(self) -> Path:
+        """`coordinator.json`: the running coordinator's addresses, registry and pid; removed when it stops."""
+        return self.root / "coordinator.json"

@@ -1,0 +1,212 @@
+"""The settings of a federated run and what one train message tells a node, with one set of defaults.
+
+`RunSettings` is what `fedseek run` chooses; `TrainInstruction` is what one train message
+carries (the run's settings plus this round's fields); `RunConfig` is Flower's run config of
+the FedSeek app (the settings plus the coordinator's registry directory). Each travels under
+the kebab-case keys coordinators and nodes have always used (`num-rounds`, `learning-rate`, ...):
+- Flower's run config: the FAB's `[tool.flwr.app.config]` table, overridden by TOML text given
+  to `flwr run --run-config`, read by the ServerApp;
+- a train message's `config` ConfigRecord, which the ClientApp relays as JSON to the node agent
+  with `run-id` added.
+
+Every decoder refuses an unknown key or a wrong type (`RoundSettingsError`, a 400), so a typo
+such as `learning_rate` is an error instead of a silent fall back to the default. An absent key
+takes the default below: an older coordinator that sends fewer keys still works.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from federation.errors import InvalidInput
+from federation.protocol import wire
+
+Scalar = bool | int | float | str
+"""What a Flower run config and a ConfigRecord entry hold here."""
+
+_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class RoundSettingsError(InvalidInput, ValueError):
+    """A run or round setting that is unknown, of the wrong type or out of range."""
+
+
+def _keys(cls: type) -> dict[str, str]:
+    """Wire key -> attribute of a settings class's own scalar fields (`num_rounds` travels as `num-rounds`)."""
+    return {
+        f.name.replace("_", "-"): f.name for f in dataclasses.fields(cls) if not dataclasses.is_dataclass(f.default)
+    }
+
+
+def _items(obj: object) -> dict[str, Scalar]:
+    """The wire items of a settings object's own scalar fields."""
+    return {key: getattr(obj, name) for key, name in _keys(type(obj)).items()}
+
+
+def _kwargs(cls: type, items: Mapping[str, object]) -> dict[str, Any]:
+    """Constructor arguments of `cls` from the wire items it owns (absent ones keep their defaults)."""
+    return {name: items[key] for key, name in _keys(cls).items() if key in items}
+
+
+def _refuse_unknown(what: str, items: Mapping[str, object], known: Iterable[str]) -> None:
+    known = sorted(known)
+    unknown = sorted(set(items) - set(known))
+    if unknown:
+        raise RoundSettingsError(
+            f"unknown {what} key {', '.join(map(repr, unknown))}; known keys: {', '.join(known)}", code="unknown_key"
+        )
+
+
+def _check_types(obj: Any) -> None:
+    """Refuse a field whose value is not of its default's type, and a nested one that is not a settings
+    object. An int is taken, as a float, where a float is expected (TOML and JSON write 1 for 1.0); a
+    bool is never taken for a number."""
+    for f in dataclasses.fields(obj):
+        value, kind = getattr(obj, f.name), type(f.default)
+        if kind is float and type(value) is int:
+            object.__setattr__(obj, f.name, float(value))  # frozen: normalised once, at construction
+        elif type(value) is not kind:
+            key = f.name.replace("_", "-")
+            raise RoundSettingsError(
+                f"{key} must be {kind.__name__}, not {type(value).__name__} ({value!r})", code="wrong_type"
+            )
+
+
+def _require(ok: bool, key: str, value: object, what: str) -> None:
+    if not ok:
+        raise RoundSettingsError(f"{key} must be {what}, not {value!r}", code="out_of_range")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What `fedseek run` chooses for one federated run: the one place FedSeek's run defaults live."""
+
+    run_name: str = "run"
+    """Names the run's summary, `<registry>/runs/<run-name>.json`: a plain file-name stem."""
+    num_rounds: int = 2
+    min_nodes: int = 2
+    """Sites that must train and evaluate in every round, and be connected before one starts."""
+    round_timeout: float = 900.0
+    """Seconds the coordinator waits for a round's replies."""
+    local_epochs: int = 1
+    batch_size: int = 8
+    """Expected (Poisson-sampled) DP-SGD batch size at each site."""
+    learning_rate: float = 2e-3
+    max_grad_norm: float = 1.0
+    """Per-record gradient clipping bound of DP-SGD."""
+    ffa_lora: bool = False
+    """FFA-LoRA: train B only against the shared seeded A; B-only traffic after round 1."""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _require(
+            _RUN_NAME.fullmatch(self.run_name) is not None,
+            "run-name",
+            self.run_name,
+            "a file-name stem (1-128 of letters, digits, '.', '_', '-'; no leading '.' or '-')",
+        )
+        counts = {
+            "num-rounds": self.num_rounds,
+            "min-nodes": self.min_nodes,
+            "local-epochs": self.local_epochs,
+            "batch-size": self.batch_size,
+        }
+        for key, count in counts.items():
+            _require(count >= 1, key, count, "a positive integer")
+        sizes = {
+            "round-timeout": self.round_timeout,
+            "learning-rate": self.learning_rate,
+            "max-grad-norm": self.max_grad_norm,
+        }
+        for key, size in sizes.items():
+            _require(math.isfinite(size) and size > 0, key, size, "a finite number above 0")
+
+
+@dataclass(frozen=True)
+class TrainInstruction:
+    """What one train message tells a node: the run's settings and this round's fields.
+
+    `reply-factors` and `lora-a-sha256` are FFA-LoRA's: the coordinator asks for the whole
+    adapter ("AB") until it knows the run's A, then for B only, naming A's digest. A string
+    left empty is not known to the sender and is not sent: `lora-a-sha256` before the
+    coordinator has A, and `run-id`, which Flower assigns and the ClientApp adds.
+    """
+
+    run: RunSettings = RunSettings()
+    server_round: int = 1
+    reply_factors: wire.Factors = "AB"
+    lora_a_sha256: str = ""
+    run_id: str = ""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _require(self.server_round >= 1, "server-round", self.server_round, "a positive integer")
+        _require(self.reply_factors in wire.FACTORS, "reply-factors", self.reply_factors, f"one of {wire.FACTORS}")
+        _require(
+            not self.lora_a_sha256 or _SHA256.fullmatch(self.lora_a_sha256) is not None,
+            "lora-a-sha256",
+            self.lora_a_sha256,
+            "a lowercase hex sha256",
+        )
+
+    def to_config_record(self) -> ConfigRecord:
+        items = {**_items(self.run), **_items(self)}
+        return ConfigRecord({k: v for k, v in items.items() if v != ""})
+
+    @classmethod
+    def from_config_record(cls, record: Mapping[str, object]) -> TrainInstruction:
+        """The instruction in a train message's config (a ConfigRecord, or the JSON the agent receives)."""
+        _refuse_unknown("train config", record, [*_keys(RunSettings), *_keys(cls)])
+        return cls(run=RunSettings(**_kwargs(RunSettings, record)), **_kwargs(cls, record))
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Flower's run config of the FedSeek app: the run's settings and the coordinator's registry directory.
+
+    `registry-dir` stays outside `RunSettings`: it is not chosen per run but is where this
+    coordinator keeps its adapters, which `submit_run` reads from the coordinator's state file.
+    Kept apart, it can never travel to nodes in a `TrainInstruction`. The FAB declares it
+    empty only because Flower accepts overrides of declared keys alone.
+    """
+
+    settings: RunSettings = RunSettings()
+    registry_dir: str = ""
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+
+    def to_run_config(self) -> dict[str, Scalar]:
+        return {**_items(self.settings), **_items(self)}
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, object]) -> RunConfig:
+        _refuse_unknown("run config", run_config, [*_keys(RunSettings), *_keys(cls)])
+        return cls(settings=RunSettings(**_kwargs(RunSettings, run_config)), **_kwargs(cls, run_config))
+
+    def to_toml(self) -> str:
+        """A TOML document of the run config, for `flwr run --run-config <file>.toml`."""
+        return "".join(f"{key} = {_toml_value(value)}\n" for key, value in self.to_run_config().items())
+
+
+def _toml_value(value: Scalar) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + "".join(_toml_char(c) for c in value) + '"'
+    return repr(value)  # finite: the settings refuse inf and nan; repr keeps floats as floats ("900.0")
+
+
+def _toml_char(c: str) -> str:
+    """One character of a TOML basic string: quote, backslash and control characters escaped."""
+    if c in '"\\':
+        return "\\" + c
+    return f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c

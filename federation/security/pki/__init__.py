@@ -1,0 +1,64 @@
+"""Consortium certificate authority for FedSeek.
+
+Every party (coordinator, hospital nodes, reviewers, admins) authenticates to every other party
+with mutual TLS, so one small CA issues all certificates. Callers use this package's names
+(`from federation.security import pki; pki.issue(...)`); the modules, one job each:
+
+- `ca`: the CA's operations (init, issue, renew, revoke, publish the CRL), all-or-nothing on disk;
+- `party`: what a party checks before it starts TLS (its files, a peer's chain, validity, revocation);
+- `status`: which certificates are issued and in what state (no passphrase needed);
+- `identity`: who a certificate speaks for (name, role, consortium, hosts), and the naming rules;
+- `layout`: the file layout of a PKI directory;
+- `crl`: signing, reading and checking the revocation list;
+- `passphrase`: the CA passphrase (argument, environment, 0600 file);
+- `signer`, `certs`, `index`, `pem`, `clock`, `errors`: the CA key, certificate contents, the CA's
+  records, PEM encoding, time, and `PKIError`.
+"""
+
+from __future__ import annotations
+
+from federation.security.pki.ca import DEFAULT_LEAF_DAYS, MAX_LEAF_DAYS, init_ca, issue, renew, revoke, write_crl
+from federation.security.pki.crl import CRL_DAYS, Reason, is_revoked, load_crl
+from federation.security.pki.errors import PKIError
+from federation.security.pki.identity import Identity, Role, identity_from_der, read_identity
+from federation.security.pki.layout import SITE_KEYS_DIR, CAFiles, LeafFiles
+from federation.security.pki.party import load_leaf, load_party, verify_leaf
+from federation.security.pki.passphrase import (
+    MIN_PASSPHRASE_LEN,
+    PASSPHRASE_ENV,
+    generate_passphrase_file,
+    read_passphrase_file,
+)
+from federation.security.pki.status import Status, list_issued, list_status
+
+__all__ = [
+    "CRL_DAYS",
+    "DEFAULT_LEAF_DAYS",
+    "MAX_LEAF_DAYS",
+    "MIN_PASSPHRASE_LEN",
+    "PASSPHRASE_ENV",
+    "SITE_KEYS_DIR",
+    "CAFiles",
+    "Identity",
+    "LeafFiles",
+    "PKIError",
+    "Reason",
+    "Role",
+    "Status",
+    "generate_passphrase_file",
+    "identity_from_der",
+    "init_ca",
+    "is_revoked",
+    "issue",
+    "list_issued",
+    "list_status",
+    "load_crl",
+    "load_leaf",
+    "load_party",
+    "read_identity",
+    "read_passphrase_file",
+    "renew",
+    "revoke",
+    "verify_leaf",
+    "write_crl",
+]

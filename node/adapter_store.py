@@ -1,0 +1,58 @@
+"""Adapters on disk: the versions a node has deployed, and the directories `fedseek serve` is given.
+
+A deployed version is a directory `<adapters>/<version>/` with its weights (`adapter.safetensors`)
+and what the host needs to serve it again (`adapter.json`: sha256, parent, created); the JSON is
+written last, so a version counts as stored only once both are whole. `fedseek serve --adapter`
+also takes peft's `save_pretrained` output (`adapter_model.safetensors`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from safetensors.numpy import load_file
+
+from federation.ops.atomic import write_atomic
+from federation.protocol import wire
+
+if TYPE_CHECKING:  # torch: not needed to check an adapter directory (`fedseek serve` does before loading)
+    from node.engine import AdapterInfo, ModelHost
+
+WEIGHTS_FILE = "adapter.safetensors"
+META_FILE = "adapter.json"
+ADAPTER_FILES = (WEIGHTS_FILE, "adapter_model.safetensors")  # FedSeek's own, or peft's save_pretrained
+
+
+def weights_file(directory: Path) -> Path | None:
+    """The adapter weights in `directory` (FedSeek's file first), or None if there are none."""
+    return next((directory / f for f in ADAPTER_FILES if (directory / f).is_file()), None)
+
+
+def install_from_dir(host: ModelHost, name: str, directory: Path) -> AdapterInfo:
+    """Serve the adapter in `directory` as model `name` (raises FileNotFoundError if it has no weights)."""
+    file = weights_file(directory)
+    if file is None:
+        raise FileNotFoundError(f"adapter {name}: no {' or '.join(ADAPTER_FILES)} in {directory}")
+    arrays = load_file(str(file))
+    return host.install(name, arrays, sha256=wire.sha256_of(arrays))
+
+
+def save_version(adapters: Path, info: AdapterInfo, arrays: wire.Arrays) -> None:
+    """Keep a deployed version so that `restore_versions` serves it again after a restart."""
+    target = adapters / info.version
+    target.mkdir(parents=True, exist_ok=True)
+    write_atomic(target / WEIGHTS_FILE, wire.encode(arrays))
+    meta = {"version": info.version, "sha256": info.sha256, "parent": info.parent, "created": info.created}
+    write_atomic(target / META_FILE, json.dumps(meta))
+
+
+def restore_versions(host: ModelHost, adapters: Path) -> None:
+    """Install every stored version, oldest first (so the newest is the latest), each checked against its sha256."""
+    if not adapters.is_dir():
+        return
+    metas = [json.loads(p.read_text()) | {"dir": p.parent} for p in adapters.glob(f"*/{META_FILE}")]
+    for meta in sorted(metas, key=lambda m: (m["created"], m["version"])):
+        arrays = wire.decode((meta["dir"] / WEIGHTS_FILE).read_bytes())
+        host.install(meta["version"], arrays, sha256=meta["sha256"], parent=meta.get("parent"), created=meta["created"])

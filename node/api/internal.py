@@ -1,0 +1,62 @@
+"""`/internal/train` and `/internal/deploy`: the federation's calls, from this site's own ClientApp only.
+
+Bodies are safetensors (federation.protocol.wire), the round's settings a JSON header. Any
+FedSeekError a round raises (an unknown setting is InvalidInput) reaches the app's shared
+handler, which answers its status; the privacy and training refusals below keep the code
+they always had, their class name, for the ClientApp to report.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from federation.protocol import wire
+from federation.security.refusals import error_response
+from node.api.deps import caller, node_of
+from node.client_app import CONFIG_HEADER, REPORT_HEADER
+from node.trainer import TrainingError
+from privacy.ledger import BudgetExceeded, LedgerError
+
+router = APIRouter(dependencies=[caller("self")])
+
+
+async def _body(request: Request) -> tuple[wire.Arrays | None, dict[str, Any]]:
+    raw = await request.body()
+    config = json.loads(request.headers.get(CONFIG_HEADER, "{}"))
+    return (wire.decode(raw) if raw else None), config
+
+
+@router.post("/internal/train", response_model=None)
+async def internal_train(request: Request) -> Response:
+    try:
+        arrays, config = await _body(request)
+        result = await run_in_threadpool(node_of(request).train, arrays, config)
+    except (wire.WireError, json.JSONDecodeError) as exc:
+        return error_response(400, str(exc))
+    except (BudgetExceeded, LedgerError, TrainingError) as exc:
+        return error_response(409, str(exc), code=type(exc).__name__)
+    return Response(
+        content=wire.encode_update(result.update()),  # FFA-LoRA: B only, with A's digest
+        media_type="application/octet-stream",
+        headers={REPORT_HEADER: json.dumps(result.report.to_dict())},
+    )
+
+
+@router.post("/internal/deploy", response_model=None)
+async def internal_deploy(request: Request) -> dict[str, Any] | JSONResponse:
+    try:
+        arrays, config = await _body(request)
+        if not arrays or "adapter-version" not in config:
+            return error_response(400, "deploy needs adapter arrays and an adapter-version")
+        return await run_in_threadpool(
+            node_of(request).deploy, str(config["adapter-version"]), str(config["adapter-sha256"]), arrays
+        )
+    except KeyError as exc:
+        return error_response(400, f"deploy config is missing {exc}")
+    except (wire.WireError, json.JSONDecodeError) as exc:
+        return error_response(400, str(exc))

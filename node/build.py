@@ -1,0 +1,183 @@
+"""Where a node is built: from a `NodeConfig` to a `NodeService`, or to `fedseek serve`'s serving alone.
+
+`build_node` is what `fedseek node start` runs (after `node.agent.preflight`): model and site
+data from disk, then `assemble_node`, which makes every part in the order that refuses a bad
+input before the state directory is touched: the site's budget against its policy, then the
+audit trail, ledger, agent token, the adapters deployed before a restart, and the serving
+engine over the model. `node_access` is who may call that node's API.
+
+`fedseek serve` is the same model, adapters and engine with no federation: `serving_access`
+and `build_serving`. Where each file lives is `federation.ops.layout.NodeLayout`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from federation.errors import Unavailable
+from federation.ops.atomic import write_atomic
+from federation.ops.layout import NodeLayout
+from federation.protocol.config import NodeConfig
+from node import adapter_store
+from node.access import AccessPolicy
+from node.api_keys import ensure_first_key
+from node.data import TokenizedExample, load_jsonl, tokenize
+from node.engine import ModelHost
+from node.model import ModelLoadError, load_model
+from node.service import NodeParts, NodeService, Serving
+from privacy.audit import AuditTrail
+from privacy.ledger import Budget, PolicyError, PrivacyLedger
+
+__all__ = [
+    "NodeStartError",
+    "ServeOptions",
+    "assemble_node",
+    "build_node",
+    "build_serving",
+    "load_site_data",
+    "node_access",
+    "serving_access",
+    "site_budget",
+]
+
+
+class NodeStartError(Unavailable):
+    """The node refuses to start; the message is one line for the operator."""
+
+
+# ---- a federated node ------------------------------------------------------------------------
+def build_node(config: NodeConfig) -> NodeService:
+    """The node `fedseek node start` runs; a model or dataset that cannot be read is a NodeStartError."""
+    try:
+        model, tokenizer = load_model(config.model_dir, device=config.device)
+    except ModelLoadError as exc:
+        raise NodeStartError(str(exc)) from exc
+    try:
+        train, eval_data = load_site_data(config, tokenizer)
+    except ValueError as exc:
+        raise NodeStartError(f"bad site data: {exc}") from exc
+    host = ModelHost(model, tokenizer, model_name=Path(config.model_dir).name)
+    return assemble_node(config, host, train=train, eval_data=eval_data)
+
+
+def assemble_node(
+    config: NodeConfig, host: ModelHost, *, train: list[TokenizedExample], eval_data: list[TokenizedExample]
+) -> NodeService:
+    """A node around a model already loaded (tests and benchmarks share one model between nodes).
+
+    Raises PolicyError, before the state directory is created or changed, if the configured
+    budget is outside the site's policy or there is no training data.
+    """
+    budget = site_budget(config, len(train))
+    layout = NodeLayout(Path(config.state_dir))
+    layout.root.mkdir(parents=True, exist_ok=True)
+    audit = AuditTrail(layout.audit)
+    ledger = PrivacyLedger(layout.ledger, budget=budget)
+    token = _ensure_token(layout.agent_token)
+    adapter_store.restore_versions(host, layout.adapters)
+    serving = Serving(host, audit, owner=config.name)
+    parts = NodeParts(
+        config=config,
+        layout=layout,
+        host=host,
+        serving=serving,
+        audit=audit,
+        ledger=ledger,
+        agent_token=token,
+        train=train,
+        eval_data=eval_data,
+    )
+    return NodeService(parts)
+
+
+def node_access(service: NodeService) -> AccessPolicy:
+    """Who may call a node's API: its API keys (the first one made on first start), the agent
+    token on /internal, consortium certificates for the rest (node/access.py's table)."""
+    return AccessPolicy(
+        site=service.config.name,
+        audit=service.audit,
+        api_keys=ensure_first_key(service.layout),
+        agent_token=service.token,
+        openai_auth=service.config.openai_auth,  # type: ignore[arg-type]  # checked by AccessPolicy
+    )
+
+
+def site_budget(config: NodeConfig, n_records: int) -> Budget:
+    """The budget the config asks for, refused unless it fits the site's policy.
+
+    A delta of 1/n or more would allow releasing a whole record outright, so delta must stay
+    below 1/n (default 1/(10 n)); epsilon may not exceed `privacy_policy_epsilon`.
+    """
+    if n_records < 1:
+        raise PolicyError("the site has no training records (empty dataset); refusing")
+    if not config.epsilon <= config.privacy_policy_epsilon:
+        raise PolicyError(
+            f"configured budget epsilon {config.epsilon:g} is looser than the site's policy "
+            f"(epsilon <= {config.privacy_policy_epsilon:g}); refusing"
+        )
+    delta = config.delta if config.delta > 0 else 1.0 / (10 * n_records)
+    if not delta < 1.0 / n_records:
+        raise PolicyError(f"delta {delta:g} must be below 1/n = {1.0 / n_records:g} for {n_records} records; refusing")
+    return Budget(epsilon=config.epsilon, delta=delta, accountant=config.accountant)
+
+
+def load_site_data(config: NodeConfig, tokenizer: Any) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+    data_dir = Path(config.data_dir)
+    train = tokenize(load_jsonl(data_dir / "train.jsonl"), tokenizer, max_length=config.max_length)
+    eval_data = tokenize(load_jsonl(data_dir / "eval.jsonl"), tokenizer, max_length=config.max_length)
+    return train, eval_data
+
+
+def _ensure_token(path: Path) -> str:
+    """The agent token, made on first start; the local ClientApp reads it from this file."""
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    write_atomic(path, token, mode=0o600)
+    return token
+
+
+# ---- serving alone (`fedseek serve`) ---------------------------------------------------------
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `fedseek serve` serves: a checkpoint, named adapter directories, the engine's bounds."""
+
+    model_dir: Path
+    adapters: Mapping[str, Path] = field(default_factory=dict)
+    device: str = "cpu"
+    max_slots: int = 8
+    max_queue: int = 64
+    max_model_len: int = 4096
+
+
+def serving_access(layout: NodeLayout) -> AccessPolicy:
+    """`fedseek serve`'s API keys (the first one left in `layout.api_key`) and its one audit
+    trail, which serving and access refusals alike append to. There are no /internal routes,
+    so the agent token is a random one nobody holds."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    return AccessPolicy(
+        site="local",
+        audit=AuditTrail(layout.audit),
+        api_keys=ensure_first_key(layout),
+        agent_token=secrets.token_urlsafe(32),
+    )
+
+
+def build_serving(options: ServeOptions, *, audit: AuditTrail) -> Serving:
+    """Model, adapters and engine: what `build_node` serves, minus the federation."""
+    model, tokenizer = load_model(options.model_dir, device=options.device)
+    host = ModelHost(model, tokenizer, model_name=options.model_dir.name)
+    for name, directory in options.adapters.items():
+        adapter_store.install_from_dir(host, name, directory)
+    return Serving(
+        host,
+        audit,
+        owner="local",
+        max_slots=options.max_slots,
+        max_queue=options.max_queue,
+        max_model_len=options.max_model_len,
+    )
