@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's packages
 
+from fedseek_examples.demo.data import generate_site_records
+
 from bench.common import machine, versions
-from examples.demo.data import generate_site_records
 from node.data import Example, collate, tokenize
 from node.engine import TRAIN_ADAPTER, ModelHost
 from node.model import load_model, write_tiny_model

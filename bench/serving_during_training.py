@@ -28,7 +28,8 @@ USER = [{"role": "user", "content": "Chest pain since this morning, troponin ele
 
 
 def build_node(root: Path) -> Any:
-    from examples.demo.data import write_site_dataset
+    from fedseek_examples.demo.data import write_site_dataset
+
     from federation.protocol.config import NodeConfig
     from node.build import assemble_node
     from node.data import load_jsonl, tokenize

@@ -4,7 +4,7 @@ The question a consortium asks before joining: is DP-SGD at epsilon 1 per site, 
 worth more than each hospital training alone with the same privacy, and how much does it lose
 against pooling everything without privacy (which no hospital may do)? One process, one base
 model loaded once (``node.engine.ModelHost``, the product's LoRA settings and targets), the
-demo's synthetic non-IID triage notes (``examples.demo.data``), three arms:
+demo's synthetic non-IID triage notes (``fedseek_examples.demo.data``), three arms:
 
 * ``pooled_nonprivate`` (a): non-private LoRA on all sites' training records together (plain
   AdamW on ``node.trainer.per_sample_loss``, the trainer's loss);
@@ -74,9 +74,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: the repo's packages
 
-from bench.common import machine, versions
-from coordinator.aggregate import weighted_average
-from examples.demo.data import (
+from fedseek_examples.demo.data import (
     DEPARTMENTS,
     FINDINGS,
     NEUTRAL_PHRASES,
@@ -86,6 +84,9 @@ from examples.demo.data import (
     generate_site_records,
     question_for,
 )
+
+from bench.common import machine, versions
+from coordinator.aggregate import weighted_average
 from federation.protocol import wire
 from node.data import Example, TokenizedExample, collate, exact_match, tokenize
 from node.engine import TRAIN_ADAPTER, LoraSettings, ModelHost

@@ -24,7 +24,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def site_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from examples.demo.data import write_site_dataset
+    from fedseek_examples.demo.data import write_site_dataset
 
     out = tmp_path_factory.mktemp("site-data")
     write_site_dataset(out, site_index=0, n_sites=3, n_train=48, n_eval=12)

@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("federation", "node", "coordinator", "privacy", "explain", "examples", "tests")
+IMPORT_NAMES = {"examples": "fedseek_examples"}  # directory -> import name (pyproject package-dir)
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 
 
@@ -39,7 +40,7 @@ def test_the_tree_keeps_every_contract() -> None:
 def tree_copy(tmp_path: Path) -> Path:
     """The packages and pyproject.toml, copied: a place to break the layering without touching the repository."""
     for package in PACKAGES:
-        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / package, tmp_path / IMPORT_NAMES.get(package, package), ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path
 
@@ -66,10 +67,10 @@ def test_the_copy_is_a_fair_control(tree_copy: Path) -> None:
         ("privacy", "node", "layers"),
         ("explain", "coordinator", "layers"),
         ("node", "federation.cli", "layers"),
-        ("examples", "federation.cli", "layers"),
+        ("fedseek_examples", "federation.cli", "layers"),
         ("node", "coordinator", "node-coordinator"),
         ("coordinator", "node", "node-coordinator"),
-        ("federation.security", "examples", "federation-below-apps"),
+        ("federation.security", "fedseek_examples", "federation-below-apps"),
         ("tests.node", "tests.coordinator", "tests-layers"),
         ("tests.federation.protocol", "node", "tests-federation"),
         ("tests.privacy", "coordinator", "tests-privacy-explain"),

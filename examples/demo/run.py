@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from fedseek_examples.demo.data import generate_site_records, question_for, write_site_dataset
 
-from examples.demo.data import generate_site_records, question_for, write_site_dataset
 from federation.ops.layout import CoordinatorLayout, NodeLayout
 from federation.ops.supervise import Managed, ProcessError, free_port, log_tail, stop_all
 from federation.protocol import config as cfg

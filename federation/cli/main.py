@@ -170,7 +170,7 @@ def _node_json(response: httpx.Response) -> dict[str, Any]:
 
 # ---- demo -------------------------------------------------------------------------------------
 def _demo(args: argparse.Namespace) -> int:
-    from examples.demo.run import DemoSettings, run_demo
+    from fedseek_examples.demo.run import DemoSettings, run_demo
 
     report = run_demo(
         DemoSettings(out=Path(args.out), sites=args.sites, rounds=args.rounds, keep_running=args.keep_running)

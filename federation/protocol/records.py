@@ -6,7 +6,8 @@ version; `factors`, "AB" or "B" for what `arrays` holds; `lora-a-sha256`, the di
 site's A factors), `metrics` (MetricRecord with `num-examples`), and `privacy` (ConfigRecord holding a
 PrivacyReport). A reply without `adapter` is wire version 1: the whole adapter.
 
-FFA-LoRA keys in the train and evaluate config (ServerApp -> ClientApp -> node agent):
+The train config (ServerApp -> ClientApp -> node agent) is a `round_settings.TrainInstruction`.
+FFA-LoRA keys in the train and evaluate config:
 `ffa-lora` (bool), `reply-factors` ("AB" while the coordinator lacks A, then "B") and, once
 the coordinator knows A, `lora-a-sha256`; `arrays` then holds the B factors only.
 """

@@ -21,12 +21,14 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
-
-from flwr.app import ConfigRecord
+from typing import TYPE_CHECKING, Any
 
 from federation.errors import InvalidInput
-from federation.protocol import wire
+
+if TYPE_CHECKING:  # imported where used: `fedseek --help` reads the run defaults without numpy or Flower
+    from flwr.app import ConfigRecord
+
+    from federation.protocol import wire
 
 Scalar = bool | int | float | str
 """What a Flower run config and a ConfigRecord entry hold here."""
@@ -147,9 +149,11 @@ class TrainInstruction:
     run_id: str = ""
 
     def __post_init__(self) -> None:
+        from federation.protocol.wire import FACTORS
+
         _check_types(self)
         _require(self.server_round >= 1, "server-round", self.server_round, "a positive integer")
-        _require(self.reply_factors in wire.FACTORS, "reply-factors", self.reply_factors, f"one of {wire.FACTORS}")
+        _require(self.reply_factors in FACTORS, "reply-factors", self.reply_factors, f"one of {FACTORS}")
         _require(
             not self.lora_a_sha256 or _SHA256.fullmatch(self.lora_a_sha256) is not None,
             "lora-a-sha256",
@@ -158,6 +162,8 @@ class TrainInstruction:
         )
 
     def to_config_record(self) -> ConfigRecord:
+        from flwr.app import ConfigRecord
+
         items = {**_items(self.run), **_items(self)}
         return ConfigRecord({k: v for k, v in items.items() if v != ""})
 

@@ -25,7 +25,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from federation.protocol import wire
-from federation.security.refusals import error_response, install_error_handlers
+from federation.security.refusals import error_response, error_response_for, install_error_handlers
 from node.access import AccessPolicy
 from node.api import admin, completions, explanations, internal, models
 from node.api.deps import GetServing
@@ -64,7 +64,7 @@ def _base(title: str, policy: AccessPolicy, *, site: str) -> FastAPI:
 
     @app.exception_handler(Loading)
     async def _loading(_: Request, exc: Loading) -> JSONResponse:
-        response = error_response(503, str(exc), type_="service_unavailable", code="model_loading")
+        response = error_response_for(exc)  # 503 `model_loading`, and when to come back
         response.headers["retry-after"] = "5"
         return response
 

@@ -2,7 +2,8 @@
 
 Both routes queue the request the same way (`complete`); what differs between chat and text
 completions in OpenAI's format is a `Format`. A refusal (unknown model, full queue, prompt too
-long for the context) is an error before any output, so a stream never starts with one.
+long for the context) is an error before any output, so a stream never starts with one; an
+unknown model is a FedSeekError carrying its 404 `model_not_found`, answered by the app's handler.
 """
 
 from __future__ import annotations
@@ -34,9 +35,8 @@ from node.api.protocol import (
     Sampling,
     Usage,
 )
-from node.engine import UnknownModel
 from node.service import Serving
-from node.serving import Event, QueueFull, UnknownAdapter
+from node.serving import Event, QueueFull
 
 router = APIRouter(dependencies=[caller("application")])
 
@@ -135,11 +135,9 @@ async def complete(
         prep = serving.prepare(prompt, req.model)
         events = serving.generate(prep, req.params(), actor=actor, receipt=receipt)
         first = await anext(events)
-    except (UnknownModel, UnknownAdapter) as exc:
-        return error_response(404, str(exc), code="model_not_found")
     except QueueFull as exc:
         return error_response(
-            429, f"the server is busy ({exc}); retry later", type_="rate_limit_error", code="queue_full"
+            exc.status, f"the server is busy ({exc}); retry later", type_=exc.openai_type, code=exc.code
         )
     except ValueError as exc:
         return error_response(400, str(exc), code="context_length_exceeded" if "context" in str(exc) else None)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from fedseek_examples.demo.data import DEPARTMENTS, QUESTION, generate_site_records
 
 from bench.usefulness import (
     REFERRAL,
@@ -19,7 +20,6 @@ from bench.usefulness import (
     public_chats,
     site_splits,
 )
-from examples.demo.data import DEPARTMENTS, QUESTION, generate_site_records
 from federation.protocol import wire
 from node.data import IGNORE_INDEX, tokenize
 from node.model import load_model

@@ -17,6 +17,7 @@ from coordinator.registry import AdapterRegistry
 from coordinator.sites import SiteAccess
 from privacy.audit import AuditTrail
 from tests.fake_peer import as_peer, header_peer
+from tests.federation.security.refusal_record import content, refusal
 
 
 @pytest.fixture
@@ -65,18 +66,32 @@ def test_runs_and_versions_views(setup: tuple[TestClient, AuditTrail, SiteAccess
 
 
 @pytest.mark.parametrize(
-    ("headers", "status"),
-    [({}, 401), (as_peer("site-a", "node"), 403), (as_peer("rita", "reviewer"), 403)],
+    ("headers", "status", "actor", "role"),
+    [
+        ({}, 401, "testclient:50000", None),  # no certificate: the client's address
+        (as_peer("site-a", "node"), 403, "site-a", "node"),
+        (as_peer("rita", "reviewer"), 403, "rita", "reviewer"),
+    ],
     ids=["no-cert", "node-cert", "reviewer-cert"],
 )
 def test_only_admins_get_in_and_refusals_are_audited(
-    setup: tuple[TestClient, AuditTrail, SiteAccess], headers: dict[str, str], status: int
+    setup: tuple[TestClient, AuditTrail, SiteAccess], headers: dict[str, str], status: int, actor: str, role: str | None
 ) -> None:
+    """One `access.refused` record per refusal, the very record the node writes (refusal_record.refusal)."""
     client, audit, _ = setup
+    before = len(audit)
     r = client.get("/v1/admin/sites", headers=headers)
     assert r.status_code == status
-    err = r.json()["error"]
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    err = body["error"]
     assert err["type"] == ("authentication_error" if status == 401 else "permission_error")
     assert "role 'admin'" in err["message"]
-    last = records(audit)[-1]
-    assert last["action"] == "access.refused" and last["details"]["status"] == status
+    expected = refusal(actor=actor, resource="/v1/admin/sites", status=status, reason=err["message"], role=role)
+    assert [content(record) for record in records(audit)[before:]] == [expected]
+
+
+def test_unknown_route_is_an_openai_error(setup: tuple[TestClient, AuditTrail, SiteAccess]) -> None:
+    client, _, _ = setup
+    r = client.get("/v1/admin/nowhere", headers=as_peer("olga", "admin"))
+    assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}

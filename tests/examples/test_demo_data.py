@@ -7,8 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from examples.demo.data import (
+from fedseek_examples.demo.data import (
     DEPARTMENTS,
     FINDINGS,
     QUESTION,
@@ -18,6 +17,7 @@ from examples.demo.data import (
     question_for,
     write_site_dataset,
 )
+
 from node.data import load_jsonl
 
 N_SITES = 3

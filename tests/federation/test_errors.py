@@ -28,7 +28,7 @@ from federation.errors import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ("federation", "node", "coordinator", "privacy", "explain", "examples")
+PACKAGES = ("federation", "node", "coordinator", "privacy", "explain", "fedseek_examples")
 
 # Exceptions that never leave their module: control flow, caught where they are raised.
 INTERNAL = {
@@ -39,8 +39,8 @@ INTERNAL = {
 def _modules() -> Iterator[str]:
     for name in PACKAGES:
         package = importlib.import_module(name)
-        # A stray top-level package of the same name elsewhere on sys.path (Opacus' wheel ships an
-        # `examples`) would make this walk check someone else's code; it must be ours.
+        # Every package walked must be ours (Opacus' wheel ships a top-level `examples`, the reason
+        # ours installs as `fedseek_examples`).
         assert Path(package.__file__ or "").resolve().is_relative_to(ROOT), package.__file__
         yield name
         for info in pkgutil.walk_packages(package.__path__, prefix=f"{name}."):

@@ -13,6 +13,13 @@ from fastapi.testclient import TestClient
 from federation.protocol import wire
 from federation.protocol.config import NodeConfig
 from node.api import MAX_BODY_BYTES, create_app
+from node.api.protocol import (
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+    CompletionResponse,
+    CompletionStreamResponse,
+    ModelList,
+)
 from node.build import assemble_node
 from node.client_app import CONFIG_HEADER, REPORT_HEADER
 from node.data import load_jsonl, tokenize
@@ -20,6 +27,7 @@ from node.engine import ModelHost
 from node.model import load_model
 from node.service import NodeService
 from privacy.audit import verify
+from tests.federation.security.refusal_record import content, refusal
 from tests.node.peers import HEADER, api_key, as_peer, policy_for
 
 N_TRAIN, N_EVAL = 16, 4
@@ -154,6 +162,52 @@ def test_chat_with_openai_client_shape(client: TestClient) -> None:
     assert completion.choices[0].message.role == "assistant"
 
 
+def test_responses_are_exactly_the_protocol_models(client: TestClient) -> None:
+    """Each answer parses as its node/api/protocol.py model and as the `openai` type, and the model
+    re-serializes to the very same JSON: the models describe the wire format field for field."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion
+
+    chat = client.post("/v1/chat/completions", json={**CHAT, "model": "v1"}).json()
+    assert ChatCompletionResponse.model_validate(chat).model_dump(mode="json") == chat
+    ChatCompletion.model_validate(chat)
+    text = client.post("/v1/completions", json={"model": "v2", "prompt": PROMPT, "max_tokens": 2}).json()
+    assert CompletionResponse.model_validate(text).model_dump(mode="json") == text
+    Completion.model_validate(text)
+    models = client.get("/v1/models").json()
+    assert ModelList.model_validate(models).model_dump(mode="json") == models
+    base = models["data"][0]
+    assert base["parent"] is None and "sha256" not in base  # only adapter versions have a digest
+
+
+def sse(client: TestClient, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    with client.stream("POST", path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    return [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+
+
+@pytest.mark.parametrize("include_usage", [True, False], ids=["usage", "no-usage"])
+def test_stream_chunks_are_exactly_the_protocol_models(client: TestClient, include_usage: bool) -> None:
+    """`usage` is in every chunk (null until the last) only when asked for; deltas carry the role once."""
+    from openai.types.chat import ChatCompletionChunk
+
+    options = {"stream_options": {"include_usage": True}} if include_usage else {}
+    skip = None if include_usage else {"usage"}
+    chat = sse(client, "/v1/chat/completions", {**CHAT, "model": "v1", **options})
+    for chunk in chat:
+        assert ChatCompletionStreamResponse.model_validate(chunk).model_dump(mode="json", exclude=skip) == chunk
+        ChatCompletionChunk.model_validate(chunk)
+        assert ("usage" in chunk) == include_usage
+    deltas = [c["choices"][0]["delta"] for c in chat if c["choices"]]
+    assert set(deltas[0]) == {"role", "content"} and deltas[-1] == {}
+    assert all(set(d) == {"content"} for d in deltas[1:-1])
+    text = sse(client, "/v1/completions", {"model": "v2", "prompt": PROMPT, "max_tokens": 2, **options})
+    for chunk in text:  # (the `openai` client reads these unvalidated: its Completion type has no null finish)
+        assert CompletionStreamResponse.model_validate(chunk).model_dump(mode="json", exclude=skip) == chunk
+
+
 def test_chat_stream_is_server_sent_chunks_and_audited(client: TestClient, service: NodeService) -> None:
     before = len(service.audit)
     body = {**CHAT, "model": "v1", "stream": True, "stream_options": {"include_usage": True}}
@@ -256,10 +310,12 @@ def test_routes_refuse_the_wrong_caller_and_audit_it(
     err = assert_openai_error(r, status)
     assert err["type"] == ("authentication_error" if status == 401 else "permission_error")
     assert service.ledger.entries() == entries
-    assert len(service.audit) == records + 1
-    refusal = audit_records(service)[-1]
-    assert refusal["action"] == "access.refused" and refusal["resource"] == path
-    assert refusal["details"]["status"] == status and refusal["details"]["reason"] == err["message"]
+    # exactly one record, the very one the coordinator writes (refusal_record.refusal)
+    name, _, role = who.get(HEADER, client.headers[HEADER]).partition(":")  # the certificate presented, if any
+    expected = refusal(
+        actor=name or "testclient:50000", resource=path, status=status, reason=err["message"], role=role or None
+    )
+    assert [content(record) for record in audit_records(service)[records:]] == [expected]
 
 
 def test_api_key_added_while_running_works_and_only_its_digest_is_stored(

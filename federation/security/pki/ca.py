@@ -1,8 +1,6 @@
 """The consortium CA's operations: create it, issue, renew and revoke party certificates, publish the CRL.
 
-Every party (coordinator, hospital nodes, reviewers, admins) authenticates to every other party
-with mutual TLS, so one small CA issues all certificates. These operations need the CA
-passphrase (`federation.security.pki.passphrase`); parties never do.
+These operations need the CA passphrase (`federation.security.pki.passphrase`); parties never do.
 
 Each operation checks its input and signs everything in memory before it writes, and writes go
 through temporary files and directories renamed into place: a refused or interrupted operation
