@@ -40,7 +40,8 @@ def test_the_tree_keeps_every_contract() -> None:
 def tree_copy(tmp_path: Path) -> Path:
     """The packages and pyproject.toml, copied: a place to break the layering without touching the repository."""
     for package in PACKAGES:
-        shutil.copytree(ROOT / package, tmp_path / IMPORT_NAMES.get(package, package), ignore=shutil.ignore_patterns("__pycache__"))
+        target = tmp_path / IMPORT_NAMES.get(package, package)
+        shutil.copytree(ROOT / package, target, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
     return tmp_path
 
