@@ -441,7 +441,7 @@ def train_dp(
 def score(host: ModelHost, arrays: wire.Arrays | None, records: Sequence[ClinicalRecord], *, version: str) -> dict:
     """Exact match of greedy answers served by ModelHost.generate under `arrays` (None: the base model)."""
     model = host.model_name
-    version = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in version)  # peft: no dots in names
+    version = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in version.lower())  # the one name pattern
     if arrays is not None and not all(np.isfinite(v).all() for v in arrays.values()):
         n = len(records)
         return {"exact_match": 0.0, "n": n, "diverged": True, "per_department": {}, "top_predictions": {}}

@@ -31,7 +31,8 @@ PeerFn = Callable[[Request], pki.Identity | None]
 def create_admin_app(
     *, sites: SiteAccess, registry: AdapterRegistry, audit: AuditTrail, peer: PeerFn = peer_of
 ) -> FastAPI:
-    app = FastAPI(title="FedSeek coordinator admin", version="0.1.0")
+    # No /docs, /redoc or /openapi.json: the API is described to nobody who reaches the port.
+    app = FastAPI(title="FedSeek coordinator admin", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
 
     def admin(request: Request) -> pki.Identity:

@@ -19,12 +19,22 @@ from typing import Any
 
 from federation.errors import Conflict
 from federation.protocol import wire
+from federation.protocol.names import InvalidNameError, check_adapter_name
 
 _VERSION_RE = re.compile(r"^global-v(\d{4,})$")
 
 
 class RegistryError(Conflict):
     """A missing or corrupt adapter version."""
+
+
+def check_version(version: object) -> str:
+    """`version` if it can name a registry entry (`global-vNNNN`, which also fits the one version
+    pattern of federation.protocol.names); InvalidNameError otherwise, before any path is built."""
+    checked = check_adapter_name(version, what="registry version")
+    if _VERSION_RE.fullmatch(checked) is None:
+        raise InvalidNameError(f"invalid registry version {checked!r}: versions are named global-vNNNN")
+    return checked
 
 
 @dataclass(frozen=True)
@@ -106,7 +116,7 @@ class AdapterRegistry:
         return manifest
 
     def manifest(self, version: str) -> Manifest:
-        path = self.root / version / "manifest.json"
+        path = self.root / check_version(version) / "manifest.json"
         try:
             data = json.loads(path.read_text())
             if not isinstance(data, dict):
@@ -116,7 +126,7 @@ class AdapterRegistry:
             raise RegistryError(f"adapter version {version!r} has no readable manifest: {exc}") from exc
 
     def path(self, version: str) -> Path:
-        return self.root / version / "adapter.safetensors"
+        return self.root / check_version(version) / "adapter.safetensors"
 
     def load(self, version: str) -> tuple[wire.Arrays, Manifest]:
         """Load and integrity-check a version against its recorded sha256."""

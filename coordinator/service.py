@@ -1,11 +1,15 @@
-"""`fedseek coordinator start`: SuperLink on loopback behind the nginx fleet gateway.
+"""`fedseek coordinator start`: the SuperLink in its own network namespace, behind the nginx fleet gateway.
 
-The SuperLink listens on 127.0.0.1 only, with TLS (the coordinator certificate). The public
-fleet port is nginx (`federation.security.fleet_gateway`): it requires a client certificate chained to
-the consortium CA and not on its CRL, forwards only the Fleet API, and only when the
-request's Flower key is the one registered for the certificate's site. SuperNode
-authentication stays on as a second factor: each site's key is registered through the
-Control API, which is served to the operator on loopback only.
+The SuperLink listens, with TLS (the coordinator certificate), on 127.0.0.1 of a network
+namespace of its own (`federation.ops.netns`): no process on the host reaches that port. Its
+one way out is a Unix socket in the state directory's `control/` (0700, the coordinator's
+user). The public fleet port is nginx (`federation.security.fleet_gateway`), which connects to
+that socket: it requires a client certificate chained to the consortium CA and not on its CRL,
+forwards only the Fleet API, and only when the request's Flower key is the one registered for
+the certificate's site. SuperNode authentication stays on as a second factor: each site's key
+is registered through the Control API, which Flower's open-source SuperLink serves to anyone
+who reaches its port; so every `flwr` command of the operator runs inside the namespace
+(`flwr_control`), which only the coordinator's user may enter.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +29,24 @@ from coordinator.admin_api import create_admin_app
 from coordinator.registry import AdapterRegistry
 from coordinator.sites import SiteAccess, flwr_supernode
 from federation.errors import Unavailable
-from federation.ops.atomic import write_atomic
+from federation.ops import netns
+from federation.ops.atomic import PRIVATE_UMASK, private_dir, write_atomic
 from federation.ops.filewatch import FileWatcher
 from federation.ops.layout import CoordinatorLayout
 from federation.ops.supervise import Managed, ProcessError, free_port, stop_all, supervise
 from federation.protocol.config import CoordinatorConfig
 from federation.security import pki
 from federation.security.fleet_gateway import Gateway, GatewayError, GatewayLog, audit_refusal
-from federation.security.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
+from federation.security.mtls_server import HTTPSService, Refusal, ServerTLS, ServiceStartError, audit_hook
+from federation.security.refusal_window import RefusalWindow
 from federation.security.sidecar import TLSFiles
 from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator")
 
 CONNECTION = "fedseek"
+# The SuperLink's port inside its own network namespace, where nothing else listens.
+SUPERLINK_PORT = 9093
 
 
 class CoordinatorError(Unavailable):
@@ -52,7 +62,7 @@ def _bin_path() -> str:
 
 
 def write_cli_config(flwr_home: Path, superlink: str, *, ca_cert: Path) -> Path:
-    """A Flower CLI config naming the local SuperLink's Control API (TLS, consortium CA)."""
+    """A Flower CLI config naming a SuperLink's Control API (TLS, consortium CA)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     path = flwr_home / "config.toml"
     path.write_text(
@@ -66,22 +76,37 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     return {**os.environ, "FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 
-def register_site(flwr_cli: Path, public_key: Path, *, name: str) -> int:
+def flwr_control(
+    socket: Path, flwr_home: Path, args: Sequence[str], *, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """`flwr ARGS` inside the SuperLink's network namespace, the only place its Control API is.
+
+    `socket` is the SuperLink's (`CoordinatorLayout.superlink_socket`): the namespace joined is
+    the one whose launcher serves it, checked to be ours (`federation.ops.netns.run_inside`).
+    """
+    try:
+        return netns.run_inside(
+            socket, [flwr_bin("flwr"), *args], env=flwr_env(flwr_home), capture_output=True, text=True, timeout=timeout
+        )
+    except netns.NamespaceError as exc:
+        raise CoordinatorError(f"cannot reach the SuperLink's Control API: {exc}") from exc
+
+
+def register_site(socket: Path, flwr_cli: Path, public_key: Path, *, name: str) -> int:
     """Register a site's SuperNode key (second factor) with the running SuperLink; its node id."""
     try:
         out = flwr_supernode(
             ["register", str(public_key), CONNECTION, "--name", name],
-            env=flwr_env(flwr_cli),
-            flwr=flwr_bin("flwr"),
+            flwr=lambda args: flwr_control(socket, flwr_cli, args),
         )
     except RuntimeError as exc:
         raise CoordinatorError(f"registering {name}: {exc}") from exc
     return int(str(out["node-id"]))
 
 
-def unregister_site(flwr_cli: Path, node_id: int) -> None:
+def unregister_site(socket: Path, flwr_cli: Path, node_id: int) -> None:
     try:
-        flwr_supernode(["unregister", str(node_id), CONNECTION], env=flwr_env(flwr_cli), flwr=flwr_bin("flwr"))
+        flwr_supernode(["unregister", str(node_id), CONNECTION], flwr=lambda args: flwr_control(socket, flwr_cli, args))
     except RuntimeError as exc:
         raise CoordinatorError(f"unregistering node {node_id}: {exc}") from exc
 
@@ -108,35 +133,43 @@ def _start_admin_api(
 
 def run_coordinator(config: CoordinatorConfig) -> None:
     """Run until SIGTERM/SIGINT."""
+    os.umask(PRIVATE_UMASK)  # everything the coordinator and its children write: its user's alone
     pki_dir = Path(config.pki_dir)
     try:
         leaf = pki.load_party(pki_dir, config.name, role="coordinator")
     except pki.PKIError as exc:
         raise CoordinatorError(f"certificate check failed: {exc}") from exc
-    layout = CoordinatorLayout(Path(config.state_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
-    link_port = config.superlink_port or free_port()
+    layout = CoordinatorLayout(Path(config.state_dir).absolute())  # paths go to other processes
+    private_dir(layout.root)
+    try:
+        netns.prepare_socket_dir(layout.control)
+    except netns.NamespaceError as exc:
+        raise CoordinatorError(str(exc)) from exc
+    link_port = config.superlink_port or SUPERLINK_PORT
+    link_socket = layout.superlink_socket
+    superlink_cmd = [
+        flwr_bin("flower-superlink"),
+        # TLS end to end with each SuperNode (Flower requires it for SuperNode auth);
+        # the sidecar wraps it in the consortium's mTLS on the public port.
+        "--ssl-certfile",
+        str(leaf.cert),
+        "--ssl-keyfile",
+        str(leaf.key),
+        "--ssl-ca-certfile",
+        str(leaf.ca_cert),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(link_port),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--database",
+        str(layout.superlink_db),
+    ]
     superlink = Managed(
         name="superlink",
-        argv=[
-            flwr_bin("flower-superlink"),
-            # TLS end to end with each SuperNode (Flower requires it for SuperNode auth);
-            # the sidecar wraps it in the consortium's mTLS on the public port.
-            "--ssl-certfile",
-            str(leaf.cert),
-            "--ssl-keyfile",
-            str(leaf.key),
-            "--ssl-ca-certfile",
-            str(leaf.ca_cert),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(link_port),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-            "--database",
-            str(layout.superlink_db),
-        ],
+        # Its own network namespace: 127.0.0.1:link_port exists only there; the socket is the way in.
+        argv=netns.launcher_argv(superlink_cmd, [netns.Exposed(link_socket, link_port)]),
         log_path=layout.superlink_log,
         # PATH: the SuperLink starts `flower-superexec` by name, from this environment's bin/
         env={"FLWR_HOME": str(layout.flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1", "PATH": _bin_path()},
@@ -145,7 +178,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         workdir=layout.gateway,
         tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl),
         listen=f"{config.fleet_host}:{config.fleet_port}",
-        upstream=f"127.0.0.1:{link_port}",
+        upstream=f"unix:{link_socket}",
     )
     try:
         nginx = gateway.process()
@@ -155,24 +188,27 @@ def run_coordinator(config: CoordinatorConfig) -> None:
     watcher: FileWatcher | None = None
     follower: FileWatcher | None = None
     admin: HTTPSService | None = None
+    fleet_refusals: RefusalWindow[Refusal] | None = None
     stopping = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
-        superlink.start().wait_port("127.0.0.1", link_port, timeout=60)
-        write_cli_config(layout.flwr_cli, f"127.0.0.1:{link_port}", ca_cert=leaf.ca_cert)
+        link_socket.unlink(missing_ok=True)  # a killed launcher's: readiness is this path appearing
+        superlink.start().wait_socket(link_socket, timeout=60)
+        write_cli_config(layout.flwr_cli, f"127.0.0.1:{link_port}", ca_cert=leaf.ca_cert)  # as seen inside
         audit = AuditTrail(layout.audit)
         sites = SiteAccess(
             pki_dir=pki_dir,
             site_keys_dir=Path(config.site_keys_dir or pki_dir / pki.SITE_KEYS_DIR),
             audit=audit,
-            register=lambda key, name: register_site(layout.flwr_cli, key, name=name),
-            unregister=lambda node_id: unregister_site(layout.flwr_cli, node_id),
+            register=lambda key, name: register_site(link_socket, layout.flwr_cli, key, name=name),
+            unregister=lambda node_id: unregister_site(link_socket, layout.flwr_cli, node_id),
         )
         registered = sorted(sites.sync())
         gateway.write_bindings(sites.fleet_bindings())
         # Every request the gateway refuses becomes a log line and an audit record.
-        refusals = GatewayLog(gateway.access_log, gateway.error_log, audit_refusal(audit.append, endpoint="fleet"))
+        fleet_refusals = audit_refusal(audit.append, endpoint="fleet")  # counted per peer and minute
+        refusals = GatewayLog(gateway.access_log, gateway.error_log, fleet_refusals)
         nginx.start().wait_port(config.fleet_host, config.fleet_port, timeout=30)
 
         def pki_changed() -> None:
@@ -192,7 +228,10 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         follower = FileWatcher([gateway.access_log, gateway.error_log], refusals.poll, interval=1.0).start()
         admin = _start_admin_api(config, leaf, sites=sites, audit=audit, registry=layout.registry)
         info: dict[str, Any] = {
-            "superlink": f"127.0.0.1:{link_port}",
+            # The operator's way in (`flwr_control`); the pid is the namespace's launcher at
+            # start (after a restart `netns.run_inside` asks the socket for the live one).
+            "superlink_socket": str(link_socket),
+            "superlink_pid": superlink.pid,
             "fleet": f"{config.fleet_host}:{config.fleet_port}",
             "registry": str(layout.registry),
             "flwr_home": str(layout.flwr_cli),
@@ -209,6 +248,8 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         for w in (watcher, follower):
             if w is not None:
                 w.stop()
+        if fleet_refusals is not None:
+            fleet_refusals.close()  # the counts of refusal windows still open
         if admin is not None:
             admin.stop()
         stop_all(procs)

@@ -43,11 +43,12 @@ class SiteAccess:
     bound: dict[str, tuple[str, str]] = field(default_factory=dict)  # site -> (cert subject, key header)
 
     def allowed(self) -> dict[str, pki.Identity]:
-        """Sites with a currently valid node certificate, by name."""
+        """Sites with a currently valid node certificate of this consortium (the CA's O), by name."""
+        consortium = pki.consortium_of(self.pki_dir / "ca" / "ca.pem")
         return {
             ident.name: ident
             for ident, status in pki.list_status(self.pki_dir)
-            if ident.role == "node" and status == "valid"
+            if ident.role == "node" and status == "valid" and ident.consortium == consortium
         }
 
     def sync(self) -> dict[str, int]:
@@ -92,11 +93,14 @@ class SiteAccess:
         return dict(self.bound.values())
 
 
-def flwr_supernode(args: list[str], *, env: dict[str, str], flwr: str) -> dict[str, object]:
-    """Run `flwr supernode ... --format json` against the local SuperLink's Control API."""
-    out = subprocess.run(
-        [flwr, "supernode", *args, "--format", "json"], env=env, capture_output=True, text=True, timeout=60
-    )
+FlwrCommand = Callable[
+    [list[str]], "subprocess.CompletedProcess[str]"
+]  # `flwr ARGS`, run where it may reach the SuperLink
+
+
+def flwr_supernode(args: list[str], *, flwr: FlwrCommand) -> dict[str, object]:
+    """Run `flwr supernode ... --format json` against the SuperLink's Control API."""
+    out = flwr(["supernode", *args, "--format", "json"])
     try:
         data = json.loads(out.stdout)
     except json.JSONDecodeError:

@@ -51,6 +51,24 @@ class ReportContext:
     response: str
 
 
+@dataclass(frozen=True)
+class RenderedReport:
+    """A report in memory: the HTML page (plot inlined) and the plot on its own."""
+
+    html: str
+    png: bytes | None
+
+
+def render_report(attribution: Attribution, ctx: ReportContext, *, plot: bool = True) -> RenderedReport:
+    """The report's bytes, for a caller that stores them its own way (the node seals them at rest)."""
+    img, png = "", None
+    if plot:
+        png = _bar_plot_png(attribution.top_features(_TOP_N))
+        src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+        img = f'<h2>Top features (plot)</h2>\n<img alt="Top features bar plot" src="{src}">\n'
+    return RenderedReport(html=_render(attribution, ctx, img), png=png)
+
+
 def write_report(
     attribution: Attribution,
     ctx: ReportContext,
@@ -62,14 +80,10 @@ def write_report(
 
     Both files are replaced atomically so a reader never sees a half-written report.
     """
-    img = ""
-    if png_path is not None:
-        png = _bar_plot_png(attribution.top_features(_TOP_N))
-        atomic_write(png_path, png)
-        src = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-        img = f'<h2>Top features (plot)</h2>\n<img alt="Top features bar plot" src="{src}">\n'
-    page = _render(attribution, ctx, img)
-    atomic_write(html_path, page.encode("utf-8"))
+    report = render_report(attribution, ctx, plot=png_path is not None)
+    if png_path is not None and report.png is not None:
+        atomic_write(png_path, report.png)
+    atomic_write(html_path, report.html.encode("utf-8"))
     return html_path
 
 

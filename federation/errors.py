@@ -43,6 +43,15 @@ class FedSeekError(Exception):
     openai_type: ClassVar[str] = "server_error"
     default_code: ClassVar[str | None] = None
 
+    def __init_subclass__(cls, *, http_status: int | None = None, openai_type: str | None = None, **kw: object) -> None:
+        """A kind says how it answers in its class line (`class Busy(FedSeekError, http_status=429, ...)`),
+        where the reader looks for it; a subclass that names neither answers as its kind does."""
+        super().__init_subclass__(**kw)
+        if http_status is not None:
+            cls.http_status = http_status
+        if openai_type is not None:
+            cls.openai_type = openai_type
+
     def __init__(self, message: str = "", *, code: str | None = None) -> None:
         super().__init__(message)
         self.code = code if code is not None else self.default_code
@@ -58,53 +67,32 @@ class FedSeekError(Exception):
         return text.splitlines()[0] if text.strip() else type(self).__name__
 
 
-class InvalidInput(FedSeekError):
-    """The caller sent something malformed, oversized or out of range (400)."""
-
-    http_status = 400
-    openai_type = "invalid_request_error"
+class InvalidInput(FedSeekError, http_status=400, openai_type="invalid_request_error"):
+    """The caller sent something malformed, oversized or out of range."""
 
 
-class Unauthenticated(FedSeekError):
-    """No credential, or one that does not verify (401)."""
-
-    http_status = 401
-    openai_type = "authentication_error"
+class Unauthenticated(FedSeekError, http_status=401, openai_type="authentication_error"):
+    """No credential, or one that does not verify."""
 
 
-class Forbidden(FedSeekError):
-    """A valid credential of the wrong kind for what it asks (403)."""
-
-    http_status = 403
-    openai_type = "permission_error"
+class Forbidden(FedSeekError, http_status=403, openai_type="permission_error"):
+    """A valid credential of the wrong kind for what it asks."""
 
 
-class NotFound(FedSeekError, LookupError):
-    """What the caller names does not exist (404)."""
-
-    http_status = 404
-    openai_type = "invalid_request_error"
+class NotFound(FedSeekError, LookupError, http_status=404, openai_type="invalid_request_error"):
+    """What the caller names does not exist."""
 
 
-class Conflict(FedSeekError):
-    """The request is well formed but the state refuses it: a spent budget, a broken ledger (409)."""
-
-    http_status = 409
-    openai_type = "invalid_request_error"
+class Conflict(FedSeekError, http_status=409, openai_type="invalid_request_error"):
+    """The request is well formed but the state refuses it: a spent budget, a broken ledger."""
 
 
-class Busy(FedSeekError):
-    """A bounded queue is full; the caller should retry later (429)."""
-
-    http_status = 429
-    openai_type = "rate_limit_error"
+class Busy(FedSeekError, http_status=429, openai_type="rate_limit_error"):
+    """A bounded queue is full; the caller should retry later."""
 
 
-class Unavailable(FedSeekError):
-    """The service cannot answer yet or any more: loading, a child process down (503)."""
-
-    http_status = 503
-    openai_type = "service_unavailable"
+class Unavailable(FedSeekError, http_status=503, openai_type="service_unavailable"):
+    """The service cannot answer yet or any more: loading, a child process down."""
 
 
 KINDS: tuple[type[FedSeekError], ...] = (

@@ -5,8 +5,13 @@
 | `/v1/explanations*`            | a `reviewer` certificate (regulators, clinical review)  |
 | `/v1/admin/*`                  | an `admin` certificate                                  |
 | `/internal/*`                  | this site's own `node` certificate AND the agent token  |
-| OpenAI routes (`/v1/models`, `/v1/chat/completions`) | an API key, or any consortium certificate (`openai_auth`) |
+| any other path (OpenAI, `/metrics`) | an API key, or any consortium certificate (`openai_auth`) |
 | `/healthz`                     | anyone who completed the TLS handshake                  |
+
+`rule_for` reads this table by path, so the caller is decided from the headers and the TLS peer
+before the body is read (node.api.guard.RequestGuard); each route also names its rule, and a
+route whose rule differs from the table's is refused (node.api.deps.caller). An unknown path is
+an OpenAI path: without credentials it is 401, whether or not it exists.
 
 Certificates are verified by the TLS layer (federation.security.mtls_server); here only their role and
 name are read. Every refusal is logged and written to the audit trail
@@ -32,9 +37,30 @@ from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.node.access")
 
-__all__ = ["AccessDenied", "AccessPolicy", "Caller", "Rule"]
+__all__ = ["AccessDenied", "AccessPolicy", "Caller", "Rule", "rule_for"]
 
 Rule = Literal["reviewer", "admin", "self", "application"]
+
+OPEN_PATHS = frozenset({"/healthz"})
+PREFIX_RULES: tuple[tuple[str, Rule], ...] = (
+    ("/v1/explanations/", "reviewer"),
+    ("/v1/admin/", "admin"),
+    ("/internal/", "self"),
+)
+
+
+def rule_for(path: str) -> Rule | None:
+    """The rule a request path falls under; None for the open paths (`/healthz`)."""
+    if path in OPEN_PATHS:
+        return None
+    if path == "/v1/explanations":
+        return "reviewer"
+    for prefix, rule in PREFIX_RULES:
+        if path.startswith(prefix):
+            return rule
+    return "application"
+
+
 OpenAIAuth = Literal["api_key", "mtls"]
 PeerFn = Callable[[Request], Identity | None]
 

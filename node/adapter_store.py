@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 
 from federation.ops.atomic import write_atomic
 from federation.protocol import wire
+from federation.protocol.names import InvalidNameError, check_adapter_name
 
 if TYPE_CHECKING:  # torch: not needed to check an adapter directory (`fedseek serve` does before loading)
     from node.engine import AdapterInfo, ModelHost
@@ -41,7 +42,7 @@ def install_from_dir(host: ModelHost, name: str, directory: Path) -> AdapterInfo
 
 def save_version(adapters: Path, info: AdapterInfo, arrays: wire.Arrays) -> None:
     """Keep a deployed version so that `restore_versions` serves it again after a restart."""
-    target = adapters / info.version
+    target = adapters / check_adapter_name(info.version)  # never a path: the directory stays under `adapters`
     target.mkdir(parents=True, exist_ok=True)
     write_atomic(target / WEIGHTS_FILE, wire.encode(arrays))
     meta = {"version": info.version, "sha256": info.sha256, "parent": info.parent, "created": info.created}
@@ -53,6 +54,12 @@ def restore_versions(host: ModelHost, adapters: Path) -> None:
     if not adapters.is_dir():
         return
     metas = [json.loads(p.read_text()) | {"dir": p.parent} for p in adapters.glob(f"*/{META_FILE}")]
+    for meta in metas:  # a stored version is the directory it lies in, and a name a deploy could have used
+        if meta.get("version") != meta["dir"].name:
+            raise InvalidNameError(
+                f"{meta['dir'] / META_FILE} names version {meta.get('version')!r}, not its directory"
+            )
+        check_adapter_name(meta["version"], what=f"stored adapter version in {meta['dir']}")
     for meta in sorted(metas, key=lambda m: (m["created"], m["version"])):
         arrays = wire.decode((meta["dir"] / WEIGHTS_FILE).read_bytes())
         host.install(meta["version"], arrays, sha256=meta["sha256"], parent=meta.get("parent"), created=meta["created"])

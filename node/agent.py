@@ -19,16 +19,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from federation.ops.atomic import write_atomic
+from federation.errors import FedSeekError
+from federation.ops.atomic import PRIVATE_UMASK, write_atomic
 from federation.ops.filewatch import FileWatcher
 from federation.ops.layout import NodeLayout
 from federation.ops.supervise import Managed, ProcessError, free_port, stop_all, supervise
 from federation.protocol.config import NodeConfig
 from federation.security import pki
+from federation.security.app_signing import load_publishers
 from federation.security.flower_auth import ensure_auth_keypair
 from federation.security.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
 from federation.security.sidecar import TLSFiles, client_config, make_sidecar
 from node.api import create_app
+from node.app_guard.launch import guard_process, write_superexec_secret
 from node.build import NodeStartError, build_node, node_access, site_budget
 from node.service import NodeService
 from privacy.audit import head_path, verify
@@ -63,6 +66,10 @@ def preflight(config: NodeConfig) -> pki.LeafFiles:
             f"certificate check failed: {config.name}'s certificate does not name 127.0.0.1, where the fleet "
             "sidecar serves it to the SuperNode; re-issue it (`fedseek ca issue` adds it)"
         )
+    try:  # the app guard runs no ClientApp without it
+        load_publishers(pki.party_publishers(Path(config.pki_dir), config.name))
+    except FedSeekError as exc:
+        raise NodeStartError(f"app publisher check failed: {exc.one_line()}") from exc
     layout = NodeLayout(Path(config.state_dir))
     audit_path = layout.audit
     if audit_path.exists() or head_path(audit_path).exists():
@@ -106,6 +113,16 @@ def _fleet_processes(config: NodeConfig, leaf: pki.LeafFiles, api_url: str) -> t
         ),
         workdir=layout.sidecar,
     )
+    return [sidecar, *_supernode_processes(config, leaf, api_url, superlink=f"127.0.0.1:{sidecar_port}")], sidecar_port
+
+
+def _supernode_processes(config: NodeConfig, leaf: pki.LeafFiles, api_url: str, *, superlink: str) -> list[Managed]:
+    """The SuperNode and its app guard, launched together: with `--isolation process` the SuperNode runs
+    no ClientApp itself and hands tasks only to the holder of its SuperExec secret, the guard, which
+    reaches its Runtime API on loopback (so wherever the SuperNode's network goes, the guard's must too)."""
+    layout = NodeLayout(Path(config.state_dir))
+    runtime_port = config.supernode_port or free_port()
+    write_superexec_secret(layout.superexec_secret)
     keys = ensure_auth_keypair(Path(config.pki_dir) / config.name)
     node_config = " ".join(
         f'{key}="{value}"'
@@ -126,25 +143,34 @@ def _fleet_processes(config: NodeConfig, leaf: pki.LeafFiles, api_url: str) -> t
             "--root-certificates",
             str(leaf.ca_cert),
             "--superlink",
-            f"127.0.0.1:{sidecar_port}",
+            superlink,
             "--auth-supernode-private-key",
             str(keys.private_key),
             "--port",
-            str(config.supernode_port or free_port()),
+            str(runtime_port),
+            "--isolation",
+            "process",
+            "--superexec-auth-secret-file",
+            str(layout.superexec_secret),
             "--node-config",
             node_config,
             "--max-wait-time",
             "3600",
         ],
         log_path=layout.supernode_log,
-        # PATH: the SuperNode starts `flower-superexec` by name, from this environment's bin/
+        # PATH: this environment's bin/ first, where Flower looks its commands up by name
         env={
             "FLWR_HOME": str(layout.flwr_home),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
         },
     )
-    return [sidecar, supernode], sidecar_port
+    guard = guard_process(
+        layout,
+        runtime_api=f"127.0.0.1:{runtime_port}",
+        publishers=pki.party_publishers(Path(config.pki_dir), config.name),
+    )
+    return [supernode, guard]
 
 
 def start_api(
@@ -164,6 +190,7 @@ def start_api(
 
 def run_node(config: NodeConfig) -> None:
     """Run the agent until SIGTERM/SIGINT; raises NodeStartError on refused start-up."""
+    os.umask(PRIVATE_UMASK)  # everything the agent and its children write: its user's alone
     leaf = preflight(config)
     service = build_node(config)
     port = config.api_port or free_port()
@@ -179,7 +206,8 @@ def run_node(config: NodeConfig) -> None:
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
         procs[0].start().wait_port("127.0.0.1", sidecar_port, timeout=30)
-        procs[1].start()
+        for proc in procs[1:]:
+            proc.start()
         # A new CRL (or renewed certificate) reaches the fleet sidecar without dropping the tunnel.
         watcher = FileWatcher([leaf.crl, leaf.cert], procs[0].reload, interval=config.pki_poll_seconds).start()
         endpoints = NodeEndpoints(config.name, api_url, f"127.0.0.1:{sidecar_port}", os.getpid())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.errors import Unavailable
-from federation.ops.atomic import write_atomic
+from federation.ops.atomic import private_dir, write_atomic
 from federation.ops.layout import NodeLayout
 from federation.protocol.config import NodeConfig
 from node import adapter_store
@@ -29,6 +29,7 @@ from node.data import TokenizedExample, load_jsonl, tokenize
 from node.engine import ModelHost
 from node.model import ModelLoadError, load_model
 from node.service import NodeParts, NodeService, Serving
+from node.site_keys import load_site_keys
 from privacy.audit import AuditTrail
 from privacy.ledger import Budget, PolicyError, PrivacyLedger
 
@@ -74,12 +75,12 @@ def assemble_node(
     """
     budget = site_budget(config, len(train))
     layout = NodeLayout(Path(config.state_dir))
-    layout.root.mkdir(parents=True, exist_ok=True)
+    private_dir(layout.root)  # 0700: the audit trail, ledger, keys and adapters are the site's alone
     audit = AuditTrail(layout.audit)
     ledger = PrivacyLedger(layout.ledger, budget=budget)
     token = _ensure_token(layout.agent_token)
     adapter_store.restore_versions(host, layout.adapters)
-    serving = Serving(host, audit, owner=config.name)
+    serving = Serving(host, audit, owner=config.name, keys=load_site_keys(layout.site_secret))
     parts = NodeParts(
         config=config,
         layout=layout,
@@ -158,7 +159,7 @@ def serving_access(layout: NodeLayout) -> AccessPolicy:
     """`fedseek serve`'s API keys (the first one left in `layout.api_key`) and its one audit
     trail, which serving and access refusals alike append to. There are no /internal routes,
     so the agent token is a random one nobody holds."""
-    layout.root.mkdir(parents=True, exist_ok=True)
+    private_dir(layout.root)
     return AccessPolicy(
         site="local",
         audit=AuditTrail(layout.audit),
@@ -167,8 +168,9 @@ def serving_access(layout: NodeLayout) -> AccessPolicy:
     )
 
 
-def build_serving(options: ServeOptions, *, audit: AuditTrail) -> Serving:
-    """Model, adapters and engine: what `build_node` serves, minus the federation."""
+def build_serving(options: ServeOptions, *, audit: AuditTrail, layout: NodeLayout | None = None) -> Serving:
+    """Model, adapters and engine: what `build_node` serves, minus the federation. With `layout`,
+    prompt digests are keyed by its site secret (else by a key that dies with the process)."""
     model, tokenizer = load_model(options.model_dir, device=options.device)
     host = ModelHost(model, tokenizer, model_name=options.model_dir.name)
     for name, directory in options.adapters.items():
@@ -180,4 +182,5 @@ def build_serving(options: ServeOptions, *, audit: AuditTrail) -> Serving:
         max_slots=options.max_slots,
         max_queue=options.max_queue,
         max_model_len=options.max_model_len,
+        keys=load_site_keys(layout.site_secret) if layout is not None else None,
     )

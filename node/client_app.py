@@ -14,7 +14,6 @@ adapter is relayed as it is and the agent adds its own seeded A.
 from __future__ import annotations
 
 import json
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,8 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from federation.protocol import records, wire
+from federation.security import pki
+from federation.security.peer_pin import pinned_client_context
 
 app = ClientApp()
 
@@ -31,15 +32,30 @@ REPORT_HEADER = "x-fedseek-report"
 
 
 def agent_client(node_config: dict[str, Any], *, timeout: float = 900.0) -> httpx.Client:
+    """HTTPS to this site's agent with the site's certificate and the agent token.
+
+    The agent must answer with this site's own node certificate (role and name pinned, not just
+    127.0.0.1, which every node certificate names), checked before the token is sent.
+    """
     token = Path(str(node_config["agent-token-file"])).read_text().strip()
-    tls = ssl.create_default_context(cafile=str(node_config["agent-ca"]))
-    tls.load_cert_chain(str(node_config["agent-cert"]), str(node_config["agent-key"]))
+    tls = pinned_client_context(
+        ca_cert=str(node_config["agent-ca"]),
+        role="node",
+        name=_own_site(node_config),
+        cert=str(node_config["agent-cert"]),
+        key=str(node_config["agent-key"]),
+    )
     return httpx.Client(
         base_url=str(node_config["agent-url"]),
         verify=tls,
         headers={"authorization": f"Bearer {token}"},
         timeout=timeout,
     )
+
+
+def _own_site(node_config: dict[str, Any]) -> str:
+    """The site this ClientApp serves: the name on the site certificate it presents (the agent serves the same)."""
+    return pki.read_identity(Path(str(node_config["agent-cert"]))).name
 
 
 def _call(context: Context, path: str, msg: Message) -> httpx.Response:

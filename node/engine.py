@@ -21,10 +21,13 @@ from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from federation.errors import NotFound
 from federation.protocol import wire
+from federation.protocol.names import BASE_ALIAS, LATEST_ALIAS, TRAIN_ADAPTER, check_adapter_name
 from node.model import lora_target_modules
 
-TRAIN_ADAPTER = "site_local"
-BASE = "base"
+BASE = BASE_ALIAS
+# peft keeps adapters as `torch.nn.ModuleDict` keys: a name that is one of its attributes
+# (`train`, `eval`, `keys`, ...) fails inside peft after half the adapter is added.
+_MODULE_DICT_ATTRS = frozenset(n for n in dir(torch.nn.ModuleDict()) if not n.startswith("_"))
 
 
 class UnknownModel(NotFound):
@@ -106,7 +109,12 @@ class ModelHost:
     def install(
         self, version: str, arrays: wire.Arrays, *, sha256: str, parent: str | None = None, created: int | None = None
     ) -> AdapterInfo:
-        """Serve a new adapter version after checking its content hash."""
+        """Serve a new adapter version after checking its name and its content hash.
+
+        Every way a version arrives (deploy, restart, `fedseek serve --adapter`) passes here, so a
+        reserved name (the training adapter, the base model's names) never replaces what it names.
+        """
+        self.check_version_name(version)
         actual = wire.sha256_of(arrays)
         if actual != sha256:
             raise wire.WireError(f"adapter {version} sha256 mismatch: got {actual[:12]}, expected {sha256[:12]}")
@@ -119,6 +127,10 @@ class ModelHost:
             self.adapters.pop(version, None)  # insertion order is install order: the last is the latest
             self.adapters[version] = info
             return info
+
+    def check_version_name(self, version: object) -> str:
+        """`version` if it may name an adapter here (raises federation.protocol.names.InvalidNameError)."""
+        return check_adapter_name(version, reserved=(self.model_name, *_MODULE_DICT_ATTRS))
 
     def latest_adapter(self) -> AdapterInfo | None:
         return next(reversed(self.adapters.values()), None)
@@ -139,7 +151,7 @@ class ModelHost:
                     self.peft.set_adapter(TRAIN_ADAPTER)
 
     def resolve(self, model: str | None) -> str:
-        if model in (None, "", "latest"):
+        if model in (None, "", LATEST_ALIAS):
             latest = self.latest_adapter()
             return latest.version if latest else BASE
         if model in (self.model_name, BASE):

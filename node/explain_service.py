@@ -3,8 +3,14 @@
 The scorer teacher-forces the fixed answer under each masked prompt and gathers only the
 answer tokens' log-probs (never full-vocabulary logits on the host). The explanation is
 bound to the adapter version and its sha256, and recorded in the audit trail first, so the
-report can cite its audit record. Nothing leaves the site: the result is stored next to
-its report as ``<reports_dir>/<id>.json`` and served back by id.
+report can cite its audit record. Nothing leaves the site: the result, its HTML report and
+plot are stored as ``<reports_dir>/<id>.{json,html,png}.sealed`` and served back by id to
+reviewers (`GET /v1/explanations/{id}`, `.../report.html`, `.../plot.png`).
+
+An explanation quotes its prompt token by token (a patient's age, sex, postcode), and the
+reviewer API must return it later, so the files are encrypted at rest, AES-256-GCM under the
+site's key (node/site_keys.py), each bound to its id and kind; the audit trail holds only
+HMACs of the prompt and response under the site's other key, never a plain hash.
 
 A request is validated completely before any model call, so a refusal writes nothing: no
 report, no JSON, no audit record. Background jobs run one at a time on a worker thread
@@ -31,9 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from explain.attribution import Method, count_features, explain_text, resolve_method
 from explain.granularity import Granularity
-from explain.report import ReportContext, atomic_write, write_report
+from explain.report import ReportContext, atomic_write, render_report
 from federation.errors import Busy, NotFound
-from privacy.audit import sha256_hex
+from node.site_keys import SiteKeys
 
 if TYPE_CHECKING:
     from node.service import NodeService
@@ -46,6 +52,7 @@ MAX_QUEUED = 8
 TOP_K = 5
 
 _ID = re.compile(r"expl-[0-9a-f]{32}")
+Kind = Literal["json", "html", "png"]
 Progress = Callable[[int, int], None]
 
 
@@ -96,10 +103,7 @@ class ExplainJob:
     granularity: Granularity
     method: Method
     requested_by: str
-
-    @property
-    def prompt_sha256(self) -> str:
-        return sha256_hex(json.dumps(self.messages, sort_keys=True))
+    prompt_hmac: str  # of the messages, under the site's key (node/site_keys.py)
 
 
 class Explanations:
@@ -111,6 +115,7 @@ class Explanations:
         self._pending: dict[str, dict[str, Any]] = {}  # running or failed; completed ones are on disk
         self._queue: queue.Queue[ExplainJob] = queue.Queue(maxsize=MAX_QUEUED)
         self._worker: threading.Thread | None = None
+        self.keys: SiteKeys = service.serving.keys
 
     @property
     def reports_dir(self) -> Path:
@@ -156,6 +161,7 @@ class Explanations:
             granularity=req.granularity,
             method=req.method,
             requested_by=requested_by,
+            prompt_hmac=self.keys.digest(json.dumps(msgs, sort_keys=True)),
         )
 
     # ---- running ------------------------------------------------------------------------
@@ -171,7 +177,7 @@ class Explanations:
                 resource=job.served,
                 details={
                     "explanation_id": job.id,
-                    "prompt_sha256": job.prompt_sha256,
+                    "prompt_hmac": job.prompt_hmac,
                     "error": type(exc).__name__,  # the message may quote the prompt
                     "seconds": round(time.perf_counter() - started, 3),
                 },
@@ -209,15 +215,15 @@ class Explanations:
             details={
                 "explanation_id": job.id,
                 "adapter_sha256": job.adapter_sha256 or None,
-                "prompt_sha256": job.prompt_sha256,
-                "response_sha256": sha256_hex(response_text),
+                "prompt_hmac": job.prompt_hmac,
+                "response_hmac": self.keys.digest(response_text),
                 "granularity": job.granularity,
                 "method": attribution.method,
                 "max_evals": job.max_evals,
                 "seconds": round(time.perf_counter() - started, 3),
             },
         )
-        self.reports_dir.mkdir(parents=True, exist_ok=True)
+        self.reports_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         ctx = ReportContext(
             model=host.model_name,
             adapter_version=job.served,
@@ -227,8 +233,7 @@ class Explanations:
             audit_record=f"{record.seq}:{record.hash}",
             response=response_text,
         )
-        png = self.reports_dir / f"{job.id}.png"
-        html = write_report(attribution, ctx, html_path=self.reports_dir / f"{job.id}.html", png_path=png)
+        report = render_report(attribution, ctx)
         top = attribution.top_features(TOP_K)
         scores = attribution.to_json()
         result = {
@@ -245,10 +250,14 @@ class Explanations:
             "top_tokens": [text for text, _ in top],
             "top_features": [{"feature": text, "value": value} for text, value in top],
             "audit_record": {"seq": record.seq, "hash": record.hash},
-            "html": str(html),
-            "png": str(png),
+            # the report and plot, for reviewers, from this API (the files at the site are sealed)
+            "html": f"/v1/explanations/{job.id}/report.html",
+            "png": f"/v1/explanations/{job.id}/plot.png",
         }
-        atomic_write(self._path(job.id), json.dumps(result).encode("utf-8"))  # last: its presence means done
+        if report.png is not None:
+            self._store(job.id, "png", report.png)
+        self._store(job.id, "html", report.html.encode("utf-8"))
+        self._store(job.id, "json", json.dumps(result).encode("utf-8"))  # last: its presence means done
         return result
 
     # ---- background jobs ----------------------------------------------------------------
@@ -286,20 +295,38 @@ class Explanations:
     # ---- reading ------------------------------------------------------------------------
     def get(self, explanation_id: str) -> dict[str, Any]:
         """The stored result, or the state of a job still running or failed."""
-        if not _ID.fullmatch(explanation_id):  # also keeps ids from naming paths
-            raise ExplanationNotFound(f"no explanation {explanation_id!r} at this site")
+        _check_id(explanation_id)
         with self._lock:
             pending = self._pending.get(explanation_id)
             if pending is not None:
                 return copy.deepcopy(pending)  # the worker keeps updating the original
-        try:
-            data: dict[str, Any] = json.loads(self._path(explanation_id).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ExplanationNotFound(f"no explanation {explanation_id!r} at this site") from None
+        data: dict[str, Any] = json.loads(self._load(explanation_id, "json"))
         return data
 
-    def _path(self, explanation_id: str) -> Path:
-        return self.reports_dir / f"{explanation_id}.json"
+    def report(self, explanation_id: str, kind: Literal["html", "png"]) -> bytes:
+        """A completed explanation's HTML report or plot, opened for a reviewer."""
+        _check_id(explanation_id)
+        return self._load(explanation_id, kind)
+
+    # ---- sealed files -------------------------------------------------------------------
+    def _path(self, explanation_id: str, kind: Kind) -> Path:
+        return self.reports_dir / f"{explanation_id}.{kind}.sealed"
+
+    def _store(self, explanation_id: str, kind: Kind, data: bytes) -> None:
+        sealed = self.keys.seal(data, label=f"{explanation_id}/{kind}")
+        atomic_write(self._path(explanation_id, kind), sealed)
+
+    def _load(self, explanation_id: str, kind: Kind) -> bytes:
+        try:
+            blob = self._path(explanation_id, kind).read_bytes()
+        except FileNotFoundError:
+            raise ExplanationNotFound(f"no explanation {explanation_id!r} at this site") from None
+        return self.keys.unseal(blob, label=f"{explanation_id}/{kind}")
+
+
+def _check_id(explanation_id: str) -> None:
+    if not _ID.fullmatch(explanation_id):  # also keeps ids from naming paths
+        raise ExplanationNotFound(f"no explanation {explanation_id!r} at this site")
 
 
 def _state(explanation_id: str, **fields: Any) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,26 +78,15 @@ def write_tiny_model(out: str | Path, config: TinyModelConfig | None = None) -> 
 
     cfg = config or TinyModelConfig()
     tok = build_deepseek_tokenizer()
+    shape = {k: v for k, v in asdict(cfg).items() if k != "seed"}  # TinyModelConfig names DeepseekV3Config's fields
     ds_cfg = DeepseekV3Config(
         vocab_size=len(tok),
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        moe_intermediate_size=cfg.moe_intermediate_size,
-        num_hidden_layers=cfg.num_hidden_layers,
-        num_attention_heads=cfg.num_attention_heads,
+        **shape,
         num_key_value_heads=cfg.num_attention_heads,
-        n_routed_experts=cfg.n_routed_experts,
-        num_experts_per_tok=cfg.num_experts_per_tok,
         n_shared_experts=1,
         first_k_dense_replace=1,
         n_group=1,
         topk_group=1,
-        kv_lora_rank=cfg.kv_lora_rank,
-        q_lora_rank=cfg.q_lora_rank,
-        qk_rope_head_dim=cfg.qk_rope_head_dim,
-        qk_nope_head_dim=cfg.qk_nope_head_dim,
-        v_head_dim=cfg.v_head_dim,
-        max_position_embeddings=cfg.max_position_embeddings,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

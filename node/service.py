@@ -8,7 +8,6 @@ A `NodeService` is handed its parts (`NodeParts`) already built: `node/build.py`
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import threading
 import time
@@ -22,6 +21,7 @@ from federation.errors import Unavailable
 from federation.ops.layout import NodeLayout
 from federation.protocol import wire
 from federation.protocol.config import NodeConfig
+from federation.protocol.names import InvalidNameError
 from federation.protocol.round_settings import TrainInstruction
 from node import adapter_store
 from node.data import TokenizedExample, collate
@@ -40,6 +40,7 @@ from node.serving import (
     make_runner,
 )
 from node.serving.fast import supports
+from node.site_keys import SiteKeys
 from node.trainer import (
     RoundResult,
     TrainingError,
@@ -55,10 +56,6 @@ from privacy.ledger import PrivacyLedger
 
 TRAIN_YIELD_S = 0.05
 """How long a training round waits, after each DP step, while requests are in flight (see Serving)."""
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass
@@ -81,7 +78,7 @@ class Prepared:
     prompt_ids: list[int]
     adapter: str | None  # None: the base model
     served: str
-    prompt_sha256: str
+    prompt_hmac: str  # HMAC-SHA256 under the site's key: a plain hash of clinical text is a dictionary away from it
 
 
 def serving_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -115,10 +112,13 @@ class Serving:
         max_queue: int = 64,
         max_model_len: int = 4096,
         max_adapters: int = 8,
+        keys: SiteKeys | None = None,
     ) -> None:
         self.host = host
         self.audit = audit
         self.owner = owner
+        # Prompts reach the audit trail only as an HMAC under the site's key (node/site_keys.py).
+        self.keys = keys if keys is not None else SiteKeys.ephemeral()
         self.max_adapters = max_adapters
         max_len = min(max_model_len, host.context_length)
         self._fast = supports(host.peft)
@@ -189,7 +189,7 @@ class Serving:
             if any(not 0 <= i < vocab for i in ids):
                 raise ValueError(f"prompt token ids must be in [0, {vocab})")  # else one bad row fails the batch
         served = self.host.model_name if name == BASE else name
-        digest = sha256_text(json.dumps(prompt, sort_keys=True))
+        digest = self.keys.digest(json.dumps(prompt, sort_keys=True))
         return Prepared(ids, None if name == BASE else name, served, digest)
 
     async def generate(
@@ -240,7 +240,7 @@ class Serving:
             action="serve",
             resource=prep.served,
             details={
-                "prompt_sha256": prep.prompt_sha256,
+                "prompt_hmac": prep.prompt_hmac,
                 "prompt_tokens": len(prep.prompt_ids),
                 "completion_tokens": completion_tokens,
                 "finish_reason": finish or "cancelled",
@@ -374,12 +374,28 @@ class NodeService:
         if not bool(torch.isfinite(losses).all()):
             raise TrainingError("non-finite loss before training (model or adapter is broken); round refused")
 
+    def check_deploy_version(self, version: object) -> str:
+        """`version` if a deployment may use it; else InvalidNameError (400), with a `deploy.refused` record.
+
+        Called before anything is read or written: a path-like version would name a directory
+        outside the state dir, and `site_local` or the base model's name would replace the training
+        adapter or the default served model.
+        """
+        try:
+            return self.host.check_version_name(version)
+        except InvalidNameError as exc:
+            self.audit.append(
+                actor="coordinator", action="deploy.refused", resource="", details={"error": exc.one_line()}
+            )
+            raise
+
     def deploy(self, version: str, sha256: str, arrays: wire.Arrays, *, parent: str | None = None) -> dict[str, Any]:
         """Install a global adapter version, persist it, and score it on local eval data.
 
         An FFA-LoRA deployment carries B only: the seeded A is added before the whole adapter's
-        sha256 is checked.
+        sha256 is checked. A version that is not a plain name, or is reserved, is refused first.
         """
+        self.check_deploy_version(version)
         arrays = with_seeded_lora_a(self.host, arrays)
         info = self.host.install(version, arrays, sha256=sha256, parent=parent)
         self.serving.sync_adapters()

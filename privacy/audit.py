@@ -8,15 +8,17 @@ cutting records off the end is detected as well.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from federation.errors import FedSeekError
 from federation.ops.atomic import write_atomic
@@ -155,18 +157,43 @@ def _check_chain_link(record: AuditRecord, *, seq: int, prev_hash: str) -> None:
 
 
 class AuditTrail:
-    """Append-only, hash-chained log; one writer process, many threads."""
+    """Append-only, hash-chained log; many threads, and more than one writer process.
+
+    A site's app guard (`node/app_guard`) appends to the agent's trail from its own process, so
+    each append holds an exclusive `flock` on the log while it writes the line and the head, and
+    first takes the chain's end from the log again if the log changed since this process last
+    wrote: two writers never fork the chain.
+    """
 
     def __init__(self, path: Path) -> None:
         self._path = path
         self._lock = threading.Lock()
         self._failed = False
+        self._size = -1  # the log's size when this process last read or wrote its end
+        self._seq, self._hash = 0, GENESIS_HASH
         try:
-            self._seq, self._hash = self._open_tail()
+            if not path.exists():  # a head file without its log is refused before a log is created
+                _check_head(path, records=0, last_hash=GENESIS_HASH)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with self._exclusive() as fh:
+                self._sync(fh)
         except _Invalid as exc:
             raise AuditError(f"{path}: {exc}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(exist_ok=True)
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[IO[str]]:
+        """The log open for appending, locked against the other writer processes until closed."""
+        fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # released when the file closes
+            yield fh
+
+    def _sync(self, fh: IO[str]) -> None:
+        """Take the chain's end from the log if another process appended since (raises _Invalid)."""
+        size = os.fstat(fh.fileno()).st_size
+        if size != self._size:
+            self._seq, self._hash = self._open_tail()
+            self._size = size
 
     def _open_tail(self) -> tuple[int, str]:
         """Trust the log only if its last record matches the head file."""
@@ -195,31 +222,36 @@ class AuditTrail:
         with self._lock:
             if self._failed:
                 raise AuditError(f"{self._path}: an earlier append failed; reopen after checking")
-            content: dict[str, Any] = {
-                "seq": self._seq + 1,
-                "ts": utc_now(),
-                "actor": actor,
-                "action": action,
-                "resource": resource,
-                "details": detail_copy,
-                "prev_hash": self._hash,
-            }
-            record = AuditRecord(**content, hash=_record_hash(content))
             try:
-                self._write(record)
+                with self._exclusive() as fh:
+                    self._sync(fh)
+                    content: dict[str, Any] = {
+                        "seq": self._seq + 1,
+                        "ts": utc_now(),
+                        "actor": actor,
+                        "action": action,
+                        "resource": resource,
+                        "details": detail_copy,
+                        "prev_hash": self._hash,
+                    }
+                    record = AuditRecord(**content, hash=_record_hash(content))
+                    self._write(fh, record)
+            except _Invalid as exc:  # another writer left the chain broken: stop, as on a failed append
+                self._failed = True
+                raise AuditError(f"{self._path}: {exc}") from None
             except OSError as exc:
                 self._failed = True  # the file may now hold a partial line
                 raise AuditError(f"{self._path}: append failed: {exc}") from exc
             self._seq, self._hash = record.seq, record.hash
         return record
 
-    def _write(self, record: AuditRecord) -> None:
-        """Add the line (never rewriting old ones), then move the head forward."""
-        with self._path.open("a", encoding="utf-8") as fh:
-            fh.write(canonical_json(asdict(record)) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    def _write(self, fh: IO[str], record: AuditRecord) -> None:
+        """Add the line (never rewriting old ones), then move the head forward; the caller holds the lock."""
+        fh.write(canonical_json(asdict(record)) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
         _write_head(self._path, seq=record.seq, hash_=record.hash)
+        self._size = os.fstat(fh.fileno()).st_size
 
     @property
     def path(self) -> Path:

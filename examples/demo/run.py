@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 from fedseek_examples.demo.data import generate_site_records, question_for, write_site_dataset
 
+from federation.ops.atomic import write_atomic
 from federation.ops.layout import CoordinatorLayout, NodeLayout
 from federation.ops.supervise import Managed, ProcessError, free_port, log_tail, stop_all
 from federation.protocol import config as cfg
@@ -99,6 +100,16 @@ def _prepare(settings: DemoSettings, names: list[str]) -> tuple[Path, Path]:
     return model_dir, pki_dir
 
 
+def _sign_app(out: Path, pki_dir: Path, app_dir: Path) -> None:
+    """FedSeek's app, signed with the consortium's app-publisher key where `fedseek run` looks for it:
+    the sites run nothing else."""
+    from federation.security.app_signing import FEDSEEK_APP_DIR, sign_app_dir
+
+    key = pki.load_publisher_key(pki_dir, passphrase=pki.read_passphrase_file(out / "ca-passphrase"))
+    approval = sign_app_dir(FEDSEEK_APP_DIR, app_dir, key)
+    say(f"app {approval.app} {approval.version} signed with the consortium's app-publisher key {approval.key_id}")
+
+
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     out = settings.out.resolve()
     settings = DemoSettings(**{**settings.__dict__, "out": out})
@@ -109,6 +120,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     try:
         fleet_port = free_port()
         coord_state = out / "coordinator"
+        _sign_app(out, pki_dir, CoordinatorLayout(coord_state).signed_app)
         coordinator = Managed(
             name="coordinator",
             argv=_fedseek(
@@ -125,7 +137,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         ).start()
         procs.append(coordinator)
         coord_info = _wait_file(CoordinatorLayout(coord_state).endpoints, coordinator, timeout=settings.start_timeout)
-        say(f"coordinator up: SuperLink {coord_info['superlink']} (loopback), mTLS fleet {coord_info['fleet']}")
+        say(f"coordinator up: SuperLink {coord_info['superlink_socket']} (own netns), mTLS fleet {coord_info['fleet']}")
 
         node_states = []
         for name in names:
@@ -232,6 +244,11 @@ def _check_sites(
         if expl.status_code != 200:
             raise RuntimeError(f"explanation failed: {expl.status_code} {expl.text[:300]}")
         explanation = expl.json()
+        # The site keeps the report sealed; the reviewer fetches it and keeps their own copy.
+        page = reviewer.get(f"{nodes[0]['openai']}{explanation['html']}")
+        page.raise_for_status()
+        explanation["html"] = str(settings.out / f"{explanation['id']}.html")
+        write_atomic(Path(explanation["html"]), page.content, mode=0o600)
         say(f"explanation {explanation['id']}: top tokens {explanation['top_tokens']} -> {explanation['html']}")
     site_reports = []
     for node, _state, status, _served in sites:

@@ -1,4 +1,4 @@
-"""`fedseek ca ...`: the consortium CA's lifecycle (init, issue, renew, revoke, crl, list).
+"""`fedseek ca ...`: the consortium CA's lifecycle (init, issue, renew, revoke, crl, publisher, list).
 
 The CA passphrase comes from `--passphrase-file FILE`, else `$FEDSEEK_CA_PASSPHRASE`, else a
 prompt when stdin is a terminal; never from an argument, which `ps` would show. Failures are
@@ -17,8 +17,6 @@ from typing import get_args
 
 from federation.security import pki
 
-_LOOPBACK = ("localhost", "127.0.0.1")
-
 
 def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `ca` and its subcommands on the root parser's subcommands."""
@@ -32,7 +30,12 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p = _command(ca, "issue", "issue a certificate for a party", _issue)
     p.add_argument("name")
     p.add_argument("--role", required=True, choices=list(get_args(pki.Role)))
-    p.add_argument("--host", action="append", help="SAN host name or IP (repeatable; default: localhost, 127.0.0.1)")
+    p.add_argument(
+        "--host",
+        action="append",
+        help="SAN host name or IP (repeatable); the loopback names a role needs are added "
+        "(coordinator: localhost, 127.0.0.1 and its role name; node: 127.0.0.1; reviewer, admin: none)",
+    )
     _days(p, pki.DEFAULT_LEAF_DAYS)
 
     p = _command(ca, "renew", "replace a party's certificate before it expires (same name, role, hosts)", _renew)
@@ -47,6 +50,14 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = _command(ca, "crl", "sign a fresh CRL and publish it to every party; prints its path", _crl)
     _days(p, pki.CRL_DAYS, what="CRL validity; run again before it lapses")
+
+    p = _command(
+        ca,
+        "publisher",
+        "create the consortium's app-publisher key (or replace it) and give every party its key",
+        _publisher,
+    )
+    p.add_argument("--force", action="store_true", help="replace the key: bundles signed with the old one are refused")
 
     p = ca.add_parser("list", help="list issued certificates with their status")
     p.add_argument("--pki", required=True)
@@ -111,9 +122,7 @@ def _issue(args: argparse.Namespace) -> int:
     from federation.security.site_binding import register_site_key
 
     pki_dir = Path(args.pki)
-    hosts = list(args.host or _LOOPBACK)
-    if args.role == "coordinator":  # SuperNodes reach the SuperLink through a loopback sidecar
-        hosts += [h for h in _LOOPBACK if h not in hosts]
+    hosts = args.host or ()
     leaf = pki.issue(pki_dir, args.name, role=args.role, hosts=hosts, days=args.days, passphrase=_passphrase(args))
     print(f"issued {leaf.role} certificate for {leaf.name}: {leaf.cert}")
     if leaf.role == "node":
@@ -138,6 +147,12 @@ def _revoke(args: argparse.Namespace) -> int:
 
 def _crl(args: argparse.Namespace) -> int:
     print(pki.write_crl(Path(args.pki), days=args.days, passphrase=_passphrase(args)))
+    return 0
+
+
+def _publisher(args: argparse.Namespace) -> int:
+    key_id = pki.create_publisher(Path(args.pki), passphrase=_passphrase(args, confirm=False), force=args.force)
+    print(f"app-publisher key {key_id}; every party's publishers.json lists it (re-sign apps: `fedseek app sign`)")
     return 0
 
 

@@ -75,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
     settings = RunSettings(
         run_name=args.name, num_rounds=args.rounds, min_nodes=args.min_nodes, ffa_lora=args.ffa_lora
     )  # a bad value is refused here (RoundSettingsError: one line, exit 2), before anything is submitted
-    summary = run(Path(args.state), settings=settings, timeout=args.timeout, progress=show)
+    summary = run(Path(args.state), settings=settings, timeout=args.timeout, progress=show, app_dir=args.app)
     print(json.dumps(summary["global_adapter"], indent=2))
     return 0
 
@@ -101,6 +101,9 @@ def _explain(args: argparse.Namespace) -> int:
     import httpx
     from tqdm import tqdm
 
+    from federation.security import pki
+    from federation.security.peer_pin import pinned_client_context
+
     body = {
         **_explain_input(args),
         "model": args.model,
@@ -110,8 +113,10 @@ def _explain(args: argparse.Namespace) -> int:
         "background": True,
     }
     try:
-        tls = ssl.create_default_context(cafile=args.ca)
-    except OSError as exc:
+        # Only a node of the consortium may answer: a reviewer's prompt goes to a site, not to any
+        # certificate holder naming the host.
+        tls = pinned_client_context(ca_cert=args.ca, role="node")
+    except (OSError, ssl.SSLError, pki.PKIError) as exc:
         raise InvalidInput(f"cannot load CA certificate {args.ca}: {exc}") from exc
     try:
         tls.load_cert_chain(args.cert, args.key)  # explanations are for the reviewer role only
@@ -138,7 +143,7 @@ def _explain(args: argparse.Namespace) -> int:
     print(f"explanation {state['id']} of {state['model']} ({state['granularity']} features):")
     for rank, top in enumerate(state["top_features"], start=1):
         print(f"  {rank}. {top['value']:+.4f}  {top['feature']}")
-    print(f"report (at the site): {state['html']}")
+    print(f"report (reviewers, sealed at the site): {args.node}{state['html']}")
     print(f"result: {out}")
     return 0
 
@@ -188,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_ca_commands(sub)
 
+    from federation.cli.app import add_app_commands
+
+    add_app_commands(sub)
+
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("tiny", help="write a tiny seeded DeepSeek-V3 model with the real tokenizer")
     p.add_argument("--out", required=True)
@@ -224,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--ffa-lora",
         action="store_true",
         help="FFA-LoRA: freeze A at the shared seeded init and send only B (about half the bytes, exact averaging)",
+    )
+    p.add_argument(
+        "--app",
+        type=Path,
+        help="signed app directory to submit (default: the coordinator state's app/, `fedseek app sign`)",
     )
     p.set_defaults(func=_run)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import threading
 from pathlib import Path
@@ -36,8 +37,11 @@ def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.set_defaults(func=_serve)
 
 
-def parse_adapters(specs: list[str]) -> dict[str, Path]:
+def parse_adapters(specs: list[str], *, base_model: str = "") -> dict[str, Path]:
+    """NAME=DIR pairs; a NAME must fit the one version pattern and not be reserved (nor `base_model`,
+    the name the base model is served under), as a deployed version must."""
     from federation.errors import InvalidInput
+    from federation.protocol.names import check_adapter_name
     from node.adapter_store import ADAPTER_FILES, weights_file
 
     out: dict[str, Path] = {}
@@ -45,6 +49,7 @@ def parse_adapters(specs: list[str]) -> dict[str, Path]:
         name, sep, directory = spec.partition("=")
         if not (sep and name and directory):
             raise InvalidInput(f"--adapter wants NAME=DIR, got {spec!r}")
+        check_adapter_name(name, what="--adapter name", reserved=(base_model,) if base_model else ())
         path = Path(directory)
         if weights_file(path) is None:
             raise InvalidInput(f"adapter {name}: no {' or '.join(ADAPTER_FILES)} in {path}")
@@ -56,16 +61,18 @@ def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from federation.errors import InvalidInput, Unavailable
+    from federation.ops.atomic import PRIVATE_UMASK
     from federation.ops.layout import NodeLayout
-    from federation.security.mtls_server import KEEP_ALIVE_S
+    from federation.security.mtls_server import KEEP_ALIVE_S, timed_h11
     from node.api import create_serving_app
     from node.build import ServeOptions, build_serving, serving_access
 
     if bool(args.cert) != bool(args.key):
         raise InvalidInput("give both --cert and --key for TLS, or neither")
+    os.umask(PRIVATE_UMASK)  # the audit trail, keys and site secret: this user's alone
     options = ServeOptions(
         model_dir=Path(args.model),
-        adapters=parse_adapters(args.adapter),
+        adapters=parse_adapters(args.adapter, base_model=Path(args.model).name),
         device=args.device,
         max_slots=args.max_slots,
         max_queue=args.max_queue,
@@ -78,7 +85,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     def load() -> None:
         try:
-            loaded["serving"] = build_serving(options, audit=policy.audit)
+            loaded["serving"] = build_serving(options, audit=policy.audit, layout=layout)
             print(f"model {options.model_dir.name} loaded; adapters: {sorted(options.adapters) or 'none'}", flush=True)
         except BaseException as exc:  # reported below; the server stops
             failed.append(exc)
@@ -90,6 +97,7 @@ def _serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         log_level="warning",
+        http=timed_h11(),  # a request head must be complete within seconds (uvicorn alone never times it)
         ssl_certfile=args.cert,
         ssl_keyfile=args.key,
         timeout_keep_alive=KEEP_ALIVE_S,

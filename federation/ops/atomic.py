@@ -3,6 +3,12 @@
 `write_atomic` writes a temporary file in the same directory, fsyncs it, renames it over the
 target and fsyncs the directory; `install_dir` does the same for a whole directory (one
 `renameat2(RENAME_EXCHANGE)` where Linux offers it). Every FedSeek state file goes through here.
+
+State is private by default: `write_atomic` makes files 0600 unless told otherwise (only the
+PKI's public certificates, CRLs and public keys ask for 0644), `private_dir` makes or tightens
+a state directory to 0700, and the daemons run under `PRIVATE_UMASK`, so what they and their
+children (SuperLink, SuperNode, nginx, stunnel) create is readable by their user alone: audit
+trails, ledgers, adapters, explanations and logs hold a site's clinical traces.
 """
 
 from __future__ import annotations
@@ -18,10 +24,22 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["exchange", "fsync_dir", "install_dir", "write_atomic"]
+__all__ = ["PRIVATE_UMASK", "exchange", "fsync_dir", "install_dir", "private_dir", "write_atomic"]
+
+PRIVATE_UMASK = 0o077
+"""The daemons' umask (`os.umask(PRIVATE_UMASK)` at start): new files 0600, new directories 0700."""
 
 
-def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o644) -> None:
+def private_dir(path: Path) -> Path:
+    """`path` as a directory only its owner can enter: made 0700 (parents too), or tightened to
+    0700 if it was there already (a state directory an operator made with a looser mode)."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return path
+
+
+def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
     """Write via temp file + fsync + rename so readers never see a partial file."""
     if isinstance(data, str):
         data = data.encode("utf-8")

@@ -51,6 +51,12 @@ class NodeLayout(_Layout):
         return self.root / "api-key"
 
     @property
+    def site_secret(self) -> Path:
+        """32 random bytes made on first start (0600): the key of prompt digests and of stored
+        explanations (node.site_keys). Back it up apart from the audit trail."""
+        return self.root / "site.key"
+
+    @property
     def api_key_digests(self) -> Path:
         """SHA-256 digests of the current API keys, one a line (the keys themselves are never kept)."""
         return self.root / "api-keys.sha256"
@@ -82,6 +88,21 @@ class NodeLayout(_Layout):
     def flwr_home(self) -> Path:
         """FLWR_HOME of the site's SuperNode."""
         return self.root / "flwr"
+
+    @property
+    def superexec_secret(self) -> Path:
+        """The secret the SuperNode asks of whoever takes its tasks: only the app guard holds it (0600, new
+        at every start)."""
+        return self.root / "superexec.secret"
+
+    @property
+    def app_guard_home(self) -> Path:
+        """FLWR_HOME of the app guard: each verified app bundle is unpacked below it for one task, then removed."""
+        return self.root / "app-guard"
+
+    @property
+    def app_guard_log(self) -> Path:
+        return self.logs / "app-guard.log"
 
     @property
     def endpoints(self) -> Path:
@@ -123,13 +144,31 @@ class CoordinatorLayout(_Layout):
         return self.logs / "superlink.log"
 
     @property
+    def control(self) -> Path:
+        """0700, the coordinator user's own: the one way into the SuperLink, which listens only
+        inside its private network namespace (`federation.ops.netns`)."""
+        return self.root / "control"
+
+    @property
+    def superlink_socket(self) -> Path:
+        """The SuperLink's port as a Unix socket (0600): the fleet gateway's upstream."""
+        return self.control / "superlink.sock"
+
+    @property
     def flwr_home(self) -> Path:
         """FLWR_HOME of the SuperLink process."""
         return self.root / "flwr"
 
     @property
+    def signed_app(self) -> Path:
+        """FedSeek's Flower app signed with the consortium's app-publisher key (`fedseek app sign`): what
+        `fedseek run` submits, and all that sites accept."""
+        return self.root / "app"
+
+    @property
     def flwr_cli(self) -> Path:
-        """FLWR_HOME of the operator's `flwr` commands: a config naming the loopback Control API."""
+        """FLWR_HOME of the operator's `flwr` commands: a config naming the Control API as seen
+        inside the SuperLink's network namespace, where those commands run."""
         return self.root / "flwr-cli"
 
     @property

@@ -115,6 +115,18 @@ class Managed:
             f"{self.name} did not listen on {host}:{port} within {timeout:.0f}s:\n{log_tail(self.log_path)}"
         )
 
+    def wait_socket(self, path: Path, *, timeout: float = 60.0) -> None:
+        """Block until a Unix socket exists at `path` (a launcher that creates it only once its
+        service accepts, `federation.ops.netns`), or raise with the log tail."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise ProcessError(f"{self.name} exited during start-up:\n{log_tail(self.log_path)}")
+            if path.is_socket():
+                return
+            time.sleep(0.2)
+        raise ProcessError(f"{self.name} did not create {path} within {timeout:.0f}s:\n{log_tail(self.log_path)}")
+
     def reload(self) -> bool:
         """SIGHUP the process itself (stunnel re-reads its config, certificates and CRL,
         keeping open connections); returns whether it was running."""

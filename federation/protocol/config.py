@@ -53,7 +53,7 @@ class CoordinatorConfig:
     name: str = "coordinator"
     fleet_host: str = "127.0.0.1"
     fleet_port: int = 9443
-    superlink_port: int = 0  # 0: pick a free loopback port
+    superlink_port: int = 0  # inside the SuperLink's own network namespace; 0: 9093
     site_keys_dir: str = ""  # directory of <site>.pub SuperNode keys to register
     pki_poll_seconds: float = 5.0  # how often the CRL and CA index are checked (revocation bound: 60 s)
     admin_host: str = "127.0.0.1"  # the admin API (HTTPS, admin certificates only)

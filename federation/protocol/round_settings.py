@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from federation.errors import InvalidInput
+from federation.protocol.names import NAME_RE, NAME_RULE
 
 if TYPE_CHECKING:  # imported where used: `fedseek --help` reads the run defaults without numpy or Flower
     from flwr.app import ConfigRecord
@@ -33,7 +34,6 @@ if TYPE_CHECKING:  # imported where used: `fedseek --help` reads the run default
 Scalar = bool | int | float | str
 """What a Flower run config and a ConfigRecord entry hold here."""
 
-_RUN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -110,10 +110,10 @@ class RunSettings:
     def __post_init__(self) -> None:
         _check_types(self)
         _require(
-            _RUN_NAME.fullmatch(self.run_name) is not None,
+            NAME_RE.fullmatch(self.run_name) is not None,  # the one name pattern: it becomes a file name
             "run-name",
             self.run_name,
-            "a file-name stem (1-128 of letters, digits, '.', '_', '-'; no leading '.' or '-')",
+            f"a plain name ({NAME_RULE})",
         )
         counts = {
             "num-rounds": self.num_rounds,

@@ -20,9 +20,11 @@ turns those, the 403s and failed handshakes (error log) into `Refusal`s for the 
 
 from __future__ import annotations
 
+import grp
 import json
 import logging
 import os
+import pwd
 import re
 import shutil
 from base64 import b64encode
@@ -38,7 +40,8 @@ from cryptography.x509.oid import NameOID
 from federation.errors import Unavailable
 from federation.ops.atomic import write_atomic
 from federation.ops.supervise import Managed
-from federation.security.mtls_server import Refusal
+from federation.security.mtls_server import Refusal, peer_host
+from federation.security.refusal_window import WINDOW_S, RefusalWindow
 from federation.security.sidecar import TLSFiles
 
 log = logging.getLogger("fedseek.fleet_gateway")
@@ -50,12 +53,24 @@ FLEET_PREFIX = "/v1/fleet/"  # flwr.superlink.routers.fleet.router prefix
 FLEET_ROUTE = r"^/v1/fleet/[a-z-]+$"
 KEY_HEADER = "flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER
 SHUTDOWN_TIMEOUT_S = 2  # after a reload, old workers (and a revoked site's open requests) end this soon
+HEADER_TIMEOUT_S = 10  # TLS handshake and request head
+BODY_TIMEOUT_S = 30  # between two reads of a request body / two writes of a response
+KEEPALIVE_TIMEOUT_S = 60  # an idle keep-alive connection
 _TEMP_KINDS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")  # nginx's defaults are root's paths
 _SAFE = re.compile(r"^[A-Za-z0-9=,.+/\-|]+$")  # what goes into the map; nothing nginx would interpret
 
 
 class GatewayError(Unavailable):
     """nginx is missing or a binding cannot be expressed safely."""
+
+
+def _workers_user() -> str:
+    """Started as root, nginx runs its workers as `nobody`, who must not open the SuperLink's
+    socket (0600 in a 0700 directory of the coordinator's user): keep the workers as that user.
+    An unprivileged coordinator needs nothing (nginx cannot switch users then)."""
+    if os.geteuid() != 0:
+        return ""
+    return f"user {pwd.getpwuid(os.geteuid()).pw_name} {grp.getgrgid(os.getegid()).gr_name};\n"
 
 
 def nginx_binary() -> str:
@@ -109,7 +124,7 @@ class Gateway:
     workdir: Path
     tls: TLSFiles
     listen: str  # host:port, public
-    upstream: str  # the SuperLink, 127.0.0.1:port
+    upstream: str  # the SuperLink: "unix:/path/superlink.sock" (its own network namespace's port, relayed)
     upstream_name: str = "localhost"  # a name on the coordinator certificate
 
     @property
@@ -138,7 +153,7 @@ class Gateway:
         only_fleet = "only the Flower Fleet API is served on this port"
         return f"""# written by fedseek (federation/security/fleet_gateway.py); edits are overwritten
 daemon off;
-worker_processes 1;
+{_workers_user()}worker_processes 1;
 pid {w}/nginx.pid;
 error_log {self.error_log} info;
 worker_shutdown_timeout {SHUTDOWN_TIMEOUT_S}s;
@@ -146,6 +161,14 @@ events {{ worker_connections 1024; }}
 http {{
 {temp}
     server_tokens off;
+    # Every connection on a clock (nginx's defaults are 60-75 s): the handshake and the request head
+    # (nginx 1.22 times the handshake with client_header_timeout), each body read, each response write,
+    # and an idle keep-alive connection. Flower's SuperNode sends whole requests and drops idle
+    # connections after 5 s (httpx), so these bounds only ever cut slow or silent clients.
+    client_header_timeout {HEADER_TIMEOUT_S}s;
+    client_body_timeout {BODY_TIMEOUT_S}s;
+    send_timeout {BODY_TIMEOUT_S}s;
+    keepalive_timeout {KEEPALIVE_TIMEOUT_S}s;
     log_format fleet escape=json '{{"time":"$time_iso8601","peer":"$remote_addr:$remote_port",'
         '"status":$status,"https":"$https","verify":"$ssl_client_verify","subject":"$ssl_client_s_dn",'
         '"serial":"$ssl_client_serial","method":"$request_method","uri":"$request_uri",'
@@ -240,24 +263,44 @@ class GatewayRefusal(Refusal):
     route: str | None = None
 
 
-def audit_refusal(append: Callable[..., object], **details: str) -> Callable[[Refusal], None]:
-    """Log line and audit record for each refusal (`tls.refused` or `access.refused`)."""
+def audit_refusal(
+    append: Callable[..., object], *, window_s: float = WINDOW_S, **details: str
+) -> RefusalWindow[Refusal]:
+    """Log line and audit record for refusals (`tls.refused` or `access.refused`), at most one per
+    (peer host, what, reason, route) and window plus the window's count (`details.count`), as the
+    HTTPS endpoints do (federation.security.refusal_window). `close()` writes pending counts."""
 
-    def record(refusal: Refusal) -> None:
-        action = refusal.action if isinstance(refusal, GatewayRefusal) else "tls.refused"
+    def record(refusal: Refusal, count: int, summary: dict[str, object] | None) -> None:
+        action = _action(refusal)
         extra: dict[str, object] = {}
         if isinstance(refusal, GatewayRefusal):
             extra = {k: v for k, v in (("status", refusal.status), ("route", refusal.route)) if v is not None}
         who = refusal.subject or "no valid certificate"
-        log.warning("fleet gateway refused %s (%s): %s", refusal.peer, who, refusal.reason)
+        times = "" if summary is None else f" {count} more times in {window_s:g}s"
+        log.warning("fleet gateway refused %s (%s)%s: %s", refusal.peer, who, times, refusal.reason)
         append(
             actor=refusal.subject or refusal.peer,
             action=action,
             resource=str(extra.get("route", "")),
-            details={"peer": refusal.peer, "reason": refusal.reason, **extra, **details},
+            details={
+                "peer": refusal.peer,
+                "reason": refusal.reason,
+                **extra,
+                "count": count,
+                **(summary or {}),
+                **details,
+            },
         )
 
-    return record
+    def key(refusal: Refusal) -> tuple[object, ...]:
+        route = refusal.route if isinstance(refusal, GatewayRefusal) else None
+        return (peer_host(refusal.peer), _action(refusal), refusal.subject, refusal.reason, route)
+
+    return RefusalWindow(record, key, window_s=window_s)
+
+
+def _action(refusal: Refusal) -> str:
+    return refusal.action if isinstance(refusal, GatewayRefusal) else "tls.refused"
 
 
 _HANDSHAKE = re.compile(

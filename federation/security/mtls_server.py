@@ -9,6 +9,13 @@ watcher closes live connections whose certificate appears on a new CRL.
 
 Routes read the verified peer from `request.state.tls_peer` (a `pki.Identity`, or None when
 the client sent no certificate and the server allows that) and decide by role.
+
+Every connection is on a clock (`ServerTLS`): the handshake must finish within
+`handshake_timeout`, and the request head (status line and headers) must be complete within
+`header_timeout` of the handshake or of the first byte of a later request, else the connection
+is closed; an idle keep-alive connection is closed after `keep_alive_timeout`. uvicorn alone
+times out neither a connection that never sends a request nor one that trickles its headers,
+so a few hundred such clients would hold the server's sockets forever.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
+import h11
 import uvicorn
 from cryptography import x509
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -30,6 +38,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from federation.errors import Unavailable
 from federation.ops.filewatch import FileWatcher, stamp
 from federation.security import pki
+from federation.security.refusal_window import WINDOW_S, RefusalWindow
 
 log = logging.getLogger("fedseek.mtls")
 
@@ -39,6 +48,11 @@ PEER_STATE_KEY = "tls_peer"
 # always drops an idle connection first. With equal timeouts a client can reuse a connection at
 # the moment the server closes it, and the request fails with a read error (seen under load).
 KEEP_ALIVE_S = 30
+HEADER_TIMEOUT_S = 10.0
+"""How long a client may take to send a complete request head (nginx's client_header_timeout is 60 s;
+FedSeek's clients send theirs in one write)."""
+SSL_SHUTDOWN_TIMEOUT_S = 5.0
+"""How long a closing TLS connection waits for the peer's close_notify before it is dropped."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +69,10 @@ class ServerTLS:
     crl: Path | None = None
     require_client_cert: bool = False
     handshake_timeout: float = 10.0
+    header_timeout: float = HEADER_TIMEOUT_S
+    keep_alive_timeout: int = KEEP_ALIVE_S
     poll_interval: float = 2.0
+    refusal_window_s: float = WINDOW_S
 
 
 @dataclass(frozen=True)
@@ -70,17 +87,33 @@ class Refusal:
 RefusalHook = Callable[[Refusal], None]
 
 
-def audit_hook(append: Callable[..., object], **details: str) -> RefusalHook:
-    """A refusal hook writing `tls.refused` records through an audit trail's `append`."""
+def peer_host(peer: str) -> str:
+    """The address part of "host:port": a flood comes from one host over many ports."""
+    host, sep, port = peer.rpartition(":")
+    return host if sep and port.isdigit() else peer
 
-    def record(refusal: Refusal) -> None:
+
+def audit_hook(append: Callable[..., object], *, window_s: float = WINDOW_S, **details: str) -> RefusalWindow[Refusal]:
+    """A refusal hook writing `tls.refused` records through an audit trail's `append`, at most
+    one per (peer host, reason) and window plus the window's count (federation.security.refusal_window).
+
+    Each record's `details.count` says how many refusals it stands for; its log line is the only
+    one for them. Call `close()` at shutdown (HTTPSService.stop does) to write pending counts.
+    """
+
+    def record(refusal: Refusal, count: int, summary: dict[str, object] | None) -> None:
+        who = f" ({refusal.subject})" if refusal.subject else ""
+        if summary is None:
+            log.warning("refused %s%s: %s", refusal.peer, who, refusal.reason)
+        else:
+            log.warning("refused %s%s %d more times in %gs: %s", refusal.peer, who, count, window_s, refusal.reason)
         append(
             actor=refusal.subject or refusal.peer,
             action="tls.refused",
-            details={"peer": refusal.peer, "reason": refusal.reason, **details},
+            details={"peer": refusal.peer, "reason": refusal.reason, "count": count, **(summary or {}), **details},
         )
 
-    return record
+    return RefusalWindow(record, lambda r: (peer_host(r.peer), r.subject, r.reason), window_s=window_s)
 
 
 def revoked_serials(crl_path: Path | None) -> frozenset[int]:
@@ -117,6 +150,7 @@ class TLSGate:
         self._stamps: tuple[tuple[float, int], ...] = ()
         self._context: ssl.SSLContext | None = None
         self._revoked: frozenset[int] = frozenset()
+        self._consortium = ""  # the CA's O: a peer of another organisation is refused (refresh sets it)
         self._live: dict[_GatedH11, tuple[asyncio.AbstractEventLoop, int]] = {}
         self.refresh()  # a broken certificate or key fails here, at start-up
         files = (tls.cert, tls.key, tls.ca_cert, tls.crl)
@@ -132,12 +166,13 @@ class TLSGate:
                 return False
             try:
                 context = server_context(self.tls)
-            except (OSError, ssl.SSLError) as exc:
+                consortium = pki.consortium_of(self.tls.ca_cert)
+            except (OSError, ssl.SSLError, pki.PKIError) as exc:
                 if self._context is None:
                     raise
                 log.error("TLS files changed but do not load (%s); keeping the previous ones", exc)
                 return False
-            self._context, self._stamps = context, stamps
+            self._context, self._stamps, self._consortium = context, stamps, consortium
             self._revoked = revoked_serials(self.tls.crl)
         self._close_revoked()
         return True
@@ -147,12 +182,18 @@ class TLSGate:
         assert self._context is not None
         return self._context
 
+    @property
+    def consortium(self) -> str:
+        return self._consortium
+
     def is_revoked(self, serial: int) -> bool:
         return serial in self._revoked
 
     def refuse(self, refusal: Refusal) -> None:
-        log.warning(
-            "refused %s%s: %s", refusal.peer, f" ({refusal.subject})" if refusal.subject else "", refusal.reason
+        # An aggregating hook (audit_hook) writes the log line with its record; a plain hook gets one per refusal.
+        level = logging.WARNING if not isinstance(self._on_refusal, RefusalWindow) else logging.DEBUG
+        log.log(
+            level, "refused %s%s: %s", refusal.peer, f" ({refusal.subject})" if refusal.subject else "", refusal.reason
         )
         if self._on_refusal is not None:
             try:
@@ -187,6 +228,8 @@ class TLSGate:
 
     def stop(self) -> None:
         self._watcher.stop()
+        if isinstance(self._on_refusal, RefusalWindow):
+            self._on_refusal.close()  # counts still open in their window reach the audit trail
 
     def protocol_class(self) -> type[asyncio.Protocol]:
         """The uvicorn `http=` protocol class bound to this gate (uvicorn must get no `ssl_*`)."""
@@ -205,9 +248,57 @@ class TLSGate:
             http=self.protocol_class(),
             loop="asyncio",
             log_level=log_level,
-            timeout_keep_alive=KEEP_ALIVE_S,
+            timeout_keep_alive=self.tls.keep_alive_timeout,
         )
         return uvicorn.Server(config)
+
+
+class TimedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with a deadline on the request head.
+
+    The clock starts when the connection is made (for the gated protocol: when the TLS handshake
+    has finished) and again at the first byte of each later request; it stops when h11 has parsed
+    a whole request head. Body, response and idle keep-alive are uvicorn's business.
+    """
+
+    header_timeout: float = HEADER_TIMEOUT_S
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.conn.their_state is h11.IDLE:  # a request head begun but not complete
+            if self._head_timer is None:
+                self._arm_head_timer()
+        else:
+            self._cancel_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        if not self.transport.is_closing():
+            self._head_timer = self.loop.call_later(self.header_timeout, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            log.info("closed %s: no complete request head within %gs", self.client, self.header_timeout)
+            self.transport.abort()  # no close_notify exchange: a silent peer would hold it open longer
+
+
+def timed_h11(header_timeout: float = HEADER_TIMEOUT_S) -> type[TimedH11]:
+    """The `http=` protocol class for a plain uvicorn server (`fedseek serve`) with a header deadline."""
+    return type("TimedH11", (TimedH11,), {"header_timeout": header_timeout})
 
 
 class _GatedH11(asyncio.Protocol):
@@ -216,7 +307,8 @@ class _GatedH11(asyncio.Protocol):
     gate: TLSGate
 
     def __init__(self, config: Any, server_state: Any, app_state: dict[str, Any], _loop: Any = None) -> None:
-        self._inner = H11Protocol(config=config, server_state=server_state, app_state=app_state, _loop=_loop)
+        inner = timed_h11(self.gate.tls.header_timeout)
+        self._inner = inner(config=config, server_state=server_state, app_state=app_state, _loop=_loop)
         self._app_state = app_state
         self._tls: asyncio.Transport | None = None
         self._raw: asyncio.Transport | None = None
@@ -242,6 +334,7 @@ class _GatedH11(asyncio.Protocol):
                 self.gate.context(),
                 server_side=True,
                 ssl_handshake_timeout=self.gate.tls.handshake_timeout,
+                ssl_shutdown_timeout=SSL_SHUTDOWN_TIMEOUT_S,
             )
         except (TimeoutError, ssl.SSLError, OSError, ConnectionError) as exc:
             self.gate.refuse(Refusal(peer=self._peer, reason=_handshake_reason(exc)))
@@ -254,7 +347,8 @@ class _GatedH11(asyncio.Protocol):
         der = tls.get_extra_info("ssl_object").getpeercert(binary_form=True)
         if der:
             try:
-                identity = pki.identity_from_der(der)
+                # The chain is the CA's; the organisation (O) and party name must be the consortium's too.
+                identity = pki.check_member(pki.identity_from_der(der), self.gate.consortium)
             except pki.PKIError as exc:
                 self.gate.refuse(Refusal(peer=self._peer, reason=str(exc)))
                 tls.abort()
@@ -318,7 +412,9 @@ def _handshake_reason(exc: BaseException) -> str:
         if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
             return "no client certificate"
         return f"TLS handshake failed: {reason}"
-    if isinstance(exc, asyncio.TimeoutError):
+    if isinstance(exc, asyncio.TimeoutError) or (
+        isinstance(exc, ConnectionAbortedError) and "taking longer than" in str(exc)  # asyncio's handshake timeout
+    ):
         return "TLS handshake timed out"
     return f"connection failed during the TLS handshake: {exc}"
 

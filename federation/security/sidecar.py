@@ -3,9 +3,10 @@
 Flower's own TLS authenticates only the server. Each site's sidecar terminates its
 SuperNode's TLS on loopback (the site certificate, which always names 127.0.0.1) and
 re-originates the fleet traffic as mTLS with the site certificate, checking the
-coordinator's name; the coordinator's gateway (`federation.security.fleet_gateway`, nginx) can then
-read every HTTP request. `server_config` is a plain stunnel mTLS server, kept as the
-counterpart the sidecar tests talk to.
+coordinator's role name (only a coordinator certificate carries it, see `client_config`); the
+coordinator's gateway (`federation.security.fleet_gateway`, nginx) can then read every HTTP
+request. `server_config` is a plain stunnel mTLS server, kept as the counterpart the sidecar
+tests talk to.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from federation.errors import Unavailable
 from federation.ops.supervise import Managed
+from federation.security import pki
 
 
 class SidecarError(Unavailable):
@@ -52,11 +54,15 @@ def _common(tls: TLSFiles) -> list[str]:
 
 
 _HEAD = ["foreground = yes", "pid =", "debug = notice", ""]
+# Every service's connections on a clock (stunnel's defaults keep an idle one 12 hours): TIMEOUTbusy
+# for data a peer owes (the handshake included), TIMEOUTidle for a quiet connection (above the fleet
+# gateway's 60 s keep-alive, which ends an idle fleet connection first), TIMEOUTclose for close_notify.
+_TIMEOUTS = ["TIMEOUTbusy = 30", "TIMEOUTidle = 120", "TIMEOUTclose = 5"]
 
 
 def server_config(*, tls: TLSFiles, accept: str, connect: str) -> str:
     """A stunnel mTLS server: require a consortium client certificate on `accept`, forward to `connect`."""
-    service = ["[fleet]", f"accept = {accept}", f"connect = {connect}", *_common(tls), "requireCert = yes"]
+    service = ["[fleet]", f"accept = {accept}", f"connect = {connect}", *_common(tls), "requireCert = yes", *_TIMEOUTS]
     return "\n".join([*_HEAD, *service, ""])
 
 
@@ -65,10 +71,20 @@ def client_config(*, tls: TLSFiles, accept: str, relay: str, connect: str, serve
 
     `[supernode]` terminates the SuperNode's TLS on loopback `accept` with the site
     certificate and passes plain HTTP to loopback `relay`; `[fleet]` takes it there and opens
-    mTLS to the coordinator at `connect`, presenting the site certificate and checking
-    `server_name`. So the coordinator's gateway sees each request, and nothing leaves the
-    host unencrypted.
+    mTLS to the coordinator at `connect`, presenting the site certificate. So the coordinator's
+    gateway sees each request, and nothing leaves the host unencrypted.
+
+    Who may answer as the coordinator: a certificate of the consortium CA carrying the
+    coordinator's role name (`pki.coordinator_host`, from the CA's O), which the CA puts on
+    coordinator certificates only. A host-name check alone let any consortium certificate
+    naming the coordinator's host (every one carried `localhost`) stand in for it; stunnel has
+    no subject (OU) check, so the role is pinned through this name. `server_name` (the host the
+    site dials) is sent as SNI only.
     """
+    try:
+        role_name = pki.coordinator_host(pki.consortium_of(tls.ca_cert))
+    except pki.PKIError as exc:
+        raise SidecarError(f"cannot pin the coordinator: {exc}") from exc
     terminate = [
         "[supernode]",
         f"accept = {accept}",
@@ -76,6 +92,7 @@ def client_config(*, tls: TLSFiles, accept: str, relay: str, connect: str, serve
         f"cert = {tls.cert}",
         f"key = {tls.key}",
         "sslVersionMin = TLSv1.3",
+        *_TIMEOUTS,
     ]
     fleet = [
         "[fleet]",
@@ -83,8 +100,9 @@ def client_config(*, tls: TLSFiles, accept: str, relay: str, connect: str, serve
         f"accept = {relay}",
         f"connect = {connect}",
         *_common(tls),
-        f"checkHost = {server_name}",
+        f"checkHost = {role_name}",
         f"sni = {server_name}",
+        *_TIMEOUTS,
     ]
     return "\n".join([*_HEAD, *terminate, "", *fleet, ""])
 

@@ -1,7 +1,10 @@
 """The node's HTTP apps: `create_app` (the node agent) and `create_serving_app` (`fedseek serve`).
 
-Both share one base: OpenAI-shaped errors (federation.security.refusals), a body limit, `/healthz`,
-and the access policy every route checks its caller against (node/access.py, via deps.caller).
+Both share one base: OpenAI-shaped errors (federation.security.refusals), `/healthz`, and the
+request guard (node/api/guard.py), which checks the body size and the caller against the access
+policy (node/access.py) before any route runs or any body is read. No interactive docs or
+schema are served (`/docs`, `/redoc`, `/openapi.json`): the API's description is for its
+callers' code (`app.openapi()` in-process), not for whoever reaches the port.
 The routes live one family per module and are mounted here:
 
 | module            | routes                                              | who (node/access.py) |
@@ -21,19 +24,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from starlette.datastructures import Headers
-from starlette.types import ASGIApp, Receive, Scope, Send
 
-from federation.protocol import wire
-from federation.security.refusals import error_response, error_response_for, install_error_handlers
+from federation.security.refusals import error_response_for, install_error_handlers
 from node.access import AccessPolicy
 from node.api import admin, completions, explanations, internal, models
 from node.api.deps import GetServing
+from node.api.guard import MAX_BODY_BYTES, RequestGuard
 from node.explain_service import Explanations
 from node.service import Loading, NodeService
 
-MAX_BODY_BYTES = 1024 * 1024
-"""The largest body an API route accepts; `/internal/*` routes take up to a whole adapter."""
+__all__ = ["MAX_BODY_BYTES", "create_app", "create_serving_app"]
 
 
 def create_app(service: NodeService, *, access: AccessPolicy) -> FastAPI:
@@ -57,8 +57,8 @@ def create_serving_app(get_serving: GetServing, policy: AccessPolicy, *, name: s
 
 
 def _base(title: str, policy: AccessPolicy, *, site: str) -> FastAPI:
-    """An app with the shared error handlers, body limit, `/healthz` and the access policy."""
-    app = FastAPI(title=title, version="0.1.0")
+    """An app with the shared error handlers, the request guard, `/healthz` and the access policy."""
+    app = FastAPI(title=title, version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.access = policy
     install_error_handlers(app)
 
@@ -72,24 +72,5 @@ def _base(title: str, policy: AccessPolicy, *, site: str) -> FastAPI:
     def healthz() -> dict[str, Any]:
         return {"status": "ok", "site": site}
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(RequestGuard)
     return app
-
-
-class BodyLimit:
-    """Refuse a body larger than the route allows, from its Content-Length, before reading it.
-
-    Pure ASGI (not `@app.middleware`), so streamed responses and client disconnects pass straight through.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            length = Headers(scope=scope).get("content-length")
-            limit = wire.MAX_ADAPTER_BYTES if scope["path"].startswith("/internal/") else MAX_BODY_BYTES
-            if length is not None and length.isdigit() and int(length) > limit:
-                await error_response(413, f"request body of {length} bytes exceeds {limit}")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

@@ -12,29 +12,38 @@ from typing import Any
 
 from fastapi import Depends, Request
 
-from node.access import AccessPolicy, Caller, Rule
+from node.access import Caller, Rule
+from node.api.guard import CALLER_STATE_KEY, RULE_STATE_KEY
 from node.explain_service import Explanations
 from node.service import Loading, NodeService, Serving
 
 GetServing = Callable[[], Serving | None]
 
 
-def caller(rule: Rule) -> Any:
-    """A route dependency checking the caller against `rule` (node/access.py).
+class GuardMismatch(RuntimeError):
+    """A route's rule is not the one node/access.py's table gave its path: a bug, refused (500)."""
 
-    Route dependencies run before the body is parsed, so a refused caller never gets a body
-    validated; the route reads who it was with `current_caller`.
+
+def caller(rule: Rule) -> Any:
+    """A route dependency asserting its caller was admitted under `rule` (node/access.py).
+
+    The check itself runs earlier, before the body is read (node.api.guard.RequestGuard, which
+    FastAPI's dependencies cannot: FastAPI parses the body first); this keeps each route's
+    declared rule and the guard's table in step, failing closed if they ever differ.
     """
 
     def check(request: Request) -> None:
-        policy: AccessPolicy = request.app.state.access
-        request.state.caller = policy.require(request, rule)
+        state = request.scope.get("state", {})
+        if state.get(RULE_STATE_KEY, "unset") != rule or CALLER_STATE_KEY not in state:
+            raise GuardMismatch(
+                f"{request.url.path}: route wants {rule!r}, the guard applied {state.get(RULE_STATE_KEY)!r}"
+            )
 
     return Depends(check)
 
 
 def current_caller(request: Request) -> Caller:
-    who: Caller = request.state.caller
+    who: Caller = request.scope["state"][CALLER_STATE_KEY]
     return who
 
 

@@ -1,4 +1,5 @@
-"""`/v1/explanations`: token/word attributions of a served answer, for reviewers.
+"""`/v1/explanations`: token/word attributions of a served answer, for reviewers, with the HTML
+report (`/v1/explanations/{id}/report.html`) and its plot (`.../plot.png`).
 
 A request is validated synchronously, so a refusal writes nothing to the audit trail; it is
 then explained at once or, with `background`, queued and fetched later by id. The service's
@@ -11,13 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from federation.security.refusals import error_response
 from node.api.deps import caller, current_caller, explanations_of
 from node.explain_service import ExplainRequest
 
 router = APIRouter(dependencies=[caller("reviewer")])
+
+# Reports quote clinical text: never cached, and the page may load nothing (its plot is inlined).
+PRIVATE = {
+    "cache-control": "no-store",
+    "content-security-policy": "default-src 'none'; img-src data:; style-src 'unsafe-inline'",
+}
 
 
 @router.post("/v1/explanations", response_model=None)
@@ -35,3 +42,15 @@ def explain(req: ExplainRequest, request: Request) -> dict[str, Any] | JSONRespo
 @router.get("/v1/explanations/{explanation_id}", response_model=None)
 def explanation(explanation_id: str, request: Request) -> dict[str, Any]:
     return explanations_of(request).get(explanation_id)
+
+
+# The report and its plot are sealed at rest (node/explain_service.py): reviewers read them here.
+@router.get("/v1/explanations/{explanation_id}/report.html", response_model=None)
+def report(explanation_id: str, request: Request) -> Response:
+    page = explanations_of(request).report(explanation_id, "html")
+    return Response(page, media_type="text/html; charset=utf-8", headers=PRIVATE)
+
+
+@router.get("/v1/explanations/{explanation_id}/plot.png", response_model=None)
+def plot(explanation_id: str, request: Request) -> Response:
+    return Response(explanations_of(request).report(explanation_id, "png"), media_type="image/png", headers=PRIVATE)

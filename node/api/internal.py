@@ -25,9 +25,16 @@ from privacy.ledger import BudgetExceeded, LedgerError
 router = APIRouter(dependencies=[caller("self")])
 
 
-async def _body(request: Request) -> tuple[wire.Arrays | None, dict[str, Any]]:
-    raw = await request.body()
+def _config(request: Request) -> dict[str, Any]:
     config = json.loads(request.headers.get(CONFIG_HEADER, "{}"))
+    if not isinstance(config, dict):
+        raise json.JSONDecodeError("the config header must hold a JSON object", "", 0)
+    return config
+
+
+async def _body(request: Request) -> tuple[wire.Arrays | None, dict[str, Any]]:
+    config = _config(request)
+    raw = await request.body()
     return (wire.decode(raw) if raw else None), config
 
 
@@ -50,12 +57,15 @@ async def internal_train(request: Request) -> Response:
 @router.post("/internal/deploy", response_model=None)
 async def internal_deploy(request: Request) -> dict[str, Any] | JSONResponse:
     try:
-        arrays, config = await _body(request)
-        if not arrays or "adapter-version" not in config:
+        config = _config(request)
+        if "adapter-version" not in config:
             return error_response(400, "deploy needs adapter arrays and an adapter-version")
-        return await run_in_threadpool(
-            node_of(request).deploy, str(config["adapter-version"]), str(config["adapter-sha256"]), arrays
-        )
+        # The version names a directory: refuse a path-like or reserved one before the body is read.
+        version = node_of(request).check_deploy_version(config["adapter-version"])
+        arrays, _ = await _body(request)
+        if not arrays:
+            return error_response(400, "deploy needs adapter arrays and an adapter-version")
+        return await run_in_threadpool(node_of(request).deploy, version, str(config["adapter-sha256"]), arrays)
     except KeyError as exc:
         return error_response(400, f"deploy config is missing {exc}")
     except (wire.WireError, json.JSONDecodeError) as exc:

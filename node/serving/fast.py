@@ -25,8 +25,8 @@ and down, SwiGLU for gate/up (which runs it without adapters too, as the fused s
 adapter id selects its bank rows inside the kernel: no mask tensors, no side stream. Only the rows
 of slots up to the highest adapter id in the running batch are computed, so the cost follows the
 adapters in use, not the bank's capacity. Batch-1 steps without adapters take the fused Triton
-GEMV path (kernels.py) where it compiled and passed its check; the torch path (and `lora_torch`)
-serves elsewhere, the CPU included.
+GEMV path (kernels.py) where it compiled and passed its check; the torch path (and `lora`'s torch
+formula) serves elsewhere, the CPU included.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from node.serving import kernels
 from node.serving.kv_cache import StaticKVCache
 from node.serving.lora import LoraWeights
 from node.serving.quant import Linear, linear
-from node.serving.runner import UnknownAdapter
+from node.serving.runner import Prompt, UnknownAdapter
 from node.serving.sampling import RowSampling, sample
 
 SUPPORTED = frozenset({"qwen2", "llama"})
@@ -144,7 +144,7 @@ class Proj:
             self.a = torch.zeros(lora_rows, in_features, dtype=dtype, device=device)
         self.lin = Linear(weight, None if bias is None else bias.detach(), int8=int8)
         self.b = torch.zeros(lora_rows, self.out, dtype=dtype, device=device)
-        self.lora: Any = kernels.lora_torch  # the runner switches to the Triton kernel where it passed
+        self.fused_lora = False  # the runner switches to the Triton kernel where it passed
 
     def _both(self, x: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x W^T + bias, x A^T over the first `rows` bank rows): one GEMM where the bank sits under W."""
@@ -159,7 +159,7 @@ class Proj:
         if rows == 0:
             return linear(x, self.lin.parts)
         y, t = self._both(x, rows)
-        return self.lora(y, t, self.b[:rows], aid, y, rows_per_adapter=self.rb, mode=0)
+        return kernels.lora(y, t, self.b[:rows], aid, y, rows_per_adapter=self.rb, mode=0, fused=self.fused_lora)
 
     def swiglu(self, x: torch.Tensor, rows: int, aid: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up of this (gate/up) group's output, adapters included: [N, out / 2]."""
@@ -168,13 +168,13 @@ class Proj:
         else:
             y, t = self._both(x, rows)
         out = torch.empty(x.shape[0], self.out // 2, dtype=y.dtype, device=y.device)
-        return self.lora(y, t, self.b[:rows], aid, out, rows_per_adapter=self.rb, mode=2)
+        return kernels.lora(y, t, self.b[:rows], aid, out, rows_per_adapter=self.rb, mode=2, fused=self.fused_lora)
 
     def residual(self, x: torch.Tensor, inp: torch.Tensor, rows: int, aid: torch.Tensor) -> None:
         """x += proj(inp), in place (without adapters the add rides in the matmul where the weight allows)."""
         if rows:
             y, t = self._both(inp, rows)
-            self.lora(y, t, self.b[:rows], aid, x, rows_per_adapter=self.rb, mode=1)
+            kernels.lora(y, t, self.b[:rows], aid, x, rows_per_adapter=self.rb, mode=1, fused=self.fused_lora)
             return
         weight, bias, scale = self.lin.parts
         if scale is None and bias is None:
@@ -341,7 +341,7 @@ class FastRunner:
         if self.lora_kernel_off is None:
             for layer in self.layers:
                 for proj in layer.groups().values():
-                    proj.lora = kernels.lora
+                    proj.fused_lora = True
         self.fused_off: str | None = self.lora_kernel_off
         self._gemv_cfg: dict[str, kernels.GemvConfig] = {}
         self.gemv_times: dict[str, dict[str, float]] = {}  # per weight kind: config -> ms per step's pass
@@ -396,11 +396,7 @@ class FastRunner:
         layer.down.residual(x, act, self.lora.rows(1, live), aid)
 
     def prefill(
-        self,
-        slots: Sequence[int],
-        prompts: Sequence[Sequence[int]],
-        adapters: Sequence[int],
-        sampling: Sequence[RowSampling],
+        self, slots: Sequence[int], prompts: Sequence[Prompt], adapters: Sequence[int], sampling: Sequence[RowSampling]
     ) -> torch.Tensor:
         """Fill `slots` from `prompts`, sample each first token; returns them ([n], on the device).
 

@@ -9,7 +9,7 @@ fused into the o/down outputs. Each GEMV program's loop is unrolled so all its 1
 can be in flight; o and down, short matrices with too few row blocks to fill the chip, may split K
 and add atomically into the fp32 residual stream. The config per weight kind (cuBLAS through torch
 among the candidates) is picked by timing every layer's weights in one CUDA graph at load
-(`tune_gemv`), then checked against torch. `lora` is the per-row multi-adapter epilogue used at
+(`gemv_times`), then checked against torch. `lora` is the per-row multi-adapter epilogue used at
 every batch size. `available()` compiles and checks each kernel against the torch formulas once;
 the runner uses them only if that passes.
 """
@@ -338,10 +338,14 @@ def lora(
     *,
     rows_per_adapter: int,
     mode: int,
+    fused: bool,
 ) -> torch.Tensor:
     """Each row's own adapter added to the base output in one kernel (see `_lora_kernel`): base [M, N]
     (or [M, 2N] for mode 2), t = x A^T [M, R] over the live adapters' R bank rows, b [R, N or 2N],
-    aid [M] adapter ids; writes out [M, N]. Rows need unit column stride; base may alias out."""
+    aid [M] adapter ids; writes out [M, N]. Rows need unit column stride; base may alias out.
+    `fused=False` computes the same through torch: the reference, and the path where Triton is absent."""
+    if not fused:
+        return _lora_torch(base, t, b, aid, out, rows_per_adapter, mode)
     m = base.shape[0]
     n = out.shape[1]
     rows = t.shape[1]
@@ -370,20 +374,13 @@ def lora(
     return out
 
 
-def lora_torch(
-    base: torch.Tensor,
-    t: torch.Tensor,
-    b: torch.Tensor,
-    aid: torch.Tensor,
-    out: torch.Tensor,
-    *,
-    rows_per_adapter: int,
-    mode: int,
+def _lora_torch(
+    base: torch.Tensor, t: torch.Tensor, b: torch.Tensor, aid: torch.Tensor, out: torch.Tensor, rb: int, mode: int
 ) -> torch.Tensor:
-    """`lora` in torch: the reference, and the path where Triton is absent (the CPU)."""
+    """`lora` in torch, `rb` bank rows per adapter."""
     rows = t.shape[1]
     if rows:
-        owner = torch.arange(rows, device=t.device) // rows_per_adapter + 1
+        owner = torch.arange(rows, device=t.device) // rb + 1
         y = torch.addmm(base, t * (owner[None, :] == aid[:, None]).to(t.dtype), b)
     else:
         y = base
@@ -464,19 +461,6 @@ def _time_graph(fn: Any, reps: int = 5, trials: int = 3) -> float:
     return _time(graph.replay, reps=reps, trials=trials)
 
 
-def tune_gemv(
-    ws: Sequence[torch.Tensor],
-    x: torch.Tensor,
-    out: torch.Tensor,
-    candidates: Sequence[GemvConfig] | None = None,
-    **flags: Any,
-) -> GemvConfig:
-    """The fastest config for weights of this shape (`gemv_candidates` by default). Each timed call
-    runs over every layer's weight in turn, as one graph, so the weights stream from HBM as in a
-    decode step: one matrix repeated stays in the 60 MB L2 and would reward tiles fast only from cache."""
-    return min(gemv_times(ws, x, out, candidates, **flags).items(), key=lambda kv: kv[1])[0]
-
-
 def gemv_times(
     ws: Sequence[torch.Tensor],
     x: torch.Tensor,
@@ -484,7 +468,9 @@ def gemv_times(
     candidates: Sequence[GemvConfig] | None = None,
     **flags: Any,
 ) -> dict[GemvConfig, float]:
-    """Milliseconds per pass over `ws` for each candidate that compiles (see `tune_gemv`)."""
+    """Milliseconds per pass over `ws` for each candidate that compiles (`gemv_candidates` by default).
+    Each timed call runs over every layer's weight in turn, as one graph, so the weights stream from HBM
+    as in a decode step: one matrix repeated stays in the 60 MB L2 and would reward tiles fast only from cache."""
     n, k = ws[0].shape
     if candidates is None:
         splittable = bool(flags.get("residual")) and out.dtype == torch.float32
@@ -590,64 +576,51 @@ def check_gemv(
 
 
 def _lora_test(rnd: Any, device: torch.device, tol: float) -> str | None:
-    """`lora` against `lora_torch` in its three modes, with base rows, two adapters and a ragged batch."""
+    """`lora` fused against its torch formula in its three modes, with base rows, two adapters and a ragged batch."""
     m, n, rb, live = 37, 80, 6, 3
     aid = torch.tensor([i % (live + 1) for i in range(m)], device=device)
     t = rnd(m, live * rb + 5)[:, : live * rb]  # a strided view, as the GEMM's extra columns are
     for mode, width in ((0, n), (1, n), (2, 2 * n)):
         base, b, out = rnd(m, width), rnd(live * rb, width), rnd(m, n)
-        ref = lora_torch(base, t, b, aid, out.clone().float(), rows_per_adapter=rb, mode=mode)
-        got = lora(base, t, b, aid, out, rows_per_adapter=rb, mode=mode).float()
+        ref = lora(base, t, b, aid, out.clone().float(), rows_per_adapter=rb, mode=mode, fused=False)
+        got = lora(base, t, b, aid, out, rows_per_adapter=rb, mode=mode, fused=True).float()
         if not torch.allclose(got, ref, atol=tol * ref.abs().max().item(), rtol=0):
             return f"lora kernel (mode {mode}) disagrees with torch"
     return None
 
 
 def _attention_test(rnd: Any, device: torch.device, tol: float) -> str | None:
+    """`attention` with each of ATTENTION_CONFIGS against torch: the cache write and the output of two
+    rows at different positions."""
     heads, kv, d, slots, length = 4, 2, 16, 3, 80
     pos = torch.tensor([70, 5], device=device)
     qkv = rnd(2, (heads + 2 * kv) * d)
     cos, sin = rnd(length, d), rnd(length, d)
     keys, values = rnd(slots, kv, length, d), rnd(slots, kv, length, d)
-    for cfg in ATTENTION_CONFIGS:
-        if (why := _attention_check(qkv, cos, sin, pos, keys.clone(), values.clone(), cfg, tol)) is not None:
-            return why
-    return None
-
-
-def _attention_check(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    pos: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    cfg: tuple[int, int],
-    tol: float,
-) -> str | None:
-    heads, kv, d = 4, 2, 16
     dtype = qkv.dtype
-    ref_k, ref_v = keys.clone(), values.clone()
-    out = torch.empty(2, heads * d, device=qkv.device, dtype=dtype)
-    attention(qkv, cos, sin, pos, keys, values, out, heads=heads, kv_heads=kv, cfg=cfg)
 
     def rot(t: torch.Tensor, p: int) -> torch.Tensor:
         half = d // 2
         return t * cos[p] + torch.cat((-t[..., half:], t[..., :half]), -1) * sin[p]
 
-    qs = []
+    qs: list[torch.Tensor] = []
+    ref_k, ref_v = keys.clone(), values.clone()
     for b in range(2):
         p = int(pos[b])
         qs.append(rot(qkv[b, : heads * d].view(heads, d).float(), p))
         k = rot(qkv[b, heads * d : (heads + kv) * d].view(kv, d).float(), p)
         ref_k[b, :, p], ref_v[b, :, p] = k.to(dtype), qkv[b, (heads + kv) * d :].view(kv, d)
-    if not (torch.allclose(keys.float(), ref_k.float(), atol=tol * 10) and torch.equal(values, ref_v)):
-        return "attention's cache write disagrees with torch"
-    for b in range(2):
-        p = int(pos[b])
-        kk, vv = ref_k[b, :, : p + 1].float(), ref_v[b, :, : p + 1].float()
-        q = qs[b].to(dtype).float().view(kv, heads // kv, d)
-        o = F.scaled_dot_product_attention(q, kk, vv).reshape(heads * d)
-        if not torch.allclose(out[b].float(), o, atol=tol * 10, rtol=0):
-            return f"attention output disagrees with torch (tiles {cfg})"
+    for cfg in ATTENTION_CONFIGS:
+        got_k, got_v = keys.clone(), values.clone()
+        out = torch.empty(2, heads * d, device=device, dtype=dtype)
+        attention(qkv, cos, sin, pos, got_k, got_v, out, heads=heads, kv_heads=kv, cfg=cfg)
+        if not (torch.allclose(got_k.float(), ref_k.float(), atol=tol * 10) and torch.equal(got_v, ref_v)):
+            return "attention's cache write disagrees with torch"
+        for b in range(2):
+            p = int(pos[b])
+            kk, vv = ref_k[b, :, : p + 1].float(), ref_v[b, :, : p + 1].float()
+            q = qs[b].to(dtype).float().view(kv, heads // kv, d)
+            o = F.scaled_dot_product_attention(q, kk, vv).reshape(heads * d)
+            if not torch.allclose(out[b].float(), o, atol=tol * 10, rtol=0):
+                return f"attention output disagrees with torch (tiles {cfg})"
     return None

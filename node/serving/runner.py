@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -20,6 +20,8 @@ from federation.errors import NotFound
 from node.serving.sampling import RowSampling, sample
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
+Prompt: TypeAlias = Sequence[int]
+"""A prompt's token ids."""
 
 
 class UnknownAdapter(NotFound):
@@ -40,11 +42,7 @@ class Runner(Protocol):
     def adapters(self) -> list[str]: ...
 
     def prefill(
-        self,
-        slots: Sequence[int],
-        prompts: Sequence[Sequence[int]],
-        adapters: Sequence[int],
-        sampling: Sequence[RowSampling],
+        self, slots: Sequence[int], prompts: Sequence[Prompt], adapters: Sequence[int], sampling: Sequence[RowSampling]
     ) -> torch.Tensor:
         """Fill `slots` with `prompts` (serving adapter ids `adapters`, sampling as `sampling` for the
         slot's whole life); return each prompt's first sampled token, [n] on the device."""
@@ -124,11 +122,7 @@ class HFRunner:
         return tokens
 
     def prefill(
-        self,
-        slots: Sequence[int],
-        prompts: Sequence[Sequence[int]],
-        adapters: Sequence[int],
-        sampling: Sequence[RowSampling],
+        self, slots: Sequence[int], prompts: Sequence[Prompt], adapters: Sequence[int], sampling: Sequence[RowSampling]
     ) -> torch.Tensor:
         rows = []
         for slot, ids, adapter, smp in zip(slots, prompts, adapters, sampling, strict=True):

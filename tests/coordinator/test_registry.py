@@ -10,6 +10,7 @@ import pytest
 
 from coordinator.registry import AdapterRegistry, Manifest, RegistryError, SiteLineage
 from federation.protocol import wire
+from federation.protocol.names import InvalidNameError
 
 
 def _adapter(seed: int) -> wire.Arrays:
@@ -195,3 +196,11 @@ def test_failed_save_leaves_nothing_behind(registry: AdapterRegistry) -> None:
         registry.save(_adapter(3), run=object(), round=2, sites=[], parent=None)  # type: ignore[arg-type]
     assert [p.name for p in registry.root.iterdir()] == ["global-v0001"]
     assert registry.latest() == "global-v0001"
+
+
+@pytest.mark.parametrize("version", ["/tmp/x", "../x", "a/b", "global-v0001/..", "site_local", "latest", "v1"])
+def test_versions_that_are_not_registry_names_build_no_path(registry: AdapterRegistry, version: str) -> None:
+    """Finding 4: a version reaches the file system only if it is a plain `global-vNNNN`."""
+    for call in (registry.path, registry.manifest, registry.load):
+        with pytest.raises(InvalidNameError):
+            call(version)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.service import CONNECTION, flwr_bin, flwr_env, write_cli_config
+from coordinator.service import CONNECTION, flwr_bin, flwr_control, flwr_env, write_cli_config
 from federation.ops.supervise import free_port
 from federation.security import pki
 from federation.security.flower_auth import ensure_auth_keypair
@@ -117,11 +117,12 @@ def test_control_api_is_not_reachable_through_the_fleet_port(
     tmp_path: Path, pki_dir: Path, coordinator: dict[str, object]
 ) -> None:
     """`flwr ls` through a site's sidecar (valid node certificate) is refused 403 and audited;
-    the same command on the coordinator's loopback Control API works."""
+    the same command run by the operator inside the SuperLink's network namespace works."""
     ca = pki_dir / "ca" / "ca.pem"
     state = Path(str(coordinator["state"]))
-    loopback = flwr_ls(tmp_path / "flwr-operator", str(coordinator["superlink"]), ca)
-    assert loopback.returncode == 0 and json.loads(loopback.stdout)["success"], loopback.stdout + loopback.stderr
+    socket, flwr_home = Path(str(coordinator["superlink_socket"])), Path(str(coordinator["flwr_home"]))
+    operator = flwr_control(socket, flwr_home, ["ls", CONNECTION, "--format", "json"])
+    assert operator.returncode == 0 and json.loads(operator.stdout)["success"], operator.stdout + operator.stderr
 
     site_a = pki.load_leaf(pki_dir, "site-a")
     sidecar, address = site_sidecar(

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from federation.protocol import wire
+from federation.protocol.names import InvalidNameError
 from node.engine import BASE, TRAIN_ADAPTER, ModelHost, UnknownModel
 from node.model import load_model
 from tests.node.arrays import random_arrays
@@ -127,6 +128,19 @@ def test_install_with_wrong_shapes_is_refused_and_not_served(host: ModelHost) ->
     with pytest.raises(UnknownModel):
         host.resolve("v-shape")
     assert host.peft.active_adapter == TRAIN_ADAPTER
+
+
+@pytest.mark.parametrize("version", [TRAIN_ADAPTER, BASE, "latest", MODEL_NAME, "train", "eval", "keys", "v.1", "../x"])
+def test_install_refuses_reserved_and_path_like_versions(host: ModelHost, version: str) -> None:
+    """Finding 4: the training adapter, the base model's names, peft's ModuleDict attributes and
+    path-like names are never installed (the training adapter's weights stay as they were)."""
+    before = host.adapter_arrays(TRAIN_ADAPTER)
+    arrays = random_arrays(host.initial_arrays(), seed=11)
+    with pytest.raises(InvalidNameError):
+        host.install(version, arrays, sha256=wire.sha256_of(arrays))
+    assert version not in host.adapters
+    after = host.adapter_arrays(TRAIN_ADAPTER)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
 
 
 def test_install_with_nan_is_refused(host: ModelHost) -> None:

@@ -28,6 +28,7 @@ from node.engine import ModelHost
 from node.explain_service import MAX_EVALS_LIMIT, ExplanationNotFound, Explanations
 from node.model import load_model
 from node.service import NodeService
+from node.site_keys import load_site_keys
 from privacy.audit import sha256_hex, verify
 from tests.node.peers import as_peer, policy_for
 
@@ -129,10 +130,8 @@ def test_sync_explanation_has_every_field(explained: tuple[dict[str, Any], int],
     ranked = sorted(pairs, key=lambda fv: -abs(fv[1]))[: len(tops)]
     assert [(t["feature"], t["value"]) for t in body["top_features"]] == ranked
     assert body["created_at"].endswith("Z")
-    html, png = Path(body["html"]), Path(body["png"])
-    assert html.parent == png.parent == service.layout.explanations
-    assert body["audit_record"]["hash"] in html.read_text()
-    assert png.read_bytes().startswith(b"\x89PNG")
+    assert body["html"] == f"/v1/explanations/{body['id']}/report.html"
+    assert body["png"] == f"/v1/explanations/{body['id']}/plot.png"
 
 
 def test_explanation_is_audited_by_hash_only(explained: tuple[dict[str, Any], int], service: NodeService) -> None:
@@ -145,8 +144,11 @@ def test_explanation_is_audited_by_hash_only(explained: tuple[dict[str, Any], in
     assert rec["action"] == "explain" and rec["resource"] == "v1"
     details = rec["details"]
     assert details["explanation_id"] == body["id"]
-    assert details["prompt_sha256"] == sha256_hex(json.dumps([{"role": "user", "content": PROMPT}], sort_keys=True))
-    assert details["response_sha256"] == sha256_hex(RESPONSE)
+    messages = json.dumps([{"role": "user", "content": PROMPT}], sort_keys=True)
+    keys = load_site_keys(service.layout.site_secret)
+    assert details["prompt_hmac"] == keys.digest(messages) != sha256_hex(messages)  # keyed: no dictionary attack
+    assert details["response_hmac"] == keys.digest(RESPONSE)
+    assert not {"prompt_sha256", "response_sha256"} & set(details)
     assert details["granularity"] == "word" and details["max_evals"] == REQUEST["max_evals"]
     raw = service.audit.path.read_text()
     assert "Kussmaul" not in raw and RESPONSE not in raw
@@ -156,12 +158,44 @@ def test_get_returns_the_stored_result(
     explained: tuple[dict[str, Any], int], client: TestClient, service: NodeService
 ) -> None:
     body, _ = explained
-    stored = service.layout.explanations / f"{body['id']}.json"
-    assert json.loads(stored.read_text()) == body
+    stored = service.layout.explanations / f"{body['id']}.json.sealed"
+    assert b"Kussmaul" not in stored.read_bytes()  # the prompt is sealed at rest
     assert stored.stat().st_mode & 0o077 == 0  # clinical text: readable by the node's user only
     r = client.get(f"/v1/explanations/{body['id']}")
     assert r.status_code == 200
     assert r.json() == body
+
+
+def test_report_and_plot_are_sealed_at_rest_and_served_to_reviewers(
+    explained: tuple[dict[str, Any], int], client: TestClient, service: NodeService
+) -> None:
+    body, _ = explained
+    sealed = sorted(p.name for p in service.layout.explanations.glob(f"{body['id']}.*"))
+    assert sealed == [f"{body['id']}.{kind}.sealed" for kind in ("html", "json", "png")]
+    for path in service.layout.explanations.glob(f"{body['id']}.*"):
+        assert b"Kussmaul" not in path.read_bytes() and b"<html" not in path.read_bytes()
+    page = client.get(body["html"])
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "Kussmaul" in page.text and body["audit_record"]["hash"] in page.text
+    assert page.headers["cache-control"] == "no-store"
+    plot = client.get(body["png"])
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+    assert client.get(body["html"], headers=as_peer("site-b", "node")).status_code == 403  # reviewers only
+
+
+def test_a_sealed_file_moved_to_another_id_does_not_open(
+    explained: tuple[dict[str, Any], int], client: TestClient, service: NodeService
+) -> None:
+    body, _ = explained
+    other = "expl-" + "f" * 32
+    src = service.layout.explanations / f"{body['id']}.json.sealed"
+    dst = service.layout.explanations / f"{other}.json.sealed"
+    dst.write_bytes(src.read_bytes())
+    try:
+        r = client.get(f"/v1/explanations/{other}")
+        assert r.status_code == 500 and "does not open" in r.json()["error"]["message"]
+    finally:
+        dst.unlink()
 
 
 @pytest.mark.parametrize(("granularity", "n_features"), [("sentence", 3), ("token", None)])
@@ -238,7 +272,7 @@ def test_background_job_reports_progress_then_completes(
     running = poll(client, explanation_id, until=lambda s: s["status"] != "running" or s["progress"]["done"] > 0)
     assert running["status"] == "running", running
     assert 0 < running["progress"]["done"] <= running["progress"]["total"] == REQUEST["max_evals"]
-    assert not (service.layout.explanations / f"{explanation_id}.json").exists()
+    assert not (service.layout.explanations / f"{explanation_id}.json.sealed").exists()
     assert len(service.audit) == before  # audited when it completes, not before
 
     gate.release.set()
@@ -318,7 +352,9 @@ def test_refusals_write_nothing(
 )
 def test_get_unknown_or_malformed_id_is_404(client: TestClient, path: str) -> None:
     r = client.get(path)
-    assert r.status_code == 404, r.text
+    # httpx resolves a bare `/..` segment: that request goes to `/v1`, an OpenAI path (API key: 401)
+    expected = 401 if r.request.url.path == "/v1" else 404
+    assert r.status_code == expected, r.text
 
 
 def test_ids_never_name_paths(service: NodeService) -> None:

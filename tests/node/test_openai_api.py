@@ -293,7 +293,8 @@ def openai_schema(site: Site) -> Any:
     """The OpenAI routes of a server with a short context, so schema-valid requests stay cheap."""
     short = Serving(site.host, site.audit, owner="site-a", max_slots=4, max_model_len=48)
     app = create_serving_app(lambda: short, site.policy, name="site-a")
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_dict(app.openapi())  # in-process: the app serves no /openapi.json
+    schema.app = app
     return schema.include(path_regex=r"^/(v1/(chat/)?completions|v1/models|metrics)$")
 
 

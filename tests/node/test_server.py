@@ -484,17 +484,18 @@ def test_explanation_full_value_is_the_served_models_logprob(
     assert body["adapter_sha256"] == host.adapters["v1"].sha256
 
 
-def test_explanation_top_tokens_and_report(explanation: tuple[dict[str, Any], int], service: NodeService) -> None:
+def test_explanation_top_tokens_and_report(
+    explanation: tuple[dict[str, Any], int], client: TestClient, service: NodeService
+) -> None:
     body, _ = explanation
     features = [f.strip() for f in body["features"]]
     assert 1 <= len(body["top_tokens"]) <= 5
     assert all(tok and tok in features for tok in body["top_tokens"])
-    html = Path(body["html"])
-    assert html.is_file() and html.stat().st_size > 0
-    assert html.parent == service.layout.explanations
-    assert body["id"] in html.name
-    text = html.read_text()
-    assert body["audit_record"]["hash"] in text
+    page = client.get(body["html"])  # served to reviewers; sealed at rest (tests/node/test_explain_api.py)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert body["id"] in body["html"]
+    assert body["audit_record"]["hash"] in page.text
+    assert (service.layout.explanations / f"{body['id']}.html.sealed").is_file()
 
 
 def test_explanation_is_in_the_audit_log(explanation: tuple[dict[str, Any], int], service: NodeService) -> None:

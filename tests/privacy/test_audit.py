@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -190,3 +192,43 @@ def test_concurrent_appends_stay_consistent(tmp_path: Path) -> None:
     assert [json.loads(line)["seq"] for line in _lines(path)] == list(range(1, total + 1))
     result = verify(path)
     assert result.ok and result.records == total
+
+
+
+def test_two_writers_extend_one_chain(tmp_path: Path) -> None:
+    """A site's app guard appends to the agent's trail from its own process (issue 13, finding 1):
+    each writer continues from the other's last record instead of from what it saw at opening."""
+    path = tmp_path / "audit.jsonl"
+    agent, guard = AuditTrail(path), AuditTrail(path)  # two openings, as two processes have
+    for i in range(3):
+        agent.append(actor="agent", action="serve", details={"i": i})
+        guard.append(actor="app-guard", action="clientapp.refused", details={"i": i})
+    result = verify(path)
+    assert result.ok and result.records == 6, result.error
+    assert [json.loads(line)["actor"] for line in _lines(path)] == ["agent", "app-guard"] * 3
+
+
+_GUARD_WRITER = """
+import sys
+from pathlib import Path
+from privacy.audit import AuditTrail
+trail = AuditTrail(Path(sys.argv[1]))
+for i in range(150):
+    trail.append(actor="app-guard", action="clientapp.refused", details={"i": i})
+"""
+
+
+def test_writer_processes_append_concurrently(tmp_path: Path) -> None:
+    """Writers in other processes appending while this one does: one unbroken chain, head included."""
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(path)
+    guards = [subprocess.Popen([sys.executable, "-c", _GUARD_WRITER, str(path)]) for _ in range(2)]
+    mine = 0
+    while any(g.poll() is None for g in guards) or mine < 10:
+        trail.append(actor="agent", action="serve", details={"i": mine})
+        mine += 1
+    assert [g.wait(timeout=120) for g in guards] == [0, 0]
+    result = verify(path)
+    assert result.ok, result.error
+    assert result.records == mine + 2 * 150
+    assert [json.loads(line)["seq"] for line in _lines(path)] == list(range(1, result.records + 1))

@@ -7,10 +7,13 @@ with mutual TLS, so one small CA issues all certificates. Callers use this packa
 - `ca`: the CA's operations (init, issue, renew, revoke, publish the CRL), all-or-nothing on disk;
 - `party`: what a party checks before it starts TLS (its files, a peer's chain, validity, revocation);
 - `status`: which certificates are issued and in what state (no passphrase needed);
-- `identity`: who a certificate speaks for (name, role, consortium, hosts), and the naming rules;
+- `identity`: who a certificate speaks for (name, role, consortium, hosts), the naming rules, and
+  whether a verified peer is a party of this consortium (`check_member`);
+- `hosts`: which host names a role's certificate may carry (loopback, the coordinator's role name);
 - `layout`: the file layout of a PKI directory;
 - `crl`: signing, reading and checking the revocation list;
 - `passphrase`: the CA passphrase (argument, environment, 0600 file);
+- `publisher`: the consortium's app-publisher key (sites run only app bundles it signed);
 - `signer`, `certs`, `index`, `pem`, `clock`, `errors`: the CA key, certificate contents, the CA's
   records, PEM encoding, time, and `PKIError`.
 """
@@ -20,7 +23,15 @@ from __future__ import annotations
 from federation.security.pki.ca import DEFAULT_LEAF_DAYS, MAX_LEAF_DAYS, init_ca, issue, renew, revoke, write_crl
 from federation.security.pki.crl import CRL_DAYS, Reason, is_revoked, load_crl
 from federation.security.pki.errors import PKIError
-from federation.security.pki.identity import Identity, Role, identity_from_der, read_identity
+from federation.security.pki.hosts import coordinator_host
+from federation.security.pki.identity import (
+    Identity,
+    Role,
+    check_member,
+    consortium_of,
+    identity_from_der,
+    read_identity,
+)
 from federation.security.pki.layout import SITE_KEYS_DIR, CAFiles, LeafFiles
 from federation.security.pki.party import load_leaf, load_party, verify_leaf
 from federation.security.pki.passphrase import (
@@ -29,6 +40,7 @@ from federation.security.pki.passphrase import (
     generate_passphrase_file,
     read_passphrase_file,
 )
+from federation.security.pki.publisher import create_publisher, load_publisher_key, party_publishers
 from federation.security.pki.status import Status, list_issued, list_status
 
 __all__ = [
@@ -45,6 +57,10 @@ __all__ = [
     "Reason",
     "Role",
     "Status",
+    "check_member",
+    "consortium_of",
+    "coordinator_host",
+    "create_publisher",
     "generate_passphrase_file",
     "identity_from_der",
     "init_ca",
@@ -55,6 +71,8 @@ __all__ = [
     "load_crl",
     "load_leaf",
     "load_party",
+    "load_publisher_key",
+    "party_publishers",
     "read_identity",
     "read_passphrase_file",
     "renew",

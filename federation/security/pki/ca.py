@@ -28,6 +28,7 @@ from federation.security.pki.certs import build_ca_cert, san_entries, sign_leaf
 from federation.security.pki.clock import CLOCK_SKEW, utcnow
 from federation.security.pki.crl import CRL_DAYS, REASON_FLAGS, Reason, sign_crl
 from federation.security.pki.errors import PKIError
+from federation.security.pki.hosts import LOOPBACK_BY_ROLE, check_hosts, renewable
 from federation.security.pki.identity import ROLES, Role, check_name, identity_of, is_role
 from federation.security.pki.index import Index, Record, index_bytes, load_index
 from federation.security.pki.layout import (
@@ -48,7 +49,9 @@ from federation.security.pki.layout import (
 from federation.security.pki.party import check_issued_by, load_leaf
 from federation.security.pki.passphrase import MIN_PASSPHRASE_LEN, resolve_passphrase
 from federation.security.pki.pem import cert_pem, leaf_key_pem, load_cert, load_leaf_key
+from federation.security.pki.publisher import copy_publishers, write_publisher
 from federation.security.pki.signer import SigningCA, open_ca
+from federation.security.pki.status import list_issued
 
 __all__ = [
     "DEFAULT_LEAF_DAYS",
@@ -108,6 +111,7 @@ def init_ca(
         write_atomic(staging / CA_CERT, cert_pem(cert), mode=0o644)
         write_atomic(staging / INDEX_FILE, index_bytes(index), mode=0o644)
         write_atomic(staging / CRL_FILE, crl, mode=0o644)
+        write_publisher(staging, secret)  # the consortium's app-publisher key is born with the CA
         os.chmod(staging, 0o700)
         install_dir(staging, ca_dir)
     except BaseException:
@@ -121,7 +125,7 @@ def issue(
     name: str,
     *,
     role: Role,
-    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    hosts: Sequence[str] = (),
     days: int = DEFAULT_LEAF_DAYS,
     passphrase: str | bytes | None = None,
 ) -> LeafFiles:
@@ -130,11 +134,15 @@ def issue(
     Leaves are short-lived (at most ``MAX_LEAF_DAYS``) so a lost key stops
     working on its own. ``hosts`` become subjectAltNames so the party can also
     act as a TLS server under those names/addresses. Other files in the
-    party's directory (its Flower auth key) are kept. A node certificate always names
-    127.0.0.1: the site's sidecar serves it to the local SuperNode (`federation.security.sidecar`).
+    party's directory (its Flower auth key) are kept. The loopback names a role needs are
+    added (`hosts.LOOPBACK_BY_ROLE`): a node certificate always names 127.0.0.1, where the
+    site's sidecar serves it to the local SuperNode; a coordinator certificate localhost and
+    127.0.0.1, and its role name (`hosts.coordinator_host`); reviewers and admins none.
     """
-    if role == "node" and "127.0.0.1" not in hosts:
-        hosts = (*hosts, "127.0.0.1")
+    if isinstance(hosts, str):
+        raise PKIError("hosts must be a sequence of host names, not a single string")
+    if is_role(role):
+        hosts = (*hosts, *LOOPBACK_BY_ROLE[role])
     return issue_at(pki_dir, name, role=role, hosts=hosts, days=days, not_before=None, passphrase=passphrase)
 
 
@@ -162,8 +170,9 @@ def renew(
     if any(r.serial == ident.serial and r.revoked_at for r in load_index(Path(pki_dir) / CA_DIR).records):
         raise PKIError(f"certificate '{name}' is revoked; issue a new one with `fedseek ca issue`")
     key = load_leaf_key(leaf.key) if keep_key else None
+    hosts = renewable(ident.role, ident.hosts)  # loopback names the role may no longer carry are dropped
     return issue_at(
-        pki_dir, name, role=ident.role, hosts=ident.hosts, days=days, not_before=None, passphrase=passphrase, key=key
+        pki_dir, name, role=ident.role, hosts=hosts, days=days, not_before=None, passphrase=passphrase, key=key
     )
 
 
@@ -242,11 +251,13 @@ def issue_at(
     _check_days(days)
     if days > MAX_LEAF_DAYS:
         raise PKIError(f"party certificates are short-lived: at most {MAX_LEAF_DAYS} days, got {days}")
-    sans = san_entries(hosts)
+    san_entries(hosts)  # malformed host names are refused before the CA key is opened
     pki_dir = Path(pki_dir)
     with _ca_lock(pki_dir):
         now = utcnow()
         ca = open_ca(pki_dir, passphrase, now)
+        # Role-bound names: loopback only where needed, the coordinator's names on coordinators only.
+        sans = san_entries(check_hosts(name, role, ca.consortium, hosts, others=list_issued(pki_dir)))
         if not_before is None:
             start, valid_from = now, now - CLOCK_SKEW
         else:
@@ -270,6 +281,7 @@ def issue_at(
             write_atomic(staging / LEAF_CERT, cert_pem(cert), mode=0o644)
             write_atomic(staging / LEAF_CA, cert_pem(ca.cert), mode=0o644)
             write_atomic(staging / CRL_FILE, crl, mode=0o644)
+            copy_publishers(pki_dir, staging)  # which app bundles the party may run
             os.chmod(staging, 0o755)
             _commit(pki_dir, index, crl, install=(staging, leaf_dir))
         finally:

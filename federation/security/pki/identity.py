@@ -26,7 +26,9 @@ __all__ = [
     "Identity",
     "Role",
     "attr",
+    "check_member",
     "check_name",
+    "consortium_of",
     "identity_from_der",
     "identity_of",
     "is_ca",
@@ -132,6 +134,31 @@ def is_ca(cert: x509.Certificate) -> bool:
 
 def is_role(value: str) -> TypeGuard[Role]:
     return value in ROLES
+
+
+def consortium_of(ca_cert: Path | x509.Certificate) -> str:
+    """The consortium a CA certificate speaks for (its subject's O); PKIError if it names none."""
+    cert = ca_cert if isinstance(ca_cert, x509.Certificate) else load_cert(Path(ca_cert))
+    consortium = attr(cert.subject, NameOID.ORGANIZATION_NAME)
+    if not consortium:
+        raise PKIError(f"{ca_cert if isinstance(ca_cert, Path) else 'the CA certificate'} names no consortium (O)")
+    return consortium
+
+
+def check_member(identity: Identity, consortium: str) -> Identity:
+    """`identity` if it is a party of `consortium`: same organisation (O), a valid party name (CN).
+
+    The TLS stack proves the CA signed the certificate; this refuses one the CA signed for
+    another organisation (or with a name no party could have), which a check of the chain alone
+    would accept.
+    """
+    if identity.consortium != consortium:
+        raise PKIError(
+            f"certificate {identity.name!r} is from organisation {identity.consortium!r}, not consortium {consortium!r}"
+        )
+    if not NAME_RE.match(identity.name):
+        raise PKIError(f"certificate names no valid party ({identity.name!r})")
+    return identity
 
 
 def check_name(name: str, *, what: str) -> None:

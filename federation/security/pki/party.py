@@ -15,6 +15,7 @@ from cryptography.exceptions import InvalidSignature
 from federation.security.pki.clock import check_period, ts, utcnow
 from federation.security.pki.crl import check_crl, load_crl, reason_text
 from federation.security.pki.errors import PKIError
+from federation.security.pki.hosts import coordinator_host
 from federation.security.pki.identity import Identity, Role, check_name, identity_of, is_ca, org
 from federation.security.pki.layout import CRL_FILE, LEAF_CA, LEAF_CERT, LEAF_KEY, LeafFiles
 from federation.security.pki.pem import load_cert, load_leaf_key
@@ -59,6 +60,12 @@ def load_party(pki_dir: Path, name: str, *, role: Role, now: datetime | None = N
     identity = verify_leaf(leaf.cert, leaf.ca_cert, now=now, crl=leaf.crl)
     if identity.role != role:
         raise PKIError(f"certificate {identity.name!r} has role {identity.role!r}, expected {role!r}")
+    role_name = coordinator_host(identity.consortium)
+    if role == "coordinator" and role_name not in identity.hosts:
+        raise PKIError(
+            f"certificate {identity.name!r} lacks the coordinator's role name {role_name!r}, which sites "
+            f"check; renew it (`fedseek ca renew {identity.name}` adds it)"
+        )
     return leaf
 
 

@@ -11,7 +11,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.security.pki.errors import PKIError
 
-__all__ = ["cert_pem", "leaf_key_pem", "load_cert", "load_leaf_key", "read_file"]
+__all__ = ["cert_pem", "ec_private_key", "leaf_key_pem", "load_cert", "load_leaf_key", "read_file"]
 
 
 def read_file(path: Path, what: str) -> bytes:
@@ -36,13 +36,22 @@ def load_leaf_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """Parse a party's private key, which must be unencrypted (see :func:`leaf_key_pem`)."""
     data = read_file(path, "private key")
     try:
-        key = serialization.load_pem_private_key(data, password=None)
+        return ec_private_key(data, password=None, path=path, what="private key")
     except TypeError as exc:
         raise PKIError(f"private key {path} is encrypted; parties need the unencrypted 0600 key") from exc
     except ValueError as exc:
         raise PKIError(f"malformed private key PEM: {path}") from exc
+
+
+def ec_private_key(data: bytes, *, password: bytes | None, path: Path, what: str) -> ec.EllipticCurvePrivateKey:
+    """Parse the PEM private key ``data`` (read from ``path``) that must be ECDSA, a PKIError otherwise.
+
+    cryptography's TypeError (encryption and password disagree) and ValueError (malformed, or a
+    wrong password) pass through: what they mean differs between a party's key and the CA's.
+    """
+    key = serialization.load_pem_private_key(data, password=password)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PKIError(f"private key {path} is not an ECDSA key")
+        raise PKIError(f"{what} {path} is not an ECDSA key")
     return key
 
 

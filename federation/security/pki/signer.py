@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
@@ -21,7 +20,7 @@ from federation.security.pki.errors import PKIError
 from federation.security.pki.identity import attr, is_ca
 from federation.security.pki.layout import CA_CERT, CA_DIR, CA_KEY
 from federation.security.pki.passphrase import resolve_passphrase
-from federation.security.pki.pem import load_cert, read_file
+from federation.security.pki.pem import ec_private_key, load_cert, read_file
 
 __all__ = ["SigningCA", "open_ca"]
 
@@ -70,13 +69,10 @@ def _load_ca_key(path: Path, passphrase: str | bytes | None) -> ec.EllipticCurve
         raise PKIError(f"malformed CA private key PEM: {path}")
     secret = resolve_passphrase(passphrase)
     try:
-        key = serialization.load_pem_private_key(data, password=secret)
+        return ec_private_key(data, password=secret, path=path, what="CA private key")
     except ValueError as exc:
         if "password" in str(exc).lower():
             raise PKIError(f"wrong passphrase for the CA private key {path}") from exc
         raise PKIError(f"malformed CA private key PEM: {path} (or wrong passphrase)") from exc
     except TypeError as exc:
         raise PKIError(f"malformed CA private key PEM: {path}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise PKIError(f"CA private key {path} is not an ECDSA key")
-    return key

@@ -171,10 +171,25 @@ EXPLAIN = ["explain", "--node", "https://localhost:1", "--cert", "cert.pem", "--
         (["coordinator", "start"], "give --config FILE, or --pki and --state"),
         (["serve", "--model", ".", "--cert", "cert.pem"], "give both --cert and --key for TLS, or neither"),
         (["serve", "--model", ".", "--adapter", "no-equals-sign"], "--adapter wants NAME=DIR"),
+        (["serve", "--model", ".", "--adapter", "../x=dir"], "invalid --adapter name '../x'"),  # finding 4
+        (["serve", "--model", ".", "--adapter", "site_local=dir"], "--adapter name 'site_local' is reserved"),
+        (
+            ["serve", "--model", "m/Qwen2-Tiny", "--adapter", "qwen2-tiny=dir"],
+            "--adapter name 'qwen2-tiny' is reserved",
+        ),
         ([*EXPLAIN, "--ca", "missing-ca.pem", "--prompt", "hi"], "cannot load CA certificate missing-ca.pem"),
         ([*EXPLAIN, "--ca", "ca.pem", "--messages-file", "missing.json"], "cannot read messages from missing.json"),
     ],
-    ids=["coordinator-start", "serve-tls", "serve-adapter", "explain-ca", "explain-messages"],
+    ids=[
+        "coordinator-start",
+        "serve-tls",
+        "serve-adapter",
+        "serve-adapter-path",
+        "serve-adapter-reserved",
+        "serve-adapter-base-name",
+        "explain-ca",
+        "explain-messages",
+    ],
 )
 def test_each_command_refuses_bad_input_in_one_line(
     argv: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

@@ -250,8 +250,10 @@ def test_audit_records_say_what_was_refused(tmp_path: Path) -> None:
         "reason": "route not served on the fleet port (Fleet API only)",
         "status": 403,
         "route": "POST /v1/control/list-runs",
+        "count": 1,
         "endpoint": "fleet",
     }
+    hook.close()
 
 
 # --- a real nginx -------------------------------------------------------------------------------

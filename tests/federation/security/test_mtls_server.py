@@ -41,7 +41,7 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
     now = datetime.now(UTC)
     for name, start in (("old", now - timedelta(days=40)), ("future", now + timedelta(days=2))):
         issue_at(
-            root, name, role="reviewer", hosts=("localhost",), days=10, not_before=start, passphrase=PASS
+            root, name, role="reviewer", hosts=(), days=10, not_before=start, passphrase=PASS
         )  # tests only: validity in the past / future
     return root
 
@@ -82,7 +82,7 @@ def endpoint(ca: Path) -> Iterator[Endpoint]:
     )
     port = free_port()
     service = HTTPSService.start(_app(), tls, host=HOST, port=port, on_refusal=refusals.append)
-    yield Endpoint(f"https://localhost:{port}", port, service.gate, refusals)
+    yield Endpoint(f"https://{HOST}:{port}", port, service.gate, refusals)  # node certificates name 127.0.0.1
     service.stop()
 
 
@@ -155,7 +155,7 @@ def test_tls12_and_plaintext_are_refused(ca: Path, endpoint: Endpoint) -> None:
 
 
 def test_wrong_host_name_is_refused_by_the_client(ca: Path, endpoint: Endpoint) -> None:
-    """The server's certificate names localhost/127.0.0.1; a client asked for another name refuses."""
+    """The server's (node) certificate names 127.0.0.1; a client asked for another name refuses."""
     ctx = client_ctx(ca, "alice", ca_of=ca)
     with (
         socket.create_connection((HOST, endpoint.port), timeout=5) as raw,
@@ -166,7 +166,7 @@ def test_wrong_host_name_is_refused_by_the_client(ca: Path, endpoint: Endpoint) 
 
 def _open_tls(ca: Path, name: str, port: int) -> ssl.SSLSocket:
     raw = socket.create_connection((HOST, port), timeout=5)
-    return client_ctx(ca, name, ca_of=ca).wrap_socket(raw, server_hostname="localhost")
+    return client_ctx(ca, name, ca_of=ca).wrap_socket(raw, server_hostname=HOST)
 
 
 def _get(sock: ssl.SSLSocket) -> bytes:

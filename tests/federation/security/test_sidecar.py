@@ -214,9 +214,12 @@ def test_configs_enforce_mutual_tls(pki_dir: Path) -> None:
         f"key = {tls.key}",
         "sslVersionMin = TLSv1.3",
     ]
-    assert {"client = yes", "accept = 127.0.0.1:4", "connect = 10.0.0.1:9443", "checkHost = coord.example"} <= set(
-        fleet
-    )
+    # the coordinator is pinned by its role name (only coordinator certificates carry it); the dialled name is SNI
+    role_name = pki.coordinator_host(pki.read_identity(tls.cert).consortium)
+    assert {"client = yes", "accept = 127.0.0.1:4", "connect = 10.0.0.1:9443", f"checkHost = {role_name}"} <= set(fleet)
+    assert "sni = coord.example" in fleet and [x for x in fleet if x.startswith("checkHost")] == [
+        f"checkHost = {role_name}"
+    ]
     assert f"cert = {tls.cert}" in fleet
 
 
@@ -259,18 +262,34 @@ def test_site_with_certificate_from_another_ca_is_refused(coordinator: Coordinat
         proc.stop()
 
 
-def test_site_sidecar_refuses_coordinator_with_wrong_name(
-    coordinator: Coordinator, pki_dir: Path, tmp_path: Path
-) -> None:
-    proc, port = _site_sidecar(
-        tmp_path, _tls(pki.load_leaf(pki_dir, "site-a")), coordinator.port, server_name="coordinator.example"
+def test_site_sidecar_refuses_a_server_without_the_coordinators_role_name(pki_dir: Path, tmp_path: Path) -> None:
+    """A consortium certificate that is not the coordinator's (here site-b's, which names 127.0.0.1,
+    the address dialled) cannot stand in for the coordinator (tests/redteam covers the forged ones)."""
+    echo = EchoServer().start()
+    server_port = free_port()
+    fake = make_sidecar(
+        name="fake-coordinator",
+        config_text=server_config(
+            tls=_tls(pki.load_leaf(pki_dir, "site-b")), accept=f"{HOST}:{server_port}", connect=f"{HOST}:{echo.port}"
+        ),
+        workdir=tmp_path / "fake",
     )
+    try:
+        fake.start().wait_port(HOST, server_port, timeout=30)
+        _refused_by_site_sidecar(tmp_path, pki_dir, server_port, echo)
+    finally:
+        fake.stop()
+        echo.stop()
+
+
+def _refused_by_site_sidecar(tmp_path: Path, pki_dir: Path, server_port: int, echo: EchoServer) -> None:
+    proc, port = _site_sidecar(tmp_path, _tls(pki.load_leaf(pki_dir, "site-a")), server_port, server_name=HOST)
     try:
         proc.start()
         proc.wait_port(HOST, port, timeout=30)
         token = _token()
-        assert _exchange_local(port, coordinator.ca_cert, token) == b""
-        assert not coordinator.echo.saw(token)
+        assert _exchange_local(port, pki_dir / "ca" / "ca.pem", token) == b""
+        assert not echo.saw(token)
     finally:
         proc.stop()
 

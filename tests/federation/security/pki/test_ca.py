@@ -31,7 +31,14 @@ def test_init_and_issue_round_trip(tmp_path: Path) -> None:
     assert ca.cert == root / "ca" / "ca.pem"
     assert ca.key == root / "ca" / "ca.key"
     assert ca.crl == root / "ca" / "crl.pem"
-    assert sorted(p.name for p in (root / "ca").iterdir()) == ["ca.key", "ca.pem", "crl.pem", "index.json"]
+    assert sorted(p.name for p in (root / "ca").iterdir()) == [
+        "ca.key",
+        "ca.pem",
+        "crl.pem",
+        "index.json",
+        "publisher.key",  # the consortium's app-publisher key is made with the CA
+        "publishers.json",
+    ]
 
     leaf = issue(root, "coordinator", role="coordinator")
     assert leaf.cert == root / "coordinator" / "cert.pem"

@@ -14,12 +14,12 @@ from tests.federation.security.pki.support import read_cert
 
 
 def test_identity_fields_and_extensions(pki: Path) -> None:
-    leaf = issue(pki, "site-a", role="node", hosts=("site-a.example", "127.0.0.1", "::1"))
+    leaf = issue(pki, "site-a", role="node", hosts=("site-a.example", "127.0.0.1", "fd00::1"))
     ident = read_identity(leaf.cert)
     assert ident.name == "site-a"
     assert ident.role == "node"
     assert ident.consortium == "fedseek"
-    assert ident.hosts == ("site-a.example", "127.0.0.1", "::1")
+    assert ident.hosts == ("site-a.example", "127.0.0.1", "fd00::1")
     assert len(ident.fingerprint_sha256) == 64
     assert timedelta(days=29) < ident.not_after - ident.not_before <= timedelta(days=31)
 
@@ -30,7 +30,7 @@ def test_identity_fields_and_extensions(pki: Path) -> None:
     assert san.get_values_for_type(x509.DNSName) == ["site-a.example"]
     assert san.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("127.0.0.1"),
-        ipaddress.ip_address("::1"),
+        ipaddress.ip_address("fd00::1"),
     ]
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert set(eku) == {
@@ -52,6 +52,10 @@ def test_identity_fields_and_extensions(pki: Path) -> None:
     assert ku.crl_sign
 
 
-def test_default_hosts_include_loopback_ip(pki: Path) -> None:
+def test_default_hosts_are_the_loopback_names_each_role_needs(pki: Path) -> None:
+    """Finding 5: loopback names only on certificates served on loopback; the coordinator's role name on its own."""
     ident = read_identity(issue(pki, "coordinator", role="coordinator").cert)
-    assert ident.hosts == ("localhost", "127.0.0.1")
+    assert ident.hosts == ("localhost", "coordinator.fedseek.fedseek.internal", "127.0.0.1")  # DNS names, then IPs
+    assert read_identity(issue(pki, "site-a", role="node").cert).hosts == ("127.0.0.1",)
+    assert read_identity(issue(pki, "rita", role="reviewer").cert).hosts == ()
+    assert read_identity(issue(pki, "olga", role="admin").cert).hosts == ()

@@ -34,9 +34,10 @@ def test_ca_key_is_encrypted_at_rest(pki: Path) -> None:
         capture_output=True,
     )
     assert bad.returncode != 0
-    # Parties never get the CA key.
+    # Parties never get the CA key (nor the app-publisher key: only its public half).
     leaf = issue(pki, "site-a", role="node")
-    assert sorted(p.name for p in leaf.cert.parent.iterdir()) == ["ca.pem", "cert.pem", "crl.pem", "key.pem"]
+    names = sorted(p.name for p in leaf.cert.parent.iterdir())
+    assert names == ["ca.pem", "cert.pem", "crl.pem", "key.pem", "publishers.json"]
 
 
 @pytest.mark.parametrize(

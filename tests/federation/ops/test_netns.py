@@ -1,0 +1,226 @@
+"""A command in a private network namespace, reached only through its Unix socket: real processes
+(the launcher, a small HTTP server inside, `nsenter`), as root and as an unprivileged user."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import federation
+from federation.ops import netns
+from federation.ops.supervise import Managed, free_port
+
+REPO = Path(federation.__file__).resolve().parents[1]
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+SYSTEM_PYTHON = "/usr/bin/python3"  # the venv's interpreter lives under /root, which nobody may not enter
+# Connects to 127.0.0.1:argv[1] wherever it runs; prints its network namespace.
+PROBE = "import os, socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), timeout=5).close(); "
+PROBE += "print(os.readlink('/proc/self/ns/net'))"
+
+
+@pytest.fixture
+def public_tmp() -> Iterator[Path]:
+    """A directory any local user may traverse (pytest's own is root's 0700): only the socket's
+    directory then stands between another user and the socket."""
+    base = Path(tempfile.mkdtemp(prefix="fedseek-netns-", dir="/tmp"))
+    base.chmod(0o755)
+    try:
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def http_server(port: int, python: str = sys.executable) -> list[str]:
+    return [python, "-m", "http.server", "--bind", "127.0.0.1", str(port)]
+
+
+def launcher(
+    tmp: Path, sock: Path, port: int, *, prefix: tuple[str, ...] = (), python: str = sys.executable
+) -> Managed:
+    argv = netns.launcher_argv(http_server(port, python), [netns.Exposed(sock, port)], timeout=30)
+    argv[0] = python
+    return Managed(
+        name="netns",
+        argv=[*prefix, *argv],
+        log_path=tmp / "netns.log",
+        env={"PYTHONPATH": str(REPO)},
+    )
+
+
+def http_get(sock: Path) -> str:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(str(sock))
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        return s.recv(100).decode(errors="replace")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True  # exited, not yet reaped by its parent
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_the_port_exists_only_inside_and_the_socket_is_the_way_in(public_tmp: Path) -> None:
+    sock, port = public_tmp / "control" / "svc.sock", free_port()
+    proc = launcher(public_tmp, sock, port).start()
+    try:
+        proc.wait_socket(sock, timeout=30)
+        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700 and sock.parent.stat().st_uid == os.geteuid()
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert http_get(sock).startswith("HTTP/1.0 200")  # bytes relayed both ways
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=5)  # not on the host
+
+        inside = netns.run_inside(sock, [sys.executable, "-c", PROBE, str(port)], capture_output=True, text=True)
+        assert inside.returncode == 0, inside.stderr
+        assert inside.stdout.strip() == os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+
+        denied = subprocess.run(
+            [
+                *NOBODY,
+                SYSTEM_PYTHON,
+                "-c",
+                "import socket,sys; socket.socket(socket.AF_UNIX).connect(sys.argv[1])",
+                str(sock),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        assert "PermissionError" in denied.stderr, denied
+        refused = subprocess.run([*NOBODY, "nsenter", f"--net=/proc/{proc.pid}/ns/net", "true"], capture_output=True)
+        assert refused.returncode != 0
+    finally:
+        server = children(proc.pid)
+        proc.stop()
+    assert not sock.exists()
+    assert server and all(gone(pid) for pid in server)
+
+
+def test_a_killed_launcher_takes_its_command_along_and_a_new_one_takes_over(public_tmp: Path) -> None:
+    sock, port = public_tmp / "control" / "svc.sock", free_port()
+    first = launcher(public_tmp, sock, port).start()
+    try:
+        first.wait_socket(sock, timeout=30)
+        server = children(first.pid)
+        assert first.proc is not None
+        first.proc.send_signal(signal.SIGKILL)  # the launcher alone, not its process group
+        first.proc.wait(timeout=10)
+        assert server and all(gone(pid) for pid in server)  # PR_SET_PDEATHSIG
+        assert sock.is_socket()  # left behind: nobody serves it
+        with pytest.raises(netns.NamespaceError, match="nothing serves"):
+            netns.run_inside(sock, ["true"])
+    finally:
+        first.stop()
+    stale = sock.stat().st_ino
+    second = launcher(public_tmp, sock, port).start()
+    try:
+        deadline = time.monotonic() + 30
+        while not (sock.is_socket() and sock.stat().st_ino != stale) and time.monotonic() < deadline:
+            time.sleep(0.1)  # the new launcher replaces the stale file once its port accepts
+        assert http_get(sock).startswith("HTTP/1.0 200")
+    finally:
+        second.stop()
+
+
+def test_the_launcher_refuses_a_socket_directory_others_may_enter(public_tmp: Path) -> None:
+    folder = public_tmp / "open"
+    folder.mkdir(mode=0o755)
+    marker = public_tmp / "ran"
+    out = subprocess.run(
+        netns.launcher_argv(["touch", str(marker)], [netns.Exposed(folder / "svc.sock", free_port())]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        f"netns: {folder} must be a directory owned by uid 0 with mode 0700 (found uid 0, mode 755)"
+    ]
+    assert not marker.exists()
+    with pytest.raises(netns.NamespaceError, match="mode 0700"):
+        netns.prepare_socket_dir(folder)
+
+
+def test_run_inside_joins_only_a_launcher_of_ours_in_another_namespace(public_tmp: Path) -> None:
+    """An impostor that serves the socket from our own namespace, and one that only has the
+    launcher's name, are both refused before anything runs."""
+    folder = public_tmp / "control"
+    netns.prepare_socket_dir(folder)
+    sock, marker = folder / "svc.sock", public_tmp / "ran"
+    serve = (
+        "import socket, sys, time; s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[-1].rpartition('=')[0]); "
+        "s.listen(); print('up', flush=True); time.sleep(60)"
+    )
+    for disguise in (["-m", netns.MODULE, "--expose"], ["--expose"]):  # argv after -c is just sys.argv
+        sock.unlink(missing_ok=True)
+        impostor = subprocess.Popen(
+            [sys.executable, "-c", serve, *disguise, f"{sock}=9"], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert impostor.stdout is not None and impostor.stdout.readline().strip() == "up"
+            reason = "shares our network namespace" if "-m" in disguise else "not served by a federation.ops.netns"
+            with pytest.raises(netns.NamespaceError, match=reason):
+                netns.run_inside(sock, ["touch", str(marker)])
+        finally:
+            impostor.kill()
+            impostor.wait()
+    assert not marker.exists()
+
+
+def test_an_unprivileged_user_gets_a_namespace_only_it_can_enter(public_tmp: Path) -> None:
+    """The launcher as uid 65534: a user namespace (identity map) owns its network namespace;
+    that user reaches the port through `run_inside`; root's `run_inside` refuses its socket."""
+    os.chown(public_tmp, 65534, 65534)
+    sock, port = public_tmp / "control" / "svc.sock", free_port()
+    proc = launcher(public_tmp, sock, port, prefix=tuple(NOBODY), python=SYSTEM_PYTHON)
+    proc.log_path = public_tmp / "logs" / "netns.log"  # written by root, outside nobody's directory
+    proc.start()
+    try:
+        proc.wait_socket(sock, timeout=30)
+        assert sock.stat().st_uid == 65534 and stat.S_IMODE(sock.stat().st_mode) == 0o600
+        assert sock.parent.stat().st_uid == 65534
+        assert os.stat(f"/proc/{proc.pid}/ns/user").st_ino != os.stat("/proc/self/ns/user").st_ino
+        with pytest.raises(netns.NamespaceError, match="served by uid 65534"):
+            netns.run_inside(sock, ["true"])
+
+        operator = (
+            "import sys; from pathlib import Path; from federation.ops import netns; "
+            "out = netns.run_inside(Path(sys.argv[1]), [sys.executable, '-c', sys.argv[2], sys.argv[3]], "
+            "capture_output=True, text=True); print(out.returncode, out.stdout.strip(), out.stderr.strip())"
+        )
+        inside = subprocess.run(
+            [*NOBODY, SYSTEM_PYTHON, "-c", operator, str(sock), PROBE, str(port)],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            timeout=30,
+        )
+        assert inside.stdout.split()[:2] == ["0", os.readlink(f"/proc/{proc.pid}/ns/net")], inside
+    finally:
+        proc.stop()
+    assert not sock.exists()
