@@ -111,6 +111,14 @@ def unregister_site(socket: Path, flwr_cli: Path, node_id: int) -> None:
         raise CoordinatorError(f"unregistering node {node_id}: {exc}") from exc
 
 
+def _process_failure(exc: ProcessError) -> str:
+    """One line for the operator: the namespace launcher's own reason when it refused (say, no
+    network namespace allowed here: the SuperLink then never starts), else the error's first line."""
+    lines = str(exc).splitlines()
+    refusal = next((line for line in reversed(lines) if line.startswith(netns.REFUSAL_PREFIX)), None)
+    return f"{lines[0]} {refusal}" if refusal else lines[0]
+
+
 def _start_admin_api(
     config: CoordinatorConfig, leaf: pki.LeafFiles, *, sites: SiteAccess, audit: AuditTrail, registry: Path
 ) -> HTTPSService:
@@ -243,7 +251,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         print(f"coordinator ready: fleet (mTLS, nginx) {info['fleet']}, sites {registered}", flush=True)
         supervise(procs, stopping)
     except ProcessError as exc:
-        raise CoordinatorError(str(exc).splitlines()[0]) from exc
+        raise CoordinatorError(_process_failure(exc)) from exc
     finally:
         for w in (watcher, follower):
             if w is not None:

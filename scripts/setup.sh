@@ -11,6 +11,8 @@ MISSING=()
 command -v stunnel4 >/dev/null 2>&1 || command -v stunnel >/dev/null 2>&1 || MISSING+=(stunnel4)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || MISSING+=(nginx)
 command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
+# nsenter: the operator's `flwr` commands join the SuperLink's private network namespace.
+command -v nsenter >/dev/null 2>&1 || MISSING+=(util-linux)
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${MISSING[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

@@ -53,9 +53,19 @@ from typing import Any
 
 from federation.errors import Unavailable
 
-__all__ = ["Exposed", "NamespaceError", "launcher_argv", "prepare_socket_dir", "run_inside"]
+__all__ = [
+    "MODULE",
+    "REFUSAL_PREFIX",
+    "Exposed",
+    "NamespaceError",
+    "launcher_argv",
+    "prepare_socket_dir",
+    "run_inside",
+    "serving_pid",
+]
 
 MODULE = "federation.ops.netns"
+REFUSAL_PREFIX = "netns: "  # the launcher's one stderr line when it refuses to start
 CLONE_NEWNET = 0x40000000
 CLONE_NEWUSER = 0x10000000
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _IFF_UP = 0x8913, 0x8914, 0x1
@@ -122,14 +132,13 @@ def enter_private_netns() -> None:
     flags = CLONE_NEWNET if uid == 0 else CLONE_NEWUSER | CLONE_NEWNET
     if _libc().unshare(flags) != 0:
         err = os.strerror(ctypes.get_errno())
-        hint = (
-            ""
-            if uid == 0
-            else (
-                "; as a non-root user this needs unprivileged user namespaces (kernel.unprivileged_userns_clone=1,"
-                " kernel.apparmor_restrict_unprivileged_userns=0), or start the coordinator as root"
+        if uid == 0:
+            hint = "; root needs CAP_SYS_ADMIN for it (a container must allow unshare)"
+        else:
+            hint = (
+                "; a non-root user needs unprivileged user namespaces (kernel.unprivileged_userns_clone=1,"
+                " kernel.apparmor_restrict_unprivileged_userns=0)"
             )
-        )
         raise NamespaceError(f"cannot create a private network namespace (unshare: {err}){hint}")
     if uid != 0:  # identity map: the user keeps its ids, so its files stay its own
         Path("/proc/self/uid_map").write_text(f"{uid} {uid} 1")
@@ -247,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return launch(command, args.expose, timeout=args.timeout)
     except NamespaceError as exc:
-        print(f"netns: {exc}", file=sys.stderr, flush=True)
+        print(f"{REFUSAL_PREFIX}{exc}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -72,9 +72,7 @@ class Agent:
 
 
 @contextmanager
-def node_agent(
-    root: Path, *, pki_dir: Path, model_dir: Path, data_dir: Path, name: str = "site-a"
-) -> Iterator[Agent]:
+def node_agent(root: Path, *, pki_dir: Path, model_dir: Path, data_dir: Path, name: str = "site-a") -> Iterator[Agent]:
     """`fedseek node start` for `name` with its state in `root/state`; stopped on exit."""
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()

@@ -17,6 +17,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +167,37 @@ def test_the_operator_still_reaches_the_control_api(coordinator: dict[str, objec
         ["ls", CONNECTION, "--format", "json"],
     )
     assert out.returncode == 0 and json.loads(out.stdout)["success"], out.stdout + out.stderr
+
+
+def test_the_coordinator_fails_closed_where_no_namespace_may_be_made(tmp_path: Path, pki_dir: Path) -> None:
+    """Finding 1: where the SuperLink cannot get a namespace of its own (root without
+    CAP_SYS_ADMIN, as in a locked-down container), the coordinator refuses to start, saying why,
+    rather than serving the Control API on the host."""
+    link_port = free_port()
+    conf = cfg.CoordinatorConfig(
+        pki_dir=str(pki_dir), state_dir=str(tmp_path / "coord"), fleet_port=free_port(), superlink_port=link_port
+    )
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-sys_admin",
+            sys.executable,
+            "-m",
+            "federation.cli.main",
+            "coordinator",
+            "start",
+            "--config",
+            str(cfg.save(conf, tmp_path / "coordinator.json")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("fedseek: error: superlink exited during start-up: netns: cannot create a private network")
+    assert "CAP_SYS_ADMIN" in last
+    assert not (tmp_path / "coord" / "coordinator.json").exists()
+    assert "Flower" not in (tmp_path / "coord" / "logs" / "superlink.log").read_text()  # it never ran
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", link_port), timeout=5).close()

@@ -63,7 +63,9 @@ class Upload:
 async def _chunked_upload(agent: Agent, path: str, extra_headers: str, total: int) -> Upload:
     """POST `total` bytes as a chunked body, reading the answer while still sending (as a
     client that cannot be stopped would)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", agent.port, ssl=agent.tls(), server_hostname="127.0.0.1")
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", agent.port, ssl=agent.tls(), server_hostname="127.0.0.1"
+    )
     head = (
         f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Transfer-Encoding: chunked\r\n{extra_headers}\r\n"

@@ -114,7 +114,9 @@ def test_a_thousand_refused_handshakes_cost_a_handful_of_records(
 
         rows = _refusals(agent.audit()[before:])
         assert len(rows) <= HANDFUL
-        assert sum(r["details"]["count"] for r in rows) == FLOOD, [(r["details"]["reason"], r["details"]["count"]) for r in rows]
+        assert sum(r["details"]["count"] for r in rows) == FLOOD, [
+            (r["details"]["reason"], r["details"]["count"]) for r in rows
+        ]
         assert agent.layout.audit.stat().st_size - size_before < 16 * 1024
         assert verify(agent.layout.audit).ok
         logged = [line for line in agent.log.read_text().splitlines() if "fedseek.mtls" in line and "refused" in line]

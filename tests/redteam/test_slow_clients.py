@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from federation.ops.atomic import private_dir
+from federation.ops.layout import NodeLayout
 from federation.ops.supervise import free_port
 from federation.security import fleet_gateway, pki, sidecar
 from federation.security.fleet_gateway import Gateway
@@ -32,7 +33,6 @@ from federation.security.mtls_server import HTTPSService, Refusal, ServerTLS
 from federation.security.sidecar import TLSFiles, client_config, make_sidecar, server_config
 from node.api import create_serving_app
 from node.build import serving_access
-from federation.ops.layout import NodeLayout
 
 pytestmark = pytest.mark.e2e
 
@@ -168,7 +168,7 @@ def test_idle_keep_alive_connection_is_closed(endpoint: tuple[int, list[Refusal]
         sock.settimeout(10)
         assert _healthz(sock).startswith(b"HTTP/1.1 200 ")
         closed = _closed_after({sock: time.monotonic()}, limit=TIMEOUT_S + MARGIN_S + 5)
-        assert list(closed.values()) and list(closed.values())[0] <= TIMEOUT_S + MARGIN_S, closed
+        assert len(closed) == 1 and next(iter(closed.values())) <= TIMEOUT_S + MARGIN_S, closed
     finally:
         sock.close()
 

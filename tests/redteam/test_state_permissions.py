@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from federation.ops.supervise import free_port
 from federation.protocol import config as cfg
 from federation.security import pki
 from federation.security.site_binding import register_site_key
-from federation.ops.supervise import free_port
 from tests.e2e.fleet import start_coordinator, stop
 from tests.redteam.node_agent import node_agent
 

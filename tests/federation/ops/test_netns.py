@@ -224,3 +224,25 @@ def test_an_unprivileged_user_gets_a_namespace_only_it_can_enter(public_tmp: Pat
     finally:
         proc.stop()
     assert not sock.exists()
+
+
+def test_where_no_namespace_may_be_made_nothing_runs(public_tmp: Path) -> None:
+    """Fail closed: root without CAP_SYS_ADMIN (a container that forbids unshare) gets one line
+    saying why, and the command never runs outside a private namespace."""
+    marker = public_tmp / "ran"
+    out = subprocess.run(
+        [
+            "setpriv",
+            "--bounding-set=-sys_admin",
+            *netns.launcher_argv(["touch", str(marker)], [netns.Exposed(public_tmp / "c" / "svc.sock", 9)]),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "netns: cannot create a private network namespace (unshare: Operation not permitted); "
+        "root needs CAP_SYS_ADMIN for it (a container must allow unshare)"
+    )
+    assert not marker.exists()
