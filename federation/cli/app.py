@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from federation.cli.ca import _passphrase
+from federation.cli.ca import add_passphrase_file, passphrase_from
 from federation.security import pki
 
 
@@ -28,19 +28,14 @@ def add_app_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
     )
     p.add_argument("--pki", required=True, help="PKI directory (its ca/ holds the publisher key)")
     p.add_argument("--out", required=True, type=Path, help="the signed app directory to write (replaced whole)")
-    p.add_argument(
-        "--passphrase-file",
-        type=Path,
-        metavar="FILE",
-        help=f"file holding the CA passphrase (default: ${pki.PASSPHRASE_ENV}, else a prompt)",
-    )
+    add_passphrase_file(p)
     p.set_defaults(func=_sign)
 
 
 def _sign(args: argparse.Namespace) -> int:
     from federation.security.app_signing import FEDSEEK_APP_DIR, sign_app_dir
 
-    key = pki.load_publisher_key(Path(args.pki), passphrase=_passphrase(args))
+    key = pki.load_publisher_key(Path(args.pki), passphrase=passphrase_from(args))
     approval = sign_app_dir(FEDSEEK_APP_DIR, args.out, key)
     print(f"signed {approval.app} {approval.version} with {approval.key_id}: {args.out} (digest {approval.digest})")
     return 0

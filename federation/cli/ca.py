@@ -73,14 +73,19 @@ def _command(
     """A subcommand that signs with the CA key: every one takes --pki and --passphrase-file."""
     p = ca.add_parser(name, help=help_text, allow_abbrev=False)  # `--passphrase x` must not mean the file
     p.add_argument("--pki", required=True, help="PKI directory")
+    add_passphrase_file(p)
+    p.set_defaults(func=func)
+    return p
+
+
+def add_passphrase_file(p: argparse.ArgumentParser) -> None:
+    """`--passphrase-file FILE`: how every command that unlocks a CA-held key gets its passphrase."""
     p.add_argument(
         "--passphrase-file",
         type=Path,
         metavar="FILE",
         help=f"file holding the CA passphrase (default: ${pki.PASSPHRASE_ENV}, else a prompt)",
     )
-    p.set_defaults(func=func)
-    return p
 
 
 def _days(p: argparse.ArgumentParser, default: int, what: str = "certificate validity") -> None:
@@ -94,7 +99,7 @@ def _hex(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a hex serial: {text!r}") from None
 
 
-def _passphrase(args: argparse.Namespace, *, confirm: bool = False) -> bytes | None:
+def passphrase_from(args: argparse.Namespace, *, confirm: bool = False) -> bytes | None:
     """The passphrase to pass on; None leaves it to pki (the environment variable, or its error)."""
     if args.passphrase_file is not None:
         return pki.read_passphrase_file(args.passphrase_file)
@@ -112,7 +117,7 @@ def _init(args: argparse.Namespace) -> int:
         consortium=args.consortium,
         days=args.days,
         force=args.force,
-        passphrase=_passphrase(args, confirm=True),
+        passphrase=passphrase_from(args, confirm=True),
     )
     print(f"CA created: {files.cert} (CRL {files.crl})")
     return 0
@@ -123,7 +128,7 @@ def _issue(args: argparse.Namespace) -> int:
 
     pki_dir = Path(args.pki)
     hosts = args.host or ()
-    leaf = pki.issue(pki_dir, args.name, role=args.role, hosts=hosts, days=args.days, passphrase=_passphrase(args))
+    leaf = pki.issue(pki_dir, args.name, role=args.role, hosts=hosts, days=args.days, passphrase=passphrase_from(args))
     print(f"issued {leaf.role} certificate for {leaf.name}: {leaf.cert}")
     if leaf.role == "node":
         print(f"SuperNode auth key registered: {register_site_key(pki_dir, args.name)}")
@@ -131,7 +136,9 @@ def _issue(args: argparse.Namespace) -> int:
 
 
 def _renew(args: argparse.Namespace) -> int:
-    leaf = pki.renew(Path(args.pki), args.name, days=args.days, keep_key=args.keep_key, passphrase=_passphrase(args))
+    leaf = pki.renew(
+        Path(args.pki), args.name, days=args.days, keep_key=args.keep_key, passphrase=passphrase_from(args)
+    )
     ident = pki.read_identity(leaf.cert)
     print(f"renewed {leaf.role} certificate for {leaf.name}: serial {ident.serial:x}, until {_until(ident)}")
     return 0
@@ -139,19 +146,19 @@ def _renew(args: argparse.Namespace) -> int:
 
 def _revoke(args: argparse.Namespace) -> int:
     serials = pki.revoke(
-        Path(args.pki), args.name, reason=args.reason, serial=args.serial, passphrase=_passphrase(args)
+        Path(args.pki), args.name, reason=args.reason, serial=args.serial, passphrase=passphrase_from(args)
     )
     print(f"revoked {args.name}: serial {', '.join(f'{s:x}' for s in serials)}; CRL published to every party")
     return 0
 
 
 def _crl(args: argparse.Namespace) -> int:
-    print(pki.write_crl(Path(args.pki), days=args.days, passphrase=_passphrase(args)))
+    print(pki.write_crl(Path(args.pki), days=args.days, passphrase=passphrase_from(args)))
     return 0
 
 
 def _publisher(args: argparse.Namespace) -> int:
-    key_id = pki.create_publisher(Path(args.pki), passphrase=_passphrase(args, confirm=False), force=args.force)
+    key_id = pki.create_publisher(Path(args.pki), passphrase=passphrase_from(args, confirm=False), force=args.force)
     print(f"app-publisher key {key_id}; every party's publishers.json lists it (re-sign apps: `fedseek app sign`)")
     return 0
 
