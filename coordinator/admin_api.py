@@ -14,12 +14,14 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from coordinator.registry import AdapterRegistry, RegistryError
 from coordinator.sites import SiteAccess
 from federation.security import pki
 from federation.security.mtls_server import peer_of
-from federation.security.refusals import audit_refusal, install_error_handlers
+from federation.security.refusals import audit_refusal, error_response, install_error_handlers
 from federation.security.roles import AccessDenied, require_role
 from privacy.audit import AuditTrail
 
@@ -34,6 +36,7 @@ def create_admin_app(
     # No /docs, /redoc or /openapi.json: the API is described to nobody who reaches the port.
     app = FastAPI(title="FedSeek coordinator admin", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
+    app.add_middleware(NoBody)
 
     def admin(request: Request) -> pki.Identity:
         identity = peer(request)
@@ -87,3 +90,22 @@ def create_admin_app(
         return {"object": "list", "data": out}
 
     return app
+
+
+class NoBody:
+    """Every admin route is a GET: a request that brings a body is refused (413, connection closed)
+    before authentication and before a byte of it is read, so the port cannot be made to take
+    an upload (pure ASGI, ahead of FastAPI, which would otherwise let uvicorn drain it)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = Headers(scope=scope)
+            if "transfer-encoding" in headers or headers.get("content-length", "0").strip() not in ("", "0"):
+                response = error_response(413, "the admin API takes no request body")
+                response.headers["connection"] = "close"
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

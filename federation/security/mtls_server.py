@@ -254,21 +254,30 @@ class TLSGate:
 
 
 class TimedH11(H11Protocol):
-    """uvicorn's HTTP/1.1 protocol with a deadline on the request head.
+    """uvicorn's HTTP/1.1 protocol with a deadline on the request head, and a lingering close.
 
     The clock starts when the connection is made (for the gated protocol: when the TLS handshake
     has finished) and again at the first byte of each later request; it stops when h11 has parsed
     a whole request head. Body, response and idle keep-alive are uvicorn's business.
+
+    A connection closed while the client is still sending a body (its request refused before the
+    body was read, or cut off past the size limit, both answered `Connection: close`) lingers
+    first (`_Lingering`): what still arrives is read and dropped for `LINGER_S`, then it closes.
+    Closing a socket with unread data makes the kernel reset the connection, and the reset can
+    destroy the answer before the client has read it; nginx's lingering_close does the same.
     """
 
     header_timeout: float = HEADER_TIMEOUT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._lingering = _Lingering(transport, self)
+        super().connection_made(cast(asyncio.Transport, self._lingering))
         self._head_timer: asyncio.TimerHandle | None = None
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering.active:
+            return  # the rest of a body nobody will read
         super().data_received(data)
         if self.conn.their_state is h11.IDLE:  # a request head begun but not complete
             if self._head_timer is None:
@@ -278,7 +287,12 @@ class TimedH11(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._lingering.done()
         super().connection_lost(exc)
+
+    def body_incoming(self) -> bool:
+        """Whether the client is still sending the body of its request."""
+        return self.conn.their_state is h11.SEND_BODY
 
     def _arm_head_timer(self) -> None:
         if not self.transport.is_closing():
@@ -294,6 +308,41 @@ class TimedH11(H11Protocol):
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             log.info("closed %s: no complete request head within %gs", self.client, self.header_timeout)
             self.transport.abort()  # no close_notify exchange: a silent peer would hold it open longer
+
+
+LINGER_S = 2.0
+"""How long a connection closed mid-body keeps reading (and dropping) before it closes."""
+
+
+class _Lingering:
+    """The transport as uvicorn's protocol sees it; `close()` lingers while a body is incoming."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: TimedH11) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._timer: asyncio.TimerHandle | None = None
+        self.active = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        if self.active or self._transport.is_closing():
+            return
+        if not self._protocol.body_incoming():
+            self._transport.close()
+            return
+        self.active = True
+        self._transport.resume_reading()  # drain: a paused socket would fill and stall the answer
+        self._timer = self._protocol.loop.call_later(LINGER_S, self._transport.close)
+
+    def is_closing(self) -> bool:
+        return self.active or self._transport.is_closing()
+
+    def done(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def timed_h11(header_timeout: float = HEADER_TIMEOUT_S) -> type[TimedH11]:

@@ -24,6 +24,20 @@ class GuardMismatch(RuntimeError):
     """A route's rule is not the one node/access.py's table gave its path: a bug, refused (500)."""
 
 
+class Admitted:
+    """The dependency `caller(rule)` installs: asserts the guard admitted the caller under `rule`."""
+
+    def __init__(self, rule: Rule) -> None:
+        self.rule = rule
+
+    def __call__(self, request: Request) -> None:
+        state = request.scope.get("state", {})
+        if state.get(RULE_STATE_KEY, "unset") != self.rule or CALLER_STATE_KEY not in state:
+            raise GuardMismatch(
+                f"{request.url.path}: route wants {self.rule!r}, the guard applied {state.get(RULE_STATE_KEY)!r}"
+            )
+
+
 def caller(rule: Rule) -> Any:
     """A route dependency asserting its caller was admitted under `rule` (node/access.py).
 
@@ -31,15 +45,7 @@ def caller(rule: Rule) -> Any:
     FastAPI's dependencies cannot: FastAPI parses the body first); this keeps each route's
     declared rule and the guard's table in step, failing closed if they ever differ.
     """
-
-    def check(request: Request) -> None:
-        state = request.scope.get("state", {})
-        if state.get(RULE_STATE_KEY, "unset") != rule or CALLER_STATE_KEY not in state:
-            raise GuardMismatch(
-                f"{request.url.path}: route wants {rule!r}, the guard applied {state.get(RULE_STATE_KEY)!r}"
-            )
-
-    return Depends(check)
+    return Depends(Admitted(rule))
 
 
 def current_caller(request: Request) -> Caller:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from federation.ops import atomic
-from federation.ops.atomic import exchange, install_dir, write_atomic
+from federation.ops.atomic import exchange, install_dir, private_dir, write_atomic
 
 
 def _mode(path: Path) -> int:
@@ -199,3 +199,20 @@ def test_readers_never_see_the_directory_missing(tmp_path: Path) -> None:
         thread.join()
     assert gaps == []
     assert _contents(dest) == {"cert": "300", "key": "300"}
+
+
+# private by default (finding 9 of issue 13; the daemons' state: tests/redteam/test_state_permissions.py)
+def test_write_atomic_is_owner_only_unless_told(tmp_path: Path) -> None:
+    write_atomic(tmp_path / "state", "x")
+    write_atomic(tmp_path / "cert.pem", "x", mode=0o644)  # public PKI files ask for it
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "cert.pem").stat().st_mode & 0o777 == 0o644
+
+
+def test_private_dir_makes_or_tightens_to_0700(tmp_path: Path) -> None:
+    made = private_dir(tmp_path / "new" / "state")
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    loose.chmod(0o755)
+    private_dir(loose)
+    assert made.stat().st_mode & 0o777 == 0o700 and loose.stat().st_mode & 0o777 == 0o700
