@@ -596,6 +596,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             learning_rate=lr,
             max_grad_norm=args.clip,
             freeze_lora_a=args.ffa_lora,
+            budget_share=1.0,  # each arm's fresh ledger: the whole budget is the experiment's
         )
         print(f"lr {lr:g}: (a) pooled non-private", flush=True)
         run_a = train_nonprivate(

@@ -3,6 +3,8 @@
 The SuperLink starts it for each `fedseek run`; its run config (see
 federation/protocol/flower_app/pyproject.toml) says where the registry lives and how many rounds to run.
 A summary of the run is written to `<registry>/runs/<run-name>.json` for operators and the demo.
+Its status is `finished` only if every planned round made a global adapter; otherwise `failed`,
+with an `error` naming the sites that dropped, declined or were charged for nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.registry import AdapterRegistry
-from coordinator.strategy import LoraFedAvg
+from coordinator.strategy import LoraFedAvg, RunFailed
 from federation.ops.atomic import write_atomic
 from federation.protocol.round_settings import RoundSettingsError, RunConfig
 
@@ -70,7 +72,14 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
             timeout=settings.round_timeout,
             evaluate_config=ConfigRecord({"run-name": settings.run_name}),
         )
+        made = sum(1 for r in strategy.rounds if r.version)
+        if made < settings.num_rounds:  # belt and braces: the strategy raises RunFailed at such a round
+            raise RunFailed(f"{made} of {settings.num_rounds} rounds made a global adapter")
         summary["status"] = "finished"
+    except RunFailed as exc:  # a run that made fewer adapters than planned failed: the error names the sites
+        summary["status"] = "failed"
+        summary["error"] = str(exc)
+        log.error("run %s failed: %s", settings.run_name, exc)
     except Exception as exc:
         summary["status"] = "failed"
         summary["error"] = f"{type(exc).__name__}: {exc}"
@@ -83,4 +92,6 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO)
-    run_federation(grid, context.run_config)
+    summary = run_federation(grid, context.run_config)
+    if summary["status"] != "finished":  # Flower records the run as failed too
+        raise RunFailed(summary["error"])

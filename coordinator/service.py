@@ -114,9 +114,8 @@ def unregister_site(socket: Path, flwr_cli: Path, node_id: int) -> None:
 def _process_failure(exc: ProcessError) -> str:
     """One line for the operator: the namespace launcher's own reason when it refused (say, no
     network namespace allowed here: the SuperLink then never starts), else the error's first line."""
-    lines = str(exc).splitlines()
-    refusal = next((line for line in reversed(lines) if line.startswith(netns.REFUSAL_PREFIX)), None)
-    return f"{lines[0]} {refusal}" if refusal else lines[0]
+    first, refusal = str(exc).splitlines()[0], netns.refusal_in(str(exc))
+    return f"{first} {refusal}" if refusal else first
 
 
 def _start_admin_api(

@@ -5,16 +5,24 @@ With `ffa=True` (FFA-LoRA) it averages the B factors only: every site trains aga
 seeded A, so the mean of the sites' B A products is (mean B) A exactly. The A factors arrive
 once, in the first round's replies; after that train and evaluate messages and replies carry
 B only, and each reply's A digest must be the run's.
+
+A round costs the sites budget, so it starts only when it can succeed: before training, a `query`
+message asks every connected site whether it is alive and can train the round within its budget
+(the node plans it from its ledger and charges nothing); the train messages go to the sites that
+said yes, and only if at least `min-nodes` did. A round that makes no global adapter ends the run
+(`RunFailed`): later rounds would spend more budget for a run that already failed. Either way the
+error names the sites that dropped or declined, and those that were charged for nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -24,6 +32,27 @@ from federation.protocol import records, wire
 from federation.protocol.round_settings import RunSettings, TrainInstruction
 
 log = logging.getLogger("fedseek.coordinator")
+
+READY_TIMEOUT_S = 120.0
+"""At most this long for the readiness answers (a ledger read at each site; bounded by the round timeout)."""
+CONNECT_POLL_S = 1.0
+
+
+def _line(reason: object, limit: int = 300) -> str:
+    """A site's refusal or Flower's error as one short line (the run's error is one line for the operator)."""
+    text = " ".join(str(reason).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _by_destination(sent: Iterable[Message], replies: Iterable[Message]) -> dict[int, Message]:
+    """Each reply under the node its instruction went to. The SuperLink answers for a node that went
+    offline itself (source: the SuperLink), so the source of a reply does not say whose it is."""
+    dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # ids: set by the grid on sending
+    return {dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in replies}
+
+
+class RunFailed(RuntimeError):
+    """A round made no global adapter, or could not start; the message names the sites (one line)."""
 
 
 @dataclass
@@ -36,6 +65,8 @@ class RoundRecord:
     eval_loss: dict[str, float] = field(default_factory=dict)
     update_bytes: dict[str, int] = field(default_factory=dict)
     """Array bytes each accepted site sent (about half the adapter's under FFA-LoRA)."""
+    not_ready: dict[str, str] = field(default_factory=dict)
+    """Sites (or `node-ID`s) that did not answer the readiness query with yes, and why: not sent the round."""
 
 
 Parsed = tuple[Message, wire.AdapterUpdate, wire.PrivacyReport]
@@ -67,10 +98,12 @@ class LoraFedAvg(FedAvg):
         self.latest: Manifest | None = None
         self.global_arrays: wire.Arrays | None = registry.load(parent)[0] if parent else None
         self.ffa = settings.ffa_lora  # FFA-LoRA: A frozen at the shared seeded init, B-only traffic
+        self.site_names: dict[int, str] = {}  # node id -> the site it answered for (readiness, privacy report)
+        self._train_messages: list[Message] = []  # this round's, their ids set when Flower sends them
 
     @staticmethod
     def _reject(rec: RoundRecord, msg: Message, exc: Exception) -> None:
-        rec.rejected[f"node-{msg.metadata.src_node_id}"] = str(exc)
+        rec.rejected[f"node-{msg.metadata.src_node_id}"] = _line(exc)
         log.warning("round %d: rejected update from node %s: %s", rec.round, msg.metadata.src_node_id, exc)
 
     def _parse_reply(self, msg: Message) -> tuple[wire.AdapterUpdate, wire.PrivacyReport]:
@@ -141,32 +174,119 @@ class LoraFedAvg(FedAvg):
             return arrays
         return ArrayRecord({k: v for k, v in arrays.items() if wire.factor_of(k) != "A"})
 
+    def _name(self, node_id: int) -> str:
+        site = self.site_names.get(node_id)
+        return f"{site} (node-{node_id})" if site else f"node-{node_id}"
+
+    def _connected(self, grid: Grid) -> list[int]:
+        """The connected nodes, once `min-nodes` are, or whoever is connected after the round timeout
+        (Flower's own sampling would wait forever for a site that is gone)."""
+        deadline = time.monotonic() + self.settings.round_timeout
+        while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes and time.monotonic() < deadline:
+            log.info("waiting for sites: %d connected, %d needed", len(nodes), self.min_available_nodes)
+            time.sleep(CONNECT_POLL_S)
+        return nodes
+
+    def _ready_nodes(self, rec: RoundRecord, instruction: TrainInstruction, grid: Grid) -> list[int]:
+        """The connected sites that say they can train this round; RunFailed if fewer than `min-nodes` do.
+
+        The query carries the round's train config, so each node plans exactly this round from its
+        ledger (this run's share of its budget, its rounds left) without charging anything.
+        """
+        nodes = self._connected(grid)
+        timeout = min(READY_TIMEOUT_S, self.settings.round_timeout)
+        content = RecordDict({records.CONFIG: instruction.to_config_record()})
+        queries = [Message(content, node, MessageType.QUERY, ttl=timeout) for node in nodes]
+        replies = _by_destination(queries, grid.send_and_receive(queries, timeout=timeout))
+        ready: list[int] = []
+        for node in nodes:
+            reply = replies.get(node)
+            if reply is None:
+                rec.not_ready[self._name(node)] = f"no answer within {timeout:g}s"
+                continue
+            if reply.has_error():
+                rec.not_ready[self._name(node)] = _line(reply.error.reason)
+                continue
+            try:
+                answer = records.readiness_from_content(reply.content)
+            except wire.WireError as exc:
+                rec.not_ready[self._name(node)] = _line(exc)
+                continue
+            self.site_names[node] = answer.site
+            if answer.ready:
+                ready.append(node)
+            else:
+                rec.not_ready[self._name(node)] = _line(answer.reason)
+        here = {self.site_names[n] for n in nodes if n in self.site_names}
+        gone = sorted({name for node, name in self.site_names.items() if node not in nodes} - here)
+        rec.not_ready.update({name: "not connected" for name in gone})
+        if len(ready) < self.min_train_nodes:
+            reasons = "; ".join(f"{who}: {why}" for who, why in sorted(rec.not_ready.items()))
+            raise RunFailed(
+                f"round {rec.round} not started, nothing trained or charged: {len(ready)} of "
+                f"{len(nodes)} connected sites ready, min-nodes {self.min_train_nodes}"
+                + (f"; {reasons}" if reasons else "")
+            )
+        return ready
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Every train message's config is this round's TrainInstruction, built from the run's settings.
+        """Every train message's config is this round's TrainInstruction, built from the run's settings;
+        it goes to the sites that said they can train it (`_ready_nodes`), or to none.
 
-        `config` (what `start` was given, stamped with the round by FedAvg) is not used: the one
-        source of a round's settings is `self.settings`.
+        `config` (what `start` was given) is not used: the one source of a round's settings is
+        `self.settings`. A train message lives only as long as the coordinator waits for its
+        reply: a site that comes back later must not train (and spend) for a round already over.
         """
         instruction = self._instruction(server_round)
+        rec = RoundRecord(round=server_round)
+        self.rounds.append(rec)
+        ready = self._ready_nodes(rec, instruction, grid)  # RunFailed: the ServerApp's summary shows `rec`
         sent = self._sent_arrays(arrays, instruction)
-        return super().configure_train(server_round, sent, instruction.to_config_record(), grid)
+        content = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: instruction.to_config_record()})
+        log.info("round %d: training at %s", server_round, [self._name(n) for n in ready])
+        self._train_messages = [
+            Message(content, node, MessageType.TRAIN, ttl=self.settings.round_timeout) for node in ready
+        ]
+        return self._train_messages
+
+    def _fail(self, rec: RoundRecord, charged: list[str], why: str) -> RunFailed:
+        """The run ends at a round that made no adapter: name who dropped and who was charged for nothing
+        (every site that sent a trained update, accepted or not)."""
+        parts = [f"round {rec.round} made no global adapter ({why})"]
+        if rec.rejected:
+            who = {k: self._name(int(k.removeprefix("node-"))) if k.startswith("node-") else k for k in rec.rejected}
+            dropped = "; ".join(f"{who[k]}: {v}" for k, v in sorted(rec.rejected.items()))
+            parts.append(f"dropped or rejected: {dropped}")
+        if charged:
+            parts.append(f"charged for this round with no adapter made: {', '.join(sorted(charged))}")
+        parts.append("later rounds not started")
+        return RunFailed("; ".join(parts))
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        rec = RoundRecord(round=server_round)
-        self.rounds.append(rec)
-        for msg in errors:
-            rec.rejected[f"node-{msg.metadata.src_node_id}"] = str(msg.error.reason)
+        replies = list(replies)
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        if not self.rounds or self.rounds[-1].round != server_round:  # configure_train made it, with readiness
+            self.rounds.append(RoundRecord(round=server_round))
+        rec = self.rounds[-1]
+        by_node = _by_destination(self._train_messages, replies)
+        for node, msg in by_node.items():
+            if msg.has_error():  # the site's own error, or the SuperLink's "node unavailable" for it
+                rec.rejected[f"node-{node}"] = _line(msg.error.reason)
+        for node in (m.metadata.dst_node_id for m in self._train_messages):
+            if node not in by_node:
+                rec.rejected[f"node-{node}"] = f"no reply within {self.settings.round_timeout:g}s"
         parsed: list[Parsed] = []
         for msg in valid:
             try:
                 parsed.append((msg, *self._parse_reply(msg)))
+                self.site_names[msg.metadata.src_node_id] = parsed[-1][2].site
             except (wire.WireError, KeyError, TypeError) as exc:
                 self._reject(rec, msg, exc)
+        epsilon = {m.metadata.src_node_id: r.epsilon for m, _, r in parsed}  # each site's total after the round
         run_a: wire.Arrays | None = None
         if self.ffa:
             parsed, run_a = self._run_lora_a(rec, parsed)
@@ -181,17 +301,14 @@ class LoraFedAvg(FedAvg):
                 rec.update_bytes[report.site] = sum(int(v.nbytes) for v in update.arrays.values())
             except wire.WireError as exc:
                 self._reject(rec, msg, exc)
+        charged = [  # every site that sent a trained update, accepted or not, spent budget on this round
+            self._name(n) + (f" epsilon {epsilon[n]:.3f}" if n in epsilon else "")
+            for n in (m.metadata.src_node_id for m in valid)
+        ]
         if self.ffa and run_a is None and updates:
-            log.error("round %d: FFA-LoRA, but no site sent its lora_A; global adapter unchanged", server_round)
-            return None, None
+            raise self._fail(rec, charged, "FFA-LoRA, but no site sent its lora_A")
         if len(updates) < self.min_train_nodes:
-            log.error(
-                "round %d: only %d valid updates (need %d); global adapter unchanged",
-                server_round,
-                len(updates),
-                self.min_train_nodes,
-            )
-            return None, None
+            raise self._fail(rec, charged, f"{len(updates)} valid updates, min-nodes {self.min_train_nodes}")
         averaged = weighted_average([(a, float(r.num_examples)) for a, r in updates])
         if run_a is not None:  # FFA-LoRA: the one A every site trained against, as it is
             averaged = wire.with_lora_a(averaged, run_a)
@@ -228,7 +345,11 @@ class LoraFedAvg(FedAvg):
             cfg.update({k: v for k, v in instruction.to_config_record().items() if k in ffa_keys})
         cfg["adapter-version"] = self.latest.version
         cfg["adapter-sha256"] = self.latest.sha256
-        return super().configure_evaluate(server_round, arrays, cfg, grid)
+        cfg["server-round"] = server_round
+        # Every connected site deploys, one that could not train (budget spent) too; no waiting for
+        # `min-nodes` here: a site gone since training must not stall the run (Flower's sampling would).
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
+        return self._construct_messages(record, sorted(grid.get_node_ids()), MessageType.EVALUATE)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)

@@ -1,8 +1,9 @@
 """`fedseek node start`: the site's agent daemon.
 
 Start-up order is chosen so that a bad input is refused before anything is touched:
-certificate (must chain to the consortium CA), audit trail and ledger (integrity), privacy
-budget (must have room left), data, model. Then the HTTPS API, the mTLS fleet sidecar and
+certificate (must chain to the consortium CA), audit trail and ledger (integrity), data,
+model. A spent privacy budget does not stop a start: the node serves, and training rounds
+are refused. Then the HTTPS API, the mTLS fleet sidecar and
 the SuperNode start, and the agent supervises both until it is stopped. The node itself
 (model, ledger, audit trail, serving) is built by `node.build`.
 """
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.errors import FedSeekError
+from federation.ops import netns
 from federation.ops.atomic import PRIVATE_UMASK, write_atomic
 from federation.ops.filewatch import FileWatcher
 from federation.ops.layout import NodeLayout
@@ -35,13 +37,9 @@ from node.app_guard.launch import guard_process, write_superexec_secret
 from node.build import NodeStartError, build_node, node_access, site_budget
 from node.service import NodeService
 from privacy.audit import head_path, verify
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import SPENT_BELOW, PrivacyLedger
 
 log = logging.getLogger("fedseek.node")
-
-
-# A remainder below this share of the budget is too small to train on: treat it as spent.
-MIN_ROUND_FRACTION = 0.01
 
 
 @dataclass(frozen=True)
@@ -84,10 +82,13 @@ def preflight(config: NodeConfig) -> pki.LeafFiles:
             spent = ledger.spent()
         except Exception as exc:
             raise NodeStartError(f"privacy ledger refused: {exc}") from exc
-        if config.epsilon - spent < MIN_ROUND_FRACTION * config.epsilon:
-            raise NodeStartError(
-                f"privacy budget exhausted: epsilon {spent:.3f} of {config.epsilon:.3f} spent; "
-                "this site cannot train again"
+        if config.epsilon - spent <= SPENT_BELOW * config.epsilon:  # what the ledger refuses to train on
+            # Serving never depends on the training budget: the node starts and serves; the ledger
+            # refuses each training round (409, audited `train.refused`).
+            log.warning(
+                "privacy budget spent (epsilon %.3f of %.3f): serving only, training rounds are refused",
+                spent,
+                config.epsilon,
             )
     return leaf
 
@@ -99,35 +100,61 @@ def _count_lines(path: Path) -> int:
         raise NodeStartError(f"cannot read training data {path}: {exc.strerror}") from exc
 
 
-def _fleet_processes(config: NodeConfig, leaf: pki.LeafFiles, api_url: str) -> tuple[list[Managed], int]:
-    layout = NodeLayout(Path(config.state_dir))
-    sidecar_port = config.fleet_sidecar_port or free_port()
+# Ports inside the private network namespace of the SuperNode and app guard, where nothing else listens.
+INSIDE_SIDECAR_PORT = 9092  # the fleet sidecar, as the SuperNode dials it (a forward to its Unix socket)
+INSIDE_RUNTIME_PORT = 9094  # the SuperNode's Runtime API: the guard's and its task processes'
+INSIDE_AGENT_PORT = 9095  # the agent's HTTPS API, as the ClientApp calls it (a forward to its Unix socket)
+
+
+def prepare_sockets(layout: NodeLayout) -> None:
+    """The 0700 directory of the Unix sockets between the host and the SuperNode's namespace."""
+    try:
+        netns.prepare_socket_dir(layout.sockets)
+        for path in (layout.fleet_socket, layout.relay_socket, layout.agent_socket, layout.runtime_socket):
+            netns.check_socket_path(path)
+    except netns.NamespaceError as exc:
+        raise NodeStartError(str(exc)) from exc
+
+
+def _fleet_processes(config: NodeConfig, leaf: pki.LeafFiles) -> list[Managed]:
+    """The fleet sidecar (stunnel), on Unix sockets only: neither of its services can tell its caller
+    from another local user (the SuperNode presents no client certificate), so only the agent's user
+    may open them (`NodeLayout.sockets`, 0700), and the SuperNode reaches them from its namespace."""
+    layout = NodeLayout(Path(config.state_dir).absolute())  # paths go to other processes
     sidecar = make_sidecar(
         name="fleet-sidecar",
         config_text=client_config(
             tls=TLSFiles(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl),
-            accept=f"127.0.0.1:{sidecar_port}",
-            relay=f"127.0.0.1:{free_port()}",
+            accept=str(layout.fleet_socket),
+            relay=str(layout.relay_socket),
             connect=config.coordinator,
             server_name=config.coordinator_name,
         ),
         workdir=layout.sidecar,
+        sockets=(layout.fleet_socket, layout.relay_socket),
     )
-    return [sidecar, *_supernode_processes(config, leaf, api_url, superlink=f"127.0.0.1:{sidecar_port}")], sidecar_port
+    return [sidecar, *_supernode_processes(config, leaf)]
 
 
-def _supernode_processes(config: NodeConfig, leaf: pki.LeafFiles, api_url: str, *, superlink: str) -> list[Managed]:
-    """The SuperNode and its app guard, launched together: with `--isolation process` the SuperNode runs
-    no ClientApp itself and hands tasks only to the holder of its SuperExec secret, the guard, which
-    reaches its Runtime API on loopback (so wherever the SuperNode's network goes, the guard's must too)."""
-    layout = NodeLayout(Path(config.state_dir))
-    runtime_port = config.supernode_port or free_port()
+def _supernode_processes(config: NodeConfig, leaf: pki.LeafFiles) -> list[Managed]:
+    """The SuperNode and its app guard, in one private network namespace under one launcher
+    (`federation.ops.netns`); the launcher is the one supervised process.
+
+    With `--isolation process` the SuperNode runs no ClientApp itself and hands tasks only to the
+    holder of its SuperExec secret, the guard, which reaches its Runtime API on loopback: so both
+    live in the same namespace, where that port is, and nowhere else. One launcher for both (not a
+    second process joining later): they always share a namespace, and if either exits the launcher
+    stops the other and the agent restarts the pair. Their ways out are forwards to the host's Unix
+    sockets: the fleet sidecar's (for the SuperNode) and the agent API's (for the ClientApp)."""
+    layout = NodeLayout(Path(config.state_dir).absolute())
+    sidecar_port = config.fleet_sidecar_port or INSIDE_SIDECAR_PORT
+    runtime_port = config.supernode_port or INSIDE_RUNTIME_PORT
     write_superexec_secret(layout.superexec_secret)
     keys = ensure_auth_keypair(Path(config.pki_dir) / config.name)
     node_config = " ".join(
         f'{key}="{value}"'
         for key, value in {
-            "agent-url": api_url,
+            "agent-url": f"https://127.0.0.1:{INSIDE_AGENT_PORT}",  # the node certificate names 127.0.0.1
             "agent-token-file": layout.agent_token,
             "agent-ca": leaf.ca_cert,
             "agent-cert": leaf.cert,
@@ -135,28 +162,43 @@ def _supernode_processes(config: NodeConfig, leaf: pki.LeafFiles, api_url: str, 
             "site": config.name,
         }.items()
     )
-    supernode = Managed(
+    supernode = [
+        str(Path(sys.executable).parent / "flower-supernode"),
+        # TLS to the local sidecar (site certificate), which re-originates mTLS to the gateway
+        "--root-certificates",
+        str(leaf.ca_cert),
+        "--superlink",
+        f"127.0.0.1:{sidecar_port}",
+        "--auth-supernode-private-key",
+        str(keys.private_key),
+        "--port",
+        str(runtime_port),
+        "--isolation",
+        "process",
+        "--superexec-auth-secret-file",
+        str(layout.superexec_secret),
+        "--node-config",
+        node_config,
+        "--max-wait-time",
+        "3600",
+    ]
+    guard = guard_process(
+        layout,
+        runtime_api=f"127.0.0.1:{runtime_port}",
+        publishers=pki.party_publishers(Path(config.pki_dir), config.name),
+    )
+    launcher = Managed(
         name="supernode",
-        argv=[
-            str(Path(sys.executable).parent / "flower-supernode"),
-            # TLS to the local sidecar (site certificate), which re-originates mTLS to the gateway
-            "--root-certificates",
-            str(leaf.ca_cert),
-            "--superlink",
-            superlink,
-            "--auth-supernode-private-key",
-            str(keys.private_key),
-            "--port",
-            str(runtime_port),
-            "--isolation",
-            "process",
-            "--superexec-auth-secret-file",
-            str(layout.superexec_secret),
-            "--node-config",
-            node_config,
-            "--max-wait-time",
-            "3600",
-        ],
+        argv=netns.launcher_argv(
+            supernode,
+            # up once the Runtime API accepts; the agent's user's way in (`netns.run_inside`)
+            [netns.Exposed(layout.runtime_socket, runtime_port)],
+            forwards=[
+                netns.Forward(sidecar_port, layout.fleet_socket),
+                netns.Forward(INSIDE_AGENT_PORT, layout.agent_socket),
+            ],
+            also=[netns.Command(tuple(guard.argv), log=guard.log_path, env=dict(guard.env or {}))],
+        ),
         log_path=layout.supernode_log,
         # PATH: this environment's bin/ first, where Flower looks its commands up by name
         env={
@@ -164,20 +206,23 @@ def _supernode_processes(config: NodeConfig, leaf: pki.LeafFiles, api_url: str, 
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", os.defpath)]),
         },
+        sockets=(layout.runtime_socket,),
     )
-    guard = guard_process(
-        layout,
-        runtime_api=f"127.0.0.1:{runtime_port}",
-        publishers=pki.party_publishers(Path(config.pki_dir), config.name),
-    )
-    return [supernode, guard]
+    return [launcher]
 
 
 def start_api(
-    service: NodeService, leaf: pki.LeafFiles, *, host: str, port: int, poll_seconds: float = 2.0
+    service: NodeService,
+    leaf: pki.LeafFiles,
+    *,
+    host: str,
+    port: int,
+    poll_seconds: float = 2.0,
+    unix_socket: Path | None = None,
 ) -> HTTPSService:
     """The node's HTTPS API: TLS 1.3, consortium client certificates checked against the CRL,
-    refusals in the audit trail, certificate and CRL changes picked up without a restart."""
+    refusals in the audit trail, certificate and CRL changes picked up without a restart; also on
+    `unix_socket`, the same service, for the ClientApp in the SuperNode's namespace."""
     tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl, poll_interval=poll_seconds)
     return HTTPSService.start(
         create_app(service, access=node_access(service)),
@@ -185,6 +230,7 @@ def start_api(
         host=host,
         port=port,
         on_refusal=audit_hook(service.audit.append),
+        unix_socket=unix_socket,
     )
 
 
@@ -194,29 +240,39 @@ def run_node(config: NodeConfig) -> None:
     leaf = preflight(config)
     service = build_node(config)
     port = config.api_port or free_port()
+    layout = service.layout
+    prepare_sockets(layout)
     try:
-        api = start_api(service, leaf, host=config.api_host, port=port, poll_seconds=config.pki_poll_seconds)
+        api = start_api(
+            service,
+            leaf,
+            host=config.api_host,
+            port=port,
+            poll_seconds=config.pki_poll_seconds,
+            unix_socket=layout.agent_socket,
+        )
     except ServiceStartError as exc:
         raise NodeStartError(str(exc)) from exc
     api_url = api.url
-    procs, sidecar_port = _fleet_processes(config, leaf, api_url)
+    procs = _fleet_processes(config, leaf)
     stopping = threading.Event()
     watcher: FileWatcher | None = None
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
-        procs[0].start().wait_port("127.0.0.1", sidecar_port, timeout=30)
-        for proc in procs[1:]:
-            proc.start()
+        procs[0].start().wait_socket(layout.fleet_socket, timeout=30)
+        # Fails closed: where no namespace can be made the launcher starts nothing and says why.
+        procs[1].start().wait_socket(layout.runtime_socket, timeout=90)
         # A new CRL (or renewed certificate) reaches the fleet sidecar without dropping the tunnel.
         watcher = FileWatcher([leaf.crl, leaf.cert], procs[0].reload, interval=config.pki_poll_seconds).start()
-        endpoints = NodeEndpoints(config.name, api_url, f"127.0.0.1:{sidecar_port}", os.getpid())
+        endpoints = NodeEndpoints(config.name, api_url, str(layout.fleet_socket), os.getpid())
         write_atomic(service.layout.endpoints, json.dumps(endpoints.to_json(), indent=2))
         log.info("node %s ready: api %s, fleet sidecar %s", config.name, api_url, endpoints.fleet_sidecar)
         print(f"node {config.name} ready: {api_url}", flush=True)
         supervise(procs, stopping)
     except ProcessError as exc:
-        raise NodeStartError(str(exc).splitlines()[0]) from exc
+        first, refusal = str(exc).splitlines()[0], netns.refusal_in(str(exc))
+        raise NodeStartError(f"{first} {refusal}" if refusal else first) from exc
     finally:
         if watcher is not None:
             watcher.stop()

@@ -12,6 +12,7 @@ and `build_serving`. Where each file lives is `federation.ops.layout.NodeLayout`
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,12 +26,13 @@ from federation.protocol.config import NodeConfig
 from node import adapter_store
 from node.access import AccessPolicy
 from node.api_keys import ensure_first_key
-from node.data import TokenizedExample, load_jsonl, tokenize
+from node.data import TokenizedExample, examples_sha256, file_sha256, load_jsonl, tokenize
 from node.engine import ModelHost
 from node.model import ModelLoadError, load_model
 from node.service import NodeParts, NodeService, Serving
 from node.site_keys import load_site_keys
 from privacy.audit import AuditTrail
+from privacy.consistency import ledger_refusal
 from privacy.ledger import Budget, PolicyError, PrivacyLedger
 
 __all__ = [
@@ -46,6 +48,9 @@ __all__ = [
 ]
 
 
+log = logging.getLogger("fedseek.node")
+
+
 class NodeStartError(Unavailable):
     """The node refuses to start; the message is one line for the operator."""
 
@@ -59,25 +64,39 @@ def build_node(config: NodeConfig) -> NodeService:
         raise NodeStartError(str(exc)) from exc
     try:
         train, eval_data = load_site_data(config, tokenizer)
+        dataset_sha256 = file_sha256(Path(config.data_dir) / "train.jsonl")  # what the ledger's budget covers
     except ValueError as exc:
         raise NodeStartError(f"bad site data: {exc}") from exc
     host = ModelHost(model, tokenizer, model_name=Path(config.model_dir).name)
-    return assemble_node(config, host, train=train, eval_data=eval_data)
+    return assemble_node(config, host, train=train, eval_data=eval_data, dataset_sha256=dataset_sha256)
 
 
 def assemble_node(
-    config: NodeConfig, host: ModelHost, *, train: list[TokenizedExample], eval_data: list[TokenizedExample]
+    config: NodeConfig,
+    host: ModelHost,
+    *,
+    train: list[TokenizedExample],
+    eval_data: list[TokenizedExample],
+    dataset_sha256: str | None = None,
 ) -> NodeService:
     """A node around a model already loaded (tests and benchmarks share one model between nodes).
 
     Raises PolicyError, before the state directory is created or changed, if the configured
-    budget is outside the site's policy or there is no training data.
+    budget is outside the site's policy or there is no training data. `dataset_sha256` names
+    the training data file (`build_node` passes it); without it, the tokenized examples are
+    fingerprinted. A ledger that disagrees with the audit trail does not stop the node: it
+    serves, and refuses to train (`privacy.consistency`; the reason is audited once here).
     """
     budget = site_budget(config, len(train))
     layout = NodeLayout(Path(config.state_dir))
     private_dir(layout.root)  # 0700: the audit trail, ledger, keys and adapters are the site's alone
     audit = AuditTrail(layout.audit)
-    ledger = PrivacyLedger(layout.ledger, budget=budget)
+    data_sha256 = dataset_sha256 or examples_sha256(train)
+    ledger = PrivacyLedger(layout.ledger, budget=budget, dataset_sha256=data_sha256, audit=audit)
+    refusal = ledger_refusal(ledger, audit, dataset_sha256=data_sha256)
+    if refusal is not None:
+        log.warning("training refused: %s", refusal)
+        audit.append(actor="node", action="ledger.mismatch", resource=config.name, details={"error": refusal})
     token = _ensure_token(layout.agent_token)
     adapter_store.restore_versions(host, layout.adapters)
     serving = Serving(host, audit, owner=config.name, keys=load_site_keys(layout.site_secret))
@@ -91,6 +110,7 @@ def assemble_node(
         agent_token=token,
         train=train,
         eval_data=eval_data,
+        ledger_refusal=refusal,
     )
     return NodeService(parts)
 

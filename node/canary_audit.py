@@ -31,7 +31,16 @@ class _NoiseFreeLedger(PrivacyLedger):
     Exists only so the baseline runs the very same `train_round` as the private run.
     """
 
-    def plan_round(self, *, sample_rate: float, steps: int, rounds_left: int, max_noise: float = 50.0) -> RoundPlan:
+    def plan_round(
+        self,
+        *,
+        sample_rate: float,
+        steps: int,
+        rounds_left: int,
+        max_noise: float = 50.0,
+        run_id: str | None = None,
+        share: float = 1.0,
+    ) -> RoundPlan:
         return RoundPlan(noise_multiplier=0.0, sample_rate=sample_rate, steps=steps, epsilon_after=math.inf)
 
     _entry: LedgerEntry
@@ -125,7 +134,7 @@ def audit_site(
                 round=1,
                 rounds_left=1,
                 global_arrays=None,
-                settings=settings,
+                settings=replace(settings, budget_share=1.0),  # the scratch ledger's budget is this round's
             )
             version = f"audit-{'dp' if epsilon is not None else 'nodp'}-{seed}"
             host.install(version, result.arrays, sha256=wire.sha256_of(result.arrays))

@@ -2,7 +2,7 @@
 
 The agent owns the model, the data, the ledger and the audit trail; the ClientApp only
 converts Flower records to the wire format and back, and calls the agent's local API
-(`/internal/train`, `/internal/deploy`) over HTTPS with the site's own node certificate and
+(`/internal/train`, `/internal/ready`, `/internal/deploy`) over HTTPS with the site's own node certificate and
 the agent's bearer token. Node config keys (from `flower-supernode --node-config`):
 `agent-url`, `agent-token-file`, `agent-ca`, `agent-cert`, `agent-key`.
 
@@ -104,3 +104,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(content, reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """The coordinator's readiness query before a round: the agent plans the round (nothing charged)
+    and says whether this site can train it. An agent that does not answer makes this an error reply."""
+    resp = _call(context, "/internal/ready", msg)
+    answer = wire.Readiness.from_dict(resp.json())
+    return Message(RecordDict({records.READINESS: records.readiness_to_config(answer)}), reply_to=msg)

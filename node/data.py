@@ -6,6 +6,7 @@ goes to learning the answer rather than to re-predicting the fixed prompt.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import string
 from collections.abc import Mapping, Sequence
@@ -167,6 +168,27 @@ def tokenize(examples: Sequence[Example], tokenizer: Any, *, max_length: int = 2
             where = f"line {example.line}" if example.line is not None else f"example {index}"
             raise DataError(f"{where}: {exc}") from exc
     return tokenized
+
+
+def file_sha256(path: Path) -> str:
+    """`sha256:<hex>` of a data file's bytes: the fingerprint a site's privacy ledger is created for."""
+    digest = hashlib.sha256()
+    try:
+        with Path(path).open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({type(exc).__name__})") from exc
+    return f"sha256:{digest.hexdigest()}"
+
+
+def examples_sha256(examples: Sequence[TokenizedExample]) -> str:
+    """A fingerprint of already-tokenized examples, for a node assembled without its data files (tests, benchmarks)."""
+    digest = hashlib.sha256()
+    for example in examples:
+        digest.update(json.dumps([example.input_ids, example.labels], separators=(",", ":")).encode())
+        digest.update(b"\n")
+    return f"tokens-sha256:{digest.hexdigest()}"
 
 
 def collate(batch: Sequence[TokenizedExample], *, pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:

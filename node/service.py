@@ -17,7 +17,7 @@ from typing import Any, cast
 
 import torch
 
-from federation.errors import Unavailable
+from federation.errors import FedSeekError, Unavailable
 from federation.ops.layout import NodeLayout
 from federation.protocol import wire
 from federation.protocol.config import NodeConfig
@@ -47,12 +47,14 @@ from node.trainer import (
     TrainSettings,
     evaluate_loss,
     per_sample_loss,
+    plan_round,
     start_arrays,
     train_round,
     with_seeded_lora_a,
 )
 from privacy.audit import AuditRecord, AuditTrail
-from privacy.ledger import PrivacyLedger
+from privacy.consistency import LedgerMismatch
+from privacy.ledger import LedgerError, PrivacyLedger
 
 TRAIN_YIELD_S = 0.05
 """How long a training round waits, after each DP step, while requests are in flight (see Serving)."""
@@ -272,6 +274,8 @@ class NodeParts:
     agent_token: str
     train: list[TokenizedExample]
     eval_data: list[TokenizedExample]
+    ledger_refusal: str | None = None
+    """Why the ledger disagrees with the audit trail (`privacy.consistency`): the node serves, never trains."""
 
 
 class NodeService:
@@ -287,6 +291,7 @@ class NodeService:
         self.token = parts.agent_token
         self.train_data = parts.train
         self.eval_data = parts.eval_data
+        self.ledger_refusal = parts.ledger_refusal
         self.state = NodeState(eval_loss_before=evaluate_loss(self.host, self.eval_data, model="base"))
         self.train_lock = threading.Lock()
 
@@ -316,6 +321,7 @@ class NodeService:
         settings = TrainSettings.of(instruction, secure_mode=self.config.secure_mode)
         with self.train_lock:
             try:
+                self.check_ledger()
                 global_arrays = start_arrays(self.host, global_arrays, settings)  # FFA: B-only gets our A
                 self._check_finite_start(global_arrays, settings.batch_size)
                 result = train_round(
@@ -348,9 +354,15 @@ class NodeService:
                     **{k: v for k, v in result.report.to_dict().items() if k != "extra"},
                     "update_sha256": wire.sha256_of(result.arrays),
                     "factors_sent": result.factors,
+                    "ledger": self.ledger.ref(),  # this round's entry: the next start holds the ledger against it
                 },
             )
             return result
+
+    def check_ledger(self) -> None:
+        """LedgerMismatch (409) if at start-up the ledger disagreed with the audit trail: no round may train."""
+        if self.ledger_refusal is not None:
+            raise LedgerMismatch(self.ledger_refusal)
 
     def _between_steps(self, *_: Any) -> None:
         """Serving's priority: after each DP step, let in-flight requests run for up to `TRAIN_YIELD_S`."""
@@ -373,6 +385,45 @@ class NodeService:
             losses = per_sample_loss(self.host.peft, {k: v.to(self.host.device) for k, v in probe.items()})
         if not bool(torch.isfinite(losses).all()):
             raise TrainingError("non-finite loss before training (model or adapter is broken); round refused")
+
+    def readiness(self, config: Mapping[str, object]) -> wire.Readiness:
+        """Could this site train the round a train config describes? The ledger's plan of it, nothing charged.
+
+        The coordinator asks before every round (a Flower `query` message), so a site whose budget,
+        or this run's share of it, is spent is left out before any site trains and spends. A "no" is
+        audited as `train.refused`, as the round itself would have been; an unknown key is refused
+        (RoundSettingsError) as `train` refuses it.
+        """
+        instruction = TrainInstruction.from_config_record(config)
+        settings = TrainSettings.of(instruction, secure_mode=self.config.secure_mode)
+        rounds_left = max(1, instruction.run.num_rounds - instruction.server_round + 1)
+        reason = ""
+        run_id = instruction.run_id or "local"
+        try:
+            self.check_ledger()  # a ledger that disagrees with the audit trail: "no", as `train` would refuse
+            if not self.train_data:
+                raise TrainingError("the site has no training data")
+            plan_round(self.ledger, len(self.train_data), settings, run_id=run_id, rounds_left=rounds_left)
+        except FedSeekError as exc:  # BudgetExceeded, LedgerError (a damaged ledger), TrainingError
+            reason = exc.one_line()
+            self.audit.append(
+                actor="coordinator",
+                action="train.refused",
+                resource=run_id,
+                details={"round": instruction.server_round, "error": reason, "stage": "readiness"},
+            )
+        budget = self.ledger.budget.epsilon
+        try:
+            spent = self.ledger.spent()
+        except LedgerError:  # a damaged ledger counts as spent; the answer is "no" already
+            spent = budget
+        return wire.Readiness(
+            site=self.config.name,
+            ready=not reason,
+            reason=reason,
+            epsilon_spent=spent,
+            epsilon_remaining=max(0.0, budget - spent),
+        )
 
     def check_deploy_version(self, version: object) -> str:
         """`version` if a deployment may use it; else InvalidNameError (400), with a `deploy.refused` record.
@@ -422,7 +473,7 @@ class NodeService:
             "rounds_trained": self.state.rounds_trained,
             "eval_loss_before": self.state.eval_loss_before,
             "eval_loss_after": self.state.eval_loss_after.get(latest.version) if latest else None,
-            "privacy": self.ledger.to_json(),
+            "privacy": {**self.ledger.to_json(), "training_refused": self.ledger_refusal},
             "audit_log": str(self.audit.path),
             "audit_records": len(self.audit),
         }

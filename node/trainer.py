@@ -22,7 +22,7 @@ from federation.protocol.round_settings import RunSettings, TrainInstruction
 from node.data import TokenizedExample, collate
 from node.engine import TRAIN_ADAPTER, ModelHost
 from node.model import pad_safe_attention_mask
-from privacy.ledger import PrivacyLedger
+from privacy.ledger import PrivacyLedger, RoundPlan
 from privacy.lora_dp import GroupedDPOptimizer, LoraGradSampler
 
 Progress = Callable[[int, int, float], None]
@@ -55,6 +55,9 @@ class TrainSettings:
     """With `freeze_lora_a`: False sends B and A's digest only (the coordinator asks for A until it has it)."""
     lora_a_sha256: str = ""
     """With `freeze_lora_a`: the run's A digest; a site whose seeded A differs refuses before being charged."""
+    budget_share: float = _RUN.budget_share
+    """Share of the budget left at the run's start that the run may spend (RunSettings.budget_share); a
+    scratch ledger whose whole budget is one experiment's (canary audit, benchmarks) uses 1.0."""
 
     @classmethod
     def of(cls, instruction: TrainInstruction, *, secure_mode: bool) -> TrainSettings:
@@ -69,6 +72,7 @@ class TrainSettings:
             freeze_lora_a=run.ffa_lora,
             send_lora_a=instruction.reply_factors == "AB",
             lora_a_sha256=instruction.lora_a_sha256,
+            budget_share=run.budget_share,
         )
 
 
@@ -124,6 +128,16 @@ def evaluate_loss(
     return total / len(data)
 
 
+def plan_round(ledger: PrivacyLedger, n: int, settings: TrainSettings, *, run_id: str, rounds_left: int) -> RoundPlan:
+    """The DP-SGD plan of a round on `n` records, or BudgetExceeded: what training charges, and what
+    a readiness query answers without charging anything."""
+    sample_rate = min(1.0, settings.batch_size / n)
+    steps = max(1, math.ceil(settings.local_epochs / sample_rate))
+    return ledger.plan_round(
+        sample_rate=sample_rate, steps=steps, rounds_left=rounds_left, run_id=run_id, share=settings.budget_share
+    )
+
+
 def train_round(
     host: ModelHost,
     ledger: PrivacyLedger,
@@ -141,9 +155,8 @@ def train_round(
     if n == 0:
         raise TrainingError("the site has no training data")
     global_arrays = start_arrays(host, global_arrays, settings)  # a malformed one must not cost budget
-    sample_rate = min(1.0, settings.batch_size / n)
-    steps = max(1, math.ceil(settings.local_epochs / sample_rate))
-    plan = ledger.plan_round(sample_rate=sample_rate, steps=steps, rounds_left=rounds_left)
+    plan = plan_round(ledger, n, settings, run_id=run_id, rounds_left=rounds_left)
+    sample_rate, steps = plan.sample_rate, plan.steps
     entry = ledger.charge(run_id=run_id, round=round, plan=plan, max_grad_norm=settings.max_grad_norm)
     pad = int(host.tokenizer.pad_token_id)
     generator = torch.Generator().manual_seed(torch.seed()) if not settings.secure_mode else None

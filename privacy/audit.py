@@ -257,6 +257,13 @@ class AuditTrail:
     def path(self) -> Path:
         return self._path
 
+    def head(self) -> tuple[int, str]:
+        """``(seq, hash)`` of the last record this process wrote or read: a point in the chain that
+        another record (a privacy ledger entry) can cite. Another writer process may have appended
+        since; the point is still in the chain."""
+        with self._lock:
+            return self._seq, self._hash
+
     def __len__(self) -> int:
         return self._seq
 

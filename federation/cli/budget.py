@@ -2,7 +2,9 @@
 
 The ledger is opened under its own stored budget and verified (hash chain, head) before
 anything is shown; a missing or damaged ledger is a LedgerError (one line from `main`), and
-nothing is written to it. privacy.ledger (Opacus, torch) is imported only when the command runs.
+nothing is written to it. It is then held against the site's audit trail (privacy.consistency),
+as the node does at start-up: where they disagree (a deleted or re-chained ledger) the reason
+the node refuses to train is shown with it and the exit status is 1. privacy.ledger (Opacus, torch) is imported only when the command runs.
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ def add_budget_command(sub: argparse._SubParsersAction[argparse.ArgumentParser])
 
 
 def _budget(args: argparse.Namespace) -> int:
-    from privacy.ledger import PrivacyLedger
+    from privacy.consistency import ledger_refusal
+    from privacy.ledger import LedgerError, PrivacyLedger
 
-    data = PrivacyLedger.open_existing(NodeLayout(Path(args.state)).ledger).to_json()
+    layout = NodeLayout(Path(args.state))
+    ledger = PrivacyLedger.open_existing(layout.ledger) if layout.ledger.exists() else None
+    refusal = ledger_refusal(ledger, layout.audit)  # reads the audit trail only
+    if ledger is None:
+        raise LedgerError(refusal or f"no privacy ledger at {layout.ledger}")
+    data = {**ledger.to_json(), "training_refused": refusal}
     if args.plot:
         from privacy.budget_plot import plot_budget
 
@@ -43,4 +51,6 @@ def _budget(args: argparse.Namespace) -> int:
             )
         if args.plot:
             print(f"plot: {args.plot}")
-    return 0
+        if refusal:
+            print(f"TRAINING REFUSED: {refusal}")
+    return 1 if refusal else 0

@@ -70,10 +70,17 @@ def _run(args: argparse.Namespace) -> int:
     from federation.protocol.round_settings import RunSettings
 
     def show(rec: dict[str, Any]) -> None:
+        if rec.get("version") is None:  # the run's error, raised next, says why
+            print(f"round {rec['round']}: no global adapter", flush=True)
+            return
         print(f"round {rec['round']}: {rec['version']} from {rec['accepted']} eval_loss={rec['eval_loss']}", flush=True)
 
     settings = RunSettings(
-        run_name=args.name, num_rounds=args.rounds, min_nodes=args.min_nodes, ffa_lora=args.ffa_lora
+        run_name=args.name,
+        num_rounds=args.rounds,
+        min_nodes=args.min_nodes,
+        ffa_lora=args.ffa_lora,
+        budget_share=args.budget_share,
     )  # a bad value is refused here (RoundSettingsError: one line, exit 2), before anything is submitted
     summary = run(Path(args.state), settings=settings, timeout=args.timeout, progress=show, app_dir=args.app)
     print(json.dumps(summary["global_adapter"], indent=2))
@@ -228,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=run_defaults.num_rounds)
     p.add_argument("--min-nodes", type=int, default=run_defaults.min_nodes)
     p.add_argument("--name", default=run_defaults.run_name)
+    p.add_argument(
+        "--budget-share",
+        type=float,
+        default=run_defaults.budget_share,
+        help="share of each site's remaining privacy budget this run may spend (default: %(default)s)",
+    )
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument(
         "--ffa-lora",

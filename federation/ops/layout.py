@@ -77,6 +77,33 @@ class NodeLayout(_Layout):
         return self.root / "sidecar"
 
     @property
+    def sockets(self) -> Path:
+        """0700, the agent's user's: the Unix sockets between the host and the private network
+        namespace of the SuperNode and app guard (`federation.ops.netns`), where no TCP port is."""
+        return self.root / "sockets"
+
+    @property
+    def fleet_socket(self) -> Path:
+        """The fleet sidecar's `[supernode]` service (TLS, site certificate), the SuperNode's way out."""
+        return self.sockets / "fleet.sock"
+
+    @property
+    def relay_socket(self) -> Path:
+        """Plain HTTP between the fleet sidecar's two services, `[supernode]` to `[fleet]`."""
+        return self.sockets / "relay.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        """The agent's HTTPS API as the namespace reaches it (the ClientApp's `/internal` calls)."""
+        return self.sockets / "agent.sock"
+
+    @property
+    def runtime_socket(self) -> Path:
+        """The SuperNode's Runtime API, served by its namespace launcher: up means ready, and
+        `netns.run_inside` joins the namespace through it."""
+        return self.sockets / "supernode.sock"
+
+    @property
     def logs(self) -> Path:
         return self.root / "logs"
 

@@ -6,12 +6,20 @@ Control caller. On the host's loopback every local user could reach it. TCP has 
 a Unix socket has one. So the SuperLink runs in a network namespace of its own, where its
 port is the only listener and the only client is what runs inside (its ServerApp, and the
 operator's `flwr` commands, which enter the namespace); the fleet gateway reaches it through a
-Unix socket in a 0700 directory of the coordinator's user. The same pieces would put a site's
-SuperNode and its helpers behind one private namespace (several `--expose`).
+Unix socket in a 0700 directory of the coordinator's user.
+
+A site's SuperNode has the same problem the other way round: it can only dial TCP host:port and
+present no client certificate, so whatever it dials on the host's loopback (the fleet sidecar)
+any local user may dial too, and its own Runtime API port is open to them as well. So the
+SuperNode and its app guard (and the guard's task processes) share one private namespace, and
+their ways out are `--forward`s: a port inside that leads to a Unix socket on the host (the
+sidecar's, the agent API's), in a 0700 directory of the agent's user.
 
 The launcher (run it with `python -m federation.ops.netns`; stdlib only):
 
     python -m federation.ops.netns --expose DIR/link.sock=9093 -- flower-superlink --port 9093 ...
+    python -m federation.ops.netns --expose DIR/runtime.sock=9094 --forward 9092=DIR/fleet.sock \
+        --also '{"argv": ["guard", ...], "log": "...", "env": {...}}' -- flower-supernode ...
 
 - As root it unshares a new network namespace; as another user it unshares a user namespace
   too (identity uid/gid map: files keep the user's ids, and only that user can enter it).
@@ -21,7 +29,14 @@ The launcher (run it with `python -m federation.ops.netns`; stdlib only):
 - Pathname Unix sockets are not bound to a network namespace: a process on the host (nginx)
   connects to the path, and the file modes decide who may. Bytes are relayed unchanged (TLS
   stays end to end).
-- It exits with COMMAND's status and removes its sockets.
+- `--forward PORT=SOCKET`: inside, 127.0.0.1:PORT listens before COMMAND starts; each
+  connection is relayed to the host's Unix socket SOCKET (opened as the launcher's user).
+- `--also SPEC` (JSON: argv, optional log file and environment) starts a further command in
+  the same namespace once every exposed port accepts: one launcher, one namespace, so the
+  commands can never end up in different ones. All die with the launcher (PDEATHSIG); when one
+  exits the launcher stops the others and exits with its status, so its supervisor restarts
+  them together. Command lines are public (/proc): no secrets in SPEC.
+- It exits with COMMAND's status (or the first `--also` command's to exit) and removes its sockets.
 
 `run_inside(socket, argv)` runs a command in the namespace that serves `socket`: the kernel
 names the launcher (SO_PEERCRED), which must be this module run by our own user, in a network
@@ -37,6 +52,8 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import itertools
+import json
 import os
 import shutil
 import signal
@@ -46,8 +63,8 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +73,14 @@ from federation.errors import Unavailable
 __all__ = [
     "MODULE",
     "REFUSAL_PREFIX",
+    "Command",
     "Exposed",
+    "Forward",
     "NamespaceError",
+    "check_socket_path",
     "launcher_argv",
     "prepare_socket_dir",
+    "refusal_in",
     "run_inside",
     "serving_pid",
 ]
@@ -96,12 +117,81 @@ class Exposed:
         return cls(Path(os.path.abspath(path)), int(port))
 
 
-def launcher_argv(command: Sequence[str], exposed: Sequence[Exposed], *, timeout: float = 60.0) -> list[str]:
-    """argv that runs `command` in a private network namespace, exposing `exposed`."""
+@dataclass(frozen=True)
+class Forward:
+    """One loopback TCP port inside the namespace that leads out to a Unix socket on the host."""
+
+    port: int
+    socket: Path
+
+    def arg(self) -> str:
+        return f"{self.port}={os.path.abspath(self.socket)}"
+
+    @classmethod
+    def parse(cls, text: str) -> Forward:
+        port, sep, path = text.partition("=")
+        if not sep or not path or not port.isdigit() or not 0 < int(port) < 65536:
+            raise argparse.ArgumentTypeError(f"expected PORT=SOCKET, got {text!r}")
+        return cls(int(port), Path(os.path.abspath(path)))
+
+
+@dataclass(frozen=True)
+class Command:
+    """A further command for the namespace: its argv, the file its output is appended to (None:
+    the launcher's own), and variables set over the launcher's environment."""
+
+    argv: tuple[str, ...]
+    log: Path | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+    def arg(self) -> str:
+        log = os.path.abspath(self.log) if self.log is not None else None
+        return json.dumps({"argv": list(self.argv), "log": log, "env": dict(self.env)})
+
+    @classmethod
+    def parse(cls, text: str) -> Command:
+        try:
+            spec = json.loads(text)
+            argv, log, env = spec["argv"], spec.get("log"), spec.get("env") or {}
+            ok = isinstance(argv, list) and argv and all(isinstance(a, str) for a in argv)
+            ok = ok and (log is None or isinstance(log, str)) and isinstance(env, dict)
+            ok = ok and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f'expected {{"argv": [...], "log": PATH, "env": {{...}}}}, got {text!r}')
+        return cls(tuple(argv), Path(log) if log else None, env)
+
+
+def launcher_argv(
+    command: Sequence[str],
+    exposed: Sequence[Exposed],
+    *,
+    forwards: Sequence[Forward] = (),
+    also: Sequence[Command] = (),
+    timeout: float = 60.0,
+) -> list[str]:
+    """argv that runs `command` (and `also`) in a private network namespace, exposing `exposed`
+    and reaching out through `forwards`."""
     args = [sys.executable, "-m", MODULE, "--timeout", str(timeout)]
     for item in exposed:
         args += ["--expose", item.arg()]
+    for fwd in forwards:
+        args += ["--forward", fwd.arg()]
+    for extra in also:
+        args += ["--also", extra.arg()]
     return [*args, "--", *command]
+
+
+def refusal_in(text: str) -> str | None:
+    """The launcher's one-line refusal in `text` (a log tail), if it refused to start."""
+    return next((line for line in reversed(text.splitlines()) if line.startswith(REFUSAL_PREFIX)), None)
+
+
+def check_socket_path(path: Path) -> None:
+    """`path` fits a Unix socket address (108 bytes, NUL included)."""
+    if len(os.fsencode(os.path.abspath(path))) > _SUN_PATH_MAX:
+        raise NamespaceError(f"socket path too long for a Unix socket ({_SUN_PATH_MAX} bytes at most): {path}")
 
 
 def prepare_socket_dir(path: Path) -> None:
@@ -154,8 +244,7 @@ def _die_with_parent() -> None:
 
 
 def _check_socket_path(item: Exposed) -> None:
-    if len(os.fsencode(item.socket)) > _SUN_PATH_MAX:
-        raise NamespaceError(f"socket path too long for a Unix socket ({_SUN_PATH_MAX} bytes at most): {item.socket}")
+    check_socket_path(item.socket)
     prepare_socket_dir(item.socket.parent)
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(item.socket).st_mode):
@@ -189,34 +278,86 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
         writer.close()
 
 
-async def _relay(exposed: Sequence[Exposed], child: subprocess.Popen[bytes]) -> int:
-    def handler(port: int) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
-        async def handle(outer_r: asyncio.StreamReader, outer_w: asyncio.StreamWriter) -> None:
-            try:
-                inner_r, inner_w = await asyncio.open_connection("127.0.0.1", port)
-            except OSError:
-                outer_w.close()
-                return
-            try:
-                await asyncio.gather(_pump(outer_r, inner_w), _pump(inner_r, outer_w))
-            finally:
-                for w in (outer_w, inner_w):
-                    w.close()
+_Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
-        return handle
 
-    servers = []
+def _splice(dial: Callable[[], Awaitable[_Streams]]) -> Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any]:
+    """A connection handler relaying each accepted connection to a new one from `dial`."""
+
+    async def handle(outer_r: asyncio.StreamReader, outer_w: asyncio.StreamWriter) -> None:
+        try:
+            inner_r, inner_w = await dial()
+        except OSError:
+            outer_w.close()
+            return
+        try:
+            await asyncio.gather(_pump(outer_r, inner_w), _pump(inner_r, outer_w))
+        finally:
+            for w in (outer_w, inner_w):
+                w.close()
+
+    return handle
+
+
+def _listen_inside(port: int) -> socket.socket:
+    """127.0.0.1:port in the namespace, listening before any command runs (its first dial finds it)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        sock.close()
+        raise NamespaceError(f"cannot listen on 127.0.0.1:{port} inside the namespace: {exc.strerror}") from exc
+    sock.listen(128)
+    return sock
+
+
+def _first_exit(children: Sequence[subprocess.Popen[bytes]]) -> subprocess.Popen[bytes] | None:
+    return next((c for c in children if c.poll() is not None), None)
+
+
+def _terminate(children: Sequence[subprocess.Popen[bytes]]) -> None:
+    for c in children:
+        if c.poll() is None:
+            c.terminate()
+
+
+def _stop(children: Sequence[subprocess.Popen[bytes]], *, timeout: float = 10.0) -> None:
+    _terminate(children)
+    deadline = time.monotonic() + timeout
+    for c in children:
+        try:
+            c.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            c.kill()
+            c.wait()
+
+
+async def _relay(
+    exposed: Sequence[Exposed],
+    forwards: Sequence[tuple[Forward, socket.socket]],
+    children: Sequence[subprocess.Popen[bytes]],
+) -> int:
+    def to_port(port: int) -> Callable[[], Awaitable[_Streams]]:
+        return lambda: asyncio.open_connection("127.0.0.1", port)
+
+    def to_socket(path: Path) -> Callable[[], Awaitable[_Streams]]:
+        return lambda: asyncio.open_unix_connection(str(path))
+
+    servers = [await asyncio.start_server(_splice(to_socket(f.socket)), sock=s) for f, s in forwards]
     old = os.umask(0o177)  # the socket file is born 0600: no moment where others may connect
     try:
         for item in exposed:
-            servers.append(await asyncio.start_unix_server(handler(item.port), path=str(item.socket), backlog=128))
+            servers.append(
+                await asyncio.start_unix_server(_splice(to_port(item.port)), path=str(item.socket), backlog=128)
+            )
     finally:
         os.umask(old)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, child.terminate)
+        loop.add_signal_handler(sig, _terminate, children)
     try:
-        while child.poll() is None:
+        while (done := _first_exit(children)) is None:
             await asyncio.sleep(0.2)
     finally:
         for server in servers:
@@ -224,29 +365,56 @@ async def _relay(exposed: Sequence[Exposed], child: subprocess.Popen[bytes]) -> 
         for item in exposed:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(item.socket)
-    return child.returncode
+    _stop(children)  # one went: the others go too, and the supervisor restarts them together
+    return done.returncode
 
 
-def launch(command: Sequence[str], exposed: Sequence[Exposed], *, timeout: float) -> int:
-    """The launcher's body: namespace, command, readiness, relay until the command exits."""
+def _start_also(extra: Command) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **extra.env}
+    if extra.log is None:
+        return subprocess.Popen(list(extra.argv), env=env, preexec_fn=_die_with_parent)
+    extra.log.parent.mkdir(parents=True, exist_ok=True)
+    with open(extra.log, "ab") as out:
+        return subprocess.Popen(
+            list(extra.argv), env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+        )
+
+
+def launch(
+    command: Sequence[str],
+    exposed: Sequence[Exposed],
+    *,
+    timeout: float,
+    forwards: Sequence[Forward] = (),
+    also: Sequence[Command] = (),
+) -> int:
+    """The launcher's body: namespace, forwards, command, readiness, further commands, relay
+    until a command exits."""
     for item in exposed:
         _check_socket_path(item)
+    for fwd in forwards:
+        check_socket_path(fwd.socket)
     enter_private_netns()  # before any thread exists: unshare(CLONE_NEWUSER) requires it
-    child = subprocess.Popen(list(command), preexec_fn=_die_with_parent)
-    # Until the relay's handlers are in place, a stop request still stops the command.
-    signal.signal(signal.SIGTERM, lambda *_: child.terminate())
+    listening = [(fwd, _listen_inside(fwd.port)) for fwd in forwards]
+    children = [subprocess.Popen(list(command), preexec_fn=_die_with_parent)]
+    # Until the relay's handlers are in place, a stop request still stops the commands.
+    signal.signal(signal.SIGTERM, lambda *_: _terminate(children))
     try:
-        _wait_accepting([e.port for e in exposed], child, timeout)
-    except NamespaceError:
-        child.terminate()
-        child.wait(timeout=10)
-        raise
-    return asyncio.run(_relay(exposed, child))
+        _wait_accepting([e.port for e in exposed], children[0], timeout)
+        children += [_start_also(extra) for extra in also]  # what they dial inside is up
+    except (NamespaceError, OSError) as exc:
+        _stop(children)
+        if isinstance(exc, NamespaceError):
+            raise
+        raise NamespaceError(f"cannot start a command in the namespace: {exc}") from exc
+    return asyncio.run(_relay(exposed, listening, children))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m {MODULE}", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--expose", type=Exposed.parse, action="append", required=True, metavar="SOCKET=PORT")
+    parser.add_argument("--expose", type=Exposed.parse, action="append", default=[], metavar="SOCKET=PORT")
+    parser.add_argument("--forward", type=Forward.parse, action="append", default=[], metavar="PORT=SOCKET")
+    parser.add_argument("--also", type=Command.parse, action="append", default=[], metavar="JSON")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds for every port to accept")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -254,7 +422,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not command:
         parser.error("no command given (after --)")
     try:
-        return launch(command, args.expose, timeout=args.timeout)
+        return launch(command, args.expose, timeout=args.timeout, forwards=args.forward, also=args.also)
     except NamespaceError as exc:
         print(f"{REFUSAL_PREFIX}{exc}", file=sys.stderr, flush=True)
         return 2
@@ -277,7 +445,9 @@ def _check_launcher(pid: int, uid: int, sock: Path) -> None:
         raise NamespaceError(f"{sock} is served by uid {uid}, not by this user ({os.geteuid()})")
     cmd = _cmdline(pid)
     ours = any(cmd[i : i + 2] == ["-m", MODULE] for i in range(len(cmd)))
-    serves = any(a.rpartition("=")[0] == os.path.abspath(sock) for a in cmd)
+    serves = any(
+        flag == "--expose" and arg.rpartition("=")[0] == os.path.abspath(sock) for flag, arg in itertools.pairwise(cmd)
+    )
     if not (ours and serves):
         raise NamespaceError(f"{sock} is not served by a {MODULE} launcher (pid {pid}: {' '.join(cmd)[:200]})")
     if os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat("/proc/self/ns/net").st_ino:

@@ -75,10 +75,16 @@ class Managed:
     log_path: Path
     env: Mapping[str, str] | None = None
     cwd: Path | None = None
+    # Unix sockets it binds: a killed process leaves them behind, and binding a path that exists
+    # fails (stunnel), so they are removed before every start, restarts included.
+    sockets: Sequence[Path] = ()
     proc: subprocess.Popen[bytes] | None = field(default=None, init=False)
 
     def start(self) -> Managed:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        for path in self.sockets:
+            if path.is_socket():
+                path.unlink()
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         env = dict(os.environ)
         env.update(self.env or {})

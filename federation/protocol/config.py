@@ -31,8 +31,9 @@ class NodeConfig:
     coordinator_name: str = "localhost"  # the name its certificate must carry
     api_host: str = "127.0.0.1"
     api_port: int = 8443
-    fleet_sidecar_port: int = 0  # 0: pick a free loopback port
-    supernode_port: int = 0
+    # Ports inside the SuperNode's private network namespace (node.agent; 0: its defaults)
+    fleet_sidecar_port: int = 0  # where the SuperNode dials the fleet sidecar
+    supernode_port: int = 0  # the SuperNode's Runtime API
     epsilon: float = 1.0  # the lifetime budget of this site's data; at most privacy_policy_epsilon
     delta: float = 0.0  # 0: choose 1 / (10 n) for n training records; must be below 1 / n
     privacy_policy_epsilon: float = 1.0  # the site's ceiling (DESIGN: epsilon <= 1.0); a budget above it is refused

@@ -10,6 +10,10 @@ The train config (ServerApp -> ClientApp -> node agent) is a `round_settings.Tra
 FFA-LoRA keys in the train and evaluate config:
 `ffa-lora` (bool), `reply-factors` ("AB" while the coordinator lacks A, then "B") and, once
 the coordinator knows A, `lora-a-sha256`; `arrays` then holds the B factors only.
+
+Before each round the ServerApp sends a `query` message with the same `config` (the round's
+TrainInstruction); the reply's `readiness` ConfigRecord is a `wire.Readiness`: alive, and can
+this site train the round within its budget. Nothing is charged for it.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ PRIVACY = "privacy"
 CONFIG = "config"
 SITE = "site"
 ADAPTER = "adapter"
+READINESS = "readiness"
 
 
 def to_array_record(arrays: wire.Arrays) -> ArrayRecord:
@@ -73,3 +78,15 @@ def report_metrics(report: wire.PrivacyReport) -> MetricRecord:
     return MetricRecord(
         {"num-examples": report.num_examples, "train-loss": report.train_loss, "epsilon": report.epsilon}
     )
+
+
+def readiness_to_config(answer: wire.Readiness) -> ConfigRecord:
+    """The `readiness` record of a query reply (ClientApp -> ServerApp)."""
+    return ConfigRecord(dict[str, Any](answer.to_dict()))
+
+
+def readiness_from_content(content: RecordDict) -> wire.Readiness:
+    """The readiness answer in a query reply (WireError if absent or malformed)."""
+    if READINESS not in content.config_records:
+        raise wire.WireError("query reply holds no readiness record")
+    return wire.Readiness.from_dict(dict(content.config_records[READINESS]))

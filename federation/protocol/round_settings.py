@@ -106,6 +106,9 @@ class RunSettings:
     """Per-record gradient clipping bound of DP-SGD."""
     ffa_lora: bool = False
     """FFA-LoRA: train B only against the shared seeded A; B-only traffic after round 1."""
+    budget_share: float = 0.5
+    """Share of the privacy budget a site has left when the run starts that the run may spend there,
+    split equally over its rounds: every run leaves the rest for the next (a demo can run again)."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -130,6 +133,7 @@ class RunSettings:
         }
         for key, size in sizes.items():
             _require(math.isfinite(size) and size > 0, key, size, "a finite number above 0")
+        _require(0 < self.budget_share <= 1, "budget-share", self.budget_share, "a share in (0, 1]")
 
 
 @dataclass(frozen=True)

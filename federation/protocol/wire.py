@@ -242,3 +242,37 @@ class PrivacyReport:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"malformed privacy report: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """A site's answer to the coordinator's readiness query before a round: can it train the round?
+
+    `ready` is the node's own plan of the round (the ledger's, nothing charged); `reason` says why
+    not in one line. The coordinator starts a round only if at least `min-nodes` sites are ready.
+    """
+
+    site: str
+    ready: bool
+    reason: str = ""
+    epsilon_spent: float = 0.0
+    epsilon_remaining: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Readiness:
+        try:
+            ready = data["ready"]
+            if not isinstance(ready, bool):
+                raise TypeError(f"ready must be a bool, not {type(ready).__name__}")
+            return cls(
+                site=str(data["site"]),
+                ready=ready,
+                reason=str(data.get("reason", "")),
+                epsilon_spent=float(data.get("epsilon_spent", 0.0)),
+                epsilon_remaining=float(data.get("epsilon_remaining", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireError(f"malformed readiness answer: {exc}") from exc

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import ssl
 import threading
 import time
@@ -371,7 +373,8 @@ class _GatedH11(asyncio.Protocol):
         self._raw = transport
         transport.pause_reading()  # the ClientHello must reach start_tls, not this protocol
         addr = transport.get_extra_info("peername")
-        self._peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        # A Unix socket's peer has no address (''): name the socket instead.
+        self._peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr) or _unix_peer(transport)
         self._handshake_task = asyncio.ensure_future(self._handshake(transport))
 
     async def _handshake(self, transport: asyncio.Transport) -> None:
@@ -451,6 +454,10 @@ class _GatedH11(asyncio.Protocol):
             self._inner.resume_writing()
 
 
+def _unix_peer(transport: asyncio.BaseTransport) -> str:
+    return f"unix:{transport.get_extra_info('sockname') or '?'}"
+
+
 def _handshake_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"client certificate rejected: {exc.verify_message}"
@@ -477,6 +484,25 @@ class ServiceStartError(Unavailable):
     """The HTTPS service did not come up (port taken, bad certificate)."""
 
 
+def unix_listener(path: Path) -> socket.socket:
+    """A Unix socket bound at `path`, born 0600 (a stale one from a killed server is replaced).
+
+    Its directory should be 0700: the file modes are what decide who may connect.
+    """
+    if path.is_socket():
+        path.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ServiceStartError(f"cannot listen on {path}: {exc.strerror}") from exc
+    finally:
+        os.umask(old)
+    return sock
+
+
 @dataclass
 class HTTPSService:
     """An ASGI app behind a TLSGate, served by uvicorn in a daemon thread."""
@@ -486,24 +512,48 @@ class HTTPSService:
     gate: TLSGate
     url: str
 
+    unix_socket: Path | None = None
+
     @classmethod
     def start(
-        cls, app: Any, tls: ServerTLS, *, host: str, port: int, on_refusal: RefusalHook | None, timeout: float = 30.0
+        cls,
+        app: Any,
+        tls: ServerTLS,
+        *,
+        host: str,
+        port: int,
+        on_refusal: RefusalHook | None,
+        timeout: float = 30.0,
+        unix_socket: Path | None = None,
     ) -> HTTPSService:
+        """Serve `app` on host:port, and also on `unix_socket` if given: the same gate (TLS, client
+        certificates, timeouts) on both, for callers with no route to host:port (a private network
+        namespace reaches the host only through a socket file)."""
         gate = TLSGate(tls, on_refusal=on_refusal).start()
         server = gate.server(app, host=host, port=port)
-        thread = threading.Thread(target=server.run, name=f"https-{port}", daemon=True)
+        extra = unix_listener(unix_socket) if unix_socket is not None else None
+
+        def run() -> None:
+            # uvicorn serves either its own host:port or the sockets it is given, so with a Unix
+            # socket it is given both (bind_socket exits this thread on failure: reported below).
+            server.run(sockets=None if extra is None else [server.config.bind_socket(), extra])
+
+        thread = threading.Thread(target=run, name=f"https-{port}", daemon=True)
         thread.start()
         deadline = time.monotonic() + timeout
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 server.should_exit = True
                 gate.stop()
+                if extra is not None:
+                    extra.close()
                 raise ServiceStartError(f"HTTPS service failed to start on {host}:{port}")
             time.sleep(0.05)
-        return cls(server=server, thread=thread, gate=gate, url=f"https://{host}:{port}")
+        return cls(server=server, thread=thread, gate=gate, url=f"https://{host}:{port}", unix_socket=unix_socket)
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
         self.gate.stop()
+        if self.unix_socket is not None:
+            self.unix_socket.unlink(missing_ok=True)

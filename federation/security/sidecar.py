@@ -1,8 +1,8 @@
 """stunnel sidecars that add mutual TLS to Flower's fleet traffic at the sites.
 
 Flower's own TLS authenticates only the server. Each site's sidecar terminates its
-SuperNode's TLS on loopback (the site certificate, which always names 127.0.0.1) and
-re-originates the fleet traffic as mTLS with the site certificate, checking the
+SuperNode's TLS (the site certificate, which always names 127.0.0.1, where the SuperNode dials it)
+and re-originates the fleet traffic as mTLS with the site certificate, checking the
 coordinator's role name (only a coordinator certificate carries it, see `client_config`); the
 coordinator's gateway (`federation.security.fleet_gateway`, nginx) can then read every HTTP
 request. `server_config` is a plain stunnel mTLS server, kept as the counterpart the sidecar
@@ -12,6 +12,7 @@ tests talk to.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,10 +70,13 @@ def server_config(*, tls: TLSFiles, accept: str, connect: str) -> str:
 def client_config(*, tls: TLSFiles, accept: str, relay: str, connect: str, server_name: str) -> str:
     """Site side, two services in one stunnel.
 
-    `[supernode]` terminates the SuperNode's TLS on loopback `accept` with the site
-    certificate and passes plain HTTP to loopback `relay`; `[fleet]` takes it there and opens
-    mTLS to the coordinator at `connect`, presenting the site certificate. So the coordinator's
-    gateway sees each request, and nothing leaves the host unencrypted.
+    `[supernode]` terminates the SuperNode's TLS on `accept` with the site certificate and
+    passes plain HTTP to `relay`; `[fleet]` takes it there and opens mTLS to the coordinator at
+    `connect`, presenting the site certificate. So the coordinator's gateway sees each request,
+    and nothing leaves the host unencrypted. `accept` and `relay` may be host:port or a Unix
+    socket path: the agent uses paths in a 0700 directory (`NodeLayout.sockets`), since neither
+    service can tell its caller from another local user (the SuperNode presents no client
+    certificate); its SuperNode reaches `accept` from its private namespace (`federation.ops.netns`).
 
     Who may answer as the coordinator: a certificate of the consortium CA carrying the
     coordinator's role name (`pki.coordinator_host`, from the CA's O), which the CA puts on
@@ -107,9 +111,16 @@ def client_config(*, tls: TLSFiles, accept: str, relay: str, connect: str, serve
     return "\n".join([*_HEAD, *terminate, "", *fleet, ""])
 
 
-def make_sidecar(*, name: str, config_text: str, workdir: Path) -> Managed:
-    """Write the stunnel config into `workdir` and return the (not yet started) process."""
+def make_sidecar(*, name: str, config_text: str, workdir: Path, sockets: Sequence[Path] = ()) -> Managed:
+    """Write the stunnel config into `workdir` and return the (not yet started) process.
+
+    `sockets`: the Unix socket paths the config accepts on (stunnel takes a path wherever it takes
+    host:port, creates the socket under its umask and removes it when it exits, but will not bind
+    over one a killed stunnel left behind).
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     conf = workdir / f"{name}.conf"
     conf.write_text(config_text)
-    return Managed(name=name, argv=[stunnel_binary(), str(conf)], log_path=workdir / f"{name}.log")
+    return Managed(
+        name=name, argv=[stunnel_binary(), str(conf)], log_path=workdir / f"{name}.log", sockets=tuple(sockets)
+    )

@@ -13,7 +13,7 @@ The routes live one family per module and are mounted here:
 | models.py         | `/v1/models`, `/metrics`                            | application          |
 | explanations.py   | `/v1/explanations`, `/v1/explanations/{id}`         | reviewer             |
 | admin.py          | `/v1/admin/status`                                  | admin                |
-| internal.py       | `/internal/train`, `/internal/deploy`               | self                 |
+| internal.py       | `/internal/train`, `/internal/ready`, `.../deploy`  | self                 |
 
 `fedseek serve` mounts the first two only.
 """

@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import Depends, Request
 
+from federation.errors import FedSeekError
 from node.access import Caller, Rule
 from node.api.guard import CALLER_STATE_KEY, RULE_STATE_KEY
 from node.explain_service import Explanations
@@ -20,7 +21,7 @@ from node.service import Loading, NodeService, Serving
 GetServing = Callable[[], Serving | None]
 
 
-class GuardMismatch(RuntimeError):
+class GuardMismatch(FedSeekError):
     """A route's rule is not the one node/access.py's table gave its path: a bug, refused (500)."""
 
 

@@ -1,4 +1,5 @@
-"""`/internal/train` and `/internal/deploy`: the federation's calls, from this site's own ClientApp only.
+"""`/internal/train`, `/internal/ready` and `/internal/deploy`: the federation's calls, from this site's
+own ClientApp only.
 
 Bodies are safetensors (federation.protocol.wire), the round's settings a JSON header. Any
 FedSeekError a round raises (an unknown setting is InvalidInput) reaches the app's shared
@@ -52,6 +53,17 @@ async def internal_train(request: Request) -> Response:
         media_type="application/octet-stream",
         headers={REPORT_HEADER: json.dumps(result.report.to_dict())},
     )
+
+
+@router.post("/internal/ready", response_model=None)
+async def internal_ready(request: Request) -> dict[str, Any] | JSONResponse:
+    """The coordinator's readiness query before a round: could this site train it? Nothing is charged."""
+    try:
+        config = _config(request)
+    except json.JSONDecodeError as exc:
+        return error_response(400, str(exc))
+    answer = await run_in_threadpool(node_of(request).readiness, config)
+    return answer.to_dict()
 
 
 @router.post("/internal/deploy", response_model=None)

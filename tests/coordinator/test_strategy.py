@@ -21,15 +21,21 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.server.superlink.linkstate.utils import create_message_error_unavailable_res_message
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
+from coordinator import runs
 from coordinator.registry import AdapterRegistry
+from coordinator.runs import wait_run
 from coordinator.server_app import run_federation
+from coordinator.service import CoordinatorError
 from coordinator.strategy import weighted_average
+from federation.cli.main import main as cli_main
+from federation.ops.layout import CoordinatorLayout
 from federation.protocol import records, wire
 from federation.protocol.round_settings import (
     RoundSettingsError,
@@ -42,7 +48,8 @@ from federation.protocol.round_settings import (
 RUN_ID = 4242
 SHAPES = {"layers.0.q_proj.lora_A": (2, 8), "layers.0.q_proj.lora_B": (8, 2), "layers.1.v_proj.lora_A": (2, 8)}
 
-Node = Callable[[Message], Message]
+Node = Callable[[Message], Message | None]
+"""A site: its reply, or None when it never answers (a site that died)."""
 
 
 # -- in-process grid ------------------------------------------------------------------
@@ -88,7 +95,8 @@ class InProcessGrid(Grid):
         return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
 
     def get_node_ids(self) -> Iterable[int]:
-        return list(self.nodes)
+        """The connected nodes: a site that died (`alive` False) is no longer one, as the SuperLink marks it offline."""
+        return [n for n, node in self.nodes.items() if getattr(node, "alive", True)]
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids: list[str] = []
@@ -100,16 +108,21 @@ class InProcessGrid(Grid):
             delivered = _over_the_wire(msg)
             self.delivered.append(delivered)
             reply = node(delivered)
+            ids.append(msg_id)
+            if reply is None:  # died: no reply ever comes
+                if getattr(node, "mode", "") == "offline":  # the SuperLink saw its heartbeat stop: it answers
+                    self._replies[msg_id] = create_message_error_unavailable_res_message(msg.metadata, "node_unavail")
+                continue
             assert reply.metadata.reply_to_message_id == msg_id
             assert reply.metadata.src_node_id == msg.metadata.dst_node_id
             self._replies[msg_id] = _over_the_wire(reply)
             self.reply_bytes.append((delivered, _serialized_size(reply)))
-            ids.append(msg_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         out = [self._replies.pop(i) for i in message_ids if i in self._replies]
-        return sorted(out, key=lambda m: self.reply_order.index(m.metadata.src_node_id))
+        order = {node: i for i, node in enumerate(self.reply_order)}
+        return sorted(out, key=lambda m: order.get(m.metadata.src_node_id, len(order)))  # the SuperLink's last
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return list(self.pull_messages(self.push_messages(messages)))
@@ -128,8 +141,12 @@ class FakeSite:
     epsilon: float
     eval_loss: float
     mode: str = "good"  # good | nan | shape | error | no-privacy | zero-examples | no-site-record
+    # | dies (killed while training; no reply) | offline (the same, and the SuperLink answers for it, as from itself)
+    # | leaves (gone after deploying) | no-budget (answers the readiness query: no)
     bad_rounds: set[int] | None = None  # None: misbehave in every round
     updates: dict[int, wire.Arrays] = field(default_factory=dict)
+    alive: bool = True  # "dies": killed while training a bad round, never answers again
+    trained: list[int] = field(default_factory=list)  # rounds this site trained (was charged for)
 
     def _bad(self, server_round: int) -> bool:
         return self.mode != "good" and (self.bad_rounds is None or server_round in self.bad_rounds)
@@ -138,13 +155,39 @@ class FakeSite:
         rng = np.random.default_rng([zlib.crc32(self.name.encode()), server_round])
         return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in SHAPES.items()}
 
-    def __call__(self, msg: Message) -> Message:
+    def __call__(self, msg: Message) -> Message | None:
+        if not self.alive:
+            return None
         config = msg.content.config_records[records.CONFIG]
         server_round = int(config["server-round"])  # type: ignore[arg-type]
+        if msg.metadata.message_type == MessageType.QUERY:
+            return self.query(msg, server_round)
         if msg.metadata.message_type == MessageType.TRAIN:
+            if self._bad(server_round) and self.mode in ("dies", "offline"):
+                self.trained.append(server_round)  # charged, then killed before replying
+                self.alive = False
+                return None
+            if self.mode == "no-budget":  # what the node agent answers: 409, nothing charged
+                reason = "node agent refused /internal/train: 409 privacy budget exhausted"
+                return Message(Error(code=0, reason=reason), reply_to=msg)
+            self.trained.append(server_round)
             return self.train(msg, server_round)
         assert msg.metadata.message_type == MessageType.EVALUATE
         return self.evaluate(msg, server_round)
+
+    def query(self, msg: Message, server_round: int) -> Message:
+        """The readiness answer node/client_app.py relays from the agent's /internal/ready."""
+        TrainInstruction.from_config_record(msg.content.config_records[records.CONFIG])  # the round's train config
+        no_budget = self.mode == "no-budget"
+        reason = "privacy budget exhausted for this site: spent 1.00 of 1.00 (delta 1e-05); refusing round"
+        answer = wire.Readiness(
+            site=self.name,
+            ready=not no_budget,
+            reason=reason if no_budget else "",
+            epsilon_spent=1.0 if no_budget else 0.0,
+            epsilon_remaining=0.0 if no_budget else 1.0,
+        )
+        return Message(RecordDict({records.READINESS: records.readiness_to_config(answer)}), reply_to=msg)
 
     def report(self, server_round: int) -> wire.PrivacyReport:
         zero = self._bad(server_round) and self.mode == "zero-examples"
@@ -184,6 +227,8 @@ class FakeSite:
         return Message(RecordDict(content), reply_to=msg)
 
     def evaluate(self, msg: Message, server_round: int) -> Message:
+        if self._bad(server_round) and self.mode == "leaves":
+            self.alive = False  # deploys this round's adapter, then its host goes down
         config = msg.content.config_records[records.CONFIG]
         content: dict[str, Any] = {
             records.METRICS: MetricRecord({"num-examples": self.num_examples // 4, "eval-loss": self.eval_loss}),
@@ -453,7 +498,12 @@ def test_too_few_valid_updates_saves_no_version(tmp_path: Path) -> None:
     sites = _sites(site_b="nan", site_c="shape")
     summary, grid = _single_round(tmp_path, sites, min_nodes=3)
     (rec,) = summary["rounds"]
-    assert summary["status"] == "finished"
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith("round 1 made no global adapter (0 valid updates, min-nodes 3)")
+    assert "site-b (node-22): adapter tensor" in summary["error"]
+    # every site trained and was charged, though no adapter came of it: the error says so
+    assert "charged for this round with no adapter made: site-a (node-11) epsilon 0.500" in summary["error"]
+    assert "site-b (node-22)" in summary["error"].split("charged for this round")[1]
     assert rec["version"] is None and rec["sha256"] is None
     # site-b sent NaN; site-a and site-c disagree on the layout with no majority: both refused
     assert set(rec["rejected"]) == {"node-11", "node-22", "node-33"}
@@ -466,28 +516,191 @@ def test_too_few_valid_updates_saves_no_version(tmp_path: Path) -> None:
     assert grid.sent(MessageType.EVALUATE) == []
 
 
-def test_failed_round_keeps_and_redeploys_the_previous_version(tmp_path: Path) -> None:
+def test_failed_round_ends_the_run_and_keeps_the_previous_version(tmp_path: Path) -> None:
     sites = _sites(site_b="nan")
     sites[22].bad_rounds = {2}
     grid = InProcessGrid(dict(sites))
-    summary = run_federation(grid, _run_config(tmp_path, min_nodes=3))
-    first, second = summary["rounds"]
+    summary = run_federation(grid, _run_config(tmp_path, min_nodes=3, num_rounds=3))
+    first, second = summary["rounds"]  # round 3 never starts: it would spend budget for a failed run
     assert first["version"] == "global-v0001"
     assert second["version"] is None
     assert set(second["rejected"]) == {"node-22"}
-    assert summary["rounds_completed"] == 1
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 1 and summary["rounds_planned"] == 3
+    assert summary["error"].startswith("round 2 made no global adapter (2 valid updates, min-nodes 3)")
+    assert summary["error"].endswith("later rounds not started")
     assert summary["global_adapter"]["version"] == "global-v0001"
     assert AdapterRegistry(tmp_path / "registry").versions() == ["global-v0001"]
-    round_two_eval = [
-        m for m in grid.sent(MessageType.EVALUATE) if m.content.config_records[records.CONFIG]["server-round"] == 2
+    assert all(site.trained == [1, 2] for site in sites.values())
+    assert {m.content.config_records[records.CONFIG]["server-round"] for m in grid.sent(MessageType.TRAIN)} == {1, 2}
+    assert {m.content.config_records[records.CONFIG]["server-round"] for m in grid.sent(MessageType.EVALUATE)} == {1}
+
+
+# -- issue 14, finding 4: a round starts only if it can succeed; a failed one ends the run, named ---------
+
+
+def _round_of(msg: Message) -> int:
+    return int(msg.content.config_records[records.CONFIG]["server-round"])  # type: ignore[arg-type]
+
+
+def _trained_rounds(grid: InProcessGrid) -> dict[int, list[int]]:
+    """Node id -> the rounds whose train message reached it."""
+    out: dict[int, list[int]] = {}
+    for m in grid.sent(MessageType.TRAIN):
+        out.setdefault(m.metadata.dst_node_id, []).append(_round_of(m))
+    return out
+
+
+def test_site_killed_mid_round_fails_the_run_and_names_it(tmp_path: Path) -> None:
+    """Finding 4: `--min-nodes 3`, one site killed mid-round: no adapter was made, yet the run
+    reported `finished`. Now the run fails, naming the site that dropped and those charged for nothing."""
+    sites = _sites(site_c="dies")
+    sites[33].bad_rounds = {1}
+    grid = InProcessGrid(dict(sites))
+    summary = run_federation(grid, _run_config(tmp_path, min_nodes=3, num_rounds=2))
+    assert summary["status"] == "failed"
+    assert summary["rounds_completed"] == 0 and summary["global_adapter"] is None
+    error = summary["error"]
+    assert error.startswith("round 1 made no global adapter (2 valid updates, min-nodes 3)")
+    assert "site-c (node-33): no reply within 30s" in error
+    assert "charged for this round with no adapter made: site-a (node-11) epsilon 0.500, site-b (node-22)" in error
+    assert "\n" not in error
+    # round 2 never starts: the survivors spend nothing more, and nothing is deployed
+    assert _trained_rounds(grid) == {11: [1], 22: [1], 33: [1]}
+    assert grid.sent(MessageType.EVALUATE) == []
+    assert AdapterRegistry(tmp_path / "registry").versions() == []
+    on_disk = json.loads((tmp_path / "registry" / "runs" / "unit-run.json").read_text())
+    assert on_disk["status"] == "failed" and on_disk["error"] == error
+
+
+def test_the_superlinks_node_unavailable_reply_is_charged_to_the_site_it_stands_for(tmp_path: Path) -> None:
+    """The SuperLink answers for a node whose heartbeat stopped, from its own node id: the error
+    must name the site the train message went to, not the SuperLink."""
+    sites = _sites(site_c="offline")
+    sites[33].bad_rounds = {1}
+    summary, _ = _single_round(tmp_path, sites, min_nodes=3)
+    (rec,) = summary["rounds"]
+    assert set(rec["rejected"]) == {"node-33"} and "Node Unavailable" in rec["rejected"]["node-33"]
+    assert f"node-{SUPERLINK_NODE_ID}:" not in summary["error"] and f"node-{SUPERLINK_NODE_ID})" not in summary["error"]
+    assert "dropped or rejected: site-c (node-33): Error: Node Unavailable" in summary["error"]
+    assert summary["status"] == "failed"
+
+
+def test_round_refused_before_anyone_trains_when_a_site_is_gone(tmp_path: Path) -> None:
+    sites = _sites(site_c="leaves")
+    sites[33].bad_rounds = {1}  # deploys round 1's adapter, then goes down
+    grid = InProcessGrid(dict(sites))
+    summary = run_federation(grid, _run_config(tmp_path, min_nodes=3, num_rounds=2, round_timeout=1.0))
+    first, second = summary["rounds"]
+    assert first["version"] == "global-v0001"
+    assert second["version"] is None and second["accepted"] == []
+    assert second["not_ready"] == {"site-c": "not connected"}
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 1
+    assert summary["error"] == (
+        "round 2 not started, nothing trained or charged: 2 of 2 connected sites ready, min-nodes 3; "
+        "site-c: not connected"
+    )
+    assert _trained_rounds(grid) == {11: [1], 22: [1], 33: [1]}  # no site trained (or was charged) for round 2
+    assert [s.trained for s in sites.values()] == [[1], [1], [1]]
+
+
+def test_site_without_budget_refuses_the_round_before_anyone_is_charged(tmp_path: Path) -> None:
+    sites = _sites(site_b="no-budget")
+    summary, grid = _single_round(tmp_path, sites, min_nodes=3)
+    (rec,) = summary["rounds"]
+    assert rec["not_ready"] == {
+        "site-b (node-22)": "privacy budget exhausted for this site: spent 1.00 of 1.00 (delta 1e-05); refusing round"
+    }
+    assert summary["status"] == "failed"
+    assert summary["error"].startswith(
+        "round 1 not started, nothing trained or charged: 2 of 3 connected sites ready, min-nodes 3; "
+        "site-b (node-22): privacy budget exhausted for this site"
+    )
+    assert grid.sent(MessageType.TRAIN) == [] and all(s.trained == [] for s in sites.values())
+    assert len(grid.sent(MessageType.QUERY)) == 3
+
+
+def test_site_without_budget_is_left_out_and_still_gets_the_adapter(tmp_path: Path) -> None:
+    sites = _sites(site_b="no-budget")
+    grid = InProcessGrid(dict(sites))
+    summary = run_federation(grid, _run_config(tmp_path, min_nodes=2))
+    assert summary["status"] == "finished" and summary["rounds_completed"] == 2
+    assert "error" not in summary
+    assert _trained_rounds(grid) == {11: [1, 2], 33: [1, 2]}  # never sent a round it would refuse
+    assert all(set(r["not_ready"]) == {"site-b (node-22)"} for r in summary["rounds"])
+    assert all(sorted(r["accepted"]) == ["site-a", "site-c"] for r in summary["rounds"])
+    # it serves the consortium's adapter all the same: deployment goes to every connected site
+    deployed = {(_round_of(m), m.metadata.dst_node_id) for m in grid.sent(MessageType.EVALUATE)}
+    assert deployed == {(r, n) for r in (1, 2) for n in (11, 22, 33)}
+
+
+def test_readiness_query_carries_the_rounds_train_config(tmp_path: Path) -> None:
+    sites = _sites()
+    grid = InProcessGrid(dict(sites))
+    run_federation(grid, _run_config(tmp_path, budget_share=0.25))
+    queries = grid.sent(MessageType.QUERY)
+    assert sorted((m.metadata.dst_node_id, _round_of(m)) for m in queries) == [
+        (n, r) for n in (11, 22, 33) for r in (1, 2)
     ]
-    assert len(round_two_eval) == 3
-    assert {m.content.config_records[records.CONFIG]["adapter-version"] for m in round_two_eval} == {"global-v0001"}
-    # round 2 training started from global-v0001, and so does the next round after the failure
-    v1, _ = AdapterRegistry(tmp_path / "registry").load("global-v0001")
-    for msg in round_two_eval:
-        carried = records.from_array_record(msg.content.array_records[records.ARRAYS])
-        assert wire.sha256_of(carried) == wire.sha256_of(v1)
+    for query in queries:  # the node plans exactly the round it would train: same instruction
+        instruction = TrainInstruction.from_config_record(query.content.config_records[records.CONFIG])
+        assert instruction.run.budget_share == 0.25 and instruction.run.num_rounds == 2
+        assert len(query.content.array_records) == 0  # no adapter travels with the question
+    # a train message lives only as long as the coordinator waits: a site back after the round must not train
+    assert {m.metadata.ttl for m in grid.sent(MessageType.TRAIN)} == {30.0}
+    # and each round's queries precede its training
+    order = [
+        (m.metadata.message_type, m.content.config_records[records.CONFIG]["server-round"]) for m in grid.delivered
+    ]
+    for r in (1, 2):
+        assert max(i for i, o in enumerate(order) if o == (MessageType.QUERY, r)) < order.index((MessageType.TRAIN, r))
+
+
+def test_malformed_readiness_answer_leaves_the_site_out(tmp_path: Path) -> None:
+    sites = _sites()
+    sites[22].query = lambda msg, r: Message(RecordDict({}), reply_to=msg)  # type: ignore[method-assign]
+    summary, grid = _single_round(tmp_path, sites, min_nodes=2)
+    assert summary["status"] == "finished"
+    assert summary["rounds"][0]["not_ready"] == {"node-22": "query reply holds no readiness record"}
+    assert sorted(m.metadata.dst_node_id for m in grid.sent(MessageType.TRAIN)) == [11, 33]
+
+
+def _killed_run(tmp_path: Path) -> Path:
+    """A coordinator state whose run `unit-run` failed as finding 4's did; returns the state dir."""
+    sites = _sites(site_c="dies")
+    sites[33].bad_rounds = {1}
+    state = tmp_path / "coord"
+    summary = run_federation(InProcessGrid(dict(sites)), _run_config(state, min_nodes=3))
+    assert summary["status"] == "failed"
+    endpoints = CoordinatorLayout(state).endpoints
+    endpoints.parent.mkdir(parents=True, exist_ok=True)
+    endpoints.write_text(json.dumps({"registry": str(state / "registry")}))
+    return state
+
+
+def test_wait_run_raises_the_failed_runs_error(tmp_path: Path) -> None:
+    state = _killed_run(tmp_path)
+    seen: list[dict[str, Any]] = []
+    with pytest.raises(CoordinatorError) as failed:
+        wait_run(state, run_name="unit-run", timeout=10, progress=seen.append)
+    line = failed.value.one_line()
+    assert line.startswith("run unit-run failed: round 1 made no global adapter (2 valid updates, min-nodes 3)")
+    assert "site-c (node-33): no reply within 30s" in line and line == str(failed.value)
+    assert [r["round"] for r in seen] == [1]  # the failed round is reported before the error
+
+
+def test_fedseek_run_exits_non_zero_with_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Finding 4: the run reported `finished` and `fedseek run` exited 0. `fedseek run` is followed
+    here from the summary on (submitting needs a SuperLink: tests/redteam/test_round_failure.py)."""
+    state = _killed_run(tmp_path)
+    monkeypatch.setattr(runs, "submit_run", lambda *a, **k: "1")
+    code = cli_main(["run", "--state", str(state), "--name", "unit-run", "--min-nodes", "3", "--timeout", "10"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("fedseek: error: run unit-run failed: round 1 made no global")
+    assert "site-c (node-33)" in err and "later rounds not started" in err
+    assert "round 1: no global adapter" in out and "null" not in out
 
 
 def test_malformed_evaluate_reply_does_not_abort_the_run(tmp_path: Path) -> None:

@@ -33,6 +33,10 @@ PACKAGES = ("federation", "node", "coordinator", "privacy", "explain", "fedseek_
 # Exceptions that never leave their module: control flow, caught where they are raised.
 INTERNAL = {
     "privacy.audit._Invalid",  # one bad audit record, turned into a VerifyResult inside verify()
+    # raised from an ASGI `receive` mid-parse; an HTTPException so FastAPI passes it through to the 413 handler
+    "node.api.guard.BodyTooLarge",
+    # a TLS verification failure by design (an ssl.SSLCertVerificationError), so clients treat it as a failed handshake
+    "federation.security.peer_pin.PeerIdentityError",
 }
 
 

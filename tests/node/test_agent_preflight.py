@@ -182,12 +182,16 @@ def _exhaust(config: NodeConfig) -> PrivacyLedger:
     return ledger
 
 
-def test_exhausted_budget_is_refused_and_ledger_untouched(config: NodeConfig) -> None:
+def test_exhausted_budget_does_not_stop_the_start_and_ledger_untouched(
+    config: NodeConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14, finding 3: serving never depends on the training budget (the ledger refuses rounds)."""
     ledger = _exhaust(config)
     path = state(config).ledger
     entries, before = ledger.entries(), digest(path)
-    message = refused(config)
-    assert "privacy budget exhausted" in message
+    with caplog.at_level("WARNING", logger="fedseek.node"):
+        assert preflight(config).role == "node"
+    assert "privacy budget spent" in caplog.text and "training rounds are refused" in caplog.text
     assert digest(path) == before
     assert ledger.entries() == entries
 

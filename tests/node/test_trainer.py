@@ -32,7 +32,13 @@ N_TRAIN, N_EVAL = 16, 4
 
 
 def round_config(
-    server_round: int, num_rounds: int, *, run_id: str = "run-1", ffa: bool = False, **round_fields: Any
+    server_round: int,
+    num_rounds: int,
+    *,
+    run_id: str = "run-1",
+    ffa: bool = False,
+    share: float = RunSettings.budget_share,
+    **round_fields: Any,
 ) -> ConfigRecord:
     """A train message's config as the ClientApp relays it to the agent."""
     run = RunSettings(
@@ -41,6 +47,7 @@ def round_config(
         local_epochs=1,
         learning_rate=1e-2,
         ffa_lora=ffa,
+        budget_share=share,
     )
     return TrainInstruction(run=run, server_round=server_round, run_id=run_id, **round_fields).to_config_record()
 
@@ -227,7 +234,7 @@ def test_round_charges_the_ledger_and_reports_it(first_round: FirstRound) -> Non
     assert entry.steps_completed == entry.steps == report.steps == 1
     assert report.epsilon == pytest.approx(entry.epsilon_after, rel=1e-9)
     assert report.epsilon == pytest.approx(service.ledger.spent(), rel=1e-9)
-    assert 0.4 < report.epsilon <= 0.5 + 1e-9  # rounds_left=2: half of epsilon 1.0
+    assert 0.2 < report.epsilon <= 0.25 + 1e-9  # rounds_left=2 of a run that may spend half (budget-share 0.5) of 1.0
     assert report.delta == entry.delta == service.ledger.budget.delta == pytest.approx(1 / (10 * N_TRAIN))
     assert report.noise_multiplier == entry.noise_multiplier > 0
     assert report.sample_rate == entry.sample_rate == 1.0
@@ -240,11 +247,13 @@ def test_round_charges_the_ledger_and_reports_it(first_round: FirstRound) -> Non
 
 def test_round_is_audited(first_round: FirstRound) -> None:
     service, result = first_round.service, first_round.result
-    assert len(service.audit) == first_round.audit_before + 1
+    assert len(service.audit) == first_round.audit_before + 2  # the ledger's charge, then the round
     assert verify(service.audit.path).ok
-    last = service.audit.path.read_text().splitlines()[-1]
-    record = json.loads(last)
+    charge, record = (json.loads(line) for line in service.audit.path.read_text().splitlines()[-2:])
+    assert charge["action"] == "ledger.charge" and charge["details"]["ledger"]["status"] == "charged"
     assert record["action"] == "train"
+    (link,) = service.ledger.chain().links  # the round cites its completed ledger entry
+    assert record["details"]["ledger"] == {**charge["details"]["ledger"], "hash": link.hash, "status": "completed"}
     assert record["resource"] == "run-1"
     assert record["details"]["update_sha256"] == wire.sha256_of(result.arrays)
     assert record["details"]["epsilon"] == pytest.approx(result.report.epsilon)
@@ -290,8 +299,8 @@ def test_last_round_uses_the_rest_and_then_training_is_refused(
     service: NodeService,
     tmp_path: Path,
 ) -> None:
-    first = service.train(None, round_config(1, 2))
-    second = service.train(first.arrays, round_config(2, 2))  # rounds_left = 1
+    first = service.train(None, round_config(1, 2, share=1.0))  # a run allowed all that remains
+    second = service.train(first.arrays, round_config(2, 2, share=1.0))  # rounds_left = 1
     entries = service.ledger.entries()
     assert [e.status for e in entries] == ["completed", "completed"]
     assert first.report.epsilon < second.report.epsilon <= 1.0
@@ -301,7 +310,7 @@ def test_last_round_uses_the_rest_and_then_training_is_refused(
     ledger_file = service.layout.ledger.read_bytes()
 
     with pytest.raises(BudgetExceeded, match="privacy budget exhausted"):
-        service.train(second.arrays, round_config(3, 3))
+        service.train(second.arrays, round_config(3, 3, share=1.0))
 
     assert service.ledger.entries() == entries
     assert service.layout.ledger.read_bytes() == ledger_file

@@ -194,7 +194,6 @@ def test_concurrent_appends_stay_consistent(tmp_path: Path) -> None:
     assert result.ok and result.records == total
 
 
-
 def test_two_writers_extend_one_chain(tmp_path: Path) -> None:
     """A site's app guard appends to the agent's trail from its own process (issue 13, finding 1):
     each writer continues from the other's last record instead of from what it saw at opening."""

@@ -187,7 +187,9 @@ def test_to_json(tmp_path: Path) -> None:
         "accountant",
         "entries",
         "rdp_orders",
+        "head",
     }
+    assert report["head"]["seq"] == 1 and report["head"]["epsilon"] == report["epsilon_spent"]
     assert (report["delta"], report["budget_epsilon"], report["accountant"]) == (DELTA, 1.0, "rdp")
     assert report["epsilon_spent"] == ledger.spent()
     assert report["epsilon_remaining"] == pytest.approx(1.0 - ledger.spent())

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from coordinator import runs
 from coordinator.runs import run, submit_run
+from federation.ops import netns
 from federation.ops.layout import CoordinatorLayout, NodeLayout
 from federation.ops.supervise import Managed, free_port
 from federation.protocol import config as cfg
@@ -250,15 +251,41 @@ def acquire_task(address: str, secret: bytes | None) -> int:
         client.close()
 
 
+# AcquireTask from inside the SuperNode's namespace, the only place its Runtime API is
+# (tests/redteam/test_site_local_service.py shows no other local user gets there at all).
+INSIDE = """
+import sys
+from pathlib import Path
+from tests.redteam.test_foreign_app import acquire_task
+given = {"none": None, "guess": b"a guess"}
+print(acquire_task(sys.argv[1], given[sys.argv[2]] if sys.argv[2] in given else Path(sys.argv[2]).read_bytes()))
+"""
+
+
+def acquire_task_inside(site_state: Path, address: str, secret: str) -> int:
+    """`acquire_task` run in the namespace of the site's SuperNode (`secret`: none, guess or a path)."""
+    done = netns.run_inside(
+        NodeLayout(site_state).runtime_socket,
+        [sys.executable, "-c", INSIDE, address, secret],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return int(done.stdout.split()[-1])
+
+
 def test_only_the_app_guard_takes_the_sites_tasks(consortium: dict[str, Any]) -> None:
     """Finding 1: a local user at the site cannot stand in for the guard: the SuperNode hands a task
-    (and its token) only to a caller holding the SuperExec secret, a 0600 file of the agent's user."""
+    (and its token) only to a caller holding the SuperExec secret, a 0600 file of the agent's user
+    (and its Runtime API is only inside the namespace it shares with the guard)."""
     address = runtime_api(consortium["node"])
     secret = NodeLayout(consortium["site_state"]).superexec_secret
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600 and secret.stat().st_uid == os.geteuid()
-    assert acquire_task(address, None) == 401
-    assert acquire_task(address, b"a guess") == 401
-    assert acquire_task(address, secret.read_bytes()) == 200  # the same call, with the secret: served
+    assert acquire_task_inside(consortium["site_state"], address, "none") == 401
+    assert acquire_task_inside(consortium["site_state"], address, "guess") == 401
+    assert acquire_task_inside(consortium["site_state"], address, str(secret)) == 200  # with the secret: served
 
 
 def test_the_signed_fedseek_app_still_trains(consortium: dict[str, Any]) -> None:

@@ -264,6 +264,42 @@ def test_budget_of_damaged_ledger_is_one_line_error(tmp_path: Path, capsys: pyte
     assert len(err) == 1 and err[0].startswith("fedseek: error:")
 
 
+def test_budget_shows_why_training_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 14 findings 1-2: a deleted or re-chained ledger no longer reads as an unspent budget."""
+    import json
+    import sqlite3
+
+    from privacy.audit import AuditTrail
+    from privacy.ledger import Budget, PrivacyLedger
+
+    layout = NodeLayout(tmp_path)
+    ledger = PrivacyLedger(layout.ledger, budget=Budget(epsilon=1.0, delta=1e-4), audit=AuditTrail(layout.audit))
+    for r in range(2):
+        plan = ledger.plan_round(sample_rate=1.0, steps=1, rounds_left=2 - r)
+        ledger.complete(ledger.charge(run_id="run-1", round=r, plan=plan, max_grad_norm=1.0).id, steps=1)
+    spent = ledger.spent()
+    assert main(["budget", "--state", str(tmp_path)]) == 0  # the honest ledger
+    assert "REFUSED" not in capsys.readouterr().out
+    conn = sqlite3.connect(layout.ledger)  # the last row deleted and the head reset to the one before
+    first = conn.execute("SELECT hash FROM entries WHERE id = 1").fetchone()[0]
+    conn.execute("DELETE FROM entries WHERE id = 2")
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'head'", (json.dumps({"id": 1, "hash": first}),))
+    conn.commit()
+    conn.close()
+    assert main(["budget", "--state", str(tmp_path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1].startswith("TRAINING REFUSED: ledger entries missing: the audit trail records 2 training rounds")
+    assert main(["budget", "--state", str(tmp_path), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["training_refused"].startswith("ledger entries missing")
+    layout.ledger.unlink()
+    assert main(["budget", "--state", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"fedseek: error: ledger missing: the audit trail records 2 training rounds spending epsilon {spent:.4f}; "
+        "refusing to train"
+    ]
+
+
 def test_privacy_audit_rejects_too_few_canaries(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["privacy", "audit", "--model", str(tmp_path), "--canaries", "3"])

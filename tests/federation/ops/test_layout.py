@@ -10,7 +10,7 @@ import pytest
 from federation.ops.layout import CoordinatorLayout, NodeLayout
 
 LAYOUTS = [NodeLayout, CoordinatorLayout]
-DIRECTORY_ENTRIES = {"logs", "control"}  # the entries other entries may live in
+DIRECTORY_ENTRIES = {"logs", "control", "sockets"}  # the entries other entries may live in
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import signal
@@ -246,3 +247,93 @@ def test_where_no_namespace_may_be_made_nothing_runs(public_tmp: Path) -> None:
         "root needs CAP_SYS_ADMIN for it (a container must allow unshare)"
     )
     assert not marker.exists()
+
+
+# Inside: dials the exposed port (HTTP) and the forward (a host Unix socket that answers "pong:" +
+# what it got), prints both answers, its namespace and $X, then waits to be stopped.
+ALSO_PROBE = r"""
+import os, socket, sys, time
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10) as s:
+    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+    http = s.recv(12).decode()
+with socket.create_connection(("127.0.0.1", int(sys.argv[2])), timeout=10) as s:
+    s.sendall(b"ping")
+    s.shutdown(socket.SHUT_WR)
+    out = s.recv(100).decode()
+print(http, out, os.readlink("/proc/self/ns/net"), os.environ.get("X"), flush=True)
+time.sleep(120)
+"""
+
+
+def pong_server(path: Path) -> socket.socket:
+    """A host Unix socket answering each connection with b"pong:" + what it sent (one thread)."""
+    import threading
+
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while chunk := conn.recv(100):
+                    data += chunk
+                conn.sendall(b"pong:" + data)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server
+
+
+def test_forwards_lead_out_and_further_commands_share_the_namespace(public_tmp: Path) -> None:
+    """The site's shape: a further command (`--also`) starts in the same namespace once the exposed
+    port accepts, and reaches a host Unix socket through a forward; when it exits, the launcher stops
+    the main command too and exits with its status."""
+    folder = public_tmp / "control"
+    netns.prepare_socket_dir(folder)
+    sock, port, fport = folder / "svc.sock", free_port(), free_port()
+    pong = pong_server(folder / "host.sock")
+    also_log = public_tmp / "logs" / "also.log"
+    also = netns.Command((sys.executable, "-c", ALSO_PROBE, str(port), str(fport)), log=also_log, env={"X": "1"})
+    argv = netns.launcher_argv(
+        http_server(port),
+        [netns.Exposed(sock, port)],
+        forwards=[netns.Forward(fport, folder / "host.sock")],
+        also=[also],
+    )
+    proc = Managed(name="netns", argv=argv, log_path=public_tmp / "netns.log", env={"PYTHONPATH": str(REPO)}).start()
+    try:
+        proc.wait_socket(sock, timeout=30)
+        deadline = time.monotonic() + 30
+        while not (also_log.exists() and also_log.read_text().strip()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        words = also_log.read_text().split()
+        assert words[:3] == ["HTTP/1.0", "200", "pong:ping"], words  # the exposed port, and out through the forward
+        assert words[3] == os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
+        assert words[4] == "1"  # its own environment over the launcher's
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", fport), timeout=5)  # the forward is inside only
+        kids = children(proc.pid)
+        (extra,) = [k for k in kids if b"http.server" not in Path(f"/proc/{k}/cmdline").read_bytes()]
+        os.kill(extra, signal.SIGTERM)  # the further command exits ...
+        assert proc.proc is not None
+        assert proc.proc.wait(timeout=20) == 256 - signal.SIGTERM  # ... so the launcher ends, with its status
+        assert all(gone(pid) for pid in kids)  # the main command too
+        assert not sock.exists()
+    finally:
+        proc.stop()
+        pong.close()
+
+
+def test_command_and_forward_arguments_round_trip(tmp_path: Path) -> None:
+    cmd = netns.Command(("guard", "--x", "a=b"), log=tmp_path / "g.log", env={"FLWR_HOME": "/h"})
+    assert netns.Command.parse(cmd.arg()) == cmd
+    fwd = netns.Forward(9092, tmp_path / "fleet.sock")
+    assert netns.Forward.parse(fwd.arg()) == fwd
+    for bad in ('{"argv": []}', '{"argv": "guard"}', "guard", '{"argv": ["g"], "env": {"A": 1}}'):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected"):
+            netns.Command.parse(bad)

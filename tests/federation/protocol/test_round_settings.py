@@ -28,6 +28,7 @@ SETTINGS = RunSettings(
     learning_rate=5e-4,
     max_grad_norm=0.5,
     ffa_lora=True,
+    budget_share=0.3,
 )
 
 
@@ -85,6 +86,7 @@ def test_the_wire_keeps_todays_keys_and_leaves_unknown_strings_off() -> None:
         "learning-rate": 5e-4,
         "max-grad-norm": 0.5,
         "ffa-lora": True,
+        "budget-share": 0.3,
         "server-round": 2,
         "reply-factors": "AB",
     }  # no lora-a-sha256 before the coordinator knows A, no run-id before the ClientApp adds it
@@ -138,7 +140,7 @@ def _refused(call: Any, items: dict[str, Any]) -> RoundSettingsError:
 )
 def test_an_unknown_key_is_refused_naming_it_and_the_known_keys(decode: Any, typo: str) -> None:
     err = _refused(decode, {"learning-rate": 0.01, typo: 0.5})
-    assert f"key '{typo}'" in str(err) and "known keys: batch-size, ffa-lora, learning-rate" in str(err)
+    assert f"key '{typo}'" in str(err) and "known keys: batch-size, budget-share, ffa-lora, learning-rate" in str(err)
     assert err.code == "unknown_key"
 
 
@@ -172,6 +174,9 @@ def test_a_wrong_type_is_refused(key: str, value: object, message: str) -> None:
         ("learning-rate", -1e-3),
         ("learning-rate", float("nan")),
         ("max-grad-norm", float("inf")),
+        ("budget-share", 0.0),  # a run that may spend nothing could never train
+        ("budget-share", 1.5),  # more than what remains
+        ("budget-share", float("nan")),
         ("run-name", ""),
         ("run-name", "../elsewhere"),
         ("run-name", "-flag"),
