@@ -238,6 +238,10 @@ def run_node(config: NodeConfig) -> None:
     """Run the agent until SIGTERM/SIGINT; raises NodeStartError on refused start-up."""
     os.umask(PRIVATE_UMASK)  # everything the agent and its children write: its user's alone
     leaf = preflight(config)
+    try:  # fail closed before anything starts: the SuperNode runs only in a namespace of its own
+        netns.check_available()
+    except netns.NamespaceError as exc:
+        raise NodeStartError(f"cannot start the SuperNode: {netns.REFUSAL_PREFIX}{exc}") from exc
     service = build_node(config)
     port = config.api_port or free_port()
     layout = service.layout

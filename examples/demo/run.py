@@ -170,7 +170,10 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         from coordinator.runs import run
         from federation.protocol.round_settings import RunSettings
 
-        say(f"starting federated DP-LoRA run: {settings.rounds} rounds, {len(names)} sites")
+        say(
+            f"starting federated DP-LoRA run: {settings.rounds} rounds, {len(names)} sites, each spending "
+            f"{RunSettings.budget_share:.0%} of its remaining privacy budget (the rest stays for later runs)"
+        )
 
         def progress(rec: dict[str, Any]) -> None:
             losses = ", ".join(f"{k} {v:.3f}" for k, v in sorted(rec.get("eval_loss", {}).items()))

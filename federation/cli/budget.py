@@ -4,7 +4,8 @@ The ledger is opened under its own stored budget and verified (hash chain, head)
 anything is shown; a missing or damaged ledger is a LedgerError (one line from `main`), and
 nothing is written to it. It is then held against the site's audit trail (privacy.consistency),
 as the node does at start-up: where they disagree (a deleted or re-chained ledger) the reason
-the node refuses to train is shown with it and the exit status is 1. privacy.ledger (Opacus, torch) is imported only when the command runs.
+the node refuses to train is shown with it and the exit status is 1. privacy.ledger (Opacus,
+torch) is imported only when the command runs.
 """
 
 from __future__ import annotations

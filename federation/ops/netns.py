@@ -77,6 +77,7 @@ __all__ = [
     "Exposed",
     "Forward",
     "NamespaceError",
+    "check_available",
     "check_socket_path",
     "launcher_argv",
     "prepare_socket_dir",
@@ -186,6 +187,16 @@ def launcher_argv(
 def refusal_in(text: str) -> str | None:
     """The launcher's one-line refusal in `text` (a log tail), if it refused to start."""
     return next((line for line in reversed(text.splitlines()) if line.startswith(REFUSAL_PREFIX)), None)
+
+
+def check_available(*, timeout: float = 30.0) -> None:
+    """Raise NamespaceError, with the launcher's own reason, unless it can make a namespace here
+    (it runs `true` in one): a daemon checks this before it starts anything, so that where its
+    namespace cannot be made, nothing runs at all."""
+    out = subprocess.run(launcher_argv(["true"], []), capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        reason = refusal_in(out.stderr) or (out.stderr.strip().splitlines() or [f"exit status {out.returncode}"])[-1]
+        raise NamespaceError(reason.removeprefix(REFUSAL_PREFIX))
 
 
 def check_socket_path(path: Path) -> None:

@@ -95,9 +95,11 @@ class RunSettings:
     """Names the run's summary, `<registry>/runs/<run-name>.json`: a plain file-name stem."""
     num_rounds: int = 2
     min_nodes: int = 2
-    """Sites that must train and evaluate in every round, and be connected before one starts."""
+    """Sites that must answer the readiness query with yes before a round starts, and send valid updates
+    in it; with fewer, the round trains nowhere, or makes no adapter, and the run ends `failed`."""
     round_timeout: float = 900.0
-    """Seconds the coordinator waits for a round's replies."""
+    """Seconds the coordinator waits for a round's replies, and before a round for `min-nodes` sites to connect;
+    a train message expires after it (a site back later never trains a round already over)."""
     local_epochs: int = 1
     batch_size: int = 8
     """Expected (Poisson-sampled) DP-SGD batch size at each site."""

@@ -287,6 +287,8 @@ NO_PEER = {HEADER: ""}
         ),
         pytest.param("post", "/internal/train", "token+site-b", 403, id="train-other-site"),
         pytest.param("post", "/internal/deploy", "token+reviewer", 403, id="deploy-reviewer"),
+        pytest.param("post", "/internal/ready", {**NO_PEER, "authorization": ""}, 401, id="ready-nothing"),
+        pytest.param("post", "/internal/ready", "token+site-b", 403, id="ready-other-site"),
         pytest.param("get", "/v1/admin/status", as_peer("site-a", "node"), 403, id="admin-node-cert"),
         pytest.param("get", "/v1/admin/status", {}, 403, id="admin-reviewer-cert"),
         pytest.param("get", "/v1/admin/status", NO_PEER, 401, id="admin-no-cert"),
@@ -382,6 +384,30 @@ def test_internal_train_bad_input_is_400(client: TestClient, service: NodeServic
     r = client.post("/internal/train", content=content, headers={**auth(service), CONFIG_HEADER: config})
     assert_openai_error(r, 400)
     assert service.ledger.entries() == entries
+
+
+@pytest.mark.parametrize(
+    ("config", "status"),
+    [
+        pytest.param("{not json", 400, id="bad-config-header"),
+        pytest.param('{"run-id": "r", "learning_rate": 0.01}', 400, id="unknown-setting"),
+        pytest.param('{"run-id": "ready-run", "num-rounds": 2}', 200, id="a-round-it-can-train"),
+    ],
+)
+def test_internal_ready_answers_and_charges_nothing(
+    client: TestClient, service: NodeService, config: str, status: int
+) -> None:
+    """The coordinator's readiness query (issue 14): a plan of the round from the ledger, never a charge."""
+    entries, audit = service.ledger.entries(), len(service.audit)
+    r = client.post("/internal/ready", headers={**auth(service), CONFIG_HEADER: config})
+    assert r.status_code == status, r.text
+    if status == 200:
+        answer = wire.Readiness.from_dict(r.json())
+        assert (answer.site, answer.ready, answer.reason) == ("site-a", True, "")
+        assert answer.epsilon_spent == pytest.approx(service.ledger.spent())
+    else:
+        assert_openai_error(r, status)
+    assert service.ledger.entries() == entries and len(service.audit) == audit
 
 
 def test_internal_train_with_misshaped_arrays_spends_no_budget(client: TestClient, service: NodeService) -> None:

@@ -135,8 +135,8 @@ def test_the_site_fails_closed_where_no_namespace_may_be_made(
     tmp_path: Path, pki_dir: Path, tiny_model_dir: Path, site_data_dir: Path
 ) -> None:
     """Finding 5: where the SuperNode cannot get a namespace of its own (root without CAP_SYS_ADMIN,
-    as in a locked-down container), the agent refuses to start with one line saying why; the
-    SuperNode and the guard never run on the host's network."""
+    as in a locked-down container), the agent refuses to start with one line saying why, before it
+    starts anything: the SuperNode and the guard never run on the host's network."""
     _needs_root()
     state = tmp_path / "state"
     conf = cfg.NodeConfig(
@@ -167,13 +167,15 @@ def test_the_site_fails_closed_where_no_namespace_may_be_made(
     )
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]
-    assert last.startswith("fedseek: error: supernode exited during start-up: netns: cannot create a private network")
-    assert "CAP_SYS_ADMIN" in last
+    assert last == (
+        "fedseek: error: cannot start the SuperNode: netns: cannot create a private network namespace "
+        "(unshare: Operation not permitted); root needs CAP_SYS_ADMIN for it (a container must allow unshare)"
+    )
     layout = NodeLayout(state)
     assert not layout.endpoints.exists()
-    assert "Flower" not in layout.supernode_log.read_text()  # the SuperNode never ran
-    assert not layout.app_guard_log.exists()  # nor the guard
-    assert not [p for p in layout.sockets.iterdir() if p.is_socket()]  # and everything it started is gone
+    assert not layout.supernode_log.exists() and not layout.app_guard_log.exists()  # they never ran
+    assert not (layout.sidecar / "fleet-sidecar.log").exists()  # nor anything else: refused before starting
+    assert not layout.sockets.exists()
 
 
 # Inside the namespace: TLS to the agent's URL (the consortium CA, name 127.0.0.1), a request with no

@@ -219,3 +219,36 @@ def test_renewed_server_certificate_is_served_without_restart(ca: Path, endpoint
     while served_serial() != new and time.monotonic() < deadline:
         time.sleep(POLL)
     assert served_serial() == new
+
+
+def test_a_unix_socket_gets_the_same_gate_as_the_port(ca: Path, tmp_path: Path) -> None:
+    """`unix_socket`: one service on host:port and on a socket file (born 0600, removed at stop),
+    with the same TLS gate: the verified identity on one, a refusal on the other, named by socket."""
+    refusals: list[Refusal] = []
+    leaf = pki.load_leaf(ca, "site-a")
+    tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, poll_interval=POLL)
+    folder = tmp_path / "sockets"
+    folder.mkdir(mode=0o700)
+    sock_path, port = folder / "api.sock", free_port()
+    service = HTTPSService.start(_app(), tls, host=HOST, port=port, on_refusal=refusals.append, unix_socket=sock_path)
+    try:
+        assert sock_path.is_socket() and sock_path.stat().st_mode & 0o777 == 0o600
+        ctx = client_ctx(ca, "alice", ca_of=ca)
+        transport = httpx.HTTPTransport(uds=str(sock_path), verify=ctx)
+        with httpx.Client(transport=transport, timeout=10) as client:
+            assert client.get(f"https://{HOST}/whoami").json() == {"name": "alice", "role": "reviewer"}
+        with httpx.Client(verify=ctx, timeout=10) as client:
+            assert client.get(f"https://{HOST}:{port}/whoami").json()["name"] == "alice"
+        with socket.socket(socket.AF_UNIX) as raw:
+            raw.settimeout(5)
+            raw.connect(str(sock_path))
+            raw.sendall(b"GET /whoami HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert b"alice" not in raw.recv(4096)
+        deadline = time.monotonic() + 10
+        while not refusals and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert refusals and refusals[-1].peer == f"unix:{sock_path}"
+        assert "plaintext is refused" in refusals[-1].reason
+    finally:
+        service.stop()
+    assert not sock_path.exists()
