@@ -28,6 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from coordinator.aggregate import weighted_average as weighted_average  # re-export: the mean lives Flower-free
 from coordinator.registry import AdapterRegistry, Manifest, SiteLineage
+from federation.errors import Unavailable
 from federation.protocol import records, wire
 from federation.protocol.round_settings import RunSettings, TrainInstruction
 
@@ -51,7 +52,7 @@ def _by_destination(sent: Iterable[Message], replies: Iterable[Message]) -> dict
     return {dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in replies}
 
 
-class RunFailed(RuntimeError):
+class RunFailed(Unavailable, RuntimeError):
     """A round made no global adapter, or could not start; the message names the sites (one line)."""
 
 

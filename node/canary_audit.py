@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,16 +32,7 @@ class _NoiseFreeLedger(PrivacyLedger):
     Exists only so the baseline runs the very same `train_round` as the private run.
     """
 
-    def plan_round(
-        self,
-        *,
-        sample_rate: float,
-        steps: int,
-        rounds_left: int,
-        max_noise: float = 50.0,
-        run_id: str | None = None,
-        share: float = 1.0,
-    ) -> RoundPlan:
+    def plan_round(self, *, sample_rate: float, steps: int, **_: Any) -> RoundPlan:
         return RoundPlan(noise_multiplier=0.0, sample_rate=sample_rate, steps=steps, epsilon_after=math.inf)
 
     _entry: LedgerEntry

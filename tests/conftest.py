@@ -57,3 +57,12 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _restore_umask() -> Iterator[None]:
+    """Daemons set a private umask (077) at start; one started in-process must not change later tests' files."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)

@@ -150,7 +150,8 @@ def test_a_killed_launcher_takes_its_command_along_and_a_new_one_takes_over(publ
 
 def test_the_launcher_refuses_a_socket_directory_others_may_enter(public_tmp: Path) -> None:
     folder = public_tmp / "open"
-    folder.mkdir(mode=0o755)
+    folder.mkdir()
+    folder.chmod(0o755)  # whatever the umask
     marker = public_tmp / "ran"
     out = subprocess.run(
         netns.launcher_argv(["touch", str(marker)], [netns.Exposed(folder / "svc.sock", free_port())]),
