@@ -82,8 +82,8 @@ def write_report(
     """
     report = render_report(attribution, ctx, plot=png_path is not None)
     if png_path is not None and report.png is not None:
-        atomic_write(png_path, report.png)
-    atomic_write(html_path, report.html.encode("utf-8"))
+        write_atomic(png_path, report.png, mode=0o600)  # clinical text: its owner's alone
+    write_atomic(html_path, report.html.encode("utf-8"), mode=0o600)
     return html_path
 
 
@@ -184,8 +184,3 @@ def _bar_plot_png(top: list[tuple[str, float]]) -> bytes:
         fig.tight_layout()
         fig.savefig(buf, format="png")
     return buf.getvalue()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write a report file crash-safely, readable by its owner only: it contains clinical text."""
-    write_atomic(path, data, mode=0o600)

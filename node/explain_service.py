@@ -37,8 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from explain.attribution import Method, count_features, explain_text, resolve_method
 from explain.granularity import Granularity
-from explain.report import ReportContext, atomic_write, render_report
+from explain.report import ReportContext, render_report
 from federation.errors import Busy, NotFound
+from federation.ops.atomic import write_atomic
 from node.site_keys import SiteKeys
 
 if TYPE_CHECKING:
@@ -314,7 +315,7 @@ class Explanations:
 
     def _store(self, explanation_id: str, kind: Kind, data: bytes) -> None:
         sealed = self.keys.seal(data, label=f"{explanation_id}/{kind}")
-        atomic_write(self._path(explanation_id, kind), sealed)
+        write_atomic(self._path(explanation_id, kind), sealed, mode=0o600)
 
     def _load(self, explanation_id: str, kind: Kind) -> bytes:
         try:
