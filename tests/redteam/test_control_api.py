@@ -17,7 +17,6 @@ import socket
 import ssl
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from federation.ops.supervise import free_port
 from federation.protocol import config as cfg
 from federation.security.flower_auth import ensure_auth_keypair
 from tests.e2e.fleet import start_coordinator
+from tests.redteam.locked_down import fedseek_without_sys_admin
 from tests.redteam.procnet import tree_listeners
 
 pytestmark = pytest.mark.e2e
@@ -177,21 +177,8 @@ def test_the_coordinator_fails_closed_where_no_namespace_may_be_made(tmp_path: P
     conf = cfg.CoordinatorConfig(
         pki_dir=str(pki_dir), state_dir=str(tmp_path / "coord"), fleet_port=free_port(), superlink_port=link_port
     )
-    out = subprocess.run(
-        [
-            "setpriv",
-            "--bounding-set=-sys_admin",
-            sys.executable,
-            "-m",
-            "federation.cli.main",
-            "coordinator",
-            "start",
-            "--config",
-            str(cfg.save(conf, tmp_path / "coordinator.json")),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    out = fedseek_without_sys_admin(
+        "coordinator", "start", config=cfg.save(conf, tmp_path / "coordinator.json"), timeout=120
     )
     assert out.returncode != 0
     last = out.stderr.strip().splitlines()[-1]

@@ -21,7 +21,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +30,7 @@ import pytest
 from federation.ops.layout import NodeLayout
 from federation.ops.supervise import free_port
 from federation.protocol import config as cfg
+from tests.redteam.locked_down import fedseek_without_sys_admin
 from tests.redteam.node_agent import Agent, node_agent
 from tests.redteam.procnet import process_tree, tree_listeners
 
@@ -148,20 +148,10 @@ def test_the_site_fails_closed_where_no_namespace_may_be_made(
         coordinator=f"127.0.0.1:{free_port()}",
         api_port=free_port(),
     )
-    out = subprocess.run(
-        [
-            "setpriv",
-            "--bounding-set=-sys_admin",
-            sys.executable,
-            "-m",
-            "federation.cli.main",
-            "node",
-            "start",
-            "--config",
-            str(cfg.save(conf, tmp_path / "node.json")),
-        ],
-        capture_output=True,
-        text=True,
+    out = fedseek_without_sys_admin(
+        "node",
+        "start",
+        config=cfg.save(conf, tmp_path / "node.json"),
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"},
     )
