@@ -39,9 +39,9 @@ from federation.protocol import config as cfg
 from federation.protocol.round_settings import RunSettings
 from federation.security import pki
 from federation.security.app_signing import FEDSEEK_APP_DIR, SIGNATURE_FILE, sign_app_dir
-from federation.security.site_binding import register_site_key
 from privacy.audit import verify
 from tests.e2e.fleet import start_coordinator, stop, wait_activated, wait_json
+from tests.redteam.consortium import signed_consortium
 from tests.redteam.procnet import process_tree
 
 pytestmark = pytest.mark.e2e
@@ -101,13 +101,7 @@ def consortium(
 ) -> Iterator[dict[str, Any]]:
     """A coordinator with the consortium's signed app and one site's real node agent, both started."""
     base = tmp_path_factory.mktemp("foreign-app")
-    pki_dir = base / "pki"
-    pki.init_ca(pki_dir, consortium="fedseek-redteam")
-    pki.issue(pki_dir, "coordinator", role="coordinator")
-    pki.issue(pki_dir, SITE, role="node")
-    register_site_key(pki_dir, SITE)
-    state = base / "coord"
-    sign_app_dir(FEDSEEK_APP_DIR, CoordinatorLayout(state).signed_app, pki.load_publisher_key(pki_dir))
+    pki_dir, state = signed_consortium(base, [SITE])
     fleet_port = free_port()
     procs: list[Managed] = []
     try:

@@ -28,10 +28,8 @@ from fedseek_examples.demo.data import write_site_dataset
 from federation.ops.layout import CoordinatorLayout, NodeLayout
 from federation.ops.supervise import Managed, free_port
 from federation.protocol import config as cfg
-from federation.security import pki
-from federation.security.app_signing import FEDSEEK_APP_DIR, sign_app_dir
-from federation.security.site_binding import register_site_key
 from tests.e2e.fleet import start_coordinator, stop, wait_activated, wait_json
+from tests.redteam.consortium import signed_consortium
 
 pytestmark = pytest.mark.e2e
 
@@ -42,14 +40,7 @@ SITES = ("site-a", "site-b")
 def consortium(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Iterator[dict[str, Any]]:
     """A coordinator with the consortium's signed app, and both sites' node agents, connected."""
     base = tmp_path_factory.mktemp("round-failure")
-    pki_dir = base / "pki"
-    pki.init_ca(pki_dir, consortium="fedseek-redteam")
-    pki.issue(pki_dir, "coordinator", role="coordinator")
-    for site in SITES:
-        pki.issue(pki_dir, site, role="node")
-        register_site_key(pki_dir, site)
-    state = base / "coord"
-    sign_app_dir(FEDSEEK_APP_DIR, CoordinatorLayout(state).signed_app, pki.load_publisher_key(pki_dir))
+    pki_dir, state = signed_consortium(base, SITES)
     fleet_port = free_port()
     procs: list[Managed] = []
     try:
