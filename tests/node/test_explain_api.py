@@ -18,19 +18,15 @@ from fastapi.testclient import TestClient
 from federation.cli.main import main
 from federation.ops.supervise import free_port
 from federation.protocol import wire
-from federation.protocol.config import NodeConfig
 from federation.security import pki
 from node.agent import start_api
 from node.api import create_app
-from node.build import assemble_node
-from node.data import load_jsonl, tokenize
-from node.engine import ModelHost
 from node.explain_service import MAX_EVALS_LIMIT, ExplanationNotFound, Explanations
-from node.model import load_model
 from node.service import NodeService
 from node.site_keys import load_site_keys
 from privacy.audit import sha256_hex, verify
 from tests.node.peers import as_peer, policy_for
+from tests.node.tiny_service import tiny_service
 
 # "Kussmaul" and "cardiology" must never reach the audit trail.
 PROMPT = "Kussmaul breathing and ketones in urine. Glucose 31 mmol/L. Which department?"
@@ -42,21 +38,10 @@ POLL_LIMIT_S = 120.0  # a bound so a broken worker fails the test instead of han
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir: Path, site_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> NodeService:
-    model, tok = load_model(tiny_model_dir)
-    host = ModelHost(model, tok, model_name=tiny_model_dir.name)
     state = tmp_path_factory.mktemp("explain-state")
-    config = NodeConfig(
-        name="site-a",
-        model_dir=str(tiny_model_dir),
-        data_dir=str(site_data_dir),
-        state_dir=str(state),
-        pki_dir=str(state / "unused-pki"),
-    )
-    train = tokenize(load_jsonl(site_data_dir / "train.jsonl"), tok)[:8]
-    eval_data = tokenize(load_jsonl(site_data_dir / "eval.jsonl"), tok)[:2]
-    svc = assemble_node(config, host, train=train, eval_data=eval_data)
+    svc = tiny_service(tiny_model_dir, site_data_dir, state, n_train=8, n_eval=2)
     rng = np.random.default_rng(1)
-    v1 = {k: rng.normal(0.0, 0.05, v.shape).astype(np.float32) for k, v in host.initial_arrays().items()}
+    v1 = {k: rng.normal(0.0, 0.05, v.shape).astype(np.float32) for k, v in svc.host.initial_arrays().items()}
     svc.deploy("v1", wire.sha256_of(v1), v1)
     return svc
 

@@ -11,7 +11,6 @@ import pytest
 from fastapi.testclient import TestClient
 
 from federation.protocol import wire
-from federation.protocol.config import NodeConfig
 from node.api import MAX_BODY_BYTES, create_app
 from node.api.protocol import (
     ChatCompletionResponse,
@@ -20,15 +19,12 @@ from node.api.protocol import (
     CompletionStreamResponse,
     ModelList,
 )
-from node.build import assemble_node
 from node.client_app import CONFIG_HEADER, REPORT_HEADER
-from node.data import load_jsonl, tokenize
-from node.engine import ModelHost
-from node.model import load_model
 from node.service import NodeService
 from privacy.audit import verify
 from tests.federation.security.refusal_record import content, refusal
 from tests.node.peers import HEADER, api_key, as_peer, policy_for
+from tests.node.tiny_service import tiny_service
 
 N_TRAIN, N_EVAL = 16, 4
 PROMPT = "ST elevation on ECG and troponin elevated. Which department?"
@@ -42,21 +38,10 @@ def random_arrays(like: wire.Arrays, *, seed: int, scale: float = 0.05) -> wire.
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir: Path, site_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> NodeService:
-    model, tok = load_model(tiny_model_dir)
-    host = ModelHost(model, tok, model_name=tiny_model_dir.name)
     state = tmp_path_factory.mktemp("server-state")
-    config = NodeConfig(
-        name="site-a",
-        model_dir=str(tiny_model_dir),
-        data_dir=str(site_data_dir),
-        state_dir=str(state),
-        pki_dir=str(state / "unused-pki"),
-    )
-    train = tokenize(load_jsonl(site_data_dir / "train.jsonl"), tok)[:N_TRAIN]
-    eval_data = tokenize(load_jsonl(site_data_dir / "eval.jsonl"), tok)[:N_EVAL]
-    svc = assemble_node(config, host, train=train, eval_data=eval_data)
-    v1 = random_arrays(host.initial_arrays(), seed=1)
-    v2 = random_arrays(host.initial_arrays(), seed=2)
+    svc = tiny_service(tiny_model_dir, site_data_dir, state, n_train=N_TRAIN, n_eval=N_EVAL)
+    v1 = random_arrays(svc.host.initial_arrays(), seed=1)
+    v2 = random_arrays(svc.host.initial_arrays(), seed=2)
     svc.deploy("v1", wire.sha256_of(v1), v1)
     svc.deploy("v2", wire.sha256_of(v2), v2, parent="v1")
     return svc

@@ -25,16 +25,13 @@ import pytest
 
 from federation.ops.supervise import free_port
 from federation.protocol import wire
-from federation.protocol.config import NodeConfig
 from federation.security import pki
 from node.agent import start_api
-from node.build import assemble_node
 from node.client_app import CONFIG_HEADER, agent_client
-from node.data import load_jsonl, tokenize
-from node.engine import TRAIN_ADAPTER, ModelHost
-from node.model import load_model
+from node.engine import TRAIN_ADAPTER
 from node.service import NodeService
 from privacy.audit import head_path
+from tests.node.tiny_service import tiny_service
 
 pytestmark = pytest.mark.e2e
 
@@ -43,19 +40,9 @@ GOOD = "global-v0001"
 
 @pytest.fixture(scope="module")
 def service(tiny_model_dir: Path, site_data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> NodeService:
-    model, tok = load_model(tiny_model_dir)
-    host = ModelHost(model, tok, model_name=tiny_model_dir.name)
     state = tmp_path_factory.mktemp("redteam-names-state")
-    config = NodeConfig(
-        name="site-a",
-        model_dir=str(tiny_model_dir),
-        data_dir=str(site_data_dir),
-        state_dir=str(state),
-        pki_dir=str(state / "unused-pki"),
-    )
-    train = tokenize(load_jsonl(site_data_dir / "train.jsonl"), tok)[:4]
-    eval_data = tokenize(load_jsonl(site_data_dir / "eval.jsonl"), tok)[:2]
-    return assemble_node(config, host, train=train, eval_data=eval_data)
+    svc = tiny_service(tiny_model_dir, site_data_dir, state, n_train=4, n_eval=2)
+    return svc
 
 
 @pytest.fixture(scope="module")
