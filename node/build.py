@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.errors import Unavailable
-from federation.ops.atomic import private_dir, write_atomic
+from federation.ops.atomic import ensure_secret, private_dir
 from federation.ops.layout import NodeLayout
 from federation.protocol.config import NodeConfig
 from node import adapter_store
@@ -155,11 +155,7 @@ def load_site_data(config: NodeConfig, tokenizer: Any) -> tuple[list[TokenizedEx
 
 def _ensure_token(path: Path) -> str:
     """The agent token, made on first start; the local ClientApp reads it from this file."""
-    if path.exists():
-        return path.read_text().strip()
-    token = secrets.token_urlsafe(32)
-    write_atomic(path, token, mode=0o600)
-    return token
+    return ensure_secret(path, lambda: secrets.token_urlsafe(32).encode("ascii")).decode("ascii").strip()
 
 
 # ---- serving alone (`fedseek serve`) ---------------------------------------------------------

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from federation.errors import FedSeekError
+from federation.ops.atomic import ensure_secret
 
 __all__ = ["SECRET_BYTES", "SealError", "SiteKeys", "load_site_keys"]
 
@@ -88,17 +89,7 @@ class SiteKeys:
 
 def load_site_keys(path: Path) -> SiteKeys:
     """The site's keys from `path` (`NodeLayout.site_secret`), made (0600, exclusively) on first start."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:  # first start: this process made the file, no other can be writing it
-        try:
-            os.write(fd, secrets.token_bytes(SECRET_BYTES))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    secret = path.read_bytes()
+    secret = ensure_secret(path, lambda: secrets.token_bytes(SECRET_BYTES))
     if len(secret) != SECRET_BYTES:
         raise FedSeekError(
             f"{path}: a site secret is {SECRET_BYTES} bytes, this file has {len(secret)}; restore it from backup"

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["PRIVATE_UMASK", "exchange", "fsync_dir", "install_dir", "private_dir", "write_atomic"]
+__all__ = ["PRIVATE_UMASK", "ensure_secret", "exchange", "fsync_dir", "install_dir", "private_dir", "write_atomic"]
 
 PRIVATE_UMASK = 0o077
 """The daemons' umask (`os.umask(PRIVATE_UMASK)` at start): new files 0600, new directories 0700."""
@@ -37,6 +37,23 @@ def private_dir(path: Path) -> Path:
     if path.stat().st_mode & 0o077:
         os.chmod(path, 0o700)
     return path
+
+
+def ensure_secret(path: Path, make: Callable[[], bytes]) -> bytes:
+    """The secret in `path`, made with `make()` (0600) on first use. The file is created exclusively,
+    so two processes starting at once cannot each write their own: the loser reads the winner's."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return path.read_bytes()
+    secret = make()
+    try:  # first use: this process made the file, no other can be writing it
+        os.write(fd, secret)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    return secret
 
 
 def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:

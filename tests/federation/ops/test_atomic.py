@@ -216,3 +216,13 @@ def test_private_dir_makes_or_tightens_to_0700(tmp_path: Path) -> None:
     loose.chmod(0o755)
     private_dir(loose)
     assert made.stat().st_mode & 0o777 == 0o700 and loose.stat().st_mode & 0o777 == 0o700
+
+
+def test_ensure_secret_makes_a_private_file_once(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    made = [b"first", b"second"]
+    first = atomic.ensure_secret(path, lambda: made.pop(0))
+    again = atomic.ensure_secret(path, lambda: made.pop(0))
+    assert first == again == b"first" == path.read_bytes()
+    assert made == [b"second"]  # the second call made nothing
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
