@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.registry import AdapterRegistry
+from coordinator.grid_meter import MeteredGrid
+from coordinator.secagg import SecAggLoraFedAvg
 from coordinator.strategy import LoraFedAvg, RunFailed
+from coordinator.witness import LedgerWitness, WitnessStoreError, coordinator_witness
 from federation.ops.atomic import write_atomic
 from federation.protocol.round_settings import RoundSettingsError, RunConfig
 
@@ -34,11 +37,15 @@ def write_run_summary(path: Path, summary: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(summary, indent=2))
 
 
-def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
+def run_federation(
+    grid: Grid, run_config: Mapping[str, Any], *, witness: Callable[[Path], LedgerWitness] | None = None
+) -> dict[str, Any]:
     """Run the configured rounds on `grid`; return the run summary (also used by tests).
 
     `run_config` is Flower's run config of the app: an unknown key or a wrong type is refused
     (RoundSettingsError) before anything runs, and absent keys take RunSettings' defaults.
+    `witness(registry_dir)` gives the ledger witness every site's signed ledger head is held
+    against (the ServerApp's: `coordinator_witness`); without it no ledger is witnessed.
     """
     config = RunConfig.from_run_config(run_config)
     if not config.registry_dir:
@@ -56,17 +63,26 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     def snapshot() -> None:
         summary["rounds"] = [asdict(r) for r in strategy.rounds]
+        summary["traffic"] = metered.summary()  # messages, bytes and seconds per message type (bench/secagg.py)
         summary["rounds_completed"] = sum(1 for r in strategy.rounds if r.version)
         summary["global_adapter"] = strategy.latest.to_json() if strategy.latest else None
         if strategy.latest:
             summary["global_adapter"]["path"] = str(registry.path(strategy.latest.version))
         write_run_summary(summary_path, summary)
 
-    strategy = LoraFedAvg(registry=registry, settings=settings, on_round=snapshot)
+    try:
+        ledger_witness = witness(registry.root) if witness is not None else None
+    except WitnessStoreError as exc:  # no witness, no run: a site's reset ledger would go unseen
+        summary.update(status="failed", error=f"run not started: {exc.one_line()}")
+        write_run_summary(summary_path, summary)
+        return summary
+    metered = MeteredGrid(grid)
+    strategy_class = SecAggLoraFedAvg if settings.secagg else LoraFedAvg  # --secagg: only the sum is seen
+    strategy = strategy_class(registry=registry, settings=settings, on_round=snapshot, witness=ledger_witness)
     write_run_summary(summary_path, summary)
     try:
         strategy.start(  # each train message's config is the strategy's TrainInstruction for its round
-            grid=grid,
+            grid=metered,
             initial_arrays=ArrayRecord(),  # empty: sites start from the seeded LoRA init
             num_rounds=settings.num_rounds,
             timeout=settings.round_timeout,
@@ -92,6 +108,6 @@ def run_federation(grid: Grid, run_config: Mapping[str, Any]) -> dict[str, Any]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO)
-    summary = run_federation(grid, context.run_config)
+    summary = run_federation(grid, context.run_config, witness=coordinator_witness)
     if summary["status"] != "finished":  # Flower records the run as failed too
         raise RunFailed(summary["error"])

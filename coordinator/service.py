@@ -27,13 +27,14 @@ from typing import Any
 
 from coordinator.admin_api import create_admin_app
 from coordinator.registry import AdapterRegistry
-from coordinator.sites import SiteAccess, flwr_supernode
+from coordinator.sites import SiteAccess, flwr_supernode, known_node
 from federation.errors import Unavailable
 from federation.ops import netns
 from federation.ops.atomic import PRIVATE_UMASK, private_dir, write_atomic
 from federation.ops.filewatch import FileWatcher
 from federation.ops.layout import CoordinatorLayout
-from federation.ops.supervise import Managed, ProcessError, free_port, stop_all, supervise
+from federation.ops.proctree import adopt_orphans
+from federation.ops.supervise import Health, Managed, ProcessError, free_port, stop_all, supervise
 from federation.protocol.config import CoordinatorConfig
 from federation.security import pki
 from federation.security.fleet_gateway import Gateway, GatewayError, GatewayLog, audit_refusal
@@ -92,15 +93,27 @@ def flwr_control(
         raise CoordinatorError(f"cannot reach the SuperLink's Control API: {exc}") from exc
 
 
-def register_site(socket: Path, flwr_cli: Path, public_key: Path, *, name: str) -> int:
-    """Register a site's SuperNode key (second factor) with the running SuperLink; its node id."""
+def register_site(socket: Path, flwr_cli: Path, public_key: Path, *, name: str, superlink_db: Path) -> int:
+    """Register a site's SuperNode key (second factor) with the running SuperLink; its node id.
+
+    A key the SuperLink already holds (a restart on the same state) is that registration: its
+    node id is read back from `superlink_db`, which is kept as it is (the run history)."""
     try:
         out = flwr_supernode(
             ["register", str(public_key), CONNECTION, "--name", name],
             flwr=lambda args: flwr_control(socket, flwr_cli, args),
         )
     except RuntimeError as exc:
-        raise CoordinatorError(f"registering {name}: {exc}") from exc
+        known = known_node(superlink_db, public_key)
+        if known is None:
+            raise CoordinatorError(f"registering {name}: {exc}") from exc
+        if known.status == "unregistered":
+            raise CoordinatorError(
+                f"registering {name}: its Flower key was unregistered before (node {known.node_id}) and the "
+                "SuperLink never takes a key twice; give the site a new key (site-keys/NAME.pub)"
+            ) from exc
+        log.info("site %s: key already registered as node %d (kept from %s)", name, known.node_id, superlink_db)
+        return known.node_id
     return int(str(out["node-id"]))
 
 
@@ -141,6 +154,7 @@ def _start_admin_api(
 def run_coordinator(config: CoordinatorConfig) -> None:
     """Run until SIGTERM/SIGINT."""
     os.umask(PRIVATE_UMASK)  # everything the coordinator and its children write: its user's alone
+    adopt_orphans()  # what a dead child leaves comes back to us to be killed and reaped, not to init
     pki_dir = Path(config.pki_dir)
     try:
         leaf = pki.load_party(pki_dir, config.name, role="coordinator")
@@ -208,7 +222,9 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             pki_dir=pki_dir,
             site_keys_dir=Path(config.site_keys_dir or pki_dir / pki.SITE_KEYS_DIR),
             audit=audit,
-            register=lambda key, name: register_site(link_socket, layout.flwr_cli, key, name=name),
+            register=lambda key, name: register_site(
+                link_socket, layout.flwr_cli, key, name=name, superlink_db=layout.superlink_db
+            ),
             unregister=lambda node_id: unregister_site(link_socket, layout.flwr_cli, node_id),
         )
         registered = sorted(sites.sync())
@@ -241,14 +257,24 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             "superlink_pid": superlink.pid,
             "fleet": f"{config.fleet_host}:{config.fleet_port}",
             "registry": str(layout.registry),
+            "site_keys": str(sites.site_keys_dir),  # the ServerApp checks signed ledger heads with them
             "flwr_home": str(layout.flwr_cli),
             "registered_sites": registered,
             "admin": admin.url,
             "pid": os.getpid(),
         }
+        health = Health([p.name for p in procs])
+        info["health"] = health.snapshot()
         write_atomic(layout.endpoints, json.dumps(info, indent=2))
         print(f"coordinator ready: fleet (mTLS, nginx) {info['fleet']}, sites {registered}", flush=True)
-        supervise(procs, stopping)
+
+        def health_changed(now: Health) -> None:
+            """A child died or came back: the fleet is degraded, never the admin API (it is in this
+            process); coordinator.json says which part is down and when it is retried."""
+            info["health"] = now.snapshot()
+            write_atomic(layout.endpoints, json.dumps(info, indent=2))
+
+        supervise(procs, stopping, health=health, on_change=health_changed)
     except ProcessError as exc:
         raise CoordinatorError(_process_failure(exc)) from exc
     finally:

@@ -15,8 +15,10 @@ certificate subject of each registered site and the Flower key it must present.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,6 +108,46 @@ def flwr_supernode(args: list[str], *, flwr: FlwrCommand) -> dict[str, object]:
     except json.JSONDecodeError:
         data = {}
     if out.returncode != 0 or not data.get("success", False):
-        detail = (out.stdout + out.stderr).strip().splitlines()[-1:] or ["no output"]
+        # Its JSON error's message, else its last output line (the JSON's closing brace said nothing).
+        text = str(data.get("error-message") or out.stdout + out.stderr)
+        detail = [line.strip() for line in text.strip().splitlines() if line.strip()][-1:] or ["no output"]
         raise RuntimeError(f"flwr supernode {args[0]} failed: {detail[0]}")
     return dict(data)
+
+
+@dataclass(frozen=True)
+class KnownNode:
+    """A SuperNode key the SuperLink already holds."""
+
+    node_id: int
+    status: str  # registered | online | offline | unregistered (Flower's NodeStatus)
+
+
+def known_node(superlink_db: Path, public_key: Path) -> KnownNode | None:
+    """The SuperLink's own record of a SuperNode key (OpenSSH public key file), read from its
+    database (read-only), or None.
+
+    Why: registering a key twice is refused (Flower's Control API: 412 "Public key already in
+    use"), and `flwr supernode list` shows no keys. A coordinator restarted on its state finds its
+    sites' keys there; their node ids are what it registered before, and the database, with the
+    run history, stays as it is.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    if not superlink_db.is_file():
+        return None
+    try:  # as Flower stores it: flwr.supercore.primitives.asymmetric.public_key_to_bytes
+        stored = serialization.load_ssh_public_key(public_key.read_bytes()).public_bytes(
+            encoding=serialization.Encoding.PEM, format=serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    except (OSError, ValueError):
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{superlink_db.absolute().as_uri()}?mode=ro", uri=True)) as conn:
+            row = conn.execute("SELECT node_id, status FROM node WHERE public_key = ?", (stored,)).fetchone()
+    except sqlite3.Error as exc:
+        log.warning("cannot read %s: %s", superlink_db, exc)
+        return None
+    if row is None or row[0] is None:
+        return None
+    return KnownNode(node_id=int(row[0]) % 2**64, status=str(row[1]))  # stored as sint64, used as uint64

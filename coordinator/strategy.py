@@ -12,6 +12,13 @@ message asks every connected site whether it is alive and can train the round wi
 said yes, and only if at least `min-nodes` did. A round that makes no global adapter ends the run
 (`RunFailed`): later rounds would spend more budget for a run that already failed. Either way the
 error names the sites that dropped or declined, and those that were charged for nothing.
+
+With a `witness` (`coordinator.witness.LedgerWitness`, as every real run has) each readiness answer
+and each update must carry the site's signed ledger head, extending the head this coordinator last
+witnessed for that site; an update's head must also have advanced past the one the site showed
+before the round (the round was charged). A site whose ledger was reset, rolled back or re-chained
+is left out of the round at readiness (nothing charged), or its update is rejected (nothing
+aggregated from it), with a one-line reason in the round record and the coordinator's audit trail.
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from coordinator import aggregate
 from coordinator.aggregate import weighted_average as weighted_average  # re-export: the mean lives Flower-free
 from coordinator.registry import AdapterRegistry, Manifest, SiteLineage
-from federation.errors import Unavailable
+from coordinator.witness import HeadClaim, LedgerWitness, WitnessRefused
+from federation.errors import FedSeekError, Unavailable
 from federation.protocol import records, wire
 from federation.protocol.round_settings import RunSettings, TrainInstruction
 
@@ -68,9 +77,14 @@ class RoundRecord:
     """Array bytes each accepted site sent (about half the adapter's under FFA-LoRA)."""
     not_ready: dict[str, str] = field(default_factory=dict)
     """Sites (or `node-ID`s) that did not answer the readiness query with yes, and why: not sent the round."""
+    update_norms: dict[str, float] = field(default_factory=dict)
+    """Each well-formed update's distance from the round's start (`coordinator.aggregate.round_start`),
+    refused ones too: what `update-norm-ratio` bounds, for an operator to see how far apart the sites are."""
 
 
 Parsed = tuple[Message, wire.AdapterUpdate, wire.PrivacyReport]
+Shaped = tuple[Message, wire.AdapterUpdate, wire.PrivacyReport, wire.Arrays]
+"""A parsed reply and its averaged part (all of it, or FFA-LoRA's B), checked finite and of the run's layout."""
 
 
 def _layout(arrays: wire.Arrays) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -87,6 +101,7 @@ class LoraFedAvg(FedAvg):
         settings: RunSettings,
         parent: str | None = None,
         on_round: Callable[[], None] | None = None,
+        witness: LedgerWitness | None = None,
     ) -> None:
         nodes = settings.min_nodes
         super().__init__(min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes)
@@ -101,6 +116,8 @@ class LoraFedAvg(FedAvg):
         self.ffa = settings.ffa_lora  # FFA-LoRA: A frozen at the shared seeded init, B-only traffic
         self.site_names: dict[int, str] = {}  # node id -> the site it answered for (readiness, privacy report)
         self._train_messages: list[Message] = []  # this round's, their ids set when Flower sends them
+        self.witness = witness
+        self._heads_before: dict[int, HeadClaim] = {}  # node id -> the ledger head it showed at this round's readiness
 
     @staticmethod
     def _reject(rec: RoundRecord, msg: Message, exc: Exception) -> None:
@@ -110,10 +127,38 @@ class LoraFedAvg(FedAvg):
     def _parse_reply(self, msg: Message) -> tuple[wire.AdapterUpdate, wire.PrivacyReport]:
         content = msg.content
         update = records.update_from_content(content)
-        report = records.config_to_report(content.config_records[records.PRIVACY])
+        report = records.report_from_content(content)
         if report.num_examples <= 0:
             raise wire.WireError("update reports no training examples")
         return update, report
+
+    def _witness_update(self, server_round: int, msg: Message, report: wire.PrivacyReport) -> None:
+        """WitnessRefused unless the update's signed ledger head extends the witnessed one and advanced
+        past the head its site showed at this round's readiness (nothing charged: nothing to aggregate)."""
+        if self.witness is None:
+            return
+        node = msg.metadata.src_node_id
+        answered = self.site_names.get(node)
+        if answered is not None and report.site != answered:
+            raise WitnessRefused(f"node-{node} answered the readiness query as {answered} but reports {report.site}")
+        before = self._heads_before.get(node)
+        if before is None:
+            raise WitnessRefused(f"{report.site}: no ledger head witnessed at this round's readiness query")
+        context = {"round": server_round, "node_id": node, "run": self.run_name}
+        self.witness.witness(report.site, report.witness, stage="update", after=before, context=context)
+
+    def _witness_ready(self, rec: RoundRecord, node: int, answer: wire.Readiness) -> str | None:
+        """Why the site's signed ledger head at readiness is refused (one line), or None once witnessed."""
+        if self.witness is None or not (answer.ready or answer.witness):
+            return None  # a site that says no without a head keeps its own reason
+        context = {"round": rec.round, "node_id": node, "run": self.run_name}
+        try:
+            self._heads_before[node] = self.witness.witness(
+                answer.site, answer.witness, stage="readiness", context=context
+            )
+        except FedSeekError as exc:  # WitnessRefused, a bad site name, an unreadable witness store
+            return _line(exc.one_line())
+        return None
 
     def _averaged(self, arrays: wire.Arrays) -> wire.Arrays:
         """The part of an adapter that is averaged: all of it, or under FFA-LoRA its B factors."""
@@ -130,6 +175,25 @@ class LoraFedAvg(FedAvg):
             return None
         winner = ranked[0][0]
         return next(a for a in candidates if _layout(a) == winner)
+
+    def _bounded(self, rec: RoundRecord, shaped: list[Shaped]) -> list[tuple[wire.Arrays, wire.PrivacyReport]]:
+        """The well-formed updates within `update-norm-ratio` of the others (`coordinator.aggregate.outsized`),
+        accepted; the rest rejected as outsized. Sizes are distances from the round's start: the global
+        adapter's averaged part, or in a run's first round an estimate of the sites' shared init."""
+        start = self._averaged(self.global_arrays) if self.global_arrays is not None else None
+        origin = aggregate.round_start([a for *_, a in shaped], start)
+        sizes = [aggregate.distance(a, origin) for *_, a in shaped]
+        refused = aggregate.outsized(sizes, ratio=self.settings.update_norm_ratio)
+        kept: list[tuple[wire.Arrays, wire.PrivacyReport]] = []
+        for i, (msg, update, report, arrays) in enumerate(shaped):
+            rec.update_norms[report.site] = sizes[i]
+            if i in refused:
+                self._reject(rec, msg, wire.WireError(refused[i]))
+                continue
+            kept.append((arrays, report))
+            rec.accepted.append(report.site)
+            rec.update_bytes[report.site] = sum(int(v.nbytes) for v in update.arrays.values())
+        return kept
 
     def _run_lora_a(self, rec: RoundRecord, parsed: list[Parsed]) -> tuple[list[Parsed], wire.Arrays | None]:
         """FFA-LoRA: keep the replies trained against the run's A, and return that A.
@@ -199,6 +263,7 @@ class LoraFedAvg(FedAvg):
         content = RecordDict({records.CONFIG: instruction.to_config_record()})
         queries = [Message(content, node, MessageType.QUERY, ttl=timeout) for node in nodes]
         replies = _by_destination(queries, grid.send_and_receive(queries, timeout=timeout))
+        self._heads_before = {}
         ready: list[int] = []
         for node in nodes:
             reply = replies.get(node)
@@ -214,7 +279,9 @@ class LoraFedAvg(FedAvg):
                 rec.not_ready[self._name(node)] = _line(exc)
                 continue
             self.site_names[node] = answer.site
-            if answer.ready:
+            if (refused := self._witness_ready(rec, node, answer)) is not None:
+                rec.not_ready[self._name(node)] = refused
+            elif answer.ready:
                 ready.append(node)
             else:
                 rec.not_ready[self._name(node)] = _line(answer.reason)
@@ -283,25 +350,28 @@ class LoraFedAvg(FedAvg):
         parsed: list[Parsed] = []
         for msg in valid:
             try:
-                parsed.append((msg, *self._parse_reply(msg)))
-                self.site_names[msg.metadata.src_node_id] = parsed[-1][2].site
-            except (wire.WireError, KeyError, TypeError) as exc:
+                update, report = self._parse_reply(msg)
+                self._witness_update(server_round, msg, report)  # a reset, rolled back or forked ledger: rejected
+                parsed.append((msg, update, report))
+                self.site_names[msg.metadata.src_node_id] = report.site
+            except (wire.WireError, KeyError, TypeError, FedSeekError) as exc:
                 self._reject(rec, msg, exc)
         epsilon = {m.metadata.src_node_id: r.epsilon for m, _, r in parsed}  # each site's total after the round
         run_a: wire.Arrays | None = None
         if self.ffa:
             parsed, run_a = self._run_lora_a(rec, parsed)
         reference = self._reference_layout([self._averaged(u.arrays) for _, u, _ in parsed])
-        updates: list[tuple[wire.Arrays, wire.PrivacyReport]] = []
+        shaped: list[Shaped] = []
         for msg, update, report in parsed:
             try:
                 if reference is None:
                     raise wire.WireError("sites disagree on the adapter layout; no majority")
-                updates.append((wire.validate_arrays(self._averaged(update.arrays), like=reference), report))
-                rec.accepted.append(report.site)
-                rec.update_bytes[report.site] = sum(int(v.nbytes) for v in update.arrays.values())
+                shaped.append(
+                    (msg, update, report, wire.validate_arrays(self._averaged(update.arrays), like=reference))
+                )
             except wire.WireError as exc:
                 self._reject(rec, msg, exc)
+        updates = self._bounded(rec, shaped)
         charged = [  # every site that sent a trained update, accepted or not, spent budget on this round
             self._name(n) + (f" epsilon {epsilon[n]:.3f}" if n in epsilon else "")
             for n in (m.metadata.src_node_id for m in valid)
@@ -310,7 +380,11 @@ class LoraFedAvg(FedAvg):
             raise self._fail(rec, charged, "FFA-LoRA, but no site sent its lora_A")
         if len(updates) < self.min_train_nodes:
             raise self._fail(rec, charged, f"{len(updates)} valid updates, min-nodes {self.min_train_nodes}")
-        averaged = weighted_average([(a, float(r.num_examples)) for a, r in updates])
+        averaged = aggregate.combine(
+            [(a, float(r.num_examples)) for a, r in updates],
+            method=self.settings.aggregation,
+            trim_fraction=self.settings.trim_fraction,
+        )
         if run_a is not None:  # FFA-LoRA: the one A every site trained against, as it is
             averaged = wire.with_lora_a(averaged, run_a)
         lineage = [

@@ -20,12 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fastapi import APIRouter
+
 from federation.errors import FedSeekError
 from federation.ops import netns
 from federation.ops.atomic import PRIVATE_UMASK, write_atomic
 from federation.ops.filewatch import FileWatcher
 from federation.ops.layout import NodeLayout
-from federation.ops.supervise import Managed, ProcessError, free_port, stop_all, supervise
+from federation.ops.proctree import adopt_orphans
+from federation.ops.supervise import Health, Managed, ProcessError, free_port, stop_all, supervise
 from federation.protocol.config import NodeConfig
 from federation.security import pki
 from federation.security.app_signing import load_publishers
@@ -33,6 +36,7 @@ from federation.security.flower_auth import ensure_auth_keypair
 from federation.security.mtls_server import HTTPSService, ServerTLS, ServiceStartError, audit_hook
 from federation.security.sidecar import TLSFiles, client_config, make_sidecar
 from node.api import create_app
+from node.api.deps import caller
 from node.app_guard.launch import guard_process, write_superexec_secret
 from node.build import NodeStartError, build_node, node_access, site_budget
 from node.service import NodeService
@@ -211,6 +215,18 @@ def _supernode_processes(config: NodeConfig, leaf: pki.LeafFiles) -> list[Manage
     return [launcher]
 
 
+def federation_router(health: Health) -> APIRouter:
+    """`/v1/admin/federation`: the supervised fleet processes (the sidecar, the SuperNode and its
+    guard). `degraded` while one is down and waiting out its back-off; serving goes on regardless."""
+    router = APIRouter(dependencies=[caller("admin")])
+
+    @router.get("/v1/admin/federation", response_model=None)
+    def federation() -> dict[str, Any]:
+        return health.snapshot()
+
+    return router
+
+
 def start_api(
     service: NodeService,
     leaf: pki.LeafFiles,
@@ -219,13 +235,17 @@ def start_api(
     port: int,
     poll_seconds: float = 2.0,
     unix_socket: Path | None = None,
+    health: Health | None = None,
 ) -> HTTPSService:
     """The node's HTTPS API: TLS 1.3, consortium client certificates checked against the CRL,
     refusals in the audit trail, certificate and CRL changes picked up without a restart; also on
     `unix_socket`, the same service, for the ClientApp in the SuperNode's namespace."""
     tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl, poll_interval=poll_seconds)
+    app = create_app(service, access=node_access(service))
+    if health is not None:
+        app.include_router(federation_router(health))
     return HTTPSService.start(
-        create_app(service, access=node_access(service)),
+        app,
         tls,
         host=host,
         port=port,
@@ -237,6 +257,7 @@ def start_api(
 def run_node(config: NodeConfig) -> None:
     """Run the agent until SIGTERM/SIGINT; raises NodeStartError on refused start-up."""
     os.umask(PRIVATE_UMASK)  # everything the agent and its children write: its user's alone
+    adopt_orphans()  # what a dead child leaves comes back to the agent to be killed and reaped, not to init
     leaf = preflight(config)
     try:  # fail closed before anything starts: the SuperNode runs only in a namespace of its own
         netns.check_available()
@@ -246,6 +267,8 @@ def run_node(config: NodeConfig) -> None:
     port = config.api_port or free_port()
     layout = service.layout
     prepare_sockets(layout)
+    procs = _fleet_processes(config, leaf)  # not started yet: the API is up first
+    health = Health([p.name for p in procs])
     try:
         api = start_api(
             service,
@@ -254,11 +277,11 @@ def run_node(config: NodeConfig) -> None:
             port=port,
             poll_seconds=config.pki_poll_seconds,
             unix_socket=layout.agent_socket,
+            health=health,
         )
     except ServiceStartError as exc:
         raise NodeStartError(str(exc)) from exc
     api_url = api.url
-    procs = _fleet_processes(config, leaf)
     stopping = threading.Event()
     watcher: FileWatcher | None = None
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
@@ -270,10 +293,18 @@ def run_node(config: NodeConfig) -> None:
         # A new CRL (or renewed certificate) reaches the fleet sidecar without dropping the tunnel.
         watcher = FileWatcher([leaf.crl, leaf.cert], procs[0].reload, interval=config.pki_poll_seconds).start()
         endpoints = NodeEndpoints(config.name, api_url, str(layout.fleet_socket), os.getpid())
-        write_atomic(service.layout.endpoints, json.dumps(endpoints.to_json(), indent=2))
+
+        def health_changed(now: Health) -> None:
+            """node.json says which fleet process is down and when it is retried (as the API does)."""
+            info = {**endpoints.to_json(), "federation": now.snapshot()}
+            write_atomic(service.layout.endpoints, json.dumps(info, indent=2))
+
+        health_changed(health)
         log.info("node %s ready: api %s, fleet sidecar %s", config.name, api_url, endpoints.fleet_sidecar)
         print(f"node {config.name} ready: {api_url}", flush=True)
-        supervise(procs, stopping)
+        # A sidecar or SuperNode that keeps failing is restarted with a back-off, for ever: federation
+        # is degraded meanwhile, serving never stops for it.
+        supervise(procs, stopping, health=health, on_change=health_changed)
     except ProcessError as exc:
         first, refusal = str(exc).splitlines()[0], netns.refusal_in(str(exc))
         raise NodeStartError(f"{first} {refusal}" if refusal else first) from exc

@@ -14,26 +14,30 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from federation.errors import Unavailable
+from federation.errors import FedSeekError, Unavailable
 from federation.ops.atomic import ensure_secret, private_dir
 from federation.ops.layout import NodeLayout
 from federation.protocol.config import NodeConfig
+from federation.security.signed_statement import load_private_key
 from node import adapter_store
 from node.access import AccessPolicy
 from node.api_keys import ensure_first_key
-from node.data import TokenizedExample, examples_sha256, file_sha256, load_jsonl, tokenize
+from node.data import SiteData, TokenizedExample, examples_sha256, load_jsonl, load_partitions, tokenize
 from node.engine import ModelHost
 from node.model import ModelLoadError, load_model
+from node.policy import site_policy
 from node.service import NodeParts, NodeService, Serving
 from node.site_keys import load_site_keys
+from node.witness_statements import node_key_path
 from privacy.audit import AuditTrail
+from privacy.checkpoints import CheckpointSigner
 from privacy.consistency import ledger_refusal
-from privacy.ledger import Budget, PolicyError, PrivacyLedger
+from privacy.ledger import Budget, LedgerError, PolicyError, PrivacyLedger, read_budget
 
 __all__ = [
     "NodeStartError",
@@ -63,37 +67,47 @@ def build_node(config: NodeConfig) -> NodeService:
     except ModelLoadError as exc:
         raise NodeStartError(str(exc)) from exc
     try:
-        train, eval_data = load_site_data(config, tokenizer)
-        dataset_sha256 = file_sha256(Path(config.data_dir) / "train.jsonl")  # what the ledger's budget covers
+        train, eval_data = load_site_data(config, tokenizer)  # by partition: what each ledger budget covers
     except ValueError as exc:
         raise NodeStartError(f"bad site data: {exc}") from exc
     host = ModelHost(model, tokenizer, model_name=Path(config.model_dir).name)
-    return assemble_node(config, host, train=train, eval_data=eval_data, dataset_sha256=dataset_sha256)
+    return assemble_node(config, host, train=train, eval_data=eval_data)
 
 
 def assemble_node(
     config: NodeConfig,
     host: ModelHost,
     *,
-    train: list[TokenizedExample],
+    train: Sequence[TokenizedExample],
     eval_data: list[TokenizedExample],
     dataset_sha256: str | None = None,
 ) -> NodeService:
     """A node around a model already loaded (tests and benchmarks share one model between nodes).
 
     Raises PolicyError, before the state directory is created or changed, if the configured
-    budget is outside the site's policy or there is no training data. `dataset_sha256` names
-    the training data file (`build_node` passes it); without it, the tokenized examples are
-    fingerprinted. A ledger that disagrees with the audit trail does not stop the node: it
-    serves, and refuses to train (`privacy.consistency`; the reason is audited once here).
+    budget is outside the site's policy or there is no training data. `train` is a `SiteData`
+    (`build_node`: one partition per batch file) or plain records, one partition named by
+    `dataset_sha256` (else by a fingerprint of the tokenized examples). A new ledger is made for
+    the first partition and registers the others it starts with; later batches only through
+    `fedseek budget add-partition`, and a batch the ledger does not hold is not trained on.
+    A ledger that disagrees with the audit trail does not stop the node: it serves, and refuses
+    to train (`privacy.consistency`; the reason is audited once here).
     """
-    budget = site_budget(config, len(train))
+    data = (
+        train
+        if isinstance(train, SiteData)
+        else SiteData.single(train, sha256=dataset_sha256 or examples_sha256(train))
+    )
     layout = NodeLayout(Path(config.state_dir))
+    budget = site_budget(config, len(data), stored=_stored_budget(layout.ledger))
     private_dir(layout.root)  # 0700: the audit trail, ledger, keys and adapters are the site's alone
-    audit = AuditTrail(layout.audit)
-    data_sha256 = dataset_sha256 or examples_sha256(train)
-    ledger = PrivacyLedger(layout.ledger, budget=budget, dataset_sha256=data_sha256, audit=audit)
-    refusal = ledger_refusal(ledger, audit, dataset_sha256=data_sha256)
+    audit = AuditTrail(layout.audit, signer=_audit_signer(config))  # signed checkpoints, witnessed each round
+    ledger = PrivacyLedger(layout.ledger, budget=budget, dataset_sha256=data.fingerprints[0], audit=audit)
+    if ledger.created:  # the data the site started with: the rest of its batches, registered with the genesis
+        for part in data.partitions[1:]:
+            ledger.add_partition(part.sha256, label=part.name, actor="node", details={"records": len(part.examples)})
+    refusal = ledger_refusal(ledger, audit, dataset_sha256=data.fingerprints)
+    _report_unregistered(data, ledger, audit, site=config.name)
     if refusal is not None:
         log.warning("training refused: %s", refusal)
         audit.append(actor="node", action="ledger.mismatch", resource=config.name, details={"error": refusal})
@@ -108,30 +122,65 @@ def assemble_node(
         audit=audit,
         ledger=ledger,
         agent_token=token,
-        train=train,
+        train=data,
         eval_data=eval_data,
         ledger_refusal=refusal,
     )
     return NodeService(parts)
 
 
+def _stored_budget(path: Path) -> Budget | None:
+    """The budget an existing ledger holds (None: no ledger, or one `PrivacyLedger` will refuse itself)."""
+    try:
+        return read_budget(path) if path.exists() else None
+    except LedgerError:
+        return None
+
+
+def _report_unregistered(data: SiteData, ledger: PrivacyLedger, audit: AuditTrail, *, site: str) -> None:
+    """Batches the ledger does not hold are not trained on: say so once per start, in the log and the audit trail."""
+    held = set(ledger.chain().fingerprints())
+    new = [part for part in data.partitions if part.sha256 not in held]
+    if not new:
+        return
+    names = ", ".join(part.name for part in new)
+    log.warning("not training on %s: not in the privacy ledger (register with `fedseek budget add-partition`)", names)
+    details = {"batches": [{"name": p.name, "sha256": p.sha256, "records": len(p.examples)} for p in new]}
+    audit.append(actor="node", action="data.unregistered", resource=site, details=details)
+
+
+def _audit_signer(config: NodeConfig) -> CheckpointSigner | None:
+    """The site's node key, to sign its audit log's checkpoints (`privacy.checkpoints`) as the site.
+    None, logged, while the key does not exist yet (`fedseek ca issue` makes it): checkpoints unsigned."""
+    path = node_key_path(Path(config.pki_dir), config.name)
+    try:
+        return CheckpointSigner(key=load_private_key(path), origin=config.name)
+    except (OSError, ValueError, FedSeekError) as exc:
+        log.warning("audit checkpoints unsigned: node key %s unreadable (%s)", path, exc)
+        return None
+
+
 def node_access(service: NodeService) -> AccessPolicy:
     """Who may call a node's API: its API keys (the first one made on first start), the agent
-    token on /internal, consortium certificates for the rest (node/access.py's table)."""
+    token on /internal, consortium certificates for the rest (node/access.py's table), as the
+    site's access policy file allows (node/policy.py; the default written on first start)."""
     return AccessPolicy(
         site=service.config.name,
         audit=service.audit,
         api_keys=ensure_first_key(service.layout),
         agent_token=service.token,
+        policy=site_policy(service.layout, site=service.config.name, audit=service.audit),
         openai_auth=service.config.openai_auth,  # type: ignore[arg-type]  # checked by AccessPolicy
     )
 
 
-def site_budget(config: NodeConfig, n_records: int) -> Budget:
+def site_budget(config: NodeConfig, n_records: int, *, stored: Budget | None = None) -> Budget:
     """The budget the config asks for, refused unless it fits the site's policy.
 
     A delta of 1/n or more would allow releasing a whole record outright, so delta must stay
-    below 1/n (default 1/(10 n)); epsilon may not exceed `privacy_policy_epsilon`.
+    below 1/n (default 1/(10 n)); epsilon may not exceed `privacy_policy_epsilon`. With the
+    default, a ledger's `stored` delta is kept while it is still below 1/n: data that grows
+    each month must not tighten delta at every start (which would raise every partition's epsilon).
     """
     if n_records < 1:
         raise PolicyError("the site has no training records (empty dataset); refusing")
@@ -141,14 +190,17 @@ def site_budget(config: NodeConfig, n_records: int) -> Budget:
             f"(epsilon <= {config.privacy_policy_epsilon:g}); refusing"
         )
     delta = config.delta if config.delta > 0 else 1.0 / (10 * n_records)
+    if config.delta <= 0 and stored is not None and stored.delta < 1.0 / n_records:
+        delta = stored.delta
     if not delta < 1.0 / n_records:
         raise PolicyError(f"delta {delta:g} must be below 1/n = {1.0 / n_records:g} for {n_records} records; refusing")
     return Budget(epsilon=config.epsilon, delta=delta, accountant=config.accountant)
 
 
-def load_site_data(config: NodeConfig, tokenizer: Any) -> tuple[list[TokenizedExample], list[TokenizedExample]]:
+def load_site_data(config: NodeConfig, tokenizer: Any) -> tuple[SiteData, list[TokenizedExample]]:
+    """Training records by partition (`node.data.partition_files`) and the evaluation records."""
     data_dir = Path(config.data_dir)
-    train = tokenize(load_jsonl(data_dir / "train.jsonl"), tokenizer, max_length=config.max_length)
+    train = load_partitions(data_dir, tokenizer, max_length=config.max_length)
     eval_data = tokenize(load_jsonl(data_dir / "eval.jsonl"), tokenizer, max_length=config.max_length)
     return train, eval_data
 
@@ -176,11 +228,13 @@ def serving_access(layout: NodeLayout) -> AccessPolicy:
     trail, which serving and access refusals alike append to. There are no /internal routes,
     so the agent token is a random one nobody holds."""
     private_dir(layout.root)
+    audit = AuditTrail(layout.audit)
     return AccessPolicy(
         site="local",
-        audit=AuditTrail(layout.audit),
+        audit=audit,
         api_keys=ensure_first_key(layout),
         agent_token=secrets.token_urlsafe(32),
+        policy=site_policy(layout, site="local", audit=audit),
     )
 
 

@@ -24,6 +24,7 @@ from flwr.clientapp import ClientApp
 from federation.protocol import records, wire
 from federation.security import pki
 from federation.security.peer_pin import pinned_client_context
+from node.secagg import secagg_mod
 
 app = ClientApp()
 
@@ -75,7 +76,7 @@ def _call(context: Context, path: str, msg: Message) -> httpx.Response:
     return resp
 
 
-@app.train()
+@app.train(mods=[secagg_mod])  # `fedseek run --secagg`: SecAgg+ masks the update (node/secagg.py)
 def train(msg: Message, context: Context) -> Message:
     resp = _call(context, "/internal/train", msg)
     report = wire.PrivacyReport.from_dict(json.loads(resp.headers[REPORT_HEADER]))
@@ -85,6 +86,7 @@ def train(msg: Message, context: Context) -> Message:
             **records.update_records(update),
             records.METRICS: records.report_metrics(report),
             records.PRIVACY: records.report_to_config(report),
+            records.WITNESS: records.witness_to_config(report.witness),  # the signed ledger head after the round
         }
     )
     return Message(content, reply_to=msg)
@@ -112,4 +114,10 @@ def query(msg: Message, context: Context) -> Message:
     and says whether this site can train it. An agent that does not answer makes this an error reply."""
     resp = _call(context, "/internal/ready", msg)
     answer = wire.Readiness.from_dict(resp.json())
-    return Message(RecordDict({records.READINESS: records.readiness_to_config(answer)}), reply_to=msg)
+    content = RecordDict(
+        {
+            records.READINESS: records.readiness_to_config(answer),
+            records.WITNESS: records.witness_to_config(answer.witness),  # the signed ledger head before the round
+        }
+    )
+    return Message(content, reply_to=msg)

@@ -2,6 +2,11 @@
 
 Only answer tokens carry a label, so the LoRA update (and the DP noise budget spent on it)
 goes to learning the answer rather than to re-predicting the fixed prompt.
+
+A site's training data is either one `train.jsonl` or a `train/` directory holding one JSONL
+file per ingestion batch (e.g. `train/2025-07.jsonl`). Each file is a data partition, named by
+the sha256 of its bytes: the privacy ledger accounts each partition's budget on its own
+(`privacy.ledger`), so a batch added later arrives with a full budget while a spent one retires.
 """
 
 from __future__ import annotations
@@ -9,10 +14,10 @@ from __future__ import annotations
 import hashlib
 import json
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 
@@ -105,11 +110,22 @@ def _parse_line(line: str) -> Example:
 
 def load_jsonl(path: Path) -> list[Example]:
     """Read one example per non-blank line; errors name the file and line."""
+    return _parse_jsonl(_read_bytes(path), Path(path))
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
+        return Path(path).read_bytes()
     except FileNotFoundError as exc:
         raise DataError(f"{path}: file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({type(exc).__name__})") from exc
+
+
+def _parse_jsonl(data: bytes, path: Path) -> list[Example]:
+    try:
+        text = data.decode("utf-8-sig")  # tolerate a byte-order mark
+    except UnicodeDecodeError as exc:
         raise DataError(f"{path}: cannot read ({type(exc).__name__})") from exc
     examples: list[Example] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -180,6 +196,84 @@ def file_sha256(path: Path) -> str:
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({type(exc).__name__})") from exc
     return f"sha256:{digest.hexdigest()}"
+
+
+@dataclass(frozen=True)
+class DataPartition:
+    """One ingestion batch: its records and the fingerprint its privacy budget is accounted under."""
+
+    sha256: str
+    name: str
+    examples: list[TokenizedExample]
+
+
+class SiteData(Sequence[TokenizedExample]):
+    """A site's training records by partition; as a sequence, every record in partition order."""
+
+    def __init__(self, partitions: Sequence[DataPartition]) -> None:
+        seen: dict[str, str] = {}
+        for part in partitions:
+            if part.sha256 in seen:
+                raise DataError(f"{part.name} holds the same bytes as {seen[part.sha256]}: one batch, one partition")
+            seen[part.sha256] = part.name
+        self.partitions: tuple[DataPartition, ...] = tuple(partitions)
+        self._all = [example for part in self.partitions for example in part.examples]
+
+    @classmethod
+    def single(cls, examples: Sequence[TokenizedExample], *, sha256: str, name: str = "train") -> SiteData:
+        return cls([DataPartition(sha256=sha256, name=name, examples=list(examples))])
+
+    @property
+    def fingerprints(self) -> list[str]:
+        return [part.sha256 for part in self.partitions]
+
+    def records(self, fingerprints: Collection[str]) -> list[TokenizedExample]:
+        """The records of the partitions named, in partition order: what a round may sample."""
+        wanted = set(fingerprints)
+        return [example for part in self.partitions if part.sha256 in wanted for example in part.examples]
+
+    def __len__(self) -> int:
+        return len(self._all)
+
+    @overload
+    def __getitem__(self, index: int) -> TokenizedExample: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[TokenizedExample]: ...
+    def __getitem__(self, index: int | slice) -> TokenizedExample | list[TokenizedExample]:
+        return self._all[index]
+
+
+TRAIN_FILE, TRAIN_DIR = "train.jsonl", "train"
+
+
+def partition_files(data_dir: Path) -> list[Path]:
+    """A site's training files: `train/*.jsonl` in name order (one per ingestion batch), else `train.jsonl`."""
+    batches, single = Path(data_dir) / TRAIN_DIR, Path(data_dir) / TRAIN_FILE
+    if not batches.is_dir():
+        return [single]
+    if single.exists():
+        raise DataError(f"{data_dir}: both {TRAIN_FILE} and {TRAIN_DIR}/ exist; keep one layout")
+    files = sorted(p for p in batches.iterdir() if p.suffix == ".jsonl" and p.is_file())
+    if not files:
+        raise DataError(f"{batches}: no .jsonl batch files")
+    return files
+
+
+def read_partition(path: Path) -> tuple[str, list[Example]]:
+    """A batch file's fingerprint and examples, both from one read of its bytes (so they always agree)."""
+    data = _read_bytes(path)
+    return f"sha256:{hashlib.sha256(data).hexdigest()}", _parse_jsonl(data, Path(path))
+
+
+def load_partitions(data_dir: Path, tokenizer: Any, *, max_length: int = 256) -> SiteData:
+    """Every training batch of a site's data directory, tokenized, each a partition named by its sha256."""
+    parts = []
+    for path in partition_files(data_dir):
+        sha256, examples = read_partition(path)
+        parts.append(
+            DataPartition(sha256=sha256, name=path.name, examples=tokenize(examples, tokenizer, max_length=max_length))
+        )
+    return SiteData(parts)
 
 
 def examples_sha256(examples: Sequence[TokenizedExample]) -> str:

@@ -7,12 +7,14 @@ A `NodeService` is handed its parts (`NodeParts`) already built: `node/build.py`
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import threading
 import time
-from collections.abc import AsyncGenerator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, cast
 
 import torch
@@ -52,7 +54,8 @@ from node.trainer import (
     train_round,
     with_seeded_lora_a,
 )
-from privacy.audit import AuditRecord, AuditTrail
+from node.witness_statements import node_key_path, round_statements
+from privacy.audit import AuditError, AuditRecord, AuditTrail
 from privacy.consistency import LedgerMismatch
 from privacy.ledger import LedgerError, PrivacyLedger
 
@@ -272,7 +275,8 @@ class NodeParts:
     audit: AuditTrail
     ledger: PrivacyLedger
     agent_token: str
-    train: list[TokenizedExample]
+    train: Sequence[TokenizedExample]
+    """A `node.data.SiteData` (records by data partition) when built from a data directory."""
     eval_data: list[TokenizedExample]
     ledger_refusal: str | None = None
     """Why the ledger disagrees with the audit trail (`privacy.consistency`): the node serves, never trains."""
@@ -292,6 +296,7 @@ class NodeService:
         self.train_data = parts.train
         self.eval_data = parts.eval_data
         self.ledger_refusal = parts.ledger_refusal
+        self.node_key = node_key_path(Path(self.config.pki_dir), self.config.name)  # signs the ledger heads
         self.state = NodeState(eval_loss_before=evaluate_loss(self.host, self.eval_data, model="base"))
         self.train_lock = threading.Lock()
 
@@ -357,7 +362,18 @@ class NodeService:
                     "ledger": self.ledger.ref(),  # this round's entry: the next start holds the ledger against it
                 },
             )
-            return result
+            # The signed ledger head after the charge: the coordinator takes the update only if it extends
+            # the head it witnessed before the round (coordinator.witness).
+            return replace(result, report=replace(result.report, witness=self.witness_statements()))
+
+    def witness_statements(self) -> list[dict[str, Any]]:
+        """This site's signed statements of its state now (its ledger head, its audit log's checkpoint),
+        for the coordinator to witness."""
+        statements = round_statements(self.ledger, site=self.config.name, key_path=self.node_key)
+        with contextlib.suppress(AuditError):
+            self.audit.checkpoint()  # sign up to this round's records now rather than within the second
+        checkpoint = self.audit.latest_checkpoint()  # None while the node key cannot sign (privacy.checkpoints)
+        return [*statements, checkpoint] if checkpoint is not None else statements
 
     def check_ledger(self) -> None:
         """LedgerMismatch (409) if at start-up the ledger disagreed with the audit trail: no round may train."""
@@ -403,7 +419,7 @@ class NodeService:
             self.check_ledger()  # a ledger that disagrees with the audit trail: "no", as `train` would refuse
             if not self.train_data:
                 raise TrainingError("the site has no training data")
-            plan_round(self.ledger, len(self.train_data), settings, run_id=run_id, rounds_left=rounds_left)
+            plan_round(self.ledger, self.train_data, settings, run_id=run_id, rounds_left=rounds_left)
         except FedSeekError as exc:  # BudgetExceeded, LedgerError (a damaged ledger), TrainingError
             reason = exc.one_line()
             self.audit.append(
@@ -414,15 +430,17 @@ class NodeService:
             )
         budget = self.ledger.budget.epsilon
         try:
-            spent = self.ledger.spent()
+            spent, remaining = self.ledger.spent(), self.ledger.remaining()  # the most exposed record; the freshest
         except LedgerError:  # a damaged ledger counts as spent; the answer is "no" already
-            spent = budget
+            spent, remaining = budget, 0.0
         return wire.Readiness(
             site=self.config.name,
             ready=not reason,
             reason=reason,
             epsilon_spent=spent,
-            epsilon_remaining=max(0.0, budget - spent),
+            epsilon_remaining=remaining,
+            witness=self.witness_statements(),  # the ledger head before the round, signed
+            num_examples=len(self.train_data),  # secure aggregation scales its fixed-point weights by it
         )
 
     def check_deploy_version(self, version: object) -> str:

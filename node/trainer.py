@@ -2,6 +2,10 @@
 
 Order matters for fail-closed accounting: plan the noise from what the ledger has left,
 charge the ledger (fsync'd), then train. A round that crashes stays charged.
+
+With partitioned data (`node.data.SiteData`) a round samples only the partitions its plan names:
+`choose_partitions` picks them from those with room left for the run, and Poisson sampling runs
+over their records alone, so a partition's epsilon composes only the rounds that sampled it.
 """
 
 from __future__ import annotations
@@ -19,10 +23,10 @@ from opacus.optimizers import DPOptimizer
 from federation.errors import Conflict
 from federation.protocol import wire
 from federation.protocol.round_settings import RunSettings, TrainInstruction
-from node.data import TokenizedExample, collate
+from node.data import SiteData, TokenizedExample, collate
 from node.engine import TRAIN_ADAPTER, ModelHost
 from node.model import pad_safe_attention_mask
-from privacy.ledger import PrivacyLedger, RoundPlan
+from privacy.ledger import PartitionAccount, PrivacyLedger, RoundPlan
 from privacy.lora_dp import GroupedDPOptimizer, LoraGradSampler
 
 Progress = Callable[[int, int, float], None]
@@ -128,13 +132,57 @@ def evaluate_loss(
     return total / len(data)
 
 
-def plan_round(ledger: PrivacyLedger, n: int, settings: TrainSettings, *, run_id: str, rounds_left: int) -> RoundPlan:
-    """The DP-SGD plan of a round on `n` records, or BudgetExceeded: what training charges, and what
-    a readiness query answers without charging anything."""
+def _sampling(n: int, settings: TrainSettings) -> tuple[float, int]:
+    """Sample rate and steps of a round over `n` records: batches of `batch_size` expected, `local_epochs` passes."""
     sample_rate = min(1.0, settings.batch_size / n)
-    steps = max(1, math.ceil(settings.local_epochs / sample_rate))
+    return sample_rate, max(1, math.ceil(settings.local_epochs / sample_rate))
+
+
+def choose_partitions(accounts: Sequence[PartitionAccount], data: SiteData) -> list[str]:
+    """The partitions a round samples: of those present with room left in this run, the most room first,
+    cut where (records) x (the least room among them) is largest.
+
+    Every partition a round samples must stay within its own limit, so a nearly spent one would force
+    the noise up for all: at a fixed batch size the update's signal-to-noise grows about with the
+    records sampled times the epsilon the tightest of them can still spend. This is utility only:
+    the privacy bound holds whichever set is chosen, since the ledger plans and checks every one.
+    """
+    sizes = {part.sha256: len(part.examples) for part in data.partitions if part.examples}
+    ranked = sorted((a for a in accounts if a.sha256 in sizes and a.open), key=lambda a: (-a.room, -a.seq))
+    chosen: list[str] = []
+    best, records = 0.0, 0
+    for k, account in enumerate(ranked, start=1):
+        records += sizes[account.sha256]
+        if records * account.room >= best:  # ties: the larger set
+            best, chosen = records * account.room, [a.sha256 for a in ranked[:k]]
+    return chosen
+
+
+def plan_round(
+    ledger: PrivacyLedger, data: Sequence[TokenizedExample], settings: TrainSettings, *, run_id: str, rounds_left: int
+) -> RoundPlan:
+    """The DP-SGD plan of a round on `data`, or BudgetExceeded: what training charges, and what a
+    readiness query answers without charging anything. Partitioned data is planned over the
+    partitions `choose_partitions` picks; plain records as all the ledger's partitions."""
+    share = settings.budget_share
+    if not isinstance(data, SiteData):
+        sample_rate, steps = _sampling(len(data), settings)
+        return ledger.plan_round(
+            sample_rate=sample_rate, steps=steps, rounds_left=rounds_left, run_id=run_id, share=share
+        )
+    accounts = ledger.partitions(run_id=run_id, share=share)
+    chosen = choose_partitions(accounts, data)
+    if not chosen:  # none open: the ledger's refusal says why (spent, or this run's share spent)
+        held = [sha for sha in data.fingerprints if sha in {a.sha256 for a in accounts}]
+        if not held:
+            raise TrainingError(
+                "none of the site's data partitions is registered in its privacy ledger; register a new batch "
+                "with `fedseek budget add-partition`"
+            )
+        chosen = held
+    sample_rate, steps = _sampling(len(data.records(chosen)), settings)
     return ledger.plan_round(
-        sample_rate=sample_rate, steps=steps, rounds_left=rounds_left, run_id=run_id, share=settings.budget_share
+        sample_rate=sample_rate, steps=steps, rounds_left=rounds_left, run_id=run_id, share=share, partitions=chosen
     )
 
 
@@ -151,11 +199,13 @@ def train_round(
     settings: TrainSettings,
     progress: Progress | None = None,
 ) -> RoundResult:
-    n = len(data)
-    if n == 0:
+    if len(data) == 0:
         raise TrainingError("the site has no training data")
     global_arrays = start_arrays(host, global_arrays, settings)  # a malformed one must not cost budget
-    plan = plan_round(ledger, n, settings, run_id=run_id, rounds_left=rounds_left)
+    plan = plan_round(ledger, data, settings, run_id=run_id, rounds_left=rounds_left)
+    if isinstance(data, SiteData) and plan.partitions:
+        data = data.records(plan.partitions)  # Poisson sampling over the planned partitions' records only
+    n = len(data)
     sample_rate, steps = plan.sample_rate, plan.steps
     entry = ledger.charge(run_id=run_id, round=round, plan=plan, max_grad_norm=settings.max_grad_norm)
     pad = int(host.tokenizer.pad_token_id)

@@ -59,7 +59,7 @@ class AuditedLedger:
     def spent(self, refs: Iterable[Ref]) -> str:
         """'N training rounds spending epsilon E': what the audit trail says these charges spent."""
         refs = list(refs)
-        rounds = len({(r.genesis, r.seq) for r in refs})
+        rounds = len({(r.genesis, r.seq) for r in refs if r.status != "added"})  # "added": a partition registered
         epsilon = max((r.epsilon for r in refs), default=0.0)
         plural = "s" if rounds != 1 else ""
         return f"the audit trail records {rounds} training round{plural} spending epsilon {epsilon:.4f}"
@@ -205,21 +205,29 @@ def _check_citations(chain: LedgerChain, seen: AuditedLedger) -> None:
             )
 
 
-def _check_data(chain: LedgerChain, dataset_sha256: str | None) -> None:
-    if dataset_sha256 is not None and chain.genesis.dataset_sha256 != dataset_sha256:
+def _check_data(chain: LedgerChain, dataset_sha256: str | Collection[str] | None) -> None:
+    """At least one of the site's data partitions is one the ledger accounts for (the others are not trained on)."""
+    if dataset_sha256 is None:
+        return
+    present = [dataset_sha256] if isinstance(dataset_sha256, str) else list(dataset_sha256)
+    registered = chain.fingerprints()
+    if not set(present) & set(registered):
+        then = registered[0][:19] or "none"
+        now = present[0][:19] if present else "none"
         raise LedgerMismatch(
-            f"training data changed since the ledger was created (data {chain.genesis.dataset_sha256[:19] or 'none'} "
-            f"then, {dataset_sha256[:19]} now): its budget covers the data it was created for; refusing to train"
+            f"training data changed since the ledger was created (data {then} then, {now} now): its budget covers "
+            "the data registered in it (new data: `fedseek budget add-partition`); refusing to train"
         )
 
 
 def check_ledger_against_audit(
-    ledger: PrivacyLedger | None, audit: AuditTrail | Path, *, dataset_sha256: str | None = None
+    ledger: PrivacyLedger | None, audit: AuditTrail | Path, *, dataset_sha256: str | Collection[str] | None = None
 ) -> None:
     """Raise LedgerMismatch (one line) unless `ledger` agrees with the site's audit trail.
 
     `ledger` None: there is no ledger file. `dataset_sha256`: the fingerprint of the data the
-    node would train on (None: not checked, as in `fedseek budget`, which does not read the data).
+    node would train on, or of each of its partitions (None: not checked, as in `fedseek budget`, which
+    does not read the data); at least one must be registered in the ledger.
     A damaged ledger raises its own LedgerError.
     """
     path = audit.path if isinstance(audit, AuditTrail) else audit
@@ -236,7 +244,7 @@ def check_ledger_against_audit(
 
 
 def ledger_refusal(
-    ledger: PrivacyLedger | None, audit: AuditTrail | Path, *, dataset_sha256: str | None = None
+    ledger: PrivacyLedger | None, audit: AuditTrail | Path, *, dataset_sha256: str | Collection[str] | None = None
 ) -> str | None:
     """The one-line reason the site may not train, or None when ledger and audit trail agree."""
     try:

@@ -74,6 +74,8 @@ def _run(args: argparse.Namespace) -> int:
             print(f"round {rec['round']}: no global adapter", flush=True)
             return
         print(f"round {rec['round']}: {rec['version']} from {rec['accepted']} eval_loss={rec['eval_loss']}", flush=True)
+        for who, why in sorted(rec.get("rejected", {}).items()):  # a refused update (outsized, malformed) is news
+            print(f"round {rec['round']}: rejected {who}: {why}", flush=True)
 
     settings = RunSettings(
         run_name=args.name,
@@ -81,22 +83,14 @@ def _run(args: argparse.Namespace) -> int:
         min_nodes=args.min_nodes,
         ffa_lora=args.ffa_lora,
         budget_share=args.budget_share,
+        aggregation=args.aggregation,
+        trim_fraction=args.trim_fraction,
+        update_norm_ratio=args.update_norm_ratio,
+        secagg=args.secagg,
     )  # a bad value is refused here (RoundSettingsError: one line, exit 2), before anything is submitted
     summary = run(Path(args.state), settings=settings, timeout=args.timeout, progress=show, app_dir=args.app)
     print(json.dumps(summary["global_adapter"], indent=2))
     return 0
-
-
-# ---- privacy and audit -------------------------------------------------------------------------
-def _audit_verify(args: argparse.Namespace) -> int:
-    from privacy.audit import verify
-
-    result = verify(Path(args.path))
-    if result.ok:
-        print(f"OK: {result.records} records, head {result.head_hash[:16]}")
-        return 0
-    print(f"TAMPERED: {result.error}", file=sys.stderr)
-    return 1
 
 
 # ---- explanations -------------------------------------------------------------------------------
@@ -227,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True)
     p.set_defaults(func=_node_start)
 
-    from federation.protocol.round_settings import RunSettings
+    from federation.protocol.round_settings import AGGREGATIONS, RunSettings
 
     run_defaults = RunSettings()
     p = sub.add_parser("run", help="start a federated run on the running coordinator")
@@ -248,24 +242,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="FFA-LoRA: freeze A at the shared seeded init and send only B (about half the bytes, exact averaging)",
     )
     p.add_argument(
+        "--secagg",
+        action="store_true",
+        help="secure aggregation (Flower's SecAgg+): the coordinator sees only the sum of the sites' updates; "
+        "needs at least 3 ready sites and --aggregation fedavg",
+    )
+    p.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default=run_defaults.aggregation,
+        help="how each round's accepted updates are combined: weighted fedavg, or the robust coordinate-wise "
+        "trimmed-mean or median (default: %(default)s)",
+    )
+    p.add_argument(
+        "--trim-fraction",
+        type=float,
+        default=run_defaults.trim_fraction,
+        help="trimmed-mean: share of values dropped at each end of every coordinate (default: %(default)s)",
+    )
+    p.add_argument(
+        "--update-norm-ratio",
+        type=float,
+        default=run_defaults.update_norm_ratio,
+        help="reject an update more than this many times the median of the others' distance from the round's "
+        "start; 0: no bound (default: %(default)s)",
+    )
+    p.add_argument(
         "--app",
         type=Path,
         help="signed app directory to submit (default: the coordinator state's app/, `fedseek app sign`)",
     )
     p.set_defaults(func=_run)
 
+    from federation.cli.audit import add_audit_commands
     from federation.cli.budget import add_budget_command
+    from federation.cli.keys import add_key_commands
     from federation.cli.privacy_audit import add_privacy_commands
     from federation.cli.serve import add_serve_command
+    from federation.cli.witness import add_witness_commands
 
     add_budget_command(sub)
+    add_witness_commands(sub)
     add_privacy_commands(sub)
     add_serve_command(sub)
-
-    audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="audit_command", required=True)
-    p = audit.add_parser("verify", help="verify a hash-chained audit trail")
-    p.add_argument("path")
-    p.set_defaults(func=_audit_verify)
+    add_key_commands(sub)
+    add_audit_commands(sub)
 
     p = sub.add_parser("explain", help="explain a model answer with SHAP, computed at a site's node")
     p.add_argument("--node", required=True, help="the node's API base URL, e.g. https://localhost:8443")

@@ -58,8 +58,15 @@ class NodeLayout(_Layout):
 
     @property
     def api_key_digests(self) -> Path:
-        """SHA-256 digests of the current API keys, one a line (the keys themselves are never kept)."""
+        """The API keys, one JSON record a line: SHA-256 digest (never the key), id, scopes, expiry,
+        revocation (`node.api_keys`; `fedseek key create|list|revoke`)."""
         return self.root / "api-keys.sha256"
+
+    @property
+    def access_policy(self) -> Path:
+        """Who may call which route and model of this site (`node.policy`, casbin's CSV format),
+        written with a safe default on first start; edits apply without a restart and are audited."""
+        return self.root / "access-policy.csv"
 
     @property
     def adapters(self) -> Path:
@@ -156,6 +163,12 @@ class CoordinatorLayout(_Layout):
     @property
     def superlink_db(self) -> Path:
         return self.root / "superlink.db"
+
+    @property
+    def witness(self) -> Path:
+        """Every site's accepted signed statements (ledger heads, audit checkpoints), per site and kind
+        (`coordinator.witness.WitnessStore`): what a site told the consortium and cannot take back."""
+        return self.root / "witness"
 
     @property
     def gateway(self) -> Path:

@@ -23,7 +23,9 @@ The launcher (run it with `python -m federation.ops.netns`; stdlib only):
 
 - As root it unshares a new network namespace; as another user it unshares a user namespace
   too (identity uid/gid map: files keep the user's ids, and only that user can enter it).
-  Either way it brings `lo` up and runs COMMAND inside (COMMAND dies with it: PDEATHSIG).
+  Either way it brings `lo` up and runs COMMAND inside (COMMAND dies with it: PDEATHSIG). It is
+  a child subreaper: whatever the commands spawn and leave orphaned is handed to it, and killed
+  and reaped when it ends, so nothing of the namespace outlives its launcher.
 - A socket file appears only once its port accepts, so "the socket exists" means "ready".
   It is created 0600 in a directory that must be the caller's own with mode 0700.
 - Pathname Unix sockets are not bound to a network namespace: a process on the host (nginx)
@@ -69,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 from federation.errors import Unavailable
+from federation.ops import proctree
 
 __all__ = [
     "MODULE",
@@ -377,7 +380,14 @@ async def _relay(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(item.socket)
     _stop(children)  # one went: the others go too, and the supervisor restarts them together
+    _end_descendants()
     return done.returncode
+
+
+def _end_descendants() -> None:
+    """Kill and reap whatever is left under the launcher: it is a child subreaper, so a task process
+    whose parent went first (a ClientApp of the app guard) was handed to it, not to init."""
+    proctree.kill_and_reap(proctree.descendants(os.getpid()))
 
 
 def _start_also(extra: Command) -> subprocess.Popen[bytes]:
@@ -406,6 +416,9 @@ def launch(
     for fwd in forwards:
         check_socket_path(fwd.socket)
     enter_private_netns()  # before any thread exists: unshare(CLONE_NEWUSER) requires it
+    # Orphans of the commands' trees come to the launcher, which ends them when it ends; and it
+    # ends when its supervisor dies (PDEATHSIG, set by `federation.ops.supervise`).
+    proctree.adopt_orphans()
     listening = [(fwd, _listen_inside(fwd.port)) for fwd in forwards]
     children = [subprocess.Popen(list(command), preexec_fn=_die_with_parent)]
     # Until the relay's handlers are in place, a stop request still stops the commands.
@@ -415,6 +428,7 @@ def launch(
         children += [_start_also(extra) for extra in also]  # what they dial inside is up
     except (NamespaceError, OSError) as exc:
         _stop(children)
+        _end_descendants()
         if isinstance(exc, NamespaceError):
             raise
         raise NamespaceError(f"cannot start a command in the namespace: {exc}") from exc

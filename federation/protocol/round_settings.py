@@ -36,6 +36,11 @@ Scalar = bool | int | float | str
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
+AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
+"""How the coordinator combines a round's accepted updates (coordinator/aggregate.py): `fedavg`, the mean
+weighted by each site's example count; `trimmed-mean` and `median`, coordinate-wise and unweighted (a site
+reports its own example count, so a robust mean must not let it buy weight)."""
+
 
 class RoundSettingsError(InvalidInput, ValueError):
     """A run or round setting that is unknown, of the wrong type or out of range."""
@@ -111,6 +116,19 @@ class RunSettings:
     budget_share: float = 0.5
     """Share of the privacy budget a site has left when the run starts that the run may spend there,
     split equally over its rounds: every run leaves the rest for the next (a demo can run again)."""
+    secagg: bool = False
+    """Secure aggregation (Flower's SecAgg+): the coordinator sees only the sum of the sites' adapter
+    updates, never one site's; needs at least 3 ready sites (coordinator/secagg.py)."""
+    aggregation: str = "fedavg"
+    """How a round's accepted updates are combined: one of AGGREGATIONS."""
+    trim_fraction: float = 0.2
+    """`trimmed-mean`: share of the values dropped at each end of every coordinate, at least one each
+    when three or more updates are combined (a fraction of three would otherwise drop nothing)."""
+    update_norm_ratio: float = 10.0
+    """An update whose distance from the round's starting adapter is more than this many times the median
+    of the other updates' distances is rejected (0: no bound). Honest DP-LoRA updates on the tiny model
+    were 0.6-1.5x the others' median (a 3.3x spread of dataset sizes; the distance grows as the square
+    root of a site's steps), one scaled x100 was 60-550x: coordinator/aggregate.py has the numbers."""
 
     def __post_init__(self) -> None:
         _check_types(self)
@@ -136,6 +154,23 @@ class RunSettings:
         for key, size in sizes.items():
             _require(math.isfinite(size) and size > 0, key, size, "a finite number above 0")
         _require(0 < self.budget_share <= 1, "budget-share", self.budget_share, "a share in (0, 1]")
+        _require(self.aggregation in AGGREGATIONS, "aggregation", self.aggregation, f"one of {AGGREGATIONS}")
+        _require(  # SecAgg+ yields only the sum: a robust aggregate needs the single updates it hides
+            not self.secagg or self.aggregation == "fedavg", "aggregation", self.aggregation, "fedavg with secagg"
+        )
+        _require(  # a trimmed mean or median needs each site's update; secure aggregation shows only their sum
+            not self.secagg or self.aggregation == "fedavg",
+            "aggregation",
+            self.aggregation,
+            "fedavg with secagg (the coordinator sees only the sum of the updates)",
+        )
+        _require(0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction, "a share in [0, 0.5)")
+        _require(
+            self.update_norm_ratio == 0 or 1 <= self.update_norm_ratio < math.inf,
+            "update-norm-ratio",
+            self.update_norm_ratio,
+            "0 (no bound) or a finite number of at least 1",
+        )
 
 
 @dataclass(frozen=True)

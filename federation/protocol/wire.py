@@ -205,6 +205,14 @@ def decode_update(data: bytes) -> AdapterUpdate:
 _DESCRIPTOR_KEYS = ("fedseek-wire", "factors", "lora-a-sha256")
 
 
+def statements_of(value: object) -> list[dict[str, Any]]:
+    """A list of signed statements (JSON objects) as a report or readiness answer carries them; their
+    signatures are the coordinator's to check (`coordinator.witness`). TypeError if not such a list."""
+    if not isinstance(value, list) or not all(isinstance(s, dict) for s in value):
+        raise TypeError("witness must be a list of signed statements (JSON objects)")
+    return [dict(s) for s in value]
+
+
 @dataclass(frozen=True)
 class PrivacyReport:
     """What a site reports with each update so the coordinator can record lineage."""
@@ -220,6 +228,8 @@ class PrivacyReport:
     num_examples: int
     train_loss: float
     extra: dict[str, float] = field(default_factory=dict)
+    witness: list[dict[str, Any]] = field(default_factory=list)
+    """Signed statements backing the report (the ledger head after the round): `node.witness_statements`."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -239,6 +249,7 @@ class PrivacyReport:
                 num_examples=int(data["num_examples"]),
                 train_loss=float(data["train_loss"]),
                 extra={str(k): float(v) for k, v in dict(data.get("extra", {})).items()},
+                witness=statements_of(data.get("witness", [])),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"malformed privacy report: {exc}") from exc
@@ -257,6 +268,11 @@ class Readiness:
     reason: str = ""
     epsilon_spent: float = 0.0
     epsilon_remaining: float = 0.0
+    witness: list[dict[str, Any]] = field(default_factory=list)
+    """Signed statements of the site's state before the round (its ledger head): `node.witness_statements`."""
+    num_examples: int = 0
+    """The site's training records (0: not said). Under secure aggregation the coordinator scales SecAgg+'s
+    fixed-point weights with the largest of them (coordinator/secagg.py), so it must know them beforehand."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -273,6 +289,8 @@ class Readiness:
                 reason=str(data.get("reason", "")),
                 epsilon_spent=float(data.get("epsilon_spent", 0.0)),
                 epsilon_remaining=float(data.get("epsilon_remaining", 0.0)),
+                witness=statements_of(data.get("witness", [])),
+                num_examples=int(data.get("num_examples", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"malformed readiness answer: {exc}") from exc

@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import Depends, Request
 
 from federation.errors import FedSeekError
-from node.access import Caller, Rule
+from node.access import AccessPolicy, Caller, Rule
 from node.api.guard import CALLER_STATE_KEY, RULE_STATE_KEY
 from node.explain_service import Explanations
 from node.service import Loading, NodeService, Serving
@@ -26,17 +26,36 @@ class GuardMismatch(FedSeekError):
 
 
 class Admitted:
-    """The dependency `caller(rule)` installs: asserts the guard admitted the caller under `rule`."""
+    """The dependency `caller(rule)` installs: asserts the guard admitted the caller under `rule`,
+    then holds the model the request names to the site's access policy."""
 
     def __init__(self, rule: Rule) -> None:
         self.rule = rule
 
-    def __call__(self, request: Request) -> None:
+    async def __call__(self, request: Request) -> None:
         state = request.scope.get("state", {})
         if state.get(RULE_STATE_KEY, "unset") != self.rule or CALLER_STATE_KEY not in state:
             raise GuardMismatch(
                 f"{request.url.path}: route wants {self.rule!r}, the guard applied {state.get(RULE_STATE_KEY)!r}"
             )
+        model = await _requested_model(request)
+        if model is not None:
+            access: AccessPolicy = request.app.state.access
+            access.require_model(request, state[CALLER_STATE_KEY], model)  # a refusal is audited there
+
+
+async def _requested_model(request: Request) -> str | None:
+    """The `model` a JSON request body names. FastAPI parsed the body before dependencies run
+    (within the guard's size limit) and `request.json()` returns that parse; a body that is not a
+    JSON object naming a model string names none (the route's own validation answers it)."""
+    if request.method != "POST" or request.scope["path"].startswith("/internal/"):
+        return None
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    model = body.get("model") if isinstance(body, dict) else None
+    return model if isinstance(model, str) else None
 
 
 def caller(rule: Rule) -> Any:

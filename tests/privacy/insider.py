@@ -12,7 +12,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from privacy.ledger import Genesis, LedgerEntry, _entry_hash
+from privacy.ledger import Genesis, LedgerEntry, _entry_hash, _entry_of, _row_of
 
 
 def rechain(path: Path, *, genesis: dict[str, Any] | None = None, **updates: dict[int, dict[str, Any]]) -> None:
@@ -22,7 +22,12 @@ def rechain(path: Path, *, genesis: dict[str, Any] | None = None, **updates: dic
         meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
         gen = {**meta["genesis"], **(genesis or {})}
         names = [f.name for f in fields(LedgerEntry)]
-        rows = [dict(zip(names, row, strict=True)) for row in conn.execute(f"SELECT {', '.join(names)} FROM entries")]
+        query = f"SELECT {', '.join(names)} FROM entries"
+        rows = [dict(zip(names, _row_of(_entry_of(row)), strict=True)) for row in conn.execute(query)]
+        swap = {meta["genesis"]["dataset_sha256"]: gen["dataset_sha256"]}  # rounds name the data they sampled
+        rows = [
+            {**row, "partitions": json.dumps([swap.get(p, p) for p in json.loads(row["partitions"])])} for row in rows
+        ]
         rows = [
             {**row, **updates.get("entries", {}).get(row["id"], {})}
             for row in rows
@@ -32,11 +37,11 @@ def rechain(path: Path, *, genesis: dict[str, Any] | None = None, **updates: dic
         placeholders = ", ".join("?" * (len(names) + 2))
         conn.execute("DELETE FROM entries")
         for new_id, row in enumerate(rows, start=1):
-            entry = LedgerEntry(**{**row, "id": new_id})
+            entry = _entry_of(list({**row, "id": new_id}.values()))
             hash_ = _entry_hash(entry, prev_hash=prev)
             conn.execute(
                 f"INSERT INTO entries ({', '.join(names)}, prev_hash, hash) VALUES ({placeholders})",
-                (*(getattr(entry, n) for n in names), prev, hash_),
+                (*_row_of(entry), prev, hash_),
             )
             prev = hash_
         conn.execute("UPDATE meta SET value = ? WHERE key = 'genesis'", (json.dumps(gen),))

@@ -186,6 +186,7 @@ def test_to_json(tmp_path: Path) -> None:
         "budget_epsilon",
         "accountant",
         "entries",
+        "partitions",
         "rdp_orders",
         "head",
     }

@@ -338,3 +338,77 @@ def test_command_and_forward_arguments_round_trip(tmp_path: Path) -> None:
     for bad in ('{"argv": []}', '{"argv": "guard"}', "guard", '{"argv": ["g"], "env": {"A": 1}}'):
         with pytest.raises(argparse.ArgumentTypeError, match="expected"):
             netns.Command.parse(bad)
+
+
+# A stand-in for the app guard: starts a "ClientApp" in a session of its own that ignores SIGTERM
+# (as a task busy in native code may), writes its pid and start time, then waits.
+_GUARD = r"""
+import pathlib, subprocess, sys, time
+task = subprocess.Popen(
+    [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+    start_new_session=True,
+)
+time.sleep(0.5)
+start = pathlib.Path(f"/proc/{task.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+pathlib.Path(sys.argv[1]).write_text(f"{task.pid} {start}")
+time.sleep(600)
+"""
+
+
+def _task_of(marker: Path, timeout: float = 60) -> tuple[int, str]:
+    deadline = time.monotonic() + timeout
+    while not (marker.exists() and marker.read_text()):
+        assert time.monotonic() < deadline, "the guard stand-in never started its task"
+        time.sleep(0.2)
+    pid, start = marker.read_text().split()
+    return int(pid), start
+
+
+def _same_process(pid: int, start: str) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19] == start
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("killed", ["launcher", "guard"])
+def test_nothing_the_namespace_runs_outlives_its_launcher(public_tmp: Path, killed: str) -> None:
+    """Issue 15, finding 4: a killed agent left its ClientApp orphaned. The launcher is a child
+    subreaper and ends every process left under it when it ends: whether it is stopped (SIGTERM,
+    which is what PDEATHSIG sends it when its agent is killed) or the guard dies under it, the
+    guard's task, in a session of its own and deaf to SIGTERM, goes too and is reaped."""
+    sock, port, marker = public_tmp / "ctl" / "s.sock", free_port(), public_tmp / "task"
+    argv = netns.launcher_argv(
+        http_server(port),
+        [netns.Exposed(sock, port)],
+        also=[netns.Command((sys.executable, "-c", _GUARD, str(marker)))],
+        timeout=30,
+    )
+    proc = Managed(name="netns", argv=argv, log_path=public_tmp / "netns.log", env={"PYTHONPATH": str(REPO)}).start()
+    try:
+        task, start = _task_of(marker)
+        assert _same_process(task, start)
+        if killed == "launcher":
+            assert proc.proc is not None
+            proc.proc.send_signal(signal.SIGTERM)
+        else:
+            os.kill(_guard_pid(proc.pid, marker), signal.SIGKILL)
+        assert proc.proc is not None
+        proc.proc.wait(60)  # one command gone: the launcher stops the rest and exits
+        assert not _same_process(task, start), "the task outlived its launcher"
+    finally:
+        proc.stop()
+
+
+def _guard_pid(launcher_pid: int, marker: Path) -> int:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if ppid == launcher_pid and str(marker) in argv:
+            return int(entry.name)
+    raise AssertionError("no guard stand-in under the launcher")

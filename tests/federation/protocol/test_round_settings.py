@@ -29,6 +29,9 @@ SETTINGS = RunSettings(
     max_grad_norm=0.5,
     ffa_lora=True,
     budget_share=0.3,
+    aggregation="trimmed-mean",
+    trim_fraction=0.25,
+    update_norm_ratio=4.0,
 )
 
 
@@ -87,6 +90,10 @@ def test_the_wire_keeps_todays_keys_and_leaves_unknown_strings_off() -> None:
         "max-grad-norm": 0.5,
         "ffa-lora": True,
         "budget-share": 0.3,
+        "secagg": False,
+        "aggregation": "trimmed-mean",
+        "trim-fraction": 0.25,
+        "update-norm-ratio": 4.0,
         "server-round": 2,
         "reply-factors": "AB",
     }  # no lora-a-sha256 before the coordinator knows A, no run-id before the ClientApp adds it
@@ -140,7 +147,8 @@ def _refused(call: Any, items: dict[str, Any]) -> RoundSettingsError:
 )
 def test_an_unknown_key_is_refused_naming_it_and_the_known_keys(decode: Any, typo: str) -> None:
     err = _refused(decode, {"learning-rate": 0.01, typo: 0.5})
-    assert f"key '{typo}'" in str(err) and "known keys: batch-size, budget-share, ffa-lora, learning-rate" in str(err)
+    known = "known keys: aggregation, batch-size, budget-share, ffa-lora, learning-rate"
+    assert f"key '{typo}'" in str(err) and known in str(err)
     assert err.code == "unknown_key"
 
 
@@ -154,6 +162,8 @@ def test_an_unknown_key_is_refused_naming_it_and_the_known_keys(decode: Any, typ
         ("ffa-lora", 1, "ffa-lora must be bool, not int (1)"),
         ("ffa-lora", "false", "ffa-lora must be bool, not str"),
         ("run-name", 7, "run-name must be str, not int"),
+        ("aggregation", 1, "aggregation must be str, not int"),
+        ("update-norm-ratio", "10", "update-norm-ratio must be float, not str"),
         ("server-round", "1", "server-round must be int, not str"),
         ("lora-a-sha256", None, "lora-a-sha256 must be str, not NoneType"),
     ],
@@ -180,6 +190,15 @@ def test_a_wrong_type_is_refused(key: str, value: object, message: str) -> None:
         ("run-name", ""),
         ("run-name", "../elsewhere"),
         ("run-name", "-flag"),
+        ("aggregation", "mean"),
+        ("aggregation", "Median"),
+        ("trim-fraction", -0.1),
+        ("trim-fraction", 0.5),  # nothing would be left in the middle
+        ("trim-fraction", float("nan")),
+        ("update-norm-ratio", 0.5),  # would refuse every update above the median
+        ("update-norm-ratio", -1.0),
+        ("update-norm-ratio", float("inf")),
+        ("update-norm-ratio", float("nan")),
         ("server-round", 0),
         ("reply-factors", "A"),
         ("lora-a-sha256", "XYZ"),
@@ -196,3 +215,21 @@ def test_constructing_bad_settings_in_code_is_refused_too() -> None:
         RunSettings(batch_size=0)
     with pytest.raises(RoundSettingsError, match="run must be RunSettings, not dict"):
         TrainInstruction(run={"num-rounds": 2})  # type: ignore[arg-type]
+
+
+def test_the_robust_aggregation_settings_default_to_fedavg_with_a_norm_bound() -> None:
+    """The default run averages as before (weighted FedAvg) and refuses updates 10x the others' median;
+    0 turns the bound off, and every aggregation the coordinator knows is accepted."""
+    run = RunSettings()
+    assert (run.aggregation, run.trim_fraction, run.update_norm_ratio) == ("fedavg", 0.2, 10.0)
+    assert RunSettings(update_norm_ratio=0).update_norm_ratio == 0.0
+    for method in ("fedavg", "trimmed-mean", "median"):
+        assert RunConfig.from_run_config({"aggregation": method}).settings.aggregation == method
+
+
+@pytest.mark.parametrize("method", ["trimmed-mean", "median"])
+def test_a_robust_aggregation_is_refused_with_secure_aggregation(method: str) -> None:
+    """A coordinate-wise median or trimmed mean needs each site's update; under secagg only their sum exists."""
+    err = _refused(RunConfig.from_run_config, {"secagg": True, "aggregation": method})
+    assert "fedavg with secagg" in str(err) and err.code == "out_of_range"
+    assert RunSettings(secagg=True).aggregation == "fedavg"
