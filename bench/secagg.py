@@ -109,7 +109,7 @@ def run_bench(out: Path, *, repeats: int, ffa: bool, n_train: int) -> dict[str, 
         for state, proc in zip(states, procs[1:], strict=True):
             _wait_file(NodeLayout(state).endpoints, proc, timeout=300)
         for i in range(repeats):
-            for secagg in ((False, True) if i % 2 == 0 else (True, False)):  # alternate: no order bias
+            for secagg in (False, True) if i % 2 == 0 else (True, False):  # alternate: no order bias
                 mode = "secagg" if secagg else "plain"
                 settings = RunSettings(
                     run_name=f"bench-{mode}-{i}", num_rounds=1, min_nodes=3, ffa_lora=ffa, secagg=secagg

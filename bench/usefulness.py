@@ -702,6 +702,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         metavar="NAME:KEY=VALUE,...",
         help="another federation setting to compare in the same run (keys: " + ", ".join(VARIANT_KEYS) + ")",
     )
+    ap.add_argument(
+        "--federated-only",
+        action="store_true",
+        help="explore: train and score only the (c) arms (no (a), no (b), no goal verdict)",
+    )
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--epsilon", type=float, default=1.0)
     ap.add_argument("--delta", type=float, default=1e-5)
@@ -790,7 +795,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     c_arm = {v.name: "federated" if v is default else f"federated[{v.name}]" for v in variants}
     lr_order = list(dict.fromkeys(lr for v in variants for lr in v.lrs))
     sweep_seconds: list[float] = []
-    n_arms = 2 + len(b_arm) * args.sites + len(variants)  # base, (a), every (b), every (c)
+    n_arms = 1 + len(variants) + (0 if args.federated_only else 1 + len(b_arm) * args.sites)  # base, (c), (a), (b)
     n_test_scores = n_arms * args.sites * args.n_test
     candidates: dict[str, list[tuple[float, ArmRun]]] = {}
     lrs_run: list[float] = []
@@ -800,7 +805,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             break
         lr_started = time.perf_counter()
         runs: list[ArmRun] = []
-        if lr in default.lrs:
+        if lr in default.lrs and not args.federated_only:
             print(f"lr {lr:g}: (a) pooled non-private", flush=True)
             runs.append(
                 train_nonprivate(
@@ -810,7 +815,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             )  # fmt: skip
         for key, arm in b_arm.items():
             v = next(v for v in variants if v.dp_key == key)
-            if lr not in {x for w in variants if w.dp_key == key for x in w.lrs}:
+            if args.federated_only or lr not in {x for w in variants if w.dp_key == key for x in w.lrs}:
                 continue
             print(f"lr {lr:g}: {arm}, each site alone, DP", flush=True)
             runs += train_dp(
@@ -850,13 +855,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"test EM {arm}: {test['exact_match']:.4f} {test['per_site']}", flush=True)
 
     test_em = {row["arm"]: row["test_em"] for row in table}
-    a = test_em["pooled_nonprivate"]
-    learned = a > test_em["base (public pretraining only)"]  # else (a) is no reference
+    a = test_em.get("pooled_nonprivate")
+    learned = a is not None and a > test_em["base (public pretraining only)"]  # else (a) is no reference
     by_variant = {
         v.name: variant_goal(v, test_em, federated=c_arm[v.name], site_alone=b_arm[v.dp_key], pooled_learned=learned)
         for v in variants
     }
     c, best_b = test_em["federated"], by_variant["default"]["best_site_alone"]
+    beats = best_b is not None and c > best_b
     res: dict[str, Any] = {
         "benchmark": "usefulness",
         "date": date.strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -912,9 +918,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "goal": {
             "pooled_learned": learned,
             "federated_over_pooled": round(c / a, 4) if a else None,
-            "federated_at_least_90pct_of_pooled": c >= GOAL_FRACTION * a,
+            "federated_at_least_90pct_of_pooled": a is not None and c >= GOAL_FRACTION * a,
             "best_site_alone": best_b,
-            "federated_beats_every_site_alone": c > best_b,
+            "federated_beats_every_site_alone": beats,
         },
         "variants": {v.name: {"settings": v.as_json(), **by_variant[v.name]} for v in variants},
         "total_seconds": round(time.perf_counter() - started, 1),
@@ -955,9 +961,10 @@ def variant_goal(
     variant: Variant, test_em: dict[str, float], *, federated: str, site_alone: str, pooled_learned: bool
 ) -> dict[str, Any]:
     """One variant's verdict: its (c) against (a) and against its own best (b) (same DP settings)."""
-    a, c = test_em["pooled_nonprivate"], test_em[federated]
+    a, c = test_em.get("pooled_nonprivate"), test_em[federated]
     sites = {k: v for k, v in test_em.items() if k.startswith(f"{site_alone}:")}
-    best_b = max(sites.values())
+    best_b = max(sites.values()) if sites else None  # None: a --federated-only run
+    beats = best_b is not None and c > best_b
     return {
         "federated_arm": federated,
         "site_alone_arms": sorted(sites),
@@ -965,8 +972,8 @@ def variant_goal(
         "federated": c,
         "best_site_alone": best_b,
         "federated_over_pooled": round(c / a, 4) if a else None,
-        "federated_beats_every_site_alone": c > best_b,
-        "met": pooled_learned and c >= GOAL_FRACTION * a and c > best_b,
+        "federated_beats_every_site_alone": beats,
+        "met": pooled_learned and a is not None and c >= GOAL_FRACTION * a and beats,
     }
 
 

@@ -126,7 +126,10 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
                 "median_federated": round(statistics.median(r["federated"] for r in rows), 4),
                 "worst_federated": round(min(r["federated"] for r in rows), 4),
                 "seeds_beating_best_site_alone": sum(r["beats_best_site_alone"] for r in rows),
-                "worst_margin_over_best_site_alone": round(min(r["federated"] - r["best_site_alone"] for r in rows), 4),
+                "worst_margin_over_best_site_alone": min(
+                    (round(r["federated"] - r["best_site_alone"], 4) for r in rows if r["best_site_alone"] is not None),
+                    default=None,
+                ),
             }
         stats["goal_met"] = bool(
             ratios
@@ -141,21 +144,28 @@ def summarize(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     lines = []
     for name, s in summary.items():
-        lines.append(f"**{name}** ({s['settings']['server']['describe']}, clip {s['settings']['clip']:g}, "
-                     f"{s['settings']['rounds']} rounds, lr grid {'/'.join(f'{x:g}' for x in s['settings']['lrs'])})")  # fmt: skip
+        st = s["settings"]
+        grid = "/".join(f"{x:g}" for x in st["lrs"])
+        lines.append(
+            f"**{name}** ({st['server']['describe']}, clip {st['clip']:g}, {st['rounds']} rounds, lr grid {grid})"
+        )
         lines.append("")
         lines.append(
             "| data seed | public seed | base | (a) pooled | best (b) site alone | (c) federation (lr) | (c)/(a) |"
         )
         lines.append("| --- | --- | --- | --- | --- | --- | --- |")
         for r in s["rows"]:
-            ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
+            pooled, best, ratio = (_num(r[k]) for k in ("pooled", "best_site_alone", "ratio"))
             lines.append(
-                f"| {r['seed']} | {r['public_seed']} | {r['base']:.3f} | {r['pooled']:.3f} | {r['best_site_alone']:.3f} "
-                f"| {r['federated']:.3f} ({r['federated_lr']:g}) | {ratio} |"
+                f"| {r['seed']} | {r['public_seed']} | {r['base']:.3f} | {pooled} "
+                f"| {best} | {r['federated']:.3f} ({r['federated_lr']:g}) | {ratio} |"
             )
         if "median_ratio" in s:
             lines.append(

@@ -14,16 +14,16 @@ would let one site outvote the others again.
 Bounding (`outsized`, RunSettings.update_norm_ratio): an update's size is its L2 distance from the
 adapter the round started from (`round_start`); it is refused when that is more than `ratio` times the
 median of the other updates' sizes. Why relative, and why 10 by default, measured on the tiny
-DeepSeek-V3 model with the run defaults (3 sites of 48, 96 and 160 records: 6, 12, 20 DP-SGD steps;
-/tmp measurement script, numbers in docs/ARCHITECTURE.md):
-- an honest update's distance is ~0.236 x sqrt(steps) here (0.58, 0.82, 1.05, in rounds 1 and 2, plain
-  LoRA; 0.44, 0.62, 0.81 for FFA-LoRA's B): it grows with a site's data, the learning rate, the epochs
-  and the adapter's size, so no one absolute number fits every run, while the ratio to the others'
-  median stays near 1 (0.6-1.5 here). A bound of 10 leaves room for sites with 100x the median site's
-  records (the distance goes as the square root of the steps);
-- an update scaled x100 was 60x the others' median when its change was scaled (g + 100 (w - g)) and
-  550x when its whole adapter was (100 w); in a first round of two sites, where the start is taken
-  as zero (below), 11x and 99x.
+DeepSeek-V3 model with the run defaults (bench/update_norms.py, bench/results/update_norms_cpu_*.json:
+3 sites of 48, 96 and 160 records, so 6, 12 and 20 DP-SGD steps, epsilon 1 each):
+- an honest update's distance from the round's start was 0.58, 0.83, 1.05 (plain LoRA, rounds 1 and
+  2; FFA-LoRA's B: 0.44, 0.63, 0.80), ~0.236 x sqrt(steps): it grows with a site's data, the learning
+  rate, the epochs and the adapter's size, so no one absolute number fits every run, while the ratio
+  to the others' median stays near 1 (0.61-1.51 here). A bound of 10 leaves room for a site with 100x
+  the median site's records (the distance goes as the square root of the steps);
+- site 0's update scaled x100 was 61x the others' median when its change was scaled (start +
+  100 (w - start)) and 550x when its whole adapter was (100 w); FFA-LoRA 61x and 61-90x. In a first
+  round of only two sites, where the start is taken as zero (`round_start`), 11x and 99x (FFA: 70x).
 Comparing with the *others'* median keeps one outsized update from raising its own yardstick, and
 works with two sites; it bounds a minority of outsized updates (fewer than half of the others).
 """

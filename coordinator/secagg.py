@@ -112,8 +112,8 @@ class _LegacyFace:
 
 
 def _stage(msg: Message) -> str:
-    config = msg.content.config_records.get(RECORD_KEY_CONFIGS, {}) if not msg.has_error() else {}
-    return str(config.get(Key.STAGE, ""))
+    config = None if msg.has_error() else msg.content.config_records.get(RECORD_KEY_CONFIGS)
+    return str(config.get(Key.STAGE, "")) if config is not None else ""
 
 
 @dataclass
@@ -193,7 +193,7 @@ class SecAggLoraFedAvg(LoraFedAvg):
         parsed = self._vet_ffa(rec, parsed)
         reference = self._secure_reference([p[2]["layout"] for p in parsed])
         kept: list[Message] = []
-        for msg, report, meta in parsed:
+        for msg, _report, meta in parsed:
             if reference is None or meta["layout"] != reference:
                 why = "sites disagree on the adapter layout; no majority" if reference is None else "adapter layout"
                 self._reject(rec, msg, wire.WireError(f"{why} differs from the run's"))
@@ -365,7 +365,10 @@ class SecAggLoraFedAvg(LoraFedAvg):
         log.info("round %d: secure sum of %s saved as %s", server_round, rec.accepted, rec.version)
         total = sum(r.num_examples for r in reports)
         train_loss = sum(r.train_loss * r.num_examples for r in reports) / total
-        metrics = {"num-examples": total, "max-epsilon": max(r.epsilon for r in reports)}
+        metrics: dict[str, int | float | list[int] | list[float]] = {
+            "num-examples": total,
+            "max-epsilon": max(r.epsilon for r in reports),
+        }
         if math.isfinite(train_loss):
             metrics["train-loss"] = train_loss
         return records.to_array_record(averaged), MetricRecord(metrics)

@@ -19,8 +19,8 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from coordinator.registry import AdapterRegistry
 from coordinator.grid_meter import MeteredGrid
+from coordinator.registry import AdapterRegistry
 from coordinator.secagg import SecAggLoraFedAvg
 from coordinator.strategy import LoraFedAvg, RunFailed
 from coordinator.witness import LedgerWitness, WitnessStoreError, coordinator_witness

@@ -27,7 +27,7 @@ from typing import Any
 
 from coordinator.admin_api import create_admin_app
 from coordinator.registry import AdapterRegistry
-from coordinator.sites import SiteAccess, flwr_supernode, known_node
+from coordinator.sites import KeyRetired, SiteAccess, flwr_supernode, known_node
 from federation.errors import Unavailable
 from federation.ops import netns
 from federation.ops.atomic import PRIVATE_UMASK, private_dir, write_atomic
@@ -108,7 +108,7 @@ def register_site(socket: Path, flwr_cli: Path, public_key: Path, *, name: str, 
         if known is None:
             raise CoordinatorError(f"registering {name}: {exc}") from exc
         if known.status == "unregistered":
-            raise CoordinatorError(
+            raise KeyRetired(
                 f"registering {name}: its Flower key was unregistered before (node {known.node_id}) and the "
                 "SuperLink never takes a key twice; give the site a new key (site-keys/NAME.pub)"
             ) from exc
@@ -226,6 +226,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
                 link_socket, layout.flwr_cli, key, name=name, superlink_db=layout.superlink_db
             ),
             unregister=lambda node_id: unregister_site(link_socket, layout.flwr_cli, node_id),
+            lookup=lambda key: known_node(layout.superlink_db, key),
         )
         registered = sorted(sites.sync())
         gateway.write_bindings(sites.fleet_bindings())

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from federation.errors import Conflict
 from federation.security import pki
 from federation.security.fleet_gateway import GatewayError, flower_key_header, subject_dn
 from privacy.audit import AuditTrail
@@ -31,6 +32,13 @@ from privacy.audit import AuditTrail
 log = logging.getLogger("fedseek.coordinator.sites")
 
 Register = Callable[[Path, str], int]
+
+
+class KeyRetired(Conflict):
+    """A site's Flower key was unregistered (its certificate revoked) and the SuperLink never takes
+    a key twice: the site needs a new key."""
+
+
 Unregister = Callable[[int], None]
 
 
@@ -41,6 +49,8 @@ class SiteAccess:
     audit: AuditTrail
     register: Register
     unregister: Unregister
+    # What the SuperLink already holds for a key (`known_node` on its database), across restarts.
+    lookup: Callable[[Path], KnownNode | None] | None = None
     registered: dict[str, int] = field(default_factory=dict)  # site -> SuperLink node id
     bound: dict[str, tuple[str, str]] = field(default_factory=dict)  # site -> (cert subject, key header)
 
@@ -71,13 +81,21 @@ class SiteAccess:
                 continue
             if name not in allowed:
                 log.warning("site key %s not registered: the CA shows no valid node certificate for it", key)
+                self._retire_stale(name, key)
                 continue
             try:
                 header = flower_key_header(key.read_bytes())
             except (OSError, GatewayError) as exc:
                 log.warning("site key %s not registered: %s", key, exc)
                 continue
-            node_id = self.register(key, name)
+            try:
+                node_id = self.register(key, name)
+            except KeyRetired as exc:  # this site stays out; the others (and the coordinator) go on
+                log.warning("site %s not registered: %s", name, exc.one_line())
+                self.audit.append(
+                    actor="coordinator", action="site.refused", resource=name, details={"reason": exc.one_line()}
+                )
+                continue
             self.registered[name] = node_id
             ident = allowed[name]
             self.bound[name] = (subject_dn(name=name, role="node", consortium=ident.consortium), header)
@@ -89,6 +107,18 @@ class SiteAccess:
                 details={"node_id": node_id, "certificate_serial": f"{serial:x}"},
             )
         return dict(self.registered)
+
+    def _retire_stale(self, name: str, key: Path) -> None:
+        """A key the SuperLink still holds from before a restart, for a site revoked meanwhile: out
+        of the SuperLink too (the fleet gateway refuses its certificate already)."""
+        known = self.lookup(key) if self.lookup is not None else None
+        if known is None or known.status == "unregistered":
+            return
+        self.unregister(known.node_id)
+        log.warning("site %s unregistered (node %d): revoked while the coordinator was down", name, known.node_id)
+        self.audit.append(
+            actor="coordinator", action="site.unregistered", resource=name, details={"node_id": known.node_id}
+        )
 
     def fleet_bindings(self) -> dict[str, str]:
         """Certificate subject -> `flwr-public-key` value of every registered site."""

@@ -6,6 +6,12 @@ seeded A, so the mean of the sites' B A products is (mean B) A exactly. The A fa
 once, in the first round's replies; after that train and evaluate messages and replies carry
 B only, and each reply's A digest must be the run's.
 
+Every update is validated before it is combined: the run's tensor layout, every value finite, and
+its size (distance from the round's starting adapter) within `update-norm-ratio` times the median
+of the other updates' (`_bounded`); a refused one is recorded in the round's `rejected` with a
+one-line reason and logged. The accepted ones are combined as `aggregation` says: weighted FedAvg,
+or a coordinate-wise trimmed mean or median (coordinator/aggregate.py).
+
 A round costs the sites budget, so it starts only when it can succeed: before training, a `query`
 message asks every connected site whether it is alive and can train the round within its budget
 (the node plans it from its ledger and charges nothing); the train messages go to the sites that

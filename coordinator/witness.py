@@ -153,6 +153,13 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _EPSILON_SLACK = 1e-9  # float noise between two compositions of the same history
 
 
+def fingerprint(value: object) -> str:
+    """A data fingerprint as compared here: the sha256 hex digest, with or without its `sha256:` prefix
+    (the node's dataset fingerprint carries it); "" if `value` is none."""
+    text = str(value or "").strip().lower()
+    return text.removeprefix("sha256:")
+
+
 class WitnessRefused(Conflict):
     """A site's ledger does not extend what the coordinator witnessed (reset, rollback, fork), or its
     statement is missing, unsigned or malformed: the site is left out of the round (409)."""
@@ -188,11 +195,10 @@ class HeadClaim:
 
     def fingerprints(self) -> set[str]:
         """Every data fingerprint this ledger covers: its genesis dataset and any partition's."""
-        found = {str(self.head.get("dataset_sha256") or "")}
-        found.add(str(self.genesis_record.get("dataset_sha256") or ""))
+        found = {fingerprint(self.head.get("dataset_sha256")), fingerprint(self.genesis_record.get("dataset_sha256"))}
         for part in self.head.get("partitions") or []:
             if isinstance(part, Mapping):
-                found.update(str(part[k]) for k in ("fingerprint", "sha256", "dataset_sha256") if part.get(k))
+                found.update(fingerprint(part[k]) for k in ("fingerprint", "sha256", "dataset_sha256") if part.get(k))
         found.discard("")
         return found
 
@@ -341,7 +347,7 @@ class LedgerWitness:
             return False
         mine = claim.fingerprints()
         return any(
-            a.get("dataset_sha256") in mine and a.get("genesis") in (None, "", claim.genesis)
+            fingerprint(a.get("dataset_sha256")) in mine and a.get("genesis") in (None, "", claim.genesis)
             for a in self.store.statements(claim.site, GENESIS_ACCEPTED)
         )
 
@@ -374,8 +380,9 @@ class LedgerWitness:
         `genesis`). Refused (Conflict) if that data was ever witnessed for the site: old data never gets a
         fresh budget. Audited either way."""
         check_name(site, what="site")
+        dataset_sha256 = fingerprint(dataset_sha256)
         if not _HEX64.fullmatch(dataset_sha256) or (genesis and not _HEX64.fullmatch(genesis)):
-            raise InvalidInput("the dataset fingerprint and genesis must be 64 lowercase hex digits (sha256)")
+            raise InvalidInput("the dataset fingerprint and genesis must be sha256 hex digests (64 hex digits)")
         details = {"dataset_sha256": dataset_sha256, "genesis": genesis, "operator": operator}
         heads = self.heads(site)
         earlier = [h for h in heads if dataset_sha256 in h.fingerprints() or (genesis and h.genesis == genesis)]

@@ -38,10 +38,10 @@ from typing import Literal
 from fastapi import Request
 
 from federation.security.mtls_server import peer_of
-from federation.security.pki import Identity, Role
+from federation.security.pki import Identity
 from federation.security.refusals import audit_refusal
 from federation.security.roles import AccessDenied, NotAuthenticated, NotPermitted, require_role
-from node.api_keys import ApiKeys
+from node.api_keys import ApiKeys, KeyRecord
 from node.policy import SitePolicy, Subject
 from privacy.audit import AuditTrail
 
@@ -174,22 +174,32 @@ class AccessPolicy:
         return caller
 
     def _authenticate(self, request: Request, rule: Rule, identity: Identity | None) -> Caller:
-        """Who the request comes from (401 without a valid credential of the kind `rule` asks for)."""
+        """Who the request comes from (401 without a valid credential of the kind `rule` asks for).
+
+        Reviewer and admin routes take a certificate; an API key stands in on the explanation
+        routes only, and only a key with the `explain` scope (the site policy must allow it too).
+        """
         if rule == "application" and self.openai_auth == "mtls":
             if identity is None:
                 raise NotAuthenticated("this site requires a consortium client certificate for the API")
             return _cert_caller(identity)
-        if rule in ("reviewer", "admin") and (identity is not None or not _bearer(request)):
-            wanted: Role = "reviewer" if rule == "reviewer" else "admin"
-            if identity is None:
-                raise NotAuthenticated(f"this route needs a client certificate with role '{wanted}'")
-            return _cert_caller(identity)
+        if rule in ("reviewer", "admin"):
+            if identity is not None:
+                return _cert_caller(identity)
+            record = self.api_keys.lookup(_bearer(request)) if rule == "reviewer" and _bearer(request) else None
+            if record is None or "explain" not in record.scopes:
+                raise NotAuthenticated(f"this route needs a client certificate with role '{rule}'")
+            return self._key_caller(record, identity)
         key = _bearer(request)
         if not key:
             raise NotAuthenticated("missing API key: send 'Authorization: Bearer <key>'")
         record = self.api_keys.lookup(key)
         if record is None:
             raise NotAuthenticated("invalid API key")
+        return self._key_caller(record, identity)
+
+    @staticmethod
+    def _key_caller(record: KeyRecord, identity: Identity | None) -> Caller:
         refusal = record.refusal(datetime.now(UTC))
         if refusal is not None:
             raise NotAuthenticated(refusal)

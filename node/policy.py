@@ -41,6 +41,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,7 @@ from typing import Any
 import casbin
 
 from federation.errors import InvalidInput
-from federation.ops.atomic import write_atomic
+from federation.ops.atomic import private_dir, write_atomic
 from federation.ops.layout import NodeLayout
 from federation.security.pki.identity import NAME_RE, ROLES
 from federation.security.refusals import AuditSink
@@ -59,6 +60,7 @@ __all__ = [
     "PolicyFileError",
     "SitePolicy",
     "Subject",
+    "add_members",
     "default_policy",
     "ensure_policy",
     "parse_policy",
@@ -236,6 +238,7 @@ p, cert, *, admin, {site}, admin, *, allow
 def ensure_policy(path: Path, *, site: str) -> Path:
     """`path`, written with `default_policy(site)` (0600) if there is none yet."""
     if not path.exists():
+        private_dir(path.parent)  # the state directory, as the node makes it (0700)
         write_atomic(path, default_policy(site))
     return path
 
@@ -391,3 +394,18 @@ def site_policy(layout: NodeLayout, *, site: str, audit: AuditSink) -> SitePolic
     """The site's policy from its state directory (the default written on first start), watched
     for changes for as long as the process runs."""
     return SitePolicy(ensure_policy(layout.access_policy, site=site), audit=audit).watch()
+
+
+def add_members(path: Path, *, site: str, org: str, names: Iterable[str]) -> None:
+    """List `names` as members of organisation `org` in the policy at `path` (the default for
+    `site` if there is none yet), rewriting it atomically; a name already listed there is kept
+    once. What an operator does by hand with a `g` line; the demo and tests do it before start."""
+    ensure_policy(path, site=site)
+    text = path.read_text(encoding="utf-8")
+    have = set(parse_policy(text, source=str(path)).groupings)
+    lines = [f"g, {name}, {org}\n" for name in names if (name, org) not in have]
+    if lines:
+        text = text if text.endswith("\n") else text + "\n"
+        joined = text + "".join(lines)
+        parse_policy(joined, source=str(path))  # a bad name is refused before the file changes
+        write_atomic(path, joined)

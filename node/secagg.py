@@ -112,7 +112,7 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
         reply = call_next(inner, ctxt)
         if reply.has_error():
             raise RuntimeError(f"training for the secure round failed: {reply.error.reason}")
-        config = inner.content.config_records.get(records.CONFIG, {})
-        return masking_input(reply, ctxt, ffa=bool(config.get("ffa-lora", False)))
+        config = inner.content.config_records.get(records.CONFIG)
+        return masking_input(reply, ctxt, ffa=bool(config.get("ffa-lora", False)) if config else False)
 
     return secaggplus_mod(msg, context, train_then_prepare)

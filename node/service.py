@@ -13,7 +13,7 @@ import json
 import threading
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -209,10 +209,12 @@ class Serving:
         stream = cast(AsyncGenerator[Event, None], self.engine.astream(prep.prompt_ids, params, adapter=prep.adapter))
         last: Event | None = None
         refused = False
+        pieces: list[str] = []  # the output, for its keyed digest in the audit record
         try:
             async for ev in stream:
                 track.event(ev)
                 last = ev
+                pieces.append(ev.text)
                 yield ev
         except (QueueFull, ValueError, UnknownAdapter):
             refused = last is None  # refused by `submit`: nothing ran
@@ -221,7 +223,8 @@ class Serving:
             await stream.aclose()  # no await inside: the engine's cancel runs even in a cancelled task
             track.done(not refused)
             if not refused:
-                rec = self._audit(prep, actor, last.completion_tokens if last else 0, last, track.elapsed())
+                tokens = last.completion_tokens if last else 0
+                rec = self._audit(prep, params, actor, tokens, last, track.elapsed(), output="".join(pieces))
                 if receipt is not None:
                     receipt["audit_hash"] = rec.hash
 
@@ -231,21 +234,35 @@ class Serving:
         out = self.engine.complete(prep.prompt_ids, params, adapter=prep.adapter)
         gen = Generation(out.text, out.prompt_tokens, out.completion_tokens, out.finish_reason, out.token_ids)
         self.metrics.completed(out)
-        rec = self._audit(prep, actor, out.completion_tokens, out.finish_reason, time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        rec = self._audit(prep, params, actor, out.completion_tokens, out.finish_reason, elapsed, output=out.text)
         return gen, rec.hash
 
     def _audit(
-        self, prep: Prepared, actor: str, completion_tokens: int, finish: Event | str | None, latency_s: float
+        self,
+        prep: Prepared,
+        params: SamplingParams,
+        actor: str,
+        completion_tokens: int,
+        finish: Event | str | None,
+        latency_s: float,
+        *,
+        output: str,
     ) -> AuditRecord:
-        """One `serve` record per request, cancelled ones too (the model ran); the prompt only as a hash."""
+        """One `serve` record per request, cancelled ones too (the model ran): which adapter (by sha256),
+        how it sampled, and the prompt and output only as digests keyed by the site's secret."""
         if isinstance(finish, Event) or finish is None:
             finish = finish.finish_reason if finish is not None else None
+        adapter = self.host.adapters.get(prep.adapter) if prep.adapter is not None else None
         return self.audit.append(
             actor=actor,
             action="serve",
             resource=prep.served,
             details={
                 "prompt_hmac": prep.prompt_hmac,
+                "output_hmac": self.keys.digest(output),
+                "adapter_sha256": adapter.sha256 if adapter is not None else None,
+                "sampling": asdict(params),
                 "prompt_tokens": len(prep.prompt_ids),
                 "completion_tokens": completion_tokens,
                 "finish_reason": finish or "cancelled",

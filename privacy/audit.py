@@ -36,9 +36,11 @@ from privacy.checkpoints import (
     Checkpoint,
     CheckpointSigner,
     TreeState,
+    checkpoint_path,
     parse_checkpoint,
     read_latest,
     read_tree,
+    tree_path,
     write_latest,
     write_tree,
 )
@@ -100,6 +102,11 @@ def utc_now() -> str:
 def head_path(path: Path) -> Path:
     """Location of the head file kept next to the log."""
     return path.with_suffix(path.suffix + ".head")
+
+
+def companion_paths(path: Path) -> list[Path]:
+    """The files kept beside the log: its head, latest signed checkpoint and Merkle frontier cache."""
+    return [head_path(path), checkpoint_path(path), tree_path(path)]
 
 
 def _record_hash(content: Mapping[str, Any]) -> str:
@@ -214,7 +221,8 @@ class AuditTrail:
         self._frontier = Frontier()  # over the first self._seq lines, which end at byte self._size
         self._signer = signer
         self._interval = interval_s
-        self._saved = -1  # tree size this process last cached or signed
+        self._saved = -1  # tree size this process last cached
+        self._signed = -1  # tree size this process last signed
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         try:
@@ -389,9 +397,11 @@ class AuditTrail:
         checkpoint = Checkpoint(self._signer.origin, state.frontier.size, state.frontier.root().hex(), time)
         statement = self._signer.sign(checkpoint)  # outside the lock: appends do not wait for ECDSA
         with self._lock:
-            latest = read_latest(self._path)
-            current = latest.get("payload", {}).get("size", -1) if latest else -1
-            if not isinstance(current, int) or current <= checkpoint.size:
+            # Two calls may sign at once (the thread, a round's statements): the larger tree wins. Only
+            # this process's own order counts: a smaller tree after a restored older log must replace
+            # the newer checkpoint left beside it, so that the witness sees, and refuses, the rollback.
+            if checkpoint.size >= self._signed:
+                self._signed = checkpoint.size
                 write_latest(self._path, statement)
         return statement
 

@@ -56,7 +56,9 @@ class SecAggSite(FakeSite):
             rng = np.random.default_rng([len(self.name), self.num_examples, server_round])
             arrays["layers.1.v_proj.lora_B"] = rng.standard_normal((8, 2)).astype(np.float32) * np.float32(SCALE)
             shared = np.random.default_rng(7)
-            arrays.update({k: shared.standard_normal(SHAPES[k]).astype(np.float32) * 0.1 for k in sorted(wire.lora_a(arrays))})
+            arrays.update(
+                {k: shared.standard_normal(SHAPES[k]).astype(np.float32) * 0.1 for k in sorted(wire.lora_a(arrays))}
+            )
         if self.mode == "outsized" and self._bad(server_round):
             arrays["layers.0.q_proj.lora_B"][0, 0] = 2 * CLIPPING_RANGE
         if self.mode == "shape" and self._bad(server_round):
@@ -120,7 +122,9 @@ def _sites(*, ffa: bool = False, **modes: str) -> dict[int, SecAggSite]:
 def _expected(sites: list[SecAggSite], server_round: int, names: set[str]) -> dict[str, np.ndarray]:
     weights = np.array([s.num_examples for s in sites], dtype=np.float64)
     return {
-        n: np.tensordot(weights / weights.sum(), np.stack([s.updates[server_round][n].astype(np.float64) for s in sites]), 1)
+        n: np.tensordot(
+            weights / weights.sum(), np.stack([s.updates[server_round][n].astype(np.float64) for s in sites]), 1
+        )
         for n in names
     }
 

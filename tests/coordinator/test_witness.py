@@ -263,12 +263,10 @@ def test_a_head_not_signed_by_the_sites_key_is_refused_and_audited(
     assert refused["details"] == {"stage": "readiness", "error": str(exc.value), "round": 3}
 
 
-def test_an_update_whose_ledger_did_not_advance_is_refused(
-    tmp_path: Path, keys: Keys, witness: LedgerWitness
-) -> None:
+def test_an_update_whose_ledger_did_not_advance_is_refused(tmp_path: Path, keys: Keys, witness: LedgerWitness) -> None:
     ledger = _ledger(tmp_path / "l.sqlite")
     before = witness.witness("site-a", keys.head(ledger, "site-a"), stage="readiness")
-    with pytest.raises(WitnessRefused, match="did not advance past .* the round was not charged"):
+    with pytest.raises(WitnessRefused, match=r"did not advance past .* the round was not charged"):
         witness.witness("site-a", keys.head(ledger, "site-a"), stage="update", after=before)
     _charge(ledger)
     assert witness.witness("site-a", keys.head(ledger, "site-a"), stage="update", after=before).seq == 1
@@ -285,11 +283,13 @@ def test_a_reset_ledger_needs_an_accepted_genesis_for_new_data(
     with pytest.raises(WitnessRefused, match="ledger reset or replaced"):
         witness.witness("site-a", keys.head(same_data, "site-a"), stage="readiness")
     with pytest.raises(WitnessRefused, match=r"data dddddddddddd was already witnessed .* never gets a fresh one"):
-        witness.accept_genesis("site-a", dataset_sha256=DATA, operator="mallory")
+        witness.accept_genesis("site-a", dataset_sha256=f"sha256:{DATA}", operator="mallory")
+    with pytest.raises(InvalidInput, match="sha256 hex digests"):
+        witness.accept_genesis("site-a", dataset_sha256="not-a-digest", operator="mallory")
     with pytest.raises(WitnessRefused, match="ledger reset or replaced"):  # still refused
         witness.witness("site-a", keys.head(same_data, "site-a"), stage="readiness")
 
-    fresh = _ledger(tmp_path / "fresh.sqlite", data=NEW_DATA)
+    fresh = _ledger(tmp_path / "fresh.sqlite", data=f"sha256:{NEW_DATA}")  # as the node names its data
     with pytest.raises(WitnessRefused, match="ledger reset or replaced"):  # new data, but no operator said so
         witness.witness("site-a", keys.head(fresh, "site-a"), stage="readiness")
     witness.accept_genesis("site-a", dataset_sha256=NEW_DATA, operator="olivia")
@@ -427,9 +427,7 @@ def test_an_update_from_a_ledger_rolled_back_mid_round_is_not_aggregated(
     assert "site-a: ledger rolled back" in summary["error"] and "\n" not in summary["error"]
 
 
-def test_a_site_answering_without_a_signed_head_is_left_out(
-    tmp_path: Path, keys: Keys, witness: LedgerWitness
-) -> None:
+def test_a_site_answering_without_a_signed_head_is_left_out(tmp_path: Path, keys: Keys, witness: LedgerWitness) -> None:
     sites = _ledger_sites(tmp_path, keys)
     b = sites[22]
 

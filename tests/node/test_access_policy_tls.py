@@ -14,6 +14,8 @@ from __future__ import annotations
 import hashlib
 import json
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +26,6 @@ from typing import Any
 import httpx
 import pytest
 
-from federation.cli.main import main
 from federation.ops.supervise import free_port
 from federation.security import pki
 from federation.security.mtls_server import HTTPSService, ServerTLS, audit_hook
@@ -167,8 +168,8 @@ def test_a_reviewer_of_another_organisation_is_refused_by_policy(site: Site) -> 
                 f"the site's access policy does not allow {who} (reviewer) on explanations"
             )
             assert reviewer.get(NO_SUCH_EXPLANATION).status_code == 403
-        record = refusal_of(site, before)
-        assert (record["actor"], record["resource"], record["details"]["status"]) == (who, "/v1/explanations", 403)
+        refused = [(r["actor"], r["resource"], r["details"]["status"]) for r in site.audit()[before:]]
+        assert refused == [(who, "/v1/explanations", 403), (who, NO_SUCH_EXPLANATION, 403)]
     with site.client(site.api_key_url, "rita") as own:  # this site's reviewer is let through to the route
         assert own.get(NO_SUCH_EXPLANATION).status_code == 404
 
@@ -189,9 +190,11 @@ def test_another_hospitals_node_certificate_is_refused_in_mtls_mode(site: Site) 
         r = other.post("/v1/chat/completions", json=chat(model))
         assert r.status_code == 403, r.text
         assert r.json()["error"]["message"] == "the site's access policy does not allow site-b (node) on chat"
-        assert other.get("/v1/models").status_code == 403
     record = refusal_of(site, before)
-    assert (record["actor"], record["details"]["role"], record["resource"]) == ("site-b", "node", "/v1/chat/completions")
+    assert (record["actor"], record["details"]["role"]) == ("site-b", "node")
+    assert record["resource"] == "/v1/chat/completions"
+    with site.client(site.mtls_url, "site-b") as other:
+        assert other.get("/v1/models").status_code == 403
     with site.client(site.mtls_url, "site-a") as own:  # the site's own certificate still is served
         r = own.post("/v1/chat/completions", json=chat(model))
     assert r.status_code == 200, r.text
@@ -221,13 +224,21 @@ def test_an_expired_key_is_refused(site: Site) -> None:
     assert r.json()["error"]["message"] == f"API key {record.id} expired at {expires:%Y-%m-%dT%H:%M:%SZ}"
 
 
-def test_a_revoked_key_is_refused_without_a_restart(site: Site, capsys: pytest.CaptureFixture[str]) -> None:
+def fedseek(*argv: str) -> str:
+    """The operator's `fedseek` command, in a process of its own beside the running node."""
+    done = subprocess.run(
+        [sys.executable, "-m", "federation.cli.main", *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_revoked_key_is_refused_without_a_restart(site: Site) -> None:
     state = str(site.service.layout.root)
-    assert main(["key", "create", "--state", state, "--json", "--label", "revoked soon"]) == 0
-    made = json.loads(capsys.readouterr().out)
+    made = json.loads(fedseek("key", "create", "--state", state, "--json", "--label", "revoked soon"))
     with site.client(site.api_key_url, key=made["key"]) as app:
         assert app.get("/v1/models").status_code == 200
-        assert main(["key", "revoke", made["id"], "--state", state]) == 0
+        fedseek("key", "revoke", made["id"], "--state", state)
         r = app.get("/v1/models")
         assert r.status_code == 401, r.text
         assert r.json()["error"]["message"].startswith(f"API key {made['id']} was revoked at ")
@@ -252,9 +263,10 @@ def test_a_policy_edit_applies_without_a_restart_and_is_audited(site: Site) -> N
         site.policy_path.write_text(opened + "p, cert, *, *, *, chat, *, allow\np, cert, broken\n")
         until(lambda: any(r["action"] == "policy.invalid" for r in site.audit()), "malformed policy not audited")
         invalid = [r for r in site.audit() if r["action"] == "policy.invalid"][-1]
-        assert "line" in invalid["details"]["error"] and invalid["details"]["kept_sha256"] == changed["details"][
-            "new_sha256"
-        ]
+        assert (
+            "line" in invalid["details"]["error"]
+            and invalid["details"]["kept_sha256"] == changed["details"]["new_sha256"]
+        )
         assert other.get("/v1/models").status_code == 200
         assert other.post("/v1/chat/completions", json=chat(model_id(site))).status_code == 403
 

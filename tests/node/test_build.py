@@ -21,7 +21,7 @@ from node.build import ServeOptions, build_node, build_serving, node_access, ser
 from node.engine import ModelHost
 from node.model import load_model
 from node.service import NodeService, Serving
-from privacy.audit import head_path
+from privacy.audit import companion_paths
 
 CHAT = {"messages": [{"role": "user", "content": "Chest pain since this morning."}], "max_tokens": 2}
 
@@ -87,7 +87,7 @@ def test_serving_stack_keeps_keys_and_audit_in_its_layout(served: tuple[Serving,
     assert refused.status_code == 401
     actions = [json.loads(line)["action"] for line in layout.audit.read_text().splitlines()]
     assert actions == ["serve", "access.refused"]  # serving and refusals share one trail
-    assert set(layout.root.iterdir()) <= set(layout.paths().values()) | {head_path(layout.audit)}
+    assert set(layout.root.iterdir()) <= set(layout.paths().values()) | set(companion_paths(layout.audit))
 
 
 # ---- a federated node ------------------------------------------------------------------------

@@ -68,6 +68,8 @@ def site(tmp_path: Path, admin_pki: Path, tiny_model_dir: Path, site_data_dir: P
     layout = NodeLayout(tmp_path / "state")
     try:
         url = _ready(proc, layout)
+        with layout.access_policy.open("a") as policy:  # the site lists its operator (node/policy.py)
+            policy.write("g, operator, site-a\n")
         yield Site(proc, url, layout, admin_pki, path)
     finally:
         proc.stop(timeout=60)

@@ -30,7 +30,7 @@ from node.agent import start_api
 from node.client_app import CONFIG_HEADER, agent_client
 from node.engine import TRAIN_ADAPTER
 from node.service import NodeService
-from privacy.audit import head_path
+from privacy.audit import companion_paths
 from tests.node.tiny_service import tiny_service
 
 pytestmark = pytest.mark.e2e
@@ -107,7 +107,7 @@ def test_path_like_and_reserved_versions_are_refused_with_nothing_written(
     nor the served models change; the training adapter keeps its weights."""
     state = service.layout.root
     outside = Path("/tmp") / f"fedseek-redteam-{uuid.uuid4().hex[:12]}"
-    audit_files = {service.layout.audit, head_path(service.layout.audit)}
+    audit_files = {service.layout.audit, *companion_paths(service.layout.audit)}  # head, checkpoint, tree
     before = _tree(state, skip=audit_files)
     parent_before = sorted(p.name for p in state.parent.iterdir())
     train_before = service.host.adapter_arrays(TRAIN_ADAPTER)
