@@ -63,7 +63,7 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def run_bench(out: Path, *, repeats: int, ffa: bool, n_train: int) -> dict[str, Any]:
+def run_bench(out: Path, *, repeats: int, rounds: int, ffa: bool, n_train: int) -> dict[str, Any]:
     from fedseek_examples.demo.run import DemoSettings, _fedseek, _prepare, _sign_app, _wait_file
 
     from coordinator.runs import run
@@ -112,22 +112,21 @@ def run_bench(out: Path, *, repeats: int, ffa: bool, n_train: int) -> dict[str, 
             for secagg in (False, True) if i % 2 == 0 else (True, False):  # alternate: no order bias
                 mode = "secagg" if secagg else "plain"
                 settings = RunSettings(
-                    run_name=f"bench-{mode}-{i}", num_rounds=1, min_nodes=3, ffa_lora=ffa, secagg=secagg
+                    run_name=f"bench-{mode}-{i}", num_rounds=rounds, min_nodes=3, ffa_lora=ffa, secagg=secagg
                 )
                 start = time.monotonic()
                 summary = run(coord_state, settings=settings, timeout=1800)
                 wall = time.monotonic() - start
-                rec = summary["rounds"][0]
-                traffic = summary["traffic"]
                 runs.append(
                     {
                         "mode": mode,
                         "repeat": i,
                         "status": summary["status"],
                         "wall_s": wall,
-                        "accepted": rec["accepted"],
-                        "traffic": traffic,
-                        "secagg": rec.get("secagg", {}),
+                        "accepted": [r["accepted"] for r in summary["rounds"]],
+                        "traffic": summary["traffic"],
+                        "traffic_by_round": summary.get("traffic_by_round", []),
+                        "secagg": [r.get("secagg", {}) for r in summary["rounds"]],
                     }
                 )
                 print(json.dumps({k: runs[-1][k] for k in ("mode", "repeat", "status", "wall_s")}), flush=True)
@@ -136,30 +135,49 @@ def run_bench(out: Path, *, repeats: int, ffa: bool, n_train: int) -> dict[str, 
     return {"runs": runs}
 
 
+def round_phases(run: dict[str, Any], index: int) -> dict[str, float]:
+    """One round of a run from its cumulative marks: wall seconds, and per phase bytes and seconds."""
+    marks = run["traffic_by_round"]
+    end, before = marks[index], (marks[index - 1] if index else {"end_s": 0.0, "traffic": {}})
+
+    def delta(kind: str, key: str) -> float:
+        return float(end["traffic"].get(kind, {}).get(key, 0)) - float(before["traffic"].get(kind, {}).get(key, 0))
+
+    return {
+        "round_s": end["end_s"] - before["end_s"],
+        "train_s": delta("train", "seconds"),
+        "train_bytes_sent": delta("train", "bytes_sent"),
+        "train_bytes_received": delta("train", "bytes_received"),
+        "train_messages": delta("train", "messages_sent"),
+        "query_s": delta("query", "seconds"),
+        "evaluate_s": delta("evaluate", "seconds"),
+        "evaluate_bytes_sent": delta("evaluate", "bytes_sent"),
+    }
+
+
+KEYS = ("round_s", "train_s", "train_bytes_sent", "train_bytes_received", "train_messages", "query_s", "evaluate_s")
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per mode and round index: median, min and max over the repeats; then secagg / plain of the medians."""
     out: dict[str, Any] = {}
     for mode in ("plain", "secagg"):
         mine = [r for r in runs if r["mode"] == mode and r["status"] == "finished"]
         if not mine:
             continue
-        train = [r["traffic"]["train"] for r in mine]
-        out[mode] = {
-            "runs": len(mine),
-            "wall_s": _stats([r["wall_s"] for r in mine]),
-            "train_phase_s": _stats([t["seconds"] for t in train]),
-            "train_bytes_sent": _stats([float(t["bytes_sent"]) for t in train]),
-            "train_bytes_received": _stats([float(t["bytes_received"]) for t in train]),
-            "train_messages": _stats([float(t["messages_sent"]) for t in train]),
-            "query_s": _stats([r["traffic"].get("query", {}).get("seconds", 0.0) for r in mine]),
-            "evaluate_s": _stats([r["traffic"].get("evaluate", {}).get("seconds", 0.0) for r in mine]),
-        }
+        per_round: dict[str, Any] = {}
+        for index in range(min(len(r["traffic_by_round"]) for r in mine)):
+            phases = [round_phases(r, index) for r in mine]
+            per_round[f"round_{index + 1}"] = {k: _stats([p[k] for p in phases]) for k in KEYS}
+        out[mode] = {"runs": len(mine), "run_wall_s": _stats([r["wall_s"] for r in mine]), **per_round}
     if "plain" in out and "secagg" in out:
-        p, s = out["plain"], out["secagg"]
-        out["ratio_secagg_over_plain"] = {
-            key: s[key]["median"] / p[key]["median"]
-            for key in ("wall_s", "train_phase_s", "train_bytes_sent", "train_bytes_received")
-            if p[key]["median"]
-        }
+        ratios: dict[str, Any] = {}
+        for name, plain in out["plain"].items():
+            if name.startswith("round_") and name in out["secagg"]:
+                secure = out["secagg"][name]
+                ratios[name] = {k: secure[k]["median"] / plain[k]["median"] for k in KEYS if plain[k]["median"]}
+        ratios["run_wall_s"] = out["secagg"]["run_wall_s"]["median"] / out["plain"]["run_wall_s"]["median"]
+        out["ratio_secagg_over_plain"] = ratios
     return out
 
 
@@ -168,6 +186,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="a scratch directory for the consortium")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--n-train", type=int, default=64, help="training records per site")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds per run (round 2 sends a global adapter)")
     parser.add_argument("--ffa-lora", action="store_true")
     parser.add_argument("--result", type=Path, default=Path("bench/results/secagg_cpu_2026-12-06.json"))
     args = parser.parse_args()
@@ -177,10 +196,10 @@ def main() -> None:
         "card": "CPU (no accelerator)",
         "machine": machine("cpu"),
         "versions": versions("flwr", "torch", "numpy"),
-        "setup": {"sites": 3, "rounds_per_run": 1, "n_train": args.n_train, "ffa_lora": args.ffa_lora},
+        "setup": {"sites": 3, "rounds_per_run": args.rounds, "n_train": args.n_train, "ffa_lora": args.ffa_lora},
         "fixed_point": fixed_point_error(),
     }
-    measured = run_bench(args.out, repeats=args.repeats, ffa=args.ffa_lora, n_train=args.n_train)
+    measured = run_bench(args.out, repeats=args.repeats, rounds=args.rounds, ffa=args.ffa_lora, n_train=args.n_train)
     result["runs"] = measured["runs"]
     result["summary"] = summarise(measured["runs"])
     args.result.parent.mkdir(parents=True, exist_ok=True)

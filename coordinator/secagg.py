@@ -31,6 +31,7 @@ so the sum of k sites cannot wrap.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -55,8 +56,13 @@ from coordinator.strategy import LoraFedAvg, RoundRecord, RunFailed, _line
 from federation.errors import FedSeekError
 from federation.protocol import records, wire
 from federation.protocol.round_settings import RoundSettingsError, RunSettings
+from federation.protocol.secagg_masks import CHECK_VALUE, harden
+
+# By name: the package re-exports a function under the module's own name.
+flower_secaggplus = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
 
 log = logging.getLogger("fedseek.coordinator")
+harden(flower_secaggplus)  # masks from the whole 256-bit seed, as the sites' mod draws them
 
 MIN_SITES = 3
 """SecAgg+ with 2 sites would hand each the other's update (sum minus own); 3 also lets one drop out."""
@@ -316,9 +322,17 @@ class SecAggLoraFedAvg(LoraFedAvg):
         if face.aggregate is None or not contributors:
             raise RunFailed("secure aggregation produced no sum")
         weight_sum = sum(self._vetted[m.metadata.src_node_id][0].num_examples for m in contributors) / max_weight
-        rec.secagg["error_bound"] = error_bound(sites=len(contributors), weight_sum=weight_sum, q=q)
+        bound = error_bound(sites=len(contributors), weight_sum=weight_sum, q=q)
+        rec.secagg["error_bound"] = bound
         rec.secagg["summed"] = sorted(self._vetted[m.metadata.src_node_id][0].site for m in contributors)
-        return SecureSum(face.aggregate, contributors)
+        *mean, check = face.aggregate
+        rec.secagg["check_error"] = float(np.abs(check - CHECK_VALUE).max()) if check.size == 1 else math.inf
+        if not rec.secagg["check_error"] <= 2 * bound:  # masks that did not cancel leave noise, far above it
+            raise RunFailed(
+                f"the secure sum's check value came back {check.ravel()[:1]} instead of {CHECK_VALUE}: the masks "
+                "did not cancel (a site or the coordinator draws SecAgg+ masks differently); nothing saved"
+            )
+        return SecureSum(mean, contributors)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

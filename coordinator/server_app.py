@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -58,12 +59,16 @@ def run_federation(
         "status": "running",
         "rounds_planned": settings.num_rounds,
         "ffa_lora": settings.ffa_lora,
+        "secagg": settings.secagg,
         "rounds": [],
     }
 
     def snapshot() -> None:
         summary["rounds"] = [asdict(r) for r in strategy.rounds]
         summary["traffic"] = metered.summary()  # messages, bytes and seconds per message type (bench/secagg.py)
+        while len(traffic_by_round) < len(strategy.rounds):  # cumulative, at the end of each round
+            traffic_by_round.append({"end_s": time.monotonic() - started, "traffic": summary["traffic"]})
+        summary["traffic_by_round"] = traffic_by_round
         summary["rounds_completed"] = sum(1 for r in strategy.rounds if r.version)
         summary["global_adapter"] = strategy.latest.to_json() if strategy.latest else None
         if strategy.latest:
@@ -77,6 +82,8 @@ def run_federation(
         write_run_summary(summary_path, summary)
         return summary
     metered = MeteredGrid(grid)
+    traffic_by_round: list[dict[str, Any]] = []
+    started = time.monotonic()
     strategy_class = SecAggLoraFedAvg if settings.secagg else LoraFedAvg  # --secagg: only the sum is seen
     strategy = strategy_class(registry=registry, settings=settings, on_round=snapshot, witness=ledger_witness)
     write_run_summary(summary_path, summary)

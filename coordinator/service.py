@@ -233,6 +233,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         # Every request the gateway refuses becomes a log line and an audit record.
         fleet_refusals = audit_refusal(audit.append, endpoint="fleet")  # counted per peer and minute
         refusals = GatewayLog(gateway.access_log, gateway.error_log, fleet_refusals)
+        gateway.reclaim()  # an orphaned worker of a coordinator killed with its gateway holds the port
         nginx.start().wait_port(config.fleet_host, config.fleet_port, timeout=30)
 
         def pki_changed() -> None:

@@ -21,6 +21,7 @@ dropout) rather than silently summed wrong. Messages without a `secaggplus` reco
 
 from __future__ import annotations
 
+import importlib
 import json
 from typing import Any, cast
 
@@ -33,6 +34,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from federation.protocol import records, wire
+from federation.protocol.secagg_masks import CHECK_VALUE, harden
+
+# By name: the package re-exports a function under the module's own name.
+flower_secaggplus = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+harden(flower_secaggplus)  # masks from the whole 256-bit seed, as the coordinator's workflow draws them
 
 SECAGG = "secagg"
 """The reply's clear metadata of the masked vector: `names`, `shapes` (JSON) and `lora-a` (FFA-LoRA's A, or b"")."""
@@ -94,7 +100,10 @@ def masking_input(reply: Message, context: Context, *, ffa: bool) -> Message:
     )
     fitres = FitRes(
         status=Status(Code.OK, ""),
-        parameters=ndarrays_to_parameters([summed[n].astype(np.float64) for n in names]),
+        # the summed tensors in name order, then the check value the coordinator expects back
+        parameters=ndarrays_to_parameters(
+            [*(summed[n].astype(np.float64) for n in names), np.array([CHECK_VALUE], dtype=np.float64)]
+        ),
         num_examples=report.num_examples,
         metrics={},
     )

@@ -221,8 +221,8 @@ class AuditTrail:
         self._frontier = Frontier()  # over the first self._seq lines, which end at byte self._size
         self._signer = signer
         self._interval = interval_s
-        self._saved = -1  # tree size this process last cached
-        self._signed = -1  # tree size this process last signed
+        self._saved = -1  # tree size this process last cached (and signed)
+        self._sign_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         try:
@@ -377,33 +377,31 @@ class AuditTrail:
         at or after it (`privacy.transparency` flags a record dated before a checkpoint that lacks
         it: a backdated insertion). Returns the signed statement, or None if nothing was new.
         """
-        with self._lock:
-            if self._failed:
-                return None
-            try:
-                with self._exclusive() as fh:
-                    self._sync(fh)
-                    if self._frontier.size == self._saved:
-                        return None
-                    state = TreeState(self._frontier.copy(), self._size, self._hash)
-                    time = utc_now()
-                    write_tree(self._path, state)
-            except _Invalid as exc:
-                self._failed = True
-                raise AuditError(f"{self._path}: {exc}") from None
+        with self._sign_lock:  # one at a time: a caller waits for the checkpoint being signed, then its own
+            with self._lock:
+                if self._failed:
+                    return None
+                try:
+                    with self._exclusive() as fh:
+                        self._sync(fh)
+                        if self._frontier.size == self._saved:
+                            return None
+                        state = TreeState(self._frontier.copy(), self._size, self._hash)
+                        time = utc_now()
+                except _Invalid as exc:
+                    self._failed = True
+                    raise AuditError(f"{self._path}: {exc}") from None
+            # Outside the log's locks: appends wait for neither these fsyncs nor ECDSA.
+            write_tree(self._path, state)
             self._saved = state.frontier.size
-        if self._signer is None:
-            return None
-        checkpoint = Checkpoint(self._signer.origin, state.frontier.size, state.frontier.root().hex(), time)
-        statement = self._signer.sign(checkpoint)  # outside the lock: appends do not wait for ECDSA
-        with self._lock:
-            # Two calls may sign at once (the thread, a round's statements): the larger tree wins. Only
-            # this process's own order counts: a smaller tree after a restored older log must replace
-            # the newer checkpoint left beside it, so that the witness sees, and refuses, the rollback.
-            if checkpoint.size >= self._signed:
-                self._signed = checkpoint.size
-                write_latest(self._path, statement)
-        return statement
+            if self._signer is None:
+                return None
+            checkpoint = Checkpoint(self._signer.origin, state.frontier.size, state.frontier.root().hex(), time)
+            statement = self._signer.sign(checkpoint)
+            # Replaces whatever checkpoint is beside the log, even a larger one: after an older copy of the
+            # log was restored, the witness must see (and refuses) the smaller tree this log now has.
+            write_latest(self._path, statement)
+            return statement
 
     def _note_unsigned_tail(self, signer: CheckpointSigner) -> None:
         """Records past the last signed checkpoint at start (a crash in the last second, or lines written

@@ -32,11 +32,23 @@ class Proc:
     state: str  # one letter: R, S, D, Z (zombie), ...
 
 
-def _prctl(option: int, arg: int) -> bool:
+def _load_libc() -> ctypes.CDLL | None:
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return int(libc.prctl(option, arg, 0, 0, 0)) == 0
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+# Loaded once, here: `die_with_parent` runs between fork and exec, where loading a library is unsafe.
+_LIBC = _load_libc()
+
+
+def _prctl(option: int, arg: int) -> bool:
+    if _LIBC is None:
+        return False
+    try:
+        return int(_LIBC.prctl(option, arg, 0, 0, 0)) == 0
+    except AttributeError:
         return False
 
 

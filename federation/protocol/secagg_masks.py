@@ -11,7 +11,8 @@ with Q = 2**30 of 2**32. That recovers the third site's update, which SecAgg+ ex
 separated), and `harden` installs it in the module of Flower's SecAgg+ that a process uses: the
 ClientApp's mod (node/secagg.py) and the ServerApp's workflow (coordinator/secagg.py). Both ends of a
 FedSeek run load the consortium's signed app, so both use it; a party with unpatched Flower would
-produce masks that do not cancel, and the round's sum would be refused as garbage, not leak.
+produce masks that do not cancel: the sum's check value (`CHECK_VALUE`) then comes out wrong and the
+coordinator refuses the round instead of saving noise as an adapter.
 """
 
 from __future__ import annotations
@@ -25,6 +26,11 @@ import numpy as np
 from numpy.typing import NDArray
 
 DOMAIN = b"fedseek/secagg+/mask/v1\x00"
+
+CHECK_VALUE = 0.5
+"""Every site appends this constant to the vector it masks (node/secagg.py); the coordinator's unmasked mean
+of it must be this value within the fixed-point error bound (coordinator/secagg.py), or the masks did not
+cancel (a party with another mask generator, a protocol fault) and the round's sum is refused."""
 
 
 def strong_masks(seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]) -> list[NDArray[np.int64]]:

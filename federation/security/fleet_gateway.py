@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
 from federation.errors import Unavailable
+from federation.ops import proctree
 from federation.ops.atomic import write_atomic
 from federation.ops.supervise import Managed
 from federation.security.mtls_server import Refusal, peer_host
@@ -240,6 +241,18 @@ http {{
         write_atomic(self.site_map, text)  # nginx may reload at any moment: never a half-written map
         return True
 
+    def reclaim(self) -> list[int]:
+        """Kill and reap what is left of an earlier gateway on this state: an nginx of ours with one
+        of its logs open. Its supervisor kills a dead master's worker itself, but a coordinator
+        killed together with its master (kill -9 of both, the OOM killer) leaves the worker to init,
+        holding the fleet port, so that no new gateway could bind it."""
+        ours = {str(path.absolute()) for path in (self.error_log, self.access_log)}
+        stale = [pid for pid in _holders(ours) if pid != os.getpid() and _is_nginx(pid)]
+        if stale:
+            log.warning("killing %d process(es) of an earlier fleet gateway: %s", len(stale), stale)
+            proctree.kill_and_reap(stale)
+        return stale
+
     def process(self, bindings: Mapping[str, str] | None = None) -> Managed:
         """Write config and map into `workdir`; the (not yet started) nginx process."""
         for kind in _TEMP_KINDS:
@@ -251,6 +264,32 @@ http {{
             argv=[nginx_binary(), "-p", str(self.workdir), "-c", str(self.conf), "-e", str(self.error_log)],
             log_path=self.error_log,  # nginx's own start-up errors land here too
         )
+
+
+def _holders(paths: set[str]) -> list[int]:
+    """Processes of this user with one of `paths` open."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            if os.stat(f"/proc/{entry}").st_uid != os.geteuid():
+                continue
+            targets = {os.readlink(f"{fd_dir}/{fd}").removesuffix(" (deleted)") for fd in os.listdir(fd_dir)}
+        except OSError:
+            continue
+        if targets & paths:
+            found.append(int(entry))
+    return found
+
+
+def _is_nginx(pid: int) -> bool:
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0]
+    except OSError:
+        return False
+    return argv0.startswith(b"nginx") or argv0.endswith(b"/nginx")  # "nginx: worker process", or not yet renamed
 
 
 @dataclass(frozen=True)

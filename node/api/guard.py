@@ -6,9 +6,10 @@ body of any size (a chunked one has no Content-Length to refuse it by). `Request
 ASGI and runs first:
 
 1. a declared Content-Length over the route's limit is answered 413;
-2. the caller is checked against the route's rule (node/access.py) from the headers and the
-   TLS peer alone, and refused (401/403, one `access.refused` audit record) before a byte of
-   the body is read;
+2. the caller is checked against the route's rule and the site's access policy (node/access.py,
+   node/policy.py) from the headers and the TLS peer alone, and refused (401/403, one
+   `access.refused` audit record) before a byte of the body is read (the model a body names is
+   held to the policy after it is parsed: node.api.deps);
 3. the body is counted as it arrives (chunked included): past the limit the request is
    answered 413 and nothing more is read or kept.
 

@@ -10,6 +10,7 @@ round record states. Each site also keeps every reply it sent, so the tests chec
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flower_masks
 
 from coordinator.registry import AdapterRegistry
 from coordinator.secagg import CLIPPING_RANGE, quantization_range
@@ -35,6 +37,9 @@ from tests.coordinator.test_strategy import (
     _run_config,
     serverapp_identity,  # noqa: F401 (autouse fixture)
 )
+
+# By name: the package re-exports a function under the module's own name.
+flower_secaggplus = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
 SCALE = 0.05  # LoRA-sized values: a seeded standard normal times this
 
@@ -73,7 +78,12 @@ class SecAggSite(FakeSite):
                 self.alive = False
                 return None
             try:
-                reply = secagg_mod(msg, self.context, self._train)
+                if self.mode == "flower-masks":  # this site runs Flower's own 32-bit-seeded mask generator
+                    with pytest.MonkeyPatch.context() as patch:
+                        patch.setattr(flower_secaggplus, "pseudo_rand_gen", flower_masks)
+                        reply = secagg_mod(msg, self.context, self._train)
+                else:
+                    reply = secagg_mod(msg, self.context, self._train)
             except Exception as exc:  # what the SuperNode sends for a ClientApp that raised
                 from flwr.app import Error
 
@@ -146,6 +156,7 @@ def test_the_secure_aggregate_equals_plain_fedavg_on_the_same_updates(tmp_path: 
     for rec in secure["rounds"]:
         assert rec["accepted"] == ["site-a", "site-b", "site-c"] and rec["secagg"]["summed"] == rec["accepted"]
         assert rec["secagg"]["quantization_range"] == quantization_range(3) == 2**30
+        assert rec["secagg"]["check_error"] <= rec["secagg"]["error_bound"]
     bound = secure["rounds"][-1]["secagg"]["error_bound"]
     assert 0 < bound < 1e-7  # 3 quanta of 8/2**30 over a weight sum of 200/130
     for name, value in secure_arrays.items():
@@ -243,6 +254,17 @@ def test_a_site_refused_before_the_sum_is_a_dropout(tmp_path: Path, mode: str, w
     assert arrays is not None
     for name in SHAPES:
         np.testing.assert_allclose(arrays[name], expected[name], rtol=0, atol=rec["secagg"]["error_bound"] + 1e-8)
+
+
+def test_masks_that_do_not_cancel_are_refused_by_the_check_value(tmp_path: Path) -> None:
+    """One site draws its masks with Flower's stock generator, the others with the strong one: the sum is noise,
+    its check value says so, and nothing is saved as an adapter."""
+    sites = _sites(site_b="flower-masks")
+    summary, arrays = _run(tmp_path, sites, num_rounds=1, secagg=True)
+    assert summary["status"] == "failed" and arrays is None
+    assert "check value came back" in summary["error"] and "masks did not cancel" in summary["error"]
+    assert summary["rounds"][0]["secagg"]["check_error"] > 1e-3
+    assert not list((tmp_path / "registry").glob("global-*"))
 
 
 def test_fewer_than_three_ready_sites_are_refused_before_anything_trains(tmp_path: Path) -> None:

@@ -285,3 +285,18 @@ def test_a_model_the_policy_denies_is_refused_after_the_body_names_it(site: Site
     record = refusal_of(site, before)
     assert record["resource"] == "/v1/chat/completions"
     assert not [r for r in site.audit()[before:] if r["action"] not in ("access.refused",)]  # nothing was served
+
+
+@pytest.mark.usefixtures("restore_policy")
+def test_a_key_asks_for_explanations_only_with_the_explain_scope_and_the_policys_leave(site: Site) -> None:
+    keys = ApiKeys(site.service.layout.api_key_digests)
+    explain, record = keys.issue(scopes=["explain"], label="audit tool")
+    chat_only = site.service.layout.api_key.read_text().strip()
+    with site.client(site.api_key_url, key=explain) as tool, site.client(site.api_key_url, key=chat_only) as app:
+        r = tool.get(NO_SUCH_EXPLANATION)
+        assert r.status_code == 403 and f"does not allow {record.id} on explanations" in r.text  # the default
+        set_policy(site, site.policy_text + "p, key, *, key, *, explanations, *, allow\n")
+        assert tool.get(NO_SUCH_EXPLANATION).status_code == 404  # admitted: there is no such explanation
+        r = app.get(NO_SUCH_EXPLANATION)  # a key without the scope is no reviewer's credential
+        assert r.status_code == 401 and "needs a client certificate with role 'reviewer'" in r.text
+        assert tool.get("/v1/admin/status").status_code == 401  # admin routes take certificates only

@@ -157,6 +157,7 @@ def test_a_killed_gateway_master_leaves_no_orphan_and_takes_nothing_down(tmp_pat
             time.sleep(0.5)
         else:
             orphans = _still_there(workers)
+    assert orphans, "the worker should outlive both (the scenario under test)"
             raise AssertionError(
                 f"no new gateway on the fleet port in 90 s; old workers still there: {orphans}\n"
                 f"{proc.log_path.read_text()[-3000:]}"
@@ -189,8 +190,9 @@ def _nodes(db: Path) -> list[tuple[int, str]]:
 
 
 def test_restart_on_the_same_state_works_and_keeps_history(tmp_path: Path, pki_dir: Path) -> None:
-    """Finding 2: the coordinator killed outright (kill -9) and started again with the same command
-    on the same state comes up, site-a registered under the node id it had; superlink.db (the run
+    """Finding 2: the coordinator killed outright (kill -9, its gateway's master with it) and started
+    again with the same command on the same state comes up, site-a registered under the node id it
+    had, the orphaned nginx worker gone and the fleet port its new gateway's; superlink.db (the run
     history) is the same file, with the same node. A clean stop and a third start work too."""
     argv = _argv(tmp_path, pki_dir)
     layout = CoordinatorLayout(tmp_path / "coord")
@@ -198,14 +200,26 @@ def test_restart_on_the_same_state_works_and_keeps_history(tmp_path: Path, pki_d
     assert info["registered_sites"] == ["site-a"]
     first = [r["details"]["node_id"] for r in audit_records(layout.root, "site.registered")]
     assert len(first) == 1
+    # Killed together with its gateway's master (kill -9 of both, as the OOM killer or a careless
+    # operator would): the master's worker is left to init, holding the fleet port.
+    master = _nginx_master(proc.pid)
+    assert master is not None
+    workers = {pid: _started(pid) for pid in process_tree(master) - {master}}
+    os.kill(master, signal.SIGKILL)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.proc is not None
     proc.proc.wait(30)
+    time.sleep(2)
+    orphans = _still_there(workers)
+    assert orphans, "the worker should outlive both (the scenario under test)"
     db_inode, nodes = layout.superlink_db.stat().st_ino, _nodes(layout.superlink_db)
 
     proc, info = _start(tmp_path, argv, log="coordinator-2.log")
     try:
         assert info["registered_sites"] == ["site-a"]
+        assert not _still_there(workers), f"the orphaned worker(s) {orphans} still run"
+        fleet = int(argv[argv.index("--fleet-port") + 1])
+        assert ("127.0.0.1", fleet) in tree_listeners(proc.pid)  # the new gateway holds the port
         again = [r["details"]["node_id"] for r in audit_records(layout.root, "site.registered")]
         assert again == [first[0], first[0]]
         assert layout.superlink_db.stat().st_ino == db_inode

@@ -34,7 +34,7 @@ def test_strong_masks_depend_on_every_seed_byte_and_are_deterministic() -> None:
     seed = os.urandom(32)
     first, again = strong_masks(seed, 2**32, SHAPES), strong_masks(seed, 2**32, SHAPES)
     other = strong_masks(_same_fold(seed), 2**32, SHAPES)
-    for a, b, c, shape in zip(first, again, other, SHAPES, strict=True):
+    for a, b, shape in zip(first, again, SHAPES, strict=True):
         assert a.shape == shape and a.dtype == np.int64
         np.testing.assert_array_equal(a, b)
     assert not all(np.array_equal(a, c) for a, c in zip(first, other, strict=True))
@@ -56,8 +56,10 @@ def test_bad_range_is_refused() -> None:
 
 
 def test_both_ends_of_a_fedseek_run_use_the_strong_masks() -> None:
-    import flwr.client.mod.secure_aggregation.secaggplus_mod as client_side
-    import flwr.server.workflow.secure_aggregation.secaggplus_workflow as server_side
+    import importlib
+
+    client_side = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    server_side = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
 
     import coordinator.secagg  # noqa: F401 (installs it in the workflow)
     import node.secagg  # noqa: F401 (installs it in the client mod)
