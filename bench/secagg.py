@@ -137,8 +137,9 @@ def run_bench(out: Path, *, repeats: int, rounds: int, ffa: bool, n_train: int) 
 
 def round_phases(run: dict[str, Any], index: int) -> dict[str, float]:
     """One round of a run from its cumulative marks: wall seconds, and per phase bytes and seconds."""
-    marks = run["traffic_by_round"]
-    end, before = marks[index], (marks[index - 1] if index else {"end_s": 0.0, "traffic": {}})
+    marks: list[dict[str, Any]] = run["traffic_by_round"]
+    start: dict[str, Any] = {"end_s": 0.0, "traffic": {}}
+    end, before = marks[index], (marks[index - 1] if index else start)
 
     def delta(kind: str, key: str) -> float:
         return float(end["traffic"].get(kind, {}).get(key, 0)) - float(before["traffic"].get(kind, {}).get(key, 0))

@@ -24,9 +24,14 @@ Fixed point: SecAgg+ sums integers mod 2**32. Each site sends `x * n/M` quantise
 [-C, C] (stochastic rounding), with its weight `n/M` (M: the largest example count the ready sites
 announced, so every ratio is <= 1 and the largest site's is 1); the server divides the sum by the
 sum of the weights. The error of one aggregated value is below `k * 2C/Q / sum(n/M)` for k summed
-sites: with C = 4, Q = 2**30 and three equal sites 2.2e-8, under float32's resolution for LoRA
-values above 0.2 and far under DP-SGD's noise. Q is the largest power of two <= 2**30 with k*Q < 2**32,
-so the sum of k sites cannot wrap.
+sites: with C = 4, Q = 2**30 and three equal sites 7.5e-9 (2.2e-8 if the largest site held nearly
+all examples), about float32's resolution for LoRA values near 0.1 and far under DP-SGD's noise.
+Every site also masks a constant (`secagg_masks.CHECK_VALUE`): if its mean does not come back within
+the bound, the masks did not cancel and the round is refused rather than saving noise. Q is the
+largest power of two <= 2**30 with k*Q < 2**32, so the sum of k sites cannot wrap.
+
+Masks: Flower's generator keeps 32 bits of each 256-bit seed; both ends here draw them from the
+whole seed instead (`federation.protocol.secagg_masks`, installed at import).
 """
 
 from __future__ import annotations

@@ -254,6 +254,19 @@ def start_api(
     )
 
 
+def _start_fleet_process(proc: Managed, ready: Path, *, timeout: float) -> None:
+    """Start a fleet process and wait for its socket. If it fails, the node still starts, serving
+    with federation degraded: `supervise` retries it with its back-off. Except where the namespace
+    launcher refused (no namespace may be made here): that fails closed, nothing runs."""
+    try:
+        proc.start().wait_socket(ready, timeout=timeout)
+    except ProcessError as exc:
+        if netns.refusal_in(str(exc)):
+            raise
+        proc.stop()
+        log.error("%s failed to start; federation degraded, retried with back-off: %s", proc.name, exc)
+
+
 def run_node(config: NodeConfig) -> None:
     """Run the agent until SIGTERM/SIGINT; raises NodeStartError on refused start-up."""
     os.umask(PRIVATE_UMASK)  # everything the agent and its children write: its user's alone
@@ -287,9 +300,8 @@ def run_node(config: NodeConfig) -> None:
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
-        procs[0].start().wait_socket(layout.fleet_socket, timeout=30)
-        # Fails closed: where no namespace can be made the launcher starts nothing and says why.
-        procs[1].start().wait_socket(layout.runtime_socket, timeout=90)
+        _start_fleet_process(procs[0], layout.fleet_socket, timeout=30)
+        _start_fleet_process(procs[1], layout.runtime_socket, timeout=90)
         # A new CRL (or renewed certificate) reaches the fleet sidecar without dropping the tunnel.
         watcher = FileWatcher([leaf.crl, leaf.cert], procs[0].reload, interval=config.pki_poll_seconds).start()
         endpoints = NodeEndpoints(config.name, api_url, str(layout.fleet_socket), os.getpid())

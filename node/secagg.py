@@ -68,9 +68,9 @@ def check_range(arrays: wire.Arrays, *, weight_ratio: float, clipping_range: flo
         )
     peak = max((float(np.max(np.abs(v))) for v in arrays.values() if v.size), default=0.0)
     if peak * weight_ratio > clipping_range:
-        raise SecAggRefused(
-            f"secure aggregation: a LoRA value of magnitude {peak:.3g} exceeds the clipping range "
-            f"{clipping_range:g}; update withheld rather than clipped"
+        raise SecAggRefused(  # no magnitude in the message: it would tell the coordinator about this update
+            f"secure aggregation: a LoRA value exceeds the clipping range {clipping_range:g}; "
+            "update withheld rather than clipped"
         )
 
 

@@ -260,7 +260,7 @@ class Serving:
             resource=prep.served,
             details={
                 "prompt_hmac": prep.prompt_hmac,
-                "output_hmac": self.keys.digest(output),
+                "response_hmac": self.keys.digest(output),
                 "adapter_sha256": adapter.sha256 if adapter is not None else None,
                 "sampling": asdict(params),
                 "prompt_tokens": len(prep.prompt_ids),

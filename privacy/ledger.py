@@ -402,6 +402,18 @@ def _smallest_noise(
     return best
 
 
+def _worst_ratio(epsilons: Sequence[float], targets: Sequence[float]) -> float:
+    """max(epsilon / target) over the partitions, above 1 exactly when some epsilon exceeds its target
+    (a rounded quotient must not let an epsilon one ulp over its target pass); NaN stays NaN."""
+    pairs = list(zip(epsilons, targets, strict=True))
+    ratio = max(e / t if t > 0 else math.inf for e, t in pairs)
+    if any(e > t for e, t in pairs):
+        ratio = max(ratio, math.nextafter(1.0, 2.0))
+    if any(math.isnan(e) for e, _ in pairs):
+        return math.nan
+    return ratio
+
+
 def _entry_hash(entry: LedgerEntry, *, prev_hash: str) -> str:
     """The entry's hash over all its fields and the hash before it; a field format 3 added is left out
     while it holds the value a format-2 row reads as, so format-2 rows keep their hashes."""
@@ -859,8 +871,8 @@ class PrivacyLedger:
         targets = [min(a.epsilon + a.room / rounds_left, a.run_limit) for a in eligible]  # min: float rounding
         after = _epsilons_with([a.history for a in eligible], budget=self._budget)
         found = _smallest_noise(
-            lambda noise: max(e - t for e, t in zip(after((noise, sample_rate, steps)), targets, strict=True)),
-            target=0.0,
+            lambda noise: _worst_ratio(after((noise, sample_rate, steps)), targets),
+            target=1.0,
             low=MIN_NOISE,
             high=max_noise,
         )

@@ -104,6 +104,9 @@ def _verify(args: argparse.Namespace) -> int:
     from privacy.transparency import verify_witnessed
 
     site, witnessed = _witnessed(args, log)
+    if not witnessed:  # nothing to hold the log against: not a pass
+        print(f"NOT WITNESSED: {site}: the coordinator holds no audit checkpoint of this site", file=sys.stderr)
+        return 1
     key_file = _key_file(args, site)
     key = load_public_key(key_file) if key_file is not None else None
     report = verify_witnessed(log, witnessed=witnessed, key=key, origin=site)

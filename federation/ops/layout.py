@@ -63,6 +63,12 @@ class NodeLayout(_Layout):
         return self.root / "api-keys.sha256"
 
     @property
+    def api_keys_lock(self) -> Path:
+        """Locked (`flock`) while the keys file changes, so a `fedseek key create` and a revoke never
+        lose each other's line (`node.api_keys.ApiKeys.lock_path`)."""
+        return self.root / "api-keys.sha256.lock"
+
+    @property
     def access_policy(self) -> Path:
         """Who may call which route and model of this site (`node.policy`, casbin's CSV format),
         written with a safe default on first start; edits apply without a restart and are audited."""

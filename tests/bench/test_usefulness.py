@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from fedseek_examples.demo.data import DEPARTMENTS, QUESTION, generate_site_records
 
 from bench.usefulness import (
     REFERRAL,
+    ServerOpt,
+    ServerState,
+    Variant,
     build_tokenizer,
     check_tokenizer_round_trip,
     department_shares,
@@ -17,9 +21,11 @@ from bench.usefulness import (
     federated_average,
     held_out,
     main,
+    parse_variant,
     public_chats,
     site_splits,
 )
+from bench.usefulness_seeds import summarize
 from federation.protocol import wire
 from node.data import IGNORE_INDEX, tokenize
 from node.model import load_model
@@ -116,16 +122,103 @@ def test_minority_weight_makes_other_departments_rare_at_each_site() -> None:
     assert min(balanced["site-0"].values()) > 0.05  # the demo's default mix is milder
 
 
+def _adapter(b: float, a: float = 0.5) -> dict[str, np.ndarray]:
+    return {
+        "m.lora_A.weight": np.full((2, 3), a, np.float32),
+        "m.lora_B.weight": np.full((3, 2), b, np.float32),
+    }
+
+
+def test_plain_fedavg_server_step_is_the_coordinators_mean_bit_for_bit() -> None:
+    mean = _adapter(0.123456789)
+    out = ServerState(ServerOpt(), frozen_a=True).step(_adapter(0.0), mean)
+    assert all(np.array_equal(out[k], mean[k]) for k in mean)
+
+
+def test_fedavgm_accumulates_a_velocity_over_rounds_and_never_moves_a_frozen_a() -> None:
+    """x_{t+1} = x_t + lr * v_t with v_t = momentum * v_{t-1} + (mean_t - x_t); FFA-LoRA's A stays put."""
+    state = ServerState(ServerOpt(kind="fedavgm", lr=1.0, momentum=0.5), frozen_a=True)
+    x1 = state.step(_adapter(0.0), _adapter(1.0, a=0.7))  # d = 1, v = 1
+    np.testing.assert_allclose(x1["m.lora_B.weight"], 1.0)
+    np.testing.assert_allclose(x1["m.lora_A.weight"], 0.7)  # the mean's A, untouched by the step
+    x2 = state.step(x1, _adapter(1.5))  # d = 0.5, v = 0.5 * 1 + 0.5 = 1.0
+    np.testing.assert_allclose(x2["m.lora_B.weight"], 2.0)
+    trained_a = ServerState(ServerOpt(kind="fedavg", lr=2.0), frozen_a=False).step(_adapter(0.0), _adapter(1.0, a=1.0))
+    np.testing.assert_allclose(trained_a["m.lora_A.weight"], 1.5)  # A and B train: both stepped, 0.5 + 2 * 0.5
+    np.testing.assert_allclose(trained_a["m.lora_B.weight"], 2.0)
+
+
+def test_fedadam_divides_the_first_moment_by_the_root_of_the_second() -> None:
+    opt = ServerOpt(kind="fedadam", lr=0.1, momentum=0.9, beta2=0.99, tau=1e-3)
+    out = ServerState(opt, frozen_a=True).step(_adapter(0.0), _adapter(-0.2))
+    m1, m2 = 0.1 * -0.2, 0.01 * 0.04
+    np.testing.assert_allclose(out["m.lora_B.weight"], 0.1 * m1 / (np.sqrt(m2) + 1e-3), rtol=1e-6)
+
+
+def test_variant_overrides_only_what_it_names() -> None:
+    base = Variant(name="default", rounds=4, local_epochs=1, batch_size=1500, clip=1.0, ffa_lora=True, lrs=(0.003,))
+    v = parse_variant("m8:rounds=8,server-opt=fedavgm,server-momentum=0.8,lrs=0.003/0.01,ffa-lora=0", base)
+    assert (v.rounds, v.clip, v.lrs, v.ffa_lora, v.batch_size) == (8, 1.0, (0.003, 0.01), False, 1500)
+    assert (v.server.kind, v.server.momentum, v.server.lr) == ("fedavgm", 0.8, 1.0)
+    assert v.dp_key != base.dp_key  # it needs its own site-alone arm
+    assert parse_variant("m:server-opt=fedavgm", base).dp_key == base.dp_key  # server-only: shares (b)
+    for bad in ("default:clip=0.1", "x:clipp=0.1", "x:server-opt=sgd", "x:ffa-lora=maybe", "x y:clip=1"):
+        with pytest.raises(ValueError):
+            parse_variant(bad, base)
+
+
+def _seed_result(seed: int, *, pooled: float, best_b: float, fed: float, learned: bool = True) -> dict:
+    return {
+        "data": {"seed": seed, "public_seed": 2000 + seed},
+        "goal": {"pooled_learned": learned},
+        "table": [
+            {"arm": "base (public pretraining only)", "test_em": 0.1, "lr": "-"},
+            {"arm": "federated", "test_em": fed, "lr": 0.003},
+        ],
+        "variants": {
+            "default": {
+                "settings": {"server": {"describe": "FedAvg"}, "clip": 1.0, "rounds": 4, "lrs": [0.003]},
+                "federated_arm": "federated",
+                "pooled": pooled,
+                "federated": fed,
+                "best_site_alone": best_b,
+                "federated_over_pooled": round(fed / pooled, 4),
+                "federated_beats_every_site_alone": fed > best_b,
+            }
+        },
+    }
+
+
+def test_seed_summary_reports_the_spread_and_holds_the_goal_to_every_seed() -> None:
+    feds = [1.0, 0.96, 0.95, 0.99, 0.91]
+    s = summarize([_seed_result(i, pooled=1.0, best_b=0.8, fed=f) for i, f in enumerate(feds)])["default"]
+    assert (s["seeds"], s["median_ratio"], s["worst_ratio"], s["spread_ratio"]) == (5, 0.96, 0.91, 0.09)
+    assert s["goal_met"]
+    assert [r["seed"] for r in s["rows"]] == [0, 1, 2, 3, 4]
+    below_site = [_seed_result(i, pooled=1.0, best_b=0.8, fed=f) for i, f in enumerate(feds[:4])]
+    below_site.append(_seed_result(4, pooled=1.0, best_b=0.95, fed=0.93))  # ratio fine, but a site alone is better
+    assert not summarize(below_site)["default"]["goal_met"]
+    assert not summarize([_seed_result(i, pooled=1.0, best_b=0.5, fed=1.0) for i in range(4)])["default"]["goal_met"]
+    low_median = [_seed_result(i, pooled=1.0, best_b=0.5, fed=f) for i, f in enumerate([1.0, 0.94, 0.93, 0.92, 1.0])]
+    assert not summarize(low_median)["default"]["goal_met"]
+
+
 def test_pipeline_runs_every_arm_on_the_product_path(tmp_path: Path) -> None:
     """A tiny end-to-end run: all arms scored on one test set, each DP site's ledger within epsilon."""
     out = tmp_path / "u.json"
     res = main(
         ["--n-train", "40", "--n-val", "2", "--n-test", "2", "--n-public", "6", "--public-epochs", "1",
-         "--rounds", "2", "--batch-size", "4", "--lrs", "0.01", "--out", str(out)]  # q = 0.1: a large q makes RDP slow
+         "--rounds", "2", "--batch-size", "4", "--lrs", "0.01", "--out", str(out),
+         "--variant", "m:server-opt=fedavgm"]  # q = 0.1: a large q makes RDP slow
     )  # fmt: skip
     assert json.loads(out.read_text())["goal"] == res["goal"]
     arms = [row["arm"] for row in res["table"]]
-    assert arms[1:] == ["pooled_nonprivate", "site_alone:site-0", "site_alone:site-1", "site_alone:site-2", "federated"]
+    assert arms[1:] == [
+        "pooled_nonprivate", "site_alone:site-0", "site_alone:site-1", "site_alone:site-2", "federated",
+        "federated[m]",
+    ]  # fmt: skip
+    assert res["variants"]["m"]["site_alone_arms"] == ["site_alone:site-0", "site_alone:site-1", "site_alone:site-2"]
+    assert res["variants"]["m"]["settings"]["server"]["kind"] == "fedavgm"
     assert {row["n_test"] for row in res["table"]} == {6}
     for arm, spent in res["privacy"].items():
         assert all(0 < eps <= 1.0 + 1e-9 for eps in spent["epsilon_spent"].values()), arm

@@ -294,3 +294,9 @@ def test_first_start_key_has_default_scopes(tmp_path: Path) -> None:
     keys = ensure_first_key(layout)
     record = keys.lookup(layout.api_key.read_text().strip())
     assert record is not None and record.scopes == DEFAULT_SCOPES and record.expires is None
+
+
+def test_the_keys_lock_is_the_layouts(tmp_path: Path) -> None:
+    layout = NodeLayout(tmp_path)
+    keys = ensure_first_key(layout)
+    assert keys.lock_path == layout.api_keys_lock and layout.api_keys_lock.exists()

@@ -41,7 +41,7 @@ def test_a_completion_record_names_adapter_sampling_and_keyed_digests(service: N
     assert record["hash"] == record_hash and record["resource"] == "v1"
     assert details["adapter_sha256"] == service.host.adapters["v1"].sha256
     assert details["sampling"] == {**json.loads(json.dumps(params.__dict__)), "stop": [], "stop_token_ids": []}
-    assert details["output_hmac"] == service.serving.keys.digest(gen.text)
+    assert details["response_hmac"] == service.serving.keys.digest(gen.text)
     assert details["prompt_hmac"] == prep.prompt_hmac
     assert "Chest pain" not in json.dumps(record)
 
@@ -59,4 +59,4 @@ def test_a_streamed_record_digests_the_whole_output_and_the_base_model_has_no_ad
     text = asyncio.run(run())
     details = _last(service)["details"]
     assert details["adapter_sha256"] is None and details["sampling"]["max_tokens"] == 4
-    assert details["output_hmac"] == service.serving.keys.digest(text)
+    assert details["response_hmac"] == service.serving.keys.digest(text)

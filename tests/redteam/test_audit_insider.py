@@ -259,3 +259,11 @@ def test_a_sealed_segment_exported_verifies_from_the_bundle_alone(site: Site, tm
     _write_rechained(moved / "records.jsonl", records)  # re-chained inside the bundle
     checked = _run_isolated(moved / "verify.py", "bundle", moved)
     assert checked.returncode == 1 and checked.stdout.startswith("FAILED:"), checked.stdout
+
+
+def test_a_log_the_coordinator_never_witnessed_is_not_a_pass(site: Site, tmp_path: Path) -> None:
+    other = tmp_path / "another-coordinator"
+    other.mkdir()
+    result = _fedseek("audit", "verify", site.log, "--witness", other, "--site", "site-a")
+    assert result.returncode == 1
+    assert result.stderr.strip() == "NOT WITNESSED: site-a: the coordinator holds no audit checkpoint of this site"

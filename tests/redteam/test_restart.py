@@ -128,6 +128,14 @@ def _https_status(url_host: str, port: int, pki_dir: Path, path: str) -> int:
         return int(tls.recv(200).split(b" ", 2)[1])
 
 
+def _answers(port: int, pki_dir: Path) -> bool:
+    """Whether the fleet gateway on `port` answers a site's request outside the Fleet API with its 403."""
+    try:
+        return _https_status("127.0.0.1", port, pki_dir, "/") == 403
+    except (OSError, ValueError, IndexError):
+        return False
+
+
 def _admin_port(info: dict[str, object]) -> int:
     return int(str(info["admin"]).rsplit(":", 1)[1].strip("/"))
 
@@ -152,19 +160,20 @@ def test_a_killed_gateway_master_leaves_no_orphan_and_takes_nothing_down(tmp_pat
         while time.monotonic() < deadline:
             assert proc.alive(), f"the coordinator exited:\n{proc.log_path.read_text()[-3000:]}"
             new = _nginx_master(proc.pid)
-            if new not in (None, master) and ("127.0.0.1", fleet) in tree_listeners(new):
+            if new not in (None, master) and ("127.0.0.1", fleet) in tree_listeners(new) and _answers(fleet, pki_dir):
                 break
             time.sleep(0.5)
         else:
             orphans = _still_there(workers)
-    assert orphans, "the worker should outlive both (the scenario under test)"
             raise AssertionError(
                 f"no new gateway on the fleet port in 90 s; old workers still there: {orphans}\n"
                 f"{proc.log_path.read_text()[-3000:]}"
             )
-        assert not _still_there(workers), "the dead master's workers were neither killed nor reaped"
+        deadline = time.monotonic() + 60  # killed before the restart; on a loaded host exit may take a while
+        while _still_there(workers):
+            assert time.monotonic() < deadline, "the dead master's workers were neither killed nor reaped"
+            time.sleep(0.3)
         assert _started(superlink) == superlink_start and proc.alive()
-        assert _https_status("127.0.0.1", fleet, pki_dir, "/") == 403  # the new nginx: only the Fleet API
         assert _https_status("127.0.0.1", _admin_port(info), pki_dir, "/healthz") == 200
         # Survives a gateway that keeps dying too: killed again at once, and again, it comes back each time.
         for _ in range(6):
@@ -174,7 +183,9 @@ def test_a_killed_gateway_master_leaves_no_orphan_and_takes_nothing_down(tmp_pat
             time.sleep(1.0)
         deadline = time.monotonic() + 120
         while not (
-            (current := _nginx_master(proc.pid)) is not None and ("127.0.0.1", fleet) in tree_listeners(current)
+            (current := _nginx_master(proc.pid)) is not None
+            and ("127.0.0.1", fleet) in tree_listeners(current)
+            and _answers(fleet, pki_dir)
         ):
             assert proc.alive(), f"the coordinator exited:\n{proc.log_path.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "the gateway did not come back after repeated kills"
@@ -217,7 +228,10 @@ def test_restart_on_the_same_state_works_and_keeps_history(tmp_path: Path, pki_d
     proc, info = _start(tmp_path, argv, log="coordinator-2.log")
     try:
         assert info["registered_sites"] == ["site-a"]
-        assert not _still_there(workers), f"the orphaned worker(s) {orphans} still run"
+        deadline = time.monotonic() + 60
+        while _still_there(workers):
+            assert time.monotonic() < deadline, f"the orphaned worker(s) {orphans} still run"
+            time.sleep(0.3)
         fleet = int(argv[argv.index("--fleet-port") + 1])
         assert ("127.0.0.1", fleet) in tree_listeners(proc.pid)  # the new gateway holds the port
         again = [r["details"]["node_id"] for r in audit_records(layout.root, "site.registered")]
