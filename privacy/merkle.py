@@ -16,13 +16,14 @@ Proof generation works over a list of leaf hashes (the verifier needs none: only
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = [
     "EMPTY_ROOT",
     "Frontier",
     "ProofError",
     "consistency_proof",
+    "inclusion_path",
     "inclusion_proof",
     "leaf_hash",
     "node_hash",
@@ -72,14 +73,21 @@ class Frontier:
         self.size = size
         self.hashes = list(hashes)
 
-    def append(self, leaf: bytes) -> None:
-        """Add one leaf hash: merge equal-sized subtrees as a binary counter carries."""
+    def append(self, leaf: bytes) -> list[bytes]:
+        """Add one leaf hash: merge equal-sized subtrees as a binary counter carries.
+
+        Returns the nodes this leaf completes, the leaf first and then each merged parent: in
+        that order they are the tree's nodes in post-order (a Merkle mountain range), which
+        `privacy.treestore` appends to its file."""
         node, size = leaf, self.size
+        made = [leaf]
         while size & 1:
             node = node_hash(self.hashes.pop(), node)
+            made.append(node)
             size >>= 1
         self.hashes.append(node)
         self.size += 1
+        return made
 
     def root(self) -> bytes:
         if not self.hashes:
@@ -113,15 +121,23 @@ def inclusion_proof(leaves: Sequence[bytes], index: int, size: int | None = None
     size = len(leaves) if size is None else size
     if not 0 <= index < size <= len(leaves):
         raise ProofError(f"no leaf {index} in a tree of {size}")
+    return inclusion_path(lambda lo, hi: _mth(leaves, lo, hi), index, size)
+
+
+def inclusion_path(mth: Callable[[int, int], bytes], index: int, size: int) -> list[bytes]:
+    """PATH(index, D[size]) with `mth(lo, hi)` giving the hash of leaves [lo, hi): over leaf hashes in
+    memory, or over stored nodes (`privacy.treestore`), where each such range is O(log n) reads."""
+    if not 0 <= index < size:
+        raise ProofError(f"no leaf {index} in a tree of {size}")
     proof: list[bytes] = []
     lo, hi = 0, size
     while hi - lo > 1:  # walk down, collecting the other half at each split (root-side first)
         k = _split(hi - lo)
         if index < lo + k:
-            proof.append(_mth(leaves, lo + k, hi))
+            proof.append(mth(lo + k, hi))
             hi = lo + k
         else:
-            proof.append(_mth(leaves, lo, lo + k))
+            proof.append(mth(lo, lo + k))
             lo += k
     proof.reverse()  # the proof lists siblings leaf-side first
     return proof

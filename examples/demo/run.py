@@ -25,6 +25,7 @@ from federation.ops.layout import CoordinatorLayout, NodeLayout
 from federation.ops.supervise import Managed, ProcessError, free_port, log_tail, stop_all
 from federation.protocol import config as cfg
 from federation.security import pki
+from node.policy import add_members
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 api_port=free_port(),
             )
             cfg.save(conf, site / "node.json")
+            # The consortium's reviewer and operator are listed as this site's own: its access
+            # policy refuses any reviewer or admin it has not listed (node/policy.py).
+            add_members(NodeLayout(site / "state").access_policy, site=name, org=name, names=("reviewer", "operator"))
             procs.append(
                 Managed(
                     name=name,

@@ -13,11 +13,16 @@ from node.data import (
     IGNORE_INDEX,
     DataError,
     Example,
+    SiteData,
     TokenizedDataset,
     TokenizedExample,
     collate,
     exact_match,
+    file_sha256,
     load_jsonl,
+    load_partitions,
+    partition_files,
+    read_partition,
     tokenize,
 )
 from node.model import build_deepseek_tokenizer
@@ -275,3 +280,44 @@ def test_tokenizer_without_chat_template_is_refused(tokenizer: Any) -> None:
 
     with pytest.raises(DataError, match="no chat template"):
         tokenize([Example(messages=CHAT["messages"])], NoTemplate())
+
+
+# ---- data partitions (one JSONL per ingestion batch) ------------------------------------------
+
+
+def test_a_single_train_file_is_one_partition_named_by_its_bytes(tokenizer: Any, tmp_path: Path) -> None:
+    _write(tmp_path / "train.jsonl", [json.dumps(CHAT)] * 2)
+    assert partition_files(tmp_path) == [tmp_path / "train.jsonl"]
+    data = load_partitions(tmp_path, tokenizer)
+    (part,) = data.partitions
+    assert (part.sha256, part.name, len(part.examples)) == (file_sha256(tmp_path / "train.jsonl"), "train.jsonl", 2)
+    assert len(data) == 2 and data[0] == part.examples[0] and data[:1] == part.examples[:1]
+
+
+def test_batch_files_are_partitions_in_name_order(tokenizer: Any, tmp_path: Path) -> None:
+    batches = tmp_path / "train"
+    batches.mkdir()
+    _write(batches / "2025-02.jsonl", [json.dumps(CHAT)])
+    _write(batches / "2025-01.jsonl", [json.dumps(CHAT), json.dumps({"prompt": "ECG?", "completion": "cardiology"})])
+    (batches / "notes.txt").write_text("not a batch")
+    data = load_partitions(tmp_path, tokenizer)
+    assert [p.name for p in data.partitions] == ["2025-01.jsonl", "2025-02.jsonl"]
+    assert data.fingerprints == [file_sha256(batches / "2025-01.jsonl"), file_sha256(batches / "2025-02.jsonl")]
+    assert len(data) == 3 and data.records([data.fingerprints[1]]) == data.partitions[1].examples
+    sha, examples = read_partition(batches / "2025-02.jsonl")
+    assert sha == data.fingerprints[1] and len(examples) == 1
+
+
+def test_ambiguous_or_duplicate_batches_are_refused(tokenizer: Any, tmp_path: Path) -> None:
+    batches = tmp_path / "train"
+    batches.mkdir()
+    with pytest.raises(DataError, match=r"no \.jsonl batch files"):
+        partition_files(tmp_path)
+    _write(batches / "a.jsonl", [json.dumps(CHAT)])
+    _write(batches / "b.jsonl", [json.dumps(CHAT)])  # the same bytes: one batch cannot be two partitions
+    with pytest.raises(DataError, match=r"b\.jsonl holds the same bytes as a\.jsonl"):
+        load_partitions(tmp_path, tokenizer)
+    _write(tmp_path / "train.jsonl", [json.dumps(CHAT)])
+    with pytest.raises(DataError, match=r"both train\.jsonl and train/ exist"):
+        partition_files(tmp_path)
+    assert isinstance(SiteData([]), SiteData) and len(SiteData([])) == 0

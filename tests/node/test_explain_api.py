@@ -25,7 +25,7 @@ from node.explain_service import MAX_EVALS_LIMIT, ExplanationNotFound, Explanati
 from node.service import NodeService
 from node.site_keys import load_site_keys
 from privacy.audit import sha256_hex, verify
-from tests.node.peers import as_peer, policy_for
+from tests.node.peers import as_peer, policy_for, site_policy
 from tests.node.tiny_service import tiny_service
 
 # "Kussmaul" and "cardiology" must never reach the audit trail.
@@ -356,7 +356,9 @@ def test_ids_never_name_paths(service: NodeService) -> None:
 
 @pytest.fixture(scope="module")
 def node_url(service: NodeService, pki_dir: Path) -> Iterator[str]:
-    """The node's API as `fedseek node start` serves it: real TLS, certificates, roles."""
+    """The node's API as `fedseek node start` serves it: real TLS, certificates, roles, and the
+    site's access policy listing the test reviewers (tests/node/peers.py)."""
+    site_policy(service.layout, audit=service.audit)
     api = start_api(service, pki.load_leaf(pki_dir, "site-a"), host="127.0.0.1", port=free_port())
     yield api.url
     api.stop()
@@ -412,7 +414,7 @@ def test_cli_explain_with_a_node_certificate_is_refused_and_audited(
     argv = ["explain", "--node", node_url, *cli_identity(pki_dir, "site-b"), "--prompt", PROMPT]
     assert main([*argv, "--out", str(tmp_path / "never.json")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("fedseek: error: node answered 403: role 'node' may not call this route")
+    assert err.startswith("fedseek: error: node answered 403: the site's access policy does not allow site-b (node)")
     refusal = audit_records(service)[before:]
     assert [r["action"] for r in refusal] == ["access.refused"] and refusal[0]["actor"] == "site-b"
 

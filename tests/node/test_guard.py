@@ -23,6 +23,7 @@ from node.api.guard import MAX_BODY_BYTES
 from node.api_keys import ensure_first_key
 from privacy.audit import AuditTrail
 from tests.fake_peer import as_peer, header_peer
+from tests.node.peers import site_policy
 
 
 @pytest.fixture
@@ -33,11 +34,13 @@ def layout(tmp_path: Path) -> NodeLayout:
 @pytest.fixture
 def policy(layout: NodeLayout) -> AccessPolicy:
     layout.root.mkdir(parents=True)
+    audit = AuditTrail(layout.audit)
     return AccessPolicy(
         site="site-a",
-        audit=AuditTrail(layout.audit),
+        audit=audit,
         api_keys=ensure_first_key(layout),
         agent_token="t" * 32,
+        policy=site_policy(layout, audit=audit),
         peer=header_peer,
     )
 

@@ -36,6 +36,7 @@ from node.service import Serving
 from privacy.audit import AuditTrail
 from tests.fake_peer import header_peer
 from tests.load import chat_load
+from tests.node.peers import site_policy
 
 torch.set_num_threads(2)
 
@@ -60,7 +61,14 @@ class Site:
         self.audit = AuditTrail(layout.audit)
         keys = ensure_first_key(layout)
         self.key = layout.api_key.read_text().strip()
-        self.policy = AccessPolicy(site="site-a", audit=self.audit, api_keys=keys, agent_token="-", peer=header_peer)
+        self.policy = AccessPolicy(
+            site="site-a",
+            audit=self.audit,
+            api_keys=keys,
+            agent_token="-",
+            policy=site_policy(layout, audit=self.audit),
+            peer=header_peer,
+        )
         self.serving = Serving(self.host, self.audit, owner="site-a", max_slots=8, max_queue=32)
         for seed, (version, parent) in enumerate([("v1", None), ("v2", "v1")], start=1):
             rng = np.random.default_rng(seed)
@@ -195,7 +203,12 @@ def test_errors_are_openai_errors(client: openai.OpenAI, site: Site, url: str) -
 
 def test_wrong_certificate_role_is_403_in_mtls_mode(site: Site) -> None:
     policy = AccessPolicy(
-        site="site-a", audit=site.audit, api_keys=site.policy.api_keys, agent_token="-", openai_auth="mtls"
+        site="site-a",
+        audit=site.audit,
+        api_keys=site.policy.api_keys,
+        agent_token="-",
+        policy=site.policy.policy,
+        openai_auth="mtls",
     )
     app = create_serving_app(lambda: site.serving, policy, name="site-a")
     r = TestClient(app).get("/v1/models")

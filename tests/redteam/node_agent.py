@@ -26,6 +26,7 @@ import httpx
 from federation.ops.layout import NodeLayout
 from federation.ops.supervise import free_port
 from federation.protocol import config as cfg
+from node.policy import add_members
 
 START_TIMEOUT_S = 180.0
 
@@ -87,6 +88,8 @@ def node_agent(root: Path, *, pki_dir: Path, model_dir: Path, data_dir: Path, na
         pki_poll_seconds=1.0,
     )
     path = cfg.save(conf, root / "node.json")
+    # The consortium's test reviewer is one of this site's own (node/policy.py: deny by default).
+    add_members(NodeLayout(root / "state").access_policy, site=name, org=name, names=("reviewer",))
     log = root / "agent.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     with log.open("wb") as out:
