@@ -31,8 +31,14 @@ PeerFn = Callable[[Request], pki.Identity | None]
 
 
 def create_admin_app(
-    *, sites: SiteAccess, registry: AdapterRegistry, audit: AuditTrail, peer: PeerFn = peer_of
+    *,
+    sites: SiteAccess,
+    registry: AdapterRegistry,
+    audit: AuditTrail,
+    peer: PeerFn = peer_of,
+    health: Callable[[], dict[str, Any]] | None = None,
 ) -> FastAPI:
+    """The admin routes; `health` reports the coordinator's supervised children (`Health.snapshot`)."""
     # No /docs, /redoc or /openapi.json: the API is described to nobody who reaches the port.
     app = FastAPI(title="FedSeek coordinator admin", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -77,6 +83,12 @@ def create_admin_app(
                 data.append({"version": version, "error": str(exc)})
         audit.append(actor=who.name, action="admin.versions", resource="/v1/admin/versions")
         return {"object": "list", "latest": registry.latest(), "data": data}
+
+    @app.get("/v1/admin/health")
+    def health_view(who: pki.Identity = Depends(admin)) -> dict[str, Any]:  # noqa: B008
+        """Which of the coordinator's processes run, and which are being restarted (fleet degraded)."""
+        audit.append(actor=who.name, action="admin.health", resource="/v1/admin/health")
+        return health() if health is not None else {"state": "unknown", "down": [], "children": {}}
 
     @app.get("/v1/admin/runs")
     def runs(who: pki.Identity = Depends(admin)) -> dict[str, Any]:  # noqa: B008

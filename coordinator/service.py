@@ -132,13 +132,19 @@ def _process_failure(exc: ProcessError) -> str:
 
 
 def _start_admin_api(
-    config: CoordinatorConfig, leaf: pki.LeafFiles, *, sites: SiteAccess, audit: AuditTrail, registry: Path
+    config: CoordinatorConfig,
+    leaf: pki.LeafFiles,
+    *,
+    sites: SiteAccess,
+    audit: AuditTrail,
+    registry: Path,
+    health: Health,
 ) -> HTTPSService:
     """The admin API on its own HTTPS port (admin certificates only), in a thread."""
     tls = ServerTLS(
         cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl, poll_interval=config.pki_poll_seconds
     )
-    app = create_admin_app(sites=sites, registry=AdapterRegistry(registry), audit=audit)
+    app = create_admin_app(sites=sites, registry=AdapterRegistry(registry), audit=audit, health=health.snapshot)
     try:
         return HTTPSService.start(
             app,
@@ -251,7 +257,8 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             interval=config.pki_poll_seconds,
         ).start()
         follower = FileWatcher([gateway.access_log, gateway.error_log], refusals.poll, interval=1.0).start()
-        admin = _start_admin_api(config, leaf, sites=sites, audit=audit, registry=layout.registry)
+        health = Health([p.name for p in procs])
+        admin = _start_admin_api(config, leaf, sites=sites, audit=audit, registry=layout.registry, health=health)
         info: dict[str, Any] = {
             # The operator's way in (`flwr_control`); the pid is the namespace's launcher at
             # start (after a restart `netns.run_inside` asks the socket for the live one).
@@ -265,7 +272,6 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             "admin": admin.url,
             "pid": os.getpid(),
         }
-        health = Health([p.name for p in procs])
         info["health"] = health.snapshot()
         write_atomic(layout.endpoints, json.dumps(info, indent=2))
         print(f"coordinator ready: fleet (mTLS, nginx) {info['fleet']}, sites {registered}", flush=True)

@@ -95,3 +95,34 @@ def test_unknown_route_is_an_openai_error(setup: tuple[TestClient, AuditTrail, S
     client, _, _ = setup
     r = client.get("/v1/admin/nowhere", headers=as_peer("olga", "admin"))
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_health_view_shows_a_child_being_restarted(pki_dir: Path, tmp_path: Path) -> None:
+    """The supervisor's Health as the operator reads it: a gateway waiting out its back-off is
+    `degraded` with its restart count; only admins see it, and each look is audited."""
+    from federation.ops.supervise import Health
+
+    audit = AuditTrail(tmp_path / "audit.jsonl")
+    sites = SiteAccess(
+        pki_dir=pki_dir,
+        site_keys_dir=tmp_path / "no-keys",
+        audit=audit,
+        register=lambda key, name: 1,
+        unregister=lambda node_id: None,
+    )
+    health = Health(["superlink", "fleet-gateway"])
+    app = create_admin_app(
+        sites=sites,
+        registry=AdapterRegistry(tmp_path / "registry"),
+        audit=audit,
+        peer=header_peer,
+        health=health.snapshot,
+    )
+    client = TestClient(app, raise_server_exceptions=False)
+    assert client.get("/v1/admin/health", headers=as_peer("olga", "admin")).json()["state"] == "ok"
+    health.update("fleet-gateway", state="restarting", restarts=3, failures=2, last_exit=-9)
+    body = client.get("/v1/admin/health", headers=as_peer("olga", "admin")).json()
+    assert body["state"] == "degraded" and body["down"] == ["fleet-gateway"]
+    assert body["children"]["fleet-gateway"]["restarts"] == 3 and body["children"]["superlink"]["state"] == "running"
+    assert records(audit)[-1]["action"] == "admin.health"
+    assert client.get("/v1/admin/health", headers=as_peer("rita", "reviewer")).status_code == 403
