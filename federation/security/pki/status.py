@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Literal
 
 from federation.security.pki.clock import utcnow
+from federation.security.pki.errors import PKIError
 from federation.security.pki.identity import Identity, read_identity
 from federation.security.pki.index import load_index
-from federation.security.pki.layout import CA_DIR, LEAF_CERT, party_dirs
+from federation.security.pki.layout import CA_CERT, CA_DIR, LEAF_CERT, party_dirs
 
 __all__ = ["Status", "list_issued", "list_status"]
 
@@ -25,7 +26,10 @@ def list_issued(pki_dir: Path) -> list[Identity]:
     Used for audits and renewal planning; leftovers of interrupted writes
     (dot-prefixed staging directories) are ignored.
     """
-    return [read_identity(d / LEAF_CERT) for d in party_dirs(Path(pki_dir))]
+    pki_dir = Path(pki_dir)
+    if not (pki_dir / CA_DIR / CA_CERT).is_file():  # a wrong --pki must not read as "no certificates"
+        raise PKIError(f"no consortium CA in {pki_dir} (no {CA_DIR}/{CA_CERT}); check --pki, or run `fedseek ca init`")
+    return [read_identity(d / LEAF_CERT) for d in party_dirs(pki_dir)]
 
 
 def list_status(pki_dir: Path, *, now: datetime | None = None) -> list[tuple[Identity, Status]]:

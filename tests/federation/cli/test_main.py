@@ -323,3 +323,44 @@ def test_privacy_audit_reports_dp_next_to_baseline(
     assert report["canaries"] == 4 and report["site_records"] == 0
     assert report["runs"]["dp"]["claimed_epsilon"] == 1.0 and report["runs"]["no_dp"]["claimed_epsilon"] is None
     assert all(run["members"] == run["nonmembers"] == 2 for run in report["runs"].values())
+
+
+def test_ca_list_with_a_wrong_pki_dir_is_an_error_not_an_empty_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["ca", "list", "--pki", str(tmp_path / "typo")]) == 2
+    assert "no consortium CA in" in capsys.readouterr().err
+
+
+def test_version_names_the_installed_distribution(capsys: pytest.CaptureFixture[str]) -> None:
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"fedseek {version('fedseek')}"
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path: Path) -> None:
+    """`fedseek budget --json | head`: a closed pipe is the reader's choice, not a traceback.
+
+    The command's output is made long (1 MB, far past the pipe's buffer) by swapping in a handler
+    that prints it, so the write into the closed pipe really happens; main() is the real one."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, federation.cli.ca as ca, federation.cli.main as m\n"
+        "ca._list = lambda args: [print('x' * 99) for _ in range(10_000)] and 0\n"
+        "sys.exit(m.main(['ca', 'list', '--pki', 'unused']))\n"
+    )
+    proc = subprocess.run(
+        f'{sys.executable} -c "$SCRIPT" | head -n 1; echo "exit ${{PIPESTATUS[0]}}"',
+        shell=True,
+        executable="/bin/bash",
+        env={**__import__("os").environ, "SCRIPT": script},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.stdout.splitlines() == ["x" * 99, "exit 0"], proc.stdout
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
