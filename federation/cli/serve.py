@@ -17,6 +17,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from federation.errors import InvalidInput
+
 log = logging.getLogger("fedseek.serve")
 
 
@@ -27,7 +29,12 @@ def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a LoRA adapter to serve")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--state", default="fedseek-serve", help="audit trail and API keys (first key: STATE/api-key)")
+    p.add_argument(
+        "--state",
+        default=None,
+        help="audit trail and API keys (first key: STATE/api-key); default: $XDG_STATE_HOME/fedseek/serve "
+        "(~/.local/state/fedseek/serve), never the current directory",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--cert", help="TLS certificate (PEM); with --key, serve HTTPS")
     p.add_argument("--key", help="TLS private key (PEM)")
@@ -40,7 +47,6 @@ def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def parse_adapters(specs: list[str], *, base_model: str = "") -> dict[str, Path]:
     """NAME=DIR pairs; a NAME must fit the one version pattern and not be reserved (nor `base_model`,
     the name the base model is served under), as a deployed version must."""
-    from federation.errors import InvalidInput
     from federation.protocol.names import check_adapter_name
     from node.adapter_store import ADAPTER_FILES, weights_file
 
@@ -57,10 +63,24 @@ def parse_adapters(specs: list[str], *, base_model: str = "") -> dict[str, Path]
     return out
 
 
+def default_state_dir() -> Path:
+    """Where `fedseek serve` keeps its audit trail and keys unless told: the user's XDG state directory."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "fedseek" / "serve"
+
+
+def check_model_dir(path: Path) -> None:
+    """Refuse a model directory that cannot be a checkpoint before anything is created on disk."""
+    if not path.is_dir():
+        raise InvalidInput(f"model {path}: not a directory (give a local Hugging Face checkpoint directory)")
+    if not (path / "config.json").is_file():
+        raise InvalidInput(f"model {path}: no config.json (not a Hugging Face checkpoint directory)")
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from federation.errors import InvalidInput, Unavailable
+    from federation.errors import Unavailable
     from federation.ops.atomic import PRIVATE_UMASK
     from federation.ops.layout import NodeLayout
     from federation.security.mtls_server import KEEP_ALIVE_S, timed_h11
@@ -69,6 +89,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     if bool(args.cert) != bool(args.key):
         raise InvalidInput("give both --cert and --key for TLS, or neither")
+    check_model_dir(Path(args.model))  # before the state directory exists: a typo leaves nothing behind
     os.umask(PRIVATE_UMASK)  # the audit trail, keys and site secret: this user's alone
     options = ServeOptions(
         model_dir=Path(args.model),
@@ -78,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_model_len=args.max_model_len,
     )
-    layout = NodeLayout(Path(args.state))
+    layout = NodeLayout(Path(args.state) if args.state else default_state_dir())
     policy = serving_access(layout)
     loaded: dict[str, Any] = {}
     failed: list[BaseException] = []

@@ -206,3 +206,25 @@ def test_bad_adapter_argument_is_a_clear_error(tiny_model_dir: Path, tmp_path: P
     done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("fedseek: error:") and message in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("model", ["nowhere", "empty"])
+def test_a_bad_model_is_refused_before_any_state_is_written(tmp_path: Path, model: str) -> None:
+    """A typo in --model must not leave a state directory (audit trail, API key) behind, and
+    with no --state nothing is ever written into the current directory."""
+    (tmp_path / "empty").mkdir()
+    work = tmp_path / "cwd"
+    work.mkdir()
+    argv = [fedseek(), "serve", "--model", str(tmp_path / model), "--state", str(tmp_path / "s")]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120, cwd=work)
+    assert done.returncode == 2 and done.stderr.startswith("fedseek: error: model "), done.stderr
+    assert not (tmp_path / "s").exists()
+    done = subprocess.run(
+        [fedseek(), "serve", "--model", str(tmp_path / model)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=work,
+        env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "xdg")},
+    )
+    assert done.returncode == 2 and list(work.iterdir()) == [] and not (tmp_path / "xdg").exists()
