@@ -23,6 +23,8 @@ if TYPE_CHECKING:  # torch: not needed to check an adapter directory (`fedseek s
 
 WEIGHTS_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
+RELEASE_FILE = "release.json"
+"""Beside the version directories: which version is stable, which the candidate (node/release.py)."""
 ADAPTER_FILES = (WEIGHTS_FILE, "adapter_model.safetensors")  # FedSeek's own, or peft's save_pretrained
 
 
@@ -38,6 +40,11 @@ def install_from_dir(host: ModelHost, name: str, directory: Path) -> AdapterInfo
         raise FileNotFoundError(f"adapter {name}: no {' or '.join(ADAPTER_FILES)} in {directory}")
     arrays = load_file(str(file))
     return host.install(name, arrays, sha256=wire.sha256_of(arrays))
+
+
+def release_path(adapters: Path) -> Path:
+    """The gray release's state file (a file, so `restore_versions` never takes it for a version)."""
+    return adapters / RELEASE_FILE
 
 
 def save_version(adapters: Path, info: AdapterInfo, arrays: wire.Arrays) -> None:

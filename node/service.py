@@ -7,6 +7,7 @@ A `NodeService` is handed its parts (`NodeParts`) already built: `node/build.py`
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import json
@@ -19,16 +20,17 @@ from typing import Any, cast
 
 import torch
 
-from federation.errors import FedSeekError, Unavailable
+from federation.errors import Conflict, FedSeekError, Unavailable
 from federation.ops.layout import NodeLayout
 from federation.protocol import wire
 from federation.protocol.config import NodeConfig
-from federation.protocol.names import InvalidNameError
+from federation.protocol.names import LATEST_ALIAS, InvalidNameError
 from federation.protocol.round_settings import TrainInstruction
 from node import adapter_store
 from node.data import TokenizedExample, collate
 from node.engine import BASE, TRAIN_ADAPTER, Generation, ModelHost
 from node.metrics import ServingMetrics
+from node.release import Release
 from node.serving import (
     Engine,
     Event,
@@ -68,6 +70,12 @@ class NodeState:
     eval_loss_before: float
     eval_loss_after: dict[str, float] = field(default_factory=dict)
     rounds_trained: int = 0
+
+
+class VersionReused(Conflict):
+    """A deployment names an installed version with other weights (409): numbers are never reused."""
+
+    default_code = "version_reused"
 
 
 class Loading(Unavailable):
@@ -136,6 +144,9 @@ class Serving:
         self.engine = Engine(self.runner, host.tokenizer, max_queue=max_queue).start()
         self.metrics = ServingMetrics(self.engine, model_name=host.model_name, max_lora=max_adapters)
         self._loaded: dict[str, str] = {}  # adapter version -> sha256 the runner serves
+        self.release: Release | None = None
+        """The site's gray release (node/release.py), set by `NodeService`: which version default traffic
+        gets, and each version's request and error counts. None (`fedseek serve`): the newest version."""
         self.sync_adapters()
 
     def close(self) -> None:
@@ -167,6 +178,8 @@ class Serving:
 
     # ---- requests -----------------------------------------------------------------------
     def models(self) -> list[dict[str, Any]]:
+        """The base model and every version; under gray release each with its `status` (stable,
+        candidate or retired) and `share` of default traffic."""
         base = {"id": self.host.model_name, "object": "model", "created": 0, "owned_by": self.owner, "parent": None}
         versions = [
             {
@@ -179,10 +192,18 @@ class Serving:
             }
             for a in self.host.adapters.values()
         ]
+        if self.release is not None:
+            for card, version in zip([base, *versions], [None, *self.host.adapters], strict=True):
+                card["status"], card["share"] = self.release.status_of(version), self.release.share_of(version)
         return [base, *versions]
 
     def prepare(self, prompt: list[dict[str, str]] | str | list[int], model: str | None) -> Prepared:
-        """Chat messages, text or token ids; raises UnknownModel for a model not served here."""
+        """Chat messages, text or token ids; raises UnknownModel for a model not served here.
+
+        Default traffic (no model, or `latest`) goes where the gray release routes it: the stable
+        version, or the candidate for its share (node/release.py)."""
+        if self.release is not None and model in (None, "", LATEST_ALIAS):
+            model = self.release.route() or BASE
         name = self.host.resolve(model)
         if isinstance(prompt, str):
             ids = [int(i) for i in self.host.tokenizer(prompt, add_special_tokens=True).input_ids]
@@ -209,6 +230,7 @@ class Serving:
         stream = cast(AsyncGenerator[Event, None], self.engine.astream(prep.prompt_ids, params, adapter=prep.adapter))
         last: Event | None = None
         refused = False
+        failed = True  # until the stream ends without an exception
         pieces: list[str] = []  # the output, for its keyed digest in the audit record
         try:
             async for ev in stream:
@@ -216,12 +238,18 @@ class Serving:
                 last = ev
                 pieces.append(ev.text)
                 yield ev
+            failed = False
         except (QueueFull, ValueError, UnknownAdapter):
             refused = last is None  # refused by `submit`: nothing ran
+            raise
+        except (GeneratorExit, asyncio.CancelledError):  # the client went away: not the model's failure
+            failed = False
             raise
         finally:
             await stream.aclose()  # no await inside: the engine's cancel runs even in a cancelled task
             track.done(not refused)
+            if self.release is not None and not refused:  # the release judges a candidate by its error rate
+                self.release.served(prep.adapter, ok=not failed and (last is None or last.finish_reason != "error"))
             if not refused:
                 tokens = last.completion_tokens if last else 0
                 rec = self._audit(prep, params, actor, tokens, last, track.elapsed(), output="".join(pieces))
@@ -231,7 +259,16 @@ class Serving:
     def complete(self, prep: Prepared, params: SamplingParams, *, actor: str) -> tuple[Generation, str]:
         """Blocking: run to the end; returns the generation and its audit record hash."""
         started = time.perf_counter()
-        out = self.engine.complete(prep.prompt_ids, params, adapter=prep.adapter)
+        try:
+            out = self.engine.complete(prep.prompt_ids, params, adapter=prep.adapter)
+        except (QueueFull, ValueError, UnknownAdapter):
+            raise  # refused before anything ran
+        except Exception:
+            if self.release is not None:
+                self.release.served(prep.adapter, ok=False)
+            raise
+        if self.release is not None:
+            self.release.served(prep.adapter, ok=out.finish_reason != "error")
         gen = Generation(out.text, out.prompt_tokens, out.completion_tokens, out.finish_reason, out.token_ids)
         self.metrics.completed(out)
         elapsed = time.perf_counter() - started
@@ -316,6 +353,13 @@ class NodeService:
         self.node_key = node_key_path(Path(self.config.pki_dir), self.config.name)  # signs the ledger heads
         self.state = NodeState(eval_loss_before=evaluate_loss(self.host, self.eval_data, model="base"))
         self.train_lock = threading.Lock()
+        self.release = Release(  # which deployed version default traffic gets (gray release)
+            adapter_store.release_path(self.layout.adapters),
+            audit=self.audit,
+            base_eval_loss=self.state.eval_loss_before,
+            installed=list(self.host.adapters),
+        )
+        self.serving.release = self.release
 
     # ---- serving ------------------------------------------------------------------
     def chat(
@@ -482,6 +526,11 @@ class NodeService:
         sha256 is checked. A version that is not a plain name, or is reserved, is refused first.
         """
         self.check_deploy_version(version)
+        known = self.host.adapters.get(version)
+        if known is not None and known.sha256 != sha256:  # a version number is never reused for other weights
+            reason = f"version {version} is installed here with sha256 {known.sha256[:12]}, not {sha256[:12]}"
+            self.audit.append(actor="coordinator", action="deploy.refused", resource=version, details={"error": reason})
+            raise VersionReused(reason + "; a registry restored from an old backup reuses numbers")
         arrays = with_seeded_lora_a(self.host, arrays)
         info = self.host.install(version, arrays, sha256=sha256, parent=parent)
         self.serving.sync_adapters()
@@ -491,23 +540,28 @@ class NodeService:
         self.audit.append(
             actor="coordinator", action="deploy", resource=version, details={"sha256": sha256, "eval_loss": loss}
         )
+        # A candidate, not the default: it serves its share while its eval and error rate are compared
+        # with the stable version's, or is rolled back at once if its eval loss is worse (node/release.py).
+        release = self.release.offer(version, eval_loss=loss)
         return {
             "site": self.config.name,
             "version": version,
             "sha256": sha256,
             "eval_loss": loss,
             "num_examples": len(self.eval_data),
+            "release": release,
         }
 
     def status(self) -> dict[str, Any]:
-        latest = self.host.latest_adapter()
+        stable = self.release.stable  # what default traffic gets (all of it when there is no candidate)
         return {
             "name": self.config.name,
             "model": self.host.model_name,
-            "serving": latest.version if latest else self.host.model_name,
+            "serving": stable or self.host.model_name,
+            "candidate": self.release.candidate,
             "rounds_trained": self.state.rounds_trained,
             "eval_loss_before": self.state.eval_loss_before,
-            "eval_loss_after": self.state.eval_loss_after.get(latest.version) if latest else None,
+            "eval_loss_after": self.state.eval_loss_after.get(stable) if stable else None,
             "privacy": {**self.ledger.to_json(), "training_refused": self.ledger_refusal},
             "audit_log": str(self.audit.path),
             "audit_records": len(self.audit),

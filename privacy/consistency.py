@@ -24,8 +24,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from privacy.audit import AuditTrail, canonical_json, sha256_hex
+from privacy.audit import AuditError, AuditTrail, canonical_json, iter_lines, sha256_hex
 from privacy.ledger import Budget, Genesis, LedgerChain, LedgerError, PrivacyLedger
+from privacy.segments import segments_dir
 
 __all__ = ["AuditedLedger", "LedgerMismatch", "check_ledger_against_audit", "ledger_refusal", "read_audit"]
 
@@ -68,17 +69,18 @@ class AuditedLedger:
 def read_audit(path: Path, *, cite: Collection[int] = ()) -> AuditedLedger:
     """The ledger records of the audit trail at `path`, and the hashes of records `cite` names."""
     seen = AuditedLedger()
-    if not path.exists():
+    if not path.exists() and not segments_dir(path).is_dir():
         return seen
     try:
-        with path.open("rb") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if lineno not in cite and b'"ledger' not in line:
-                    continue  # a serving record: not parsed, so a long log stays cheap to scan
-                record = _parse(line, lineno)
-                if lineno in cite:
-                    seen.cited[lineno] = str(record["hash"])
-                _collect(seen, record)
+        for lineno, line in iter_lines(path):  # across the log's sealed segments and the active file
+            if lineno not in cite and b'"ledger' not in line:
+                continue  # a serving record: not parsed, so a long log stays cheap to scan
+            record = _parse(line, lineno)
+            if lineno in cite:
+                seen.cited[lineno] = str(record["hash"])
+            _collect(seen, record)
+    except AuditError as exc:
+        raise LedgerMismatch(f"cannot read the audit trail {path} ({exc}); refusing to train") from None
     except OSError as exc:
         raise LedgerMismatch(f"cannot read the audit trail {path} ({exc.strerror}); refusing to train") from exc
     return seen

@@ -6,8 +6,10 @@ signed checkpoint (the seal), the Merkle frontier and chain hash just before the
 coordinator witnessed inside that span, the site's public key, and `verify.py`
 (`privacy/inspector.py`, standard library and `cryptography` only):
 
-    manifest.json   what the bundle claims: origin, period, seq range, frontier, seal, witnessed
-    records.jsonl   the log's lines, unchanged
+    manifest.json   what the bundle claims: origin, period, seq range, frontier, seal, witnessed,
+                    and the sealed segments the records cross (each with its sha256 and final
+                    signed checkpoint, both checked by the inspector)
+    records.jsonl   the log's lines, unchanged, across its segments
     site.pub        the site's public node key
     verify.py       `python verify.py bundle .`
 """
@@ -24,9 +26,9 @@ from typing import Any
 from federation.errors import Conflict, InvalidInput
 from federation.ops.atomic import private_dir, write_atomic
 from federation.security.signed_statement import StatementError, load_public_key
-from privacy.audit import GENESIS_HASH, AuditError, scan
+from privacy.audit import AuditError, log_start, scan, seals
 from privacy.checkpoints import parse_checkpoint, parse_time, read_latest
-from privacy.merkle import Frontier, leaf_hash
+from privacy.merkle import leaf_hash
 
 __all__ = ["export_bundle"]
 
@@ -51,7 +53,16 @@ def export_bundle(
         seal = parse_checkpoint(statement, key=key)
     except StatementError as exc:
         raise InvalidInput(f"{log}: no checkpoint the key {public_key} signed to seal the export ({exc})") from None
-    frontier, before_hash, first, last, lines = Frontier(), GENESIS_HASH, 0, 0, []
+    try:
+        start = log_start(log)
+        sealed = seals(log)
+    except AuditError as exc:
+        raise InvalidInput(f"{log}: {exc}") from None
+    frontier, before_hash, first, last, lines = start.frontier.copy(), start.hash, 0, 0, []
+    if start.frontier.size and since <= parse_time(next(s.last_ts for s in sealed if s.last == start.frontier.size)):
+        raise InvalidInput(
+            f"{log}: records 1..{start.frontier.size} were deleted by a retention sweep; export from a later date"
+        )
     before: dict[str, Any] | None = None
     try:
         for record, line in scan(log):
@@ -78,6 +89,18 @@ def export_bundle(
         for s in witnessed
         if before["size"] < parse_checkpoint(s, key=key).size <= seal.size and parse_checkpoint(s).origin == seal.origin
     ]
+    segments = [
+        {
+            "segment": s.name,
+            "first": s.first,
+            "last": s.last,
+            "bytes": s.size,
+            "sha256": s.sha256,
+            "checkpoint": s.checkpoint,
+        }
+        for s in sealed
+        if s.last >= first and s.first <= seal.size
+    ]
     manifest = {
         "format": "fedseek-audit-bundle/1",
         "origin": seal.origin,
@@ -90,6 +113,7 @@ def export_bundle(
         "public_key": "site.pub",
         "seal": dict(statement or {}),
         "witnessed": inside,
+        "segments": segments,
     }
     private_dir(out)
     write_atomic(out / "records.jsonl", b"".join(line + b"\n" for line in lines))

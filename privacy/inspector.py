@@ -166,9 +166,20 @@ def verify_bundle(bundle: Path) -> str:
     for statement in manifest.get("witnessed", []):
         payload = check_checkpoint(statement, key)
         checks.setdefault(payload["size"], []).append(payload["root"])
+    segments = manifest.get("segments", [])
+    ends: dict[int, dict[str, Any]] = {}  # sealed segments wholly in the bundle, by their last record
+    for segment in segments:
+        if segment.get("checkpoint") is not None:  # the final checkpoint the segment was sealed with
+            payload = check_checkpoint(segment["checkpoint"], key)
+            if payload["size"] != segment["last"]:
+                raise Failed(f"segment {segment['segment']}: its seal's checkpoint is not of its last record")
+            checks.setdefault(payload["size"], []).append(payload["root"])
+        if segment["first"] > frontier.size:
+            ends[int(segment["last"])] = segment
     prev: str | None = before["hash"]
     seq, first, last = frontier.size, manifest["first_seq"], manifest["last_seq"]
-    in_range = 0
+    in_range, whole = 0, 0
+    digest = hashlib.sha256()
     with (bundle / manifest["records"]).open("rb") as fh:
         for raw in fh:
             line = raw.rstrip(b"\n")
@@ -177,9 +188,16 @@ def verify_bundle(bundle: Path) -> str:
             prev = record["hash"]
             frontier.add(_leaf(line))
             in_range += first <= seq <= last
+            digest.update(line + b"\n")
+            if seq in ends:  # a whole sealed segment: its file is these lines, byte for byte
+                if digest.hexdigest() != ends[seq]["sha256"]:
+                    raise Failed(f"segment {ends[seq]['segment']}: the records differ from the sealed file's sha256")
+                whole += 1
+            if any(int(s["last"]) == seq for s in segments):
+                digest = hashlib.sha256()  # the next segment's file starts after this record
             for root in checks.get(seq, []):
                 if frontier.root().hex() != root:
-                    raise Failed(f"the records disagree with the checkpoint witnessed at {seq} records")
+                    raise Failed(f"the records disagree with the checkpoint witnessed or sealed at {seq} records")
     if frontier.size != seal["size"]:
         raise Failed(f"the bundle ends at record {frontier.size}, its seal covers {seal['size']}")
     if frontier.root().hex() != seal["root"]:
@@ -187,10 +205,11 @@ def verify_bundle(bundle: Path) -> str:
     for size in checks:
         if not before["size"] < size <= seal["size"]:
             raise Failed(f"a witnessed checkpoint of {size} records is outside the bundle")
+    crossed = f", {len(segments)} segment(s) crossed, {whole} whole sealed file(s) matched" if segments else ""
     return (
         f"OK: records {first}..{last} ({in_range} in {manifest['from']}..{manifest['to']}) of "
         f"{seal.get('origin')}'s audit log, sealed by a checkpoint of {seal['size']} records signed at "
-        f"{seal.get('time')}, {len(manifest.get('witnessed', []))} witnessed checkpoint(s) consistent"
+        f"{seal.get('time')}, {len(manifest.get('witnessed', []))} witnessed checkpoint(s) consistent{crossed}"
     )
 
 

@@ -242,7 +242,8 @@ class LedgerChain:
 @dataclass(frozen=True)
 class LedgerHead:
     """The ledger's state in one signable line: what a coordinator witnesses (sequence, hash,
-    cumulative epsilon, the budget, its delta and the data fingerprint it covers)."""
+    cumulative epsilon, the budget, its delta and the data fingerprint it covers). `epsilon` is the
+    highest of any data partition; `dataset_sha256` is the genesis's (later partitions are chain entries)."""
 
     genesis: str
     seq: int
@@ -722,8 +723,7 @@ class PrivacyLedger:
         created = not path.exists() and _create(
             path, Genesis(budget=budget, dataset_sha256=dataset_sha256, created=utc_now())
         )
-        self.created = created
-        """Whether this call made the ledger (the node then registers the other partitions it was started with)."""
+        self.created = created  # this call made it: the node then registers the other batches it started with
         with self._session() as conn:
             tightened = _reconcile_budget(conn, budget)
             chain = _load_chain(conn)

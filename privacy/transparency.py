@@ -21,7 +21,7 @@ signed (`privacy.inspector` checks it with nothing but the public key).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,9 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from federation.errors import InvalidInput
 from federation.security.signed_statement import StatementError
-from privacy.audit import AuditError, scan
+from privacy.audit import AuditError, log_start, read_line, scan, seals
 from privacy.checkpoints import Checkpoint, parse_checkpoint, parse_time, read_latest
 from privacy.merkle import Frontier, inclusion_proof, leaf_hash
+from privacy.treestore import NodeStore, nodes_path
 
 __all__ = ["PROOF_FORMAT", "LogLeaves", "WitnessReport", "prove", "read_leaves", "verify_witnessed"]
 
@@ -68,16 +69,27 @@ class WitnessReport:
 
 @dataclass
 class LogLeaves:
-    """The log's Merkle leaves and record times, read once with the chain checked."""
+    """The log's Merkle leaves and record times, read once with the chain checked.
+
+    A retention sweep may have deleted the oldest segments: then `start` is the tree's frontier
+    before the first record still held (from its seal), and `leaves[0]` is leaf `start.size`."""
 
     leaves: list[bytes]
     times: list[datetime]
     lines: dict[int, bytes]  # only the lines asked for, by seq
+    start: Frontier = field(default_factory=Frontier)
+    sealed: dict[int, str] = field(default_factory=dict)  # tree size -> root, from the seals of deleted segments
+
+    @property
+    def count(self) -> int:
+        return self.start.size + len(self.leaves)
 
 
 def read_leaves(path: Path, *, keep: Sequence[int] = ()) -> LogLeaves:
     """Leaf hashes of every record (AuditError if the chain or head is broken); the lines of `keep` seqs."""
-    out = LogLeaves([], [], {})
+    start = log_start(path)
+    out = LogLeaves([], [], {}, start.frontier.copy())
+    out.sealed = {s.last: s.root for s in seals(path) if s.last <= start.frontier.size}
     wanted = set(keep)
     for record, line in scan(path):
         out.leaves.append(leaf_hash(line))
@@ -118,7 +130,7 @@ def _local(path: Path, *, key: ec.EllipticCurvePublicKey | None, origin: str | N
 
 def _hold(log: LogLeaves, witnessed: list[Checkpoint], local: Checkpoint | None) -> str:
     """Compare every checkpoint's root with the log's prefix of its size; returns the whole log's root."""
-    count = len(log.leaves)
+    count = log.count
     if witnessed:
         longest = max(witnessed, key=lambda c: c.size)
         if longest.size > count:
@@ -133,10 +145,17 @@ def _hold(log: LogLeaves, witnessed: list[Checkpoint], local: Checkpoint | None)
         checks.setdefault(checkpoint.size, []).append(("witnessed", checkpoint))
     if local is not None:
         checks.setdefault(local.size, []).append(("signed", local))
-    frontier = Frontier()
-    for size in range(count + 1):
-        if size:
-            frontier.append(log.leaves[size - 1])
+    for size, found in checks.items():  # inside segments a retention sweep deleted: only a seal can vouch
+        for what, checkpoint in found:
+            if size < log.start.size and size in log.sealed and log.sealed[size] != checkpoint.root:
+                raise _Refused(
+                    f"the log forks from the checkpoint {what} at {checkpoint.time}: the seal of its first {size} "
+                    "records has another Merkle root (history rewritten)"
+                )
+    frontier = log.start.copy()
+    for size in range(log.start.size, count + 1):
+        if size > log.start.size:
+            frontier.append(log.leaves[size - log.start.size - 1])
         for what, checkpoint in checks.get(size, ()):
             if frontier.root().hex() != checkpoint.root:
                 raise _Refused(
@@ -152,7 +171,7 @@ def _check_dates(log: LogLeaves, checkpoints: list[Checkpoint]) -> None:
     ordered = sorted(checkpoints, key=lambda c: c.size)
     latest: Checkpoint | None = None
     k = 0
-    for index, when in enumerate(log.times):
+    for index, when in enumerate(log.times, start=log.start.size):
         while k < len(ordered) and ordered[k].size <= index:
             if latest is None or ordered[k].when > latest.when:
                 latest = ordered[k]
@@ -182,7 +201,7 @@ def verify_witnessed(
             log = read_leaves(path)
         except AuditError as exc:
             raise _Refused(f"hash chain broken: {exc}") from None
-        records = len(log.leaves)
+        records = log.count
         checkpoints = _parse_all(witnessed, key=key, origin=origin)
         local = _local(path, key=key, origin=origin)
         root = _hold(log, checkpoints, local)
@@ -213,10 +232,18 @@ def prove(path: Path, seq: int, *, checkpoint: Mapping[str, Any] | None = None) 
         raise InvalidInput(
             f"record {seq} is not in the signed checkpoint of {signed.size} records; retry after the next checkpoint"
         )
+    fast = _prove_from_store(path, seq, signed)
+    if fast is not None:
+        line, path_hashes = fast
+        return _proof(seq, line, signed, path_hashes, statement)
     try:
         log = read_leaves(path, keep=[seq])
     except AuditError as exc:
         raise InvalidInput(f"{path}: hash chain broken: {exc}") from None
+    if log.start.size:
+        raise InvalidInput(
+            f"{path}: the node store is incomplete and records 1..{log.start.size} were deleted by retention"
+        )
     if len(log.leaves) < signed.size:
         raise InvalidInput(f"{path}: holds {len(log.leaves)} records, fewer than its checkpoint's {signed.size}")
     leaves = log.leaves[: signed.size]
@@ -225,12 +252,31 @@ def prove(path: Path, seq: int, *, checkpoint: Mapping[str, Any] | None = None) 
         frontier.append(leaf)
     if frontier.root().hex() != signed.root:
         raise InvalidInput(f"{path}: the log does not match its own signed checkpoint (rewritten)")
+    return _proof(seq, log.lines[seq], signed, inclusion_proof(leaves, seq - 1, signed.size), statement)
+
+
+def _prove_from_store(path: Path, seq: int, signed: Checkpoint) -> tuple[bytes, list[bytes]] | None:
+    """The record's line and audit path from the node store, in O(log² n) reads, if the store gives the
+    signed root and the line hashes to its stored leaf; else None (the caller rehashes the log)."""
+    try:
+        leaf, hashes, root = NodeStore(nodes_path(path)).proof(seq - 1, signed.size)
+        line = read_line(path, seq)
+    except (OSError, ValueError, AuditError):
+        return None
+    if line is None or leaf_hash(line) != leaf or root.hex() != signed.root:
+        return None
+    return line, hashes
+
+
+def _proof(
+    seq: int, line: bytes, signed: Checkpoint, hashes: Sequence[bytes], statement: Mapping[str, Any]
+) -> dict[str, Any]:
     return {
         "format": PROOF_FORMAT,
         "seq": seq,
         "leaf_index": seq - 1,
-        "record": log.lines[seq].decode("utf-8"),
+        "record": line.decode("utf-8"),
         "tree_size": signed.size,
-        "proof": [h.hex() for h in inclusion_proof(leaves, seq - 1, signed.size)],
+        "proof": [h.hex() for h in hashes],
         "checkpoint": dict(statement),
     }

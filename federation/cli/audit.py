@@ -1,12 +1,17 @@
 """`fedseek audit verify|prove|export`: a site's audit log as a transparency log an outsider can check.
 
-    fedseek audit verify LOG                                   hash chain and head file (local only)
+    fedseek audit verify LOG [--quick]                         hash chain, head file and sealed segments
+                                                               (local only; --quick: sealed segments by
+                                                               their recorded sha256, as a node at start)
     fedseek audit verify LOG --witness COORD_STATE [--key PUB] held against the checkpoints the
                                                                coordinator witnessed (exit 1 if the log
                                                                is shorter, forks or contradicts one)
     fedseek audit prove LOG SEQ [--out PROOF.json]             inclusion proof of record SEQ in the
                                                                latest signed checkpoint
     fedseek audit export LOG --from --to --out DIR --key PUB   a self-verifying bundle for an inspector
+    fedseek audit sweep LOG [--years 6] [--segment S] [--dry-run]
+                                                               delete sealed segments past the retention
+                                                               period (audited; their seals are kept)
 
 The site's public node key is `pki/site-keys/<site>.pub` at the coordinator (`--key`, or
 `--site-keys DIR`). The privacy modules are imported only when a command runs.
@@ -32,6 +37,7 @@ def add_audit_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     audit = sub.add_parser("audit", help="audit trail").add_subparsers(dest="audit_command", required=True)
     p = audit.add_parser("verify", help="verify an audit log (hash chain; with --witness, its witnessed checkpoints)")
     p.add_argument("path", help="the audit log (a node's <state>/audit.jsonl)")
+    p.add_argument("--quick", action="store_true", help="check sealed segments by their seal's sha256 only")
     _witness_options(p)
     p.set_defaults(func=_verify)
     p = audit.add_parser("prove", help="print an inclusion proof of one record (checked with the site's public key)")
@@ -46,6 +52,12 @@ def add_audit_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--out", required=True, help="a new directory for the bundle")
     _witness_options(p)
     p.set_defaults(func=_export)
+    p = audit.add_parser("sweep", help="delete sealed segments older than the retention period (audited)")
+    p.add_argument("path", help="the audit log")
+    p.add_argument("--years", type=int, default=6, help="retention period in years (default: 6)")
+    p.add_argument("--segment", action="append", default=[], help="delete exactly this sealed segment (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    p.set_defaults(func=_sweep)
 
 
 def _witness_options(p: argparse.ArgumentParser) -> None:
@@ -94,9 +106,11 @@ def _verify(args: argparse.Namespace) -> int:
     if not args.witness:
         from privacy.audit import verify
 
-        result = verify(log)
+        result = verify(log, deep=not args.quick)
         if result.ok:
-            print(f"OK: {result.records} records, head {result.head_hash[:16]}")
+            segments = f", {result.sealed} sealed segment(s)" if result.sealed else ""
+            deleted = f" ({result.deleted} deleted by retention)" if result.deleted else ""
+            print(f"OK: {result.records} records, head {result.head_hash[:16]}{segments}{deleted}")
             return 0
         print(f"TAMPERED: {result.error}", file=sys.stderr)
         return 1
@@ -165,4 +179,25 @@ def _export(args: argparse.Namespace) -> int:
         f"exported records {manifest['first_seq']}..{manifest['last_seq']} of {manifest['origin']}'s audit log "
         f"to {out}; check with: python {out / 'verify.py'} bundle {out}"
     )
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from privacy.audit import AuditTrail
+    from privacy.retention import sweep
+
+    log = Path(args.path)
+    if not log.exists():
+        raise NotFound(f"no audit log at {log}")
+    result = sweep(AuditTrail(log), years=args.years, segments=args.segment, actor="operator", dry_run=args.dry_run)
+    if not result.deleted:
+        print(f"nothing to delete: no sealed segment ends before {result.cutoff}")
+    elif args.dry_run:
+        print(
+            f"would delete {len(result.deleted)} segment(s) ending before {result.cutoff}: {', '.join(result.deleted)}"
+        )
+    else:
+        print(
+            f"deleted {len(result.deleted)} segment(s) (audit record {result.record_seq}): {', '.join(result.deleted)}"
+        )
     return 0

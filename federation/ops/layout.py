@@ -32,7 +32,8 @@ class NodeLayout(_Layout):
 
     @property
     def audit(self) -> Path:
-        """The hash-chained audit trail (its head file sits beside it: `privacy.audit.head_path`)."""
+        """The hash-chained audit trail's active segment (its head, checkpoint, tree, node store and lock
+        sit beside it: `privacy.audit.companion_paths`; sealed segments in `audit.jsonl.segments/`)."""
         return self.root / "audit.jsonl"
 
     @property

@@ -26,7 +26,7 @@ from privacy.ledger import Budget, PrivacyLedger
 
 MONTHS, PER_MONTH = 36, 4
 BUDGET = Budget(epsilon=1.0, delta=1e-5)
-SETTINGS = TrainSettings(batch_size=4, local_epochs=1, learning_rate=1e-2)  # the default run share (0.5)
+SETTINGS = TrainSettings(batch_size=8, local_epochs=1, learning_rate=1e-2)  # the default run share (0.5)
 
 
 def independent_epsilons(report: dict[str, object]) -> dict[str, float]:

@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 import privacy.audit as audit_mod
-from privacy.audit import AuditTrail, canonical_json, head_path, scan
+from privacy.audit import AuditTrail, canonical_json, companion_paths, head_path, lock_path, scan
 from privacy.checkpoints import (
     CheckpointSigner,
     checkpoint_path,
@@ -22,6 +22,7 @@ from privacy.checkpoints import (
 from privacy.inspector import Failed, verify_proof
 from privacy.merkle import leaf_hash, tree_root
 from privacy.transparency import prove, verify_witnessed
+from privacy.treestore import nodes_path
 
 
 @pytest.fixture(scope="module")
@@ -190,4 +191,7 @@ def test_files_beside_the_log(tmp_path: Path, key: ec.EllipticCurvePrivateKey) -
         head_path(path).name,
         checkpoint_path(path).name,
         tree_path(path).name,
+        nodes_path(path).name,
+        lock_path(path).name,
     }
+    assert {p.name for p in tmp_path.iterdir()} == {path.name, *(p.name for p in companion_paths(path))}
