@@ -2,24 +2,33 @@
 
 Each version is a directory `<root>/<version>/` holding `adapter.safetensors` and
 `manifest.json`; it is written to a temporary directory and renamed into place, so a crash
-never leaves a half-written version behind.
+never leaves a half-written version behind. Numbers are allocated under a lock and the rename
+never replaces a published version: a number is never given twice, even to two writers at once.
+
+For `fedseek run --resume`, the registry also keeps, per run, the last round that started
+(`runs/<run>.started`, written before any site is charged for it): a resumed run starts after it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from federation.errors import Conflict
+from federation.ops.atomic import write_atomic
 from federation.protocol import wire
-from federation.protocol.names import InvalidNameError, check_adapter_name
+from federation.protocol.names import InvalidNameError, check_adapter_name, check_name
 
 _VERSION_RE = re.compile(r"^global-v(\d{4,})$")
 
@@ -86,10 +95,39 @@ class AdapterRegistry:
         n = int(_VERSION_RE.match(latest).group(1)) + 1 if latest else 1  # type: ignore[union-attr]
         return f"global-v{n:04d}"
 
+    @contextlib.contextmanager
+    def _allocating(self) -> Iterator[None]:
+        """Held while a version number is chosen and published (`flock`: two coordinator processes on
+        one registry, a crashed run's ServerApp and its resume, never take the same number)."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)  # the directory itself: no lock file beside versions
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
     def save(
         self, arrays: wire.Arrays, *, run: str, round: int, sites: list[SiteLineage], parent: str | None
     ) -> Manifest:
         payload = wire.encode(arrays)
+        with self._allocating():
+            for _ in range(100):  # a number published by a writer without the lock (an older coordinator): the next
+                manifest = self._publish(payload, arrays, run=run, round=round, sites=sites, parent=parent)
+                if manifest is not None:
+                    return manifest
+        raise RegistryError(f"no free version number in {self.root} after 100 tries")
+
+    def _publish(
+        self,
+        payload: bytes,
+        arrays: wire.Arrays,
+        *,
+        run: str,
+        round: int,
+        sites: list[SiteLineage],
+        parent: str | None,
+    ) -> Manifest | None:
+        """Publish under the next free number; None if another writer took that number meanwhile."""
         version = self._next_version()
         manifest = Manifest(
             version=version,
@@ -110,10 +148,38 @@ class AdapterRegistry:
             # Not federation.ops.atomic.install_dir: that swaps out an existing directory, whereas this
             # rename fails (ENOTEMPTY) if the version was already published, so none is ever overwritten.
             os.replace(tmp, self.root / version)
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                return None
+            raise
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return manifest
+
+    # ---- runs: what `fedseek run --resume` continues from ----------------------------------------
+    def _started_path(self, run: str) -> Path:
+        return self.root / "runs" / f"{check_name(run, what='run name')}.started"
+
+    def round_started(self, run: str, round: int) -> None:
+        """Record that `run`'s round `round` is about to be sent to sites (before any is charged for it)."""
+        path = self._started_path(run)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps({"run": run, "round": max(round, self.last_started(run))}))
+
+    def last_started(self, run: str) -> int:
+        """The last round of `run` sent to sites (0: none)."""
+        try:
+            return int(json.loads(self._started_path(run).read_text())["round"])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RegistryError(f"run {run!r}: unreadable round record {self._started_path(run)}: {exc}") from exc
+
+    def run_versions(self, run: str) -> list[Manifest]:
+        """The versions `run` made, oldest first (over every submission of it)."""
+        return [m for m in (self.manifest(v) for v in self.versions()) if m.run == run]
 
     def manifest(self, version: str) -> Manifest:
         path = self.root / check_version(version) / "manifest.json"

@@ -61,7 +61,7 @@ from coordinator.strategy import LoraFedAvg, RoundRecord, RunFailed, _line
 from federation.errors import FedSeekError
 from federation.protocol import records, wire
 from federation.protocol.round_settings import RoundSettingsError, RunSettings
-from federation.protocol.secagg_masks import CHECK_VALUE, harden
+from federation.protocol.secagg_masks import CHECK_VALUE, MIN_SITES, harden
 
 # By name: the package re-exports a function under the module's own name.
 flower_secaggplus = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
@@ -69,8 +69,6 @@ flower_secaggplus = importlib.import_module("flwr.server.workflow.secure_aggrega
 log = logging.getLogger("fedseek.coordinator")
 harden(flower_secaggplus)  # masks from the whole 256-bit seed, as the sites' mod draws them
 
-MIN_SITES = 3
-"""SecAgg+ with 2 sites would hand each the other's update (sum minus own); 3 also lets one drop out."""
 CLIPPING_RANGE = 4.0
 """|x * n/M| above it would be clipped: sites refuse such an update instead (node/secagg.py). LoRA values
 (kaiming-uniform A, B grown from zero under DP-SGD) stay far below it."""
@@ -378,7 +376,8 @@ class SecAggLoraFedAvg(LoraFedAvg):
             SiteLineage(r.site, r.epsilon, r.delta, r.num_examples, r.steps, r.noise_multiplier) for r in reports
         ]
         parent = self.latest.version if self.latest else self.parent
-        self.latest = self.registry.save(averaged, run=self.run_name, round=server_round, sites=lineage, parent=parent)
+        round_ = self.run_round(server_round)  # a resumed run's round, as the base strategy saves it
+        self.latest = self.registry.save(averaged, run=self.run_name, round=round_, sites=lineage, parent=parent)
         self.global_arrays = averaged
         rec.version, rec.sha256 = self.latest.version, self.latest.sha256
         log.info("round %d: secure sum of %s saved as %s", server_round, rec.accepted, rec.version)

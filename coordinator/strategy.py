@@ -108,6 +108,8 @@ class LoraFedAvg(FedAvg):
         parent: str | None = None,
         on_round: Callable[[], None] | None = None,
         witness: LedgerWitness | None = None,
+        first_round: int = 1,
+        run_key: str = "",
     ) -> None:
         nodes = settings.min_nodes
         super().__init__(min_train_nodes=nodes, min_evaluate_nodes=nodes, min_available_nodes=nodes)
@@ -116,6 +118,11 @@ class LoraFedAvg(FedAvg):
         self.registry = registry
         self.run_name = settings.run_name
         self.parent = parent
+        # A resumed run (`fedseek run --resume`): Flower counts this submission's rounds from 1, the run
+        # from `first_round`; nodes, the registry and the round records see the run's round. `run_key`
+        # names the run in every site's ledger across its submissions ("": Flower's run id, the ClientApp's).
+        self.first_round = first_round
+        self.run_key = run_key
         self.rounds: list[RoundRecord] = []
         self.latest: Manifest | None = None
         self.global_arrays: wire.Arrays | None = registry.load(parent)[0] if parent else None
@@ -230,13 +237,18 @@ class LoraFedAvg(FedAvg):
         sources = [wire.lora_a(u.arrays) for _, u, _ in kept if u.factors == "AB"]
         return kept, (wire.lora_a(known) if known is not None else next(iter(sources), None))
 
+    def run_round(self, server_round: int) -> int:
+        """The run's round number of this submission's Flower round `server_round`."""
+        return server_round + self.first_round - 1
+
     def _instruction(self, server_round: int) -> TrainInstruction:
         """What this round's train messages tell the nodes. Under FFA-LoRA: send B only, naming A's
         digest, once the coordinator knows A; until then ask for the whole adapter."""
+        at = {"run": self.settings, "server_round": self.run_round(server_round), "run_key": self.run_key}
         if not self.ffa or self.global_arrays is None:
-            return TrainInstruction(run=self.settings, server_round=server_round)
+            return TrainInstruction(**at)
         digest = wire.lora_a_sha256(self.global_arrays)
-        return TrainInstruction(run=self.settings, server_round=server_round, reply_factors="B", lora_a_sha256=digest)
+        return TrainInstruction(**at, reply_factors="B", lora_a_sha256=digest)
 
     @staticmethod
     def _sent_arrays(arrays: ArrayRecord, instruction: TrainInstruction) -> ArrayRecord:
@@ -314,9 +326,11 @@ class LoraFedAvg(FedAvg):
         reply: a site that comes back later must not train (and spend) for a round already over.
         """
         instruction = self._instruction(server_round)
-        rec = RoundRecord(round=server_round)
+        rec = RoundRecord(round=self.run_round(server_round))
         self.rounds.append(rec)
         ready = self._ready_nodes(rec, instruction, grid)  # RunFailed: the ServerApp's summary shows `rec`
+        # Before any site is charged: a resumed run starts after this round, never trains it again.
+        self.registry.round_started(self.run_name, rec.round)
         sent = self._sent_arrays(arrays, instruction)
         content = RecordDict({self.arrayrecord_key: sent, self.configrecord_key: instruction.to_config_record()})
         log.info("round %d: training at %s", server_round, [self._name(n) for n in ready])
@@ -343,8 +357,8 @@ class LoraFedAvg(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
-        if not self.rounds or self.rounds[-1].round != server_round:  # configure_train made it, with readiness
-            self.rounds.append(RoundRecord(round=server_round))
+        if not self.rounds or self.rounds[-1].round != self.run_round(server_round):  # configure_train made it
+            self.rounds.append(RoundRecord(round=self.run_round(server_round)))
         rec = self.rounds[-1]
         by_node = _by_destination(self._train_messages, replies)
         for node, msg in by_node.items():
@@ -397,7 +411,9 @@ class LoraFedAvg(FedAvg):
             SiteLineage(r.site, r.epsilon, r.delta, r.num_examples, r.steps, r.noise_multiplier) for _, r in updates
         ]
         parent = self.latest.version if self.latest else self.parent
-        self.latest = self.registry.save(averaged, run=self.run_name, round=server_round, sites=lineage, parent=parent)
+        self.latest = self.registry.save(
+            averaged, run=self.run_name, round=self.run_round(server_round), sites=lineage, parent=parent
+        )
         self.global_arrays = averaged
         rec.version = self.latest.version
         rec.sha256 = self.latest.sha256
@@ -426,7 +442,7 @@ class LoraFedAvg(FedAvg):
             cfg.update({k: v for k, v in instruction.to_config_record().items() if k in ffa_keys})
         cfg["adapter-version"] = self.latest.version
         cfg["adapter-sha256"] = self.latest.sha256
-        cfg["server-round"] = server_round
+        cfg["server-round"] = self.run_round(server_round)
         # Every connected site deploys, one that could not train (budget spent) too; no waiting for
         # `min-nodes` here: a site gone since training must not stall the run (Flower's sampling would).
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
@@ -434,7 +450,7 @@ class LoraFedAvg(FedAvg):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
-        rec = self.rounds[-1] if self.rounds and self.rounds[-1].round == server_round else None
+        rec = self.rounds[-1] if self.rounds and self.rounds[-1].round == self.run_round(server_round) else None
         wellformed = []
         for msg in replies:
             if msg.has_error():

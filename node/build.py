@@ -27,8 +27,9 @@ from federation.security.signed_statement import load_private_key
 from node import adapter_store
 from node.access import AccessPolicy
 from node.api_keys import ensure_first_key
-from node.data import SiteData, TokenizedExample, examples_sha256, load_jsonl, load_partitions, tokenize
+from node.data import SiteData, TokenizedExample, examples_sha256, load_jsonl, tokenize
 from node.engine import ModelHost
+from node.minimise import load_minimised, record_minimisation
 from node.model import ModelLoadError, load_model
 from node.policy import site_policy
 from node.service import NodeParts, NodeService, Serving
@@ -111,6 +112,7 @@ def assemble_node(
     if refusal is not None:
         log.warning("training refused: %s", refusal)
         audit.append(actor="node", action="ledger.mismatch", resource=config.name, details={"error": refusal})
+    refusal = record_minimisation(data, audit, site=config.name) or refusal  # below k: serve, never train
     token = _ensure_token(layout.agent_token)
     adapter_store.restore_versions(host, layout.adapters)
     serving = Serving(host, audit, owner=config.name, keys=load_site_keys(layout.site_secret))
@@ -200,7 +202,7 @@ def site_budget(config: NodeConfig, n_records: int, *, stored: Budget | None = N
 def load_site_data(config: NodeConfig, tokenizer: Any) -> tuple[SiteData, list[TokenizedExample]]:
     """Training records by partition (`node.data.partition_files`) and the evaluation records."""
     data_dir = Path(config.data_dir)
-    train = load_partitions(data_dir, tokenizer, max_length=config.max_length)
+    train = load_minimised(config, tokenizer)  # by partition, k-anonymous and redacted (node.minimise)
     eval_data = tokenize(load_jsonl(data_dir / "eval.jsonl"), tokenizer, max_length=config.max_length)
     return train, eval_data
 

@@ -7,6 +7,11 @@ report can cite its audit record. Nothing leaves the site: the result, its HTML 
 plot are stored as ``<reports_dir>/<id>.{json,html,png}.sealed`` and served back by id to
 reviewers (`GET /v1/explanations/{id}`, `.../report.html`, `.../plot.png`).
 
+Direct identifiers (names, record and phone numbers: `privacy.redact`) are redacted from the
+prompt and the response before anything is explained or stored: the attribution is of the
+redacted text, and the audit record counts what was redacted. The prompt HMAC is of the text
+as sent, so it still matches the request's `serve` record.
+
 An explanation quotes its prompt token by token (a patient's age, sex, postcode), and the
 reviewer API must return it later, so the files are encrypted at rest, AES-256-GCM under the
 site's key (node/site_keys.py), each bound to its id and kind; the audit trail holds only
@@ -26,6 +31,7 @@ import re
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +47,7 @@ from explain.report import ReportContext, render_report
 from federation.errors import Busy, NotFound
 from federation.ops.atomic import write_atomic
 from node.site_keys import SiteKeys
+from privacy.redact import redact, redact_text
 
 if TYPE_CHECKING:
     from node.service import NodeService
@@ -104,7 +111,9 @@ class ExplainJob:
     granularity: Granularity
     method: Method
     requested_by: str
-    prompt_hmac: str  # of the messages, under the site's key (node/site_keys.py)
+    prompt_hmac: str  # of the messages as sent, under the site's key (node/site_keys.py)
+    redacted: dict[str, int]  # direct identifiers taken out of the messages and response, by kind
+    response_hmac: str | None  # of the response to explain as sent; None: the model's answer, digested when made
 
 
 class Explanations:
@@ -126,7 +135,8 @@ class Explanations:
     def validate(self, req: ExplainRequest, *, requested_by: str) -> ExplainJob:
         """Every check that needs no model call; raises UnknownModel or ValueError."""
         host = self.service.host
-        msgs = _messages(req)
+        sent = _messages(req)
+        msgs, redacted = _redacted(sent)
         if req.max_evals > MAX_EVALS_LIMIT:
             raise ValueError(
                 f"max_evals {req.max_evals} is over this site's limit of {MAX_EVALS_LIMIT} model evaluations "
@@ -138,7 +148,9 @@ class Explanations:
         info = host.adapters.get(adapter)
         response_ids = None
         if req.response is not None:
-            response_ids = [int(t) for t in host.tokenizer(req.response, add_special_tokens=False).input_ids]
+            response = redact(req.response)
+            redacted.update(response.counts)
+            response_ids = [int(t) for t in host.tokenizer(response.text, add_special_tokens=False).input_ids]
             if not response_ids:
                 raise ValueError("the response to explain is empty")
         n_features = count_features(host.tokenizer, msgs[-1]["content"], granularity=req.granularity)
@@ -162,7 +174,9 @@ class Explanations:
             granularity=req.granularity,
             method=req.method,
             requested_by=requested_by,
-            prompt_hmac=self.keys.digest(json.dumps(msgs, sort_keys=True)),
+            prompt_hmac=self.keys.digest(json.dumps(sent, sort_keys=True)),
+            redacted=dict(redacted),
+            response_hmac=None if req.response is None else self.keys.digest(req.response),
         )
 
     # ---- running ------------------------------------------------------------------------
@@ -193,6 +207,13 @@ class Explanations:
             if not response_ids:
                 raise ValueError("the model's answer is empty: nothing to explain")
         response_text = host.tokenizer.decode(response_ids, skip_special_tokens=True)
+        response_hmac = job.response_hmac or self.keys.digest(response_text)  # before redaction, as `serve` has it
+        redacted = Counter(job.redacted)
+        generated = redact(response_text)
+        if generated.counts:  # explain (and store) the redacted answer, never the identifier
+            redacted.update(generated.counts)
+            response_text = generated.text
+            response_ids = [int(t) for t in host.tokenizer(response_text, add_special_tokens=False).input_ids]
         prefix, question = job.messages[:-1], job.messages[-1]["content"]
 
         def score(texts: Sequence[str]) -> np.ndarray:
@@ -217,7 +238,8 @@ class Explanations:
                 "explanation_id": job.id,
                 "adapter_sha256": job.adapter_sha256 or None,
                 "prompt_hmac": job.prompt_hmac,
-                "response_hmac": self.keys.digest(response_text),
+                "response_hmac": response_hmac,
+                "redacted": dict(redacted),
                 "granularity": job.granularity,
                 "method": attribution.method,
                 "max_evals": job.max_evals,
@@ -288,7 +310,9 @@ class Explanations:
                 self.run(job, progress=progress)
             except Exception as exc:
                 with self._lock:
-                    self._pending[job.id] = _state(job.id, status="failed", error=str(exc) or type(exc).__name__)
+                    self._pending[job.id] = _state(
+                        job.id, status="failed", error=redact_text(str(exc)) or type(exc).__name__
+                    )
             else:
                 with self._lock:
                     del self._pending[job.id]  # the stored JSON answers from now on
@@ -346,3 +370,14 @@ def _messages(req: ExplainRequest) -> list[dict[str, str]]:
     if msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
         raise ValueError("the prompt is empty: the last message must be a non-empty user message")
     return msgs
+
+
+def _redacted(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], Counter[str]]:
+    """The messages with direct identifiers redacted, and how many of each kind."""
+    counts: Counter[str] = Counter()
+    out = []
+    for message in messages:
+        result = redact(message["content"])
+        counts.update(result.counts)
+        out.append({**message, "content": result.text})
+    return out, counts

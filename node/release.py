@@ -302,7 +302,8 @@ class Release:
             details = {"eval_loss": rec.eval_loss, "stable": s.stable or BASE_ALIAS, "stable_eval_loss": against}
             if not (finite and eval_loss <= limit):
                 why = (
-                    f"eval loss {eval_loss:.4f} worse than the stable's {against:.4f} by more than {s.policy.tolerance:g}"
+                    f"eval loss {eval_loss:.4f} worse than the stable's {against:.4f} "
+                    f"by more than {s.policy.tolerance:g}"
                     if finite
                     else f"eval loss is {eval_loss}"
                 )

@@ -30,11 +30,11 @@ from flwr.app import ConfigRecord, Context, Message, MessageType
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
 from federation.protocol import records, wire
-from federation.protocol.secagg_masks import CHECK_VALUE, harden
+from federation.protocol.secagg_masks import CHECK_VALUE, harden, unsafe_setup
 
 # By name: the package re-exports a function under the module's own name.
 flower_secaggplus = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
@@ -116,6 +116,15 @@ def secagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     """Flower's `secaggplus_mod` for SecAgg+ rounds; any other message goes straight to the handler."""
     if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return call_next(msg, context)
+    setup = msg.content.config_records[RECORD_KEY_CONFIGS]
+    if setup.get(Key.STAGE) == Stage.SETUP:  # the coordinator picks the parameters: a site joins only safe ones
+        why = unsafe_setup(
+            sites=int(cast(int, setup.get(Key.SAMPLE_NUMBER, 0))),
+            shares=int(cast(int, setup.get(Key.SHARE_NUMBER, 0))),
+            threshold=int(cast(int, setup.get(Key.THRESHOLD, 0))),
+        )
+        if why:
+            raise SecAggRefused(f"{why}; this site does not join the round")
 
     def train_then_prepare(inner: Message, ctxt: Context) -> Message:
         reply = call_next(inner, ctxt)

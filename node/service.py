@@ -59,7 +59,7 @@ from node.trainer import (
 from node.witness_statements import node_key_path, round_statements
 from privacy.audit import AuditError, AuditRecord, AuditTrail
 from privacy.consistency import LedgerMismatch
-from privacy.ledger import LedgerError, PrivacyLedger
+from privacy.ledger import ROUND, LedgerError, PrivacyLedger
 
 TRAIN_YIELD_S = 0.05
 """How long a training round waits, after each DP step, while requests are in flight (see Serving)."""
@@ -70,6 +70,12 @@ class NodeState:
     eval_loss_before: float
     eval_loss_after: dict[str, float] = field(default_factory=dict)
     rounds_trained: int = 0
+
+
+class AlreadyCharged(Conflict):
+    """A train or readiness request for a (run, round) this site's ledger has charged already (409)."""
+
+    default_code = "round_already_charged"
 
 
 class VersionReused(Conflict):
@@ -381,13 +387,14 @@ class NodeService:
         charged or audited: a typo must not train with a default instead.
         """
         instruction = TrainInstruction.from_config_record(config)
-        run_id = instruction.run_id or "local"  # the ClientApp always names Flower's run; direct calls may not
+        run_id = instruction.ledger_run  # the run's key across a resume, else Flower's run id (the ClientApp's)
         server_round = instruction.server_round
         rounds = instruction.run.num_rounds
         settings = TrainSettings.of(instruction, secure_mode=self.config.secure_mode)
         with self.train_lock:
             try:
                 self.check_ledger()
+                self.check_not_charged(run_id, server_round)  # a resumed run never charges a round twice
                 global_arrays = start_arrays(self.host, global_arrays, settings)  # FFA: B-only gets our A
                 self._check_finite_start(global_arrays, settings.batch_size)
                 result = train_round(
@@ -436,6 +443,16 @@ class NodeService:
         checkpoint = self.audit.latest_checkpoint()  # None while the node key cannot sign (privacy.checkpoints)
         return [*statements, checkpoint] if checkpoint is not None else statements
 
+    def check_not_charged(self, run_id: str, server_round: int) -> None:
+        """AlreadyCharged (409) if this site's ledger already charged round `server_round` of run `run_id`:
+        a coordinator that crashed mid-round and resumed must not make a site pay for one round twice."""
+        for entry in self.ledger.entries():
+            if entry.kind == ROUND and entry.run_id == run_id and entry.round == server_round:
+                raise AlreadyCharged(
+                    f"round {server_round} of run {run_id} was charged here already (ledger entry {entry.id}); "
+                    "refusing to charge it again"
+                )
+
     def check_ledger(self) -> None:
         """LedgerMismatch (409) if at start-up the ledger disagreed with the audit trail: no round may train."""
         if self.ledger_refusal is not None:
@@ -475,9 +492,10 @@ class NodeService:
         settings = TrainSettings.of(instruction, secure_mode=self.config.secure_mode)
         rounds_left = max(1, instruction.run.num_rounds - instruction.server_round + 1)
         reason = ""
-        run_id = instruction.run_id or "local"
+        run_id = instruction.ledger_run
         try:
             self.check_ledger()  # a ledger that disagrees with the audit trail: "no", as `train` would refuse
+            self.check_not_charged(run_id, instruction.server_round)
             if not self.train_data:
                 raise TrainingError("the site has no training data")
             plan_round(self.ledger, self.train_data, settings, run_id=run_id, rounds_left=rounds_left)

@@ -255,12 +255,17 @@ class SegmentPolicy:
 class _Pending:
     """One caller's record waiting for the group commit that writes it."""
 
-    __slots__ = ("action", "actor", "details", "error", "record", "resource")
+    __slots__ = ("action", "actor", "details", "error", "record", "resource", "wake")
 
     def __init__(self, actor: str, action: str, resource: str, details: dict[str, Any]) -> None:
         self.actor, self.action, self.resource, self.details = actor, action, resource, details
         self.record: AuditRecord | None = None
         self.error: AuditError | None = None
+        self.wake = threading.Event()  # set when written (or failed), or when this caller is to lead the next group
+
+    @property
+    def done(self) -> bool:
+        return self.record is not None or self.error is not None
 
 
 class _Locked:
@@ -282,27 +287,26 @@ def _segment_state(path: Path) -> tuple[TreeState, Seal | None]:
     return TreeState(last.end.frontier.copy(), 0, last.end.hash), last
 
 
-def _recover_rollover(path: Path) -> None:
+def _recover_rollover(path: Path) -> bool:
     """Finish a seal a crash interrupted: the seal was written but the active file not yet moved."""
     try:
         seals = read_seals(path)
     except ValueError:
-        return  # reported by the caller's own read
+        return False  # reported by the caller's own read
     if not seals:
-        return
+        return False
     last = seals[-1]
     if last.file(path).exists() or last.tombstone(path).exists():
-        return
+        return False
     if path.exists() and file_digest(path) == (last.size, last.sha256):
         os.rename(path, last.file(path))
         fsync_dir(segments_dir(path))
         fsync_dir(path.parent)
         log.warning("%s: completed the seal of segment %s a crash interrupted", path, last.name)
-    else:
-        last.seal_file(path).unlink()
-        log.warning(
-            "%s: dropped the seal of segment %s: its file was never moved (crash while sealing)", path, last.name
-        )
+        return True
+    last.seal_file(path).unlink()
+    log.warning("%s: dropped the seal of segment %s: its file was never moved (crash while sealing)", path, last.name)
+    return False
 
 
 class AuditTrail:
@@ -337,7 +341,7 @@ class AuditTrail:
     ) -> None:
         self._path = path
         self._lock = threading.Lock()  # this process's state; held by the group's leader
-        self._cv = threading.Condition(threading.Lock())  # the queue of records waiting for a group
+        self._queue_lock = threading.Lock()  # the records waiting for a group, and whether one is being written
         self._queue: list[_Pending] = []
         self._leading = False
         self._failed = False
@@ -361,7 +365,7 @@ class AuditTrail:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._lock_fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o600)
             with self._exclusive() as locked:
-                self._sync(locked.fd)
+                self._sync(locked)
         except _Invalid as exc:
             raise AuditError(f"{path}: {exc}") from None
         if signer is not None:
@@ -386,10 +390,10 @@ class AuditTrail:
                 os.close(locked.fd)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _sync(self, fd: int) -> None:
+    def _sync(self, locked: _Locked) -> None:
         """Take the chain's end and the frontier from the log if another process appended or sealed
         since (raises _Invalid). A file this process never saw starts from the last seal's end."""
-        st = os.fstat(fd)
+        st = os.fstat(locked.fd)
         if (st.st_ino, st.st_size) == (self._ino, self._size):
             return
         if st.st_ino == self._ino and 0 <= self._size < st.st_size:
@@ -397,7 +401,12 @@ class AuditTrail:
             if self._catch_up(grown, st.st_size, link=True):
                 self._size = st.st_size
                 return
-        _recover_rollover(self._path)
+        if _recover_rollover(self._path):  # the active file moved into the segments: open the new one
+            os.close(locked.fd)
+            locked.fd = -1
+            locked.fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fsync_dir(self._path.parent)
+            st = os.fstat(locked.fd)
         self._base, self._last_seal = _segment_state(self._path)
         self._first_ts = None
         self._catch_up(self._cached_tree(st.st_size), st.st_size, link=False)
@@ -489,28 +498,36 @@ class AuditTrail:
         # Round-trip so the record owns a plain copy and bad values fail before writing.
         detail_copy: dict[str, Any] = json.loads(canonical_json(dict(details or {})))
         pending = _Pending(actor, action, resource, detail_copy)
-        batch: list[_Pending] | None = None
-        with self._cv:
+        with self._queue_lock:
             self._queue.append(pending)
-            while pending.record is None and pending.error is None:
-                if not self._leading:  # lead the next group: everything queued so far
-                    self._leading = True
-                    batch, self._queue = self._queue[:_GROUP_MAX], self._queue[_GROUP_MAX:]
-                    break
-                self._cv.wait()
-        if batch is not None:
-            try:
-                self._commit(batch)
-            finally:
-                with self._cv:
-                    self._leading = False
-                    self._cv.notify_all()
-            if pending.record is None and pending.error is None:  # queued past _GROUP_MAX: wait for a later group
-                return self.append(actor=actor, action=action, resource=resource, details=detail_copy)
+            lead = not self._leading  # no group being written: the queue was empty, this caller writes one now
+            self._leading = True
+        if not lead:
+            pending.wake.wait()  # woken once: written, failed, or first in the queue when the last group ended
+        if not pending.done:
+            self._lead(pending)
         if pending.error is not None:
             raise pending.error
         assert pending.record is not None
         return pending.record
+
+    def _lead(self, pending: _Pending) -> None:
+        """Write groups of what is queued until `pending` is written, then hand the lead to the next in
+        the queue: each waiting caller is woken exactly once (no thundering herd of 64 threads)."""
+        while not pending.done:
+            with self._queue_lock:
+                batch, self._queue = self._queue[:_GROUP_MAX], self._queue[_GROUP_MAX:]
+            try:
+                self._commit(batch)
+            finally:
+                for p in batch:
+                    if p is not pending:
+                        p.wake.set()
+        with self._queue_lock:
+            if self._queue:
+                self._queue[0].wake.set()  # it leads the next group
+            else:
+                self._leading = False
 
     def _commit(self, batch: list[_Pending]) -> None:
         """Write `batch` as one group; every member gets its record or the group's error."""
@@ -521,7 +538,7 @@ class AuditTrail:
                 return
             try:
                 with self._exclusive() as locked:
-                    self._sync(locked.fd)
+                    self._sync(locked)
                     self._maybe_seal(locked)
                     records = self._write_group(locked.fd, batch)
             except _Invalid as exc:  # another writer left the chain broken: stop, as on a failed append
@@ -604,7 +621,7 @@ class AuditTrail:
         with self._lock:
             try:
                 with self._exclusive() as locked:
-                    self._sync(locked.fd)
+                    self._sync(locked)
                     if self._size <= 0:
                         return None
                     return self._seal(locked)
@@ -689,7 +706,7 @@ class AuditTrail:
                     return None
                 try:
                     with self._exclusive() as locked:
-                        self._sync(locked.fd)
+                        self._sync(locked)
                         if self._frontier.size == self._saved:
                             return None
                         state = TreeState(self._frontier.copy(), self._size, self._hash)

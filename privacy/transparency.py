@@ -32,7 +32,7 @@ from federation.errors import InvalidInput
 from federation.security.signed_statement import StatementError
 from privacy.audit import AuditError, log_start, read_line, scan, seals
 from privacy.checkpoints import Checkpoint, parse_checkpoint, parse_time, read_latest
-from privacy.merkle import Frontier, inclusion_proof, leaf_hash
+from privacy.merkle import Frontier, ProofError, inclusion_proof, leaf_hash, root_from_inclusion
 from privacy.treestore import NodeStore, nodes_path
 
 __all__ = ["PROOF_FORMAT", "LogLeaves", "WitnessReport", "prove", "read_leaves", "verify_witnessed"]
@@ -264,6 +264,11 @@ def _prove_from_store(path: Path, seq: int, signed: Checkpoint) -> tuple[bytes, 
     except (OSError, ValueError, AuditError):
         return None
     if line is None or leaf_hash(line) != leaf or root.hex() != signed.root:
+        return None
+    try:  # the path itself must lead from the line to the signed root: the store is never trusted
+        if root_from_inclusion(seq - 1, signed.size, leaf_hash(line), hashes).hex() != signed.root:
+            return None
+    except ProofError:
         return None
     return line, hashes
 

@@ -8,8 +8,8 @@ sits at position `2j - popcount(j) + h` with `j = (k+1)·2^h - 1`, and `n` leave
 powers of two) is a stored perfect subtree or the fold of O(log n) of them.
 
 The file is a cache, written without fsync and never trusted: a proof made from it is used only
-if the root it gives equals the signed checkpoint's root and the record's line hashes to its
-stored leaf, else the caller falls back to rehashing the log (`privacy.transparency.prove`).
+if the record's line hashes to its stored leaf and the path leads from that leaf to the signed
+checkpoint's root, else the caller falls back to rehashing the log (`privacy.transparency.prove`).
 """
 
 from __future__ import annotations

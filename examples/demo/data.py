@@ -4,6 +4,8 @@ Each hospital (site) gets its own department mix, postcode band and age profile,
 federated averaging faces the skew real hospitals show. Notes carry quasi-identifiers
 (age, postcode, sex) on purpose: the privacy tooling needs something to find.
 Everything is derived from a seed, so a demo run is reproducible end to end.
+`write_site_dataset` also writes the dataset config (`dataset.json`) that declares those three
+fields of each record's `meta` quasi-identifiers, which the node makes k-anonymous before a round.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from privacy.minimise import DATASET_CONFIG
 
 DEPARTMENTS: tuple[str, ...] = (
     "cardiology",
@@ -90,6 +94,8 @@ _SECONDARY_WEIGHT = 3.0  # department i+3 is over-represented too
 _BASE_WEIGHT = 1.0
 _FIRST_POSTCODE = 1000
 _LAST_POSTCODE = 9999
+QUASI_IDENTIFIERS: tuple[str, ...] = ("age", "postcode", "sex")
+"""The `meta` fields a person could be re-identified by in combination (privacy.minimise)."""
 
 
 @dataclass(frozen=True)
@@ -208,7 +214,8 @@ def write_site_dataset(
     n_eval: int = 40,
     seed: int = 7,
 ) -> tuple[Path, Path]:
-    """Write out_dir/train.jsonl and out_dir/eval.jsonl as consecutive draws of one site stream."""
+    """Write out_dir/train.jsonl and out_dir/eval.jsonl as consecutive draws of one site stream,
+    and out_dir/dataset.json declaring the records' quasi-identifiers."""
     if n_train < 0 or n_eval < 0:
         raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
     records = generate_site_records(site_index=site_index, n_sites=n_sites, n=n_train + n_eval, seed=seed)
@@ -216,4 +223,6 @@ def write_site_dataset(
     train_path, eval_path = out_dir / "train.jsonl", out_dir / "eval.jsonl"
     _write_jsonl(train_path, records[:n_train])
     _write_jsonl(eval_path, records[n_train:])
+    declaration = {"quasi_identifiers": list(QUASI_IDENTIFIERS), "direct_identifiers": []}
+    (out_dir / DATASET_CONFIG).write_text(json.dumps(declaration, indent=2) + "\n", encoding="utf-8")
     return train_path, eval_path

@@ -68,7 +68,7 @@ def _node_start(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from coordinator.runs import run
+    from coordinator.runs import Continuation, resume_plan, run
     from federation.protocol.round_settings import RunSettings
 
     def show(rec: dict[str, Any]) -> None:
@@ -79,9 +79,22 @@ def _run(args: argparse.Namespace) -> int:
         for who, why in sorted(rec.get("rejected", {}).items()):  # a refused update (outsized, malformed) is news
             print(f"round {rec['round']}: rejected {who}: {why}", flush=True)
 
+    if args.resume:  # the run's recorded settings, from its last version, after the last round it started
+        settings, continuation = resume_plan(Path(args.state), args.resume, more_rounds=args.rounds)
+        print(f"resuming {args.resume} at round {continuation.start_round} from {continuation.parent or 'the seed'}")
+        summary = run(
+            Path(args.state),
+            settings=settings,
+            timeout=args.timeout,
+            progress=show,
+            app_dir=args.app,
+            continuation=continuation,
+        )
+        print(json.dumps(summary["global_adapter"], indent=2))
+        return 0
     settings = RunSettings(
         run_name=args.name,
-        num_rounds=args.rounds,
+        num_rounds=args.rounds if args.rounds is not None else RunSettings().num_rounds,
         min_nodes=args.min_nodes,
         ffa_lora=args.ffa_lora,
         budget_share=args.budget_share,
@@ -90,7 +103,10 @@ def _run(args: argparse.Namespace) -> int:
         update_norm_ratio=args.update_norm_ratio,
         secagg=args.secagg,
     )  # a bad value is refused here (RoundSettingsError: one line, exit 2), before anything is submitted
-    summary = run(Path(args.state), settings=settings, timeout=args.timeout, progress=show, app_dir=args.app)
+    start = Continuation(parent=args.parent) if args.parent else None  # a new run from a registry version
+    summary = run(
+        Path(args.state), settings=settings, timeout=args.timeout, progress=show, app_dir=args.app, continuation=start
+    )
     print(json.dumps(summary["global_adapter"], indent=2))
     return 0
 
@@ -216,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_model_tiny)
+    from federation.cli.model import add_model_commands
+
+    add_model_commands(model)  # list|promote|rollback|policy: a node's gray release
 
     coord = sub.add_parser("coordinator", help="consortium coordinator").add_subparsers(
         dest="coord_command", required=True
@@ -239,9 +258,22 @@ def build_parser() -> argparse.ArgumentParser:
     run_defaults = RunSettings()
     p = sub.add_parser("run", help="start a federated run on the running coordinator")
     p.add_argument("--state", required=True, help="the coordinator's state directory")
-    p.add_argument("--rounds", type=int, default=run_defaults.num_rounds)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        help=f"rounds to run (default: {run_defaults.num_rounds}; with --resume: the rest of the run's plan, "
+        "else this many more)",
+    )
     p.add_argument("--min-nodes", type=int, default=run_defaults.min_nodes)
     p.add_argument("--name", default=run_defaults.run_name)
+    start = p.add_mutually_exclusive_group()
+    start.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue RUN after a coordinator crash: its settings, from its last version, after the last round "
+        "it started (no site is charged twice for a round; other run options are ignored)",
+    )
+    start.add_argument("--parent", metavar="VERSION", help="start a new run from this registry version")
     p.add_argument(
         "--budget-share",
         type=float,
@@ -288,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_run)
 
     from federation.cli.audit import add_audit_commands
+    from federation.cli.backup import add_backup_commands
     from federation.cli.budget import add_budget_command
     from federation.cli.keys import add_key_commands
     from federation.cli.privacy_audit import add_privacy_commands
@@ -300,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_command(sub)
     add_key_commands(sub)
     add_audit_commands(sub)
+    add_backup_commands(sub)
 
     p = sub.add_parser("explain", help="explain a model answer with SHAP, computed at a site's node")
     p.add_argument("--node", required=True, help="the node's API base URL, e.g. https://localhost:8443")

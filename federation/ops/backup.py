@@ -60,7 +60,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from federation.errors import Conflict, FedSeekError, InvalidInput
+from federation.errors import Conflict, InvalidInput
 from federation.ops.atomic import fsync_dir, private_dir
 from federation.ops.layout import CoordinatorLayout, NodeLayout
 
@@ -251,21 +251,27 @@ def _shared_lock(path: Path) -> Iterator[None]:
 
 
 def _companions(log: Path) -> list[Path]:
-    """Files kept beside an append-only log (`audit.jsonl.head`, checkpoint, tree...), not its lock or temporaries."""
+    """What is kept beside an append-only log, named after it (`audit.jsonl.head`, `.checkpoint`, `.tree`,
+    `.nodes`, the sealed `.segments/` directory): everything but its lock."""
     prefix = log.name + "."
-    return sorted(
-        p for p in log.parent.iterdir() if p.name.startswith(prefix) and p.is_file() and not p.name.endswith(".lock")
-    )
+    return sorted(p for p in log.parent.iterdir() if p.name.startswith(prefix) and not p.name.endswith(".lock"))
 
 
 def _take_log(stage: _Stage, log: Path, name: str) -> None:
-    """An append-only JSONL with its companions, under its writers' locks, cut at a record boundary."""
+    """An append-only JSONL with its companions, under its writers' locks (`<log>.lock`, which the audit
+    trail's and the witness store's writers hold exclusively, and the log itself, which older writers
+    locked), cut at a record boundary. Under those locks no record is added and no segment sealed, so
+    the head names the copy's last record and a checkpoint covers no more than the copy holds."""
+    base = name[: -len(log.name)]
     with _shared_lock(log.with_name(log.name + ".lock")), _shared_lock(log):
-        data = log.read_bytes()
-        end = data.rfind(b"\n") + 1  # a writer's partial line (a crash mid-append) is not a record
-        stage.put(name, data[:end], how="log", mode=log.stat().st_mode)
+        if log.exists():  # (after a seal, the next append makes the active file)
+            data = log.read_bytes()
+            end = data.rfind(b"\n") + 1  # a writer's partial line (a crash mid-append) is not a record
+            stage.put(name, data[:end], how="log", mode=log.stat().st_mode)
         for comp in _companions(log):
-            stage.put(f"{name[: -len(log.name)]}{comp.name}", comp.read_bytes(), how="file", mode=comp.stat().st_mode)
+            for path in _walk(comp) if comp.is_dir() else [comp]:
+                rel = path.relative_to(log.parent).as_posix()
+                stage.put(f"{base}{rel}", path.read_bytes(), how="file", mode=path.stat().st_mode)
 
 
 def _take_sqlite(stage: _Stage, db: Path, name: str, tmp: Path) -> None:
@@ -374,7 +380,9 @@ def _verify(manifest: dict[str, Any], *, ca: Path | None) -> str | None:
         try:
             cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca.read_bytes()))
         except (OSError, ValueError, TypeError, InvalidSignature) as exc:
-            raise BackupError(f"the backup's signer {signer!r} is not certified by {ca}: {exc or 'bad signature'}") from None
+            raise BackupError(
+                f"the backup's signer {signer!r} is not certified by {ca}: {exc or 'bad signature'}"
+            ) from None
     return signer
 
 
@@ -429,9 +437,8 @@ def backup(
             if how in ("sqlite", "log"):
                 claimed.update(path.with_name(path.name + s) for s in _SQLITE_SIDE)
                 claimed.update(path.with_name(path.name + s) for s in (".lock",))
-                if path.exists():
-                    claimed.update(_companions(path))
-            if not path.exists() or how == "runtime":
+                claimed.update(_companions(path))
+            if how == "runtime" or not (path.exists() or (how == "log" and _companions(path))):
                 continue
             rel = f"state/{path.relative_to(state).as_posix()}"
             if how == "secret":
@@ -589,15 +596,18 @@ class _Source:
         if self._tar is None:
             try:
                 with (self.path / MANIFEST).open("rb") as fh:
-                    return fh.read(_MAX_MANIFEST + 1)
+                    raw = fh.read(_MAX_MANIFEST + 1)
             except OSError as exc:
                 raise BackupError(f"the backup {self.path} has no readable {MANIFEST}: {exc.strerror}") from None
+            if len(raw) > _MAX_MANIFEST:
+                raise BackupError(f"the backup's {MANIFEST} is not a plain file of at most 64 MiB")
+            return raw
         try:
             member = self._tar.getmember(MANIFEST)
-            fh = self._tar.extractfile(member) if member.isfile() and member.size <= _MAX_MANIFEST else None
-            if fh is None:
+            stream = self._tar.extractfile(member) if member.isfile() and member.size <= _MAX_MANIFEST else None
+            if stream is None:
                 raise BackupError(f"the backup's {MANIFEST} is not a plain file of at most 64 MiB")
-            return fh.read()
+            return stream.read()
         except KeyError:
             raise BackupError(f"the backup {self.path} has no {MANIFEST}") from None
         except (tarfile.TarError, OSError, EOFError) as exc:
@@ -654,7 +664,9 @@ def _check_destination(path: Path, *, kind: PartyKind | None, force: bool, what:
         raise StateInUse(f"{what} {path} is not a directory")
     full = path.is_dir() and any(path.iterdir())
     if full and not force:
-        raise StateInUse(f"{what} {path} is not empty: restore into a new directory, or pass --force (it is kept aside)")
+        raise StateInUse(
+            f"{what} {path} is not empty: restore into a new directory, or pass --force (it is kept aside)"
+        )
     return full
 
 
@@ -785,8 +797,3 @@ def _install(staged: Path, dest: Path, *, replace: bool) -> list[Path]:
         os.replace(tmp, dest)
     fsync_dir(dest.parent)
     return moved
-
-
-def describe_failure(exc: FedSeekError) -> str:
-    """One line (used by the CLI)."""
-    return exc.one_line()

@@ -45,6 +45,10 @@ class NodeConfig:
     # client certificate ("mtls"); reviewers and admins always use certificates.
     openai_auth: str = "api_key"
     pki_poll_seconds: float = 5.0  # how often CRL and certificates are re-read (revocation bound: 60 s)
+    # Data minimisation (privacy.minimise): the quasi-identifiers that data_dir/dataset.json declares must be
+    # k-anonymous before a round; records in smaller classes may be dropped, up to this share, else no training.
+    k_anonymity: int = 5
+    max_suppression: float = 0.1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -172,6 +172,16 @@ class RunSettings:
             "0 (no bound) or a finite number of at least 1",
         )
 
+    def items(self) -> dict[str, Scalar]:
+        """The settings under their wire keys (`RunSettings(**...)` of `from_items` reads them back)."""
+        return _items(self)
+
+    @classmethod
+    def from_items(cls, items: Mapping[str, object]) -> RunSettings:
+        """Settings from their wire keys; an unknown key or a wrong type is refused (RoundSettingsError)."""
+        _refuse_unknown("run settings", items, _keys(cls))
+        return cls(**_kwargs(cls, items))
+
 
 @dataclass(frozen=True)
 class TrainInstruction:
@@ -181,6 +191,9 @@ class TrainInstruction:
     adapter ("AB") until it knows the run's A, then for B only, naming A's digest. A string
     left empty is not known to the sender and is not sent: `lora-a-sha256` before the
     coordinator has A, and `run-id`, which Flower assigns and the ClientApp adds.
+    `run-key` names the run in the site's ledger across its submissions (a run resumed with
+    `fedseek run --resume` is a new Flower run of the same run); empty, the node uses `run-id`.
+    `server-round` is the run's round, counted on across a resume.
     """
 
     run: RunSettings = RunSettings()
@@ -188,6 +201,7 @@ class TrainInstruction:
     reply_factors: wire.Factors = "AB"
     lora_a_sha256: str = ""
     run_id: str = ""
+    run_key: str = ""
 
     def __post_init__(self) -> None:
         from federation.protocol.wire import FACTORS
@@ -201,6 +215,12 @@ class TrainInstruction:
             self.lora_a_sha256,
             "a lowercase hex sha256",
         )
+        _require(not self.run_key or NAME_RE.fullmatch(self.run_key) is not None, "run-key", self.run_key, NAME_RULE)
+
+    @property
+    def ledger_run(self) -> str:
+        """The run a site's ledger charges this round to: `run-key`, else Flower's run id, else "local"."""
+        return self.run_key or self.run_id or "local"
 
     def to_config_record(self) -> ConfigRecord:
         from flwr.app import ConfigRecord
@@ -227,9 +247,20 @@ class RunConfig:
 
     settings: RunSettings = RunSettings()
     registry_dir: str = ""
+    parent_version: str = ""
+    """The registry version the run starts from ("": the shared seeded init); `fedseek run --parent`,
+    or on `--resume` the run's last version."""
+    start_round: int = 1
+    """The run's round this submission starts at: after the last round a crashed submission started."""
+    run_key: str = ""
+    """The run's name in the sites' ledgers across submissions ("": this submission's Flower run id)."""
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _require(self.start_round >= 1, "start-round", self.start_round, "a positive integer")
+        _require(self.start_round <= self.settings.num_rounds, "start-round", self.start_round, "at most num-rounds")
+        for key, name in (("parent-version", self.parent_version), ("run-key", self.run_key)):
+            _require(not name or NAME_RE.fullmatch(name) is not None, key, name, f"empty or a plain name ({NAME_RULE})")
 
     def to_run_config(self) -> dict[str, Scalar]:
         return {**_items(self.settings), **_items(self)}

@@ -27,6 +27,22 @@ from numpy.typing import NDArray
 
 DOMAIN = b"fedseek/secagg+/mask/v1\x00"
 
+MIN_SITES = 3
+"""Fewest sites in a SecAgg+ round: with 2, the sum minus its own update hands each site the other's (3 also
+lets one drop out). The coordinator refuses rounds with fewer ready sites; a site refuses such a setup."""
+
+
+def unsafe_setup(*, sites: int, shares: int, threshold: int) -> str:
+    """Why a SecAgg+ setup is unsafe for a site to join ("" if safe). With a threshold of at most half the
+    shares, a coordinator that tells some neighbours a site dropped out (they send its key share) and the
+    others that it is alive (they send its mask-seed share) could rebuild both secrets and unmask it."""
+    if sites < MIN_SITES:
+        return f"secure aggregation among {sites} sites; at least {MIN_SITES} needed"
+    if threshold < 2 or 2 * threshold <= shares:
+        return f"secure aggregation threshold {threshold} of {shares} shares would let one site's secrets be rebuilt"
+    return ""
+
+
 CHECK_VALUE = 0.5
 """Every site appends this constant to the vector it masks (node/secagg.py); the coordinator's unmasked mean
 of it must be this value within the fixed-point error bound (coordinator/secagg.py), or the masks did not

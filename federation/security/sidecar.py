@@ -67,16 +67,33 @@ def server_config(*, tls: TLSFiles, accept: str, connect: str) -> str:
     return "\n".join([*_HEAD, *service, ""])
 
 
-def client_config(*, tls: TLSFiles, accept: str, relay: str, connect: str, server_name: str) -> str:
+def coordinator_addresses(value: str | Sequence[str]) -> list[str]:
+    """The coordinator's fleet addresses a site dials, in order: `NodeConfig.coordinator` may list a
+    standby after the primary, comma-separated ("10.0.0.1:9443,10.0.0.2:9443"). SidecarError names a
+    malformed one."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    out = [item.strip() for item in items if item.strip()]
+    for addr in out:
+        host, sep, port = addr.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or any(c.isspace() for c in addr):
+            raise SidecarError(f"coordinator address {addr!r} is not host:port")
+    if not out:
+        raise SidecarError("no coordinator address given")
+    return out
+
+
+def client_config(*, tls: TLSFiles, accept: str, relay: str, connect: str | Sequence[str], server_name: str) -> str:
     """Site side, two services in one stunnel.
 
     `[supernode]` terminates the SuperNode's TLS on `accept` with the site certificate and
     passes plain HTTP to `relay`; `[fleet]` takes it there and opens mTLS to the coordinator at
-    `connect`, presenting the site certificate. So the coordinator's gateway sees each request,
-    and nothing leaves the host unencrypted. `accept` and `relay` may be host:port or a Unix
-    socket path: the agent uses paths in a 0700 directory (`NodeLayout.sockets`), since neither
-    service can tell its caller from another local user (the SuperNode presents no client
-    certificate); its SuperNode reaches `accept` from its private namespace (`federation.ops.netns`).
+    `connect` (one address, or several: a standby coordinator after the primary, tried in that
+    order for each new connection, `failover = prio`), presenting the site certificate. So the
+    coordinator's gateway sees each request, and nothing leaves the host unencrypted. `accept`
+    and `relay` may be host:port or a Unix socket path: the agent uses paths in a 0700 directory
+    (`NodeLayout.sockets`), since neither service can tell its caller from another local user
+    (the SuperNode presents no client certificate); its SuperNode reaches `accept` from its
+    private namespace (`federation.ops.netns`).
 
     Who may answer as the coordinator: a certificate of the consortium CA carrying the
     coordinator's role name (`pki.coordinator_host`, from the CA's O), which the CA puts on
@@ -102,7 +119,11 @@ def client_config(*, tls: TLSFiles, accept: str, relay: str, connect: str, serve
         "[fleet]",
         "client = yes",
         f"accept = {relay}",
-        f"connect = {connect}",
+        *(f"connect = {addr}" for addr in coordinator_addresses(connect)),
+        # A standby coordinator (restored from a backup, `fedseek restore`) is dialled only while the
+        # primary refuses or does not answer within TIMEOUTconnect; a live primary always comes first.
+        "failover = prio",
+        "TIMEOUTconnect = 5",
         *_common(tls),
         f"checkHost = {role_name}",
         f"sni = {server_name}",

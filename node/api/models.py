@@ -1,4 +1,10 @@
-"""`/v1/models` (the base model and every adapter version, with lineage) and `/metrics` (Prometheus)."""
+"""`/v1/models` (the base model and every adapter version, with lineage and release status) and
+`/metrics` (Prometheus).
+
+At a node each card also says where the version stands in the site's gray release
+(node/release.py): `status` stable, candidate or retired, and its `share` of default traffic
+(requests naming no model, or `latest`). `fedseek serve` has no release: those fields are absent.
+"""
 
 from __future__ import annotations
 

@@ -188,6 +188,9 @@ class ModelCard(BaseModel):
     owned_by: str
     parent: str | None  # the version (or base model) this one was trained from; None for the base
     sha256: str | None = Field(default=None, exclude_if=lambda v: v is None)  # adapters only
+    # A node's gray release (node/release.py); absent from `fedseek serve`, which has none.
+    status: Literal["stable", "candidate", "retired"] | None = Field(default=None, exclude_if=lambda v: v is None)
+    share: float | None = Field(default=None, exclude_if=lambda v: v is None)  # of default traffic, now
 
 
 class ModelList(BaseModel):

@@ -209,16 +209,17 @@ def test_pipeline_runs_every_arm_on_the_product_path(tmp_path: Path) -> None:
     res = main(
         ["--n-train", "40", "--n-val", "2", "--n-test", "2", "--n-public", "6", "--public-epochs", "1",
          "--rounds", "2", "--batch-size", "4", "--lrs", "0.01", "--out", str(out),
-         "--variant", "m:server-opt=fedavgm"]  # q = 0.1: a large q makes RDP slow
+         "--variant", "avg:server-opt=fedavg"]  # q = 0.1: a large q makes RDP slow
     )  # fmt: skip
     assert json.loads(out.read_text())["goal"] == res["goal"]
     arms = [row["arm"] for row in res["table"]]
     assert arms[1:] == [
         "pooled_nonprivate", "site_alone:site-0", "site_alone:site-1", "site_alone:site-2", "federated",
-        "federated[m]",
+        "federated[avg]",
     ]  # fmt: skip
-    assert res["variants"]["m"]["site_alone_arms"] == ["site_alone:site-0", "site_alone:site-1", "site_alone:site-2"]
-    assert res["variants"]["m"]["settings"]["server"]["kind"] == "fedavgm"
+    assert res["variants"]["avg"]["site_alone_arms"] == ["site_alone:site-0", "site_alone:site-1", "site_alone:site-2"]
+    assert res["variants"]["avg"]["settings"]["server"]["kind"] == "fedavg"
+    assert res["variants"]["default"]["settings"]["server"]["kind"] == "fedavgm"  # the winning default
     assert {row["n_test"] for row in res["table"]} == {6}
     for arm, spent in res["privacy"].items():
         assert all(0 < eps <= 1.0 + 1e-9 for eps in spent["epsilon_spent"].values()), arm

@@ -1,7 +1,7 @@
 """`fedseek run --secagg` with real processes: a coordinator (SuperLink in its own netns, the signed app) and
 three `fedseek node start` agents on the tiny model, each with its SuperNode and ClientApp processes.
 
-What the in-process tests (tests/coordinator/test_secagg.py) cannot show: Flower's SecAgg+ state survives
+What the in-process tests (tests/e2e/test_secagg_protocol.py) cannot show: Flower's SecAgg+ state survives
 between the four stages in a real SuperNode's context, the readiness answers carry the example counts,
 the agents train through the mod, and the coordinator's state directory afterwards holds the sum only:
 no site's update, by the digest each site's own audit trail records of what it trained. The equality of

@@ -35,6 +35,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,10 @@ def netem_available() -> str | None:
         return None
     finally:
         _ip("netns", "del", probe, check=False)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -207,12 +212,17 @@ class Hosts:
     impairment: str = field(default="", init=False)  # "netem" or "relay" once `netem` was used
     _procs: list[subprocess.Popen[bytes]] = field(default_factory=list, init=False)
     _relays: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict, init=False)
+    _restore_sigterm: bool = field(default=False, init=False)
 
     def __enter__(self) -> Hosts:
         reason = unavailable_reason()
         if reason is not None:
             raise HostsUnavailable(reason)
         reap_stale()
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            # A SIGTERM (a CI timeout) unwinds through `close` instead of leaving the namespaces behind.
+            signal.signal(signal.SIGTERM, _terminate)
+            self._restore_sigterm = True
         net = ipaddress.ip_network(self.subnet)
         self._prefix = net.prefixlen
         run = f"{PREFIX}-{os.getpid()}-{next(_counter)}"
@@ -241,6 +251,9 @@ class Hosts:
 
     def close(self) -> None:
         """Kill everything started in the hosts, then delete every namespace (their veths go with them)."""
+        if self._restore_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._restore_sigterm = False
         kill_trees([p.pid for p in [*self._procs, *self._relays.values()]])
         for p in [*self._procs, *self._relays.values()]:
             with contextlib.suppress(Exception):
@@ -341,9 +354,25 @@ class Hosts:
             subprocess.run(["ip", "netns", "exec", self.switch, "ethtool", "-K", port, *offloads],
                            capture_output=True, check=False, timeout=30)  # fmt: skip
         relay = subprocess.Popen(
-            ["ip", "netns", "exec", self.switch, sys.executable, "-m", "tests.multihost.wire",
-             "--host-port", host.port, "--switch-port", relay_port, "--delay-ms", f"{delay_ms:g}",
-             "--loss-pct", f"{loss_pct:g}", "--seed", str(seed)],  # fmt: skip
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.switch,
+                sys.executable,
+                "-m",
+                "tests.multihost.wire",
+                "--host-port",
+                host.port,
+                "--switch-port",
+                relay_port,
+                "--delay-ms",
+                f"{delay_ms:g}",
+                "--loss-pct",
+                f"{loss_pct:g}",
+                "--seed",
+                str(seed),
+            ],  # fmt: skip
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

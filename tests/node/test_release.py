@@ -140,9 +140,7 @@ def test_the_state_survives_a_restart(tmp_path: Path) -> None:
         release.served("global-v0001", ok=True)
     release.promote("global-v0001", actor="alice")
     release.offer("global-v0002", eval_loss=1.85)
-    again = Release(
-        release.path, audit=release.audit, base_eval_loss=2.0, installed=("global-v0001", "global-v0002")
-    )
+    again = Release(release.path, audit=release.audit, base_eval_loss=2.0, installed=("global-v0001", "global-v0002"))
     assert again.stable == "global-v0001" and again.candidate == "global-v0002"
     assert again.policy == ReleasePolicy(share=0.5, min_requests=10)
     record = again.record_of("global-v0001")

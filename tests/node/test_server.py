@@ -452,7 +452,9 @@ def test_internal_deploy_with_token(client: TestClient, service: NodeService) ->
     assert np.isfinite(body["eval_loss"]) and body["num_examples"] == N_EVAL
     assert (service.layout.adapters / "v3" / "adapter.safetensors").is_file()
     assert "v3" in {m["id"] for m in client.get("/v1/models").json()["data"]}
-    assert audit_records(service)[-1]["action"] == "deploy"
+    deploy, release = audit_records(service)[-2:]  # deployed, then judged by the gray release (node/release.py)
+    assert deploy["action"] == "deploy" and release["resource"] == "v3"
+    assert release["action"] == {"candidate": "release.candidate", "retired": "release.rolled_back"}[body["release"]]
 
 
 # ---- explanations ----------------------------------------------------------------------

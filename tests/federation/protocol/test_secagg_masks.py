@@ -55,19 +55,6 @@ def test_bad_range_is_refused() -> None:
         strong_masks(b"k" * 32, 2**33, [(1,)])
 
 
-def test_both_ends_of_a_fedseek_run_use_the_strong_masks() -> None:
-    import importlib
-
-    client_side = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
-    server_side = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
-
-    import coordinator.secagg  # noqa: F401 (installs it in the workflow)
-    import node.secagg  # noqa: F401 (installs it in the client mod)
-
-    assert client_side.pseudo_rand_gen is strong_masks
-    assert server_side.pseudo_rand_gen is strong_masks
-
-
 def test_harden_refuses_a_module_without_the_generator() -> None:
     import types
 

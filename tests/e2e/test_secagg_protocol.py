@@ -1,6 +1,7 @@
-"""`fedseek run --secagg`: Flower's real SecAgg+ (its workflow's stages, its client mod, its key agreement,
-Shamir shares and masks) between the unmodified ServerApp round loop and three sites running node/secagg.py,
-over test_strategy's in-process Grid (every message deflated and inflated as the SuperLink would).
+"""`fedseek run --secagg` in one process: Flower's real SecAgg+ (its workflow's stages, its client mod,
+its key agreement, Shamir shares and masks) between the unmodified ServerApp round loop and three sites
+running node/secagg.py, over tests/coordinator/test_strategy.py's in-process Grid (every message deflated
+and inflated as the SuperLink would). Here, not under tests/coordinator: it runs the node's code too.
 
 The sites' updates are deterministic (seeded per site and round), so the plain FedAvg run and the secure run
 see the same inputs: their global adapters must agree within SecAgg+'s fixed-point error bound, which the
@@ -28,6 +29,7 @@ from coordinator.secagg import CLIPPING_RANGE, quantization_range
 from coordinator.server_app import run_federation
 from federation.protocol import records, wire
 from federation.protocol.round_settings import RoundSettingsError, RunSettings, TrainInstruction
+from federation.protocol.secagg_masks import strong_masks
 from node.secagg import secagg_mod
 from tests.coordinator.test_strategy import (
     RUN_ID,
@@ -293,3 +295,48 @@ def test_a_plain_train_message_passes_the_mod_untouched() -> None:
     ctxt = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
     reply = secagg_mod(msg, ctxt, handler)
     assert seen == [msg] and json.loads(json.dumps(dict(reply.content.config_records["x"]))) == {"ok": True}
+
+
+def test_both_ends_of_a_fedseek_run_use_the_strong_masks() -> None:
+    import importlib
+
+    client_side = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    server_side = importlib.import_module("flwr.server.workflow.secure_aggregation.secaggplus_workflow")
+
+    import coordinator.secagg  # noqa: F401 (installs it in the workflow)
+    import node.secagg  # noqa: F401 (installs it in the client mod)
+
+    assert client_side.pseudo_rand_gen is strong_masks
+    assert server_side.pseudo_rand_gen is strong_masks
+
+
+@pytest.mark.parametrize(
+    ("sites", "shares", "threshold"),
+    [(2, 2, 2), (3, 3, 1), (5, 5, 2), (4, 4, 2)],
+    ids=["two-sites", "threshold-1", "threshold-2-of-5", "half-of-4"],
+)
+def test_a_site_refuses_to_join_an_unsafe_setup(sites: int, shares: int, threshold: int) -> None:
+    """The coordinator chooses the parameters; a threshold of at most half the shares would let it rebuild a
+    site's mask seed and key from different neighbours (telling some it dropped out), so the site says no."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Stage
+
+    from node.secagg import SecAggRefused
+
+    setup = {
+        Key.STAGE: Stage.SETUP,
+        Key.SAMPLE_NUMBER: sites,
+        Key.SHARE_NUMBER: shares,
+        Key.THRESHOLD: threshold,
+        Key.CLIPPING_RANGE: 4.0,
+        Key.TARGET_RANGE: 2**30,
+        Key.MOD_RANGE: 2**32,
+        Key.MAX_WEIGHT: 100.0,
+    }
+    msg = Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)}), 5, MessageType.TRAIN)
+    msg.metadata.__dict__["_message_id"] = "m1"
+    ctxt = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(SecAggRefused, match="does not join"):
+        secagg_mod(msg, ctxt, lambda m, c: m)
+    setup[Key.SAMPLE_NUMBER], setup[Key.SHARE_NUMBER], setup[Key.THRESHOLD] = 3, 3, 2  # what --secagg uses
+    reply = secagg_mod(Message(RecordDict({RECORD_KEY_CONFIGS: ConfigRecord(setup)}), 5, MessageType.TRAIN), ctxt, None)  # type: ignore[arg-type]
+    assert Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]

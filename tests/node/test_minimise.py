@@ -1,0 +1,138 @@
+"""Issue 16, data minimisation: a node on the real tiny model, with data below k, built as `fedseek node start`
+builds one (`node.build.load_site_data`, then `assemble_node`).
+
+The demo's records are unique by age, postcode and sex (k = 1): the node generalises them to the site's k,
+trains a round on what is left and audits the report (`data.minimised`). A batch too small to ever reach
+k is refused: the node serves, every round is refused (409, `train.refused`) with the reason, and the
+records it holds do not show their postcodes either.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fedseek_examples.demo.data import QUASI_IDENTIFIERS, write_site_dataset
+
+from federation.errors import FedSeekError
+from federation.protocol.config import NodeConfig
+from federation.protocol.round_settings import RunSettings, TrainInstruction
+from node.build import assemble_node, load_site_data
+from node.engine import ModelHost
+from node.minimise import MinimisedSiteData
+from node.model import load_model
+from node.service import NodeService
+
+N_TRAIN = 48
+
+
+@pytest.fixture(scope="module")
+def host(tiny_model_dir: Path) -> ModelHost:
+    model, tok = load_model(tiny_model_dir)
+    return ModelHost(model, tok, model_name=tiny_model_dir.name)
+
+
+def round_config() -> Any:
+    run = RunSettings(num_rounds=1, batch_size=16, learning_rate=1e-2)
+    return TrainInstruction(run=run, server_round=1, run_id="run-k").to_config_record()
+
+
+def start(host: ModelHost, data_dir: Path, state: Path) -> NodeService:
+    config = NodeConfig(
+        name="site-a", model_dir="unused", data_dir=str(data_dir), state_dir=str(state), pki_dir=str(state / "pki")
+    )
+    train, eval_data = load_site_data(config, host.tokenizer)
+    return assemble_node(config, host, train=train, eval_data=eval_data)
+
+
+def audit_records(service: NodeService, action: str) -> list[dict[str, Any]]:
+    lines = service.audit.path.read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["action"] == action]
+
+
+def trained_text(service: NodeService) -> list[str]:
+    return [service.host.tokenizer.decode(e.input_ids) for e in service.train_data]
+
+
+def originals(data_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(line)["meta"] for line in (data_dir / "train.jsonl").read_text().splitlines()]
+
+
+def test_data_below_k_is_generalised_audited_and_trained_on(host: ModelHost, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    write_site_dataset(data_dir, site_index=0, n_sites=3, n_train=N_TRAIN, n_eval=4)
+    metas = originals(data_dir)
+    as_collected = Counter(tuple(m[c] for c in QUASI_IDENTIFIERS) for m in metas)
+    assert min(as_collected.values()) < 5  # below the site's k (5) as collected
+
+    service = start(host, data_dir, tmp_path / "state")
+    assert isinstance(service.train_data, MinimisedSiteData) and service.ledger_refusal is None
+    [minimised] = audit_records(service, "data.minimised")
+    report = minimised["details"]
+    assert report["partition"] == "train.jsonl" and report["sha256"] == service.train_data.fingerprints[0]
+    assert report["k"] == 5 and report["k_before"] < 5 <= report["k_achieved"]
+    assert report["records_in"] == N_TRAIN and report["records_out"] == len(service.train_data)
+    assert report["suppressed"] == N_TRAIN - len(service.train_data) <= 0.1 * N_TRAIN
+    changed = {c["column"] for c in report["columns"] if c["level"] > 0}
+    assert changed, report
+
+    # what the node holds and trains on shows no original postcode or age where those were generalised
+    texts = trained_text(service)
+    for meta in metas:
+        for text in texts:
+            if "postcode" in changed:
+                assert f"postcode {meta['postcode']}" not in text
+            if "age" in changed:
+                assert not re.search(rf"(?<![\w-]){meta['age']}-year-old", text)
+
+    result = service.train(None, round_config())
+    assert result.report.num_examples == len(service.train_data)
+    [trained] = audit_records(service, "train")
+    assert trained["details"]["round"] == 1
+    assert service.audit.path.read_text().index("data.minimised") < service.audit.path.read_text().index('"train"')
+
+
+def test_a_batch_that_can_never_reach_k_is_refused_with_the_reason(host: ModelHost, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    write_site_dataset(data_dir, site_index=1, n_sites=3, n_train=3, n_eval=4)  # 3 records: k = 5 is out of reach
+    service = start(host, data_dir, tmp_path / "state")
+    assert service.ledger_refusal is not None and "cannot be made 5-anonymous" in service.ledger_refusal
+    [refused_at_start] = audit_records(service, "data.refused")
+    assert "cannot be made 5-anonymous" in refused_at_start["details"]["error"]
+
+    ready = service.readiness(round_config())
+    assert not ready.ready and "5-anonymous" in ready.reason
+    with pytest.raises(FedSeekError, match="cannot be made 5-anonymous") as caught:
+        service.train(None, round_config())
+    assert caught.value.http_status == 409
+    refusals = audit_records(service, "train.refused")
+    assert refusals and all("5-anonymous" in r["details"]["error"] for r in refusals)
+    assert service.ledger.entries() == [] and audit_records(service, "train") == []  # nothing charged or trained
+
+    # held, never trained on, and even so only in the most general form three records allow
+    texts = trained_text(service)
+    for meta in originals(data_dir):
+        assert all(f"postcode {meta['postcode']}" not in text for text in texts)
+
+
+def test_a_site_policy_of_k_1_changes_nothing(host: ModelHost, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    write_site_dataset(data_dir, site_index=2, n_sites=3, n_train=12, n_eval=4)
+    config = NodeConfig(
+        name="site-a",
+        model_dir="unused",
+        data_dir=str(data_dir),
+        state_dir=str(tmp_path / "state"),
+        pki_dir=str(tmp_path / "pki"),
+        k_anonymity=1,
+    )
+    train, _ = load_site_data(config, host.tokenizer)
+    assert isinstance(train, MinimisedSiteData)
+    [part] = train.minimisation
+    assert not part.report.changed and part.refusal is None and len(train) == 12
+    shutil.rmtree(tmp_path / "state", ignore_errors=True)
