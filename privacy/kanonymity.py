@@ -32,6 +32,8 @@ __all__ = [
     "KAnonymityRefused",
     "KReport",
     "Kind",
+    "QuasiIdentifierError",
+    "Value",
     "anonymise",
     "generalise",
     "k_of",

@@ -173,13 +173,16 @@ def minimise_records(
             continue  # suppressed: in a class smaller than k at the chosen levels
         copy: dict[str, Any] = json.loads(json.dumps(record))  # never alter the caller's records
         names = [str(meta[f]) for f in dataset.direct_identifiers if meta.get(f) not in (None, "")]
+        changes = [
+            (column, _mention(column, kinds[column], meta[column]), value)
+            for column, value in (shown or {}).items()
+            if value != meta[column]
+        ]
         for container, key in _texts(copy):
             text = container[key]
-            for column in columns if shown is not None else ():
-                original, now = meta[column], shown[column]
-                if now != original:
-                    text, n = _rewrite(text, _mention(column, kinds[column], original), now)
-                    rewrites[column] += n
+            for column, pattern, value in changes:
+                text, n = _rewrite(text, pattern, value)
+                rewrites[column] += n
             result_text = redact(text, names=names)
             container[key] = result_text.text
             redacted.update(result_text.counts)
