@@ -72,14 +72,15 @@ def test_a_dataset_below_k_is_generalised_to_k_with_a_report() -> None:
 
 
 def test_a_k_anonymous_dataset_is_left_as_it_is() -> None:
-    rows = [{"age": 40, "postcode": "1000", "sex": "female"}] * 5 + [{"age": 41, "postcode": "1001", "sex": "male"}] * 6
+    rows: list[dict[str, Value]] = [{"age": 40, "postcode": "1000", "sex": "female"}] * 5
+    rows += [{"age": 41, "postcode": "1001", "sex": "male"}] * 6
     report = anonymise(rows, COLUMNS, policy=KAnonymityPolicy(k=5)).report
     assert not report.changed and report.k_achieved == report.k_before == 5
 
 
 def test_suppression_is_preferred_to_generalising_everyone_for_a_few_outliers() -> None:
-    common = [{"age": 40, "postcode": "1000", "sex": "female"}] * 60
-    outliers = [{"age": 90, "postcode": "9999", "sex": "male"}]
+    common: list[dict[str, Value]] = [{"age": 40, "postcode": "1000", "sex": "female"}] * 60
+    outliers: list[dict[str, Value]] = [{"age": 90, "postcode": "9999", "sex": "male"}]
     result = anonymise(common + outliers, COLUMNS, policy=KAnonymityPolicy(k=5, max_suppression=0.05))
     assert result.report.suppressed == 1 and result.rows[-1] is None
     assert all(c.level == 0 for c in result.report.columns)
