@@ -86,6 +86,10 @@ class RoundRecord:
     update_norms: dict[str, float] = field(default_factory=dict)
     """Each well-formed update's distance from the round's start (`coordinator.aggregate.round_start`),
     refused ones too: what `update-norm-ratio` bounds, for an operator to see how far apart the sites are."""
+    started_at: float = field(default_factory=time.time)
+    """When the round began (Unix time): its readiness query was about to be sent."""
+    duration_s: float | None = None
+    """From `started_at` to the end of its evaluation (None: the round did not finish); coordinator/metrics.py."""
 
 
 Parsed = tuple[Message, wire.AdapterUpdate, wire.PrivacyReport]
@@ -466,6 +470,8 @@ class LoraFedAvg(FedAvg):
             wellformed.append(msg)
             if rec is not None:
                 rec.eval_loss[site] = loss
+        if rec is not None:
+            rec.duration_s = round(time.time() - rec.started_at, 3)
         result = super().aggregate_evaluate(server_round, wellformed)
         if self.on_round:
             self.on_round()

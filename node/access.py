@@ -7,14 +7,18 @@ Each request path falls under a rule (`rule_for`), which says which credential i
 | `/v1/explanations*`                 | `reviewer`    | a consortium certificate (or an API key)          |
 | `/v1/admin/*`                       | `admin`       | a consortium certificate                          |
 | `/internal/*`                       | `self`        | this site's own `node` certificate AND the agent token |
-| any other path (OpenAI, `/metrics`) | `application` | an API key, or a certificate (`openai_auth = "mtls"`) |
+| `/metrics`                          | `metrics`     | an API key (if one is sent), else a certificate   |
+| any other path (OpenAI)             | `application` | an API key, or a certificate (`openai_auth = "mtls"`) |
 | `/healthz`                          | (open)        | anyone who completed the TLS handshake            |
 
 Whether that credential may call the route, and the model a request names, is the site's access
 policy (node/policy.py: a per-site file evaluated by casbin, deny by default): by certificate
 name, role and organisation, or by API key id; a key is also held to its own scopes
 (node/api_keys.py). `/internal/*` is not the policy's: only the site's own node with the agent
-token, checked here. An unknown path needs a valid credential and then answers 404.
+token, checked here. An unknown path needs a valid credential and then answers 404. A `monitor`
+certificate (a metrics scraper: Prometheus) may call `/metrics` and nothing else, whatever the
+policy says; the policy decides which monitors (the default: this site's organisation's, listed
+with a `g` line).
 
 `rule_for` and `route_of` read the path alone, so the caller is decided from the headers and the
 TLS peer before the body is read (node.api.guard.RequestGuard); the model, which is in the body,
@@ -49,7 +53,7 @@ log = logging.getLogger("fedseek.node.access")
 
 __all__ = ["SCOPE_OF", "AccessDenied", "AccessPolicy", "Caller", "Rule", "route_of", "rule_for"]
 
-Rule = Literal["reviewer", "admin", "self", "application"]
+Rule = Literal["reviewer", "admin", "self", "metrics", "application"]
 
 OPEN_PATHS = frozenset({"/healthz"})
 PREFIX_RULES: tuple[tuple[str, Rule], ...] = (
@@ -72,6 +76,8 @@ def rule_for(path: str) -> Rule | None:
     """The rule a request path falls under; None for the open paths (`/healthz`)."""
     if path in OPEN_PATHS:
         return None
+    if path == "/metrics":
+        return "metrics"
     if path == "/v1/explanations":
         return "reviewer"
     for prefix, rule in PREFIX_RULES:
@@ -163,6 +169,8 @@ class AccessPolicy:
         if route is None or caller.subject is None:
             return caller  # no route there: a credential was enough to be told 404
         subject = caller.subject
+        if subject.kind == "cert" and subject.role == "monitor" and route != "metrics":
+            raise NotPermitted("a monitor certificate may read /metrics only")
         if subject.kind == "key":
             scope = SCOPE_OF.get(route)
             if scope is None:
@@ -179,6 +187,8 @@ class AccessPolicy:
         Reviewer and admin routes take a certificate; an API key stands in on the explanation
         routes only, and only a key with the `explain` scope (the site policy must allow it too).
         """
+        if rule == "metrics" and identity is not None and not _bearer(request):
+            return _cert_caller(identity)  # Prometheus over mTLS; a key, when sent, is what the caller chose
         if rule == "application" and self.openai_auth == "mtls":
             if identity is None:
                 raise NotAuthenticated("this site requires a consortium client certificate for the API")

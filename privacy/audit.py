@@ -30,8 +30,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -268,6 +268,19 @@ class _Pending:
         return self.record is not None or self.error is not None
 
 
+@dataclass(frozen=True)
+class _Prepared:
+    """A group's lines ready to write, chained onto the log's end `after` (ino, size, seq, hash)."""
+
+    after: tuple[int, int, int, str]
+    data: bytes
+    nodes: bytes
+    records: list[AuditRecord]
+    seq: int
+    hash: str
+    frontier: Frontier
+
+
 class _Locked:
     """The active log open for appending while this process holds the writers' lock."""
 
@@ -347,6 +360,7 @@ class AuditTrail:
         self._failed = False
         self._ino, self._size = -1, -1  # the active file and its size when this process last read or wrote it
         self._seq, self._hash = 0, GENESIS_HASH
+        self._durable = (0, GENESIS_HASH)  # the last record an fsync covered (what head() cites)
         self._frontier = Frontier()  # over the first self._seq lines, which end at byte self._size
         self._base = TreeState(Frontier(), 0, GENESIS_HASH)  # where the active segment starts
         self._last_seal: Seal | None = None
@@ -475,6 +489,7 @@ class AuditTrail:
             seq, hash_ = record.seq, record.hash
         _check_head(self._path, records=seq, last_hash=hash_)
         self._seq, self._hash, self._frontier = seq, hash_, frontier
+        self._durable = (seq, hash_)  # read under the file lock, which writers hold until their fsync returned
         self._store(first_leaf, bytes(nodes))
         return True
 
@@ -512,51 +527,102 @@ class AuditTrail:
         return pending.record
 
     def _lead(self, pending: _Pending) -> None:
-        """Write groups of what is queued until `pending` is written, then hand the lead to the next in
-        the queue: each waiting caller is woken exactly once (no thundering herd of 64 threads)."""
-        while not pending.done:
-            with self._queue_lock:
-                batch, self._queue = self._queue[:_GROUP_MAX], self._queue[_GROUP_MAX:]
-            try:
-                self._commit(batch)
-            finally:
-                for p in batch:
-                    if p is not pending:
-                        p.wake.set()
+        """Write the next group (`pending` is first in the queue, so in it) and hand the lead on as soon as
+        its lines are written, so the next group is prepared while this one's fsync runs. Each waiting
+        caller is woken exactly once: when its group is durable, or to lead (no thundering herd)."""
         with self._queue_lock:
-            if self._queue:
-                self._queue[0].wake.set()  # it leads the next group
-            else:
-                self._leading = False
+            batch, self._queue = self._queue[:_GROUP_MAX], self._queue[_GROUP_MAX:]
+        handed = [False]
 
-    def _commit(self, batch: list[_Pending]) -> None:
-        """Write `batch` as one group; every member gets its record or the group's error."""
-        with self._lock:
+        def hand_off() -> None:
+            if not handed[0]:
+                handed[0] = True
+                with self._queue_lock:
+                    if self._queue:
+                        self._queue[0].wake.set()  # it leads the next group
+                    else:
+                        self._leading = False
+
+        try:
+            self._commit(batch, hand_off)
+        finally:
+            hand_off()
+            for p in batch:
+                if p is not pending:
+                    p.wake.set()
+
+    def _fail(self, batch: list[_Pending], message: str) -> None:
+        self._failed = True
+        for p in batch:
+            p.error = AuditError(f"{self._path}: {message}")
+
+    def _commit(self, batch: list[_Pending], hand_off: Callable[[], None]) -> None:
+        """Write `batch` as one group; every member gets its record, once an fsync covered it, or an error.
+
+        Pipelined: the lines are prepared (JSON, hashes, Merkle nodes) while the previous group's
+        fsync still runs under the file lock; once they are written the in-process lock and the lead
+        are released, and this group's fsync and head update run while the next group is prepared.
+        A process with the signer prepares before it holds the file lock (no other process signs, and
+        its own checkpoints take the in-process lock first, so no checkpoint falls between a record's
+        time and its write); any other process stamps its records under the file lock."""
+        self._lock.acquire()
+        held = True
+        try:
             if self._failed:
-                for p in batch:
-                    p.error = AuditError(f"{self._path}: an earlier append failed; reopen after checking")
+                self._fail(batch, "an earlier append failed; reopen after checking")
                 return
+            ready = self._prepare(batch) if self._signer is not None else None
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            locked = _Locked(-1)
             try:
-                with self._exclusive() as locked:
-                    self._sync(locked)
-                    self._maybe_seal(locked)
-                    records = self._write_group(locked.fd, batch)
-            except _Invalid as exc:  # another writer left the chain broken: stop, as on a failed append
-                self._failed = True
-                for p in batch:
-                    p.error = AuditError(f"{self._path}: {exc}")
-                return
-            except OSError as exc:
-                self._failed = True  # the file may now hold a partial group
-                for p in batch:
-                    p.error = AuditError(f"{self._path}: append failed: {exc}")
-                return
-            self._ensure_checkpointer()
-        for p, record in zip(batch, records, strict=True):
+                locked.fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                if self._failed:  # the group before this one failed its fsync while this one waited
+                    self._fail(batch, "an earlier append failed; reopen after checking")
+                    return
+                self._sync(locked)
+                self._maybe_seal(locked)
+                if ready is None or ready.after != self._state_key():
+                    ready = self._prepare(batch)
+                view = memoryview(ready.data)
+                while view:
+                    view = view[os.write(locked.fd, view) :]
+                first_leaf, opened = self._frontier.size, self._size == 0
+                self._seq, self._hash, self._frontier = ready.seq, ready.hash, ready.frontier
+                self._size += len(ready.data)
+                if opened:
+                    self._first_ts = ready.records[0].ts
+                self._ensure_checkpointer()
+                self._lock.release()
+                held = False
+                hand_off()
+                os.fsync(locked.fd)
+                _write_head(self._path, seq=ready.seq, hash_=ready.hash)
+                if opened and self._last_seal is not None:
+                    fsync_dir(self._path.parent)  # the new segment's directory entry, before any record is acknowledged
+                self._durable = (ready.seq, ready.hash)
+                self._store(first_leaf, ready.nodes)
+            finally:
+                if locked.fd >= 0:
+                    os.close(locked.fd)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        except _Invalid as exc:  # another writer left the chain broken: stop, as on a failed append
+            self._fail(batch, str(exc))
+            return
+        except OSError as exc:  # the file may now hold a partial or unsynced group
+            self._fail(batch, f"append failed: {exc}")
+            return
+        finally:
+            if held:
+                self._lock.release()
+        for p, record in zip(batch, ready.records[len(ready.records) - len(batch) :], strict=True):
             p.record = record
 
-    def _write_group(self, fd: int, batch: list[_Pending]) -> list[AuditRecord]:
-        """Append the group's lines in one write, fsync once, move the head; the caller holds both locks."""
+    def _state_key(self) -> tuple[int, int, int, str]:
+        return self._ino, self._size, self._seq, self._hash
+
+    def _prepare(self, batch: list[_Pending]) -> _Prepared:
+        """The group's lines, records and Merkle nodes, chained onto this process's view of the log's end
+        (the caller holds self._lock; `after` says which end, so a stale preparation is redone)."""
         frontier, seq, prev = self._frontier.copy(), self._seq, self._hash
         data, nodes, records = bytearray(), bytearray(), []
         items: list[tuple[str, str, str, dict[str, Any]]] = [(p.actor, p.action, p.resource, p.details) for p in batch]
@@ -564,7 +630,6 @@ class AuditTrail:
             seal = self._last_seal
             opened = {"sealed": seal.name, "first": seal.first, "last": seal.last, "sha256": seal.sha256}
             items.insert(0, ("audit", "audit.segment", seal.name, {**opened, "bytes": seal.size, "root": seal.root}))
-        first_ts = None
         for actor, action, resource, details in items:
             content: dict[str, Any] = {
                 "seq": seq + 1,
@@ -575,28 +640,14 @@ class AuditTrail:
                 "details": details,
                 "prev_hash": prev,
             }
-            record = AuditRecord(**content, hash=_record_hash(content))
-            line = canonical_json(asdict(record)).encode("utf-8")
+            digest = _record_hash(content)
+            line = canonical_json({**content, "hash": digest}).encode("utf-8")  # asdict would deep-copy details
             data += line + b"\n"
             for node in frontier.append(leaf_hash(line)):
                 nodes += node
-            seq, prev = record.seq, record.hash
-            first_ts = first_ts or record.ts
-            records.append(record)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-        _write_head(self._path, seq=seq, hash_=prev)
-        first_leaf = self._frontier.size
-        if self._size == 0:
-            self._first_ts = first_ts
-            if self._last_seal is not None:
-                fsync_dir(self._path.parent)  # the new segment's directory entry, before any record is acknowledged
-        self._seq, self._hash, self._frontier = seq, prev, frontier
-        self._size += len(data)
-        self._store(first_leaf, bytes(nodes))
-        return records[len(records) - len(batch) :]
+            seq, prev = seq + 1, digest
+            records.append(AuditRecord(**content, hash=digest))
+        return _Prepared(self._state_key(), bytes(data), bytes(nodes), records, seq, prev, frontier)
 
     # ---- segments -------------------------------------------------------------------------------
     def _may_seal(self) -> bool:
@@ -762,9 +813,10 @@ class AuditTrail:
     def head(self) -> tuple[int, str]:
         """``(seq, hash)`` of the last record this process wrote or read: a point in the chain that
         another record (a privacy ledger entry) can cite. Another writer process may have appended
-        since; the point is still in the chain."""
+        since; the point is still in the chain. A record still being written by another thread of this
+        process (its fsync running) is not named before it is durable."""
         with self._lock:
-            return self._seq, self._hash
+            return self._durable
 
     def tree(self) -> tuple[int, str]:
         """``(size, root hex)`` of the Merkle tree over the records this process has seen."""

@@ -13,6 +13,8 @@ command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || MISSING+=(nginx)
 command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
 # nsenter: the operator's `flwr` commands join the SuperLink's private network namespace.
 command -v nsenter >/dev/null 2>&1 || MISSING+=(util-linux)
+# prometheus + promtool: the monitoring test scrapes a running consortium and checks the alert rules.
+command -v promtool >/dev/null 2>&1 || MISSING+=(prometheus)
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${MISSING[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

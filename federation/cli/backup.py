@@ -1,9 +1,9 @@
 """`fedseek backup` / `fedseek restore`: a coordinator's or a node's state, taken while it runs, restored only intact.
 
-The work is `federation.ops.backup`; here are the arguments, the signing key (the party's own,
-`PKI/NAME/key.pem`, when `--pki` holds it) and the audit record a restore leaves in the restored
-trail (`state.restored`: from which backup, made when, signed by whom, restored by whom), so the
-restored party's own history says where it came from.
+The work is `federation.ops.backup` and `federation.ops.restore`; here are the arguments, the
+signing key (the party's own, `PKI/NAME/key.pem`, when `--pki` holds it) and the audit record a
+restore leaves in the restored trail (`state.restored`: from which backup, made when, signed by
+whom, restored by whom), so the restored party's own history says where it came from.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ import getpass
 import json
 from pathlib import Path
 
-from federation.ops.backup import BackupReport, RestoreReport, backup, detect_kind, restore
+from federation.ops.backup import BackupReport, backup, detect_kind
 from federation.ops.layout import CoordinatorLayout, NodeLayout
+from federation.ops.restore import RestoreReport, restore
 
 
 def add_backup_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -12,6 +12,7 @@ software install would be. Nothing here reaches a party but through its namespac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +180,21 @@ class Consortium:
         log = CoordinatorLayout(self.state(host)).superlink_log
         return log.read_text(errors="replace").count("Activated node_id") if log.exists() else 0
 
+    def pulling(self, host: str, *, since: float = 0.0) -> set[str]:
+        """Sites whose SuperNodes the fleet gateway on `host` has answered (200): connected to that coordinator.
+        A SuperNode that moves to a new coordinator keeps its session (the registration came with the
+        restored SuperLink database), so it shows here rather than as a new activation. `since`: a Unix
+        time; earlier requests are not counted."""
+        log = CoordinatorLayout(self.state(host)).gateway / "access.log"
+        seen: set[str] = set()
+        for line in log.read_text(errors="replace").splitlines() if log.exists() else []:
+            with contextlib.suppress(ValueError):
+                rec = json.loads(line)
+                fresh = datetime.fromisoformat(rec["time"]).timestamp() >= since
+                if fresh and rec.get("status") == 200 and "OU=node" in rec.get("subject", ""):
+                    seen.add(rec["subject"].rsplit("CN=", 1)[-1])
+        return seen
+
     # ---- runs ------------------------------------------------------------------------------------------
     def submit(self, host: str, run: str, *, rounds: int, min_nodes: int, extra: tuple[str, ...] = ()) -> None:
         """`fedseek run` on the coordinator's host, in the background (its progress: `summary`)."""
@@ -252,8 +269,6 @@ class Consortium:
 
 
 def _ts(text: str) -> float:
-    from datetime import datetime
-
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 

@@ -353,26 +353,10 @@ class Hosts:
         for port in (host.port, relay_port, switch_end):
             subprocess.run(["ip", "netns", "exec", self.switch, "ethtool", "-K", port, *offloads],
                            capture_output=True, check=False, timeout=30)  # fmt: skip
+        wire = ["--host-port", host.port, "--switch-port", relay_port, "--seed", str(seed)]
+        wire += ["--delay-ms", f"{delay_ms:g}", "--loss-pct", f"{loss_pct:g}"]
         relay = subprocess.Popen(
-            [
-                "ip",
-                "netns",
-                "exec",
-                self.switch,
-                sys.executable,
-                "-m",
-                "tests.multihost.wire",
-                "--host-port",
-                host.port,
-                "--switch-port",
-                relay_port,
-                "--delay-ms",
-                f"{delay_ms:g}",
-                "--loss-pct",
-                f"{loss_pct:g}",
-                "--seed",
-                str(seed),
-            ],  # fmt: skip
+            ["ip", "netns", "exec", self.switch, sys.executable, "-m", "tests.multihost.wire", *wire],
             cwd=ROOT,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -126,9 +127,14 @@ def test_a_three_round_run_survives_link_loss_a_slow_wire_and_the_coordinators_h
     cfg.save(replace(conf, pki_dir=str(restored), site_keys_dir=str(restored / "site-keys")),
              c.home("standby") / "coordinator.json")  # fmt: skip
     net.move_address(c.vip, "coord", "standby")
+    taken_over = time.time() - 1  # nginx logs whole seconds
     standby = c.start_coordinator("standby")
     assert standby["fleet"] == f"{c.vip}:9443"
-    wait_for(lambda: c.activated("standby") >= 3, timeout=300, what="the sites reconnected to the standby")
+    wait_for(
+        lambda: c.pulling("standby", since=taken_over) >= set(SITES),
+        timeout=300,
+        what="the sites reconnected to the standby",
+    )
     for site in SITES:  # the restored record is the coordinator's record now
         code, data, out = c.ledger(site, witness=c.state("standby"))
         assert code == 0 and data["witness"]["extends"], out

@@ -16,6 +16,7 @@ frames must be whole (checksums filled in, no GSO super-frames): `Hosts` turns t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import random
 import select
@@ -54,10 +55,8 @@ def relay(host_port: str, switch_port: str, *, delay_s: float, loss: float, seed
         now = time.monotonic()
         while held and held[0][0] <= now:
             _, _, frame = heapq.heappop(held)
-            try:
+            with contextlib.suppress(OSError):  # the switch port is down: lost, as on a cut cable
                 to_switch.send(frame)
-            except OSError:
-                pass  # the switch port is down: the frame is lost, as on a cut cable
         timeout = max(0.0, held[0][0] - now) if held else 0.5
         try:
             readable, _, _ = select.select([from_host, to_switch], [], [], timeout)
@@ -79,10 +78,8 @@ def relay(host_port: str, switch_port: str, *, delay_s: float, loss: float, seed
                     seq += 1
                     heapq.heappush(held, (time.monotonic() + delay_s, seq, frame))
                 else:
-                    try:
+                    with contextlib.suppress(OSError):
                         from_host.send(frame)
-                    except OSError:
-                        pass
 
 
 def main(argv: list[str] | None = None) -> int:

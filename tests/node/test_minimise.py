@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fedseek_examples.demo.data import QUASI_IDENTIFIERS, write_site_dataset
 
 from federation.errors import FedSeekError
 from federation.protocol.config import NodeConfig
@@ -28,7 +27,7 @@ from node.minimise import MinimisedSiteData
 from node.model import load_model
 from node.service import NodeService
 
-N_TRAIN = 48
+N_TRAIN = 48  # the conftest's site data: the demo's records (tests/conftest.py), with their dataset.json
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +58,27 @@ def trained_text(service: NodeService) -> list[str]:
     return [service.host.tokenizer.decode(e.input_ids) for e in service.train_data]
 
 
+def site_copy(site_data_dir: Path, to: Path, *, n_train: int | None = None) -> Path:
+    """The demo site's data directory, its training file cut to `n_train` records."""
+    shutil.copytree(site_data_dir, to)
+    if n_train is not None:
+        lines = (to / "train.jsonl").read_text().splitlines(keepends=True)
+        (to / "train.jsonl").write_text("".join(lines[:n_train]))
+    return to
+
+
 def originals(data_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line)["meta"] for line in (data_dir / "train.jsonl").read_text().splitlines()]
 
 
-def test_data_below_k_is_generalised_audited_and_trained_on(host: ModelHost, tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    write_site_dataset(data_dir, site_index=0, n_sites=3, n_train=N_TRAIN, n_eval=4)
+def test_data_below_k_is_generalised_audited_and_trained_on(
+    host: ModelHost, site_data_dir: Path, tmp_path: Path
+) -> None:
+    data_dir = site_copy(site_data_dir, tmp_path / "data")
     metas = originals(data_dir)
-    as_collected = Counter(tuple(m[c] for c in QUASI_IDENTIFIERS) for m in metas)
+    declared = json.loads((data_dir / "dataset.json").read_text())["quasi_identifiers"]
+    assert declared == ["age", "postcode", "sex"]
+    as_collected = Counter(tuple(m[c] for c in declared) for m in metas)
     assert min(as_collected.values()) < 5  # below the site's k (5) as collected
 
     service = start(host, data_dir, tmp_path / "state")
@@ -97,9 +108,10 @@ def test_data_below_k_is_generalised_audited_and_trained_on(host: ModelHost, tmp
     assert service.audit.path.read_text().index("data.minimised") < service.audit.path.read_text().index('"train"')
 
 
-def test_a_batch_that_can_never_reach_k_is_refused_with_the_reason(host: ModelHost, tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    write_site_dataset(data_dir, site_index=1, n_sites=3, n_train=3, n_eval=4)  # 3 records: k = 5 is out of reach
+def test_a_batch_that_can_never_reach_k_is_refused_with_the_reason(
+    host: ModelHost, site_data_dir: Path, tmp_path: Path
+) -> None:
+    data_dir = site_copy(site_data_dir, tmp_path / "data", n_train=3)  # 3 records: k = 5 is out of reach
     service = start(host, data_dir, tmp_path / "state")
     assert service.ledger_refusal is not None and "cannot be made 5-anonymous" in service.ledger_refusal
     [refused_at_start] = audit_records(service, "data.refused")
@@ -120,9 +132,8 @@ def test_a_batch_that_can_never_reach_k_is_refused_with_the_reason(host: ModelHo
         assert all(f"postcode {meta['postcode']}" not in text for text in texts)
 
 
-def test_a_site_policy_of_k_1_changes_nothing(host: ModelHost, tmp_path: Path) -> None:
-    data_dir = tmp_path / "data"
-    write_site_dataset(data_dir, site_index=2, n_sites=3, n_train=12, n_eval=4)
+def test_a_site_policy_of_k_1_changes_nothing(host: ModelHost, site_data_dir: Path, tmp_path: Path) -> None:
+    data_dir = site_copy(site_data_dir, tmp_path / "data", n_train=12)
     config = NodeConfig(
         name="site-a",
         model_dir="unused",
@@ -135,4 +146,3 @@ def test_a_site_policy_of_k_1_changes_nothing(host: ModelHost, tmp_path: Path) -
     assert isinstance(train, MinimisedSiteData)
     [part] = train.minimisation
     assert not part.report.changed and part.refusal is None and len(train) == 12
-    shutil.rmtree(tmp_path / "state", ignore_errors=True)

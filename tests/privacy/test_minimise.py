@@ -4,13 +4,11 @@ the note text alike, direct identifiers redacted, a report of what changed."""
 from __future__ import annotations
 
 import json
-import re
-from collections import Counter
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
-from fedseek_examples.demo.data import generate_site_records, write_site_dataset
 
 from privacy.kanonymity import KAnonymityPolicy, KAnonymityRefused
 from privacy.minimise import (
@@ -24,40 +22,57 @@ from privacy.minimise import (
 DEMO = DatasetConfig(quasi_identifiers=("age", "postcode", "sex"))
 
 
-def demo_records(n: int, *, site_index: int = 0) -> list[dict[str, Any]]:
-    return [r.to_chat() for r in generate_site_records(site_index=site_index, n_sites=3, n=n, seed=7)]
+def demo_records(n: int, *, seed: int = 5) -> list[dict[str, Any]]:
+    """Records shaped as the demo's (examples/demo/data.py; its own tests use the real generator)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        age, postcode, sex = rng.randint(18, 90), f"{rng.randint(1000, 4999)}", rng.choice(["female", "male"])
+        text = f"{age}-year-old {sex}, postcode {postcode}. Presents with chest pain.\nWhich department?"
+        out.append(
+            {
+                "messages": [
+                    {"role": "system", "content": "You are a triage assistant."},
+                    {"role": "user", "content": text},
+                    {"role": "assistant", "content": "cardiology"},
+                ],
+                "meta": {"age": age, "postcode": postcode, "sex": sex},
+            }
+        )
+    return out
 
 
 def note(record: dict[str, Any]) -> str:
     return str(record["messages"][-2]["content"])  # the user's message: the answer comes last
 
 
-def test_demo_records_are_made_k_anonymous_in_meta_and_in_the_text() -> None:
-    records = demo_records(160)
-    before = json.dumps(records)
+def test_records_below_k_are_generalised_in_meta_and_text_with_a_report() -> None:
+    records = demo_records(100)
     result = minimise_records(records, dataset=DEMO, policy=KAnonymityPolicy(k=5, max_suppression=0.1))
-    assert json.dumps(records) == before  # the caller's records are not altered
     report = result.report.to_json()
-    assert report["k_before"] == 1 and report["k_achieved"] >= 5
-    assert report["records_out"] == len(result.records) == 160 - report["suppressed"]
-    classes = Counter(tuple(r["meta"][c] for c in DEMO.quasi_identifiers) for r in result.records)
-    assert min(classes.values()) >= 5  # recounted here
-    for index, record in zip(result.kept, result.records, strict=True):
-        original = records[index]
-        meta = original["meta"]
-        text = note(record)
-        for column in report["columns"]:
-            name = column["column"]
-            if column["level"] > 0:  # the original value is gone from the note, its generalisation is there
-                shown = record["meta"][name]
-                label = WITHHELD if shown == "*" else str(shown)
-                assert label in text
-                rest = text.split(".")[0].replace(label, "")
-                assert not re.search(rf"(?<!\w){re.escape(str(meta[name]))}(?!\w)", rest)
-        assert record["messages"][-1] == original["messages"][-1]  # the answer is kept
-        assert text.split(". ", 1)[1] == note(original).split(". ", 1)[1]  # the clinical findings are kept
-    changed = [c["column"] for c in report["columns"] if c["level"] > 0]
-    assert changed and all(report["text_rewrites"][c] == len(result.records) for c in changed)
+    assert report["k_before"] == 1 and report["k_achieved"] >= 5 and report["records_out"] == len(result.records)
+    assert any(c["level"] > 0 for c in report["columns"])
+    for record in result.records:
+        shown = {c: WITHHELD if v == "*" else str(v) for c, v in record["meta"].items()}
+        assert note(record).startswith(f"{shown['age']}-year-old {shown['sex']}, postcode {shown['postcode']}. ")
+
+
+def test_a_withheld_sex_leaves_male_inside_female_alone() -> None:
+    records = [
+        {
+            "prompt": f"{sex} patient; female relative present",
+            "completion": "neurology",
+            "meta": {"sex": sex},
+        }
+        for sex in ["male"] * 4 + ["female"]
+    ]
+    result = minimise_records(records, dataset=DatasetConfig(("sex",)), policy=KAnonymityPolicy(k=5, max_suppression=0))
+    assert [r["prompt"] for r in result.records][:2] == [
+        "[withheld] patient; female relative present",
+        "[withheld] patient; female relative present",
+    ]
+    assert result.records[4]["prompt"] == "[withheld] patient; [withheld] relative present"  # its own value, anywhere
+    assert result.report.text_rewrites == {"sex": 6}
 
 
 def test_a_glucose_of_25_is_not_an_age_of_25() -> None:
@@ -105,10 +120,8 @@ def test_no_declared_quasi_identifiers_still_redacts() -> None:
     assert result.report.k is None and result.records[0]["prompt"] == "Mr [NAME], chest pain. Department?"
 
 
-def test_the_demo_writes_its_dataset_config(tmp_path: Path) -> None:
-    write_site_dataset(tmp_path, site_index=0, n_sites=3, n_train=10, n_eval=2)
-    assert load_dataset_config(tmp_path) == DEMO
-    assert load_dataset_config(tmp_path / "elsewhere") == DatasetConfig()  # none: nothing declared
+def test_no_dataset_config_declares_nothing(tmp_path: Path) -> None:
+    assert load_dataset_config(tmp_path) == DatasetConfig()
 
 
 @pytest.mark.parametrize("body", ['{"quasi_identifier": ["age"]}', '{"quasi_identifiers": "age"}', "[", "[]"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import pytest
-from fedseek_examples.demo.data import FINDINGS, NEUTRAL_PHRASES, generate_site_records
 
 from privacy.redact import RedactingFilter, redact, redact_text
 
@@ -86,14 +85,6 @@ def test_everything_at_once_leaves_nothing_behind() -> None:
 )
 def test_clinical_text_is_untouched(text: str) -> None:
     assert redact(text).counts == {} and redact_text(text) == text
-
-
-def test_every_demo_note_is_untouched() -> None:
-    """The demo's notes hold no direct identifiers: redaction must not change a word of them."""
-    notes = [r.note for i in range(3) for r in generate_site_records(site_index=i, n_sites=3, n=200, seed=7)]
-    phrases = [p for findings in FINDINGS.values() for p in findings] + list(NEUTRAL_PHRASES)
-    for text in [*notes, *phrases]:
-        assert redact_text(text) == text
 
 
 def test_the_log_filter_redacts_messages_and_their_arguments(caplog: pytest.LogCaptureFixture) -> None:

@@ -5,7 +5,7 @@ name, so names are handed out by role:
 
 - Loopback names only where a server is reached on loopback: the coordinator (`localhost`,
   `127.0.0.1`: nginx and the `flwr` CLI reach the SuperLink there) and a node (`127.0.0.1`: its
-  sidecar serves the SuperNode there). Reviewers and admins are clients only and carry none.
+  sidecar serves the SuperNode there). Reviewers, admins and monitors are clients only and carry none.
 - Every coordinator certificate carries the coordinator's role name,
   `coordinator.<consortium>.fedseek.internal`, and no other certificate may: a site's sidecar
   checks that name (`federation.security.sidecar`), so only a coordinator certificate of this
@@ -32,6 +32,7 @@ LOOPBACK_BY_ROLE: dict[str, tuple[str, ...]] = {
     "node": ("127.0.0.1",),
     "reviewer": (),
     "admin": (),
+    "monitor": (),
 }
 """The loopback names each role's certificate needs, added by `pki.issue`, and the only ones it may carry."""
 

@@ -37,7 +37,8 @@ __all__ = [
     "read_identity",
 ]
 
-Role = Literal["coordinator", "node", "reviewer", "admin"]
+Role = Literal["coordinator", "node", "reviewer", "admin", "monitor"]
+"""`monitor`: a metrics scraper (Prometheus); may read `/metrics` and nothing else, anywhere."""
 ROLES: frozenset[str] = frozenset(get_args(Role))
 # Party and consortium names; a party's name is also its directory under the PKI directory.
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")

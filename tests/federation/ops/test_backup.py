@@ -19,16 +19,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from federation.ops.backup import (
-    MANIFEST,
-    PLANS,
-    BackupError,
-    StateInUse,
-    backup,
-    read_manifest,
-    restore,
-)
+from federation.ops.backup import backup
+from federation.ops.backup_format import MANIFEST, PLANS, BackupError, StateInUse
 from federation.ops.layout import CoordinatorLayout, NodeLayout
+from federation.ops.restore import read_manifest, restore
 
 
 def test_every_layout_path_is_classified() -> None:
