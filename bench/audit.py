@@ -124,6 +124,22 @@ def run_once(workdir: Path, *, threads: int, seconds: float, key: ec.EllipticCur
     }
 
 
+def disk_fsync_ms(workdir: Path, count: int = 30) -> float:
+    """Median time of one 400-byte append + fsync on this filesystem now: the disk's share of an append,
+    which other jobs on the machine change from minute to minute."""
+    fd = os.open(workdir / "probe", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    times = []
+    try:
+        for _ in range(count):
+            os.write(fd, b"x" * 399 + b"\n")
+            t0 = time.perf_counter()
+            os.fsync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+    return statistics.median(times) * 1e3
+
+
 def _summary(runs: list[dict[str, Any]], field: str) -> dict[str, float]:
     values = [r[field] for r in runs]
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
@@ -225,13 +241,17 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
-                runs.append(run_once(Path(tmp), threads=threads, seconds=args.seconds, key=key))
+                probe = disk_fsync_ms(Path(tmp))
+                runs.append(
+                    {**run_once(Path(tmp), threads=threads, seconds=args.seconds, key=key), "disk_fsync_ms": probe}
+                )
         row: dict[str, Any] = {
             "records_per_s": _summary(runs, "records_per_s"),
             "p50_ms": _summary(runs, "p50_ms"),
             "p99_ms": _summary(runs, "p99_ms"),
             "fsyncs_per_record": _summary(runs, "fsyncs_per_record"),
             "checkpoints_signed": _summary(runs, "checkpoints_signed"),
+            "disk_fsync_ms": _summary(runs, "disk_fsync_ms"),
             "runs": runs,
         }
         row["ratio_to_tessera"] = row["records_per_s"]["median"] / TESSERA_WRITES_PER_S
@@ -240,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{threads:>3} appenders: {row['records_per_s']['median']:8.0f} records/s "
             f"({row['records_per_s']['min']:.0f}..{row['records_per_s']['max']:.0f}), "
             f"p50 {row['p50_ms']['median']:.2f} ms, p99 {row['p99_ms']['median']:.2f} ms, "
-            f"{row['fsyncs_per_record']['median']:.3f} fsyncs/record",
+            f"{row['fsyncs_per_record']['median']:.3f} fsyncs/record, "
+            f"disk fsync {row['disk_fsync_ms']['median']:.2f} ms",
             flush=True,
         )
     for records in args.proof_sizes:

@@ -205,15 +205,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             args.pairs, passthrough, out_dir=args.out_dir, parallel=args.parallel, timeout_s=args.timeout_s
         )
     results = load_results(args.out_dir)
-    summary = {
+    variants = summarize(results)
+    summary: dict[str, Any] = {
         "benchmark": "usefulness_seeds",
         "goal": {"worst_ratio_at_least": GOAL_WORST, "median_ratio_at_least": GOAL_MEDIAN, "min_seeds": MIN_SEEDS},
         "outcome": {str(k): v for k, v in outcome.items()},
         "machine": results[0]["machine"] if results else None,
         "passthrough": passthrough,
-        "variants": summarize(results),
+        "variants": variants,
+        "markdown": markdown(variants),
     }
-    summary["markdown"] = markdown(summary["variants"])
     path = args.summary or args.out_dir / "summary.json"
     path.write_text(json.dumps(summary, indent=2))
     print(summary["markdown"])

@@ -2,8 +2,10 @@
 
 Read-only views for the consortium operator: which sites may join and which are registered
 with the SuperLink, the adapter versions in the registry with their lineage, and run
-summaries. Served through federation.security.mtls_server (TLS 1.3, CRL); refused callers are
+summaries; and `/metrics` (Prometheus, coordinator/metrics.py) for a `monitor` certificate (or an
+admin's). Served through federation.security.mtls_server (TLS 1.3, CRL); refused callers are
 logged, audited and answered by federation.security.refusals, exactly as the node's routes are.
+A scrape is not audited (every 15 s would bury the operator's reads), its refusal is.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.responses import Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coordinator.registry import AdapterRegistry, RegistryError
 from coordinator.sites import SiteAccess
 from federation.security import pki
@@ -37,8 +41,10 @@ def create_admin_app(
     audit: AuditTrail,
     peer: PeerFn = peer_of,
     health: Callable[[], dict[str, Any]] | None = None,
+    metrics: Callable[[], bytes] | None = None,
 ) -> FastAPI:
-    """The admin routes; `health` reports the coordinator's supervised children (`Health.snapshot`)."""
+    """The admin routes; `health` reports the coordinator's supervised children (`Health.snapshot`),
+    `metrics` renders `/metrics` (`CoordinatorMetrics.render`; none: the route answers 404)."""
     # No /docs, /redoc or /openapi.json: the API is described to nobody who reaches the port.
     app = FastAPI(title="FedSeek coordinator admin", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -52,9 +58,27 @@ def create_admin_app(
             audit_refusal(request, exc, identity=identity, audit=audit, log=log)
             raise
 
+    def monitor(request: Request) -> pki.Identity:
+        """A `monitor` certificate (Prometheus), or an admin's."""
+        identity = peer(request)
+        try:
+            if identity is not None and identity.role == "admin":
+                return identity
+            return require_role(identity, "monitor")
+        except AccessDenied as exc:
+            audit_refusal(request, exc, identity=identity, audit=audit, log=log)
+            raise
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    if metrics is not None:
+        render = metrics
+
+        @app.get("/metrics", dependencies=[Depends(monitor)])
+        def metrics_view() -> Response:
+            return Response(render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/admin/sites")
     def site_list(who: pki.Identity = Depends(admin)) -> dict[str, Any]:  # noqa: B008 - FastAPI dependency

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.admin_api import create_admin_app
+from coordinator.metrics import CoordinatorCollector, CoordinatorMetrics
 from coordinator.registry import AdapterRegistry
 from coordinator.sites import KeyRetired, SiteAccess, flwr_supernode, known_node
 from federation.errors import Unavailable
@@ -139,12 +140,25 @@ def _start_admin_api(
     audit: AuditTrail,
     registry: Path,
     health: Health,
+    superlink_db: Path,
 ) -> HTTPSService:
-    """The admin API on its own HTTPS port (admin certificates only), in a thread."""
+    """The admin API on its own HTTPS port (admin certificates; `/metrics` for monitors too), in a thread."""
     tls = ServerTLS(
         cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl, poll_interval=config.pki_poll_seconds
     )
-    app = create_admin_app(sites=sites, registry=AdapterRegistry(registry), audit=audit, health=health.snapshot)
+    metrics = CoordinatorMetrics(
+        CoordinatorCollector(
+            runs_dir=registry / "runs",
+            superlink_db=superlink_db,
+            leaf=leaf,
+            pki_dir=sites.pki_dir,
+            registered=lambda: sites.registered,
+            allowed=lambda: len(sites.allowed()),
+        )
+    )
+    app = create_admin_app(
+        sites=sites, registry=AdapterRegistry(registry), audit=audit, health=health.snapshot, metrics=metrics.render
+    )
     try:
         return HTTPSService.start(
             app,
@@ -258,7 +272,15 @@ def run_coordinator(config: CoordinatorConfig) -> None:
         ).start()
         follower = FileWatcher([gateway.access_log, gateway.error_log], refusals.poll, interval=1.0).start()
         health = Health([p.name for p in procs])
-        admin = _start_admin_api(config, leaf, sites=sites, audit=audit, registry=layout.registry, health=health)
+        admin = _start_admin_api(
+            config,
+            leaf,
+            sites=sites,
+            audit=audit,
+            registry=layout.registry,
+            health=health,
+            superlink_db=layout.superlink_db,
+        )
         info: dict[str, Any] = {
             # The operator's way in (`flwr_control`); the pid is the namespace's launcher at
             # start (after a restart `netns.run_inside` asks the socket for the live one).

@@ -100,7 +100,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             records.METRICS: MetricRecord(
-                {"num-examples": int(result["num_examples"]), "eval-loss": float(result["eval_loss"])}
+                {  # null: the version's loss is not a number (the site rolled it back, node/release.py)
+                    "num-examples": int(result["num_examples"]),
+                    "eval-loss": float("nan") if result["eval_loss"] is None else float(result["eval_loss"]),
+                }
             ),
             records.SITE: ConfigRecord({"name": str(result["site"]), "version": str(result["version"])}),
         }

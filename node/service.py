@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import math
 import threading
 import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
@@ -555,8 +556,9 @@ class NodeService:
         adapter_store.save_version(self.layout.adapters, info, arrays)
         loss = evaluate_loss(self.host, self.eval_data, model=version)
         self.state.eval_loss_after[version] = loss
+        shown = loss if math.isfinite(loss) else None  # JSON has no NaN: a broken version's loss is null
         self.audit.append(
-            actor="coordinator", action="deploy", resource=version, details={"sha256": sha256, "eval_loss": loss}
+            actor="coordinator", action="deploy", resource=version, details={"sha256": sha256, "eval_loss": shown}
         )
         # A candidate, not the default: it serves its share while its eval and error rate are compared
         # with the stable version's, or is rolled back at once if its eval loss is worse (node/release.py).
@@ -565,7 +567,7 @@ class NodeService:
             "site": self.config.name,
             "version": version,
             "sha256": sha256,
-            "eval_loss": loss,
+            "eval_loss": shown,
             "num_examples": len(self.eval_data),
             "release": release,
         }

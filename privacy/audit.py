@@ -353,11 +353,14 @@ class AuditTrail:
         segments: SegmentPolicy | None = SegmentPolicy(),
     ) -> None:
         self._path = path
-        self._lock = threading.Lock()  # this process's state; held by the group's leader
+        self._lock = threading.Lock()  # this process's state; held by the group's leader until its lines are written
+        self._file_lock = threading.Lock()  # with the flock: the log's file, held until the group's fsync returned
         self._queue_lock = threading.Lock()  # the records waiting for a group, and whether one is being written
         self._queue: list[_Pending] = []
         self._leading = False
         self._failed = False
+        self.append_failures = 0
+        """Appends this process was refused since it opened the trail (node/metrics.py exports it)."""
         self._ino, self._size = -1, -1  # the active file and its size when this process last read or wrote it
         self._seq, self._hash = 0, GENESIS_HASH
         self._durable = (0, GENESIS_HASH)  # the last record an fsync covered (what head() cites)
@@ -394,7 +397,7 @@ class AuditTrail:
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[_Locked]:
         """The active log open for appending, locked against the other writer processes until closed."""
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._lock_file()
         locked = _Locked(-1)
         try:
             locked.fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -402,7 +405,23 @@ class AuditTrail:
         finally:
             if locked.fd >= 0:
                 os.close(locked.fd)
+            self._unlock_file()
+
+    def _lock_file(self) -> None:
+        # A flock belongs to the open file, which this process's threads share: a thread lock keeps them
+        # apart too (a group's fsync runs under the file lock after the in-process lock is released).
+        self._file_lock.acquire()
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        except BaseException:
+            self._file_lock.release()
+            raise
+
+    def _unlock_file(self) -> None:
+        try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+        finally:
+            self._file_lock.release()
 
     def _sync(self, locked: _Locked) -> None:
         """Take the chain's end and the frontier from the log if another process appended or sealed
@@ -522,9 +541,16 @@ class AuditTrail:
         if not pending.done:
             self._lead(pending)
         if pending.error is not None:
+            with self._queue_lock:
+                self.append_failures += 1
             raise pending.error
         assert pending.record is not None
         return pending.record
+
+    @property
+    def refusing(self) -> bool:
+        """Whether an append failed and every later one is refused until the trail is reopened."""
+        return self._failed
 
     def _lead(self, pending: _Pending) -> None:
         """Write the next group (`pending` is first in the queue, so in it) and hand the lead on as soon as
@@ -572,7 +598,7 @@ class AuditTrail:
                 self._fail(batch, "an earlier append failed; reopen after checking")
                 return
             ready = self._prepare(batch) if self._signer is not None else None
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+            self._lock_file()
             locked = _Locked(-1)
             try:
                 locked.fd = os.open(self._path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -601,10 +627,13 @@ class AuditTrail:
                     fsync_dir(self._path.parent)  # the new segment's directory entry, before any record is acknowledged
                 self._durable = (ready.seq, ready.hash)
                 self._store(first_leaf, ready.nodes)
+            except (_Invalid, OSError):
+                self._failed = True  # before the file lock is released: the next group must not write after it
+                raise
             finally:
                 if locked.fd >= 0:
                     os.close(locked.fd)
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                self._unlock_file()
         except _Invalid as exc:  # another writer left the chain broken: stop, as on a failed append
             self._fail(batch, str(exc))
             return

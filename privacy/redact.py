@@ -57,6 +57,7 @@ _RECORD = re.compile(
     r"\s*(?:[:#]|is)?\s*(?P<number>[A-Z0-9](?:[A-Z0-9/-]|\s(?=\d))*[0-9][A-Z0-9]*)"
 )
 _TEN_DIGITS = re.compile(r"(?<![\w.])\d{3}[ -]?\d{3}[ -]?\d{4}(?![\w.])")
+_DIGIT_RUN = re.compile(r"\d[\d\s().\-/]*\d")  # digits and the separators phone numbers are written with
 _EMAIL = re.compile(r"\b[\w.+-]+@[\w-]+(?:\.[\w-]+)+\b")
 
 
@@ -88,6 +89,8 @@ def _digits(text: str) -> int:
 
 
 def _spans_phones(text: str, regions: Sequence[str]) -> list[tuple[int, int, str]]:
+    if not any(_digits(m.group()) >= _MIN_VALID_DIGITS for m in _DIGIT_RUN.finditer(text)):
+        return []  # no run of digits long enough to be a number: skip the (slow) matcher
     spans: list[tuple[int, int, str]] = []
     for region in regions:
         for m in phonenumbers.PhoneNumberMatcher(text, region, leniency=phonenumbers.Leniency.VALID):

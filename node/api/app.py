@@ -10,16 +10,18 @@ The routes live one family per module and are mounted here:
 | module            | routes                                              | who (node/access.py) |
 | ----------------- | --------------------------------------------------- | -------------------- |
 | completions.py    | `/v1/chat/completions`, `/v1/completions`           | application          |
-| models.py         | `/v1/models`, `/metrics`                            | application          |
+| models.py         | `/v1/models`                                        | application          |
+| metrics.py        | `/metrics` (engine; at a node the site's too)       | metrics              |
 | explanations.py   | `/v1/explanations`, `/v1/explanations/{id}`         | reviewer             |
 | admin.py          | `/v1/admin/status`                                  | admin                |
 | internal.py       | `/internal/train`, `/internal/ready`, `.../deploy`  | self                 |
 
-`fedseek serve` mounts the first two only.
+`fedseek serve` mounts the first three only.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -27,10 +29,11 @@ from fastapi.responses import JSONResponse
 
 from federation.security.refusals import error_response_for, install_error_handlers
 from node.access import AccessPolicy
-from node.api import admin, completions, explanations, internal, models
+from node.api import admin, completions, explanations, internal, metrics, models
 from node.api.deps import GetServing
 from node.api.guard import MAX_BODY_BYTES, RequestGuard
 from node.explain_service import Explanations
+from node.metrics import NodeCollector, node_registry
 from node.service import Loading, NodeService
 
 __all__ = ["MAX_BODY_BYTES", "create_app", "create_serving_app"]
@@ -42,7 +45,15 @@ def create_app(service: NodeService, *, access: AccessPolicy) -> FastAPI:
     app.state.get_serving = lambda: service.serving
     app.state.service = service
     app.state.explanations = Explanations(service)
-    for module in (completions, models, explanations, internal, admin):
+    collector = NodeCollector(
+        site=service.config.name,
+        ledger=service.ledger,
+        audit=service.audit,
+        pki_dir=Path(service.config.pki_dir),
+        ledger_refusal=service.ledger_refusal,
+    )
+    setattr(app.state, metrics.SITE_METRICS_STATE, node_registry(collector))
+    for module in (completions, models, metrics, explanations, internal, admin):
         app.include_router(module.router)
     return app
 
@@ -51,7 +62,7 @@ def create_serving_app(get_serving: GetServing, policy: AccessPolicy, *, name: s
     """The OpenAI API alone (`fedseek serve`); `get_serving` returns None while the model loads (503)."""
     app = _base(f"FedSeek serve {name}", policy, site=name)
     app.state.get_serving = get_serving
-    for module in (completions, models):
+    for module in (completions, models, metrics):
         app.include_router(module.router)
     return app
 

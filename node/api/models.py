@@ -1,5 +1,5 @@
-"""`/v1/models` (the base model and every adapter version, with lineage and release status) and
-`/metrics` (Prometheus).
+"""`/v1/models`: the base model and every adapter version, with lineage and release status
+(`/metrics` is node/api/metrics.py).
 
 At a node each card also says where the version stands in the site's gray release
 (node/release.py): `status` stable, candidate or retired, and its `share` of default traffic
@@ -9,11 +9,9 @@ At a node each card also says where the version stands in the site's gray releas
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
 
 from node.api.deps import caller, serving_of
 from node.api.protocol import ModelCard, ModelList
-from node.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 router = APIRouter(dependencies=[caller("application")])
 
@@ -21,8 +19,3 @@ router = APIRouter(dependencies=[caller("application")])
 @router.get("/v1/models", response_model=ModelList)
 def models(request: Request) -> ModelList:
     return ModelList(data=[ModelCard.model_validate(card) for card in serving_of(request).models()])
-
-
-@router.get("/metrics")
-def metrics(request: Request) -> Response:
-    return Response(serving_of(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)

@@ -290,6 +290,12 @@ class Engine:
             self._cv.notify_all()
         return fut.result()
 
+    def kv_tokens(self) -> int:
+        """Positions the running requests hold in the KV cache (prompt and launched tokens), of
+        `runner.max_slots * runner.max_len` (node/metrics.py: `vllm:kv_cache_usage_perc`)."""
+        with self._cv:
+            return sum(len(r.prompt) + r.launched for r in self._slots if r is not None)
+
     def stats(self) -> dict[str, int]:
         with self._cv:
             running = sum(r is not None for r in self._slots)

@@ -120,7 +120,7 @@ class Consortium:
             write_site_dataset(
                 self.home(site) / "data", site_index=i, n_sites=len(SITES), n_train=self.n_train, n_eval=self.n_eval
             )
-            conf = cfg.NodeConfig(
+            node = cfg.NodeConfig(
                 name=site,
                 model_dir=str(self.model_dir),
                 data_dir=str(self.home(site) / "data"),
@@ -132,7 +132,7 @@ class Consortium:
                 api_port=API_PORT,
                 pki_poll_seconds=2.0,
             )
-            cfg.save(conf, self.home(site) / "node.json")
+            cfg.save(node, self.home(site) / "node.json")
             add_members(NodeLayout(self.state(site)).access_policy, site=site, org=site, names=("operator",))
 
     # ---- parties --------------------------------------------------------------------------------------

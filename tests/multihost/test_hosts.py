@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.multihost.hosts import PREFIX, Hosts, HostsUnavailable, our_namespaces, reap_stale, unavailable_reason
+from tests.multihost.hosts import PREFIX, Hosts, our_namespaces, reap_stale, unavailable_reason
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"separate hosts cannot be made here: {REASON}")
@@ -20,7 +20,7 @@ ECHO = """
 import socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 7000))
+s.bind((sys.argv[1], 47123))
 s.listen()
 while True:
     c, _ = s.accept()
@@ -33,7 +33,7 @@ while True:
 CLIENT = """
 import socket, sys, time
 t = time.monotonic()
-c = socket.create_connection((sys.argv[1], 7000), timeout=float(sys.argv[2]))
+c = socket.create_connection((sys.argv[1], 47123), timeout=float(sys.argv[2]))
 t1 = time.monotonic()
 c.sendall(b"x" * 65536)
 c.shutdown(socket.SHUT_WR)
@@ -64,7 +64,7 @@ def _serve(net: Hosts, host: str, bind: str = "0.0.0.0") -> None:
 
 
 def _probe(net: Hosts, host: str, target: str) -> int:
-    code = f"import socket; socket.create_connection(({target!r}, 7000), timeout=2).close()"
+    code = f"import socket; socket.create_connection(({target!r}, 47123), timeout=2).close()"
     return subprocess.run(net.argv_in(host, [sys.executable, "-c", code]), capture_output=True, timeout=30).returncode
 
 
@@ -92,10 +92,10 @@ def test_a_host_reaches_another_only_at_its_address(net: Hosts) -> None:
     # b's loopback is b's own: a's 127.0.0.1 has no such server (no loopback shortcut between parties)
     assert _probe(net, "a", "127.0.0.1") != 0
     # ...and a server on b's loopback only is out of a's reach at any address
-    net.run_in("b", [sys.executable, "-c", ECHO.replace("7000", "7001"), "127.0.0.1"])
+    net.run_in("b", [sys.executable, "-c", ECHO.replace("47123", "47124"), "127.0.0.1"])
     time.sleep(1.0)
-    assert _probe(net, "a", net.address("b")) == 0  # the :7000 one still answers
-    code = f"import socket; socket.create_connection(({net.address('b')!r}, 7001), timeout=2).close()"
+    assert _probe(net, "a", net.address("b")) == 0  # the :47123 one still answers
+    code = f"import socket; socket.create_connection(({net.address('b')!r}, 47124), timeout=2).close()"
     refused = subprocess.run(net.argv_in("a", [sys.executable, "-c", code]), capture_output=True, timeout=30)
     assert refused.returncode != 0
 
@@ -109,9 +109,9 @@ def test_the_machine_itself_has_no_way_to_the_hosts(net: Hosts) -> None:
     route = subprocess.run(["ip", "route", "get", net.address("b")], capture_output=True, text=True)
     assert "dev lo" not in route.stdout and "br0" not in route.stdout and "eth0 " not in route.stdout.split("via")[0]
     tcp = Path("/proc/self/net/tcp").read_text()
-    assert f":{7000:04X} " not in tcp  # b's listener is not in this namespace's table
+    assert f":{47123:04X} " not in tcp  # b's listener is not in this namespace's table
     # Nor does a loopback connection land there.
-    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", 7000), timeout=2):
+    with pytest.raises(OSError), socket.create_connection(("127.0.0.1", 47123), timeout=2):
         pass
 
 
@@ -180,8 +180,3 @@ def test_a_crashed_runs_namespaces_are_reaped() -> None:
         assert stale not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     finally:
         subprocess.run(["ip", "netns", "del", stale], capture_output=True)
-
-
-def test_unavailable_is_a_clear_reason() -> None:
-    assert REASON is None  # here it is available; elsewhere the whole module skips with the reason
-    assert issubclass(HostsUnavailable, RuntimeError)

@@ -288,3 +288,14 @@ def test_the_cli_verifies_sweeps_and_exports_a_segmented_log(tmp_path: Path, key
     sealed[0].file(path).write_bytes(sealed[0].file(path).read_bytes().replace(b'"serve"', b'"SERVE"', 1))
     tampered = _fedseek("audit", "verify", path, "--quick")
     assert tampered.returncode == 1 and "differs from its seal" in tampered.stderr
+
+
+def test_an_unsigned_log_such_as_the_coordinators_is_sealed_without_a_checkpoint(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    trail = AuditTrail(path, segments=SMALL)
+    _fill(trail, 50)
+    sealed = seals(path)
+    assert sealed and all(s.checkpoint is None for s in sealed)
+    result = verify(path, deep=True)
+    assert result.ok and result.records == trail.head()[0] and result.sealed == len(sealed)
+    assert AuditTrail(path, segments=SMALL).tree() == trail.tree() == (trail.head()[0], _root(path))
