@@ -227,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_app_commands(sub)
 
+    from federation.cli.monitoring import add_monitoring_commands
+
+    add_monitoring_commands(sub)
+
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("tiny", help="write a tiny seeded DeepSeek-V3 model with the real tokenizer")
     p.add_argument("--out", required=True)

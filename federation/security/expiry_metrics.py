@@ -27,7 +27,7 @@ CRL_NEXT_UPDATE = "fedseek_crl_next_update_timestamp_seconds"
 READ_ERRORS = "fedseek_pki_read_errors"
 
 
-def pki_expiry_metrics(*, party: str, role: str, cert: Path, ca_cert: Path, crl: Path) -> Iterator[Metric]:
+def pki_expiry_metrics(*, party: str, role: str, cert: Path, ca_cert: Path, crl: Path | None) -> Iterator[Metric]:
     """The expiry of the party's own certificate and of its CA's, and its CRL's next update (Unix time)."""
     certs = GaugeMetricFamily(
         CERT_EXPIRY, "When a certificate this party uses expires (Unix time).", labels=["party", "role", "cert"]
@@ -43,6 +43,8 @@ def pki_expiry_metrics(*, party: str, role: str, cert: Path, ca_cert: Path, crl:
             errors += 1
             log.warning("metrics: cannot read certificate %s: %s", path, exc)
     try:
+        if crl is None:  # a party without a CRL checks no revocation: worth an alert, not silence
+            raise pki.PKIError("no CRL configured")
         next_update = pki.load_crl(crl).next_update_utc
         if next_update is not None:
             crls.add_metric([party], next_update.timestamp())

@@ -18,6 +18,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 
 from coordinator.metrics import CoordinatorCollector, CoordinatorMetrics, site_metrics
 from federation.ops.prometheus_config import ScrapeTLS, prometheus_config
@@ -230,7 +231,7 @@ def test_node_collector_reads_ledger_audit_and_pki(tmp_path: Path) -> None:
 def test_site_metrics_connected_and_dropped() -> None:
     registry = CollectorRegistry(auto_describe=False)
 
-    class Sites:
+    class Sites(Collector):
         def collect(self) -> Any:
             return site_metrics(
                 allowed=3,
