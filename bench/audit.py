@@ -8,7 +8,9 @@ directory next to it) with a P-384 checkpoint signer, as a node does, and has N 
 serving-sized records for `--seconds`: every `append` returns only after the fsync that covers
 its record (`privacy.audit.AuditTrail`'s group commit), and the background signer signs a
 checkpoint each second. Reported per concurrency: acknowledged records/s, p50 and p99 append
-latency (median over the repeats, with min..max), fsyncs per record and checkpoints signed.
+latency (median over the repeats, with min..max), fsyncs per record, checkpoints signed, and the
+disk's own fsync time measured just before each run (other jobs share the disk). A last row has
+64 appenders seal 1 MiB segments as they go (the seal's sha256 and signature land on some appends).
 Then two logs of 10^4 and 10^5 records (built with fsync switched off, which proof time does
 not depend on) give proof time from the node store and from a full rehash, and start-up
 verification time (active segment only) against a deep verification.
@@ -71,9 +73,12 @@ def _counting_fsync() -> Iterator[dict[str, int]]:
         audit_mod.os.fsync = real
 
 
-def run_once(workdir: Path, *, threads: int, seconds: float, key: ec.EllipticCurvePrivateKey) -> dict[str, Any]:
+def run_once(
+    workdir: Path, *, threads: int, seconds: float, key: ec.EllipticCurvePrivateKey, segment_bytes: int | None = None
+) -> dict[str, Any]:
     path = workdir / "audit.jsonl"
-    trail = AuditTrail(path, signer=CheckpointSigner(key, "bench-site"))
+    policy = SegmentPolicy() if segment_bytes is None else SegmentPolicy(max_bytes=segment_bytes)
+    trail = AuditTrail(path, signer=CheckpointSigner(key, "bench-site"), segments=policy)
     signed: list[int] = []
     real_sign = trail._signer.sign  # type: ignore[union-attr]
 
@@ -121,6 +126,7 @@ def run_once(workdir: Path, *, threads: int, seconds: float, key: ec.EllipticCur
         "p99_ms": _quantile(flat, 0.99) * 1e3,
         "fsyncs_per_record": fsyncs / max(1, len(flat)),
         "checkpoints_signed": len(signed),
+        "segments_sealed": len(list((workdir / "audit.jsonl.segments").glob("*.seal.json"))),
     }
 
 
@@ -217,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument(
+        "--rollover-mib", type=float, default=1.0, help="a last row: 64 appenders sealing segments of this size"
+    )
     parser.add_argument("--proof-sizes", type=int, nargs="*", default=[10_000, 100_000])
     parser.add_argument(
         "--out", type=Path, default=REPO / "bench" / "results" / f"audit_cpu_{time.strftime('%Y-%m-%d')}.json"
@@ -237,14 +246,16 @@ def main(argv: list[str] | None = None) -> int:
         "appends": {},
         "proofs": {},
     }
-    for threads in args.concurrency:
+    rows: list[tuple[str, int, int | None]] = [(str(t), t, None) for t in args.concurrency]
+    if args.rollover_mib:
+        rows.append((f"64, {args.rollover_mib:g} MiB segments", 64, int(args.rollover_mib * (1 << 20))))
+    for label, threads, segment_bytes in rows:
         runs = []
         for _ in range(args.repeats):
             with tempfile.TemporaryDirectory(prefix="bench-audit-") as tmp:
                 probe = disk_fsync_ms(Path(tmp))
-                runs.append(
-                    {**run_once(Path(tmp), threads=threads, seconds=args.seconds, key=key), "disk_fsync_ms": probe}
-                )
+                run = run_once(Path(tmp), threads=threads, seconds=args.seconds, key=key, segment_bytes=segment_bytes)
+                runs.append({**run, "disk_fsync_ms": probe})
         row: dict[str, Any] = {
             "records_per_s": _summary(runs, "records_per_s"),
             "p50_ms": _summary(runs, "p50_ms"),
@@ -252,12 +263,13 @@ def main(argv: list[str] | None = None) -> int:
             "fsyncs_per_record": _summary(runs, "fsyncs_per_record"),
             "checkpoints_signed": _summary(runs, "checkpoints_signed"),
             "disk_fsync_ms": _summary(runs, "disk_fsync_ms"),
+            "segments_sealed": _summary(runs, "segments_sealed"),
             "runs": runs,
         }
         row["ratio_to_tessera"] = row["records_per_s"]["median"] / TESSERA_WRITES_PER_S
-        out["appends"][str(threads)] = row
+        out["appends"][label] = row
         print(
-            f"{threads:>3} appenders: {row['records_per_s']['median']:8.0f} records/s "
+            f"{label:>3} appenders: {row['records_per_s']['median']:8.0f} records/s "
             f"({row['records_per_s']['min']:.0f}..{row['records_per_s']['max']:.0f}), "
             f"p50 {row['p50_ms']['median']:.2f} ms, p99 {row['p99_ms']['median']:.2f} ms, "
             f"{row['fsyncs_per_record']['median']:.3f} fsyncs/record, "

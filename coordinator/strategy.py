@@ -33,7 +33,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -248,11 +248,10 @@ class LoraFedAvg(FedAvg):
     def _instruction(self, server_round: int) -> TrainInstruction:
         """What this round's train messages tell the nodes. Under FFA-LoRA: send B only, naming A's
         digest, once the coordinator knows A; until then ask for the whole adapter."""
-        at = {"run": self.settings, "server_round": self.run_round(server_round), "run_key": self.run_key}
+        at = TrainInstruction(run=self.settings, server_round=self.run_round(server_round), run_key=self.run_key)
         if not self.ffa or self.global_arrays is None:
-            return TrainInstruction(**at)
-        digest = wire.lora_a_sha256(self.global_arrays)
-        return TrainInstruction(**at, reply_factors="B", lora_a_sha256=digest)
+            return at
+        return replace(at, reply_factors="B", lora_a_sha256=wire.lora_a_sha256(self.global_arrays))
 
     @staticmethod
     def _sent_arrays(arrays: ArrayRecord, instruction: TrainInstruction) -> ArrayRecord:

@@ -23,6 +23,7 @@ from federation.errors import FedSeekError, Unavailable
 from federation.ops.atomic import ensure_secret, private_dir
 from federation.ops.layout import NodeLayout
 from federation.protocol.config import NodeConfig
+from federation.security.at_rest import AtRestError, Envelope, site_envelope, write_kek_state
 from federation.security.signed_statement import load_private_key
 from node import adapter_store
 from node.access import AccessPolicy
@@ -67,12 +68,24 @@ def build_node(config: NodeConfig) -> NodeService:
         model, tokenizer = load_model(config.model_dir, device=config.device)
     except ModelLoadError as exc:
         raise NodeStartError(str(exc)) from exc
+    envelope = _site_envelope(config)
     try:
-        train, eval_data = load_site_data(config, tokenizer)  # by partition: what each ledger budget covers
+        train, eval_data = load_site_data(config, tokenizer, envelope=envelope)  # by partition: each budget's cover
     except ValueError as exc:
         raise NodeStartError(f"bad site data: {exc}") from exc
+    except AtRestError as exc:
+        raise NodeStartError(exc.one_line()) from exc
     host = ModelHost(model, tokenizer, model_name=Path(config.model_dir).name)
-    return assemble_node(config, host, train=train, eval_data=eval_data)
+    return assemble_node(config, host, train=train, eval_data=eval_data, envelope=envelope)
+
+
+def _site_envelope(config: NodeConfig) -> Envelope | None:
+    """The site's KEK envelope (None without `config.kek`): a KEK that cannot be had, or is not the
+    one the site's files are under, stops the start with one line."""
+    try:
+        return site_envelope(config.kek, NodeLayout(Path(config.state_dir)).kek, create=False)
+    except AtRestError as exc:
+        raise NodeStartError(exc.one_line()) from exc
 
 
 def assemble_node(
@@ -82,6 +95,7 @@ def assemble_node(
     train: Sequence[TokenizedExample],
     eval_data: list[TokenizedExample],
     dataset_sha256: str | None = None,
+    envelope: Envelope | None = None,
 ) -> NodeService:
     """A node around a model already loaded (tests and benchmarks share one model between nodes).
 
@@ -114,8 +128,17 @@ def assemble_node(
         audit.append(actor="node", action="ledger.mismatch", resource=config.name, details={"error": refusal})
     refusal = record_minimisation(data, audit, site=config.name) or refusal  # below k: serve, never train
     token = _ensure_token(layout.agent_token)
-    adapter_store.restore_versions(host, layout.adapters)
-    serving = Serving(host, audit, owner=config.name, keys=load_site_keys(layout.site_secret))
+    if envelope is None and config.kek:
+        envelope = _site_envelope(config)
+    if envelope is not None and not layout.kek.exists():  # the site's first KEK: its id (and salt) kept
+        write_kek_state(layout.kek, envelope)
+    try:  # encrypted under the KEK (or refused: another KEK, none configured, altered): one line naming the file
+        adapter_store.restore_versions(host, layout.adapters, envelope=envelope)
+    except AtRestError as exc:
+        audit.append(actor="node", action="at_rest.refused", resource=config.name, details={"error": exc.one_line()})
+        raise NodeStartError(exc.one_line()) from exc
+    keys = load_site_keys(layout.site_secret, envelope=envelope)
+    serving = Serving(host, audit, owner=config.name, keys=keys)
     parts = NodeParts(
         config=config,
         layout=layout,
@@ -199,11 +222,16 @@ def site_budget(config: NodeConfig, n_records: int, *, stored: Budget | None = N
     return Budget(epsilon=config.epsilon, delta=delta, accountant=config.accountant)
 
 
-def load_site_data(config: NodeConfig, tokenizer: Any) -> tuple[SiteData, list[TokenizedExample]]:
-    """Training records by partition (`node.data.partition_files`) and the evaluation records."""
+def load_site_data(
+    config: NodeConfig, tokenizer: Any, *, envelope: Envelope | None = None
+) -> tuple[SiteData, list[TokenizedExample]]:
+    """Training records by partition (`node.data.partition_files`) and the evaluation records (each
+    file in clear or, with the site's KEK `envelope`, encrypted)."""
     data_dir = Path(config.data_dir)
-    train = load_minimised(config, tokenizer)  # by partition, k-anonymous and redacted (node.minimise)
-    eval_data = tokenize(load_jsonl(data_dir / "eval.jsonl"), tokenizer, max_length=config.max_length)
+    train = load_minimised(config, tokenizer, envelope=envelope)  # by partition, k-anonymous and redacted
+    eval_data = tokenize(
+        load_jsonl(data_dir / "eval.jsonl", envelope=envelope), tokenizer, max_length=config.max_length
+    )
     return train, eval_data
 
 

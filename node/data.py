@@ -7,6 +7,12 @@ A site's training data is either one `train.jsonl` or a `train/` directory holdi
 file per ingestion batch (e.g. `train/2025-07.jsonl`). Each file is a data partition, named by
 the sha256 of its bytes: the privacy ledger accounts each partition's budget on its own
 (`privacy.ledger`), so a batch added later arrives with a full budget while a spent one retires.
+
+A file may be kept encrypted under the site's key-encryption key (`name.jsonl.enc`,
+federation.security.at_rest; `fedseek keys encrypt`): it is read with the site's envelope, and its
+fingerprint is the sha256 of the plaintext, so encrypting a batch, or rotating the KEK, leaves the
+partition the ledger knows unchanged (a fingerprint of the ciphertext would make an already spent
+batch look new, with a fresh budget, at each re-encryption).
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from typing import Any, overload
 import torch
 
 from federation.errors import InvalidInput
+from federation.security.at_rest import Envelope, WrongKek
 
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss skips this label
 _ROLES = frozenset({"system", "user", "assistant"})
 _SHAPE_HINT = "missing 'messages' or 'prompt'/'completion'"
+ENCRYPTED_SUFFIX = ".enc"  # a data file kept encrypted under the site's KEK
 
 
 class DataError(InvalidInput, ValueError):
@@ -108,12 +116,29 @@ def _parse_line(line: str) -> Example:
     return _parse_record(record)
 
 
-def load_jsonl(path: Path) -> list[Example]:
-    """Read one example per non-blank line; errors name the file and line."""
-    return _parse_jsonl(_read_bytes(path), Path(path))
+def load_jsonl(path: Path, *, envelope: Envelope | None = None) -> list[Example]:
+    """Read one example per non-blank line; errors name the file and line. `path` or, if only it
+    exists, `path.enc` (decrypted with `envelope`)."""
+    path = Path(path)
+    encrypted = path.with_name(path.name + ENCRYPTED_SUFFIX)
+    if not path.exists() and encrypted.exists():
+        path = encrypted
+    return _parse_jsonl(_read_bytes(path, envelope=envelope), path)
 
 
-def _read_bytes(path: Path) -> bytes:
+def read_data_bytes(path: Path, *, envelope: Envelope | None = None) -> bytes:
+    """A data file's bytes, decrypted if it is encrypted (`.enc`); DataError or AtRestError naming it."""
+    return _read_bytes(path, envelope=envelope)
+
+
+def _read_bytes(path: Path, *, envelope: Envelope | None = None) -> bytes:
+    if Path(path).name.endswith(ENCRYPTED_SUFFIX):
+        if envelope is None:
+            raise WrongKek(f"{path}: encrypted, and this site has no KEK configured (NodeConfig.kek)")
+        try:
+            return envelope.read(Path(path), context="data")
+        except FileNotFoundError as exc:
+            raise DataError(f"{path}: file not found") from exc
     try:
         return Path(path).read_bytes()
     except FileNotFoundError as exc:
@@ -247,29 +272,34 @@ TRAIN_FILE, TRAIN_DIR = "train.jsonl", "train"
 
 
 def partition_files(data_dir: Path) -> list[Path]:
-    """A site's training files: `train/*.jsonl` in name order (one per ingestion batch), else `train.jsonl`."""
+    """A site's training files: `train/*.jsonl` in name order (one per ingestion batch), else `train.jsonl`
+    (each may be encrypted: `.jsonl.enc`)."""
     batches, single = Path(data_dir) / TRAIN_DIR, Path(data_dir) / TRAIN_FILE
+    sealed = single.with_name(TRAIN_FILE + ENCRYPTED_SUFFIX)
     if not batches.is_dir():
-        return [single]
-    if single.exists():
+        return [sealed if sealed.exists() and not single.exists() else single]
+    if single.exists() or sealed.exists():
         raise DataError(f"{data_dir}: both {TRAIN_FILE} and {TRAIN_DIR}/ exist; keep one layout")
-    files = sorted(p for p in batches.iterdir() if p.suffix == ".jsonl" and p.is_file())
+    files = sorted(p for p in batches.iterdir() if p.name.endswith((".jsonl", ".jsonl.enc")) and p.is_file())
     if not files:
         raise DataError(f"{batches}: no .jsonl batch files")
     return files
 
 
-def read_partition(path: Path) -> tuple[str, list[Example]]:
-    """A batch file's fingerprint and examples, both from one read of its bytes (so they always agree)."""
-    data = _read_bytes(path)
+def read_partition(path: Path, *, envelope: Envelope | None = None) -> tuple[str, list[Example]]:
+    """A batch file's fingerprint and examples, both from one read of its bytes (so they always agree);
+    for an encrypted batch, of its plaintext."""
+    data = _read_bytes(path, envelope=envelope)
     return f"sha256:{hashlib.sha256(data).hexdigest()}", _parse_jsonl(data, Path(path))
 
 
-def load_partitions(data_dir: Path, tokenizer: Any, *, max_length: int = 256) -> SiteData:
+def load_partitions(
+    data_dir: Path, tokenizer: Any, *, max_length: int = 256, envelope: Envelope | None = None
+) -> SiteData:
     """Every training batch of a site's data directory, tokenized, each a partition named by its sha256."""
     parts = []
     for path in partition_files(data_dir):
-        sha256, examples = read_partition(path)
+        sha256, examples = read_partition(path, envelope=envelope)
         parts.append(
             DataPartition(sha256=sha256, name=path.name, examples=tokenize(examples, tokenizer, max_length=max_length))
         )

@@ -144,7 +144,7 @@ class Explanations:
             )
         if req.max_evals < MIN_EVALS:
             raise ValueError(f"max_evals {req.max_evals} is too small: SHAP needs at least {MIN_EVALS} evaluations")
-        adapter = host.resolve(req.model)
+        adapter = host.resolve(self.service.stable_model(req.model))  # the default: the stable version
         info = host.adapters.get(adapter)
         response_ids = None
         if req.response is not None:

@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from federation.protocol.config import NodeConfig
-from node.data import DataError, DataPartition, Example, SiteData, TokenizedExample, partition_files, read_partition
+from federation.security.at_rest import Envelope
+from node.data import (
+    DataError,
+    DataPartition,
+    Example,
+    SiteData,
+    TokenizedExample,
+    partition_files,
+    read_data_bytes,
+    read_partition,
+)
 from node.data import tokenize as tokenize_examples
 from privacy.audit import AuditTrail
 from privacy.kanonymity import KAnonymityPolicy, KAnonymityRefused
@@ -66,10 +76,10 @@ def policy_of(config: NodeConfig) -> KAnonymityPolicy:
     return KAnonymityPolicy(k=config.k_anonymity, max_suppression=config.max_suppression)
 
 
-def _records(path: Path, examples: list[Example], sha256: str) -> list[dict[str, Any]]:
+def _records(path: Path, examples: list[Example], sha256: str, envelope: Envelope | None) -> list[dict[str, Any]]:
     """The JSON records behind `examples`, read again and held to the same fingerprint (one file, one read
     as far as the ledger is concerned: a file rewritten in between is refused)."""
-    data = Path(path).read_bytes()
+    data = read_data_bytes(path, envelope=envelope)
     if f"sha256:{hashlib.sha256(data).hexdigest()}" != sha256:
         raise DataError(f"{Path(path).name} changed while it was read; start again")
     lines = [line for line in data.decode("utf-8-sig").splitlines() if line.strip()]
@@ -92,10 +102,10 @@ def _as_example(original: Example, record: dict[str, Any]) -> Example:
 
 
 def _minimise_partition(
-    path: Path, *, dataset: DatasetConfig, policy: KAnonymityPolicy
+    path: Path, *, dataset: DatasetConfig, policy: KAnonymityPolicy, envelope: Envelope | None = None
 ) -> tuple[str, list[Example], PartitionMinimisation]:
-    sha256, examples = read_partition(path)
-    records = _records(path, examples, sha256)
+    sha256, examples = read_partition(path, envelope=envelope)
+    records = _records(path, examples, sha256, envelope)
     refusal = None
     try:
         result = minimise_records(records, dataset=dataset, policy=policy)
@@ -109,15 +119,16 @@ def _minimise_partition(
     return sha256, kept, PartitionMinimisation(Path(path).name, sha256, result.report, refusal)
 
 
-def load_minimised(config: NodeConfig, tokenizer: Any) -> MinimisedSiteData:
-    """Every training partition of the site's data directory, minimised then tokenized."""
+def load_minimised(config: NodeConfig, tokenizer: Any, *, envelope: Envelope | None = None) -> MinimisedSiteData:
+    """Every training partition of the site's data directory (encrypted ones opened with `envelope`),
+    minimised then tokenized."""
     data_dir = Path(config.data_dir)
     dataset = load_dataset_config(data_dir)
     policy = policy_of(config)
     parts: list[DataPartition] = []
     reports: list[PartitionMinimisation] = []
     for path in partition_files(data_dir):
-        sha256, examples, report = _minimise_partition(path, dataset=dataset, policy=policy)
+        sha256, examples, report = _minimise_partition(path, dataset=dataset, policy=policy, envelope=envelope)
         tokenized = tokenize_examples(examples, tokenizer, max_length=config.max_length)
         parts.append(DataPartition(sha256=sha256, name=path.name, examples=tokenized))
         reports.append(report)

@@ -380,6 +380,13 @@ class NodeService:
     def models(self) -> list[dict[str, Any]]:
         return self.serving.models()
 
+    def stable_model(self, model: str | None) -> str | None:
+        """`model`, or for the default (none, or `latest`) the stable version (`base` while none is): what
+        one-off work such as an explanation uses, never the candidate's random share (node/release.py)."""
+        if model in (None, "", LATEST_ALIAS):
+            return self.release.stable or BASE
+        return model
+
     # ---- federation ---------------------------------------------------------------
     def train(self, global_arrays: wire.Arrays | None, config: Mapping[str, object]) -> RoundResult:
         """Train one round as a train message's `config` (TrainInstruction keys) asks.

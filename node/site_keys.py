@@ -10,6 +10,13 @@ Both keys are derived (HKDF-SHA256, one label each) from 32 random bytes made on
 first start, `NodeLayout.site_secret` (0600). Losing the file loses nothing but the ability to
 link new digests to old ones and to read stored explanations: keep it with the site's backups,
 never with the audit trail it keys.
+
+A site with a key-encryption key (`NodeConfig.kek`, federation.security.at_rest) seals new
+explanations as envelopes instead: a data key per file wrapped by the KEK, which is never a file
+beside the data, so a copy of the state directory alone opens none of them; `fedseek keys rotate`
+re-wraps them with the site's other encrypted files. Files sealed under the site key before the KEK
+was configured still open (each file says by its first bytes which it is). The digest key stays
+derived from the site secret: a KEK rotation must not change the digests that link audit records.
 """
 
 from __future__ import annotations
@@ -28,6 +35,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from federation.errors import FedSeekError
 from federation.ops.atomic import ensure_secret
+from federation.security.at_rest import MAGIC as ENVELOPE_MAGIC
+from federation.security.at_rest import Envelope
 
 __all__ = ["SECRET_BYTES", "SealError", "SiteKeys", "load_site_keys"]
 
@@ -49,7 +58,8 @@ class SiteKeys:
     """The keys derived from one site secret (never printed: `repr` shows no bytes)."""
 
     prompt: bytes  # HMAC-SHA256 of prompts and responses in the audit trail
-    explanations: bytes  # AES-256-GCM of stored explanations
+    explanations: bytes  # AES-256-GCM of stored explanations (a site without a KEK)
+    envelope: Envelope | None = None  # the site's KEK envelope: new files are sealed under it
 
     @classmethod
     def from_secret(cls, secret: bytes) -> SiteKeys:
@@ -69,13 +79,23 @@ class SiteKeys:
         """Hex HMAC-SHA256 of UTF-8 text: equal texts match at this site; without the key no guess can be tested."""
         return hmac.new(self.prompt, text.encode("utf-8"), hashlib.sha256).hexdigest()
 
+    def with_envelope(self, envelope: Envelope | None) -> SiteKeys:
+        """These keys, sealing new files under `envelope` (the site's KEK) when there is one."""
+        return SiteKeys(prompt=self.prompt, explanations=self.explanations, envelope=envelope)
+
     def seal(self, data: bytes, *, label: str) -> bytes:
         """Encrypt and authenticate `data`, bound to `label` (e.g. "<explanation id>/json"): a
         sealed file copied under another name does not open."""
+        if self.envelope is not None:
+            return self.envelope.encrypt_bytes(data, context=f"sealed/{label}")
         nonce = os.urandom(_NONCE_BYTES)
         return _MAGIC + nonce + AESGCM(self.explanations).encrypt(nonce, data, label.encode("utf-8"))
 
     def unseal(self, blob: bytes, *, label: str) -> bytes:
+        if blob.startswith(ENVELOPE_MAGIC):
+            if self.envelope is None:
+                raise SealError(f"{label}: sealed under a KEK and this site has none configured (NodeConfig.kek)")
+            return self.envelope.decrypt_bytes(blob, name=label, context=f"sealed/{label}")
         if not blob.startswith(_MAGIC) or len(blob) < len(_MAGIC) + _NONCE_BYTES + 16:
             raise SealError(f"{label}: not a sealed FedSeek file")
         nonce, body = blob[len(_MAGIC) : len(_MAGIC) + _NONCE_BYTES], blob[len(_MAGIC) + _NONCE_BYTES :]
@@ -87,11 +107,12 @@ class SiteKeys:
             ) from None
 
 
-def load_site_keys(path: Path) -> SiteKeys:
-    """The site's keys from `path` (`NodeLayout.site_secret`), made (0600, exclusively) on first start."""
+def load_site_keys(path: Path, *, envelope: Envelope | None = None) -> SiteKeys:
+    """The site's keys from `path` (`NodeLayout.site_secret`), made (0600, exclusively) on first start;
+    with `envelope`, new files are sealed under the site's KEK."""
     secret = ensure_secret(path, lambda: secrets.token_bytes(SECRET_BYTES))
     if len(secret) != SECRET_BYTES:
         raise FedSeekError(
             f"{path}: a site secret is {SECRET_BYTES} bytes, this file has {len(secret)}; restore it from backup"
         )
-    return SiteKeys.from_secret(secret)
+    return SiteKeys.from_secret(secret).with_envelope(envelope)

@@ -333,7 +333,7 @@ class AuditTrail:
     Group commit: the first caller to find no write in progress leads; it takes every record
     queued so far (up to `_GROUP_MAX`), writes them in one write, fsyncs once and moves the head;
     the others wait and get their record once that fsync returned (durable before acknowledged).
-    Records queued meanwhile form the next group.
+    Records queued meanwhile form the next group, which is prepared while this one's fsync runs.
 
     The Merkle frontier over the lines is kept in memory (O(log n) per append) and cached beside
     the log (`privacy.checkpoints.tree_path`) once a second, so opening a long log reads only the

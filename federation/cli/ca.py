@@ -12,6 +12,7 @@ import getpass
 import os
 import sys
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import get_args
 
@@ -38,6 +39,35 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     _days(p, pki.DEFAULT_LEAF_DAYS)
 
+    p = _command(
+        ca,
+        "sign",
+        "issue a certificate for a party's request (`fedseek node enroll`); its private key never comes here",
+        _sign,
+    )
+    p.add_argument("request", type=Path, help="the party's request.csr")
+    p.add_argument("--role", required=True, choices=list(get_args(pki.Role)))
+    p.add_argument(
+        "--host",
+        action="append",
+        help="SAN host name or IP (repeatable), as for `ca issue`; names the request asks for are granted only "
+        "if given here (default on a renewal: the current certificate's)",
+    )
+    p.add_argument(
+        "--site-key",
+        type=Path,
+        metavar="FILE",
+        help="the site's Flower auth public key (default: supernode_auth.pub beside the request; a node's first "
+        "enrollment needs it)",
+    )
+    p.add_argument(
+        "--proof",
+        type=Path,
+        metavar="FILE",
+        help="renewal proof, the current key's signature over the request (default: renewal.sig beside it)",
+    )
+    _days(p, pki.DEFAULT_LEAF_DAYS)
+
     p = _command(ca, "renew", "replace a party's certificate before it expires (same name, role, hosts)", _renew)
     p.add_argument("name")
     _days(p, pki.DEFAULT_LEAF_DAYS)
@@ -50,6 +80,12 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
     p = _command(ca, "crl", "sign a fresh CRL and publish it to every party; prints its path", _crl)
     _days(p, pki.CRL_DAYS, what="CRL validity; run again before it lapses")
+    p.add_argument(
+        "--if-due",
+        type=float,
+        metavar="DAYS",
+        help="sign only when the published CRL lapses within DAYS (for a timer; prints nothing otherwise)",
+    )
 
     p = _command(
         ca,
@@ -153,7 +189,55 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _crl(args: argparse.Namespace) -> int:
-    print(pki.write_crl(Path(args.pki), days=args.days, passphrase=passphrase_from(args)))
+    if args.if_due is None:
+        print(pki.write_crl(Path(args.pki), days=args.days, passphrase=passphrase_from(args)))
+        return 0
+    if args.if_due < 0:
+        raise pki.PKIError(f"--if-due must be a number of days, not {args.if_due}")
+    # The CA key is opened only when due: a timer's run that signs nothing unlocks nothing.
+    until = pki.refresh_crl(
+        Path(args.pki), within=timedelta(days=args.if_due), days=args.days, passphrase=passphrase_from(args)
+    )
+    if until is not None:
+        print(f"CRL re-signed and published, valid until {until:%Y-%m-%d %H:%M}Z")
+    return 0
+
+
+def _sign(args: argparse.Namespace) -> int:
+    from federation.security import enrollment
+
+    request = Path(args.request)
+    site_key = args.site_key or request.parent / "supernode_auth.pub"
+    proof_path = args.proof or request.parent / enrollment.PROOF_FILE
+    proof = proof_path.read_bytes() if proof_path.is_file() else None
+    if args.role == "node" and not site_key.is_file():
+        # Without its Flower key registered the coordinator refuses the site: say so before signing.
+        name = pki.request_name(pki.load_request(request))
+        if args.site_key is not None or not (Path(args.pki) / pki.SITE_KEYS_DIR / f"{name}.pub").is_file():
+            raise pki.PKIError(
+                f"no Flower auth key for '{name}': give --site-key FILE (supernode_auth.pub from the site)"
+            )
+        site_key = None
+    signed = pki.sign_request(
+        Path(args.pki),
+        request,
+        role=args.role,
+        hosts=args.host,
+        days=args.days,
+        proof=proof,
+        passphrase=passphrase_from(args),
+    )
+    ident = signed.identity
+    what = "renewed" if signed.renewal else "issued"
+    print(f"{what} {ident.role} certificate for {ident.name}: serial {ident.serial:x}, until {_until(ident)}")
+    print(f"  hosts: {', '.join(ident.hosts) or 'none'}")
+    for item in signed.ignored:
+        print(f"  requested, not granted: {item}")
+    if ident.role == "node":
+        if site_key is not None:
+            registered = enrollment.register_site_key(Path(args.pki), ident.name, site_key)
+            print(f"  SuperNode auth key registered: {registered}")
+    print(f"  bundle for the site: {signed.leaf.cert.parent} (`fedseek node enroll --accept DIR` there)")
     return 0
 
 

@@ -375,6 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
         datefmt="%Y-%m-%dT%H:%M:%S",
     )
+    from privacy.redact import RedactingFilter  # no log line may carry a name, record number or phone number
+
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     func: Handler = args.func
     try:
         return func(args)

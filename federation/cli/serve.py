@@ -89,7 +89,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     if bool(args.cert) != bool(args.key):
         raise InvalidInput("give both --cert and --key for TLS, or neither")
-    check_model_dir(Path(args.model))  # before the state directory exists: a typo leaves nothing behind
     os.umask(PRIVATE_UMASK)  # the audit trail, keys and site secret: this user's alone
     options = ServeOptions(
         model_dir=Path(args.model),
@@ -99,6 +98,7 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_model_len=args.max_model_len,
     )
+    check_model_dir(options.model_dir)  # before the state directory exists: a typo leaves nothing behind
     layout = NodeLayout(Path(args.state) if args.state else default_state_dir())
     policy = serving_access(layout)
     loaded: dict[str, Any] = {}

@@ -58,6 +58,12 @@ class NodeLayout(_Layout):
         return self.root / "site.key"
 
     @property
+    def kek(self) -> Path:
+        """`kek.json`: the id of the key-encryption key this site's encrypted files are under, and the
+        salt a passphrase KEK is derived with (federation.security.at_rest). No key is in it."""
+        return self.root / "kek.json"
+
+    @property
     def api_key_digests(self) -> Path:
         """The API keys, one JSON record a line: SHA-256 digest (never the key), id, scopes, expiry,
         revocation (`node.api_keys`; `fedseek key create|list|revoke`)."""

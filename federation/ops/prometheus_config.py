@@ -62,7 +62,8 @@ def prometheus_config(
     evaluation_interval: str | None = None,
 ) -> str:
     """prometheus.yml for the coordinator's admin API at `coordinator` (HOST:PORT) and each site's node
-    API at `nodes[site]` (HOST:PORT); every series is labelled with its `party` (and `site` for nodes)."""
+    API at `nodes[site]` (HOST:PORT), whose series get the label `site`. (No `party` target label: the
+    certificate metrics carry their own `party`, which Prometheus would rename `exported_party`.)"""
     lines = [
         "# FedSeek: Prometheus scraping a consortium over mutual TLS (federation/ops/prometheus_config.py).",
         "global:",
@@ -77,8 +78,6 @@ def prometheus_config(
         *_tls(tls, f"coordinator.{consortium}.fedseek.internal"),
         "    static_configs:",
         f"      - targets: [{_q(coordinator)}]",
-        "        labels:",
-        '          party: "coordinator"',
     ]
     if nodes:
         lines += [
@@ -92,7 +91,6 @@ def prometheus_config(
             lines += [
                 f"      - targets: [{_q(target)}]",
                 "        labels:",
-                f"          party: {_q(site)}",
                 f"          site: {_q(site)}",
             ]
     return "\n".join(lines) + "\n"

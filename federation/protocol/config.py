@@ -49,6 +49,10 @@ class NodeConfig:
     # k-anonymous before a round; records in smaller classes may be dropped, up to this share, else no training.
     k_anonymity: int = 5
     max_suppression: float = 0.1
+    # Encryption at rest (federation.security.at_rest): the site's key-encryption key, from
+    # {"passphrase_file": PATH} or {"command": [ARGV, ...]} (a KMS/HSM client printing 32 bytes);
+    # empty: training data and adapters are kept in clear (explanations stay sealed by the site key).
+    kek: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -173,12 +173,12 @@ def _fedseek(*argv: str, timeout: float = 900) -> subprocess.CompletedProcess[st
 
 
 def _health(prom: Prom) -> dict[str, str]:
-    return {f"{t['labels']['job']}/{t['labels']['party']}": t["health"] for t in prom.targets()}
+    return {f"{t['labels']['job']}/{t['labels'].get('site', '')}": t["health"] for t in prom.targets()}
 
 
 def _errors(prom: Prom, env: dict[str, Any]) -> Callable[[], str]:
     def detail() -> str:
-        errors = {t["labels"]["party"]: t["lastError"] for t in prom.targets() if t["lastError"]}
+        errors = {t["scrapeUrl"]: t["lastError"] for t in prom.targets() if t["lastError"]}
         log = env["prometheus"].log_path.read_text()[-1500:]
         return f"targets {_health(prom)}, errors {errors}; prometheus log: {log}"
 
@@ -189,7 +189,7 @@ def _errors(prom: Prom, env: dict[str, Any]) -> Callable[[], str]:
 def after_round(consortium: dict[str, Any]) -> dict[str, Any]:
     """Every target up over mutual TLS, then one round run (`fedseek run`)."""
     prom: Prom = consortium["prom"]
-    wanted = {f"{COORDINATOR_JOB}/coordinator", *(f"{NODE_JOB}/{s}" for s in SITES)}
+    wanted = {f"{COORDINATOR_JOB}/", *(f"{NODE_JOB}/{s}" for s in SITES)}
     until(
         lambda: _health(prom) == dict.fromkeys(wanted, "up"),
         "every target up",
@@ -207,7 +207,7 @@ def test_prometheus_scrapes_every_party_over_mutual_tls(after_round: dict[str, A
     targets = prom.targets()
     assert {t["health"] for t in targets} == {"up"} and len(targets) == 1 + len(SITES)
     assert {t["scrapeUrl"].split("://")[0] for t in targets} == {"https"}
-    assert prom.by('up{job=~"fedseek-.*"}', "party") == {"coordinator": 1.0, "site-a": 1.0, "site-b": 1.0}
+    assert prom.by('up{job=~"fedseek-.*"}', "site") == {"": 1.0, "site-a": 1.0, "site-b": 1.0}
 
 
 def test_the_round_is_seen_at_the_coordinator(after_round: dict[str, Any]) -> None:
@@ -225,8 +225,8 @@ def test_the_round_is_seen_at_the_coordinator(after_round: dict[str, Any]) -> No
     assert sizes == sum(rec["update_bytes"].values()) > 0
     assert prom.by('fedseek_run_info{run="watched"}', "status") == {"finished": 1.0}
     assert prom.by("fedseek_site_connected", "site") == {"site-a": 1.0, "site-b": 1.0}
-    assert prom.by("fedseek_sites_connected", "party") == {"coordinator": 2.0}
-    assert prom.by("fedseek_sites_registered", "party") == {"coordinator": 2.0}
+    assert prom.by("fedseek_sites_connected", "job") == {COORDINATOR_JOB: 2.0}
+    assert prom.by("fedseek_sites_registered", "job") == {COORDINATOR_JOB: 2.0}
 
 
 def test_budget_audit_and_certificates_are_seen_at_each_site(after_round: dict[str, Any]) -> None:
@@ -266,6 +266,9 @@ def test_every_metric_in_rules_and_dashboard_is_scraped(after_round: dict[str, A
     exprs += [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
     named = {m for e in exprs for m in NAME_RE.findall(e)}
     assert not sorted(named - scraped), f"named but never scraped: {sorted(named - scraped)}"
+    # No metric label collides with a target label (Prometheus would rename it `exported_...`).
+    series = prom.get("/api/v1/series", **{"match[]": '{__name__=~"fedseek_.+|vllm:.+"}'})
+    assert series and not {k for s in series for k in s if k.startswith("exported_")}
 
 
 def test_the_rules_load_and_nothing_fires_on_a_healthy_consortium(after_round: dict[str, Any]) -> None:
@@ -309,5 +312,5 @@ def test_a_stopped_site_is_down_and_dropped(after_round: dict[str, Any]) -> None
         240,
         detail=lambda: str(prom.by("fedseek_site_connected", "site")),
     )
-    assert prom.by("fedseek_sites_dropped", "party") == {"coordinator": 1.0}
-    assert prom.by("fedseek_sites_connected", "party") == {"coordinator": 1.0}
+    assert prom.by("fedseek_sites_dropped", "job") == {COORDINATOR_JOB: 1.0}
+    assert prom.by("fedseek_sites_connected", "job") == {COORDINATOR_JOB: 1.0}

@@ -4,7 +4,8 @@ Every party (coordinator, hospital nodes, reviewers, admins) authenticates to ev
 with mutual TLS, so one small CA issues all certificates. Callers use this package's names
 (`from federation.security import pki; pki.issue(...)`); the modules, one job each:
 
-- `ca`: the CA's operations (init, issue, renew, revoke, publish the CRL), all-or-nothing on disk;
+- `ca`: the CA's operations (init, issue, renew, revoke, publish and refresh the CRL), all-or-nothing on disk;
+- `request`: certificate requests: a party makes its own key and request, the CA signs it with its policy;
 - `party`: what a party checks before it starts TLS (its files, a peer's chain, validity, revocation);
 - `status`: which certificates are issued and in what state (no passphrase needed);
 - `identity`: who a certificate speaks for (name, role, consortium, hosts), the naming rules, and
@@ -20,7 +21,16 @@ with mutual TLS, so one small CA issues all certificates. Callers use this packa
 
 from __future__ import annotations
 
-from federation.security.pki.ca import DEFAULT_LEAF_DAYS, MAX_LEAF_DAYS, init_ca, issue, renew, revoke, write_crl
+from federation.security.pki.ca import (
+    DEFAULT_LEAF_DAYS,
+    MAX_LEAF_DAYS,
+    init_ca,
+    issue,
+    refresh_crl,
+    renew,
+    revoke,
+    write_crl,
+)
 from federation.security.pki.crl import CRL_DAYS, Reason, is_revoked, load_crl
 from federation.security.pki.errors import PKIError
 from federation.security.pki.hosts import coordinator_host
@@ -41,6 +51,15 @@ from federation.security.pki.passphrase import (
     read_passphrase_file,
 )
 from federation.security.pki.publisher import create_publisher, load_publisher_key, party_publishers
+from federation.security.pki.request import (
+    Signed,
+    build_request,
+    load_request,
+    renewal_proof,
+    request_name,
+    request_pem,
+    sign_request,
+)
 from federation.security.pki.status import Status, list_issued, list_status
 
 __all__ = [
@@ -56,7 +75,9 @@ __all__ = [
     "PKIError",
     "Reason",
     "Role",
+    "Signed",
     "Status",
+    "build_request",
     "check_member",
     "consortium_of",
     "coordinator_host",
@@ -72,11 +93,17 @@ __all__ = [
     "load_leaf",
     "load_party",
     "load_publisher_key",
+    "load_request",
     "party_publishers",
     "read_identity",
     "read_passphrase_file",
+    "refresh_crl",
     "renew",
+    "renewal_proof",
+    "request_name",
+    "request_pem",
     "revoke",
+    "sign_request",
     "verify_leaf",
     "write_crl",
 ]

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from federation.ops.atomic import install_dir, write_atomic
 from federation.security.pki.certs import build_ca_cert, san_entries, sign_leaf
 from federation.security.pki.clock import CLOCK_SKEW, utcnow
-from federation.security.pki.crl import CRL_DAYS, REASON_FLAGS, Reason, sign_crl
+from federation.security.pki.crl import CRL_DAYS, REASON_FLAGS, Reason, load_crl, sign_crl
 from federation.security.pki.errors import PKIError
 from federation.security.pki.hosts import LOOPBACK_BY_ROLE, check_hosts, renewable
 from federation.security.pki.identity import ROLES, Role, check_name, identity_of, is_role
@@ -59,6 +59,7 @@ __all__ = [
     "init_ca",
     "issue",
     "issue_at",
+    "refresh_crl",
     "renew",
     "revoke",
     "write_crl",
@@ -228,6 +229,33 @@ def write_crl(pki_dir: Path, *, days: int = CRL_DAYS, passphrase: str | bytes | 
     return ca.dir / CRL_FILE
 
 
+def refresh_crl(
+    pki_dir: Path,
+    *,
+    within: timedelta,
+    days: int = CRL_DAYS,
+    passphrase: str | bytes | None = None,
+) -> datetime | None:
+    """Re-sign and publish the CRL when the published one lapses within ``within``; its new expiry, else None.
+
+    For a timer (deploy/systemd/fedseek-crl.timer): it runs often, and signs only when due, so
+    the CA key is unlocked a few times a week. A missing or unreadable CRL is due.
+    """
+    _check_days(days)
+    if within >= timedelta(days=days):
+        raise PKIError(f"a refresh margin of {within} would re-sign a {days}-day CRL on every run")
+    pki_dir = Path(pki_dir)
+    path = pki_dir / CA_DIR / CRL_FILE
+    try:
+        next_update = load_crl(path).next_update_utc
+    except PKIError:
+        next_update = None
+    if next_update is not None and next_update - utcnow() > within:
+        return None
+    write_crl(pki_dir, days=days, passphrase=passphrase)
+    return load_crl(path).next_update_utc
+
+
 def issue_at(
     pki_dir: Path,
     name: str,
@@ -237,11 +265,13 @@ def issue_at(
     days: int,
     not_before: datetime | None,
     passphrase: str | bytes | None = None,
-    key: ec.EllipticCurvePrivateKey | None = None,
+    key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey | None = None,
 ) -> LeafFiles:
     """Issue a leaf; ``not_before`` overrides the start of validity (tests only).
 
-    Not exported by the package: `issue` and `renew` are the operations; this is what they share.
+    Not exported by the package: `issue`, `renew` and `sign_request` are the operations; this is
+    what they share. With a public ``key`` (a certificate request's) no ``key.pem`` is written:
+    the party's directory here is the bundle it copies back, and the private key never left it.
     """
     check_name(name, what="party name")
     if name in RESERVED:
@@ -277,7 +307,8 @@ def issue_at(
         staging = Path(tempfile.mkdtemp(dir=pki_dir, prefix=f".{name}.new-"))
         try:
             _carry_over(leaf_dir, staging)
-            write_atomic(staging / LEAF_KEY, leaf_key_pem(key), mode=0o600)
+            if isinstance(key, ec.EllipticCurvePrivateKey):
+                write_atomic(staging / LEAF_KEY, leaf_key_pem(key), mode=0o600)
             write_atomic(staging / LEAF_CERT, cert_pem(cert), mode=0o644)
             write_atomic(staging / LEAF_CA, cert_pem(ca.cert), mode=0o644)
             write_atomic(staging / CRL_FILE, crl, mode=0o644)

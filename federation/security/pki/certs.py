@@ -55,7 +55,7 @@ def build_ca_cert(
 
 def sign_leaf(
     ca: SigningCA,
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey,
     *,
     name: str,
     role: Role,
@@ -63,7 +63,12 @@ def sign_leaf(
     not_before: datetime,
     not_after: datetime,
 ) -> x509.Certificate:
-    """Party ``name``'s certificate for ``key``, signed by ``ca`` (CN = name, O = consortium, OU = role)."""
+    """Party ``name``'s certificate for ``key``, signed by ``ca`` (CN = name, O = consortium, OU = role).
+
+    ``key`` may be the party's public key alone: a certificate request (`pki.sign_request`) brings
+    no private key to the CA. Every extension comes from here, never from the request.
+    """
+    public_key = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     builder = (
         x509.CertificateBuilder()
         .subject_name(
@@ -76,7 +81,7 @@ def sign_leaf(
             )
         )
         .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
+        .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before)
         .not_valid_after(not_after)
@@ -86,7 +91,7 @@ def sign_leaf(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
             critical=False,
