@@ -560,7 +560,7 @@ class NodeService:
         arrays = with_seeded_lora_a(self.host, arrays)
         info = self.host.install(version, arrays, sha256=sha256, parent=parent)
         self.serving.sync_adapters()
-        adapter_store.save_version(self.layout.adapters, info, arrays)
+        adapter_store.save_version(self.layout.adapters, info, arrays, envelope=self.serving.keys.envelope)  # KEK
         loss = evaluate_loss(self.host, self.eval_data, model=version)
         self.state.eval_loss_after[version] = loss
         shown = loss if math.isfinite(loss) else None  # JSON has no NaN: a broken version's loss is null

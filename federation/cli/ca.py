@@ -207,10 +207,10 @@ def _sign(args: argparse.Namespace) -> int:
     from federation.security import enrollment
 
     request = Path(args.request)
-    site_key = args.site_key or request.parent / "supernode_auth.pub"
+    site_key: Path | None = args.site_key or request.parent / "supernode_auth.pub"
     proof_path = args.proof or request.parent / enrollment.PROOF_FILE
     proof = proof_path.read_bytes() if proof_path.is_file() else None
-    if args.role == "node" and not site_key.is_file():
+    if args.role == "node" and site_key is not None and not site_key.is_file():
         # Without its Flower key registered the coordinator refuses the site: say so before signing.
         name = pki.request_name(pki.load_request(request))
         if args.site_key is not None or not (Path(args.pki) / pki.SITE_KEYS_DIR / f"{name}.pub").is_file():
@@ -233,10 +233,9 @@ def _sign(args: argparse.Namespace) -> int:
     print(f"  hosts: {', '.join(ident.hosts) or 'none'}")
     for item in signed.ignored:
         print(f"  requested, not granted: {item}")
-    if ident.role == "node":
-        if site_key is not None:
-            registered = enrollment.register_site_key(Path(args.pki), ident.name, site_key)
-            print(f"  SuperNode auth key registered: {registered}")
+    if ident.role == "node" and site_key is not None:
+        registered = enrollment.register_site_key(Path(args.pki), ident.name, site_key)
+        print(f"  SuperNode auth key registered: {registered}")
     print(f"  bundle for the site: {signed.leaf.cert.parent} (`fedseek node enroll --accept DIR` there)")
     return 0
 
