@@ -10,7 +10,8 @@ line does. The file is casbin's CSV policy format:
 
 - KIND: `cert` (a consortium certificate the TLS layer verified) or `key` (an API key);
 - NAME: the certificate's name (CN) or the key's id (`key-<12 hex>`), or `*`;
-- ROLE: the certificate's role (`node`, `reviewer`, `admin`, `coordinator`), `key` for keys, or `*`;
+- ROLE: the certificate's role (`node`, `reviewer`, `admin`, `coordinator`, `monitor`), `key` for keys,
+  or `*` (a `monitor` certificate may read `metrics` only, whatever a line allows: node/access.py);
 - ORG: an organisation, or `*`. Consortium certificates name their consortium (O), not their
   hospital, so the site says who belongs to which organisation with `g, NAME, ORG` lines; the
   party whose name IS the organisation's belongs to it too (site `site-a`'s own node is in `site-a`);
@@ -206,7 +207,7 @@ def default_policy(site: str) -> str:
 #   p, KIND, NAME, ROLE, ORG, ROUTE, MODEL, EFFECT
 #     KIND    cert (a consortium certificate) or key (an API key: fedseek key create)
 #     NAME    the certificate's name (CN) or the key's id (fedseek key list), or *
-#     ROLE    node, reviewer, admin, coordinator (certificates), key (keys), or *
+#     ROLE    node, reviewer, admin, coordinator, monitor (certificates), key (keys), or *
 #     ORG     an organisation (see g lines), or *
 #     ROUTE   chat, completions, models, metrics, explanations, admin, or *
 #     MODEL   a model name; * matches any part (site-a-* is every adapter version named so)
@@ -216,6 +217,7 @@ def default_policy(site: str) -> str:
 #
 # To admit a reviewer or admin of this site's organisation:   g, rita, {site}
 # To let a key with the `explain` scope ask for explanations:  p, key, *, key, *, explanations, *, allow
+# To let the monitoring's Prometheus read /metrics:           g, prometheus, {site}
 
 # API keys, each within its own scopes (fedseek key create --scope ...).
 p, key, *, key, *, chat, *, allow

@@ -46,7 +46,7 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         _sign,
     )
     p.add_argument("request", type=Path, help="the party's request.csr")
-    p.add_argument("--role", required=True, choices=list(get_args(pki.Role)))
+    p.add_argument("--role", required=True, choices=list(get_args(pki.Role)), help="the role the certificate grants")
     p.add_argument(
         "--host",
         action="append",
@@ -84,7 +84,7 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--if-due",
         type=float,
         metavar="DAYS",
-        help="sign only when the published CRL lapses within DAYS (for a timer; prints nothing otherwise)",
+        help="sign only when the published CRL lapses within DAYS (for a timer); the CA key stays locked otherwise",
     )
 
     p = _command(
@@ -200,6 +200,9 @@ def _crl(args: argparse.Namespace) -> int:
     )
     if until is not None:
         print(f"CRL re-signed and published, valid until {until:%Y-%m-%d %H:%M}Z")
+    else:
+        current = pki.load_crl(Path(args.pki) / "ca" / "crl.pem").next_update_utc
+        print(f"CRL not due: valid until {current:%Y-%m-%d %H:%M}Z" if current else "CRL not due")
     return 0
 
 

@@ -256,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = node.add_parser("start", help="start the node agent daemon")
     p.add_argument("--config", required=True)
     p.set_defaults(func=_node_start)
+    from federation.cli.enroll import add_enroll_command
+
+    add_enroll_command(node)  # the site's key and certificate request, made on the site
 
     from federation.protocol.round_settings import AGGREGATIONS, RunSettings
 
@@ -326,7 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     from federation.cli.audit import add_audit_commands
     from federation.cli.backup import add_backup_commands
     from federation.cli.budget import add_budget_command
+    from federation.cli.compliance import add_compliance_commands
     from federation.cli.keys import add_key_commands
+    from federation.cli.keys_at_rest import add_kek_commands
     from federation.cli.privacy_audit import add_privacy_commands
     from federation.cli.serve import add_serve_command
     from federation.cli.witness import add_witness_commands
@@ -336,8 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_privacy_commands(sub)
     add_serve_command(sub)
     add_key_commands(sub)
+    add_kek_commands(sub)
     add_audit_commands(sub)
     add_backup_commands(sub)
+    add_compliance_commands(sub)  # fedseek compliance report: the inspector's HTML document
 
     p = sub.add_parser("explain", help="explain a model answer with SHAP, computed at a site's node")
     p.add_argument("--node", required=True, help="the node's API base URL, e.g. https://localhost:8443")

@@ -58,6 +58,7 @@ PLANS: dict[PartyKind, dict[str, How]] = {
         "agent_token": "secret",
         "api_key": "secret",
         "site_secret": "secret",
+        "kek": "file",  # the KEK's id and salt, never the key: encrypted files stay encrypted in a backup
         "api_key_digests": "file",
         "api_keys_lock": "runtime",
         "access_policy": "file",

@@ -86,7 +86,29 @@ def _node_ids(db: Path) -> list[int]:
         return sorted(int(r[0]) for r in conn.execute("SELECT node_id FROM node").fetchall())
 
 
-def test_a_standby_restored_from_a_live_backup_takes_over(tmp_path: Path, tiny_model_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "round_after_backup",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="a standby restored from a backup older than the last round numbers its next version as the "
+                "lost one (the registry knows only what the backup held); the sites refuse that deploy "
+                "(VersionReused) while the run reports finished. Needs the sites' latest version in their "
+                "readiness answers, so the registry numbers past it (coordinator/strategy.py, registry.py)",
+            ),
+        ),
+    ],
+    ids=["backup-after-last-round", "round-lost-with-the-primary"],
+)
+def test_a_standby_restored_from_a_live_backup_takes_over(
+    tmp_path: Path, tiny_model_dir: Path, round_after_backup: bool
+) -> None:
+    """The standby carries on from the backup: same nodes, run history, witnessed heads extended, and a
+    new version every site deploys. With a round run on the primary after the backup, that round (its
+    version and witnessed heads) is the recovery point's loss, and its version number must not come back."""
     base = tmp_path
     pki_dir, state = signed_consortium(base, SITES)
     primary_port, standby_port = free_port(), free_port()
@@ -150,7 +172,7 @@ def test_a_standby_restored_from_a_live_backup_takes_over(tmp_path: Path, tiny_m
         checked = _fedseek("restore", "--from", str(site_backup), "--state", str(base / "x"), "--check", "--json")
         assert checked.returncode == 0 and json.loads(checked.stdout)["signed_by"] == "site-a", checked.stderr
 
-        at_backup = {
+        at_backup: dict[str, Any] = {
             "audit": len(audit_records(state)),
             "witnessed": _witnessed(state),
             "versions": sorted(p.name for p in (state / "registry").glob("global-v*")),
@@ -158,13 +180,16 @@ def test_a_standby_restored_from_a_live_backup_takes_over(tmp_path: Path, tiny_m
         assert at_backup["versions"] == ["global-v0001"]
         assert all(len(v) >= 2 for v in at_backup["witnessed"].values())  # readiness and update heads of "first"
         node_ids = _node_ids(CoordinatorLayout(state).superlink_db)
+        if round_after_backup:  # lost with the primary: what a backup taken before the last round costs
+            between = _run(state, "between")
+            assert between.returncode == 0, between.stdout + between.stderr
 
         # The primary host dies.
         killed = time.monotonic()
         os.kill(primary.pid, signal.SIGKILL)
         assert primary.proc is not None
         primary.proc.wait(30)
-        lost = {
+        lost: dict[str, Any] = {
             "audit_records": len(audit_records(state)) - at_backup["audit"],
             "witnessed_heads": sum(len(v) for v in _witnessed(state).values())
             - sum(len(v) for v in at_backup["witnessed"].values()),
@@ -199,11 +224,19 @@ def test_a_standby_restored_from_a_live_backup_takes_over(tmp_path: Path, tiny_m
             second.stdout + second.stderr + CoordinatorLayout(standby_state).superlink_log.read_text()[-3000:]
         )
 
-        # The standby carried on: the next version number, the same nodes, the run history, the witness.
-        versions = sorted(p.name for p in (standby_state / "registry").glob("global-v*"))
-        assert versions == ["global-v0001", "global-v0002"]
+        # The standby carried on: the same nodes, the run history, the witness, and a new version number.
         assert _node_ids(CoordinatorLayout(standby_state).superlink_db) == node_ids
         assert _runs(CoordinatorLayout(standby_state).superlink_db) == 2  # "first" (restored) and "second"
+        summary = json.loads((standby_state / "registry" / "runs" / "second.json").read_text())
+        made_version, made_sha = summary["global_adapter"]["version"], summary["global_adapter"]["sha256"]
+        if not round_after_backup:
+            assert made_version == "global-v0002"  # the next number after the backup's
+        for site in SITES:
+            records = [json.loads(x) for x in _lines(NodeLayout(base / site / "state").audit)]
+            refused = [r["details"] for r in records if r["action"] == "deploy.refused"]
+            deployed = {(r["resource"], r["details"].get("sha256")) for r in records if r["action"] == "deploy"}
+            assert not refused, f"{site} refused the standby's version: {refused}"
+            assert (made_version, made_sha) in deployed, site
         witnessed = _witnessed(standby_state)
         for site in SITES:
             before = at_backup["witnessed"][site]
@@ -212,7 +245,6 @@ def test_a_standby_restored_from_a_live_backup_takes_over(tmp_path: Path, tiny_m
             assert ok.returncode == 0 and ok.stdout.splitlines()[-1].startswith(f"WITNESSED: {site}"), ok.stdout
         restored_records = audit_records(standby_state, "state.restored")
         assert len(restored_records) == 1 and restored_records[0]["details"]["signed_by"] == "coordinator"
-        summary = json.loads((standby_state / "registry" / "runs" / "second.json").read_text())
         round_s = summary["traffic_by_round"][0]["end_s"] if summary.get("traffic_by_round") else None
 
         numbers.update(
@@ -225,8 +257,11 @@ def test_a_standby_restored_from_a_live_backup_takes_over(tmp_path: Path, tiny_m
         )
         (base / "dr-measurements.json").write_text(json.dumps(numbers, indent=2))
         print("disaster recovery:", json.dumps(numbers))
-        # What was written after the backup is what a standby lacks: here the round came before it, so
-        # no witnessed head and no version is lost; only audit records the primary wrote meanwhile.
-        assert lost["witnessed_heads"] == 0 and lost["versions"] == []
+        # What was written after the backup is what a standby lacks: with the backup after the last round,
+        # no witnessed head and no version; with a round after it, that round's.
+        if round_after_backup:
+            assert lost["witnessed_heads"] > 0 and lost["versions"] == ["global-v0002"]
+        else:
+            assert lost["witnessed_heads"] == 0 and lost["versions"] == []
     finally:
         stop(procs)

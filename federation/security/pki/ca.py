@@ -296,6 +296,7 @@ def issue_at(
         if valid_until <= valid_from:
             raise PKIError(f"certificate '{name}' would expire before it becomes valid")
 
+        keyless = isinstance(key, ec.EllipticCurvePublicKey)  # a request's: the party keeps its keys
         key = key or ec.generate_private_key(ec.SECP256R1())
         cert = sign_leaf(ca, key, name=name, role=role, sans=sans, not_before=valid_from, not_after=valid_until)
         index = load_index(ca.dir)
@@ -306,7 +307,8 @@ def issue_at(
         leaf_dir = pki_dir / name
         staging = Path(tempfile.mkdtemp(dir=pki_dir, prefix=f".{name}.new-"))
         try:
-            _carry_over(leaf_dir, staging)
+            if not keyless:  # an enrolled party's directory here is only its bundle: no keys of any kind
+                _carry_over(leaf_dir, staging)
             if isinstance(key, ec.EllipticCurvePrivateKey):
                 write_atomic(staging / LEAF_KEY, leaf_key_pem(key), mode=0o600)
             write_atomic(staging / LEAF_CERT, cert_pem(cert), mode=0o644)

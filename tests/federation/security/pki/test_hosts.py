@@ -25,7 +25,7 @@ def test_role_name() -> None:
     assert coordinator_host("fedseek") == ROLE_NAME
 
 
-@pytest.mark.parametrize("role", ["reviewer", "admin"])
+@pytest.mark.parametrize("role", ["reviewer", "admin", "monitor"])
 @pytest.mark.parametrize(
     "host", ["localhost", "127.0.0.1", "::1", "127.0.0.2", "::ffff:127.0.0.1", "ws.localhost", "LOCALHOST.", "0.0.0.0"]
 )
@@ -42,7 +42,7 @@ def test_a_node_carries_127_0_0_1_only(pki: Path, host: str) -> None:
         issue(pki, "site-a", role="node", hosts=(host,))
 
 
-@pytest.mark.parametrize("role", ["node", "reviewer", "admin"])
+@pytest.mark.parametrize("role", ["node", "reviewer", "admin", "monitor"])
 @pytest.mark.parametrize("host", [ROLE_NAME, "Coordinator.Fedseek.Fedseek.Internal.", "x.fedseek.internal"])
 def test_only_the_coordinator_carries_its_role_name(pki: Path, role: str, host: str) -> None:
     before = snapshot(pki)
