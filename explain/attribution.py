@@ -251,6 +251,18 @@ def _masker(tokenizer: Any, granularity: Granularity) -> _FaithfulText:
     return _FaithfulText(feature_tokenizer(granularity, tokenizer), mask_token=_MASK_TOKEN, collapse_mask_token=True)
 
 
+def prompt_masker(tokenizer: Any, prompt: str, *, granularity: Granularity = "token") -> Callable[[Sequence[bool]], str]:
+    """``keep -> text``: ``prompt`` with the features not kept replaced by ``...``, exactly as
+    explain_text masks it (so faithfulness checks score the same texts the explainer did)."""
+    masker = _masker(tokenizer, granularity)
+
+    def render(keep: Sequence[bool]) -> str:
+        (text,) = masker(np.asarray(keep, dtype=bool), prompt)[0]
+        return str(text)
+
+    return render
+
+
 def count_features(tokenizer: Any, prompt: str, *, granularity: Granularity = "token") -> int:
     """How many features explain_text will attribute ``prompt`` to (no model call)."""
     return len(_masker(tokenizer, granularity).token_segments(prompt)[0])

@@ -4,13 +4,21 @@ Tokens are what the model sees but are often word pieces a reviewer cannot read;
 sentences cost far fewer evaluations for the same prompt. shap's Text masker takes any
 callable that answers ``tok(text, return_offsets_mapping=True)`` with ``input_ids`` and
 ``offset_mapping``, so words and sentences are regex "tokenizers" with that interface.
+
+Chinese is written without spaces, so a regex would take a whole clause for one word: runs
+containing CJK ideographs are segmented into words by jieba-rs (``rjieba``, a maintained
+Rust port of jieba with the same dictionary), and sentences also end at Chinese full-width
+terminators (。！？；), which need no space after them.
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Sequence
 from typing import Any, Literal, get_args
+
+import rjieba
 
 Granularity = Literal["token", "word", "sentence"]
 GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
@@ -19,8 +27,11 @@ GRANULARITIES: tuple[Granularity, ...] = get_args(Granularity)
 # runs are features of their own so "fever," attributes to "fever", not to the comma.
 _WORD = re.compile(r"\w+(?:[-'’.,/]\w+)*|[^\w\s]+")
 # A sentence runs to a terminator (with closing quotes/brackets) before whitespace or the
-# end, or to a line break: notes are often lists without full stops.
-_SENTENCE = re.compile(r"\S.*?(?:[.!?]+[\"'”’)\]]*(?=\s|\Z)|(?=\n)|\Z)")
+# end, to a Chinese full-width terminator (no space follows those), or to a line break:
+# notes are often lists without full stops.
+_SENTENCE = re.compile(r"\S.*?(?:[.!?]+[\"'”’)\]]*(?=\s|\Z)|[。！？；]+[”’」』）\]]*|(?=\n)|\Z)")
+# CJK Unified Ideographs (and extension A, compatibility ideographs): text jieba segments.
+_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
 
 
 class RegexSplitter:
@@ -36,8 +47,12 @@ class RegexSplitter:
         self.pattern = pattern
         self.name = name
 
+    def starts(self, text: str) -> list[int]:
+        """Where each piece starts."""
+        return [m.start() for m in self.pattern.finditer(text)]
+
     def spans(self, text: str) -> list[tuple[int, int]]:
-        starts = [m.start() for m in self.pattern.finditer(text)]
+        starts = self.starts(text)
         if not starts:
             return []
         bounds = [0, *starts[1:], len(text)]
@@ -57,7 +72,21 @@ class RegexSplitter:
         return f"RegexSplitter({self.name})"
 
 
-WORDS = RegexSplitter(_WORD, name="word")
+class WordSplitter(RegexSplitter):
+    """Words by regex, with every run that holds Chinese ideographs cut into jieba's words."""
+
+    def starts(self, text: str) -> list[int]:
+        out: list[int] = []
+        for m in self.pattern.finditer(text):
+            if not _CJK.search(m.group()):
+                out.append(m.start())
+                continue
+            # jieba's offsets are in characters of the run (mixed runs such as "ECG正常" split too)
+            out += [m.start() + int(start) for _, start, _ in rjieba.tokenize(m.group())]
+        return out
+
+
+WORDS = WordSplitter(_WORD, name="word")
 SENTENCES = RegexSplitter(_SENTENCE, name="sentence")
 
 
@@ -70,3 +99,28 @@ def feature_tokenizer(granularity: Granularity, tokenizer: Any) -> Any:
     if granularity == "sentence":
         return SENTENCES
     raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}, not {granularity!r}")
+
+
+def feature_labels(features: Sequence[str], granularity: Granularity | None = None) -> list[str]:
+    """How a report names each feature: its text, and where it repeats, its position too.
+
+    "pain (word 7)" and "pain (word 12)" tell apart two occurrences a chart would otherwise
+    show twice under one name; positions count the features that carry text, from 1.
+    """
+    unit = granularity or "feature"
+    texts = [" ".join(f.split()) for f in features]
+    counts: dict[str, int] = {}
+    for t in texts:
+        if t:
+            counts[t] = counts.get(t, 0) + 1
+    out, position = [], 0
+    for t in texts:
+        if t:
+            position += 1
+        out.append(f"{t} ({unit} {position})" if t and counts[t] > 1 else t)
+    return out
+
+
+def has_cjk(text: str) -> bool:
+    """Whether ``text`` holds Chinese ideographs (a report marks it ``lang="zh"`` for the font)."""
+    return _CJK.search(text) is not None

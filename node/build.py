@@ -37,6 +37,7 @@ from node.service import NodeParts, NodeService, Serving
 from node.site_keys import load_site_keys
 from node.witness_statements import node_key_path
 from privacy.audit import AuditTrail
+from privacy.audit_payload import PayloadSealer, PayloadSealingTrail
 from privacy.checkpoints import CheckpointSigner
 from privacy.consistency import ledger_refusal
 from privacy.ledger import Budget, LedgerError, PolicyError, PrivacyLedger, read_budget
@@ -115,8 +116,12 @@ def assemble_node(
     )
     layout = NodeLayout(Path(config.state_dir))
     budget = site_budget(config, len(data), stored=_stored_budget(layout.ledger))
+    if envelope is None and config.kek:
+        envelope = _site_envelope(config)  # a KEK that is not the site's: refused before anything is written
     private_dir(layout.root)  # 0700: the audit trail, ledger, keys and adapters are the site's alone
-    audit = AuditTrail(layout.audit, signer=_audit_signer(config))  # signed checkpoints, witnessed each round
+    if envelope is not None and not layout.kek.exists():  # the site's first KEK: its id (and salt) kept
+        write_kek_state(layout.kek, envelope)
+    audit = _audit_trail(layout, config, envelope)  # signed checkpoints, witnessed each round
     ledger = PrivacyLedger(layout.ledger, budget=budget, dataset_sha256=data.fingerprints[0], audit=audit)
     if ledger.created:  # the data the site started with: the rest of its batches, registered with the genesis
         for part in data.partitions[1:]:
@@ -128,10 +133,6 @@ def assemble_node(
         audit.append(actor="node", action="ledger.mismatch", resource=config.name, details={"error": refusal})
     refusal = record_minimisation(data, audit, site=config.name) or refusal  # below k: serve, never train
     token = _ensure_token(layout.agent_token)
-    if envelope is None and config.kek:
-        envelope = _site_envelope(config)
-    if envelope is not None and not layout.kek.exists():  # the site's first KEK: its id (and salt) kept
-        write_kek_state(layout.kek, envelope)
     try:  # encrypted under the KEK (or refused: another KEK, none configured, altered): one line naming the file
         adapter_store.restore_versions(host, layout.adapters, envelope=envelope)
     except AtRestError as exc:
@@ -172,6 +173,14 @@ def _report_unregistered(data: SiteData, ledger: PrivacyLedger, audit: AuditTrai
     log.warning("not training on %s: not in the privacy ledger (register with `fedseek budget add-partition`)", names)
     details = {"batches": [{"name": p.name, "sha256": p.sha256, "records": len(p.examples)} for p in new]}
     audit.append(actor="node", action="data.unregistered", resource=site, details=details)
+
+
+def _audit_trail(layout: NodeLayout, config: NodeConfig, envelope: Envelope | None) -> AuditTrail:
+    """The site's audit trail; with a KEK, records' free-text fields sealed under it (privacy.audit_payload)."""
+    if envelope is None:
+        return AuditTrail(layout.audit, signer=_audit_signer(config))
+    sealer = PayloadSealer(envelope, layout.audit_payload_keys)
+    return PayloadSealingTrail(layout.audit, payload=sealer, signer=_audit_signer(config))
 
 
 def _audit_signer(config: NodeConfig) -> CheckpointSigner | None:

@@ -32,24 +32,13 @@ fi
 . .venv/bin/activate
 if [ ! -f .venv/.fedseek-installed ] || [ pyproject.toml -nt .venv/.fedseek-installed ] \
   || [ constraints.txt -nt .venv/.fedseek-installed ]; then
-  # The torch build for this machine: with an NVIDIA GPU (nvidia-smi answers) the default PyPI wheel,
-  # which is the CUDA build; without one (CI) the CPU build, pinned as `+cpu` on top of constraints.txt
-  # so pip cannot pick the multi-GB CUDA wheel. The CPU wheel comes from pip's find-links where one lies
-  # on disk, else from PyTorch's CPU index. FEDSEEK_TORCH=cpu|cuda overrides the detection.
-  TORCH_PIN=$(sed -n 's/^torch==\([^+ ]*\).*/\1/p' constraints.txt)
-  TORCH_BUILD=${FEDSEEK_TORCH:-$(nvidia-smi -L >/dev/null 2>&1 && echo cuda || echo cpu)}
-  PIP_ARGS=(-c constraints.txt)
-  if [ "$TORCH_BUILD" = cpu ]; then
-    echo "torch==${TORCH_PIN}+cpu" > .venv/torch-cpu.txt
-    PIP_ARGS+=(-c .venv/torch-cpu.txt)
-    LINKS="${PIP_FIND_LINKS:-$(pip config get global.find-links 2>/dev/null || true)}"
-    if ! compgen -G "${LINKS:-/nonexistent}/torch-${TORCH_PIN}+cpu-*.whl" >/dev/null; then
-      PIP_ARGS+=(--extra-index-url https://download.pytorch.org/whl/cpu)
-    fi
-  fi
-  echo "[setup] installing the pinned set (constraints.txt, torch ${TORCH_PIN} ${TORCH_BUILD} build)"
+  # The torch build for this machine (CUDA where nvidia-smi sees a GPU, else CPU): scripts/torch-build.sh.
+  TORCH_ARGS=()
+  TORCH_TEXT=$(scripts/torch-build.sh .venv)  # set -e stops here if it fails
+  [ -z "$TORCH_TEXT" ] || mapfile -t TORCH_ARGS <<<"$TORCH_TEXT"
+  echo "[setup] installing the pinned set (constraints.txt)"
   pip install -q --upgrade pip
-  pip install -q "${PIP_ARGS[@]}" -e ".[test]"
+  pip install -q -c constraints.txt "${TORCH_ARGS[@]}" -e ".[test]"
   touch .venv/.fedseek-installed
 fi
 echo "[setup] ready: $(python -c 'import torch, flwr, opacus, peft, shap, transformers; print(f"torch {torch.__version__}, flwr {flwr.__version__}, opacus {opacus.__version__}, peft {peft.__version__}, shap {shap.__version__}, transformers {transformers.__version__}")')"

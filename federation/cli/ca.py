@@ -239,7 +239,7 @@ def _sign(args: argparse.Namespace) -> int:
     if ident.role == "node" and site_key is not None:
         registered = enrollment.register_site_key(Path(args.pki), ident.name, site_key)
         print(f"  SuperNode auth key registered: {registered}")
-    print(f"  bundle for the site: {signed.leaf.cert.parent} (`fedseek node enroll --accept DIR` there)")
+    print(f"  bundle for the party: {signed.leaf.cert.parent} (`fedseek node enroll --accept DIR` there)")
     return 0
 
 

@@ -440,7 +440,10 @@ def _site_name(sources: Sources, ledger: PrivacyLedger | None) -> str | None:
 
         genesis = ledger.head().genesis
         witness = LedgerWitness(WitnessStore(sources.coordinator.witness))
-        sites = [s for s in witness.store.sites() if genesis in {h.genesis for h in witness.heads(s)}]
+        try:
+            sites = [s for s in witness.store.sites() if genesis in {h.genesis for h in witness.heads(s)}]
+        except FedSeekError:  # a damaged witness store: the witnessed checks say so, with --name
+            return None
         if len(sites) == 1:
             return sites[0]
     return None
@@ -480,9 +483,15 @@ def inspect_site(sources: Sources, *, now: datetime) -> Inspection:
     else:
         from federation.cli.witness import check_against_witness
 
-        extends, line = check_against_witness(ledger, sources.coordinator.root, site=site)
+        try:
+            extends, line = check_against_witness(ledger, sources.coordinator.root, site=site)
+        except FedSeekError as exc:  # a head the witness could never accept (over its budget, malformed)
+            extends, line = False, exc.one_line()
         inspection.checks.append(Check("ledger.witnessed", ledger_title, PASS if extends else FAIL, line))
-        _audit_witnessed(inspection, sources, site)
+        try:
+            _audit_witnessed(inspection, sources, site)
+        except FedSeekError as exc:  # the witness store itself unreadable: nothing verified against it
+            inspection.checks.append(Check("audit.witnessed", audit_title, FAIL, exc.one_line()))
     _lineage(inspection, sources)
     _policy(inspection, layout)
     _keys(inspection, layout, now)

@@ -35,7 +35,8 @@ body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 72em; 
 h1 { font-size: 1.6em; margin-bottom: 0.2em; }
 h2 { border-bottom: 2px solid #ddd; padding-bottom: 0.2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.2em; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; vertical-align: top;
+         overflow-wrap: anywhere; }
 td.num { text-align: right; font-family: monospace; }
 code, .mono { font-family: monospace; word-break: break-all; }
 .status { font-weight: bold; text-transform: uppercase; white-space: nowrap; }

@@ -82,9 +82,6 @@ def _enroll(args: argparse.Namespace) -> int:
     print(f"{req.note}: {req.csr}")
     carry = [str(req.csr), str(req.flower_key)] + ([str(req.proof)] if req.proof else [])
     print(f"carry to the CA operator (public, no key): {' '.join(carry)}")
-    role = "node"
-    print(
-        f"the CA operator runs: fedseek ca sign {req.csr.name} --pki CA_PKI --role {role}"
-        + "".join(f" --host {h}" for h in args.host)
-    )
+    hosts = "".join(f" --host {h}" for h in args.host)
+    print(f"the CA operator runs: fedseek ca sign {req.csr.name} --pki CA_PKI --role node{hosts} (a site)")
     return 0

@@ -26,6 +26,7 @@ def add_partition_command(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--data", required=True, type=Path, help="the batch file (JSONL), e.g. DATA_DIR/train/2025-07.jsonl")
     p.add_argument("--label", help="the batch's name in the ledger (default: the file name)")
     p.add_argument("--note", default="", help="why it is added (recorded in the audit trail)")
+    p.add_argument("--config", type=Path, help="the node's config, whose KEK opens an encrypted batch (.jsonl.enc)")
     p.set_defaults(func=_add_partition)
 
 
@@ -38,7 +39,13 @@ def _add_partition(args: argparse.Namespace) -> int:
     layout = NodeLayout(Path(args.state))
     if not layout.ledger.exists():
         raise LedgerError(f"no privacy ledger at {layout.ledger}: start the node once (its data makes the ledger)")
-    sha256, examples = read_partition(args.data)  # a DataError (400) for a batch that is not training data
+    envelope = None
+    if args.config:  # an encrypted batch is fingerprinted by its plaintext, as the node does (node.data)
+        from federation.protocol import config as cfg
+        from federation.security.at_rest import site_envelope
+
+        envelope = site_envelope(cfg.load(cfg.NodeConfig, args.config).kek, layout.kek, create=False)
+    sha256, examples = read_partition(args.data, envelope=envelope)  # DataError (400): not training data
     audit = AuditTrail(layout.audit)
     ledger = PrivacyLedger(layout.ledger, budget=read_budget(layout.ledger), audit=audit)
     refusal = ledger_refusal(ledger, audit)

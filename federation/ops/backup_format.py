@@ -59,6 +59,7 @@ PLANS: dict[PartyKind, dict[str, How]] = {
         "api_key": "secret",
         "site_secret": "secret",
         "kek": "file",  # the KEK's id and salt, never the key: encrypted files stay encrypted in a backup
+        "audit_payload_keys": "tree",  # wrapped by the KEK: useless without it
         "api_key_digests": "file",
         "api_keys_lock": "runtime",
         "access_policy": "file",

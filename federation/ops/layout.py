@@ -64,6 +64,12 @@ class NodeLayout(_Layout):
         return self.root / "kek.json"
 
     @property
+    def audit_payload_keys(self) -> Path:
+        """At a site with a KEK: one data key a month (each wrapped by the KEK) that seals the audit
+        records' sensitive fields (`privacy.audit_payload`); deleting one erases that month's fields."""
+        return self.root / "audit.jsonl.keys"
+
+    @property
     def api_key_digests(self) -> Path:
         """The API keys, one JSON record a line: SHA-256 digest (never the key), id, scopes, expiry,
         revocation (`node.api_keys`; `fedseek key create|list|revoke`)."""

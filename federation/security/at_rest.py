@@ -34,6 +34,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import json
 import os
 import stat
@@ -351,49 +352,91 @@ class Envelope:
             raise TamperedFile(f"{name}: encrypted-file header altered (its data key does not unwrap)") from None
 
     # -- streams --
-    def encrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, context: str = "", chunk: int = CHUNK_BYTES) -> None:
-        """Write the envelope of everything `src` holds to `dst`, one chunk in memory at a time."""
+    def _encrypted(self, src: BinaryIO, *, context: str, chunk: int) -> Iterator[bytes]:
+        """The envelope of everything `src` holds, piece by piece (header, then each sealed chunk)."""
         data_key = AESGCM.generate_key(bit_length=256)
         header = self._wrap(os.urandom(_PREFIX_BYTES), chunk, data_key)
-        dst.write(header.encode())
+        yield header.encode()
         aead, aad = AESGCM(data_key), header.data_header + context.encode("utf-8")
         for index, (block, last) in enumerate(_chunks(src, chunk)):
-            dst.write(aead.encrypt(_nonce(header.prefix, index, last), block, aad))
+            yield aead.encrypt(_nonce(header.prefix, index, last), block, aad)
 
-    def decrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, name: str, context: str = "") -> None:
-        """Write `src`'s plaintext to `dst`; TamperedFile or WrongKek (naming `name`) at the first
-        chunk that does not open. A caller that must not act on part of a file writes `dst` to memory
-        or a temporary file and uses it only once this returns."""
+    def _decrypted(self, src: BinaryIO, *, name: str, context: str) -> Iterator[bytes]:
+        """`src`'s plaintext chunk by chunk; TamperedFile or WrongKek (naming `name`) at the first
+        chunk that does not open."""
         header = _Header.read(src, name)
         aead = AESGCM(self._unwrap(header, name))
         aad = header.data_header + context.encode("utf-8")
-        index = -1
         for index, (block, last) in enumerate(_chunks(src, header.chunk + _TAG_BYTES)):
             if len(block) < _TAG_BYTES:
                 raise TamperedFile(f"{name}: encrypted file cut short (chunk {index})")
             try:
-                dst.write(aead.decrypt(_nonce(header.prefix, index, last), block, aad))
+                yield aead.decrypt(_nonce(header.prefix, index, last), block, aad)
             except InvalidTag:
                 raise TamperedFile(
                     f"{name}: encrypted file altered, reordered, cut short or moved (chunk {index} does not open)"
                 ) from None
-        if index < 0:  # pragma: no cover - _chunks always yields once
-            raise TamperedFile(f"{name}: encrypted file has no body")
+
+    def encrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, context: str = "", chunk: int = CHUNK_BYTES) -> None:
+        """Write the envelope of everything `src` holds to `dst`, one chunk in memory at a time."""
+        for piece in self._encrypted(src, context=context, chunk=chunk):
+            dst.write(piece)
+
+    def decrypt_stream(self, src: BinaryIO, dst: BinaryIO, *, name: str, context: str = "") -> None:
+        """Write `src`'s plaintext to `dst`. A caller that must not act on part of a file writes `dst`
+        to memory or a temporary file and uses it only once this returns without an error."""
+        for piece in self._decrypted(src, name=name, context=context):
+            dst.write(piece)
 
     # -- bytes and files --
-    def encrypt_bytes(self, data: bytes, *, context: str = "") -> bytes:
-        import io
-
-        out = io.BytesIO()
-        self.encrypt_stream(io.BytesIO(data), out, context=context)
-        return out.getvalue()
+    def encrypt_bytes(self, data: bytes, *, context: str = "", chunk: int = CHUNK_BYTES) -> bytes:
+        """The envelope of `data`, sealed chunk by chunk straight into one preallocated buffer."""
+        data_key = AESGCM.generate_key(bit_length=256)
+        header = self._wrap(os.urandom(_PREFIX_BYTES), chunk, data_key).encode()
+        count = max(1, -(-len(data) // chunk))
+        out = bytearray(len(header) + len(data) + count * _TAG_BYTES)
+        out[: len(header)] = header
+        aead, aad = AESGCM(data_key), header[: _DATA_HEADER.size] + context.encode("utf-8")
+        prefix, src, dst = header[11 : _DATA_HEADER.size], memoryview(data), memoryview(out)
+        at = len(header)
+        for index in range(count):
+            block = src[index * chunk : (index + 1) * chunk]
+            aead.encrypt_into(
+                _nonce(prefix, index, index == count - 1), block, aad, dst[at : at + len(block) + _TAG_BYTES]
+            )
+            at += len(block) + _TAG_BYTES
+        return bytes(out)
 
     def decrypt_bytes(self, blob: bytes, *, name: str, context: str = "") -> bytes:
-        import io
+        return self._decrypt_sized(io.BytesIO(blob), len(blob), name=name, context=context)
 
-        out = io.BytesIO()
-        self.decrypt_stream(io.BytesIO(blob), out, name=name, context=context)
-        return out.getvalue()
+    def _decrypt_sized(self, src: BinaryIO, size: int, *, name: str, context: str) -> bytes:
+        """The plaintext of an envelope of `size` bytes, opened chunk by chunk into one preallocated
+        buffer (the chunk count, and so which chunk is the last, follows from the size)."""
+        header = _Header.read(src, name)
+        body = size - src.tell()
+        step = header.chunk + _TAG_BYTES
+        count = max(1, -(-body // step))
+        if body < count * _TAG_BYTES:
+            raise TamperedFile(f"{name}: encrypted file cut short (chunk {count - 1})")
+        aead = AESGCM(self._unwrap(header, name))
+        aad = header.data_header + context.encode("utf-8")
+        out = bytearray(body - count * _TAG_BYTES)
+        dst, at = memoryview(out), 0
+        for index in range(count):
+            block = src.read(step)
+            if len(block) != min(step, body - index * step):
+                raise TamperedFile(f"{name}: encrypted file changed while it was read (chunk {index})")
+            try:
+                aead.decrypt_into(
+                    _nonce(header.prefix, index, index == count - 1), block, aad, dst[at : at + len(block) - _TAG_BYTES]
+                )
+            except InvalidTag:
+                raise TamperedFile(
+                    f"{name}: encrypted file altered, reordered, cut short or moved (chunk {index} does not open)"
+                ) from None
+            at += len(block) - _TAG_BYTES
+        return bytes(out)
 
     def write(self, path: Path, data: bytes, *, context: str = "") -> None:
         """Encrypt `data` into `path` atomically (0600)."""
@@ -401,17 +444,13 @@ class Envelope:
 
     def read(self, path: Path, *, context: str = "") -> bytes:
         """The plaintext of the encrypted file `path`; errors name the file."""
-        import io
-
-        out = io.BytesIO()
         try:
             with Path(path).open("rb") as fh:
-                self.decrypt_stream(fh, out, name=str(path), context=context)
+                return self._decrypt_sized(fh, os.fstat(fh.fileno()).st_size, name=str(path), context=context)
         except FileNotFoundError:
             raise
         except OSError as exc:
             raise AtRestError(f"{path}: cannot read ({exc.strerror})") from None
-        return out.getvalue()
 
     def encrypt_file(self, src: Path, dst: Path, *, context: str = "") -> None:
         """Encrypt the file `src` into `dst` (atomically, streamed: any size)."""

@@ -216,6 +216,16 @@ class Consortium:
             env=PARTY_ENV,
         )
 
+    def resume(self, host: str, run: str, *, more_rounds: int | None = None) -> None:
+        """`fedseek run --resume RUN` on the coordinator's host, in the background."""
+        extra = ("--rounds", str(more_rounds)) if more_rounds is not None else ()
+        self.procs[f"resume-{run}"] = self.net.run_in(
+            host,
+            fedseek("run", "--state", str(self.state(host)), "--resume", run, *extra),
+            log=self.log(host, f"resume-{run}"),
+            env=PARTY_ENV,
+        )
+
     def summary(self, host: str, run: str) -> dict[str, Any] | None:
         path = CoordinatorLayout(self.state(host)).registry / "runs" / f"{run}.json"
         try:
@@ -241,6 +251,10 @@ class Consortium:
             return []
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
+    def charged(self, site: str, round: int) -> bool:
+        """Whether the site's ledger was charged for `round` (its training started), by its audit trail."""
+        return any(r.get("action") == "ledger.charge" and r["details"].get("round") == round for r in self.audit(site))
+
     def ledger(self, site: str, *, witness: Path | None = None) -> tuple[int, dict[str, Any], str]:
         """`fedseek budget --json` of a site's ledger (against `witness`, a coordinator state, if given)."""
         args = ["budget", "--state", str(self.state(site)), "--json"]
@@ -253,19 +267,35 @@ class Consortium:
             data = {}
         return done.returncode, data, done.stdout + done.stderr
 
-    def train_seconds(self, site: str, *, since: int = 0) -> dict[int, float]:
-        """Per round: the seconds from the ledger's charge (training starts) to the `train` record (update
-        made) in the site's audit trail, from its `since`-th record on (one run's). A round the site was
-        charged for but never finished is absent."""
-        start: dict[int, float] = {}
-        took: dict[int, float] = {}
-        for rec in self.audit(site)[since:]:
-            rnd = (rec.get("details") or {}).get("round")
-            if rec.get("action") == "ledger.charge" and rnd is not None:
-                start[int(rnd)] = _ts(rec["ts"])
-            elif rec.get("action") == "train" and rnd is not None and int(rnd) in start:
-                took[int(rnd)] = _ts(rec["ts"]) - start[int(rnd)]
-        return took
+    def train_seconds(self, site: str) -> dict[int, float]:
+        """Per round (all runs together): seconds from the ledger's charge (training starts) to the `train`
+        record (update made) in the site's audit trail. A round charged but never finished is absent."""
+        merged: dict[int, float] = {}
+        for per_round in _train_seconds_by_run(self.audit(site)).values():
+            merged.update(per_round)
+        return merged
+
+    @staticmethod
+    def train_seconds_by_run(home: Path) -> dict[str, dict[int, float]]:
+        """Training seconds per ledger run and round, from the audit trail of the site whose home is `home`."""
+        path = NodeLayout(home / "state").audit
+        lines = path.read_text().splitlines() if path.exists() else []
+        return _train_seconds_by_run([json.loads(line) for line in lines if line.strip()])
+
+
+def _train_seconds_by_run(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    start: dict[tuple[str, int], float] = {}
+    took: dict[str, dict[int, float]] = {}
+    for rec in records:
+        rnd = (rec.get("details") or {}).get("round")
+        if rnd is None:
+            continue
+        key = (str(rec.get("resource")), int(rnd))
+        if rec.get("action") == "ledger.charge":
+            start[key] = _ts(rec["ts"])
+        elif rec.get("action") == "train" and key in start:
+            took.setdefault(key[0], {})[key[1]] = _ts(rec["ts"]) - start[key]
+    return took
 
 
 def _ts(text: str) -> float:
@@ -273,8 +303,11 @@ def _ts(text: str) -> float:
 
 
 def round_walls(summary: dict[str, Any]) -> list[float]:
-    """Each round's wall time at the coordinator: from the previous round's end (the first: from the
-    ServerApp's start, so it includes waiting for the sites and the readiness query) to its own."""
+    """Each round's wall time at the coordinator: its record's `duration_s` (readiness query to the end of
+    its evaluation) where the coordinator records it; else from the previous round's end (the first:
+    from the ServerApp's start) to its own, by `traffic_by_round`."""
+    if summary.get("rounds") and all(r.get("duration_s") is not None for r in summary["rounds"]):
+        return [float(r["duration_s"]) for r in summary["rounds"]]
     ends = [float(r["end_s"]) for r in summary.get("traffic_by_round", [])]
     return [end - (ends[i - 1] if i else 0.0) for i, end in enumerate(ends)]
 

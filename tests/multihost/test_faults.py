@@ -5,14 +5,16 @@ namespace with its own address, behind one switch: `tests.multihost.hosts`); cer
 those addresses and every connection between parties crosses the switch. Faults come from the
 kernel: site-a's switch port goes down while it trains round 1 and comes back after the round;
 site-b's wire has 200 ms delay and 5% loss throughout (`tc netem`, or the relay where the kernel
-has no netem); after the run the coordinator's host loses power and the service moves to the
-standby host (its state restored from a backup taken while the coordinator ran, the service
-address moved to it as VRRP would), where the sites reconnect and train another round.
+has no netem); while round 3 trains, the coordinator's host is cut off and loses power, and the
+service moves to the standby host: its state restored there from a backup taken on the failed
+host while the coordinator still ran (`fedseek backup` / `restore`), the service address moved to
+it as VRRP would, the sites reconnecting by themselves, the run resumed (`fedseek run --resume`).
 
-Checked: the run finishes its 3 rounds with min-nodes 2 (site-a's round-1 update is lost and
-recorded as rejected), every site's ledger extends what the coordinator witnessed (`fedseek budget
---witness`) and charges no (run, round) twice, a site rolls its served version back
-(`fedseek model rollback`), and the standby is the coordinator at the end.
+Checked: the run makes its 3 rounds with min-nodes 2 (site-a's round-1 update is lost and recorded
+as rejected; round 3, charged at sites before the crash, is never run again: the resumed run goes
+on at round 4 with new version numbers), every site's ledger extends what the standby (now the
+coordinator) witnessed (`fedseek budget --witness`) and charges no (run, round) twice, and a site
+rolls its served version back (`fedseek model rollback`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def _charges(data: dict[str, object]) -> list[tuple[str, int]]:
     return [(str(e["run_id"]), int(e["round"])) for e in entries if e.get("kind", "charge") != "partition"]
 
 
-def _run_id(c: Consortium, site: str) -> str:
+def _run_key(c: Consortium, site: str) -> str:
+    """The name the site's ledger charges the run under (one over its resumed submissions too)."""
     ids = {r["resource"] for r in c.audit(site) if r.get("action") == "train"}
     assert len(ids) == 1, ids
     return str(ids.pop())
@@ -77,10 +80,7 @@ def test_a_three_round_run_survives_link_loss_a_slow_wire_and_the_coordinators_h
     # ---- round 1: site-a's cable is pulled while it trains -------------------------------------------
     c.submit("coord", RUN, rounds=3, min_nodes=2)
     wait_for(
-        lambda: any(r.get("action") == "ledger.charge" and r["details"].get("round") == 1 for r in c.audit("site-a")),
-        timeout=300,
-        what="site-a charged for round 1 (training started)",
-        interval=0.2,
+        lambda: c.charged("site-a", 1), timeout=300, what="site-a charged for round 1 (training started)", interval=0.2
     )
     net.link_down("site-a")
     first = c.wait_rounds("coord", RUN, 1, timeout=400)
@@ -89,26 +89,17 @@ def test_a_three_round_run_survives_link_loss_a_slow_wire_and_the_coordinators_h
     assert "site-a" not in r1["accepted"] and {"site-b", "site-c"} <= set(r1["accepted"]), r1
     assert r1["rejected"] or r1["not_ready"], r1  # site-a's lost update is on the record
 
-    summary = c.wait_rounds("coord", RUN, 3, timeout=600)
-    wait_for(lambda: (c.summary("coord", RUN) or {}).get("status") == "finished", timeout=60, what="run finished")
-    summary = c.summary("coord", RUN) or summary
-    assert summary["rounds_completed"] == 3
-    assert all("site-b" in r["accepted"] for r in summary["rounds"]), summary["rounds"]  # slow, never dropped
-
-    # ---- every ledger against the coordinator's record ------------------------------------------------
-    ledgers = _check_ledgers(c, c.state("coord"), [summary])
-    assert (_run_id(c, "site-a"), 1) in _charges(ledgers["site-a"])  # charged for the round whose update it lost
-
-    # ---- a site rolls its served version back --------------------------------------------------------
-    _rollback(c, "site-c", latest=summary["global_adapter"]["version"])
-
-    # ---- the coordinator's host fails; the standby takes over ------------------------------------------
+    # ---- round 2; during round 3 the coordinator's host fails and the standby takes over -------------------
+    c.wait_rounds("coord", RUN, 2, timeout=600)
+    wait_for(lambda: c.charged("site-c", 3), timeout=300, what="round 3 under way at site-c", interval=0.2)
+    # Fenced first (its link goes), as a failover does before it moves the address; its disk is still
+    # readable, so the backup is of the moment of failure, taken on its host while it still runs.
+    net.link_down("coord")
     backup = c.home("standby") / "coordinator-backup.tar"
-    # Taken while the coordinator runs, on its own host (signed with its key); then that host loses power.
     c.net.check_in(
         "coord", fedseek("backup", "--state", str(c.state("coord")), "--out", str(backup), "--pki", str(c.pki("coord")))
     )
-    net.crash("coord")
+    net.crash("coord")  # every process on it dies at once
     restored = c.home("standby") / "pki-restored"
     ca = c.pki("standby") / "ca" / "ca.pem"  # accept only a backup a party of this consortium signed
     c.net.check_in(
@@ -139,12 +130,28 @@ def test_a_three_round_run_survives_link_loss_a_slow_wire_and_the_coordinators_h
         timeout=300,
         what="the sites reconnected to the standby",
     )
-    c.submit("standby", "after-failover", rounds=1, min_nodes=2)
-    after = c.wait_rounds("standby", "after-failover", 1, timeout=400)
-    assert len(after["rounds"][0]["accepted"]) >= 2, after
-    assert after["rounds"][0]["version"] not in {r["version"] for r in summary["rounds"]}  # history kept, no reuse
-    wait_for(lambda: (c.summary("standby", "after-failover") or {}).get("status") == "finished", timeout=60, what="run")
-    _check_ledgers(c, c.state("standby"), [summary, after])  # the standby's record is the coordinator's now
+    # Round 3 was sent to sites (and charged at some) before the crash: it is never run again; the run
+    # goes on at round 4 from the last version it made, so it still makes three.
+    c.resume("standby", RUN, more_rounds=1)
+    summary = wait_for(
+        lambda: s if (s := c.summary("standby", RUN)) and s.get("status") in {"finished", "failed"} else None,
+        timeout=600,
+        what="the resumed run at the standby",
+    )
+    assert summary["status"] == "finished", f"{summary.get('error')}\n{c.tail('standby')}"
+    made = [r for r in summary["rounds"] if r.get("version")]
+    assert [r["round"] for r in made] == [1, 2, 4], summary["rounds"]
+    assert len({r["version"] for r in made}) == 3  # no version number given twice
+    assert "site-b" in made[-1]["accepted"]  # slow and lossy throughout, never dropped
+    assert c.summary("coord", RUN) is not None  # the primary's record stops at its crash; the standby's goes on
+
+    # ---- every ledger against the coordinator's (now the standby's) record ----------------------------------
+    ledgers = _check_ledgers(c, c.state("standby"), summary)
+    assert (_run_key(c, "site-a"), 1) in _charges(ledgers["site-a"])  # charged for the round whose update it lost
+    assert any((_run_key(c, s), 3) in _charges(ledgers[s]) for s in SITES)  # round 3: charged, never repeated
+
+    # ---- a site rolls its served version back --------------------------------------------------------
+    _rollback(c, "site-c", latest=summary["global_adapter"]["version"])
     rounds = summary["rounds"]
     print(
         json.dumps(
@@ -159,18 +166,17 @@ def test_a_three_round_run_survives_link_loss_a_slow_wire_and_the_coordinators_h
     )
 
 
-def _check_ledgers(c: Consortium, witness: Path, summaries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+def _check_ledgers(c: Consortium, witness: Path, summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Each site's ledger extends the last head `witness` (a coordinator state) holds for it, charges no
-    (run, round) twice, and holds a charge for every round the summaries accepted it in."""
+    (run, round) twice, and holds a charge for every round the run accepted its update in."""
     with ThreadPoolExecutor(len(SITES)) as pool:  # `fedseek budget` starts slowly (torch): all at once
         found = dict(zip(SITES, pool.map(lambda site: c.ledger(site, witness=witness), SITES), strict=True))
     for site, (code, data, out) in found.items():
         assert code == 0 and data["witness"]["extends"], out
         charges = _charges(data)
         assert len(charges) == len(set(charges)), f"{site} charged twice for one round: {charges}"
-        for summary in summaries:
-            accepted = {r["round"] for r in summary["rounds"] if site in r["accepted"]}
-            assert accepted <= {rnd for _, rnd in charges}, (site, accepted, charges)  # no update uncharged
+        accepted = {(_run_key(c, site), r["round"]) for r in summary["rounds"] if site in r["accepted"]}
+        assert accepted <= set(charges), (site, accepted, charges)  # no update uncharged
     return {site: data for site, (_, data, _) in found.items()}
 
 

@@ -17,10 +17,19 @@ from federation.ops.layout import NodeLayout
 from federation.protocol import config as cfg
 from federation.protocol import wire
 from federation.protocol.config import NodeConfig
-from federation.security.at_rest import MAGIC, CommandKek, Envelope, body_offset, header_kek_id
+from federation.security.at_rest import (
+    MAGIC,
+    CommandKek,
+    Envelope,
+    body_offset,
+    encrypted_files,
+    header_kek_id,
+    site_envelope,
+)
 from node.build import NodeStartError, build_node
 from node.site_keys import SealError, SiteKeys
-from privacy.audit import AuditRecord, scan
+from privacy.audit import AuditRecord, scan, verify
+from privacy.audit_payload import SEALED, PayloadSealer
 from tests.node.test_build import adapter_arrays
 
 
@@ -107,6 +116,13 @@ def test_a_node_with_a_kek_keeps_everything_encrypted_restarts_and_refuses_witho
     message = _start_refused(config)
     assert str(stored) in message and "altered" in message
     stored.write_bytes(original)
+    # the refusal is audited, its message (free text) sealed under the KEK; the log verifies without it
+    refusal = [r for r in _records(layout) if r.action == "at_rest.refused"][-1]
+    assert "error" not in refusal.details and SEALED in refusal.details
+    envelope = site_envelope(config.kek, layout.kek)
+    assert envelope is not None
+    assert PayloadSealer(envelope, layout.audit_payload_keys).open(refusal)["error"] == message
+    assert verify(layout.audit).ok
 
     # adapter.json pointed at other weights: the ciphertext is bound to its sha256, refused
     meta_path = layout.adapters / "v1" / "adapter.json"
@@ -128,7 +144,10 @@ def test_rotation_rewraps_every_file_updates_the_config_and_retires_the_old_kek(
     finally:
         node.serving.close()
     assert main(["keys", "encrypt", "--config", str(config_file)]) == 0
-    files = sorted([*Path(config.data_dir).glob("*.enc"), layout.adapters / "v1" / "adapter.safetensors.enc"])
+    files = encrypted_files(Path(config.data_dir), layout.root)
+    expected = [*Path(config.data_dir).glob("*.enc"), layout.adapters / "v1" / "adapter.safetensors.enc"]
+    assert set(expected) < set(files)  # and the audit trail's payload keys
+    assert any(p.parent == layout.audit_payload_keys for p in files)
     bodies = {p: p.read_bytes()[body_offset(p) :] for p in files}
     old_id = json.loads(layout.kek.read_text())["id"]
 

@@ -13,7 +13,6 @@ HTML (`MARK`): the report must show them as text.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -89,7 +88,7 @@ def build_site(root: Path) -> Site:
     snapshot = root / "snapshot"
     shutil.copytree(layout.root, snapshot)
 
-    ledger.add_partition("b" * 64, label=MARK)
+    ledger.add_partition("sha256:" + "b" * 64, label=MARK)
     _charge(ledger, 2)
     trail.append(actor=MARK, action="serve", resource="deepseek", details={"prompt_hmac": "0" * 64})
     _witness(witness, ledger, trail, pki)
@@ -130,5 +129,9 @@ def restore(snapshot: Path, state: Path) -> None:
             shutil.copy(path, state / path.name)
 
 
-def sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def copy_site(site: Site, root: Path) -> Site:
+    """The same site and coordinator under `root` (a test that attacks one leaves the others theirs)."""
+    old = site.state.parent
+    shutil.copytree(old, root, dirs_exist_ok=True)
+    return Site(*(root / p.relative_to(old) for p in (site.state, site.coord, site.site_keys, site.snapshot)),
+                version=site.version)  # fmt: skip
