@@ -29,6 +29,7 @@ aggregated from it), with a one-line reason in the round record and the coordina
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter
@@ -446,6 +447,16 @@ class LoraFedAvg(FedAvg):
         cfg["adapter-version"] = self.latest.version
         cfg["adapter-sha256"] = self.latest.sha256
         cfg["server-round"] = self.run_round(server_round)
+        # Kept by each node with the version (adapter.json) for its explanation reports: who trained it and
+        # each site's epsilon after the round. One JSON string: a ConfigRecord holds scalars only.
+        cfg["adapter-lineage"] = json.dumps(
+            {
+                "parent": self.latest.parent,
+                "run": self.latest.run,
+                "round": self.latest.round,
+                "sites": [{"site": s.site, "epsilon": s.epsilon, "delta": s.delta} for s in self.latest.sites],
+            }
+        )
         # Every connected site deploys, one that could not train (budget spent) too; no waiting for
         # `min-nodes` here: a site gone since training must not stall the run (Flower's sampling would).
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})

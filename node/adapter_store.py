@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from safetensors.numpy import load_file
 
@@ -59,9 +59,17 @@ def release_path(adapters: Path) -> Path:
     return adapters / RELEASE_FILE
 
 
-def save_version(adapters: Path, info: AdapterInfo, arrays: wire.Arrays, *, envelope: Envelope | None = None) -> None:
+def save_version(
+    adapters: Path,
+    info: AdapterInfo,
+    arrays: wire.Arrays,
+    *,
+    envelope: Envelope | None = None,
+    lineage: dict[str, Any] | None = None,
+) -> None:
     """Keep a deployed version so that `restore_versions` serves it again after a restart (encrypted
-    under the site's KEK with `envelope`)."""
+    under the site's KEK with `envelope`); `lineage` is what the deployment said of its training (the
+    registry's run, round and contributing sites with their epsilon), shown in explanation reports."""
     target = adapters / check_adapter_name(info.version)  # never a path: the directory stays under `adapters`
     target.mkdir(parents=True, exist_ok=True)
     if envelope is None:
@@ -71,7 +79,21 @@ def save_version(adapters: Path, info: AdapterInfo, arrays: wire.Arrays, *, enve
             target / ENCRYPTED_WEIGHTS_FILE, wire.encode(arrays), context=weights_context(info.version, info.sha256)
         )
     meta = {"version": info.version, "sha256": info.sha256, "parent": info.parent, "created": info.created}
+    if lineage is not None:
+        meta["lineage"] = lineage
     write_atomic(target / META_FILE, json.dumps(meta))
+
+
+def read_lineage(adapters: Path, version: str) -> dict[str, Any] | None:
+    """The lineage a deployed version's adapter.json holds (its parent too), or None if it has none."""
+    try:
+        meta = json.loads((adapters / check_adapter_name(version) / META_FILE).read_text())
+    except (OSError, ValueError, InvalidNameError):
+        return None
+    lineage = meta.get("lineage")
+    if not isinstance(lineage, dict):
+        return None
+    return {**lineage, "parent": lineage.get("parent", meta.get("parent"))}
 
 
 def restore_versions(host: ModelHost, adapters: Path, *, envelope: Envelope | None = None) -> None:

@@ -17,6 +17,13 @@ reviewer API must return it later, so the files are encrypted at rest, AES-256-G
 site's key (node/site_keys.py), each bound to its id and kind; the audit trail holds only
 HMACs of the prompt and response under the site's other key, never a plain hash.
 
+A contrastive request (`contrast`: "why this response rather than that one?") explains
+`log p(response) - log p(contrast)` instead, one game, so its attributions sum to that difference's
+change (explain/contrast.py). Every explanation also carries its faithfulness checks: deletion and
+insertion curves and comprehensiveness/sufficiency at the top features, scored with the same scorer
+(explain/faithfulness.py). The report names the adapter's lineage (the contributing sites and each
+one's epsilon) from what the deployment carried (`adapter.json`, node/adapter_store.py).
+
 A request is validated completely before any model call, so a refusal writes nothing: no
 report, no JSON, no audit record. Background jobs run one at a time on a worker thread
 (the model lock serialises them anyway) and are polled by id.
@@ -41,11 +48,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from explain.attribution import Method, count_features, explain_text, resolve_method
-from explain.granularity import Granularity
-from explain.report import ReportContext, render_report
+from explain.attribution import Attribution, Method, count_features, explain_text, prompt_masker, resolve_method
+from explain.contrast import Contrast, explain_contrast
+from explain.faithfulness import measure_faithfulness, preference_of, probability_of
+from explain.granularity import Granularity, feature_labels
+from explain.report import AdapterLineage, ReportContext, render_report, summary_text
 from federation.errors import Busy, NotFound
 from federation.ops.atomic import write_atomic
+from node import adapter_store
 from node.site_keys import SiteKeys
 from privacy.redact import redact, redact_text
 
@@ -88,7 +98,9 @@ class ExplainRequest(BaseModel):
     messages: list[ExplainMessage] | None = Field(default=None, max_length=256)
     prompt: str | None = Field(default=None, max_length=20_000)
     response: str | None = None
-    granularity: Granularity = "token"
+    # "why `response` rather than this?": attributions of log p(response) - log p(contrast)
+    contrast: str | None = Field(default=None, max_length=20_000)
+    granularity: Granularity = "word"  # what a reviewer reads; "token" shows the model's word pieces
     method: Method = "auto"
     max_tokens: int = Field(default=8, ge=1, le=256)
     # No schema bound: the site's limit is policy, checked in code so the message names it.
@@ -114,6 +126,8 @@ class ExplainJob:
     prompt_hmac: str  # of the messages as sent, under the site's key (node/site_keys.py)
     redacted: dict[str, int]  # direct identifiers taken out of the messages and response, by kind
     response_hmac: str | None  # of the response to explain as sent; None: the model's answer, digested when made
+    contrast_ids: list[int] | None = None  # the alternative response of a contrastive question (redacted)
+    contrast_hmac: str | None = None  # of the contrast as sent
 
 
 class Explanations:
@@ -153,10 +167,20 @@ class Explanations:
             response_ids = [int(t) for t in host.tokenizer(response.text, add_special_tokens=False).input_ids]
             if not response_ids:
                 raise ValueError("the response to explain is empty")
+        contrast_ids = None
+        if req.contrast is not None:
+            foil = redact(req.contrast)
+            redacted.update(foil.counts)
+            contrast_ids = [int(t) for t in host.tokenizer(foil.text, add_special_tokens=False).input_ids]
+            if not contrast_ids:
+                raise ValueError("the contrast response is empty: name the alternative to compare with")
+            if contrast_ids == response_ids:
+                raise ValueError("the contrast is the same text as the response: nothing to contrast")
         n_features = count_features(host.tokenizer, msgs[-1]["content"], granularity=req.granularity)
         resolve_method(req.method, n_features=n_features, max_evals=req.max_evals)
         prompt_tokens = len(host.prompt_ids(msgs))
         answer_tokens = len(response_ids) if response_ids is not None else req.max_tokens
+        answer_tokens = max(answer_tokens, len(contrast_ids or []))
         if prompt_tokens + answer_tokens > host.context_length:
             raise ValueError(
                 f"prompt of {prompt_tokens} tokens plus a response of {answer_tokens} tokens "
@@ -177,6 +201,8 @@ class Explanations:
             prompt_hmac=self.keys.digest(json.dumps(sent, sort_keys=True)),
             redacted=dict(redacted),
             response_hmac=None if req.response is None else self.keys.digest(req.response),
+            contrast_ids=contrast_ids,
+            contrast_hmac=None if req.contrast is None else self.keys.digest(req.contrast),
         )
 
     # ---- running ------------------------------------------------------------------------
@@ -216,20 +242,61 @@ class Explanations:
             response_ids = [int(t) for t in host.tokenizer(response_text, add_special_tokens=False).input_ids]
         prefix, question = job.messages[:-1], job.messages[-1]["content"]
 
-        def score(texts: Sequence[str]) -> np.ndarray:
-            prompts = [[*prefix, {"role": "user", "content": t}] for t in texts]
-            return host.response_logprobs(prompts, response_ids, model=job.adapter)
+        def scorer(ids: list[int]) -> Callable[[Sequence[str]], np.ndarray]:
+            def score(texts: Sequence[str]) -> np.ndarray:
+                prompts = [[*prefix, {"role": "user", "content": t}] for t in texts]
+                return host.response_logprobs(prompts, ids, model=job.adapter)
 
-        attribution = explain_text(
-            score,
-            host.tokenizer,
-            question,
-            output_tokens=[host.tokenizer.decode([t]) for t in response_ids],
-            max_evals=job.max_evals,
-            progress=progress,
-            granularity=job.granularity,
-            method=job.method,
+            return score
+
+        contrast: Contrast | None = None
+        if job.contrast_ids is None:
+            attribution = explain_text(
+                scorer(response_ids),
+                host.tokenizer,
+                question,
+                output_tokens=[host.tokenizer.decode([t]) for t in response_ids],
+                max_evals=job.max_evals,
+                progress=progress,
+                granularity=job.granularity,
+                method=job.method,
+            )
+            single = scorer(response_ids)
+
+            def total(texts: Sequence[str]) -> np.ndarray:
+                return np.asarray(single(texts), dtype=np.float64).sum(axis=1)
+
+            quantity, to_probability = f"p({response_text.strip()!r})", probability_of
+        else:
+            foil_text = host.tokenizer.decode(job.contrast_ids, skip_special_tokens=True)
+            attribution, contrast, difference = explain_contrast(
+                scorer(response_ids),
+                scorer(job.contrast_ids),
+                host.tokenizer,
+                question,
+                response=response_text,
+                foil=foil_text,
+                max_evals=job.max_evals,
+                progress=progress,
+                granularity=job.granularity,
+                method=job.method,
+            )
+
+            def total(texts: Sequence[str]) -> np.ndarray:
+                return np.asarray(difference(texts), dtype=np.float64).reshape(-1)
+
+            quantity = f"p({response_text.strip()!r} | it or {foil_text.strip()!r})"
+            to_probability = preference_of
+        # The same scorer and masking as the attribution, so the curves test the claim it makes.
+        faithfulness = measure_faithfulness(
+            total,
+            prompt_masker(host.tokenizer, question, granularity=job.granularity),
+            attribution.total,
+            quantity=quantity,
+            to_probability=to_probability,
+            top_k=TOP_K,
         )
+        lineage = self._lineage(job)
         record = self.service.audit.append(
             actor=job.requested_by,
             action="explain",
@@ -239,6 +306,8 @@ class Explanations:
                 "adapter_sha256": job.adapter_sha256 or None,
                 "prompt_hmac": job.prompt_hmac,
                 "response_hmac": response_hmac,
+                "contrast_hmac": job.contrast_hmac,
+                "response_source": "generated" if job.response_ids is None else "supplied",
                 "redacted": dict(redacted),
                 "granularity": job.granularity,
                 "method": attribution.method,
@@ -255,10 +324,11 @@ class Explanations:
             created_at=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             audit_record=f"{record.seq}:{record.hash}",
             response=response_text,
+            granularity=job.granularity,
+            response_source="generated" if job.response_ids is None else "supplied",
+            lineage=lineage,
         )
-        report = render_report(attribution, ctx)
-        top = attribution.top_features(TOP_K)
-        scores = attribution.to_json()
+        report = render_report(attribution, ctx, faithfulness=faithfulness, contrast=contrast)
         result = {
             "id": job.id,
             "object": "explanation",
@@ -269,9 +339,14 @@ class Explanations:
             "granularity": job.granularity,
             "max_evals": job.max_evals,
             "response": response_text,
-            **scores,
-            "top_tokens": [text for text, _ in top],
-            "top_features": [{"feature": text, "value": value} for text, value in top],
+            "response_source": ctx.response_source,
+            "summary": summary_text(attribution, ctx, contrast=contrast),
+            **attribution.to_json(),
+            **_top_json(attribution, job.granularity),
+            "probabilities": _probabilities(attribution, contrast),
+            "contrast": None if contrast is None else contrast.to_json(),
+            "faithfulness": faithfulness.to_json(),
+            "lineage": None if lineage is None else lineage.to_json(),
             "audit_record": {"seq": record.seq, "hash": record.hash},
             # the report and plot, for reviewers, from this API (the files at the site are sealed)
             "html": f"/v1/explanations/{job.id}/report.html",
@@ -282,6 +357,15 @@ class Explanations:
         self._store(job.id, "html", report.html.encode("utf-8"))
         self._store(job.id, "json", json.dumps(result).encode("utf-8"))  # last: its presence means done
         return result
+
+    def _lineage(self, job: ExplainJob) -> AdapterLineage | None:
+        """What the deployment said of this adapter (registry lineage), or None (base model, older deploy)."""
+        if not job.adapter_sha256:
+            return None
+        data = adapter_store.read_lineage(self.service.layout.adapters, job.adapter)
+        if data is None:
+            return AdapterLineage(version=job.served, sha256=job.adapter_sha256)
+        return AdapterLineage.from_json({**data, "version": job.served, "sha256": job.adapter_sha256})
 
     # ---- background jobs ----------------------------------------------------------------
     def submit(self, job: ExplainJob) -> dict[str, Any]:
@@ -370,6 +454,34 @@ def _messages(req: ExplainRequest) -> list[dict[str, str]]:
     if msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
         raise ValueError("the prompt is empty: the last message must be a non-empty user message")
     return msgs
+
+
+def _top_json(attribution: Attribution, granularity: Granularity) -> dict[str, Any]:
+    """The top features by |attribution|, each with its position (repeated words told apart)."""
+    labels = feature_labels(attribution.features, granularity)
+    total = attribution.total
+    order = sorted(range(len(total)), key=lambda i: -abs(float(total[i])))
+    top = [i for i in order if attribution.features[i].strip()][:TOP_K]
+    return {
+        "top_tokens": [attribution.features[i].strip() for i in top],
+        "top_features": [
+            {"feature": attribution.features[i].strip(), "value": float(total[i]), "index": i, "label": labels[i]}
+            for i in top
+        ],
+    }
+
+
+def _probabilities(attribution: Attribution, contrast: Contrast | None) -> dict[str, float]:
+    """The explained response's probability with the prompt and with it fully masked (and the contrast's)."""
+    if contrast is None:
+        full, masked = float(attribution.full_values.sum()), float(attribution.base_values.sum())
+        return {"response": float(np.exp(min(full, 0.0))), "response_masked": float(np.exp(min(masked, 0.0)))}
+    return {
+        "response": float(np.exp(min(contrast.response_logprob, 0.0))),
+        "response_masked": float(np.exp(min(contrast.response_logprob_masked, 0.0))),
+        "contrast": float(np.exp(min(contrast.foil_logprob, 0.0))),
+        "contrast_masked": float(np.exp(min(contrast.foil_logprob_masked, 0.0))),
+    }
 
 
 def _redacted(messages: list[dict[str, str]]) -> tuple[list[dict[str, str]], Counter[str]]:

@@ -545,8 +545,19 @@ class NodeService:
             )
             raise
 
-    def deploy(self, version: str, sha256: str, arrays: wire.Arrays, *, parent: str | None = None) -> dict[str, Any]:
+    def deploy(
+        self,
+        version: str,
+        sha256: str,
+        arrays: wire.Arrays,
+        *,
+        parent: str | None = None,
+        lineage: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Install a global adapter version, persist it, and score it on local eval data.
+
+        `lineage` (the registry's run, round, parent and contributing sites with their epsilon, as the
+        deploy message carries it) is kept in the version's adapter.json for explanation reports.
 
         An FFA-LoRA deployment carries B only: the seeded A is added before the whole adapter's
         sha256 is checked. A version that is not a plain name, or is reserved, is refused first.
@@ -558,9 +569,13 @@ class NodeService:
             self.audit.append(actor="coordinator", action="deploy.refused", resource=version, details={"error": reason})
             raise VersionReused(reason + "; a registry restored from an old backup reuses numbers")
         arrays = with_seeded_lora_a(self.host, arrays)
+        if parent is None and lineage is not None and isinstance(lineage.get("parent"), str):
+            parent = lineage["parent"]
         info = self.host.install(version, arrays, sha256=sha256, parent=parent)
         self.serving.sync_adapters()
-        adapter_store.save_version(self.layout.adapters, info, arrays, envelope=self.serving.keys.envelope)  # KEK
+        adapter_store.save_version(
+            self.layout.adapters, info, arrays, envelope=self.serving.keys.envelope, lineage=lineage
+        )  # KEK
         loss = evaluate_loss(self.host, self.eval_data, model=version)
         self.state.eval_loss_after[version] = loss
         shown = loss if math.isfinite(loss) else None  # JSON has no NaN: a broken version's loss is null

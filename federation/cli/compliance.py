@@ -287,9 +287,27 @@ def _deployed(layout: NodeLayout) -> list[dict[str, Any]]:
                 "created": meta.get("created"),
                 "release": release.get(version),
                 "error": version != meta_file.parent.name,
+                **_deployed_lineage(meta.get("lineage")),
             }
         )
     return sorted(rows, key=lambda r: (str(r.get("created") or ""), r["version"]))
+
+
+def _deployed_lineage(raw: object) -> dict[str, Any]:
+    """What the deployment told the site of the version's training (adapter.json's `lineage`, where the
+    node keeps it): shown without --witness; the coordinator's registry, when given, replaces it."""
+    if not isinstance(raw, dict):
+        return {}
+    sites = raw.get("sites") if isinstance(raw.get("sites"), list) else []
+    return {
+        "run": raw.get("run"),
+        "round": raw.get("round"),
+        "sites": [
+            {"site": str(s.get("site")), "epsilon": s.get("epsilon")}
+            for s in sites
+            if isinstance(s, dict) and isinstance(s.get("epsilon"), int | float)
+        ],
+    }
 
 
 def _lineage(inspection: Inspection, sources: Sources) -> None:

@@ -44,7 +44,10 @@ code, .mono { font-family: monospace; word-break: break-all; }
 .fail { background: #dc2626; color: #fff; }
 .unverified { background: #d97706; color: #fff; }
 .verdict { font-size: 1.3em; padding: 0.4em 0.8em; display: inline-block; border-radius: 4px; }
+th { overflow-wrap: normal; }
+.meta td { padding: 0.1em 0.6em; }
 .meta td:first-child { font-weight: bold; }
+#summary h2 { margin-top: 1em; }
 .note { color: #555; font-size: 0.9em; }
 img { max-width: 100%; border: 1px solid #ddd; }
 """
@@ -94,7 +97,7 @@ def _status(status: Status) -> str:
 
 
 def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, numeric: Sequence[int] = ()) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers) if any(headers) else ""
     body = []
     for row in rows:
         cells = "".join(
@@ -103,7 +106,8 @@ def _table(headers: Sequence[str], rows: Iterable[Sequence[object]], *, numeric:
         body.append(f"<tr>{cells}</tr>")
     if not body:
         body.append(f'<tr><td colspan="{len(headers)}" class="note">none</td></tr>')
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if head else ""
+    return f"<table>{thead}<tbody>{''.join(body)}</tbody></table>"
 
 
 def _fmt(value: object, digits: int = 4) -> str:

@@ -127,6 +127,7 @@ def _explain(args: argparse.Namespace) -> int:
         **_explain_input(args),
         "model": args.model,
         "response": args.response,
+        "contrast": args.contrast,
         "granularity": args.granularity,
         "max_evals": args.max_evals,
         "background": True,
@@ -160,8 +161,10 @@ def _explain(args: argparse.Namespace) -> int:
     out = Path(args.out or f"{state['id']}.json")
     out.write_text(json.dumps(state, indent=2), encoding="utf-8")
     print(f"explanation {state['id']} of {state['model']} ({state['granularity']} features):")
+    if state.get("summary"):
+        print(f"  {state['summary']}")
     for rank, top in enumerate(state["top_features"], start=1):
-        print(f"  {rank}. {top['value']:+.4f}  {top['feature']}")
+        print(f"  {rank}. {top['value']:+.4f}  {top.get('label') or top['feature']}")
     print(f"report (reviewers, sealed at the site): {args.node}{state['html']}")
     print(f"result: {out}")
     return 0
@@ -356,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--messages-file", help="JSON file with a chat `messages` list")
     p.add_argument("--model", help="adapter version (default: the latest served)")
     p.add_argument("--response", help="the answer to explain (default: the model generates one)")
+    p.add_argument(
+        "--contrast",
+        metavar="RESPONSE",
+        help="explain why the answer rather than RESPONSE: attributions of log p(answer) - log p(RESPONSE)",
+    )
     p.add_argument(
         "--granularity", choices=["token", "word", "sentence"], default="word", help="feature unit (default: word)"
     )

@@ -10,6 +10,7 @@ with `force` the old directory is kept beside it (`<dir>.replaced-<time>`), neve
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -284,7 +285,7 @@ def _install(staged: Path, dest: Path, *, replace: bool) -> list[Path]:
     try:
         os.replace(staged, dest)  # same filesystem: staged beside dest's parent (pki may be elsewhere)
     except OSError as exc:
-        if exc.errno != 18:  # EXDEV: another filesystem, copy then rename there
+        if exc.errno != errno.EXDEV:  # another filesystem: copy beside dest, then rename there
             raise
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.restore-", dir=dest.parent))
         shutil.copytree(staged, tmp, dirs_exist_ok=True)

@@ -397,7 +397,8 @@ class Envelope:
         out = bytearray(len(header) + len(data) + count * _TAG_BYTES)
         out[: len(header)] = header
         aead, aad = AESGCM(data_key), header[: _DATA_HEADER.size] + context.encode("utf-8")
-        prefix, src, dst = header[11 : _DATA_HEADER.size], memoryview(data), memoryview(out)
+        prefix = header[_DATA_HEADER.size - _PREFIX_BYTES : _DATA_HEADER.size]
+        src, dst = memoryview(data), memoryview(out)
         at = len(header)
         for index in range(count):
             block = src[index * chunk : (index + 1) * chunk]
@@ -417,7 +418,7 @@ class Envelope:
         body = size - src.tell()
         step = header.chunk + _TAG_BYTES
         count = max(1, -(-body // step))
-        if body < count * _TAG_BYTES:
+        if body - (count - 1) * step < _TAG_BYTES:  # the last chunk is shorter than its tag
             raise TamperedFile(f"{name}: encrypted file cut short (chunk {count - 1})")
         aead = AESGCM(self._unwrap(header, name))
         aad = header.data_header + context.encode("utf-8")

@@ -10,6 +10,7 @@ they always had, their class name, for the ClientApp to report.
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -77,7 +78,15 @@ async def internal_deploy(request: Request) -> dict[str, Any] | JSONResponse:
         arrays, _ = await _body(request)
         if not arrays:
             return error_response(400, "deploy needs adapter arrays and an adapter-version")
-        return await run_in_threadpool(node_of(request).deploy, version, str(config["adapter-sha256"]), arrays)
+        # The registry's lineage (run, round, parent, sites and their epsilon), kept for explanation reports.
+        raw = config.get("adapter-lineage")
+        lineage = json.loads(raw) if isinstance(raw, str) else None
+        return await run_in_threadpool(
+            partial(node_of(request).deploy, lineage=lineage if isinstance(lineage, dict) else None),
+            version,
+            str(config["adapter-sha256"]),
+            arrays,
+        )
     except KeyError as exc:
         return error_response(400, f"deploy config is missing {exc}")
     except (wire.WireError, json.JSONDecodeError) as exc:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from federation.cli.main import main
 from federation.ops.layout import NodeLayout
 from federation.protocol import config as cfg
 from federation.protocol import wire
@@ -27,6 +27,7 @@ from federation.security.at_rest import (
     site_envelope,
 )
 from node.build import NodeStartError, build_node
+from node.data import SiteData
 from node.site_keys import SealError, SiteKeys
 from privacy.audit import AuditRecord, scan, verify
 from privacy.audit_payload import SEALED, PayloadSealer
@@ -52,6 +53,15 @@ def site(tiny_model_dir: Path, site_data_dir: Path, tmp_path: Path) -> tuple[Pat
         kek={"passphrase_file": str(_passphrase(tmp_path / "kek.pass", "a long site passphrase for tests"))},
     )
     return cfg.save(config, tmp_path / "node.json"), config
+
+
+def fedseek(*argv: str) -> str:
+    """The operator's `fedseek` command, in a process of its own."""
+    done = subprocess.run(
+        [sys.executable, "-m", "federation.cli.main", *argv], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def _records(layout: NodeLayout) -> list[AuditRecord]:
@@ -85,7 +95,7 @@ def test_a_node_with_a_kek_keeps_everything_encrypted_restarts_and_refuses_witho
     assert json.loads(layout.kek.read_text())["id"] == header_kek_id(stored)
 
     # the training and eval data, encrypted in place by the operator (the node stopped)
-    assert main(["keys", "encrypt", "--config", str(config_file)]) == 0
+    fedseek("keys", "encrypt", "--config", str(config_file))
     assert sorted(p.name for p in data.glob("*.jsonl*")) == ["eval.jsonl.enc", "train.jsonl.enc"]
     assert b"assistant" not in (data / "train.jsonl.enc").read_bytes()
 
@@ -94,7 +104,7 @@ def test_a_node_with_a_kek_keeps_everything_encrypted_restarts_and_refuses_witho
         assert second.host.adapters["v1"].sha256 == wire.sha256_of(arrays)
         assert "v1" in [m["id"] for m in second.models()]
         # the partition is fingerprinted by its plaintext: encrypting it did not make it a new partition
-        assert second.train_data.fingerprints == fingerprints
+        assert isinstance(second.train_data, SiteData) and second.train_data.fingerprints == fingerprints
         assert not [r for r in _records(layout) if r.action == "data.unregistered"]
     finally:
         second.serving.close()
@@ -143,7 +153,7 @@ def test_rotation_rewraps_every_file_updates_the_config_and_retires_the_old_kek(
         node.deploy("v1", wire.sha256_of(arrays), arrays)
     finally:
         node.serving.close()
-    assert main(["keys", "encrypt", "--config", str(config_file)]) == 0
+    fedseek("keys", "encrypt", "--config", str(config_file))
     files = encrypted_files(Path(config.data_dir), layout.root)
     expected = [*Path(config.data_dir).glob("*.enc"), layout.adapters / "v1" / "adapter.safetensors.enc"]
     assert set(expected) < set(files)  # and the audit trail's payload keys
@@ -153,7 +163,7 @@ def test_rotation_rewraps_every_file_updates_the_config_and_retires_the_old_kek(
 
     new_key = secrets.token_hex(32)
     command = f"{sys.executable} -c 'print(\"{new_key}\")'"  # a KMS client stand-in: a real external command
-    assert main(["keys", "rotate", "--config", str(config_file), "--new-command", command]) == 0
+    fedseek("keys", "rotate", "--config", str(config_file), "--new-command", command)
     rotated = cfg.load(cfg.NodeConfig, config_file)
     assert rotated.kek == {"command": [sys.executable, "-c", f'print("{new_key}")']}
     new_id = json.loads(layout.kek.read_text())["id"]
@@ -161,6 +171,8 @@ def test_rotation_rewraps_every_file_updates_the_config_and_retires_the_old_kek(
     for path in files:
         assert header_kek_id(path) == new_id
         assert path.read_bytes()[body_offset(path) :] == bodies[path]  # only the wrapped key changed
+    status = json.loads(fedseek("keys", "status", "--config", str(config_file), "--json"))  # needs no key
+    assert status["encrypted"] == {new_id: len(files)} and status["in_clear"] == []
     rotation = [r for r in _records(layout) if r.action == "kek.rotated"]
     assert rotation and rotation[-1].details["to"] == new_id and rotation[-1].details["rewrapped"] == len(files)
 

@@ -141,7 +141,8 @@ def sign_request(
     pki_dir = Path(pki_dir)
     current = _current(pki_dir, name)
     key = csr.public_key()
-    assert isinstance(key, ec.EllipticCurvePublicKey)  # load_request refused anything else
+    if not isinstance(key, ec.EllipticCurvePublicKey):  # load_request refused anything else already
+        raise PKIError(f"certificate request {csr_path}: party keys are ECDSA P-256")
     if current is not None:
         _check_renewal(current, role, key, csr, proof, csr_path)
         if hosts is None:

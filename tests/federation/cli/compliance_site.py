@@ -13,6 +13,7 @@ HTML (`MARK`): the report must show them as text.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import time
 from dataclasses import dataclass
@@ -135,3 +136,7 @@ def copy_site(site: Site, root: Path) -> Site:
     shutil.copytree(old, root, dirs_exist_ok=True)
     return Site(*(root / p.relative_to(old) for p in (site.state, site.coord, site.site_keys, site.snapshot)),
                 version=site.version)  # fmt: skip
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

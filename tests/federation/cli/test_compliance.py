@@ -19,7 +19,7 @@ import pytest
 from federation.cli.main import main
 from privacy.audit import canonical_json, head_path, sha256_hex
 from privacy.checkpoints import tree_path
-from tests.federation.cli.compliance_site import MARK, SITE, Site, build_site, copy_site, restore
+from tests.federation.cli.compliance_site import MARK, SITE, Site, build_site, copy_site, restore, sha256_file
 from tests.privacy.insider import rechain
 
 CHECKS = [
@@ -65,6 +65,10 @@ class _Page(HTMLParser):
             self.details[self._row] += data
 
 
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Site:
     return build_site(tmp_path_factory.mktemp("compliance"))
@@ -87,8 +91,10 @@ def _report(site: Site, out: Path, *extra: str, witness: bool = True) -> tuple[i
 
 
 def test_an_untouched_site_passes_every_check(site: Site, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _files(site.state.parent)
     code, page, _ = _report(site, tmp_path / "r.html")
     assert code == 0, capsys.readouterr().out
+    assert _files(site.state.parent) == before  # site and coordinator state only read, never written
     assert page.checks == dict.fromkeys(CHECKS, "pass")
     assert capsys.readouterr().out.strip().endswith("all checks passed; written to " + str(tmp_path / "r.html"))
     shown = " ".join(page.text)
