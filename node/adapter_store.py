@@ -78,7 +78,12 @@ def save_version(
         envelope.write(
             target / ENCRYPTED_WEIGHTS_FILE, wire.encode(arrays), context=weights_context(info.version, info.sha256)
         )
-    meta = {"version": info.version, "sha256": info.sha256, "parent": info.parent, "created": info.created}
+    meta: dict[str, Any] = {
+        "version": info.version,
+        "sha256": info.sha256,
+        "parent": info.parent,
+        "created": info.created,
+    }
     if lineage is not None:
         meta["lineage"] = lineage
     write_atomic(target / META_FILE, json.dumps(meta))

@@ -298,7 +298,8 @@ def _deployed_lineage(raw: object) -> dict[str, Any]:
     node keeps it): shown without --witness; the coordinator's registry, when given, replaces it."""
     if not isinstance(raw, dict):
         return {}
-    sites = raw.get("sites") if isinstance(raw.get("sites"), list) else []
+    sites = raw.get("sites")
+    sites = sites if isinstance(sites, list) else []
     return {
         "run": raw.get("run"),
         "round": raw.get("round"),

@@ -27,7 +27,7 @@ class NodeConfig:
     data_dir: str
     state_dir: str
     pki_dir: str
-    coordinator: str = "127.0.0.1:9443"  # host:port of the coordinator's mTLS fleet endpoint
+    coordinator: str = "127.0.0.1:9443"  # host:port of the fleet endpoint; "primary,standby" fails over in order
     coordinator_name: str = "localhost"  # the name its certificate must carry
     api_host: str = "127.0.0.1"
     api_port: int = 8443
