@@ -87,6 +87,9 @@ class RoundRecord:
     update_norms: dict[str, float] = field(default_factory=dict)
     """Each well-formed update's distance from the round's start (`coordinator.aggregate.round_start`),
     refused ones too: what `update-norm-ratio` bounds, for an operator to see how far apart the sites are."""
+    release: dict[str, str] = field(default_factory=dict)
+    """Each site's gray release of the round's version (node/release.py): `candidate`, `stable`, or `retired`
+    when its evaluation there was worse than the site's stable version's and it was rolled back at once."""
     started_at: float = field(default_factory=time.time)
     """When the round began (Unix time): its readiness query was about to be sent."""
     duration_s: float | None = None
@@ -480,6 +483,9 @@ class LoraFedAvg(FedAvg):
             wellformed.append(msg)
             if rec is not None:
                 rec.eval_loss[site] = loss
+                release = msg.content.config_records[records.SITE].get("release")
+                if release:  # a node from before gray release says nothing
+                    rec.release[site] = str(release)
         if rec is not None:
             rec.duration_s = round(time.time() - rec.started_at, 3)
         result = super().aggregate_evaluate(server_round, wellformed)

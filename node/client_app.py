@@ -105,7 +105,14 @@ def evaluate(msg: Message, context: Context) -> Message:
                     "eval-loss": float("nan") if result["eval_loss"] is None else float(result["eval_loss"]),
                 }
             ),
-            records.SITE: ConfigRecord({"name": str(result["site"]), "version": str(result["version"])}),
+            records.SITE: ConfigRecord(
+                {
+                    "name": str(result["site"]),
+                    "version": str(result["version"]),
+                    # the site's gray release of it: candidate, stable, or retired (rolled back at once)
+                    "release": str(result.get("release", "")),
+                }
+            ),
         }
     )
     return Message(content, reply_to=msg)

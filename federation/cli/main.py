@@ -78,6 +78,9 @@ def _run(args: argparse.Namespace) -> int:
         print(f"round {rec['round']}: {rec['version']} from {rec['accepted']} eval_loss={rec['eval_loss']}", flush=True)
         for who, why in sorted(rec.get("rejected", {}).items()):  # a refused update (outsized, malformed) is news
             print(f"round {rec['round']}: rejected {who}: {why}", flush=True)
+        rolled_back = sorted(site for site, status in rec.get("release", {}).items() if status == "retired")
+        if rolled_back:  # the sites' gray release found it worse than what they serve (node/release.py)
+            print(f"round {rec['round']}: {rec['version']} rolled back at {', '.join(rolled_back)}", flush=True)
 
     if args.resume:  # the run's recorded settings, from its last version, after the last round it started
         settings, continuation = resume_plan(Path(args.state), args.resume, more_rounds=args.rounds)

@@ -143,3 +143,19 @@ def test_two_writers_never_publish_one_version_number(tmp_path: Path) -> None:
     manifest = registry.save(arrays, run="r", round=2, sites=[], parent="global-v0001")
     assert manifest.version == "global-v0003" and len(calls) == 2
     assert json.loads((registry.root / "global-v0002" / "manifest.json").read_text()) == {}  # untouched
+
+
+def test_parent_starts_a_new_run_from_any_version(tmp_path: Path, crashed: tuple[Path, dict[int, FakeSite]]) -> None:
+    """`fedseek run --parent VERSION`: a new run (its own ledger key) whose first round trains from VERSION."""
+    _, sites = crashed
+    registry = AdapterRegistry(tmp_path / "registry")
+    fresh = RunSettings(run_name="branch", num_rounds=1, round_timeout=30.0, learning_rate=0.01)
+    grid = InProcessGrid(dict(sites))
+    summary = run_federation(grid, _config(tmp_path, fresh, Continuation(parent="global-v0001")), flower_run_id="77")
+    assert summary["status"] == "finished" and summary["run_key"] == "77"
+    made = registry.manifest(summary["global_adapter"]["version"])
+    assert (made.version, made.parent, made.round, made.run) == ("global-v0002", "global-v0001", 1, "branch")
+    v1, _ = registry.load("global-v0001")
+    for msg in grid.sent(MessageType.TRAIN):
+        sent = records.from_array_record(msg.content.array_records[records.ARRAYS])
+        assert {k: v.tobytes() for k, v in sent.items()} == {k: v.tobytes() for k, v in v1.items()}

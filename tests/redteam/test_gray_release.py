@@ -168,6 +168,11 @@ def test_a_new_version_is_a_candidate_promoted_when_it_holds_and_rolled_back_whe
     assert poisoned.returncode == 0, (poisoned.stdout, poisoned.stderr)
     summary = json.loads((env["state"] / "registry" / "runs" / "poisoned.json").read_text())
     assert summary["rounds"][0]["version"] == "global-v0002" and POISONER in summary["rounds"][0]["accepted"]
+    # the coordinator hears each site's verdict, and the operator sees it
+    assert summary["rounds"][0]["release"] == dict.fromkeys(SITES, "retired")
+    assert "round 1: global-v0002 rolled back at site-a, site-b, site-c" in poisoned.stdout
+    honest_summary = json.loads((env["state"] / "registry" / "runs" / "honest.json").read_text())
+    assert honest_summary["rounds"][0]["release"] == dict.fromkeys(SITES, "candidate")
     for site in SITES:
         seen = cards(env, site)
         assert (seen["global-v0002"]["status"], seen["global-v0002"]["share"]) == ("retired", 0.0)

@@ -163,6 +163,12 @@ def renew(
     dies with its certificate. ``keep_key`` changes only ``cert.pem``, for
     parties that read cert and key at different moments.
     """
+    party = Path(pki_dir) / name
+    if (party / LEAF_CERT).is_file() and not (party / LEAF_KEY).exists():
+        raise PKIError(
+            f"'{name}' enrolled with its own key, which is not here: it renews on its host with "
+            "`fedseek node enroll --renew`, and the request is signed here with `fedseek ca sign`"
+        )
     leaf = load_leaf(pki_dir, name)
     current = load_cert(leaf.cert)
     ident = identity_of(current, leaf.cert)

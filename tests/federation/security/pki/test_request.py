@@ -20,6 +20,7 @@ from federation.security.pki import (
     load_crl,
     read_identity,
     refresh_crl,
+    renew,
     renewal_proof,
     request_pem,
     sign_request,
@@ -160,3 +161,12 @@ def test_the_crl_is_refreshed_only_when_due(pki: Path) -> None:
     assert (pki / "site-a" / "crl.pem").read_bytes() == crl_path.read_bytes()  # published to the party too
     with pytest.raises(PKIError, match="every run"):
         refresh_crl(pki, within=timedelta(days=7))
+
+
+def test_an_enrolled_party_is_not_renewed_with_a_key_made_here(pki: Path, tmp_path: Path) -> None:
+    """`ca renew` would make the party a new key at the CA: an enrolled party renews by request instead."""
+    sign_request(pki, _request(tmp_path, "site-a")[0], role="node")
+    before = snapshot(pki)
+    with pytest.raises(PKIError, match="node enroll --renew"):
+        renew(pki, "site-a")
+    assert snapshot(pki) == before
