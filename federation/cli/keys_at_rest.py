@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import os
 import shlex
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from federation.errors import InvalidInput
+from federation.errors import Conflict, InvalidInput
 from federation.ops.atomic import write_atomic
 from federation.ops.layout import NodeLayout
 from federation.protocol import config as cfg
@@ -56,6 +57,17 @@ def add_kek_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
 def _load(path: Path) -> tuple[cfg.NodeConfig, NodeLayout]:
     config = cfg.load(cfg.NodeConfig, path)
     return config, NodeLayout(Path(config.state_dir))
+
+
+def _refuse_if_running(layout: NodeLayout) -> None:
+    """The node reads its files at start and writes adapters and explanations while it runs: files
+    renamed or re-wrapped under it would fail its next read, so it must be stopped."""
+    try:
+        pid = int(json.loads(layout.endpoints.read_text())["pid"])
+        os.kill(pid, 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    raise Conflict(f"the node is running (pid {pid}, {layout.endpoints}); stop it first")
 
 
 def _envelope(config: cfg.NodeConfig, layout: NodeLayout) -> at_rest.Envelope:
@@ -132,6 +144,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     from node.site_keys import load_site_keys
 
     config, layout = _load(args.config)
+    _refuse_if_running(layout)
     envelope = _envelope(config, layout)
     done: list[str] = []
     for path in in_clear(config):
@@ -167,9 +180,8 @@ def _encrypt_beside(envelope: at_rest.Envelope, src: Path, dst: Path, *, context
 
 # ---- rotate ------------------------------------------------------------------------------------
 def _rotate(args: argparse.Namespace) -> int:
-    import os
-
     config, layout = _load(args.config)
+    _refuse_if_running(layout)
     old = _envelope(config, layout)
     spec: dict[str, Any] = (
         {"passphrase_file": args.new_passphrase_file}

@@ -30,7 +30,7 @@ def test_an_encrypted_batch_has_the_fingerprint_of_its_plaintext(tmp_path: Path,
     assert partition_files(tmp_path) == [plain, batches / "2025-08.jsonl.enc"]
     # the same bytes, encrypted: one partition to the ledger, never a new one with a fresh budget
     assert read_partition(batches / "2025-08.jsonl.enc", envelope=envelope) == read_partition(plain)
-    with pytest.raises(WrongKek, match="2025-08.jsonl.enc: encrypted, and this site has no KEK"):
+    with pytest.raises(WrongKek, match=r"2025-08\.jsonl\.enc: encrypted, and this site has no KEK"):
         read_partition(batches / "2025-08.jsonl.enc")
 
 
@@ -45,5 +45,5 @@ def test_single_file_layouts_and_eval_may_be_encrypted(tmp_path: Path, envelope:
     blob = bytearray((tmp_path / "eval.jsonl.enc").read_bytes())
     blob[-1] ^= 1
     (tmp_path / "eval.jsonl.enc").write_bytes(bytes(blob))
-    with pytest.raises(TamperedFile, match="eval.jsonl.enc"):
+    with pytest.raises(TamperedFile, match=r"eval\.jsonl\.enc"):
         load_jsonl(tmp_path / "eval.jsonl", envelope=envelope)

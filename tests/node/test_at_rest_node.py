@@ -5,6 +5,7 @@ with one line naming the file; `fedseek keys rotate` moves every file to a new K
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -163,6 +164,17 @@ def test_rotation_rewraps_every_file_updates_the_config_and_retires_the_old_kek(
 
     new_key = secrets.token_hex(32)
     command = f"{sys.executable} -c 'print(\"{new_key}\")'"  # a KMS client stand-in: a real external command
+    layout.endpoints.write_text(json.dumps({"pid": os.getpid()}))  # a live node: refused, nothing touched
+    refused = subprocess.run(
+        [sys.executable, "-m", "federation.cli.main", "keys", "rotate", "--config", str(config_file)]
+        + ["--new-command", command],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert refused.returncode == 2 and "the node is running" in refused.stderr
+    assert all(header_kek_id(p) == old_id for p in files)
+    layout.endpoints.unlink()
     fedseek("keys", "rotate", "--config", str(config_file), "--new-command", command)
     rotated = cfg.load(cfg.NodeConfig, config_file)
     assert rotated.kek == {"command": [sys.executable, "-c", f'print("{new_key}")']}
