@@ -1,25 +1,35 @@
-"""Serving benchmark: the FedSeek engine (node/serving) vs Hugging Face generate / generate_batch.
+"""Serving benchmark: the FedSeek engine (node/serving) vs Hugging Face ``generate`` at its best.
 
 One process, one seeded random-init model, random prompts of exactly ``--prompt-tokens`` tokens and
 ``--new-tokens`` generated per request (EOS ignored, so every method generates the same count):
 
-* ``floor``: the batch-1 decode floor, every parameter's bytes over the measured device copy bandwidth;
-* ``hf_generate``: ``model.generate`` one request at a time; ``hf_static``: one static batch of the
-  largest concurrency; ``hf_generate_batch``: transformers' continuous batching, all requests at once;
+* ``floor``: the batch-1 decode floor = the bytes one decode step reads / the read bandwidth measured in
+  the same run (a read-only reduction over a buffer far larger than L2, best of N). The bytes are every
+  weight a step's matmuls read (all layers + norms + the LM head) plus one gathered embedding row plus
+  the KV cache read at the mean context of the measured run; the input embedding table is NOT counted
+  (a step gathers one row of it), unless it is tied to the LM head (then the head reads all of it);
+* ``hf_c1_static_compile`` / ``hf_c{N}_static_compile``: ``model.generate`` with
+  ``cache_implementation="static"``, whose decode steps transformers compiles itself on CUDA
+  (``CompileConfig(mode="reduce-overhead", dynamic=False)``), batch 1 and one static batch of N (all
+  prompts one length, so no padding); ``hf_c1_eager`` / ``hf_c{N}_eager``: the same with the default
+  dynamic cache, no compile; ``hf_generate_batch``: transformers' continuous batching with defaults.
+  A method that fails records its error and the others stand; the best HF configuration at each
+  concurrency is the denominator of every engine/HF ratio;
 * ``engine_c{N}``: the engine with N requests submitted together (``engine_c1``: one at a time, in
   sequence); ``engine_c{N}_a{K}``: the same N requests spread round-robin over K model versions
   (base + K-1 LoRA adapters, rank 16 on every linear layer) in the same running batch;
 * with ``--int8``: the same engine runs with INT8 weights.
 
-Each measured configuration is first run once with 4 new tokens (same concurrency, same versions),
-so prefill shapes and decode graphs are warm.
+Every method is warmed up (same shapes) and then measured ``--repeats`` times; each throughput, TTFT
+and ratio is reported as the median of the repeats with its min and max.
 
-The JSON is rewritten after each method, so a run cut short keeps what finished. Shapes:
-``r1-distill-1.5b`` (the GPU benchmark, fast runner), ``qwen-tiny`` (the fast runner on a CPU-sized
-Qwen2), ``tiny`` (the project's tiny DeepSeek-V3: the generic runner).
+The JSON is rewritten after each method, so a run cut short keeps what finished; ``--time-budget-s``
+skips (and records) the methods left once it is spent. Shapes: ``r1-distill-1.5b`` (the GPU
+benchmark, fast runner), ``qwen-tiny`` (the fast runner on a CPU-sized Qwen2), ``tiny`` (the
+project's tiny DeepSeek-V3: the generic runner).
 
 Usage: ``python -m bench.serving --device cuda --shape r1-distill-1.5b --concurrency 1,64 --adapters 1,3``
-``--out serving.json``.
+``--repeats 5 --out serving.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +37,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import tempfile
 import threading
 import time

@@ -165,9 +165,9 @@ def test_rotation_rewraps_every_file_updates_the_config_and_retires_the_old_kek(
     new_key = secrets.token_hex(32)
     command = f"{sys.executable} -c 'print(\"{new_key}\")'"  # a KMS client stand-in: a real external command
     layout.endpoints.write_text(json.dumps({"pid": os.getpid()}))  # a live node: refused, nothing touched
+    argv = ["keys", "rotate", "--config", str(config_file), "--new-command", command]
     refused = subprocess.run(
-        [sys.executable, "-m", "federation.cli.main", "keys", "rotate", "--config", str(config_file)]
-        + ["--new-command", command],
+        [sys.executable, "-m", "federation.cli.main", *argv],
         capture_output=True,
         text=True,
         timeout=600,
