@@ -6,6 +6,11 @@ summaries; and `/metrics` (Prometheus, coordinator/metrics.py) for a `monitor` c
 admin's). Served through federation.security.mtls_server (TLS 1.3, CRL); refused callers are
 logged, audited and answered by federation.security.refusals, exactly as the node's routes are.
 A scrape is not audited (every 15 s would bury the operator's reads), its refusal is.
+
+One route takes a body: `POST /v1/witness/audit-checkpoint`, where a site's node agent pushes its
+audit log's latest signed checkpoint between rounds (`node.checkpoint_push`), with its own `node`
+certificate and for its own site only; `coordinator.audit_witness` checks and keeps it (channel
+`push`). An accepted push is not audited (the witness store is its record); a refused one is.
 """
 
 from __future__ import annotations
@@ -20,18 +25,24 @@ from fastapi.responses import Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from coordinator.audit_witness import PUSH, witness_audit_checkpoint
 from coordinator.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coordinator.registry import AdapterRegistry, RegistryError
 from coordinator.sites import SiteAccess
+from coordinator.witness import LedgerWitness, WitnessRefused
+from federation.errors import InvalidInput
 from federation.security import pki
 from federation.security.mtls_server import peer_of
 from federation.security.refusals import audit_refusal, error_response, install_error_handlers
-from federation.security.roles import AccessDenied, require_role
+from federation.security.roles import AccessDenied, NotPermitted, require_role
 from privacy.audit import AuditTrail
 
 log = logging.getLogger("fedseek.coordinator.admin")
 
 PeerFn = Callable[[Request], pki.Identity | None]
+
+CHECKPOINT_ROUTE = "/v1/witness/audit-checkpoint"
+CHECKPOINT_BODY_MAX = 16 * 1024  # a signed checkpoint is about 400 bytes
 
 
 def create_admin_app(
@@ -42,9 +53,11 @@ def create_admin_app(
     peer: PeerFn = peer_of,
     health: Callable[[], dict[str, Any]] | None = None,
     metrics: Callable[[], bytes] | None = None,
+    witness: LedgerWitness | None = None,
 ) -> FastAPI:
     """The admin routes; `health` reports the coordinator's supervised children (`Health.snapshot`),
-    `metrics` renders `/metrics` (`CoordinatorMetrics.render`; none: the route answers 404)."""
+    `metrics` renders `/metrics` (`CoordinatorMetrics.render`; none: the route answers 404),
+    `witness` holds the site keys and store the pushed audit checkpoints go to (none: 404)."""
     # No /docs, /redoc or /openapi.json: the API is described to nobody who reaches the port.
     app = FastAPI(title="FedSeek coordinator admin", version="0.1.0", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -68,6 +81,49 @@ def create_admin_app(
         except AccessDenied as exc:
             audit_refusal(request, exc, identity=identity, audit=audit, log=log)
             raise
+
+    def node(request: Request) -> pki.Identity:
+        identity = peer(request)
+        try:
+            return require_role(identity, "node")
+        except AccessDenied as exc:
+            audit_refusal(request, exc, identity=identity, audit=audit, log=log)
+            raise
+
+    if witness is not None:
+        store_of = witness
+
+        @app.post(CHECKPOINT_ROUTE)
+        async def push_checkpoint(request: Request, who: pki.Identity = Depends(node)) -> dict[str, Any]:  # noqa: B008
+            """A site's audit checkpoint between rounds: signed by its registered key, for its own site."""
+            body = await request.body()  # at most CHECKPOINT_BODY_MAX bytes (NoBody refused more unread)
+            try:
+                statement = json.loads(body)
+            except ValueError:  # UnicodeDecodeError included
+                statement = None
+            if not isinstance(statement, dict) or not isinstance(statement.get("payload"), dict):
+                raise InvalidInput("the body must be one signed audit checkpoint (JSON)")
+            origin = statement["payload"].get("origin")
+            if origin != who.name:
+                exc = NotPermitted(f"site '{who.name}' may push only its own audit checkpoints, not {origin!r}'s")
+                audit_refusal(request, exc, identity=who, audit=audit, log=log)
+                raise exc
+            try:
+                checkpoint = witness_audit_checkpoint(
+                    store_of.store, who.name, [statement], key=store_of.site_key(who.name), channel=PUSH
+                )
+            except WitnessRefused as exc:
+                log.warning("refused the audit checkpoint %s pushed: %s", who.name, exc.one_line())
+                audit.append(
+                    actor=who.name,
+                    action="witness.refused",
+                    resource=who.name,
+                    details={"stage": PUSH, "error": exc.one_line()},
+                )
+                raise
+            if checkpoint is None:  # the kind was not audit.checkpoint
+                raise InvalidInput("the body must be a signed audit.checkpoint statement")
+            return {"object": "audit.checkpoint", "site": who.name, "size": checkpoint.size, "root": checkpoint.root}
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
@@ -131,7 +187,9 @@ def create_admin_app(
 class NoBody:
     """Every admin route is a GET: a request that brings a body is refused (413, connection closed)
     before authentication and before a byte of it is read, so the port cannot be made to take
-    an upload (pure ASGI, ahead of FastAPI, which would otherwise let uvicorn drain it)."""
+    an upload (pure ASGI, ahead of FastAPI, which would otherwise let uvicorn drain it). The one
+    exception, a POST of a pushed audit checkpoint, takes a body of a declared length of at most
+    `CHECKPOINT_BODY_MAX` bytes (no chunked upload), judged the same way from the headers."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -139,9 +197,24 @@ class NoBody:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = Headers(scope=scope)
-            if "transfer-encoding" in headers or headers.get("content-length", "0").strip() not in ("", "0"):
-                response = error_response(413, "the admin API takes no request body")
+            refusal = _body_refusal(scope, headers)
+            if refusal is not None:
+                response = error_response(413, refusal)
                 response.headers["connection"] = "close"
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+def _body_refusal(scope: Scope, headers: Headers) -> str | None:
+    """Why a request's body is refused unread, or None."""
+    length = headers.get("content-length", "0").strip()
+    if scope.get("path") == CHECKPOINT_ROUTE and scope.get("method") == "POST":
+        if "transfer-encoding" in headers:
+            return "a pushed audit checkpoint needs a Content-Length (no chunked body)"
+        if not length.isdigit() or int(length) > CHECKPOINT_BODY_MAX:
+            return f"a pushed audit checkpoint is at most {CHECKPOINT_BODY_MAX} bytes"
+        return None
+    if "transfer-encoding" in headers or length not in ("", "0"):
+        return "the admin API takes no request body"
+    return None

@@ -7,12 +7,20 @@ copy restored), the same size with another root (a fork), or an earlier time. It
 in the witness store, so `fedseek audit verify LOG --witness COORD_STATE` can later hold the site's
 log against all of them: a log rewritten in a way these cheap checks do not see here (a history
 rewritten and grown past the witnessed size) still cannot match the witnessed root at that size.
+
+Two channels bring checkpoints: the rounds (`channel="round"`, from the strategy) and the node
+agent's push to the admin API between rounds (`channel="push"`, `coordinator.admin_api`, at least
+every 60 s while the log grows). Each must extend its own channel's latest checkpoint. Against the
+other channel's latest only what proves a rollback or fork is refused (same size with another root;
+signed later yet smaller; signed earlier yet larger): a round's reply can wait in the SuperLink
+while the agent pushes a newer checkpoint, so a round's checkpoint that is merely older than a
+pushed one is old news, not a rollback. Pushed entries are stored with `note: "push"`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -20,15 +28,24 @@ from coordinator.witness import WitnessRefused, WitnessStore
 from federation.security.signed_statement import StatementError
 from privacy.checkpoints import KIND, Checkpoint, parse_checkpoint
 
-__all__ = ["KIND", "witness_audit_checkpoint"]
+__all__ = ["KIND", "PUSH", "Channel", "witness_audit_checkpoint"]
+
+Channel = Literal["round", "push"]
+PUSH = "push"  # the note on entries the node agent pushed between rounds
 
 
 def witness_audit_checkpoint(
-    store: WitnessStore, site: str, statements: Sequence[object], *, key: ec.EllipticCurvePublicKey
+    store: WitnessStore,
+    site: str,
+    statements: Sequence[object],
+    *,
+    key: ec.EllipticCurvePublicKey,
+    channel: Channel = "round",
 ) -> Checkpoint | None:
     """Record the site's `audit.checkpoint` among `statements` if it is new; WitnessRefused if it is
-    forged, another site's, or goes back on the latest witnessed one. None if the site sent none
-    (a node whose key could not sign yet: its ledger head is what admits it to a round)."""
+    forged, another site's, or goes back on the latest witnessed one of its `channel` (or contradicts
+    the other channel's, see the module). None if the site sent none (a node whose key could not sign
+    yet: its ledger head is what admits it to a round)."""
     sent = [s for s in statements if isinstance(s, Mapping) and s.get("kind") == KIND]
     if not sent:
         return None
@@ -40,14 +57,37 @@ def witness_audit_checkpoint(
         raise WitnessRefused(f"{site}: audit checkpoint: {exc.one_line()}") from None
     if checkpoint.origin != site:
         raise WitnessRefused(f"{site}: the audit checkpoint is signed for site {checkpoint.origin!r}")
-    latest = store.latest(site, KIND)
-    if latest is not None:
-        before = parse_checkpoint(latest)
-        _check_extends(site, checkpoint, before)
-        if checkpoint == before:
+    mine: Checkpoint | None = None
+    other: Checkpoint | None = None
+    for entry in store.entries(site, KIND):  # the latest of each channel
+        if (entry.get("note") == PUSH) == (channel == PUSH):
+            mine = parse_checkpoint(entry["statement"])
+        else:
+            other = parse_checkpoint(entry["statement"])
+    if other is not None:
+        _check_consistent(site, checkpoint, other)
+    if mine is not None:
+        _check_extends(site, checkpoint, mine)
+        if checkpoint == mine:
             return checkpoint
-    store.record(site, KIND, dict(sent[0]))
+    store.record(site, KIND, dict(sent[0]), note=PUSH if channel == PUSH else None)
     return checkpoint
+
+
+def _check_consistent(site: str, new: Checkpoint, old: Checkpoint) -> None:
+    """Refuse only what an honest, growing log cannot have signed, whichever came first."""
+    if new.size == old.size and new.root != old.root:
+        raise WitnessRefused(f"{site}: audit log forked: another root for the {old.size} records witnessed")
+    if new.when > old.when and new.size < old.size:
+        raise WitnessRefused(
+            f"{site}: audit log rolled back or cut: its checkpoint of {new.time} holds {new.size} records, the "
+            f"coordinator witnessed {old.describe()}"
+        )
+    if new.when < old.when and new.size > old.size:
+        raise WitnessRefused(
+            f"{site}: audit checkpoint of {new.time} holds {new.size} records, more than the later witnessed "
+            f"{old.describe()}"
+        )
 
 
 def _check_extends(site: str, new: Checkpoint, old: Checkpoint) -> None:

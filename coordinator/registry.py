@@ -4,6 +4,9 @@ Each version is a directory `<root>/<version>/` holding `adapter.safetensors` an
 `manifest.json`; it is written to a temporary directory and renamed into place, so a crash
 never leaves a half-written version behind. Numbers are allocated under a lock and the rename
 never replaces a published version: a number is never given twice, even to two writers at once.
+Nor one the sites already hold: a registry restored from a backup older than the last round knows
+fewer versions than the sites installed, so the strategy tells it the highest version any site
+reports (`reserve_past`) and the next number comes after that one.
 
 For `fedseek run --resume`, the registry also keeps, per run, the last round that started
 (`runs/<run>.started`, written before any site is charged for it): a resumed run starts after it.
@@ -16,7 +19,6 @@ import errno
 import fcntl
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -29,8 +31,7 @@ from federation.errors import Conflict
 from federation.ops.atomic import write_atomic
 from federation.protocol import wire
 from federation.protocol.names import InvalidNameError, check_adapter_name, check_name
-
-_VERSION_RE = re.compile(r"^global-v(\d{4,})$")
+from federation.protocol.versions import GLOBAL_VERSION_RE, global_version, version_number
 
 
 class RegistryError(Conflict):
@@ -41,7 +42,7 @@ def check_version(version: object) -> str:
     """`version` if it can name a registry entry (`global-vNNNN`, which also fits the one version
     pattern of federation.protocol.names); InvalidNameError otherwise, before any path is built."""
     checked = check_adapter_name(version, what="registry version")
-    if _VERSION_RE.fullmatch(checked) is None:
+    if GLOBAL_VERSION_RE.fullmatch(checked) is None:
         raise InvalidNameError(f"invalid registry version {checked!r}: versions are named global-vNNNN")
     return checked
 
@@ -81,19 +82,30 @@ class AdapterRegistry:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self._held_elsewhere = 0  # the highest version number sites reported holding (`reserve_past`)
 
     def versions(self) -> list[str]:
-        found = [p.name for p in self.root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
-        return sorted(found, key=lambda v: int(_VERSION_RE.match(v).group(1)))  # type: ignore[union-attr]
+        found = {p.name: version_number(p.name) for p in self.root.iterdir() if p.is_dir()}
+        return sorted((v for v, n in found.items() if n is not None), key=lambda v: found[v] or 0)
 
     def latest(self) -> str | None:
         versions = self.versions()
         return versions[-1] if versions else None
 
+    def reserve_past(self, version: str) -> None:
+        """Number the versions this registry saves from now on past `version`, which sites hold already.
+
+        A registry restored from a backup older than the last round does not know the versions made
+        after the backup; the sites installed them, so reusing their numbers would name other weights
+        (each site refuses that deploy: `VersionReused`). Kept in memory: every round asks the sites
+        again before it saves (coordinator/strategy.py), and once saved the number is the registry's own.
+        """
+        held = version_number(check_version(version)) or 0  # InvalidNameError unless global-vNNNN
+        self._held_elsewhere = max(self._held_elsewhere, held)
+
     def _next_version(self) -> str:
-        latest = self.latest()
-        n = int(_VERSION_RE.match(latest).group(1)) + 1 if latest else 1  # type: ignore[union-attr]
-        return f"global-v{n:04d}"
+        mine = version_number(self.latest()) or 0  # 0: no version yet
+        return global_version(max(mine, self._held_elsewhere) + 1)
 
     @contextlib.contextmanager
     def _allocating(self) -> Iterator[None]:

@@ -29,6 +29,7 @@ from coordinator.admin_api import create_admin_app
 from coordinator.metrics import CoordinatorCollector, CoordinatorMetrics
 from coordinator.registry import AdapterRegistry
 from coordinator.sites import KeyRetired, SiteAccess, flwr_supernode, known_node
+from coordinator.witness import LedgerWitness, WitnessStore
 from federation.errors import Unavailable
 from federation.ops import netns
 from federation.ops.atomic import PRIVATE_UMASK, private_dir, write_atomic
@@ -141,8 +142,10 @@ def _start_admin_api(
     registry: Path,
     health: Health,
     superlink_db: Path,
+    witness: Path,
 ) -> HTTPSService:
-    """The admin API on its own HTTPS port (admin certificates; `/metrics` for monitors too), in a thread."""
+    """The admin API on its own HTTPS port (admin certificates; `/metrics` for monitors too; sites push
+    their audit checkpoints to the `witness` store between rounds), in a thread."""
     tls = ServerTLS(
         cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl, poll_interval=config.pki_poll_seconds
     )
@@ -157,7 +160,12 @@ def _start_admin_api(
         )
     )
     app = create_admin_app(
-        sites=sites, registry=AdapterRegistry(registry), audit=audit, health=health.snapshot, metrics=metrics.render
+        sites=sites,
+        registry=AdapterRegistry(registry),
+        audit=audit,
+        health=health.snapshot,
+        metrics=metrics.render,
+        witness=LedgerWitness(WitnessStore(witness), site_keys_dir=sites.site_keys_dir, audit=audit),
     )
     try:
         return HTTPSService.start(
@@ -280,6 +288,7 @@ def run_coordinator(config: CoordinatorConfig) -> None:
             registry=layout.registry,
             health=health,
             superlink_db=layout.superlink_db,
+            witness=layout.witness,
         )
         info: dict[str, Any] = {
             # The operator's way in (`flwr_control`); the pid is the namespace's launcher at

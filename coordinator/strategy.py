@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -47,6 +48,7 @@ from coordinator.witness import HeadClaim, LedgerWitness, WitnessRefused
 from federation.errors import FedSeekError, Unavailable
 from federation.protocol import records, wire
 from federation.protocol.round_settings import RunSettings, TrainInstruction
+from federation.protocol.versions import highest_global_version, version_number
 
 log = logging.getLogger("fedseek.coordinator")
 
@@ -66,6 +68,10 @@ def _by_destination(sent: Iterable[Message], replies: Iterable[Message]) -> dict
     offline itself (source: the SuperLink), so the source of a reply does not say whose it is."""
     dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}  # ids: set by the grid on sending
     return {dst.get(r.metadata.reply_to_message_id, r.metadata.src_node_id): r for r in replies}
+
+
+_NO_ANSWER = frozenset({ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE})
+"""Errors the SuperLink gives for a site that did not answer (gone, or its reply lost): no refusal of the site's."""
 
 
 class RunFailed(Unavailable, RuntimeError):
@@ -90,6 +96,9 @@ class RoundRecord:
     release: dict[str, str] = field(default_factory=dict)
     """Each site's gray release of the round's version (node/release.py): `candidate`, `stable`, or `retired`
     when its evaluation there was worse than the site's stable version's and it was rolled back at once."""
+    deploy_refused: dict[str, str] = field(default_factory=dict)
+    """Sites whose node refused to install the round's version, and why (one line each); if every site
+    that answered refused it, the version is deployed nowhere and the run fails."""
     started_at: float = field(default_factory=time.time)
     """When the round began (Unix time): its readiness query was about to be sent."""
     duration_s: float | None = None
@@ -290,6 +299,7 @@ class LoraFedAvg(FedAvg):
         replies = _by_destination(queries, grid.send_and_receive(queries, timeout=timeout))
         self._heads_before = {}
         ready: list[int] = []
+        held: list[str] = []  # the highest global version each answering site has installed
         for node in nodes:
             reply = replies.get(node)
             if reply is None:
@@ -304,12 +314,15 @@ class LoraFedAvg(FedAvg):
                 rec.not_ready[self._name(node)] = _line(exc)
                 continue
             self.site_names[node] = answer.site
+            if answer.latest_version:  # every answering site gets the round's version, ready or not
+                held.append(answer.latest_version)
             if (refused := self._witness_ready(rec, node, answer)) is not None:
                 rec.not_ready[self._name(node)] = refused
             elif answer.ready:
                 ready.append(node)
             else:
                 rec.not_ready[self._name(node)] = _line(answer.reason)
+        self._number_past(held)
         here = {self.site_names[n] for n in nodes if n in self.site_names}
         gone = sorted({name for node, name in self.site_names.items() if node not in nodes} - here)
         rec.not_ready.update({name: "not connected" for name in gone})
@@ -321,6 +334,23 @@ class LoraFedAvg(FedAvg):
                 + (f"; {reasons}" if reasons else "")
             )
         return ready
+
+    def _number_past(self, held: list[str]) -> None:
+        """Have the registry number this round's version past every version a site holds: a coordinator
+        restored from a backup older than its last round would otherwise give that round's number again,
+        to other weights, and every site would refuse the deployment (`VersionReused`)."""
+        highest = highest_global_version(held)
+        if highest is None:
+            return
+        known = self.registry.latest()
+        if known is None or (version_number(highest) or 0) > (version_number(known) or 0):
+            log.warning(
+                "sites hold %s, past this registry's latest %s (restored from an older backup?): "
+                "the next version is numbered after it",
+                highest,
+                known or "(none)",
+            )
+        self.registry.reserve_past(highest)
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -465,12 +495,26 @@ class LoraFedAvg(FedAvg):
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: cfg})
         return self._construct_messages(record, sorted(grid.get_node_ids()), MessageType.EVALUATE)
 
+    def _deployed_nowhere(self, server_round: int, refused: dict[str, str]) -> RunFailed:
+        """The run ends at a round whose version every site that answered refused to install: it made a
+        version (kept in the registry) that serves nowhere, and later rounds would train from it."""
+        made = f"{self.latest.version} (sha256 {self.latest.sha256[:12]})" if self.latest else "its version"
+        why = "; ".join(f"{who}: {reason}" for who, reason in sorted(refused.items()))
+        return RunFailed(
+            f"round {self.run_round(server_round)} made {made} but every site that answered refused to deploy it: "
+            f"{why}; later rounds not started"
+        )
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
         rec = self.rounds[-1] if self.rounds and self.rounds[-1].round == self.run_round(server_round) else None
         wellformed = []
+        refused: dict[str, str] = {}
+        answered = [m for m in replies if not (m.has_error() and m.error.code in _NO_ANSWER)]
         for msg in replies:
             if msg.has_error():
+                if msg.error.code not in _NO_ANSWER:  # the site answered: its node refused the version
+                    refused[self._name(msg.metadata.src_node_id)] = _line(msg.error.reason, 200)
                 continue
             try:
                 site = str(msg.content.config_records[records.SITE]["name"])
@@ -486,6 +530,10 @@ class LoraFedAvg(FedAvg):
                 release = msg.content.config_records[records.SITE].get("release")
                 if release:  # a node from before gray release says nothing
                     rec.release[site] = str(release)
+        if rec is not None:
+            rec.deploy_refused.update(refused)
+        if answered and all(m.has_error() for m in answered):
+            raise self._deployed_nowhere(server_round, refused)
         if rec is not None:
             rec.duration_s = round(time.time() - rec.started_at, 3)
         result = super().aggregate_evaluate(server_round, wellformed)

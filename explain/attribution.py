@@ -251,7 +251,9 @@ def _masker(tokenizer: Any, granularity: Granularity) -> _FaithfulText:
     return _FaithfulText(feature_tokenizer(granularity, tokenizer), mask_token=_MASK_TOKEN, collapse_mask_token=True)
 
 
-def prompt_masker(tokenizer: Any, prompt: str, *, granularity: Granularity = "token") -> Callable[[Sequence[bool]], str]:
+def prompt_masker(
+    tokenizer: Any, prompt: str, *, granularity: Granularity = "token"
+) -> Callable[[Sequence[bool]], str]:
     """``keep -> text``: ``prompt`` with the features not kept replaced by ``...``, exactly as
     explain_text masks it (so faithfulness checks score the same texts the explainer did)."""
     masker = _masker(tokenizer, granularity)

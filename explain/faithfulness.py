@@ -127,7 +127,7 @@ def measure_faithfulness(
     k = min(top_k, n)
     order = [int(i) for i in np.argsort(-values, kind="stable")]
     rand = [int(i) for i in np.random.default_rng(seed).permutation(n)]
-    steps = sorted({int(round(x)) for x in np.linspace(0, n, min(n, max_points) + 1)} | {k})
+    steps = sorted({round(float(x)) for x in np.linspace(0, n, min(n, max_points) + 1)} | {k})
 
     def keep_first(ordering: list[int], m: int, *, present: bool) -> tuple[bool, ...]:
         # insertion keeps the first m features; deletion keeps all but them

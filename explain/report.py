@@ -170,9 +170,7 @@ def write_report(
 
     Both files are replaced atomically so a reader never sees a half-written report.
     """
-    report = render_report(
-        attribution, ctx, plot=png_path is not None, faithfulness=faithfulness, contrast=contrast
-    )
+    report = render_report(attribution, ctx, plot=png_path is not None, faithfulness=faithfulness, contrast=contrast)
     if png_path is not None and report.png is not None:
         write_atomic(png_path, report.png, mode=0o600)  # clinical text: its owner's alone
     write_atomic(html_path, report.html.encode("utf-8"), mode=0o600)
@@ -205,11 +203,7 @@ def summary_text(
     if contrast is None:
         what = _q(_short(ctx.response))
         up = f"the probability of {what}"
-        first = (
-            f"The {units} that raised {up} most were {named(ups)}"
-            if ups
-            else f"No {unit} raised {up}"
-        )
+        first = f"The {units} that raised {up} most were {named(ups)}" if ups else f"No {unit} raised {up}"
         second = f"the {units} that lowered it most were {named(downs)}" if downs else f"no {unit} lowered it"
         p_full = _p(sum(attribution.full_values.tolist()))
         p_base = _p(sum(attribution.base_values.tolist()))
@@ -220,9 +214,7 @@ def summary_text(
     else:
         r, f = _q(_short(contrast.response)), _q(_short(contrast.foil))
         first = f"The {units} that favoured {r} over {f} most were {named(ups)}" if ups else f"No {unit} favoured {r}"
-        second = (
-            f"the {units} that favoured {f} most were {named(downs)}" if downs else f"no {unit} favoured {f}"
-        )
+        second = f"the {units} that favoured {f} most were {named(downs)}" if downs else f"no {unit} favoured {f}"
         probs = (
             f"With this prompt the model gives {r} p = {_fmt_p(_p(contrast.response_logprob))} and {f} "
             f"p = {_fmt_p(_p(contrast.foil_logprob))} ({r} is {_ratio(contrast.difference)} times as likely); "
@@ -245,7 +237,9 @@ def origin_text(ctx: ReportContext) -> str | None:
 
 def title_text(ctx: ReportContext, contrast: Contrast | None = None) -> str:
     if contrast is not None:
-        return f"Why {_q(_short(contrast.response, _TITLE_CHARS))} rather than {_q(_short(contrast.foil, _TITLE_CHARS))}?"
+        return (
+            f"Why {_q(_short(contrast.response, _TITLE_CHARS))} rather than {_q(_short(contrast.foil, _TITLE_CHARS))}?"
+        )
     what = _q(_short(ctx.response, _TITLE_CHARS))
     return f"Why the model answered {what}" if ctx.response_source == "generated" else f"Why {what}?"
 
@@ -359,8 +353,18 @@ hover for the SHAP value.</p>
 {_tokens_html(a, contrast)}
 <h2>Record</h2>
 <table class="meta">
-{_rows([("Model", ctx.model), ("Adapter version", ctx.adapter_version), ("Adapter SHA-256", ctx.adapter_sha256),
-        ("Requested by", ctx.requested_by), ("Created at", ctx.created_at), ("Audit record", ctx.audit_record)])}
+{
+        _rows(
+            [
+                ("Model", ctx.model),
+                ("Adapter version", ctx.adapter_version),
+                ("Adapter SHA-256", ctx.adapter_sha256),
+                ("Requested by", ctx.requested_by),
+                ("Created at", ctx.created_at),
+                ("Audit record", ctx.audit_record),
+            ]
+        )
+    }
 </table>
 </body>
 </html>
@@ -400,9 +404,10 @@ def _lineage_html(ctx: ReportContext) -> str:
     )
     return (
         f'<table class="lineage">\n{meta}\n</table>\n'
-        f"<p class=\"legend\">Contributing sites and the differential-privacy budget each had spent after "
+        f'<p class="legend">Contributing sites and the differential-privacy budget each had spent after '
         f"the round (epsilon: smaller is more private).</p>\n"
-        f'<table class="sites">\n<tr><th>Site</th><th>\u03b5 (epsilon)</th><th>\u03b4 (delta)</th></tr>\n{sites}\n</table>'
+        '<table class="sites">\n<tr><th>Site</th><th>\u03b5 (epsilon)</th><th>\u03b4 (delta)</th></tr>\n'
+        f"{sites}\n</table>"
     )
 
 
@@ -419,7 +424,8 @@ def _response_html(ctx: ReportContext, contrast: Contrast | None) -> str:
 def _tokens_html(a: Attribution, contrast: Contrast | None) -> str:
     if contrast is not None:
         rows = "\n".join(
-            f"<tr><td>{_e(text)}</td><td class='num'>{_fmt_p(_p(full))}</td><td class='num'>{_fmt_p(_p(masked))}</td></tr>"
+            f"<tr><td>{_e(text)}</td><td class='num'>{_fmt_p(_p(full))}</td>"
+            f"<td class='num'>{_fmt_p(_p(masked))}</td></tr>"
             for text, full, masked in (
                 (contrast.response, contrast.response_logprob, contrast.response_logprob_masked),
                 (contrast.foil, contrast.foil_logprob, contrast.foil_logprob_masked),
@@ -428,7 +434,7 @@ def _tokens_html(a: Attribution, contrast: Contrast | None) -> str:
         total = float(a.values.sum())
         return (
             '<table class="tokens">\n<tr><th>Response</th><th>p (prompt)</th><th>p (all masked)</th></tr>\n'
-            f"{rows}\n</table>\n<p class=\"legend\">The attributions sum to {total:+.4f}, the change of "
+            f'{rows}\n</table>\n<p class="legend">The attributions sum to {total:+.4f}, the change of '
             f"log p(response) - log p(contrast) from the masked prompt to the prompt.</p>"
         )
     rows = "\n".join(
@@ -531,7 +537,7 @@ def _plot_families() -> tuple[str, ...]:
     """DejaVu Sans, then a CJK family if this machine has one, so Chinese labels are not boxes."""
     families = ["DejaVu Sans"]
     names = {f.name for f in font_manager.fontManager.ttflist}
-    cjk = [n for n in ("Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Micro Hei") if n in names]
+    cjk: list[str] = [n for n in ("Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Micro Hei") if n in names]
     if not cjk:  # installed after matplotlib cached its font list: look once
         for path in font_manager.findSystemFonts():
             low = path.lower()

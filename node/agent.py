@@ -29,7 +29,7 @@ from federation.ops.filewatch import FileWatcher
 from federation.ops.layout import NodeLayout
 from federation.ops.proctree import adopt_orphans
 from federation.ops.supervise import Health, Managed, ProcessError, free_port, stop_all, supervise
-from federation.protocol.config import NodeConfig
+from federation.protocol.config import ConfigError, NodeConfig
 from federation.security import pki
 from federation.security.app_signing import load_publishers
 from federation.security.flower_auth import ensure_auth_keypair
@@ -39,6 +39,7 @@ from node.api import create_app
 from node.api.deps import caller
 from node.app_guard.launch import guard_process, write_superexec_secret
 from node.build import NodeStartError, build_node, node_access, site_budget
+from node.checkpoint_push import CheckpointPush, admin_url, check_interval
 from node.service import NodeService
 from privacy.audit import head_path, verify
 from privacy.ledger import SPENT_BELOW, PrivacyLedger
@@ -68,6 +69,12 @@ def preflight(config: NodeConfig) -> pki.LeafFiles:
             f"certificate check failed: {config.name}'s certificate does not name 127.0.0.1, where the fleet "
             "sidecar serves it to the SuperNode; re-issue it (`fedseek ca issue` adds it)"
         )
+    if config.coordinator_admin:  # where the audit checkpoints are pushed between rounds
+        try:
+            admin_url(config.coordinator_admin)
+            check_interval(config.checkpoint_push_seconds)
+        except ConfigError as exc:
+            raise NodeStartError(exc.one_line()) from exc
     try:  # the app guard runs no ClientApp without it
         load_publishers(pki.party_publishers(Path(config.pki_dir), config.name))
     except FedSeekError as exc:
@@ -297,6 +304,7 @@ def run_node(config: NodeConfig) -> None:
     api_url = api.url
     stopping = threading.Event()
     watcher: FileWatcher | None = None
+    push: CheckpointPush | None = None
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     signal.signal(signal.SIGINT, lambda *_: stopping.set())
     try:
@@ -304,6 +312,13 @@ def run_node(config: NodeConfig) -> None:
         _start_fleet_process(procs[1], layout.runtime_socket, timeout=90)
         # A new CRL (or renewed certificate) reaches the fleet sidecar without dropping the tunnel.
         watcher = FileWatcher([leaf.crl, leaf.cert], procs[0].reload, interval=config.pki_poll_seconds).start()
+        if config.coordinator_admin:  # the audit log witnessed between rounds too (at most 60 s behind)
+            push = CheckpointPush(
+                service.audit.latest_checkpoint,
+                url=config.coordinator_admin,
+                leaf=leaf,
+                interval_s=config.checkpoint_push_seconds,
+            ).start()
         endpoints = NodeEndpoints(config.name, api_url, str(layout.fleet_socket), os.getpid())
 
         def health_changed(now: Health) -> None:
@@ -323,6 +338,8 @@ def run_node(config: NodeConfig) -> None:
     finally:
         if watcher is not None:
             watcher.stop()
+        if push is not None:
+            push.stop()
         stop_all(procs)
         api.stop()
         service.layout.endpoints.unlink(missing_ok=True)

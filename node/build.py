@@ -28,7 +28,7 @@ from federation.security.signed_statement import load_private_key
 from node import adapter_store
 from node.access import AccessPolicy
 from node.api_keys import ensure_first_key
-from node.data import SiteData, TokenizedExample, examples_sha256, load_jsonl, tokenize
+from node.data import SiteData, TokenizedExample, examples_sha256, load_jsonl, partition_files, tokenize
 from node.engine import ModelHost
 from node.minimise import load_minimised, record_minimisation
 from node.model import ModelLoadError, load_model
@@ -70,6 +70,8 @@ def build_node(config: NodeConfig) -> NodeService:
     except ModelLoadError as exc:
         raise NodeStartError(str(exc)) from exc
     envelope = _site_envelope(config)
+    if envelope is not None:
+        _warn_in_clear(Path(config.data_dir))
     try:
         train, eval_data = load_site_data(config, tokenizer, envelope=envelope)  # by partition: each budget's cover
     except ValueError as exc:
@@ -78,6 +80,18 @@ def build_node(config: NodeConfig) -> NodeService:
         raise NodeStartError(exc.one_line()) from exc
     host = ModelHost(model, tokenizer, model_name=Path(config.model_dir).name)
     return assemble_node(config, host, train=train, eval_data=eval_data, envelope=envelope)
+
+
+def _warn_in_clear(data_dir: Path) -> None:
+    """A site with a KEK still reads training data kept in clear (it may be mid-migration); it says so."""
+    try:
+        clear = [
+            p.name for p in [*partition_files(data_dir), data_dir / "eval.jsonl"] if p.suffix == ".jsonl" and p.exists()
+        ]
+    except ValueError:
+        return  # the data's own error is raised when it is read
+    if clear:
+        log.warning("site data in clear at a site with a KEK: %s (run `fedseek keys encrypt`)", ", ".join(clear))
 
 
 def _site_envelope(config: NodeConfig) -> Envelope | None:

@@ -266,7 +266,8 @@ class Explanations:
             def total(texts: Sequence[str]) -> np.ndarray:
                 return np.asarray(single(texts), dtype=np.float64).sum(axis=1)
 
-            quantity, to_probability = f"p({response_text.strip()!r})", probability_of
+            quantity = f"p({response_text.strip()!r})"
+            to_probability: Callable[[np.ndarray], np.ndarray] = probability_of
         else:
             foil_text = host.tokenizer.decode(job.contrast_ids, skip_special_tokens=True)
             attribution, contrast, difference = explain_contrast(

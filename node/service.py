@@ -27,6 +27,7 @@ from federation.protocol import wire
 from federation.protocol.config import NodeConfig
 from federation.protocol.names import LATEST_ALIAS, InvalidNameError
 from federation.protocol.round_settings import TrainInstruction
+from federation.protocol.versions import highest_global_version
 from node import adapter_store
 from node.data import TokenizedExample, collate
 from node.engine import BASE, TRAIN_ADAPTER, Generation, ModelHost
@@ -528,6 +529,9 @@ class NodeService:
             epsilon_remaining=remaining,
             witness=self.witness_statements(),  # the ledger head before the round, signed
             num_examples=len(self.train_data),  # secure aggregation scales its fixed-point weights by it
+            # The coordinator numbers its next version past it: one restored from an older backup must
+            # not give a number this site holds with other weights (`deploy` refuses that: VersionReused).
+            latest_version=highest_global_version(self.host.adapters) or "",
         )
 
     def check_deploy_version(self, version: object) -> str:

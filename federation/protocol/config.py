@@ -29,6 +29,11 @@ class NodeConfig:
     pki_dir: str
     coordinator: str = "127.0.0.1:9443"  # host:port of the fleet endpoint; "primary,standby" fails over in order
     coordinator_name: str = "localhost"  # the name its certificate must carry
+    # The coordinator's admin API (host:port, HTTPS): where the agent pushes its audit log's signed
+    # checkpoint between rounds (node.checkpoint_push), every checkpoint_push_seconds (at most 60)
+    # while it changed. Empty: only the rounds carry checkpoints to the witness.
+    coordinator_admin: str = ""
+    checkpoint_push_seconds: float = 30.0
     api_host: str = "127.0.0.1"
     api_port: int = 8443
     # Ports inside the SuperNode's private network namespace (node.agent; 0: its defaults)

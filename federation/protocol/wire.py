@@ -28,6 +28,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from federation.errors import InvalidInput
+from federation.protocol.versions import version_number
 
 Arrays = dict[str, NDArray[np.float32]]
 
@@ -273,6 +274,10 @@ class Readiness:
     num_examples: int = 0
     """The site's training records (0: not said). Under secure aggregation the coordinator scales SecAgg+'s
     fixed-point weights with the largest of them (coordinator/secagg.py), so it must know them beforehand."""
+    latest_version: str = ""
+    """The highest global version (`global-vNNNN`) installed at the site ("": none, or not said). The
+    coordinator numbers its next version past it: a registry restored from an older backup must not reuse
+    a number the site holds with other weights (federation/protocol/versions.py)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -283,6 +288,9 @@ class Readiness:
             ready = data["ready"]
             if not isinstance(ready, bool):
                 raise TypeError(f"ready must be a bool, not {type(ready).__name__}")
+            latest = data.get("latest_version", "")
+            if latest != "" and version_number(latest) is None:
+                raise ValueError(f"latest_version {str(latest)[:80]!r} is not a global version (global-vNNNN)")
             return cls(
                 site=str(data["site"]),
                 ready=ready,
@@ -291,6 +299,7 @@ class Readiness:
                 epsilon_remaining=float(data.get("epsilon_remaining", 0.0)),
                 witness=statements_of(data.get("witness", [])),
                 num_examples=int(data.get("num_examples", 0)),
+                latest_version=str(latest),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise WireError(f"malformed readiness answer: {exc}") from exc

@@ -1,5 +1,11 @@
-"""`/v1/explanations`: token/word attributions of a served answer, for reviewers, with the HTML
-report (`/v1/explanations/{id}/report.html`) and its plot (`.../plot.png`).
+"""`/v1/explanations`: word (or token, sentence) attributions of a served answer, for reviewers, with
+the HTML report (`/v1/explanations/{id}/report.html`) and its plot (`.../plot.png`).
+
+A request names the answer to explain (`response`, supplied by the reviewer) or lets the model
+generate it; with `contrast` it asks "why this answer rather than that one?" and gets attributions
+of `log p(response) - log p(contrast)`. Every result carries a plain-language `summary`, the
+probabilities with and without the prompt, its faithfulness checks (deletion/insertion curves,
+comprehensiveness and sufficiency) and the adapter's `lineage` (node/explain_service.py).
 
 A request is validated synchronously, so a refusal writes nothing to the audit trail; it is
 then explained at once or, with `background`, queued and fetched later by id. The service's

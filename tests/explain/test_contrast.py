@@ -95,7 +95,14 @@ def test_exact_contrast_is_the_difference_of_the_two_shapley_explanations(
     _, cardio = _scorer(CARDIO, 3, -6.0)
     _, neuro = _scorer(NEURO, 2, -4.0)
     attribution, _, _ = explain_contrast(
-        cardio, neuro, tokenizer, SHORT, response="a", foil="b", granularity="word", max_evals=300  # type: ignore[arg-type]
+        cardio,
+        neuro,
+        tokenizer,
+        SHORT,
+        response="a",
+        foil="b",
+        granularity="word",
+        max_evals=300,  # type: ignore[arg-type]
     )
     a = explain_text(cardio, tokenizer, SHORT, output_tokens=["x", "y", "z"], granularity="word", max_evals=300)  # type: ignore[arg-type]
     b = explain_text(neuro, tokenizer, SHORT, output_tokens=["u", "v"], granularity="word", max_evals=300)  # type: ignore[arg-type]

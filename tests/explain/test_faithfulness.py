@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from explain.attribution import _MASK_TOKEN, Attribution, _FaithfulText, explain_text
+from explain.attribution import _MASK_TOKEN, Attribution, _FaithfulText, explain_text, prompt_masker
+from explain.faithfulness import measure_faithfulness
 from federation.protocol import wire
 from node.engine import ModelHost
 from node.model import load_model
@@ -45,6 +46,7 @@ class Case:
     evals: int
     shapley: Attribution  # method="auto", which picks exact Shapley values for this short prompt
     shapley_evals: int
+    score: Callable[[Sequence[str]], np.ndarray]  # the explainer's scorer for this adapter
 
 
 def _bits(mask: Sequence[bool]) -> int:
@@ -141,7 +143,7 @@ def cases(tiny_model_dir: Path, masker: _FaithfulText) -> list[Case]:
         assert host.last_scoring_prefix_tokens > 0  # scored through the shared-prefix KV cache
         owen_evals, evals = evals, 0
         shapley = explain_text(score, tok, PROMPT, output_tokens=names, max_evals=2**n + 2)
-        out.append(Case(version, table, attribution, owen_evals, shapley, evals))
+        out.append(Case(version, table, attribution, owen_evals, shapley, evals, score))
     return out
 
 
@@ -214,3 +216,32 @@ def test_deleting_top_attributed_features_first_drops_the_score_fastest(cases: l
         by_attribution = deletion_auc(case.table, n, np.argsort(-case.attribution.total, kind="stable"))
         shuffled = [deletion_auc(case.table, n, np.random.default_rng(s).permutation(n)) for s in range(20)]
         assert by_attribution < float(np.mean(shuffled)), (case.version, by_attribution, np.mean(shuffled))
+
+
+def test_reported_curves_are_the_models_scores_of_the_masked_prompts(
+    tiny_model_dir: Path, masker: _FaithfulText, cases: list[Case]
+) -> None:
+    """The deletion/insertion curves an explanation carries are the model's probabilities of the
+    response on exactly the coalitions they name (the table scored every one), with the explainer's
+    own scorer and masking; comprehensiveness/sufficiency are their points at top-k."""
+    _, tok = load_model(tiny_model_dir)
+    render = prompt_masker(tok, PROMPT)
+    for case in cases:
+        a, n = case.shapley, len(case.shapley.features)
+        f = measure_faithfulness(
+            lambda ts, c=case: np.asarray(c.score(ts), dtype=np.float64).sum(axis=1),
+            render,
+            a.total,
+            quantity="p(response)",
+            max_points=n,
+            top_k=3,
+        )
+        order = [int(i) for i in np.argsort(-a.total, kind="stable")]
+        assert f.order == order
+        for m, p_del, p_ins in zip(f.deletion.steps, f.deletion.probabilities, f.insertion.probabilities, strict=True):
+            removed = sum(1 << i for i in order[:m])
+            assert p_del == pytest.approx(np.exp(case.table[(2**n - 1) & ~removed].sum()), rel=1e-4)
+            assert p_ins == pytest.approx(np.exp(case.table[removed].sum()), rel=1e-4)
+        assert 0.0 <= f.deletion.auc <= 1.0 and 0.0 <= f.insertion.auc <= 1.0
+        assert f.comprehensiveness == pytest.approx(f.p_full - f.deletion.probabilities[3])
+        assert f.sufficiency == pytest.approx(f.p_full - f.insertion.probabilities[3])

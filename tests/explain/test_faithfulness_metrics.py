@@ -59,6 +59,7 @@ def test_the_attribution_order_is_the_best_and_worst_order_of_an_additive_game(
     assert f.p_empty == pytest.approx(math.exp(additive([render([False] * n)])[0]))
     assert f.deletion.probabilities[-1] == pytest.approx(f.p_empty)
     assert f.insertion.probabilities[-1] == pytest.approx(f.p_full)
+
     # 200 other orders' areas: the attribution's order is optimal both ways (additive game)
     def curve_of(order: Sequence[int], *, insertion: bool) -> Curve:
         probs = []

@@ -189,9 +189,14 @@ def test_contrastive_report(tokenizer: PreTrainedTokenizerFast) -> None:
         to_probability=preference_of,
     )
     page = render_report(a, ctx(response_source="supplied"), faithfulness=f, contrast=contrast).html
-    assert html.unescape(_section(page, "<h1>", "</h1>")) == "Why \u201ccardiology\u201d rather than \u201cneurology\u201d?"
+    assert (
+        html.unescape(_section(page, "<h1>", "</h1>"))
+        == "Why \u201ccardiology\u201d rather than \u201cneurology\u201d?"
+    )
     summary = html.unescape(_section(page, '<p class="summary">', "</p>"))
-    assert summary.startswith("The words that favoured \u201ccardiology\u201d over \u201cneurology\u201d most were \u201ctroponin\u201d")
+    assert summary.startswith(
+        "The words that favoured \u201ccardiology\u201d over \u201cneurology\u201d most were \u201ctroponin\u201d"
+    )
     assert "the words that favoured \u201cneurology\u201d most were \u201cfever\u201d" in summary
     ratio = math.exp(contrast.difference)
     assert f"(\u201ccardiology\u201d is {ratio:.3g} times as likely)" in summary
