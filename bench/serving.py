@@ -346,9 +346,10 @@ def engine_run(
 ) -> dict[str, Any]:
     """Submit every prompt at once (`together`) or one after another; time to the last token.
 
-    `decode_tokens_per_s`: tokens after each request's first / time from its first token to its last,
-    summed over requests; with `together` False (one at a time) it is the batch-1 decode rate with prefill
-    left out, the number the decode floor bounds.
+    `decode_tokens_per_s`: the tokens after each request's first over the time from its first token to its
+    last, both summed over requests: the rate one request sees while decoding. One at a time (`together`
+    False) it is the batch-1 decode rate with prefill left out, the number the decode floor bounds; with
+    N together it is per request (the batch's aggregate is about N times it), not the throughput.
     """
     params = SamplingParams(max_tokens=new, ignore_eos=True)
     n = len(prompts)
@@ -520,7 +521,8 @@ NOTES = [
     "the one floor) and then summarised the same way",
     "every request gets prompt-tokens random ids and generates exactly new-tokens (EOS ignored); tokens/s = "
     "generated tokens / wall time from the first submit to the last token, prefill included; "
-    "decode_tokens_per_s (engine) leaves each request's prefill and first token out; TTFT from submit to "
+    "decode_tokens_per_s (engine) leaves each request's prefill and first token out and is per request (at "
+    "N concurrent the aggregate is about N times it); TTFT from submit to "
     "the first token, with all requests submitted at t0 (engine_c1: sequential, one at a time)",
     "engine_cN_aK: the same N requests assigned round-robin to base, v1, ... (K versions) in one running "
     "batch; adapters are rank-16 LoRA on every linear layer, random B",

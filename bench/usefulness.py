@@ -90,8 +90,8 @@ from fedseek_examples.demo.data import (
     SYSTEM_PROMPT,
     ClinicalRecord,
     generate_site_records,
-    question_for,
 )
+from fedseek_examples.demo.public import PUBLIC_QUESTION, REFERRAL, public_chats, public_records
 
 from bench.common import machine, versions
 from coordinator.aggregate import weighted_average
@@ -99,6 +99,7 @@ from federation.protocol import wire
 from node.data import Example, TokenizedExample, collate, exact_match, tokenize
 from node.engine import TRAIN_ADAPTER, LoraSettings, ModelHost
 from node.model import CHAT_TEMPLATE, load_model
+from node.pretrain import PretrainSettings, pretrain
 from node.trainer import RoundResult, TrainSettings, per_sample_loss, train_round
 from privacy.ledger import Budget, PrivacyLedger
 
@@ -236,35 +237,6 @@ class ServerState:
 
 # ---- base model: generated from config, public pretraining --------------------------------
 
-PUBLIC_QUESTION = "Which department referred this patient?"
-REFERRAL = "Referred by {department}."
-
-
-def public_chats(records: Sequence[ClinicalRecord], *, seed: int) -> list[list[dict[str, str]]]:
-    """The public corpus: notes, the task's prompt, and a referral-copy task that names departments.
-
-    A pretrained base model knows the words and the answer format (one department name, then
-    end of turn) but not the private mapping from findings to department. So each public note
-    becomes two chats: the task's own prompt *without* an answer, and a different question whose
-    answer is a department named in the text, drawn independently of the note's findings (the
-    public data carry no findings-to-department signal at all).
-    """
-    rng = random.Random(f"public-referrals:{seed}")
-    chats: list[list[dict[str, str]]] = []
-    for r in records:
-        chats.append(question_for(r))
-        referrer = rng.choice(DEPARTMENTS)
-        note = f"{r.note} {REFERRAL.format(department=referrer)}"
-        chats.append(
-            [
-                {"role": "system", "content": SYSTEM_PROMPT},
-                {"role": "user", "content": f"{note}\n{PUBLIC_QUESTION}"},
-                {"role": "assistant", "content": referrer},
-            ]
-        )
-    return chats
-
-
 # Qwen2's pre-tokenizer split (words with their leading space, single digits): transformers rebuilds
 # a qwen2 checkpoint's tokenizer as Qwen2Tokenizer from tokenizer.json's vocab and merges, so the
 # synthetic tokenizer must be a byte-level BPE of that shape to survive `node.model.load_model`.
@@ -361,28 +333,8 @@ def build_base_model(
         ids = tok.apply_chat_template(chat, add_generation_prompt=not answered, tokenize=True)
         ids = [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
         rows.append(TokenizedExample(input_ids=ids, labels=list(ids)))  # causal LM on every token
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    rng = random.Random(seed)
-    batch_size = 128
-    total = epochs * math.ceil(len(rows) / batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=total, pct_start=0.1)
-    model.train()
-    start, step, loss = time.perf_counter(), 0, torch.tensor(float("nan"))
-    for epoch in range(epochs):
-        order = list(range(len(rows)))
-        rng.shuffle(order)
-        for b in range(0, len(order), batch_size):
-            batch = collate([rows[i] for i in order[b : b + batch_size]], pad_id=int(tok.pad_token_id))
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = model(**batch).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-        elapsed = time.perf_counter() - start
-        print(f"  public pretraining epoch {epoch + 1}/{epochs}: loss {float(loss.detach()):.3f} ({elapsed:.0f} s)")
-    model.eval()
+    settings = PretrainSettings(epochs=epochs, batch_size=128, learning_rate=3e-3, seed=seed, loss="all")
+    result = pretrain(model, rows, pad_id=int(tok.pad_token_id), settings=settings, device=device)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to("cpu").save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
@@ -393,8 +345,8 @@ def build_base_model(
         "parameters": sum(p.numel() for p in model.parameters()),
         "public_records": len(public),
         "public_epochs": epochs,
-        "public_final_loss": round(float(loss.detach()), 4),
-        "public_seconds": round(time.perf_counter() - start, 1),
+        "public_final_loss": result.final_loss,
+        "public_seconds": result.seconds,
     }
 
 
@@ -747,11 +699,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         minority_weight=args.minority_weight,
     )
     per_site_public = math.ceil(args.n_public / args.sites)
-    public = [
-        r
-        for i in range(args.sites)
-        for r in generate_site_records(site_index=i, n_sites=args.sites, n=per_site_public, seed=args.public_seed)
-    ]
+    public = public_records(n=per_site_public * args.sites, n_sites=args.sites, seed=args.public_seed)
     work = Path(tempfile.mkdtemp(prefix="fedseek-usefulness-"))
     print(f"public pretraining on {len(public)} notes (seed {args.public_seed})", flush=True)
     base_info = build_base_model(

@@ -39,7 +39,8 @@ from node.witness_statements import node_key_path
 from privacy.audit import AuditTrail
 from privacy.audit_payload import PayloadSealer, PayloadSealingTrail
 from privacy.checkpoints import CheckpointSigner
-from privacy.consistency import ledger_refusal
+from privacy.consistency import LedgerMismatch, ledger_refusal
+from privacy.kanonymity import KAnonymityRefused
 from privacy.ledger import Budget, LedgerError, PolicyError, PrivacyLedger, read_budget
 
 __all__ = [
@@ -140,12 +141,13 @@ def assemble_node(
     if ledger.created:  # the data the site started with: the rest of its batches, registered with the genesis
         for part in data.partitions[1:]:
             ledger.add_partition(part.sha256, label=part.name, actor="node", details={"records": len(part.examples)})
-    refusal = ledger_refusal(ledger, audit, dataset_sha256=data.fingerprints)
+    mismatch = ledger_refusal(ledger, audit, dataset_sha256=data.fingerprints)
     _report_unregistered(data, ledger, audit, site=config.name)
-    if refusal is not None:
-        log.warning("training refused: %s", refusal)
-        audit.append(actor="node", action="ledger.mismatch", resource=config.name, details={"error": refusal})
-    refusal = record_minimisation(data, audit, site=config.name) or refusal  # below k: serve, never train
+    if mismatch is not None:
+        log.warning("training refused: %s", mismatch)
+        audit.append(actor="node", action="ledger.mismatch", resource=config.name, details={"error": mismatch})
+    below_k = record_minimisation(data, audit, site=config.name)  # below k: serve, never train
+    refusal = _training_refusal(mismatch=mismatch, below_k=below_k)
     token = _ensure_token(layout.agent_token)
     try:  # encrypted under the KEK (or refused: another KEK, none configured, altered): one line naming the file
         adapter_store.restore_versions(host, layout.adapters, envelope=envelope)
@@ -164,9 +166,18 @@ def assemble_node(
         agent_token=token,
         train=data,
         eval_data=eval_data,
-        ledger_refusal=refusal,
+        training_refusal=refusal,
     )
     return NodeService(parts)
+
+
+def _training_refusal(*, mismatch: str | None, below_k: str | None) -> FedSeekError | None:
+    """What every round is refused with (409), each reason with its own code: data that cannot be made
+    k-anonymous (`KAnonymityRefused`, checked first: that data must never be trained on), else a ledger
+    that disagrees with the audit trail (`LedgerMismatch`); None when the node may train."""
+    if below_k is not None:
+        return KAnonymityRefused(below_k)
+    return LedgerMismatch(mismatch) if mismatch is not None else None
 
 
 def _stored_budget(path: Path) -> Budget | None:

@@ -60,7 +60,6 @@ from node.trainer import (
 )
 from node.witness_statements import node_key_path, round_statements
 from privacy.audit import AuditError, AuditRecord, AuditTrail
-from privacy.consistency import LedgerMismatch
 from privacy.ledger import ROUND, LedgerError, PrivacyLedger
 
 TRAIN_YIELD_S = 0.05
@@ -340,8 +339,10 @@ class NodeParts:
     train: Sequence[TokenizedExample]
     """A `node.data.SiteData` (records by data partition) when built from a data directory."""
     eval_data: list[TokenizedExample]
-    ledger_refusal: str | None = None
-    """Why the ledger disagrees with the audit trail (`privacy.consistency`): the node serves, never trains."""
+    training_refusal: FedSeekError | None = None
+    """Why, found at start-up, the node serves but never trains: its ledger disagrees with the audit trail
+    (`privacy.consistency.LedgerMismatch`) or its data cannot be made k-anonymous (`KAnonymityRefused`,
+    node/minimise.py). Every round and readiness query is refused with it, its own status and code."""
 
 
 class NodeService:
@@ -357,7 +358,7 @@ class NodeService:
         self.token = parts.agent_token
         self.train_data = parts.train
         self.eval_data = parts.eval_data
-        self.ledger_refusal = parts.ledger_refusal
+        self.training_refusal = parts.training_refusal
         self.node_key = node_key_path(Path(self.config.pki_dir), self.config.name)  # signs the ledger heads
         self.state = NodeState(eval_loss_before=evaluate_loss(self.host, self.eval_data, model="base"))
         self.train_lock = threading.Lock()
@@ -402,7 +403,7 @@ class NodeService:
         settings = TrainSettings.of(instruction, secure_mode=self.config.secure_mode)
         with self.train_lock:
             try:
-                self.check_ledger()
+                self.check_may_train()
                 self.check_not_charged(run_id, server_round)  # a resumed run never charges a round twice
                 global_arrays = start_arrays(self.host, global_arrays, settings)  # FFA: B-only gets our A
                 self._check_finite_start(global_arrays, settings.batch_size)
@@ -462,10 +463,16 @@ class NodeService:
                     "refusing to charge it again"
                 )
 
-    def check_ledger(self) -> None:
-        """LedgerMismatch (409) if at start-up the ledger disagreed with the audit trail: no round may train."""
-        if self.ledger_refusal is not None:
-            raise LedgerMismatch(self.ledger_refusal)
+    @property
+    def ledger_refusal(self) -> str | None:
+        """The training refusal's message (None: the node may train); what status and metrics show."""
+        return str(self.training_refusal) if self.training_refusal is not None else None
+
+    def check_may_train(self) -> None:
+        """The start-up training refusal, raised (409: LedgerMismatch, KAnonymityRefused), if there is one:
+        no round may train. A fresh copy each time: the stored one is never re-raised with a growing traceback."""
+        if self.training_refusal is not None:
+            raise copy.copy(self.training_refusal)
 
     def _between_steps(self, *_: Any) -> None:
         """Serving's priority: after each DP step, let in-flight requests run for up to `TRAIN_YIELD_S`."""
@@ -503,7 +510,7 @@ class NodeService:
         reason = ""
         run_id = instruction.ledger_run
         try:
-            self.check_ledger()  # a ledger that disagrees with the audit trail: "no", as `train` would refuse
+            self.check_may_train()  # a ledger at odds with the audit trail, data below k: "no", as `train` says
             self.check_not_charged(run_id, instruction.server_round)
             if not self.train_data:
                 raise TrainingError("the site has no training data")

@@ -29,9 +29,7 @@ def public_records(*, n: int, n_sites: int = 3, seed: int = PUBLIC_SEED) -> list
     """`n` public notes spread over the sites' profiles (so every department and age band occurs)."""
     per_site = -(-n // n_sites)
     notes = [
-        r
-        for i in range(n_sites)
-        for r in generate_site_records(site_index=i, n_sites=n_sites, n=per_site, seed=seed)
+        r for i in range(n_sites) for r in generate_site_records(site_index=i, n_sites=n_sites, n=per_site, seed=seed)
     ]
     return notes[:n]
 

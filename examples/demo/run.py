@@ -150,6 +150,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                 state_dir=str(site / "state"),
                 pki_dir=str(pki_dir),
                 coordinator=f"127.0.0.1:{fleet_port}",
+                coordinator_admin=str(coord_info["admin"]),  # audit checkpoints witnessed between rounds too
                 api_port=free_port(),
             )
             cfg.save(conf, site / "node.json")

@@ -1,9 +1,10 @@
 """Issue 16: a site's audit checkpoint pushed to the coordinator's admin API between rounds, over real mTLS.
 
 The admin app (`coordinator.admin_api`) is served by `federation.security.mtls_server` with the
-coordinator's certificate, as `fedseek coordinator start` serves it; the client is the node agent's
-own pusher (`node.checkpoint_push`) with a site's node certificate, or a raw TLS socket where the
-test needs bytes no client library sends. Checkpoints are signed by a real `AuditTrail` with the
+coordinator's certificate, as `fedseek coordinator start` serves it; the client presents a party's
+certificate over real TLS 1.3 (httpx), or is a raw TLS socket where the test needs bytes no client
+library sends. The node agent's own pusher is tested in tests/node/test_checkpoint_push.py, and both
+together with real processes in tests/redteam/test_audit_pushed.py. Checkpoints are signed by a real `AuditTrail` with the
 site's real SuperNode key, whose public half is registered as `pki/site-keys/<site>.pub`.
 """
 
@@ -31,8 +32,6 @@ from federation.security.flower_auth import ensure_auth_keypair
 from federation.security.mtls_server import HTTPSService, ServerTLS, audit_hook
 from federation.security.signed_statement import load_private_key, load_public_key
 from federation.security.site_binding import register_site_key
-from node import checkpoint_push
-from node.checkpoint_push import CheckpointPush, PushError
 from privacy.audit import AuditTrail
 from privacy.checkpoints import KIND, CheckpointSigner, parse_checkpoint
 
@@ -56,8 +55,10 @@ class Coordinator:
     def leaf(self, party: str) -> pki.LeafFiles:
         return pki.load_leaf(self.pki_dir, party)
 
-    def pusher(self, site: str, latest: Any, *, url: str | None = None) -> CheckpointPush:
-        return CheckpointPush(latest, url=url or self.url, leaf=self.leaf(site), interval_s=1, timeout_s=30)
+    def push(self, site: str, statement: dict[str, Any]) -> httpx.Response:
+        """POST `statement` as the node agent does, with `site`'s node certificate."""
+        with self.client(site) as http:
+            return http.post(CHECKPOINT_ROUTE, json=statement)
 
     def trail(self, site: str, name: str) -> AuditTrail:
         key = load_private_key(ensure_auth_keypair(self.pki_dir / site).private_key)
@@ -119,19 +120,21 @@ def _grow(trail: AuditTrail, n: int) -> dict[str, Any]:
     return statement
 
 
-def test_route_names_agree() -> None:
-    assert checkpoint_push.CHECKPOINT_ROUTE == CHECKPOINT_ROUTE  # the node may not import the coordinator
-
-
 def test_a_site_pushes_its_own_checkpoints_and_the_witness_keeps_each_new_one(coord: Coordinator) -> None:
     trail = coord.trail("site-a", "a-own")
     before = len(coord.records())
-    pusher = coord.pusher("site-a", trail.latest_checkpoint)
     first = _grow(trail, 3)
-    assert pusher.push_once() is True
-    assert pusher.push_once() is False  # unchanged: not sent again
+    answer = coord.push("site-a", first)
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {
+        "object": "audit.checkpoint",
+        "site": "site-a",
+        "size": 3,
+        "root": first["payload"]["root"],
+    }
+    assert coord.push("site-a", first).status_code == 200  # the same again: accepted, not stored twice
     second = _grow(trail, 4)
-    assert pusher.push_once() is True
+    assert coord.push("site-a", second).status_code == 200
     stored = coord.stored("site-a")
     assert [e["statement"] for e in stored] == [first, second]
     assert all(e["note"] == "push" for e in stored)
@@ -146,8 +149,9 @@ def test_another_sites_checkpoint_is_refused_403_and_audited(coord: Coordinator)
     statement = _grow(trail, 2)
     stored = len(coord.stored("site-a"))
     before = len(coord.records())
-    with pytest.raises(PushError, match="403 site 'site-b' may push only its own audit checkpoints"):
-        coord.pusher("site-b", lambda: statement).push_once()
+    answer = coord.push("site-b", statement)
+    assert answer.status_code == 403, answer.text
+    assert answer.json()["error"]["message"] == "site 'site-b' may push only its own audit checkpoints, not 'site-a''s"
     assert len(coord.stored("site-a")) == stored and coord.stored("site-b") == []
     refused = coord.records()[before:]
     assert len(refused) == 1 and refused[0]["action"] == "access.refused"
@@ -164,8 +168,8 @@ def test_a_checkpoint_not_signed_by_the_sites_registered_key_is_refused(coord: C
     )
     forged = _grow(forged_trail, 2)
     stored = len(coord.stored("site-a"))
-    with pytest.raises(PushError, match=r"409 .*signed with another key than this site's"):
-        coord.pusher("site-a", lambda: forged).push_once()
+    answer = coord.push("site-a", forged)
+    assert answer.status_code == 409 and "signed with another key than this site's" in answer.text, answer.text
     assert len(coord.stored("site-a")) == stored
     assert coord.records()[-1]["action"] == "witness.refused"
 
@@ -174,10 +178,13 @@ def test_a_rolled_back_checkpoint_is_refused_409_and_audited(coord: Coordinator)
     trail = coord.trail("site-b", "b-rollback")
     older = _grow(trail, 3)
     newer = _grow(trail, 5)
-    assert coord.pusher("site-b", lambda: newer).push_once() is True
+    assert coord.push("site-b", newer).status_code == 200
     before = len(coord.records())
-    with pytest.raises(PushError, match="409 site-b: audit log rolled back or cut: its checkpoint holds 3 records"):
-        coord.pusher("site-b", lambda: older).push_once()  # an older copy of the log, restored
+    answer = coord.push("site-b", older)  # an older copy of the log, restored
+    assert answer.status_code == 409, answer.text
+    assert answer.json()["error"]["message"].startswith(
+        "site-b: audit log rolled back or cut: its checkpoint holds 3 records, the coordinator witnessed 8 records"
+    )
     assert [e["statement"] for e in coord.stored("site-b")][-1] == newer
     refused = coord.records()[before:]
     assert [r["action"] for r in refused] == ["witness.refused"]
@@ -231,45 +238,6 @@ def test_an_oversized_or_chunked_body_is_refused_413_before_it_is_read(coord: Co
     assert " 413 " in status and b"takes no request body" in answer
 
 
-def test_the_agent_pushes_only_to_this_consortiums_coordinator(coord: Coordinator) -> None:
-    """A server with another consortium certificate naming 127.0.0.1 (site-b's) is not the coordinator:
-    the handshake fails and nothing is sent."""
-    leaf = pki.load_leaf(coord.pki_dir, "site-b")
-    seen: list[str] = []
-    impostor_app = create_admin_app(
-        sites=SiteAccess(
-            pki_dir=coord.pki_dir,
-            site_keys_dir=coord.pki_dir / pki.SITE_KEYS_DIR,
-            audit=coord.audit,
-            register=lambda key, name: 1,
-            unregister=lambda node_id: None,
-        ),
-        registry=AdapterRegistry(coord.tmp / "impostor-registry"),
-        audit=coord.audit,
-        witness=LedgerWitness(WitnessStore(coord.tmp / "impostor-witness"), site_keys_dir=coord.tmp / "none"),
-    )
-
-    @impostor_app.middleware("http")
-    async def spy(request: Any, call_next: Any) -> Any:
-        seen.append(request.url.path)
-        return await call_next(request)
-
-    impostor = HTTPSService.start(
-        impostor_app,
-        ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl),
-        host="127.0.0.1",
-        port=free_port(),
-        on_refusal=None,
-    )
-    try:
-        statement = _grow(coord.trail("site-a", "a-impostor"), 1)
-        with pytest.raises(PushError, match="not pushed"):
-            coord.pusher("site-a", lambda: statement, url=impostor.url.removeprefix("https://")).push_once()
-        assert seen == []
-    finally:
-        impostor.stop()
-
-
 def test_a_round_checkpoint_older_than_a_pushed_one_is_old_news_but_a_rollback_is_not(tmp_path: Path) -> None:
     """The two channels: a round's reply waits in the SuperLink while the agent pushes a newer checkpoint."""
     pki_dir = tmp_path / "pki"
@@ -302,11 +270,3 @@ def test_a_round_checkpoint_older_than_a_pushed_one_is_old_news_but_a_rollback_i
     # The push channel holds each push to the last push: an older one goes back.
     with pytest.raises(WitnessRefused, match="rolled back or cut"):
         witness_audit_checkpoint(store, "site-a", [in_the_reply], key=key, channel="push")
-
-
-def test_push_interval_is_bounded_by_60_seconds() -> None:
-    from federation.protocol.config import ConfigError
-
-    with pytest.raises(ConfigError, match="at most 60"):
-        checkpoint_push.check_interval(61)
-    assert checkpoint_push.check_interval(60) == 60

@@ -105,6 +105,14 @@ def _terminate(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+def impairment_unavailable_reason() -> str | None:
+    """Why `Hosts.netem` cannot work here (no netem and no `ethtool` for the relay), or None."""
+    netem = netem_available()
+    if netem is None or shutil.which("ethtool") is not None:
+        return None
+    return f"{netem}, and no `ethtool` to ready the relay that stands in for it (apt-get install ethtool)"
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

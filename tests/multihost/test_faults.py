@@ -31,12 +31,16 @@ import pytest
 
 from federation.protocol import config as cfg
 from tests.multihost.consortium import API_PORT, HOSTS, SITES, Consortium, fedseek, round_walls
-from tests.multihost.hosts import Hosts, unavailable_reason, wait_for
+from tests.multihost.hosts import Hosts, impairment_unavailable_reason, unavailable_reason, wait_for
 
 REASON = unavailable_reason()
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(REASON is not None, reason=f"separate hosts cannot be made here: {REASON}"),
+    pytest.mark.skipif(
+        REASON is None and impairment_unavailable_reason() is not None,
+        reason=f"no delay and loss can be put on a host's wire: {impairment_unavailable_reason()}",
+    ),
 ]
 
 RUN = "multihost"

@@ -11,7 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.multihost.hosts import PREFIX, Hosts, our_namespaces, reap_stale, unavailable_reason
+from tests.multihost.hosts import (
+    PREFIX,
+    Hosts,
+    impairment_unavailable_reason,
+    our_namespaces,
+    reap_stale,
+    unavailable_reason,
+)
 
 REASON = unavailable_reason()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=f"separate hosts cannot be made here: {REASON}")
@@ -126,6 +133,7 @@ def test_link_down_cuts_a_host_off_and_link_up_brings_it_back(net: Hosts) -> Non
         time.sleep(0.5)
 
 
+@pytest.mark.skipif(REASON is None and impairment_unavailable_reason() is not None, reason="no netem, no ethtool")
 def test_netem_delays_and_drops_a_hosts_traffic(net: Hosts) -> None:
     _serve(net, "b")
     plain = _client(net, "a", net.address("b"))
@@ -159,6 +167,7 @@ def test_a_moved_address_answers_from_its_new_host() -> None:
         assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.skipif(REASON is None and impairment_unavailable_reason() is not None, reason="no netem, no ethtool")
 def test_everything_is_removed_after_a_failure() -> None:
     before = set(our_namespaces())
     started: list[int] = []

@@ -130,7 +130,9 @@ def test_a_run_whose_share_is_spent_is_not_ready_but_the_next_run_is(
     host: ModelHost, data: tuple[list[TokenizedExample], list[TokenizedExample]], tmp_path: Path
 ) -> None:
     node = _node(host, data, tmp_path / "state")
-    _run(node, "r1", 1)
-    again = node.readiness(_config(1, 1, run_id="r1"))  # the same run asked for one more round
+    _run(node, "r1", 1)  # a 1-round run spends its whole share (0.5) in its one round
+    # The same run asked for one more round (round 2, as a run resumed with more rounds would): not a round
+    # charged already (that is `AlreadyCharged`'s refusal), but its share is gone.
+    again = node.readiness(_config(2, 2, run_id="r1"))
     assert not again.ready and again.reason.startswith("this run's share (0.5) of the privacy budget is spent")
     assert node.readiness(_config(1, 1, run_id="r2")).ready

@@ -17,15 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
-from federation.errors import FedSeekError
 from federation.protocol.config import NodeConfig
 from federation.protocol.round_settings import RunSettings, TrainInstruction
+from node.api import create_app
 from node.build import assemble_node, load_site_data
+from node.client_app import CONFIG_HEADER
 from node.engine import ModelHost
 from node.minimise import MinimisedSiteData
 from node.model import load_model
 from node.service import NodeService
+from privacy.consistency import LedgerMismatch
+from privacy.kanonymity import KAnonymityRefused
+from tests.node.peers import as_peer, policy_for
 
 N_TRAIN = 48  # the conftest's site data: the demo's records (tests/conftest.py), with their dataset.json
 
@@ -119,11 +124,20 @@ def test_a_batch_that_can_never_reach_k_is_refused_with_the_reason(
 
     ready = service.readiness(round_config())
     assert not ready.ready and "5-anonymous" in ready.reason
-    with pytest.raises(FedSeekError, match="cannot be made 5-anonymous") as caught:
+    with pytest.raises(KAnonymityRefused, match="cannot be made 5-anonymous") as caught:
         service.train(None, round_config())
-    assert caught.value.http_status == 409
+    # its own reason and code, not a ledger mismatch: an operator fixes the data, not the ledger
+    assert caught.value.http_status == 409 and caught.value.code == "k_anonymity_not_met"
+    assert not isinstance(caught.value, LedgerMismatch)
+    # and so over the agent's API, as the ClientApp relays it to the coordinator
+    client = TestClient(create_app(service, access=policy_for(service)), raise_server_exceptions=False)
+    headers = {"authorization": f"Bearer {service.token}", **as_peer("site-a", "node")}
+    answer = client.post("/internal/train", headers={**headers, CONFIG_HEADER: json.dumps(dict(round_config()))})
+    assert answer.status_code == 409, answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "k_anonymity_not_met" and "cannot be made 5-anonymous" in error["message"]
     refusals = audit_records(service, "train.refused")
-    assert refusals and all("5-anonymous" in r["details"]["error"] for r in refusals)
+    assert len(refusals) == 3 and all("5-anonymous" in r["details"]["error"] for r in refusals)
     assert service.ledger.entries() == [] and audit_records(service, "train") == []  # nothing charged or trained
 
     # held, never trained on, and even so only in the most general form three records allow
