@@ -90,6 +90,7 @@ from fedseek_examples.demo.data import (
     SYSTEM_PROMPT,
     ClinicalRecord,
     generate_site_records,
+    question_for,
 )
 from fedseek_examples.demo.public import PUBLIC_QUESTION, REFERRAL, public_chats, public_records
 

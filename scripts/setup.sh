@@ -15,6 +15,8 @@ command -v chromium >/dev/null 2>&1 || MISSING+=(chromium)
 command -v nsenter >/dev/null 2>&1 || MISSING+=(util-linux)
 # prometheus + promtool: the monitoring test scrapes a running consortium and checks the alert rules.
 command -v promtool >/dev/null 2>&1 || MISSING+=(prometheus)
+# ethtool: the multi-host test's frame relay turns veth offloads off (where the kernel has no netem).
+command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] || [ -x /sbin/ethtool ] || MISSING+=(ethtool)
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${MISSING[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
