@@ -20,7 +20,7 @@ pushed one is old news, not a rollback. Pushed entries are stored with `note: "p
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -31,7 +31,7 @@ from privacy.checkpoints import KIND, Checkpoint, parse_checkpoint
 __all__ = ["KIND", "PUSH", "Channel", "witness_audit_checkpoint"]
 
 Channel = Literal["round", "push"]
-PUSH = "push"  # the note on entries the node agent pushed between rounds
+PUSH: Final = "push"  # the note on entries the node agent pushed between rounds
 
 
 def witness_audit_checkpoint(

@@ -487,7 +487,7 @@ def _faithfulness_html(f: Faithfulness | None, unit: str) -> str:
 
 def _curves_svg(f: Faithfulness) -> str:
     """Both curves (and the random-order references) as inline SVG: no resource to load, readable DOM."""
-    w, h, left, bottom, top, right = 520, 260, 50, 40, 20, 150
+    w, h, left, bottom, top, right = 640, 260, 50, 40, 20, 230
     pw, ph = w - left - right, h - top - bottom
 
     def points(c: Curve) -> str:

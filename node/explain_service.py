@@ -364,8 +364,8 @@ class Explanations:
         if not job.adapter_sha256:
             return None
         data = adapter_store.read_lineage(self.service.layout.adapters, job.adapter)
-        if data is None:
-            return AdapterLineage(version=job.served, sha256=job.adapter_sha256)
+        if data is None:  # the report says so, and still names the version and its sha256
+            return None
         return AdapterLineage.from_json({**data, "version": job.served, "sha256": job.adapter_sha256})
 
     # ---- background jobs ----------------------------------------------------------------

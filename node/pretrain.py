@@ -81,9 +81,8 @@ def pretrain(
             sched.step()
             step += 1
         elapsed = time.perf_counter() - start
-        log(
-            f"  public pretraining epoch {epoch + 1}/{settings.epochs}: loss {float(loss.detach()):.3f} ({elapsed:.0f} s)"
-        )
+        shown = float(loss.detach())
+        log(f"  public pretraining epoch {epoch + 1}/{settings.epochs}: loss {shown:.3f} ({elapsed:.0f} s)")
     model.eval()
     return PretrainResult(
         epochs=settings.epochs,

@@ -17,6 +17,8 @@ command -v nsenter >/dev/null 2>&1 || MISSING+=(util-linux)
 command -v promtool >/dev/null 2>&1 || MISSING+=(prometheus)
 # ethtool: the multi-host test's frame relay turns veth offloads off (where the kernel has no netem).
 command -v ethtool >/dev/null 2>&1 || [ -x /usr/sbin/ethtool ] || [ -x /sbin/ethtool ] || MISSING+=(ethtool)
+# A CJK font (1.6 MB): explanation reports of Chinese prompts are checked rendered in the browser test.
+command -v fc-list >/dev/null 2>&1 && fc-list :lang=zh | grep -q . || MISSING+=(fonts-wqy-microhei)
 if [ ${#MISSING[@]} -gt 0 ]; then
   echo "[setup] installing Debian packages: ${MISSING[*]}"
   SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

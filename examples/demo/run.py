@@ -8,6 +8,7 @@ through the same APIs a site's applications and reviewers use, and written to re
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import sys
@@ -18,14 +19,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from fedseek_examples.demo.data import generate_site_records, question_for, write_site_dataset
+from fedseek_examples.demo.data import write_site_dataset
 
 from federation.ops.atomic import write_atomic
 from federation.ops.layout import CoordinatorLayout, NodeLayout
 from federation.ops.supervise import Managed, ProcessError, free_port, log_tail, stop_all
 from federation.protocol import config as cfg
 from federation.security import pki
+from node.data import exact_match, load_jsonl
 from node.policy import add_members
+
+
+def default_cache_dir() -> Path:
+    """Where pretrained demo models are kept between runs: $FEDSEEK_CACHE, else the user's cache directory."""
+    env = os.environ.get("FEDSEEK_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fedseek"
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,10 @@ class DemoSettings:
     max_evals: int = 120
     start_timeout: float = 300.0
     run_timeout: float = 900.0
+    n_accuracy: int = 30
+    """Held-out records per site scored by exact match through the site's API, base and global adapter."""
+    cache_dir: Path | None = None
+    """Pretrained base models by cache key (default: `default_cache_dir()`)."""
 
 
 def say(message: str) -> None:
@@ -62,13 +76,18 @@ def _wait_file(path: Path, proc: Managed, *, timeout: float) -> dict[str, Any]:
 
 
 def _prepare(settings: DemoSettings, names: list[str]) -> tuple[Path, Path]:
-    from node.model import write_tiny_model
+    from fedseek_examples.demo.pretrain import write_pretrained_tiny_model
 
     out = settings.out
     model_dir = out / "model" / "tiny-deepseek-v3"
-    if not (model_dir / "config.json").exists():
-        say("writing tiny DeepSeek-V3 model (seeded) with the real DeepSeek tokenizer")
-        write_tiny_model(model_dir)
+    info = write_pretrained_tiny_model(
+        model_dir, cache_dir=settings.cache_dir or default_cache_dir(), log=lambda line: say(line.strip())
+    )
+    how = "from the cache" if info["cached"] else f"in {info['seconds']:.0f} s"
+    say(
+        f"tiny DeepSeek-V3 (MLA + MoE, real DeepSeek tokenizer) pretrained on {info['public_chats']} public "
+        f"referral chats (no site's records), {how}; final answer loss {info['final_loss']:.3f}"
+    )
     for i, name in enumerate(names):
         write_site_dataset(
             out / "sites" / name / "data",
@@ -228,8 +247,6 @@ def _check_sites(
 
     ca = pki_dir / "ca" / "ca.pem"
     version = summary["global_adapter"]["version"]
-    probe = generate_site_records(site_index=0, n_sites=len(names), n=1, seed=999)[0]
-    messages = question_for(probe)
     sites = []
     with _client(pki_dir, "operator") as admin, _client(pki_dir, "reviewer") as reviewer:
         for node, state in zip(nodes, node_states, strict=True):
@@ -239,15 +256,23 @@ def _check_sites(
                 http_client=DefaultHttpxClient(verify=str(ca)),
             )
             served = [m.id for m in client.models.list().data]
-            reply = client.chat.completions.create(model=version, messages=messages, max_tokens=8)  # type: ignore[arg-type]
-            say(f"{node['name']} serves {served}; answer from {reply.model}: {reply.choices[0].message.content!r}")
+            held_out = load_jsonl(state.parent / "data" / "eval.jsonl")[: settings.n_accuracy]
+            messages = held_out[0].prompt_messages
+            reply = client.chat.completions.create(model=version, messages=messages, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+            answer = reply.choices[0].message.content or ""
+            say(f"{node['name']} serves {served}; answer from {reply.model} to a held-out note: {answer!r}")
+            scores = {model: _accuracy(client, model, held_out) for model in ("base", version)}
+            say(
+                f"{node['name']} exact match on {len(held_out)} held-out notes: base {scores['base']:.2f}, "
+                f"global adapter {scores[version]:.2f}"
+            )
             status = admin.get(f"{node['openai']}/v1/admin/status").json()
-            sites.append((node, state, status, reply.model))
+            sites.append((node, state, status, reply.model, answer, scores["base"], scores[version], messages))
         say(f"requesting a SHAP explanation from {nodes[0]['name']} (max_evals={settings.max_evals})")
         expl = reviewer.post(
             f"{nodes[0]['openai']}/v1/explanations",
-            # explain the labelled answer: what in the note pushes this adapter towards it
-            json={"model": version, "messages": messages, "response": probe.answer, "max_evals": settings.max_evals},
+            # no `response`: the node explains the answer the model itself generates for this note
+            json={"model": version, "messages": sites[0][7], "max_evals": settings.max_evals},
         )
         if expl.status_code != 200:
             raise RuntimeError(f"explanation failed: {expl.status_code} {expl.text[:300]}")
@@ -259,7 +284,7 @@ def _check_sites(
         write_atomic(Path(explanation["html"]), page.content, mode=0o600)
         say(f"explanation {explanation['id']}: top tokens {explanation['top_tokens']} -> {explanation['html']}")
     site_reports = []
-    for node, _state, status, _served in sites:
+    for node, _state, status, _served, answer, before, after, _messages in sites:
         audit_path = Path(status["audit_log"])
         result = verify(audit_path)
         say(f"audit trail of {node['name']}: {'verified' if result.ok else 'TAMPERED'} ({result.records} records)")
@@ -271,6 +296,9 @@ def _check_sites(
                 "delta": privacy["delta"],
                 "eval_loss_before": status["eval_loss_before"],
                 "eval_loss_after": status["eval_loss_after"],
+                "answer": answer,
+                "accuracy_before": before,
+                "accuracy_after": after,
                 "ledger": [
                     {
                         k: e[k]
@@ -308,6 +336,23 @@ def _check_sites(
             "lineage": glob["sites"],
         },
         "served_model": [s[3] for s in sites],
-        "explanation": {"html": explanation["html"], "top_tokens": explanation["top_tokens"], "id": explanation["id"]},
+        "explanation": {
+            "html": explanation["html"],
+            "top_tokens": explanation["top_tokens"],
+            "id": explanation["id"],
+            "response": explanation.get("response"),
+            "response_source": explanation.get("response_source"),
+        },
         "rounds": summary["rounds"],
     }
+
+
+def _accuracy(client: Any, model: str, records: list[Any]) -> float:
+    """Exact match (`node.data.exact_match`) of the greedy answers the site's API gives under `model`."""
+    hits = 0
+    for record in records:
+        reply = client.chat.completions.create(
+            model=model, messages=record.prompt_messages, max_tokens=6, temperature=0
+        )
+        hits += exact_match(reply.choices[0].message.content or "", record.answer)
+    return hits / len(records) if records else 0.0

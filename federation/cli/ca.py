@@ -24,13 +24,15 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     ca = sub.add_parser("ca", help="consortium certificate authority").add_subparsers(dest="ca_command", required=True)
 
     p = _command(ca, "init", "create the consortium CA (key encrypted with the passphrase)", _init)
-    p.add_argument("--consortium", default="fedseek")
+    p.add_argument(
+        "--consortium", default="fedseek", help="the consortium name every certificate carries (default: %(default)s)"
+    )
     p.add_argument("--days", type=int, default=3650, help="CA validity (default: 3650)")
     p.add_argument("--force", action="store_true", help="replace an existing CA (invalidates every certificate)")
 
     p = _command(ca, "issue", "issue a certificate for a party", _issue)
-    p.add_argument("name")
-    p.add_argument("--role", required=True, choices=list(get_args(pki.Role)))
+    p.add_argument("name", help="the party's name (a site, the coordinator, a reviewer or admin)")
+    p.add_argument("--role", required=True, choices=list(get_args(pki.Role)), help="the role the certificate grants")
     p.add_argument(
         "--host",
         action="append",
@@ -69,13 +71,18 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     _days(p, pki.DEFAULT_LEAF_DAYS)
 
     p = _command(ca, "renew", "replace a party's certificate before it expires (same name, role, hosts)", _renew)
-    p.add_argument("name")
+    p.add_argument("name", help="the party whose certificate is renewed")
     _days(p, pki.DEFAULT_LEAF_DAYS)
     p.add_argument("--keep-key", action="store_true", help="keep the party's key; only cert.pem changes")
 
     p = _command(ca, "revoke", "revoke a party's certificates and publish the CRL", _revoke)
-    p.add_argument("name")
-    p.add_argument("--reason", choices=list(get_args(pki.Reason)), default="unspecified")
+    p.add_argument("name", help="the party whose certificates are revoked")
+    p.add_argument(
+        "--reason",
+        choices=list(get_args(pki.Reason)),
+        default="unspecified",
+        help="recorded in the CRL (default: %(default)s)",
+    )
     p.add_argument("--serial", type=_hex, metavar="HEX", help="revoke only this serial (hex, as `ca list` shows)")
 
     p = _command(ca, "crl", "sign a fresh CRL and publish it to every party; prints its path", _crl)
@@ -96,7 +103,7 @@ def add_ca_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("--force", action="store_true", help="replace the key: bundles signed with the old one are refused")
 
     p = ca.add_parser("list", help="list issued certificates with their status")
-    p.add_argument("--pki", required=True)
+    p.add_argument("--pki", required=True, help="PKI directory")
     p.set_defaults(func=_list)
 
 

@@ -33,6 +33,15 @@ Handler = Callable[[argparse.Namespace], int]
 def _model_tiny(args: argparse.Namespace) -> int:
     from node.model import TinyModelConfig, write_tiny_model
 
+    if args.pretrain:
+        from fedseek_examples.demo.pretrain import write_pretrained_tiny_model
+        from fedseek_examples.demo.run import default_cache_dir
+
+        cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+        info = write_pretrained_tiny_model(Path(args.out), config=TinyModelConfig(seed=args.seed), cache_dir=cache)
+        how = "from the cache" if info["cached"] else f"pretrained in {info['seconds']:.0f} s"
+        print(f"tiny DeepSeek-V3 model, {how} on {info['public_chats']} public referral chats, written to {args.out}")
+        return 0
     out = write_tiny_model(Path(args.out), TinyModelConfig(seed=args.seed))
     print(f"tiny DeepSeek-V3 model written to {out}")
     return 0
@@ -203,7 +212,13 @@ def _demo(args: argparse.Namespace) -> int:
     from fedseek_examples.demo.run import DemoSettings, run_demo
 
     report = run_demo(
-        DemoSettings(out=Path(args.out), sites=args.sites, rounds=args.rounds, keep_running=args.keep_running)
+        DemoSettings(
+            out=Path(args.out),
+            sites=args.sites,
+            rounds=args.rounds,
+            keep_running=args.keep_running,
+            cache_dir=Path(args.cache_dir) if args.cache_dir else None,
+        )
     )
     print(f"report: {Path(args.out) / 'report.json'} (rounds completed: {report['rounds_completed']})")
     return 0
@@ -222,6 +237,15 @@ def _version() -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedseek", description="Private, federated DeepSeek for regulated industries")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (INFO) as well as warnings")
+    from federation.cli.logs import ENV, FORMATS, default_format
+
+    parser.add_argument(
+        "--log-format",
+        choices=FORMATS,
+        default=default_format(),
+        help=f"plain lines for a terminal, or one JSON object a line (ts, level, logger, msg, pid) for a log "
+        f"shipper (default: ${ENV}, else plain)",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -239,8 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="model utilities").add_subparsers(dest="model_command", required=True)
     p = model.add_parser("tiny", help="write a tiny seeded DeepSeek-V3 model with the real tokenizer")
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory to write the model into")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: %(default)s)")
+    p.add_argument(
+        "--pretrain", action="store_true", help="pretrain on public synthetic referral chats (the demo's base; cached)"
+    )
+    p.add_argument("--cache-dir", help="pretrained models by key (default: $FEDSEEK_CACHE or ~/.cache/fedseek)")
     p.set_defaults(func=_model_tiny)
     from federation.cli.model import add_model_commands
 
@@ -250,17 +278,19 @@ def build_parser() -> argparse.ArgumentParser:
         dest="coord_command", required=True
     )
     p = coord.add_parser("start", help="start SuperLink behind the mTLS fleet gateway (nginx)")
-    p.add_argument("--config")
-    p.add_argument("--pki")
-    p.add_argument("--state")
-    p.add_argument("--fleet-host", default="127.0.0.1")
-    p.add_argument("--fleet-port", type=int, default=9443)
-    p.add_argument("--site-keys")
+    p.add_argument("--config", help="coordinator config (JSON); otherwise --pki and --state")
+    p.add_argument("--pki", help="PKI directory holding the coordinator's certificate")
+    p.add_argument("--state", help="the coordinator's state directory")
+    p.add_argument(
+        "--fleet-host", default="127.0.0.1", help="address of the sites' mTLS fleet endpoint (default: %(default)s)"
+    )
+    p.add_argument("--fleet-port", type=int, default=9443, help="port of the fleet endpoint (default: %(default)s)")
+    p.add_argument("--site-keys", help="directory of <site>.pub SuperNode keys (default: PKI/site-keys)")
     p.set_defaults(func=_coordinator_start)
 
     node = sub.add_parser("node", help="site node agent").add_subparsers(dest="node_command", required=True)
     p = node.add_parser("start", help="start the node agent daemon")
-    p.add_argument("--config", required=True)
+    p.add_argument("--config", required=True, help="the node's config (JSON)")
     p.set_defaults(func=_node_start)
     from federation.cli.enroll import add_enroll_command
 
@@ -277,8 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"rounds to run (default: {run_defaults.num_rounds}; with --resume: the rest of the run's plan, "
         "else this many more)",
     )
-    p.add_argument("--min-nodes", type=int, default=run_defaults.min_nodes)
-    p.add_argument("--name", default=run_defaults.run_name)
+    p.add_argument(
+        "--min-nodes", type=int, default=run_defaults.min_nodes, help="sites each round needs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--name",
+        default=run_defaults.run_name,
+        help="the run's name in the registry and ledgers (default: %(default)s)",
+    )
     start = p.add_mutually_exclusive_group()
     start.add_argument(
         "--resume",
@@ -293,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=run_defaults.budget_share,
         help="share of each site's remaining privacy budget this run may spend (default: %(default)s)",
     )
-    p.add_argument("--timeout", type=float, default=1800)
+    p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run (default: %(default)s)")
     p.add_argument(
         "--ffa-lora",
         action="store_true",
@@ -351,6 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_commands(sub)
     add_backup_commands(sub)
     add_compliance_commands(sub)  # fedseek compliance report: the inspector's HTML document
+    from federation.cli.doctor import add_doctor_command
+
+    add_doctor_command(sub)  # fedseek doctor: one line per check, exit code from the worst
 
     p = sub.add_parser("explain", help="explain a model answer with SHAP, computed at a site's node")
     p.add_argument("--node", required=True, help="the node's API base URL, e.g. https://localhost:8443")
@@ -376,27 +415,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_explain)
 
     p = sub.add_parser("demo", help="run a whole consortium on localhost, end to end")
-    p.add_argument("--out", required=True)
-    p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--keep-running", action="store_true")
+    p.add_argument("--out", required=True, help="directory for the consortium's state and report.json")
+    p.add_argument("--sites", type=int, default=3, help="hospital sites (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=2, help="federated rounds (default: %(default)s)")
+    p.add_argument("--keep-running", action="store_true", help="leave the consortium serving after the run")
+    p.add_argument("--cache-dir", help="pretrained base models by key (default: $FEDSEEK_CACHE or ~/.cache/fedseek)")
     p.set_defaults(func=_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from federation.cli.logs import FORMATS, formatter
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.log_format not in FORMATS:  # from FEDSEEK_LOG_FORMAT, which argparse's choices do not see
+        parser.error(f"FEDSEEK_LOG_FORMAT: expected one of {', '.join(FORMATS)}, got {args.log_format!r}")
     # UTC timestamps with milliseconds: an operator lines these up with audit records and other hosts' logs.
     logging.Formatter.converter = time.gmtime
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s.%(msecs)03dZ %(levelname)s %(name)s: %(message)s",
-        datefmt="%Y-%m-%dT%H:%M:%S",
-    )
+    before = list(logging.root.handlers)  # a host process's (pytest's) handlers keep their own format
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    ours = [h for h in logging.root.handlers if h not in before]
+    for handler in ours:
+        handler.setFormatter(formatter(args.log_format))
     from privacy.redact import RedactingFilter  # no log line may carry a name, record number or phone number
 
     for handler in logging.getLogger().handlers:
         handler.addFilter(RedactingFilter())
+    json_stderr = bool(ours) and args.log_format == "json"
+    log = logging.getLogger("fedseek.cli")
+    log.info("fedseek %s", args.command)
     func: Handler = args.func
     try:
         return func(args)
@@ -407,7 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except FedSeekError as exc:  # the one place a deliberate failure becomes what the operator sees
-        print(f"fedseek: error: {exc.one_line()}", file=sys.stderr)
+        if json_stderr:  # every stderr line stays a JSON object for the log shipper
+            log.error("fedseek: error: %s", exc.one_line())
+        else:
+            print(f"fedseek: error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
 
 

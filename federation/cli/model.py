@@ -32,7 +32,7 @@ def add_model_commands(model: argparse._SubParsersAction[argparse.ArgumentParser
     p.set_defaults(func=_list)
 
     p = model.add_parser("promote", help="make a version the stable one at a node (audited under your name)")
-    p.add_argument("version")
+    p.add_argument("version", help="the version to make stable (as `fedseek model list` shows)")
     node_args(p)
     p.set_defaults(func=_promote)
 

@@ -27,20 +27,22 @@ def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p = sub.add_parser("serve", help="serve a model (and LoRA adapters) over the OpenAI API, no federation")
     p.add_argument("--model", required=True, help="local Hugging Face checkpoint directory")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a LoRA adapter to serve")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument(
         "--state",
         default=None,
         help="audit trail and API keys (first key: STATE/api-key); default: $XDG_STATE_HOME/fedseek/serve "
         "(~/.local/state/fedseek/serve), never the current directory",
     )
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)")
     p.add_argument("--cert", help="TLS certificate (PEM); with --key, serve HTTPS")
     p.add_argument("--key", help="TLS private key (PEM)")
     p.add_argument("--max-slots", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument(
+        "--max-model-len", type=int, default=4096, help="prompt plus answer tokens per request (default: %(default)s)"
+    )
     p.set_defaults(func=_serve)
 
 

@@ -43,7 +43,7 @@ def add_witness_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser
     p = witness.add_parser("show", help="the ledger heads witnessed for each site")
     p.add_argument("--state", required=True, help="the coordinator's state directory")
     p.add_argument("--site", help="one site only")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_show)
 
 

@@ -4,8 +4,9 @@ The admin app (`coordinator.admin_api`) is served by `federation.security.mtls_s
 coordinator's certificate, as `fedseek coordinator start` serves it; the client presents a party's
 certificate over real TLS 1.3 (httpx), or is a raw TLS socket where the test needs bytes no client
 library sends. The node agent's own pusher is tested in tests/node/test_checkpoint_push.py, and both
-together with real processes in tests/redteam/test_audit_pushed.py. Checkpoints are signed by a real `AuditTrail` with the
-site's real SuperNode key, whose public half is registered as `pki/site-keys/<site>.pub`.
+together with real processes in tests/redteam/test_audit_pushed.py. Checkpoints are signed by a
+real `AuditTrail` with the site's real SuperNode key, whose public half is registered as
+`pki/site-keys/<site>.pub`.
 """
 
 from __future__ import annotations

@@ -51,6 +51,20 @@ def test_report_says_the_consortium_trained_and_served(demo: tuple[Path, dict[st
     assert "round 1 done" in stdout  # progress is shown as it goes
 
 
+def test_the_model_answers_and_the_federation_does_not_make_it_worse(
+    demo: tuple[Path, dict[str, object], str],
+) -> None:
+    """Issue 18: pretrained on public text the model answers; exact match on each site's held-out notes."""
+    _, report, stdout = demo
+    sites = report["sites"]
+    assert isinstance(sites, list)
+    for site in sites:
+        assert isinstance(site["answer"], str) and site["answer"].strip(), site  # through the site's OpenAI API
+        assert 0 < site["accuracy_after"] <= 1
+        assert site["accuracy_after"] >= site["accuracy_before"], site
+    assert "pretrained on" in stdout and "public" in stdout
+
+
 def test_explanation_report_written(demo: tuple[Path, dict[str, object], str]) -> None:
     _, report, _ = demo
     expl = report["explanation"]
@@ -58,6 +72,8 @@ def test_explanation_report_written(demo: tuple[Path, dict[str, object], str]) -
     html = Path(expl["html"]).read_text()
     assert "<html" in html.lower() and report["global_adapter"]["version"] in html  # type: ignore[index]
     assert len(expl["top_tokens"]) >= 1
+    assert expl["response_source"] == "generated"  # the model's own answer, not a supplied one
+    assert isinstance(expl["response"], str) and expl["response"].strip()
 
 
 def test_every_process_stopped(demo: tuple[Path, dict[str, object], str]) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -136,15 +137,18 @@ def test_serving_records_are_witnessed_within_the_push_interval_without_a_round(
     restored_size = len(_records(before / log.name))
 
     key = layout.api_key.read_text().strip()
-    with httpx.Client(base_url=str(info["openai"]), verify=str(site["pki"] / "ca" / "ca.pem"), timeout=120) as http:
+    tls = ssl.create_default_context(cafile=str(site["pki"] / "ca" / "ca.pem"))
+    with httpx.Client(base_url=str(info["openai"]), verify=tls, timeout=120) as http:
         for _ in range(3):
             answer = http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
             assert answer.status_code == 200, answer.text
     served = [r for r in _records(log) if r["seq"] > restored_size]
     assert served, "serving wrote no audit record"
     last = max(r["seq"] for r in served)
+    served_at = time.monotonic()
 
     entry = _until(_covering(site, last), f"no witnessed checkpoint covers record {last} after {WAIT_S:.0f} s")
+    print(f"record {last} witnessed {time.monotonic() - served_at:.1f} s after it was served (push every {PUSH_S} s)")
     assert entry["note"] == "push" and entry["site"] == SITE
     checkpoint = parse_checkpoint(entry["statement"], key=load_public_key(site["pki"] / "site-keys" / f"{SITE}.pub"))
     assert checkpoint.origin == SITE and checkpoint.size >= last

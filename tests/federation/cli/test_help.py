@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,34 @@ def test_command_help_imports_no_heavy_package(command: str) -> None:
     packages, out = _imported_packages(command)
     assert out.startswith(f"usage: fedseek {command}")
     assert not packages & HEAVY
+
+
+def _walk(parser: argparse.ArgumentParser, path: str) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """Every parser of the tree, with its command path (`fedseek budget add-partition`)."""
+    yield path, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _walk(child, f"{path} {name}")
+
+
+def test_every_option_and_command_has_help() -> None:
+    """Each option says what it does (argparse.SUPPRESS hides a deliberate one); each command has a
+    description or a help line in its parent's list."""
+    missing: list[str] = []
+    for path, parser in _walk(build_parser(), "fedseek"):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                helped = {a.dest for a in action._choices_actions if a.help}
+                for name, child in action.choices.items():
+                    if name not in helped and not child.description:
+                        missing.append(f"{path} {name}: no description or help")
+            elif action.help is None or (isinstance(action.help, str) and not action.help.strip()):
+                missing.append(f"{path} {'/'.join(action.option_strings) or action.dest}: no help")
+    assert not missing, "\n".join(missing)
+
+
+def test_help_fits_a_screen_per_command() -> None:
+    """A command's description (before the options) stays within one screen: 24 lines."""
+    for path, parser in _walk(build_parser(), "fedseek"):
+        assert len((parser.description or "").splitlines()) <= 24, path
