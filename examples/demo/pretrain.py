@@ -35,8 +35,8 @@ class PublicPretraining:
     """What the tiny model is pretrained on and how; every field is part of the cache key."""
 
     public_seed: int = PUBLIC_SEED
-    n_public: int = 600
-    epochs: int = 4
+    n_public: int = 480
+    epochs: int = 3
     batch_size: int = 32
     learning_rate: float = 1e-2
     generator_version: int = GENERATOR_VERSION

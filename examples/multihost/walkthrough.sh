@@ -186,9 +186,9 @@ sys.exit(0 if len(made) >= int(sys.argv[2]) else 1)
 EOF
 
 say "8. monitoring: Prometheus scrapes every party over mutual TLS"
-mkdir -p monitor
-cp -r ca-office/monitor monitor/pki-monitor
-mkdir -p monitor/pki && mv monitor/pki-monitor monitor/pki/monitor
+mkdir -p monitor/pki/ca    # the Prometheus host: its monitor certificate and the CA certificate only
+cp ca-office/ca/ca.pem monitor/pki/ca/
+cp -r ca-office/monitor monitor/pki/monitor
 ALERTS="$HERE/../../deploy/monitoring/alerts.yml"
 RULES=()
 if [[ -f $ALERTS ]]; then cp "$ALERTS" monitor/alerts.yml; RULES=(--rules alerts.yml); fi

@@ -103,6 +103,12 @@ def _witnessed(args: argparse.Namespace, log: Path) -> tuple[str, list[dict[str,
 
 def _verify(args: argparse.Namespace) -> int:
     log = Path(args.path)
+    from privacy.audit import companion_paths
+
+    # Nothing there at all is a wrong path, not a verdict: a deleted log whose head or checkpoint
+    # remains is still checked (and TAMPERED); against the witness, a log gone is the verdict "cut".
+    if not args.witness and not log.exists() and not any(p.exists() for p in companion_paths(log)):
+        raise NotFound(f"no such file: {log} (an audit log, e.g. STATE/audit.jsonl)")
     if not args.witness:
         from privacy.audit import verify
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from federation.cli.partition import add_partition_command
 from federation.cli.witness import add_budget_witness_options, check_against_witness
-from federation.errors import InvalidInput
+from federation.errors import InvalidInput, NotFound
 from federation.ops.layout import NodeLayout
 
 
@@ -37,6 +37,8 @@ def _budget(args: argparse.Namespace) -> int:
 
     if not args.state:
         raise InvalidInput("fedseek budget: the following argument is required: --state")
+    if not Path(args.state).is_dir():
+        raise NotFound(f"no such directory: {args.state} (the node's state directory)")
     layout = NodeLayout(Path(args.state))
     ledger = PrivacyLedger.open_existing(layout.ledger) if layout.ledger.exists() else None
     refusal = ledger_refusal(ledger, layout.audit)  # reads the audit trail only

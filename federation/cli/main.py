@@ -64,6 +64,10 @@ def _coordinator_start(args: argparse.Namespace) -> int:
             fleet_port=args.fleet_port,
             site_keys_dir=args.site_keys or str(Path(args.pki) / "site-keys"),
         )
+    if not Path(conf.pki_dir).is_dir():  # the state directory may be new; the PKI must be there
+        from federation.errors import NotFound
+
+        raise NotFound(f"no such directory: {conf.pki_dir} (the PKI directory: --pki, or pki_dir in the config)")
     run_coordinator(conf)
     return 0
 
