@@ -39,6 +39,8 @@ class PretrainResult:
     steps: int
     final_loss: float
     seconds: float
+    cpu_seconds: float
+    """This process's CPU time: on a shared machine the wall time says more about the neighbours."""
 
 
 def pretrain(
@@ -63,7 +65,7 @@ def pretrain(
     total = settings.epochs * math.ceil(len(rows) / settings.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=settings.learning_rate, total_steps=total, pct_start=0.1)
     model.train()
-    start, step, loss = time.perf_counter(), 0, torch.tensor(float("nan"))
+    start, cpu, step, loss = time.perf_counter(), time.process_time(), 0, torch.tensor(float("nan"))
     for epoch in range(settings.epochs):
         order = list(range(len(rows)))
         rng.shuffle(order)
@@ -89,4 +91,5 @@ def pretrain(
         steps=step,
         final_loss=round(float(loss.detach()), 4),
         seconds=round(time.perf_counter() - start, 1),
+        cpu_seconds=round(time.process_time() - cpu, 1),
     )

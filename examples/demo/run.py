@@ -83,7 +83,7 @@ def _prepare(settings: DemoSettings, names: list[str]) -> tuple[Path, Path]:
     info = write_pretrained_tiny_model(
         model_dir, cache_dir=settings.cache_dir or default_cache_dir(), log=lambda line: say(line.strip())
     )
-    how = "from the cache" if info["cached"] else f"in {info['seconds']:.0f} s"
+    how = "from the cache" if info["cached"] else f"in {info['seconds']:.0f} s ({info['cpu_seconds']:.0f} s of CPU)"
     say(
         f"tiny DeepSeek-V3 (MLA + MoE, real DeepSeek tokenizer) pretrained on {info['public_chats']} public "
         f"referral chats (no site's records), {how}; final answer loss {info['final_loss']:.3f}"

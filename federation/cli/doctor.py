@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -182,7 +183,7 @@ def check_ledger(party: Party) -> list[Check]:
         ledger = PrivacyLedger.open_existing(party.ledger)
         data = ledger.to_json()
         refusal = ledger_refusal(ledger, party.audit)
-    except (OSError, LedgerError) as exc:
+    except (OSError, sqlite3.Error, LedgerError) as exc:  # not a ledger at all: sqlite says so
         return [Check("FAIL", "ledger", f"{party.ledger}: {exc}")]
     if refusal:
         return [Check("FAIL", "ledger", f"{party.ledger} disagrees with the audit trail: {refusal}")]

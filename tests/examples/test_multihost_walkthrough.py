@@ -11,8 +11,11 @@ processes) is left, also when it fails half-way.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,8 +52,16 @@ def _left_behind(pid: int, work: Path) -> tuple[list[str], list[str]]:
     return spaces, procs
 
 
-def test_the_multihost_walkthrough_runs_a_consortium_over_separate_hosts(tmp_path: Path) -> None:
-    work = tmp_path / "consortium"
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A work directory with a short path: a party's Unix sockets live under it (107 bytes at most)."""
+    path = Path(tempfile.mkdtemp(prefix="fsw-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_the_multihost_walkthrough_runs_a_consortium_over_separate_hosts(short_dir: Path) -> None:
+    work = short_dir / "c"
     proc = subprocess.Popen(
         [str(SCRIPT), str(work)],
         env=_env(),

@@ -183,3 +183,32 @@ def test_cuda_device_without_gpu_fails(site: Path) -> None:
 def test_missing_config_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["doctor", "--config", str(tmp_path / "nope.json")]) == 2
     assert f"no such file: {tmp_path / 'nope.json'}" in capsys.readouterr().err
+
+
+def test_coordinator_config_is_checked_as_a_coordinator(
+    tmp_path: Path, ca: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A coordinator's config: its certificate under the coordinator role, no ledger or budget, its fleet
+    and admin ports; a coordinator never started has no audit trail yet (WARN, exit 1)."""
+    pki_dir = tmp_path / "pki"
+    shutil.copytree(ca, pki_dir)
+    pki.issue(pki_dir, "coordinator", role="coordinator")
+    conf = cfg.CoordinatorConfig(
+        pki_dir=str(pki_dir), state_dir=str(tmp_path / "coord"), fleet_port=_free_port(), admin_port=_free_port()
+    )
+    rc, checks = _doctor(cfg.save(conf, tmp_path / "coordinator.json"), capsys)
+    assert sorted(checks) == ["audit", "certificate", "crl", "disk", "gpu", "port admin", "port fleet"]
+    assert "coordinator 'coordinator'" in checks["certificate"].detail and checks["certificate"].level == "OK"
+    assert checks["audit"].level == "WARN" and "never started" in checks["audit"].detail
+    assert rc == 1
+
+
+def test_deleted_or_garbage_ledger_fails(site: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    party = read_party(site)
+    assert party.ledger is not None
+    party.ledger.unlink()  # the audit trail still records the ledger's genesis and charge
+    rc, checks = _doctor(site, capsys)
+    assert rc == 2 and checks["ledger"].level == "FAIL", checks["ledger"]
+    party.ledger.write_bytes(b"not a ledger" * 100)
+    rc, checks = _doctor(site, capsys)
+    assert rc == 2 and checks["ledger"].level == "FAIL", checks["ledger"]

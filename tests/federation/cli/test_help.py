@@ -9,6 +9,9 @@ behaviour, not timing: the heavy packages must be absent.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -86,3 +89,52 @@ def test_help_fits_a_screen_per_command() -> None:
     """A command's description (before the options) stays within one screen: 24 lines."""
     for path, parser in _walk(build_parser(), "fedseek"):
         assert len((parser.description or "").splitlines()) <= 24, path
+
+
+def _fedseek_stderr(*argv: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "federation.cli.main", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FEDSEEK_LOG_FORMAT": "", **(env or {})},
+    )
+    assert done.returncode == 2, done.stderr  # the config below is missing: a one-line error, exit 2
+    return done.stderr
+
+
+JSON_TS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_json_logs_are_one_object_a_line(tmp_path: Path, how: str) -> None:
+    """Every stderr line is a JSON object (ts in UTC with ms, level, logger, msg, pid), the error too,
+    and the redaction filter still runs: a phone number in a path never reaches the log."""
+    missing = tmp_path / "+44 20 7946 0018" / "node.json"
+    argv = ["-v", "doctor", "--config", str(missing)]
+    err = (
+        _fedseek_stderr("--log-format", "json", *argv)
+        if how == "flag"
+        else _fedseek_stderr(*argv, env={"FEDSEEK_LOG_FORMAT": "json"})
+    )
+    lines = [json.loads(line) for line in err.splitlines()]
+    assert [(r["level"], r["logger"]) for r in lines] == [("INFO", "fedseek.cli"), ("ERROR", "fedseek.cli")]
+    for record in lines:
+        assert set(record) == {"ts", "level", "logger", "msg", "pid"}
+        assert JSON_TS.match(record["ts"]) and isinstance(record["pid"], int)
+    assert lines[1]["msg"].startswith("fedseek: error: no such file: ")
+    assert "7946" not in err and "[PHONE]" in lines[1]["msg"]
+
+
+def test_plain_logs_are_the_default_with_utc_timestamps(tmp_path: Path) -> None:
+    err = _fedseek_stderr("-v", "doctor", "--config", str(tmp_path / "node.json"))
+    first, second = err.splitlines()
+    stamp, level, rest = first.split(" ", 2)
+    assert JSON_TS.match(stamp) and level == "INFO" and rest == "fedseek.cli: fedseek doctor"
+    assert second == f"fedseek: error: no such file: {tmp_path / 'node.json'}"
+
+
+def test_an_unknown_log_format_in_the_environment_is_refused(tmp_path: Path) -> None:
+    err = _fedseek_stderr("doctor", "--config", str(tmp_path / "x"), env={"FEDSEEK_LOG_FORMAT": "xml"})
+    assert "FEDSEEK_LOG_FORMAT: expected one of plain, json, got 'xml'" in err

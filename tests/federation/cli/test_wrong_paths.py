@@ -3,6 +3,7 @@ success, and never a verdict (OK, TAMPERED) about a file that does not exist."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -30,3 +31,12 @@ def test_a_missing_path_is_named(
     out, err = capsys.readouterr()
     assert what.format(missing=missing) in err
     assert "OK" not in out and "TAMPERED" not in err
+
+
+def test_the_cli_refuses_a_bad_config_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "node.json"
+    node = {"name": "site-a", "model_dir": "m", "data_dir": "d", "state_dir": "s", "pki_dir": "p"}
+    path.write_text(json.dumps({**node, "api_port": "abc"}))
+    assert main(["doctor", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"fedseek: error: {path}: field 'api_port': expected int, got \"abc\"\n"
