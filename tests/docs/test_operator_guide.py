@@ -113,9 +113,10 @@ def test_the_guides_runnable_blocks_run_as_written(tmp_path: Path) -> None:
     )
     assert list((work / "site-a" / "data" / "train").glob("*.jsonl.enc"))
     assert not list((work / "site-a" / "data" / "train").glob("*.jsonl"))
-    # The restored audit log is the site's, record for record (nothing was appended after the backup).
+    # The restored audit log is the site's, record for record, then the restore's own record.
     restored = (work / "restored" / "state" / "audit.jsonl").read_text()
-    assert restored == (work / "site-a" / "state" / "audit.jsonl").read_text()
+    assert restored.startswith((work / "site-a" / "state" / "audit.jsonl").read_text())
+    assert '"action":"state.restored"' in restored.splitlines()[-1].replace(" ", "")
     for action in ("at_rest.encrypted", "kek.rotated", "key.created", "key.revoked"):
         assert f'"action":"{action}"' in restored.replace(" ", ""), f"no {action} in the restored audit log"
     assert "OK:" in done.stdout
