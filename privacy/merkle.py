@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 
+from federation.errors import InvalidInput
+
 __all__ = [
     "EMPTY_ROOT",
     "Frontier",
@@ -37,8 +39,8 @@ EMPTY_ROOT = hashlib.sha256(b"").digest()
 """The root of the empty tree (RFC 6962: the hash of the empty string)."""
 
 
-class ProofError(ValueError):
-    """A proof does not verify, or was asked for with indices outside the tree."""
+class ProofError(InvalidInput, ValueError):
+    """A proof does not verify, or was asked for with indices outside the tree (one line for the CLI)."""
 
 
 def leaf_hash(data: bytes) -> bytes:

@@ -37,6 +37,9 @@ INTERNAL = {
     "node.api.guard.BodyTooLarge",
     # a TLS verification failure by design (an ssl.SSLCertVerificationError), so clients treat it as a failed handshake
     "federation.security.peer_pin.PeerIdentityError",
+    # the inspector's verifier ships alone in export bundles (stdlib + cryptography only): it cannot import FedSeek
+    "privacy.inspector.Failed",
+    "privacy.transparency._Refused",  # one failed witness check, turned into a WitnessReport inside verify_witnessed()
 }
 
 
