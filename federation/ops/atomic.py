@@ -21,8 +21,9 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["PRIVATE_UMASK", "ensure_secret", "exchange", "fsync_dir", "install_dir", "private_dir", "write_atomic"]
 
@@ -56,15 +57,17 @@ def ensure_secret(path: Path, make: Callable[[], bytes]) -> bytes:
     return secret
 
 
-def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
-    """Write via temp file + fsync + rename so readers never see a partial file."""
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+@contextlib.contextmanager
+def atomic_writer(path: Path, *, mode: int = 0o600, suffix: str = ".tmp") -> Iterator[BinaryIO]:
+    """A binary file that appears at `path` whole or not at all: written to a temp file beside it
+    (mode set before the first byte), fsynced, renamed over `path`, the directory fsynced; on any
+    error the temp file is removed and `path` is untouched."""
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     try:
         with os.fdopen(fd, "wb") as fh:
             os.fchmod(fh.fileno(), mode)
-            fh.write(data)
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp_name, path)
@@ -73,6 +76,12 @@ def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
             os.unlink(tmp_name)
         raise
     fsync_dir(path.parent)
+
+
+def write_atomic(path: Path, data: bytes | str, *, mode: int = 0o600) -> None:
+    """Write via temp file + fsync + rename so readers never see a partial file."""
+    with atomic_writer(path, mode=mode) as fh:
+        fh.write(data.encode("utf-8") if isinstance(data, str) else data)
 
 
 def install_dir(staging: Path, dest: Path) -> None:

@@ -44,7 +44,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from federation.ops.atomic import fsync_dir, private_dir
+from federation.ops.atomic import atomic_writer, fsync_dir, private_dir
 from federation.ops.backup_format import (
     CHUNK,
     FORMAT,
@@ -347,22 +347,10 @@ def _publish(data: Path, files: list[dict[str, Any]], out: Path) -> None:
         os.replace(data, out)
         fsync_dir(out.parent)
         return
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            with tarfile.open(fileobj=fh, mode=mode) as tar:  # type: ignore[call-overload]
-                for name in [MANIFEST, *(f["path"] for f in files)]:
-                    info = tar.gettarinfo(str(data / name), arcname=name)
-                    info.uid = info.gid = 0
-                    info.uname = info.gname = ""
-                    with (data / name).open("rb") as src:
-                        tar.addfile(info, src)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp_name, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    fsync_dir(out.parent)
+    with atomic_writer(out, suffix=".partial") as fh, tarfile.open(fileobj=fh, mode=mode) as tar:  # type: ignore[call-overload]
+        for name in [MANIFEST, *(f["path"] for f in files)]:
+            info = tar.gettarinfo(str(data / name), arcname=name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            with (data / name).open("rb") as src:
+                tar.addfile(info, src)

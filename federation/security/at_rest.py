@@ -40,7 +40,6 @@ import os
 import stat
 import struct
 import subprocess
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,7 +53,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
 from federation.errors import InvalidInput, Unavailable
-from federation.ops.atomic import fsync_dir, write_atomic
+from federation.ops.atomic import atomic_writer, write_atomic
 
 __all__ = [
     "CHUNK_BYTES",
@@ -455,7 +454,7 @@ class Envelope:
 
     def encrypt_file(self, src: Path, dst: Path, *, context: str = "") -> None:
         """Encrypt the file `src` into `dst` (atomically, streamed: any size)."""
-        with Path(src).open("rb") as fin, _atomic_out(dst) as fout:
+        with Path(src).open("rb") as fin, atomic_writer(dst) as fout:
             self.encrypt_stream(fin, fout, context=context)
 
     def rewrap(self, path: Path) -> bool:
@@ -467,7 +466,7 @@ class Envelope:
                 return False
             data_key = self._unwrap(header, str(path))
             new = self._wrap(header.prefix, header.chunk, data_key)
-            with _atomic_out(path, mode=stat.S_IMODE(os.fstat(fin.fileno()).st_mode)) as fout:
+            with atomic_writer(path, mode=stat.S_IMODE(os.fstat(fin.fileno()).st_mode)) as fout:
                 fout.write(new.encode())
                 while block := fin.read(1 << 20):
                     fout.write(block)
@@ -485,23 +484,6 @@ def body_offset(path: Path) -> int:
     with Path(path).open("rb") as fh:
         _Header.read(fh, str(path))
         return fh.tell()
-
-
-@contextlib.contextmanager
-def _atomic_out(path: Path, *, mode: int = 0o600) -> Iterator[BinaryIO]:
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), mode)
-            yield fh
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(Path(path).parent)
 
 
 def encrypted_files(*roots: Path) -> list[Path]:
