@@ -12,6 +12,30 @@ from pathlib import Path
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's `st` column
 
 
+def started(pid: int) -> str | None:
+    """`pid`'s start time (clock ticks after boot), which tells it from a later process given the same
+    pid (pids wrap quickly on a busy host); None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except OSError:
+        return None
+
+
+def running(procs: dict[int, str | None]) -> list[int]:
+    """Those of `procs` (pid: start time) that still run. A zombie does not: it has given back its
+    ports, memory and files, and only its parent can remove it. For an orphan that parent is init,
+    and a container's PID 1 may never reap (CI's does not: the orphans it adopted stayed zombies)."""
+    alive = []
+    for pid, start in procs.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[19] == start and fields[0] != "Z":
+            alive.append(pid)
+    return alive
+
+
 def process_tree(root: int) -> set[int]:
     """`root` and every descendant (by parent pid; a child that started its own session counts)."""
     parents: dict[int, int] = {}

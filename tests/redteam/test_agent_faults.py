@@ -29,7 +29,7 @@ from federation.ops.layout import NodeLayout
 from federation.ops.supervise import Managed, free_port
 from federation.protocol import config as cfg
 from federation.security import pki
-from tests.redteam.procnet import process_tree
+from tests.redteam.procnet import process_tree, running, started
 
 pytestmark = pytest.mark.e2e
 
@@ -114,14 +114,6 @@ def _ready(proc: Managed, layout: NodeLayout) -> str:
         time.sleep(0.3)
 
 
-def _started(pid: int) -> str | None:
-    """`pid`'s start time, which tells it from a later process given the same pid; None once gone."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except OSError:
-        return None
-
-
 def _argv(pid: int) -> list[str]:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
@@ -189,16 +181,16 @@ def test_a_killed_agent_leaves_no_zombie_and_nothing_behind(site: Site) -> None:
     The same command on the same state then starts the site again."""
     agent = site.proc.pid
     _supernode(agent, not_in=set(), timeout=60)
-    tree = {pid: _started(pid) for pid in process_tree(agent) - {agent}}
+    tree = {pid: started(pid) for pid in process_tree(agent) - {agent}}
     names = " ".join(" ".join(_argv(pid)[:3]) for pid in tree)
     for part in ("stunnel", "federation.ops.netns", "flower-supernode", "node.app_guard.superexec"):
         assert part in names, names
-    agent_start = _started(agent)
+    agent_start = started(agent)
     os.kill(agent, signal.SIGKILL)
     deadline = time.monotonic() + 60
     while True:
-        left = [pid for pid, start in tree.items() if _started(pid) == start]
-        zombie = _started(agent) == agent_start
+        left = running(tree)  # a zombie of init has ended (see `running`)
+        zombie = started(agent) == agent_start
         if not left and not zombie:
             break
         assert time.monotonic() < deadline, f"left behind: {left}, agent a zombie: {zombie}"

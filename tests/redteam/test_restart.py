@@ -33,7 +33,7 @@ from federation.ops.layout import CoordinatorLayout
 from federation.ops.supervise import Managed, free_port, port_open
 from federation.security.flower_auth import ensure_auth_keypair
 from tests.e2e.fleet import audit_records
-from tests.redteam.procnet import process_tree, tree_listeners
+from tests.redteam.procnet import process_tree, running, started, tree_listeners
 
 pytestmark = pytest.mark.e2e
 
@@ -60,20 +60,6 @@ def _nginx_master(coordinator: int) -> int | None:
         pid for pid, argv in _children(coordinator).items() if argv and argv[0].startswith(("nginx", "/usr/sbin/nginx"))
     ]
     return masters[0] if len(masters) == 1 else None
-
-
-def _started(pid: int) -> str | None:
-    """`pid`'s start time (clock ticks after boot), which tells it from a later process given the same
-    pid (pids wrap quickly on a busy host); None once it is gone."""
-    try:
-        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split())[19]
-    except OSError:
-        return None
-
-
-def _still_there(procs: dict[int, str | None]) -> list[int]:
-    """Those of `procs` (pid: start time) still in the process table (a zombie counts: not reaped)."""
-    return [pid for pid, start in procs.items() if _started(pid) == start]
 
 
 def _start(tmp_path: Path, argv: list[str], *, log: str) -> tuple[Managed, dict[str, object]]:
@@ -149,10 +135,10 @@ def test_a_killed_gateway_master_leaves_no_orphan_and_takes_nothing_down(tmp_pat
     try:
         master = _nginx_master(proc.pid)
         assert master is not None, _children(proc.pid)
-        workers = {pid: _started(pid) for pid in process_tree(master) - {master}}
+        workers = {pid: started(pid) for pid in process_tree(master) - {master}}
         assert workers, "nginx runs one worker"
         superlink = int(str(info["superlink_pid"]))
-        superlink_start = _started(superlink)
+        superlink_start = started(superlink)
         os.kill(master, signal.SIGKILL)
 
         deadline = time.monotonic() + 90
@@ -164,16 +150,16 @@ def test_a_killed_gateway_master_leaves_no_orphan_and_takes_nothing_down(tmp_pat
                 break
             time.sleep(0.5)
         else:
-            orphans = _still_there(workers)
+            orphans = running(workers)
             raise AssertionError(
                 f"no new gateway on the fleet port in 90 s; old workers still there: {orphans}\n"
                 f"{proc.log_path.read_text()[-3000:]}"
             )
         deadline = time.monotonic() + 60  # killed before the restart; on a loaded host exit may take a while
-        while _still_there(workers):
+        while running(workers):
             assert time.monotonic() < deadline, "the dead master's workers were neither killed nor reaped"
             time.sleep(0.3)
-        assert _started(superlink) == superlink_start and proc.alive()
+        assert started(superlink) == superlink_start and proc.alive()
         assert _https_status("127.0.0.1", _admin_port(info), pki_dir, "/healthz") == 200
         # Survives a gateway that keeps dying too: killed again at once, and again, it comes back each time.
         for _ in range(6):
@@ -190,7 +176,7 @@ def test_a_killed_gateway_master_leaves_no_orphan_and_takes_nothing_down(tmp_pat
             assert proc.alive(), f"the coordinator exited:\n{proc.log_path.read_text()[-3000:]}"
             assert time.monotonic() < deadline, "the gateway did not come back after repeated kills"
             time.sleep(0.5)
-        assert port_open("127.0.0.1", _admin_port(info)) and _started(superlink) == superlink_start
+        assert port_open("127.0.0.1", _admin_port(info)) and started(superlink) == superlink_start
     finally:
         proc.stop()
 
@@ -215,13 +201,13 @@ def test_restart_on_the_same_state_works_and_keeps_history(tmp_path: Path, pki_d
     # operator would): the master's worker is left to init, holding the fleet port.
     master = _nginx_master(proc.pid)
     assert master is not None
-    workers = {pid: _started(pid) for pid in process_tree(master) - {master}}
+    workers = {pid: started(pid) for pid in process_tree(master) - {master}}
     os.kill(master, signal.SIGKILL)
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.proc is not None
     proc.proc.wait(30)
     time.sleep(2)
-    orphans = _still_there(workers)
+    orphans = running(workers)
     assert orphans, "the worker should outlive both (the scenario under test)"
     db_inode, nodes = layout.superlink_db.stat().st_ino, _nodes(layout.superlink_db)
 
@@ -229,7 +215,7 @@ def test_restart_on_the_same_state_works_and_keeps_history(tmp_path: Path, pki_d
     try:
         assert info["registered_sites"] == ["site-a"]
         deadline = time.monotonic() + 60
-        while _still_there(workers):
+        while running(workers):
             assert time.monotonic() < deadline, f"the orphaned worker(s) {orphans} still run"
             time.sleep(0.3)
         fleet = int(argv[argv.index("--fleet-port") + 1])
