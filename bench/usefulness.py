@@ -96,7 +96,9 @@ from fedseek_examples.demo.public import PUBLIC_QUESTION, REFERRAL, public_chats
 
 from bench.common import machine, versions
 from coordinator.aggregate import weighted_average
+from coordinator.server_opt import ServerOpt, ServerState
 from federation.protocol import wire
+from federation.protocol.round_settings import NOISE_SCHEDULES, SERVER_OPTS
 from node.data import Example, TokenizedExample, collate, exact_match, tokenize
 from node.engine import TRAIN_ADAPTER, LoraSettings, ModelHost
 from node.model import CHAT_TEMPLATE, load_model
@@ -158,82 +160,6 @@ def examples(records: Sequence[ClinicalRecord]) -> list[Example]:
 def federated_average(results: Sequence[RoundResult]) -> wire.Arrays:
     """The global adapter of one round: what ``LoraFedAvg.aggregate_train`` computes from the same replies."""
     return weighted_average([(r.arrays, float(r.report.num_examples)) for r in results])
-
-
-# ---- the server's step on the mean update (FedOpt) ------------------------------------------
-
-SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
-
-
-@dataclass(frozen=True)
-class ServerOpt:
-    """How the coordinator moves the global adapter by the round's mean update (FedOpt).
-
-    With the round's weighted mean ``m`` and the previous global adapter ``x`` (round 1: the seeded
-    init every site starts from), ``d = m - x`` is the pseudo-gradient (Reddi et al. 2021, "Adaptive
-    Federated Optimization"). ``fedavg`` takes ``x + lr d`` (lr 1: the mean itself, what LoraFedAvg
-    does); ``fedavgm`` keeps a velocity ``v = momentum v + d`` and takes ``x + lr v``; ``fedadam``
-    takes ``x + lr mom1 / (sqrt(mom2) + tau)`` with ``mom1 = momentum mom1 + (1 - momentum) d`` and
-    ``mom2 = beta2 mom2 + (1 - beta2) d^2``. The sites' noise is already in ``d``, so the server's
-    step is post-processing: it spends no privacy budget.
-    """
-
-    kind: str = "fedavg"
-    lr: float = 1.0
-    momentum: float = 0.9
-    beta2: float = 0.99
-    tau: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if self.kind not in SERVER_OPTS:
-            raise ValueError(f"server optimizer {self.kind!r}: expected one of {', '.join(SERVER_OPTS)}")
-        if not (self.lr > 0 and 0 <= self.momentum < 1 and 0 <= self.beta2 < 1 and self.tau > 0):
-            raise ValueError(f"server optimizer settings out of range: {self}")
-
-    @property
-    def is_plain_mean(self) -> bool:
-        return self.kind == "fedavg" and self.lr == 1.0
-
-    def describe(self) -> str:
-        if self.kind == "fedavg":
-            return "FedAvg" if self.lr == 1.0 else f"FedAvg, server lr {self.lr:g}"
-        if self.kind == "fedavgm":
-            return f"FedAvgM, server lr {self.lr:g}, momentum {self.momentum:g}"
-        return f"FedAdam, server lr {self.lr:g}, beta1 {self.momentum:g}, beta2 {self.beta2:g}, tau {self.tau:g}"
-
-
-class ServerState:
-    """The server optimizer's state over one federated run (a velocity or two moments per tensor)."""
-
-    def __init__(self, opt: ServerOpt, *, frozen_a: bool) -> None:
-        self.opt = opt
-        self.frozen_a = frozen_a  # FFA-LoRA: A is the seeded init, never stepped
-        self.mom1: dict[str, np.ndarray] = {}
-        self.mom2: dict[str, np.ndarray] = {}
-
-    def step(self, previous: wire.Arrays, mean: wire.Arrays) -> wire.Arrays:
-        """The next global adapter from the previous one and the round's weighted mean."""
-        if self.opt.is_plain_mean:
-            return mean  # bit for bit the coordinator's FedAvg
-        o = self.opt
-        out: wire.Arrays = {}
-        for name, value in mean.items():
-            if self.frozen_a and wire.factor_of(name) == "A":
-                out[name] = value
-                continue
-            x = np.asarray(previous[name], dtype=np.float64)
-            d = np.asarray(value, dtype=np.float64) - x
-            if o.kind == "fedavg":
-                new = x + o.lr * d
-            elif o.kind == "fedavgm":
-                v = self.mom1[name] = o.momentum * self.mom1.get(name, np.zeros_like(d)) + d
-                new = x + o.lr * v
-            else:
-                m1 = self.mom1[name] = o.momentum * self.mom1.get(name, np.zeros_like(d)) + (1 - o.momentum) * d
-                m2 = self.mom2[name] = o.beta2 * self.mom2.get(name, np.zeros_like(d)) + (1 - o.beta2) * d * d
-                new = x + o.lr * m1 / (np.sqrt(m2) + o.tau)
-            out[name] = new.astype(np.float32)
-        return out
 
 
 # ---- base model: generated from config, public pretraining --------------------------------
@@ -498,11 +424,16 @@ class Variant:
     lr_decay: float = 1.0
     """Round r trains at lr * lr_decay ** (r - 1): a schedule over rounds, which a coordinator can send."""
     server: ServerOpt = field(default_factory=ServerOpt)
+    noise_schedule: str = "constant"
+    """How each site's ledger spreads epsilon over the rounds (privacy.ledger.NOISE_SCHEDULES)."""
 
     @property
     def dp_key(self) -> tuple[Any, ...]:
         """What arm (b) depends on: everything but the server's step."""
-        return (self.rounds, self.local_epochs, self.batch_size, self.clip, self.ffa_lora, self.lr_decay)
+        return (
+            self.rounds, self.local_epochs, self.batch_size, self.clip, self.ffa_lora, self.lr_decay,
+            self.noise_schedule,
+        )  # fmt: skip
 
     def settings(self, lr: float) -> TrainSettings:
         return TrainSettings(
@@ -512,6 +443,7 @@ class Variant:
             max_grad_norm=self.clip,
             freeze_lora_a=self.ffa_lora,
             budget_share=1.0,  # each arm's fresh ledger: the whole budget is the experiment's
+            noise_schedule=self.noise_schedule,
         )
 
     def as_json(self) -> dict[str, Any]:
@@ -529,6 +461,7 @@ VARIANT_KEYS: dict[str, str] = {
     "ffa-lora": "ffa_lora",
     "lrs": "lrs",
     "lr-decay": "lr_decay",
+    "noise-schedule": "noise_schedule",
     "server-opt": "kind",
     "server-lr": "lr",
     "server-momentum": "momentum",
@@ -553,6 +486,10 @@ def parse_variant(spec: str, base: Variant) -> Variant:
             srv[attr] = value if attr == "kind" else float(value)
         elif key == "lrs":
             top[attr] = tuple(float(x) for x in value.split("/"))
+        elif key == "noise-schedule":
+            if value not in NOISE_SCHEDULES:
+                raise ValueError(f"variant {name}: noise-schedule must be one of {NOISE_SCHEDULES}, not {value!r}")
+            top[attr] = value
         elif key == "ffa-lora":
             if value.lower() not in _BOOL:
                 raise ValueError(f"variant {name}: ffa-lora must be 0 or 1, not {value!r}")
@@ -649,6 +586,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--lrs", type=float, nargs="+", default=[3e-3, 1e-2], help="grid every arm gets, in run order")
     ap.add_argument("--lr-decay", type=float, default=1.0, help="round r trains at lr * decay ** (r - 1)")
+    ap.add_argument(
+        "--noise-schedule", choices=NOISE_SCHEDULES, default="constant", help="how each ledger spreads epsilon"
+    )
     ap.add_argument("--server-opt", choices=SERVER_OPTS, default="fedavgm", help="the server's step, arm (c)")
     ap.add_argument("--server-lr", type=float, default=1.0)
     ap.add_argument("--server-momentum", type=float, default=0.9, help="FedAvgM momentum; FedAdam beta1")
@@ -729,6 +669,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         ffa_lora=args.ffa_lora,
         lrs=tuple(args.lrs),
         lr_decay=args.lr_decay,
+        noise_schedule=args.noise_schedule,
         server=ServerOpt(
             kind=args.server_opt,
             lr=args.server_lr,

@@ -362,6 +362,7 @@ class SecAggLoraFedAvg(LoraFedAvg):
         averaged = wire.validate_arrays(
             {name: value.astype(np.float32) for name, value in zip(names, secure.mean, strict=True)}
         )
+        averaged = self._server_step(averaged)  # the step needs only the sum: no single update
         if self.ffa:
             run_a = wire.lora_a(self.global_arrays) if self.global_arrays is not None else None
             clear = [meta["lora_a"] for _, meta in summed if meta["lora_a"]]

@@ -44,6 +44,7 @@ from flwr.serverapp.strategy import FedAvg
 from coordinator import aggregate
 from coordinator.aggregate import weighted_average as weighted_average  # re-export: the mean lives Flower-free
 from coordinator.registry import AdapterRegistry, Manifest, SiteLineage
+from coordinator.server_opt import ServerOpt, ServerState
 from coordinator.witness import HeadClaim, LedgerWitness, WitnessRefused
 from federation.errors import FedSeekError, Unavailable
 from federation.protocol import records, wire
@@ -144,6 +145,7 @@ class LoraFedAvg(FedAvg):
         self.latest: Manifest | None = None
         self.global_arrays: wire.Arrays | None = registry.load(parent)[0] if parent else None
         self.ffa = settings.ffa_lora  # FFA-LoRA: A frozen at the shared seeded init, B-only traffic
+        self.server = ServerState(ServerOpt.of(settings), frozen_a=self.ffa)
         self.site_names: dict[int, str] = {}  # node id -> the site it answered for (readiness, privacy report)
         self._train_messages: list[Message] = []  # this round's, their ids set when Flower sends them
         self.witness = witness
@@ -193,6 +195,12 @@ class LoraFedAvg(FedAvg):
     def _averaged(self, arrays: wire.Arrays) -> wire.Arrays:
         """The part of an adapter that is averaged: all of it, or under FFA-LoRA its B factors."""
         return wire.lora_b(arrays) if self.ffa else arrays
+
+    def _server_step(self, combined: wire.Arrays) -> wire.Arrays:
+        """The next global adapter's averaged part: the server optimizer's step (RunSettings `server-opt`)
+        from the current global adapter by the round's combined update."""
+        previous = self._averaged(self.global_arrays) if self.global_arrays is not None else None
+        return self.server.step(previous, combined)
 
     def _reference_layout(self, candidates: list[wire.Arrays]) -> wire.Arrays | None:
         """Tensor names and shapes every update must have: the current global adapter's, or in
@@ -442,6 +450,7 @@ class LoraFedAvg(FedAvg):
             method=self.settings.aggregation,
             trim_fraction=self.settings.trim_fraction,
         )
+        averaged = self._server_step(averaged)
         if run_a is not None:  # FFA-LoRA: the one A every site trained against, as it is
             averaged = wire.with_lora_a(averaged, run_a)
         lineage = [

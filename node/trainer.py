@@ -59,6 +59,8 @@ class TrainSettings:
     """With `freeze_lora_a`: False sends B and A's digest only (the coordinator asks for A until it has it)."""
     lora_a_sha256: str = ""
     """With `freeze_lora_a`: the run's A digest; a site whose seeded A differs refuses before being charged."""
+    noise_schedule: str = _RUN.noise_schedule
+    """How the run's epsilon is spread over its rounds (privacy.ledger.NOISE_SCHEDULES)."""
     budget_share: float = _RUN.budget_share
     """Share of the budget left at the run's start that the run may spend (RunSettings.budget_share); a
     scratch ledger whose whole budget is one experiment's (canary audit, benchmarks) uses 1.0."""
@@ -77,6 +79,7 @@ class TrainSettings:
             send_lora_a=instruction.reply_factors == "AB",
             lora_a_sha256=instruction.lora_a_sha256,
             budget_share=run.budget_share,
+            noise_schedule=run.noise_schedule,
         )
 
 
@@ -168,7 +171,12 @@ def plan_round(
     if not isinstance(data, SiteData):
         sample_rate, steps = _sampling(len(data), settings)
         return ledger.plan_round(
-            sample_rate=sample_rate, steps=steps, rounds_left=rounds_left, run_id=run_id, share=share
+            sample_rate=sample_rate,
+            steps=steps,
+            rounds_left=rounds_left,
+            run_id=run_id,
+            share=share,
+            schedule=settings.noise_schedule,
         )
     accounts = ledger.partitions(run_id=run_id, share=share)
     chosen = choose_partitions(accounts, data)
@@ -182,7 +190,13 @@ def plan_round(
         chosen = held
     sample_rate, steps = _sampling(len(data.records(chosen)), settings)
     return ledger.plan_round(
-        sample_rate=sample_rate, steps=steps, rounds_left=rounds_left, run_id=run_id, share=share, partitions=chosen
+        sample_rate=sample_rate,
+        steps=steps,
+        rounds_left=rounds_left,
+        run_id=run_id,
+        share=share,
+        partitions=chosen,
+        schedule=settings.noise_schedule,
     )
 
 

@@ -48,6 +48,17 @@ from privacy.audit import AuditTrail, canonical_json, sha256_hex, utc_now
 SUPPORTED_ACCOUNTANTS = ("rdp", "prv")
 MIN_NOISE = 0.3
 NOISE_TOLERANCE = 1e-3
+
+NOISE_SCHEDULES = ("constant", "equal-epsilon")
+"""How `PrivacyLedger.plan_round` spreads a run's epsilon over its rounds. "constant": the least noise
+that, used in this round and every round left, brings each sampled partition to its run limit; so
+every round of a run gets the same noise (a round re-planned later finds the same). "equal-epsilon":
+each round raises epsilon by an equal share of what is left. Composition grows sublinearly, so equal
+epsilon steps force the first round's noise far above the later ones': at 8 rounds of 20 steps at
+q 0.05 the multiplier fell from 8.64 in round 1 to 2.20 in round 8 (bench/usefulness.py, H100,
+2026-12-06), so round 1 trained on almost pure noise; constant noise spends the same epsilon (1.0,
+delta 1e-5) with 2.80 in every round, and makes 12 such rounds possible (3.33; equal epsilon would
+need more than the 50 cap in round 1). Both end the run at the same epsilon."""
 EXHAUSTED_BELOW = 1e-6
 SPENT_BELOW = 0.01
 """A budget, the site's or a run's share of it, counts as spent once less than this part of it is left
@@ -839,9 +850,10 @@ class PrivacyLedger:
         run_id: str | None = None,
         share: float = 1.0,
         partitions: Collection[str] | None = None,
+        schedule: str = "constant",
     ) -> RoundPlan:
-        """Least noise keeping every partition the round samples within an equal share of what its run
-        may still spend on that partition.
+        """Least noise keeping every partition the round samples within what its run may still spend
+        on it, spread over `rounds_left` rounds (this one included) as `schedule` says (NOISE_SCHEDULES).
 
         `partitions`: those the round may sample (None: every one the ledger holds); retired ones and
         ones whose run share is spent are left out, and `RoundPlan.partitions` names the rest. A run may
@@ -855,6 +867,8 @@ class PrivacyLedger:
             raise ValueError(f"max_noise must be > {MIN_NOISE}, got {max_noise}")
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share}")
+        if schedule not in NOISE_SCHEDULES:
+            raise ValueError(f"schedule must be one of {NOISE_SCHEDULES}, got {schedule!r}")
         accounts = self._asked(self.partitions(run_id=run_id, share=share), partitions)
         live = [a for a in accounts if not a.retired]
         if not live:
@@ -868,10 +882,15 @@ class PrivacyLedger:
                 f"this run's share ({share:g}) of the privacy budget is spent: epsilon {first.epsilon:.2f} of "
                 f"{self._budget.epsilon:.2f} (run limit {first.run_limit:.2f}); refusing round"
             )
-        targets = [min(a.epsilon + a.room / rounds_left, a.run_limit) for a in eligible]  # min: float rounding
         after = _epsilons_with([a.history for a in eligible], budget=self._budget)
+        if schedule == "constant":  # the rounds left at one noise (their steps add up) end at the run limit
+            targets = [min(a.epsilon + a.room, a.run_limit) for a in eligible]  # min: float rounding
+            span = steps * rounds_left
+        else:
+            targets = [min(a.epsilon + a.room / rounds_left, a.run_limit) for a in eligible]
+            span = steps
         found = _smallest_noise(
-            lambda noise: _worst_ratio(after((noise, sample_rate, steps)), targets),
+            lambda noise: _worst_ratio(after((noise, sample_rate, span)), targets),
             target=1.0,
             low=MIN_NOISE,
             high=max_noise,

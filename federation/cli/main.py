@@ -118,6 +118,10 @@ def _run(args: argparse.Namespace) -> int:
         trim_fraction=args.trim_fraction,
         update_norm_ratio=args.update_norm_ratio,
         secagg=args.secagg,
+        noise_schedule=args.noise_schedule,
+        server_opt=args.server_opt,
+        server_lr=args.server_lr,
+        server_momentum=args.server_momentum,
     )  # a bad value is refused here (RoundSettingsError: one line, exit 2), before anything is submitted
     start = Continuation(parent=args.parent) if args.parent else None  # a new run from a registry version
     summary = run(
@@ -300,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_enroll_command(node)  # the site's key and certificate request, made on the site
 
-    from federation.protocol.round_settings import AGGREGATIONS, RunSettings
+    from federation.protocol.round_settings import AGGREGATIONS, NOISE_SCHEDULES, SERVER_OPTS, RunSettings
 
     run_defaults = RunSettings()
     p = sub.add_parser("run", help="start a federated run on the running coordinator")
@@ -364,6 +368,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=run_defaults.update_norm_ratio,
         help="reject an update more than this many times the median of the others' distance from the round's "
         "start; 0: no bound (default: %(default)s)",
+    )
+    p.add_argument(
+        "--noise-schedule",
+        choices=NOISE_SCHEDULES,
+        default=run_defaults.noise_schedule,
+        help="how each site spreads the run's epsilon over its rounds: the same noise in every round, or equal "
+        "epsilon steps (default: %(default)s)",
+    )
+    p.add_argument(
+        "--server-opt",
+        choices=SERVER_OPTS,
+        default=run_defaults.server_opt,
+        help="the coordinator's step from each round's combined update: the update itself, or FedOpt momentum / "
+        "Adam (default: %(default)s)",
+    )
+    p.add_argument("--server-lr", type=float, default=run_defaults.server_lr, help="(default: %(default)s)")
+    p.add_argument(
+        "--server-momentum",
+        type=float,
+        default=run_defaults.server_momentum,
+        help="fedavgm momentum, fedadam beta1 (default: %(default)s)",
     )
     p.add_argument(
         "--app",

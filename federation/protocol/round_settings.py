@@ -37,6 +37,12 @@ Scalar = bool | int | float | str
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median")
+SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
+"""The coordinator's step from the round's combined update to the next global adapter
+(coordinator/server_opt.py): the combined update itself (`fedavg`, server lr 1), or FedOpt's momentum
+(`fedavgm`) or Adam (`fedadam`) on the pseudo-gradient. Post-processing of DP output: no privacy cost."""
+NOISE_SCHEDULES = ("constant", "equal-epsilon")
+"""How each site spreads the run's epsilon over its rounds (privacy/ledger.py NOISE_SCHEDULES)."""
 """How the coordinator combines a round's accepted updates (coordinator/aggregate.py): `fedavg`, the mean
 weighted by each site's example count; `trimmed-mean` and `median`, coordinate-wise and unweighted (a site
 reports its own example count, so a robust mean must not let it buy weight)."""
@@ -124,6 +130,13 @@ class RunSettings:
     trim_fraction: float = 0.2
     """`trimmed-mean`: share of the values dropped at each end of every coordinate, at least one each
     when three or more updates are combined (a fraction of three would otherwise drop nothing)."""
+    noise_schedule: str = "constant"
+    """How each site spreads the run's share of its budget over the run's rounds: one of NOISE_SCHEDULES."""
+    server_opt: str = "fedavg"
+    """The coordinator's step from a round's combined update to the next global adapter: one of SERVER_OPTS."""
+    server_lr: float = 1.0
+    server_momentum: float = 0.9
+    """`fedavgm`'s momentum; `fedadam`'s beta1 (its beta2 is 0.99, tau 1e-3)."""
     update_norm_ratio: float = 10.0
     """An update whose distance from the round's starting adapter is more than this many times the median
     of the other updates' distances is rejected (0: no bound). Honest DP-LoRA updates on the tiny model
@@ -164,6 +177,12 @@ class RunSettings:
             self.aggregation,
             "fedavg with secagg (the coordinator sees only the sum of the updates)",
         )
+        _require(
+            self.noise_schedule in NOISE_SCHEDULES, "noise-schedule", self.noise_schedule, f"one of {NOISE_SCHEDULES}"
+        )
+        _require(self.server_opt in SERVER_OPTS, "server-opt", self.server_opt, f"one of {SERVER_OPTS}")
+        _require(math.isfinite(self.server_lr) and self.server_lr > 0, "server-lr", self.server_lr, "a number above 0")
+        _require(0 <= self.server_momentum < 1, "server-momentum", self.server_momentum, "in [0, 1)")
         _require(0 <= self.trim_fraction < 0.5, "trim-fraction", self.trim_fraction, "a share in [0, 0.5)")
         _require(
             self.update_norm_ratio == 0 or 1 <= self.update_norm_ratio < math.inf,

@@ -876,3 +876,24 @@ def test_ffa_run_refuses_whole_adapter_replies_without_an_a_digest(tmp_path: Pat
     assert rec["version"] is None
     assert set(rec["rejected"]) == {"node-11", "node-22", "node-33"}
     assert all("no majority" in reason for reason in rec["rejected"].values())
+
+
+def test_fedavgm_moves_the_global_adapter_past_the_mean_by_the_velocity(tmp_path: Path) -> None:
+    """`server-opt fedavgm`: round 1 keeps the mean (B's velocity starts there, from zero), round 2
+    adds momentum x round 1's step to B; A, whose init only the sites hold, is stepped from round 2."""
+    sites = _sites()
+    summary = run_federation(
+        InProcessGrid(dict(sites)), _run_config(tmp_path, server_opt="fedavgm", server_momentum=0.5)
+    )
+    assert summary["status"] == "finished"
+    registry = AdapterRegistry(tmp_path / "registry")
+    g1, _ = registry.load("global-v0001")
+    g2, _ = registry.load("global-v0002")
+    mean1, mean2 = _expected_average(sites.values(), 1), _expected_average(sites.values(), 2)
+    _assert_arrays_close(g1, mean1)
+    for name in SHAPES:
+        if wire.factor_of(name) == "B":
+            expected = mean2[name] + 0.5 * mean1[name]  # g1 + (0.5 v1 + mean2 - g1), v1 = mean1 - 0
+        else:
+            expected = mean2[name]  # round 2's velocity is its own step
+        np.testing.assert_allclose(g2[name], expected, rtol=1e-5, atol=1e-6)

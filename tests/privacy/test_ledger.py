@@ -47,11 +47,47 @@ def _rdp_epsilon(history: list[tuple[float, float, int]]) -> float:
 
 def test_plan_is_smallest_noise_within_equal_share(tmp_path: Path) -> None:
     ledger = _ledger(tmp_path)
-    plan = ledger.plan_round(sample_rate=RATE, steps=STEPS, rounds_left=4)
+    plan = ledger.plan_round(sample_rate=RATE, steps=STEPS, rounds_left=4, schedule="equal-epsilon")
     assert plan.epsilon_after <= 0.25
     assert plan.epsilon_after == _rdp_epsilon([(plan.noise_multiplier, RATE, STEPS)])
     assert _rdp_epsilon([(plan.noise_multiplier - 2e-3, RATE, STEPS)]) > 0.25
     assert ledger.entries() == []  # planning charges nothing
+
+
+def test_constant_plan_is_the_least_noise_that_fits_every_round_left(tmp_path: Path) -> None:
+    """The default schedule: one noise for this round and the 3 after it, the least at which all 4
+    together stay within the budget; the plan's epsilon is this round's alone."""
+    ledger = _ledger(tmp_path)
+    plan = ledger.plan_round(sample_rate=RATE, steps=STEPS, rounds_left=4)
+    noise = plan.noise_multiplier
+    assert _rdp_epsilon([(noise, RATE, STEPS)] * 4) <= 1.0 < _rdp_epsilon([(noise - 2e-3, RATE, STEPS)] * 4)
+    assert plan.epsilon_after == _rdp_epsilon([(noise, RATE, STEPS)])
+    equal = ledger.plan_round(sample_rate=RATE, steps=STEPS, rounds_left=4, schedule="equal-epsilon")
+    assert noise < equal.noise_multiplier and plan.epsilon_after > equal.epsilon_after  # round 1 is not starved
+    assert ledger.entries() == []
+
+
+def test_constant_schedule_keeps_one_noise_and_ends_at_the_budget(tmp_path: Path) -> None:
+    """Four rounds re-planned one by one find the same noise; the run ends just under epsilon 1, as
+    Google's dp-accounting recomputes it independently, with less noise in round 1 than equal steps use."""
+    ledger = _ledger(tmp_path)
+    plans = [_run_round(ledger, round_=r, rounds_left=4 - r) for r in range(4)]
+    noises = [p.noise_multiplier for p in plans]
+    assert max(noises) - min(noises) <= 2e-3, noises
+    accountant = rdp.RdpAccountant()
+    for p in plans:
+        event = dp_event.PoissonSampledDpEvent(RATE, dp_event.GaussianDpEvent(p.noise_multiplier))
+        accountant.compose(event, STEPS)
+    independent = accountant.get_epsilon(DELTA)
+    assert 0.98 <= ledger.spent() <= 1.0 and independent <= 1.0 + 1e-6
+    other = _ledger(tmp_path / "equal")
+    first_equal = other.plan_round(sample_rate=RATE, steps=STEPS, rounds_left=4, schedule="equal-epsilon")
+    assert noises[0] < first_equal.noise_multiplier
+
+
+def test_an_unknown_schedule_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="schedule"):
+        _ledger(tmp_path).plan_round(sample_rate=RATE, steps=STEPS, rounds_left=2, schedule="front-loaded")
 
 
 def test_two_rounds_compose_like_an_independent_accountant(tmp_path: Path) -> None:
@@ -233,7 +269,9 @@ def test_prv_accountant_composes_history(tmp_path: Path) -> None:
     independent = PRVAccountant()
     independent.history = [(plan.noise_multiplier, RATE, STEPS)]
     assert ledger.spent() == pytest.approx(independent.get_epsilon(delta=DELTA), rel=1e-9)
-    assert ledger.spent() <= 0.5
+    both = PRVAccountant()  # the constant schedule: this round's noise in the round left too fits the budget
+    both.history = [(plan.noise_multiplier, RATE, STEPS)] * 2
+    assert ledger.spent() < both.get_epsilon(delta=DELTA) <= 1.0
     assert compose_epsilon([], budget=ledger.budget) == 0.0
 
 

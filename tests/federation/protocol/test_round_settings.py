@@ -93,6 +93,10 @@ def test_the_wire_keeps_todays_keys_and_leaves_unknown_strings_off() -> None:
         "secagg": False,
         "aggregation": "trimmed-mean",
         "trim-fraction": 0.25,
+        "noise-schedule": "constant",
+        "server-opt": "fedavg",
+        "server-lr": 1.0,
+        "server-momentum": 0.9,
         "update-norm-ratio": 4.0,
         "server-round": 2,
         "reply-factors": "AB",
@@ -233,3 +237,12 @@ def test_a_robust_aggregation_is_refused_with_secure_aggregation(method: str) ->
     err = _refused(RunConfig.from_run_config, {"secagg": True, "aggregation": method})
     assert "fedavg with secagg" in str(err) and err.code == "out_of_range"
     assert RunSettings(secagg=True).aggregation == "fedavg"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("noise-schedule", "front-loaded"), ("server-opt", "sgd"), ("server-lr", 0.0), ("server-momentum", 1.0)],
+)
+def test_a_bad_schedule_or_server_step_is_refused_by_key(key: str, value: object) -> None:
+    with pytest.raises(RoundSettingsError, match=key):
+        RunSettings.from_items({key: value})
