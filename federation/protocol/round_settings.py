@@ -121,7 +121,7 @@ class RunSettings:
     """FFA-LoRA: train B only against the shared seeded A; B-only traffic after round 1."""
     budget_share: float = 0.5
     """Share of the privacy budget a site has left when the run starts that the run may spend there,
-    split equally over its rounds: every run leaves the rest for the next (a demo can run again)."""
+    spread over its rounds by `noise_schedule`: every run leaves the rest for the next (a demo can run again)."""
     secagg: bool = False
     """Secure aggregation (Flower's SecAgg+): the coordinator sees only the sum of the sites' adapter
     updates, never one site's; needs at least 3 ready sites (coordinator/secagg.py)."""
