@@ -8,4 +8,4 @@ export FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 ruff check .
 mypy federation node coordinator privacy explain examples
 lint-imports --no-logo
-python -m pytest -q "$@"
+python -m pytest -q --durations=40 "$@"
