@@ -67,7 +67,7 @@ class NodeStartError(Unavailable):
 def build_node(config: NodeConfig) -> NodeService:
     """The node `fedseek node start` runs; a model or dataset that cannot be read is a NodeStartError."""
     try:
-        model, tokenizer = load_model(config.model_dir, device=config.device)
+        model, tokenizer = load_model(config.model_dir, device=config.device, dtype=config.dtype)
     except ModelLoadError as exc:
         raise NodeStartError(str(exc)) from exc
     envelope = _site_envelope(config)
@@ -282,6 +282,7 @@ class ServeOptions:
     model_dir: Path
     adapters: Mapping[str, Path] = field(default_factory=dict)
     device: str = "cpu"
+    dtype: str = "auto"
     max_slots: int = 8
     max_queue: int = 64
     max_model_len: int = 4096
@@ -305,7 +306,7 @@ def serving_access(layout: NodeLayout) -> AccessPolicy:
 def build_serving(options: ServeOptions, *, audit: AuditTrail, layout: NodeLayout | None = None) -> Serving:
     """Model, adapters and engine: what `build_node` serves, minus the federation. With `layout`,
     prompt digests are keyed by its site secret (else by a key that dies with the process)."""
-    model, tokenizer = load_model(options.model_dir, device=options.device)
+    model, tokenizer = load_model(options.model_dir, device=options.device, dtype=options.dtype)
     host = ModelHost(model, tokenizer, model_name=options.model_dir.name)
     for name, directory in options.adapters.items():
         adapter_store.install_from_dir(host, name, directory)

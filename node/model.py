@@ -102,17 +102,36 @@ def write_tiny_model(out: str | Path, config: TinyModelConfig | None = None) -> 
     return out_dir
 
 
-def _pick_dtype(device: str) -> torch.dtype:
+DTYPES: dict[str, torch.dtype | None] = {
+    "auto": None,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+"""Weight precision choices (`NodeConfig.dtype`, `fedseek serve --dtype`). "auto": bfloat16 on CUDA, float32
+on the CPU (whose bf16 matmuls are slower than fp32 without AMX). "float16" is for GPUs without fast bf16
+(before Ampere) or kernels tuned for it; its 5-bit exponent overflows where bf16 does not, so bf16 stays
+the GPU default."""
+
+
+def pick_dtype(device: str, dtype: str = "auto") -> torch.dtype:
+    """The torch dtype for `dtype` on `device`; ModelLoadError (one line) for a name not in DTYPES."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    chosen = DTYPES[dtype]
+    if chosen is not None:
+        return chosen
     return torch.bfloat16 if device.startswith("cuda") else torch.float32
 
 
-def load_model(model_dir: str | Path, *, device: str = "cpu") -> tuple[Any, Any]:
-    """Load (model, tokenizer) from a local HF checkpoint directory; never touch a hub.
+def load_model(model_dir: str | Path, *, device: str = "cpu", dtype: str = "auto") -> tuple[Any, Any]:
+    """Load (model, tokenizer) from a local HF checkpoint directory in `dtype` (DTYPES); never touch a hub.
 
-    Raises ModelLoadError with a one-line reason for a missing or corrupt directory.
+    Raises ModelLoadError with a one-line reason for a missing or corrupt directory or an unknown dtype.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch_dtype = pick_dtype(device, dtype)
     path = Path(model_dir)
     if not path.is_dir():
         raise ModelLoadError(f"model directory not found: {path}")
@@ -120,7 +139,7 @@ def load_model(model_dir: str | Path, *, device: str = "cpu") -> tuple[Any, Any]
         raise ModelLoadError(f"not a model directory (no config.json): {path}")
     try:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=_pick_dtype(device))
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=torch_dtype)
     except Exception as exc:  # transformers raises many types for a corrupt checkpoint
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model from {path}: {first}") from exc

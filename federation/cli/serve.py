@@ -36,6 +36,12 @@ def add_serve_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "(~/.local/state/fedseek/serve), never the current directory",
     )
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0 (default: %(default)s)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bfloat16", "float16", "float32"),
+        default="auto",
+        help="weight precision; auto: bfloat16 on CUDA, float32 on the CPU (default: %(default)s)",
+    )
     p.add_argument("--cert", help="TLS certificate (PEM); with --key, serve HTTPS")
     p.add_argument("--key", help="TLS private key (PEM)")
     p.add_argument("--max-slots", type=int, default=8, help="requests decoded together")
@@ -96,6 +102,7 @@ def _serve(args: argparse.Namespace) -> int:
         model_dir=Path(args.model),
         adapters=parse_adapters(args.adapter, base_model=Path(args.model).name),
         device=args.device,
+        dtype=args.dtype,
         max_slots=args.max_slots,
         max_queue=args.max_queue,
         max_model_len=args.max_model_len,
