@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -146,6 +146,7 @@ class Release:
         self._lock = threading.Lock()
         self._default_seen = 0  # default requests routed since the candidate came (the split's counter)
         self._unsaved = 0
+        self._listeners: list[Callable[[], None]] = []
         self.state = self._load() if path.exists() else _State()
         if self.state.base is None:
             self.state.base = VersionRecord(BASE_ALIAS, STABLE, base_eval_loss, utc_now())
@@ -200,6 +201,12 @@ class Release:
             s.candidate = None
         if s.stable == version:
             s.stable = s.history.pop() if s.history else None
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener` after every decision (each `release.*` record): a serving backend that holds
+        adapters of its own (node/upstream/vllm.py) follows the release so. It runs in the deciding thread,
+        under the release's lock, the event loop's too: it must only signal, never block or call back."""
+        self._listeners.append(listener)
 
     # ---- reading ---------------------------------------------------------------------
     @property
@@ -427,3 +434,5 @@ class Release:
 
     def _append(self, action: str, version: str, actor: str, details: dict[str, Any]) -> None:
         self.audit.append(actor=actor, action=action, resource=version, details=details)
+        for listener in self._listeners:
+            listener()

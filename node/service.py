@@ -44,8 +44,8 @@ from node.serving import (
     UnknownAdapter,
     lora_from_peft,
     make_runner,
+    supports,
 )
-from node.serving.fast import supports
 from node.site_keys import SiteKeys
 from node.trainer import (
     RoundResult,
@@ -58,6 +58,7 @@ from node.trainer import (
     train_round,
     with_seeded_lora_a,
 )
+from node.upstream import VllmBackend, open_backend
 from node.witness_statements import node_key_path, round_statements
 from privacy.audit import AuditError, AuditRecord, AuditTrail
 from privacy.ledger import ROUND, LedgerError, PrivacyLedger
@@ -369,6 +370,11 @@ class NodeService:
             installed=list(self.host.adapters),
         )
         self.serving.release = self.release
+        # Serving through the site's vLLM (`serving_backend: "vllm"`): the OpenAI routes forward to it
+        # (node/api/upstream.py) and it holds the versions the release routes to (node/upstream/vllm.py).
+        self.upstream: VllmBackend | None = open_backend(
+            self.config, host=self.host, release=self.release, audit=self.audit, state_dir=self.layout.root
+        )
 
     # ---- serving ------------------------------------------------------------------
     def chat(
@@ -596,7 +602,7 @@ class NodeService:
         # A candidate, not the default: it serves its share while its eval and error rate are compared
         # with the stable version's, or is rolled back at once if its eval loss is worse (node/release.py).
         release = self.release.offer(version, eval_loss=loss)
-        return {
+        answer: dict[str, Any] = {
             "site": self.config.name,
             "version": version,
             "sha256": sha256,
@@ -604,6 +610,9 @@ class NodeService:
             "num_examples": len(self.eval_data),
             "release": release,
         }
+        if self.upstream is not None:  # into vLLM now if the release routes to it; vLLM down never fails a deploy
+            answer["upstream"] = self.upstream.adapters.sync()
+        return answer
 
     def status(self) -> dict[str, Any]:
         stable = self.release.stable  # what default traffic gets (all of it when there is no candidate)

@@ -44,6 +44,7 @@ class NodeConfig:
     privacy_policy_epsilon: float = 1.0  # the site's ceiling (DESIGN: epsilon <= 1.0); a budget above it is refused
     accountant: str = "rdp"
     device: str = "cpu"
+    dtype: str = "auto"  # weights: auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16 or float32 (node/model.py)
     max_length: int = 256
     secure_mode: bool = False
     # Applications reach the OpenAI routes with an API key ("api_key") or a consortium
@@ -58,6 +59,18 @@ class NodeConfig:
     # {"passphrase_file": PATH} or {"command": [ARGV, ...]} (a KMS/HSM client printing 32 bytes);
     # empty: training data and adapters are kept in clear (explanations stay sealed by the site key).
     kek: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Serving backend: "engine" (the node's own, one GPU) or "vllm": a vLLM OpenAI server the site runs
+    # (tensor/expert parallel, multi-LoRA; node/upstream/vllm.py). The node keeps authentication, access
+    # policy, audit, ledger and metrics in front of it and loads each deployed version into it as a LoRA.
+    serving_backend: str = "engine"
+    vllm_url: str = ""  # e.g. "http://10.0.0.5:8000": vLLM's OpenAI server (its /v1 routes), on a private network
+    vllm_model: str = ""  # the base model's name in vLLM (`--served-model-name`); empty: the node's model name
+    vllm_api_key_file: str = ""  # a file holding the key vLLM was started with (`--api-key`); empty: none
+    # Where the node writes each version in PEFT's format for vLLM to load (empty: <state_dir>/vllm-lora),
+    # and the same directory as the vLLM process sees it, if mounted elsewhere (empty: the same path).
+    vllm_lora_dir: str = ""
+    vllm_lora_dir_in_vllm: str = ""
+    vllm_timeout_s: float = 600.0  # the longest a forwarded request may take (a long generation included)
 
 
 @dataclasses.dataclass(frozen=True)

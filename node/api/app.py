@@ -16,7 +16,8 @@ The routes live one family per module and are mounted here:
 | admin.py          | `/v1/admin/status`                                  | admin                |
 | internal.py       | `/internal/train`, `/internal/ready`, `.../deploy`  | self                 |
 
-`fedseek serve` mounts the first three only.
+`fedseek serve` mounts the first three only. A node with `serving_backend: "vllm"` mounts upstream.py
+(completions and `/metrics`, forwarded to the site's vLLM) in place of completions.py and metrics.py.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from fastapi.responses import JSONResponse
 
 from federation.security.refusals import error_response_for, install_error_handlers
 from node.access import AccessPolicy
-from node.api import admin, completions, explanations, internal, metrics, models
+from node.api import admin, completions, explanations, internal, metrics, models, upstream
 from node.api.deps import GetServing
 from node.api.guard import MAX_BODY_BYTES, RequestGuard
 from node.explain_service import Explanations
@@ -53,7 +54,10 @@ def create_app(service: NodeService, *, access: AccessPolicy) -> FastAPI:
         ledger_refusal=service.ledger_refusal,
     )
     setattr(app.state, metrics.SITE_METRICS_STATE, node_registry(collector))
-    for module in (completions, models, metrics, explanations, internal, admin):
+    # Serving through the site's vLLM: the completion routes and /metrics forward (node/api/upstream.py).
+    serving = (completions, models, metrics) if service.upstream is None else (upstream, models)
+    setattr(app.state, upstream.UPSTREAM_STATE, service.upstream)
+    for module in (*serving, explanations, internal, admin):
         app.include_router(module.router)
     return app
 
