@@ -118,9 +118,9 @@ class Serving:
     """The OpenAI serving side of a node: one continuous-batching `Engine` over the host's model.
 
     Qwen2/Llama models get the fast runner (its own forward over the shared weights, adapters in
-    its LoRA bank), DeepSeek-V2/V3 its MLA + MoE subclass; any other model the generic runner over `serving_copy` of the peft model. Either
-    way serving never takes `host.lock`, which a training round holds from start to end: see
-    "Serving" in docs/ARCHITECTURE.md. Every request is audited when it ends.
+    its LoRA bank), DeepSeek-V2/V3 its MLA + MoE subclass; any other model the generic runner over
+    `serving_copy` of the peft model. Either way serving never takes `host.lock`, which a training
+    round holds from start to end: see "Serving" in docs/ARCHITECTURE.md. Every request is audited when it ends.
     """
 
     def __init__(
