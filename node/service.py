@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import threading
@@ -100,6 +101,15 @@ class Prepared:
     adapter: str | None  # None: the base model
     served: str
     prompt_hmac: str  # HMAC-SHA256 under the site's key: a plain hash of clinical text is a dictionary away from it
+
+
+def _sampling_record(params: SamplingParams) -> dict[str, Any]:
+    """How a request sampled, for its audit record; a response format by kind and digest (a schema can
+    be long, and its text is the caller's)."""
+    out = asdict(replace(params, constraint=None))
+    if (c := params.constraint) is not None:
+        out["constraint"] = {"kind": c.kind, "sha256": hashlib.sha256(c.spec.encode()).hexdigest()}
+    return out
 
 
 def serving_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -232,8 +242,11 @@ class Serving:
         """The request's events, audited at the end (`receipt["audit_hash"]` then holds the record's hash).
 
         The first `anext` queues it, so QueueFull, ValueError (too long for the context) and
-        UnknownAdapter come before any output; closing it early cancels the request at once.
+        UnknownAdapter come before any output; closing it early cancels the request at once. A
+        response format is compiled first, off the event loop (GrammarError: 400, GrammarBusy: 429).
         """
+        if params.constraint is not None:  # compiled in the grammar's own process; a cache hit after the first
+            await asyncio.wrap_future(self.engine.grammars.submit(params.constraint))
         track = self.metrics.request(prep.adapter)
         stream = cast(AsyncGenerator[Event, None], self.engine.astream(prep.prompt_ids, params, adapter=prep.adapter))
         last: Event | None = None
@@ -307,7 +320,7 @@ class Serving:
                 "prompt_hmac": prep.prompt_hmac,
                 "response_hmac": self.keys.digest(output),
                 "adapter_sha256": adapter.sha256 if adapter is not None else None,
-                "sampling": asdict(params),
+                "sampling": _sampling_record(params),
                 "prompt_tokens": len(prep.prompt_ids),
                 "completion_tokens": completion_tokens,
                 "finish_reason": finish or "cancelled",

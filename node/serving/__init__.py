@@ -11,24 +11,31 @@ from typing import Any
 
 from node.serving.fast import FastRunner
 from node.serving.fast import supports as fast_supports
+from node.serving.grammar import Constraint, GrammarBusy, GrammarError
 from node.serving.lora import LoraWeights, lora_from_arrays, lora_from_peft
 from node.serving.mla import MLARunner
 from node.serving.mla import supports as mla_supports
-from node.serving.runner import HFRunner, Runner, UnknownAdapter
+from node.serving.runner import GuidedRunner, HFRunner, LogprobRunner, Runner, UnknownAdapter
 from node.serving.sampling import SamplingParams
-from node.serving.scheduler import Completion, Engine, Event, QueueFull
+from node.serving.scheduler import Completion, Engine, Event, QueueFull, TokenLogprob
 
 __all__ = [
     "Completion",
+    "Constraint",
     "Engine",
     "Event",
     "FastRunner",
+    "GrammarBusy",
+    "GrammarError",
+    "GuidedRunner",
     "HFRunner",
+    "LogprobRunner",
     "LoraWeights",
     "MLARunner",
     "QueueFull",
     "Runner",
     "SamplingParams",
+    "TokenLogprob",
     "UnknownAdapter",
     "lora_from_arrays",
     "lora_from_peft",

@@ -11,6 +11,12 @@ writes it and the advanced position back into those buffers. On CUDA the whole s
 graph replay per (batch bucket, length bucket, live adapters, sampling mode), so the host launches
 step t+1 before it has read step t's tokens (the scheduler checks stops one step behind).
 
+Constrained rows (a JSON schema, grammar.py) keep the graphs: the step runs as usual, then the rows
+that `constrain` named are sampled again, eagerly, from the graph's logits with their bitmask
+applied, with the same seeded draw (same seed and token index), and their token in `_tok` (the next
+step's input) is overwritten: a few small kernels for those rows only, after the replay. Logprobs
+likewise come from the step's logits after the replay, only when a running row asked for them.
+
 Kernels per layer are kept few because at batch 1 each costs about as much as it computes: one
 RMSNorm kernel, rotary of every q and k head as one batched matmul by a per-row rotation matrix
 (built once per step), residual adds folded into the o/down matmuls (`addmm_`), one additive
@@ -44,7 +50,7 @@ from node.serving.kv_cache import StaticKVCache
 from node.serving.lora import LoraWeights
 from node.serving.quant import Linear, linear
 from node.serving.runner import Prompt, UnknownAdapter
-from node.serving.sampling import RowSampling, sample
+from node.serving.sampling import RowSampling, StepLogprobs, apply_bitmask, logprob_rows, sample, token_logprobs
 
 SUPPORTED = frozenset({"qwen2", "llama"})
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -257,6 +263,16 @@ class LoraBank:
 class FastRunner:
     """Static-KV, CUDA-graph decode runner for Qwen2/Llama models (see the module docstring)."""
 
+    # Class-level, so a subclass with its own __init__ (mla.MLARunner) has them too.
+    last_logprobs: StepLogprobs | None = None
+    """runner.LogprobRunner: the last prefill/decode's logprobs when a row asked (else None)."""
+    _allowed: tuple[list[int], torch.Tensor] | None = None  # runner.GuidedRunner: the next call's masks
+
+    @property
+    def vocab_size(self) -> int:
+        """The logits' width (a grammar bitmask's)."""
+        return int(self.lm_head.out_features)
+
     def __init__(
         self,
         model: Any,
@@ -420,6 +436,25 @@ class FastRunner:
                 graph.replay()
             else:
                 logits, tokens = self._prefill_rows(n, width, live, mode)
+            if self._allowed is not None:  # constrained rows: sample again among their allowed tokens
+                masked, bitmask = self._allowed
+                at = {s: i for i, s in enumerate(slots)}
+                rows = [at[s] for s in masked]
+                idx = torch.tensor(rows, device=self.device)
+                nxt = self._resample(
+                    logits[idx],
+                    bitmask,
+                    [sampling[r] for r in rows],
+                    self._p_float[0, idx],
+                    self._p_float[1, idx],
+                    self._p_long[3, idx],
+                    torch.zeros(len(rows), dtype=torch.long, device=self.device),
+                )
+                tokens[idx] = nxt
+                self._tok.index_copy_(0, self._p_long[1, idx], nxt)
+            k = logprob_rows(sampling)
+            self.last_logprobs = None if k is None else token_logprobs(logits, tokens, k)
+        self._allowed = None
         self.last_logits = logits
         for s, p, a, smp in zip(slots, prompts, adapters, sampling, strict=True):
             self._len[s], self._aid_host[s], self._sampling[s] = len(p), a, smp
@@ -610,14 +645,57 @@ class FastRunner:
         width = self.kv.bucket(max(self._len[s] for s in slots) + 1)
         live = max(self._aid_host[s] for s in slots)
         mode = _mode([smp for s in slots if (smp := self._sampling[s]) is not None])
+        guided, self._allowed = self._allowed, None
         with torch.no_grad():
+            if guided is not None:  # each constrained row's token index, before the step advances it
+                idx = torch.tensor(guided[0], device=self.device)
+                steps = self._pos[idx] - self._plen[idx] + 1
             if self.use_graphs:
                 self.last_logits = self._graph(batch, width, live, mode)
             else:
                 self.last_logits = self._decode_rows(batch, width, live, mode)
+            if guided is not None:  # after the graph: constrained rows sample again, their token replaced
+                nxt = self._resample(
+                    self.last_logits[idx],
+                    guided[1],
+                    [self._sampling[s] for s in guided[0]],
+                    self._temp[idx],
+                    self._top_p[idx],
+                    self._seed[idx],
+                    steps,
+                )
+                self._tok.index_copy_(0, idx, nxt)
+            k = logprob_rows([self._sampling[s] for s in slots])
+            self.last_logprobs = None if k is None else token_logprobs(self.last_logits, self._tok[:batch], k)
         for s in slots:
             self._len[s] += 1
         return self._tok[:batch]
+
+    def constrain(self, slots: Sequence[int], bitmask: torch.Tensor) -> None:
+        """runner.GuidedRunner: the next `prefill`/`decode` samples `slots` among their allowed tokens."""
+        self._allowed = (list(slots), bitmask)
+
+    def _resample(
+        self,
+        logits: torch.Tensor,
+        bitmask: torch.Tensor,
+        rows: Sequence[RowSampling | None],
+        temp: torch.Tensor,
+        top_p: torch.Tensor,
+        seed: torch.Tensor,
+        steps: torch.Tensor,
+    ) -> torch.Tensor:
+        """The constrained rows' tokens: `sample` over their masked logits with their own parameters."""
+        smp = [r for r in rows if r is not None]
+        return sample(
+            apply_bitmask(logits, bitmask),
+            temp,
+            top_p,
+            seed,
+            steps,
+            any_random=any(r.random for r in smp),
+            any_top_p=any(r.nucleus for r in smp),
+        )
 
     def _capture(self, fn: Any) -> tuple[torch.cuda.CUDAGraph, Any]:
         """Warm `fn` up twice on a side stream (allocator, cuBLAS, Triton), then capture it."""

@@ -5,19 +5,23 @@ occupies; `prefill` fills slots from prompts and samples each first token, `deco
 given slot by one sampled token in one batched forward. Tokens stay on the device: a slot's last
 token is the next step's input without a host round trip, and the scheduler reads them back
 asynchronously. Only the scheduler's thread calls a runner.
+
+Two capabilities are opt-in, so a runner without them keeps working (the engine refuses a request
+that needs one its runner lacks): `GuidedRunner.constrain` (constrained decoding: the next step's
+allowed tokens per slot) and `LogprobRunner.last_logprobs` (the last step's log-probabilities).
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, runtime_checkable
 
 import torch
 from transformers.cache_utils import DynamicCache
 
 from federation.errors import NotFound
-from node.serving.sampling import RowSampling, sample
+from node.serving.sampling import RowSampling, StepLogprobs, apply_bitmask, logprob_rows, sample, token_logprobs
 
 BASE_ADAPTER = "__base__"  # peft's name for "no adapter" in a mixed batch
 Prompt: TypeAlias = Sequence[int]
@@ -57,6 +61,28 @@ class Runner(Protocol):
     def release(self, slot: int) -> None: ...
 
 
+@runtime_checkable
+class GuidedRunner(Protocol):
+    """A runner that samples constrained rows among allowed tokens only (node/serving/grammar.py)."""
+
+    def constrain(self, slots: Sequence[int], bitmask: torch.Tensor) -> None:
+        """For the NEXT `prefill` or `decode` call only: the row of `slots[i]` samples among the tokens
+        whose bit is set in `bitmask[i]` ([len(slots), words] int32 on the CPU, bit j of word w is
+        token 32 w + j; `sampling.apply_bitmask`). Other rows are not constrained."""
+        ...
+
+
+@runtime_checkable
+class LogprobRunner(Protocol):
+    """A runner that returns log-probabilities for the rows whose `RowSampling.logprobs` is set."""
+
+    last_logprobs: StepLogprobs | None
+    """Set by each `prefill`/`decode`: None when no row of that call asked, else indexed as that call's
+    tokens are (prefill: by row; decode: by slot), top k = the most any row asked
+    (`sampling.token_logprobs` of the raw logits at the sampled tokens). Copy it out before the
+    next call."""
+
+
 class HFRunner:
     """Correctness-first path for any HF causal LM (the tiny DeepSeek-V3 MLA model included).
 
@@ -81,6 +107,9 @@ class HFRunner:
         self._slot: dict[int, tuple[int, RowSampling]] = {}  # slot -> (adapter id, sampling)
         self._last: dict[int, torch.Tensor] = {}  # slot -> its last token ([1], device)
         self._made: dict[int, int] = {}  # slot -> tokens sampled so far (the seeded draw's step)
+        self._allowed: tuple[list[int], torch.Tensor] | None = None  # `constrain` for the next call
+        self.last_logprobs: StepLogprobs | None = None
+        self.vocab_size = int(model.config.vocab_size)  # the logits' width (grammar bitmasks)
 
     def adapters(self) -> list[str]:
         return sorted(self.model.peft_config) if self._peft else []
@@ -104,9 +133,20 @@ class HFRunner:
             finally:
                 self.model.train(training)
 
+    def constrain(self, slots: Sequence[int], bitmask: torch.Tensor) -> None:
+        self._allowed = (list(slots), bitmask)
+
     def _sample(self, slots: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
         rows = [self._slot[s][1] for s in slots]
         dev = logits.device
+        raw = logits
+        if self._allowed is not None:
+            masked, bitmask = self._allowed
+            self._allowed = None
+            at = {s: i for i, s in enumerate(slots)}
+            idx = torch.tensor([at[s] for s in masked], device=dev)
+            logits = logits.clone()
+            logits[idx] = apply_bitmask(logits[idx], bitmask)
         tokens = sample(
             logits,
             torch.tensor([r.temperature for r in rows], device=dev),
@@ -116,6 +156,8 @@ class HFRunner:
             any_random=any(r.random for r in rows),
             any_top_p=any(r.nucleus for r in rows),
         )
+        k = logprob_rows(rows)
+        self.last_logprobs = None if k is None else token_logprobs(raw, tokens, k)
         for i, s in enumerate(slots):
             self._last[s] = tokens[i : i + 1]
             self._made[s] += 1
@@ -160,8 +202,15 @@ class HFRunner:
             start = width - n
             self._kv[s] = [(lay.keys[row : row + 1, :, start:], lay.values[row : row + 1, :, start:]) for lay in layers]
         tokens = self._sample(slots, out.logits[:, -1])
+        where = torch.tensor(list(slots), device=self.device)
         by_slot = torch.zeros(max(slots) + 1, dtype=torch.long, device=self.device)
-        by_slot[torch.tensor(list(slots), device=self.device)] = tokens
+        by_slot[where] = tokens
+        if (lp := self.last_logprobs) is not None:  # indexed by slot, as the tokens
+            n, k = max(slots) + 1, lp.top_ids.shape[1]
+            chosen, values = lp.chosen.new_zeros(n), lp.top_values.new_zeros(n, k)
+            ids = lp.top_ids.new_zeros(n, k)
+            chosen[where], values[where], ids[where] = lp.chosen, lp.top_values, lp.top_ids
+            self.last_logprobs = StepLogprobs(chosen, values, ids)
         return by_slot
 
     def release(self, slot: int) -> None:

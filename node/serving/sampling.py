@@ -4,6 +4,12 @@ The random draw of a row depends only on (seed, token index, vocabulary id), thr
 hash computed on the device: a seeded request gets the same tokens whatever else shares its batch
 and whichever slot it runs in, and the whole batch samples in a few kernels with no per-row
 generator and no host round trip.
+
+Two opt-in extras, each costing nothing to a batch that does not use them (runners call them only
+for the rows that asked): `apply_bitmask` restricts rows to the tokens a grammar allows
+(constrained decoding, grammar.py), and `token_logprobs` gives the chosen token's log-probability
+and the top k under the model's raw distribution (OpenAI's `logprobs`). A runner that supports them
+says so by having `constrain` / `last_logprobs` (runner.py: `GuidedRunner`, `LogprobRunner`).
 """
 
 from __future__ import annotations
@@ -11,32 +17,45 @@ from __future__ import annotations
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from node.serving.grammar import Constraint
+
 _M32 = 0xFFFFFFFF
+MAX_LOGPROBS = 20
+"""Most alternatives per token (OpenAI's `top_logprobs` bound)."""
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """What an OpenAI request asks for; `temperature == 0` is greedy."""
+    """What an OpenAI request asks for; `temperature == 0` is greedy.
 
-    max_tokens: int = 32
+    `max_tokens=None` runs to the end of the context (or EOS). `logprobs=k` returns each output
+    token's log-probability and its k most likely alternatives (k = 0: the token's own only).
+    `constraint` holds the output to a JSON schema / JSON object / regular expression."""
+
+    max_tokens: int | None = 32
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None
+    constraint: Constraint | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
 
     def resolved_seed(self) -> int:
         """The seed to use: the request's, or a fresh random one (unseeded requests still differ)."""
@@ -50,6 +69,7 @@ class RowSampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    logprobs: int | None = None  # None: none; k: the chosen token's and the top k (runner.LogprobRunner)
 
     @property
     def random(self) -> bool:
@@ -104,6 +124,47 @@ def sample(
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p.masked_fill(drop, 0.0))
     race = probs / -torch.log(uniform_noise(seeds, steps, probs.shape[-1]))
     return torch.where(temperature > 0, race.argmax(dim=-1), greedy)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[rows, words] int32 (bit i of word w: token 32 w + i) -> [rows, vocab] bool on bitmask's device;
+    tokens past the mask's words are not allowed."""
+    shifts = torch.arange(32, device=bitmask.device, dtype=torch.int32)
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().view(bitmask.shape[0], -1)
+    if allowed.shape[1] < vocab:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    return allowed[:, :vocab]
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """`logits` [rows, vocab] with every token its row's bitmask does not allow at -inf (a new tensor)."""
+    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), logits.shape[-1])
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+@dataclass(frozen=True)
+class StepLogprobs:
+    """One step's log-probabilities on the device, a row per returned token (as the step's tokens
+    are indexed): the chosen token's [rows], and the top k [rows, k] values and ids."""
+
+    chosen: torch.Tensor
+    top_values: torch.Tensor
+    top_ids: torch.Tensor
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int) -> StepLogprobs:
+    """log_softmax of the raw `logits` (float32; before temperature, top-p or a grammar's mask, as
+    vLLM's default `raw_logprobs`) at `tokens`, and the top `k` per row."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(-1, tokens.view(-1, 1).to(torch.long)).squeeze(-1)
+    values, ids = logp.topk(k, dim=-1) if k > 0 else (logp[:, :0], tokens.new_zeros(tokens.shape[0], 0))
+    return StepLogprobs(chosen, values, ids)
+
+
+def logprob_rows(rows: Sequence[RowSampling | None]) -> int | None:
+    """The top k a step must compute for `rows` (the most any asks), None if none asked."""
+    asked = [r.logprobs for r in rows if r is not None and r.logprobs is not None]
+    return max(asked) if asked else None
 
 
 class TextStream:

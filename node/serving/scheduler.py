@@ -10,6 +10,13 @@ request that stopped at step t was also run in step t+1; that extra token is dro
 limit is known ahead, so such a request is never launched past it. `cancel` frees the slot under
 the lock at once, so the next step already admits someone else into it; steps in flight drop the
 cancelled row's tokens.
+
+A request held to a grammar (`SamplingParams.constraint`, grammar.py) cannot run ahead: its next
+token's allowed set depends on the token just sampled. While such a request runs, each step first
+reads back what is in flight (so the guides have advanced), then hands the runner every constrained
+row's bitmask (`GuidedRunner.constrain`) before launching; the batch's other rows lose only the
+overlap of host bookkeeping with the device for those steps. Logprobs (`SamplingParams.logprobs`)
+are copied back with the step's tokens when a row of the step asked (`LogprobRunner`).
 """
 
 from __future__ import annotations
@@ -27,8 +34,9 @@ from typing import Any, TypeVar
 import torch
 
 from federation.errors import Busy
-from node.serving.runner import Runner
-from node.serving.sampling import RowSampling, SamplingParams, TextStream
+from node.serving.grammar import Grammars, Guided
+from node.serving.runner import GuidedRunner, LogprobRunner, Runner
+from node.serving.sampling import RowSampling, SamplingParams, StepLogprobs, TextStream
 
 T = TypeVar("T")
 
@@ -37,6 +45,15 @@ class QueueFull(Busy):
     """The waiting queue is full (the HTTP layer answers 429)."""
 
     default_code = "queue_full"
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """An output token's log-probability under the model and its most likely alternatives."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
@@ -50,6 +67,7 @@ class Event:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token of `token_ids` when the request asked
 
 
 @dataclass(frozen=True)
@@ -70,22 +88,40 @@ class _Launched:
     tokens: torch.Tensor  # host copy (pinned on CUDA), filled asynchronously
     ready: Any  # torch.cuda.Event recorded after the copy, or None on the CPU
     rows: list[tuple[_Request, int]]
+    logprobs: StepLogprobs | None = None  # host copies, when a row of the step asked
 
     @staticmethod
-    def of(device_tokens: torch.Tensor, rows: list[tuple[_Request, int]]) -> _Launched:
+    def of(
+        device_tokens: torch.Tensor, rows: list[tuple[_Request, int]], logprobs: StepLogprobs | None = None
+    ) -> _Launched:
         cuda = device_tokens.is_cuda
-        host = torch.empty(device_tokens.shape, dtype=device_tokens.dtype, pin_memory=cuda)
-        host.copy_(device_tokens, non_blocking=cuda)
+
+        def host(t: torch.Tensor) -> torch.Tensor:
+            out = torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda)
+            return out.copy_(t, non_blocking=cuda)
+
+        tokens = host(device_tokens)
+        lp = None
+        if logprobs is not None:
+            lp = StepLogprobs(host(logprobs.chosen), host(logprobs.top_values), host(logprobs.top_ids))
         ready = None
         if cuda:
             ready = torch.cuda.Event()
             ready.record()
-        return _Launched(host, ready, rows)
+        return _Launched(tokens, ready, rows, lp)
 
     def wait(self) -> list[int]:
         if self.ready is not None:
             self.ready.synchronize()
         return [int(t) for t in self.tokens.tolist()]
+
+    def logprob(self, row: int, k: int) -> TokenLogprob | None:
+        """Row `row`'s token logprob with its top `k` (after `wait`)."""
+        if self.logprobs is None:
+            return None
+        lp = self.logprobs
+        top = tuple(zip(lp.top_ids[row, :k].tolist(), lp.top_values[row, :k].tolist(), strict=True))
+        return TokenLogprob(int(self.tokens[row]), float(lp.chosen[row]), top)
 
 
 @dataclass(eq=False)
@@ -97,6 +133,8 @@ class _Request:
     seed: int
     on_event: Callable[[Event], None]
     text: TextStream
+    max_tokens: int  # params.max_tokens, or what the context leaves
+    guide: Guided | None = None
     submitted: float = field(default_factory=time.perf_counter)
     slot: int = -1
     launched: int = 0  # tokens whose generation has been launched on the device
@@ -105,10 +143,22 @@ class _Request:
 
     def can_launch(self, max_len: int) -> bool:
         """Another token may be launched: the length limits are known before the tokens are."""
-        return 0 < self.launched < self.params.max_tokens and len(self.prompt) + self.launched < max_len
+        fits = 0 < self.launched < self.max_tokens and len(self.prompt) + self.launched < max_len
+        # a constrained request's next mask needs its last token: none may be in flight
+        return fits and (self.guide is None or self.launched == len(self.generated))
 
-    def event(self, text: str, tokens: tuple[int, ...], finish: str | None, error: str | None = None) -> Event:
-        return Event(self.id, text, tokens, finish, len(self.prompt), len(self.generated), error)
+    def sampling(self) -> RowSampling:
+        return RowSampling(self.params.temperature, self.params.top_p, self.seed, self.params.logprobs)
+
+    def event(
+        self,
+        text: str,
+        tokens: tuple[int, ...],
+        finish: str | None,
+        error: str | None = None,
+        logprobs: tuple[TokenLogprob, ...] = (),
+    ) -> Event:
+        return Event(self.id, text, tokens, finish, len(self.prompt), len(self.generated), error, logprobs)
 
 
 class Engine:
@@ -140,6 +190,20 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.generated_tokens = 0
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()
+
+    @property
+    def grammars(self) -> Grammars:
+        """The compiled constraints over this engine's tokenizer (made on first use)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                vocab = int(getattr(self.runner, "vocab_size", 0) or len(self.tokenizer))
+                eos = getattr(self.tokenizer, "eos_token_id", None)
+                self._grammars = Grammars(
+                    self.tokenizer, vocab_size=vocab, eos_token_id=int(eos if eos is not None else min(self.eos))
+                )
+            return self._grammars
 
     # ---- lifecycle ------------------------------------------------------------------------
     def start(self) -> Engine:
@@ -158,6 +222,8 @@ class Engine:
             self._thread = None
         for req in list(self._requests.values()):
             self.cancel(req.id)
+        if self._grammars is not None:
+            self._grammars.close()
 
     def __enter__(self) -> Engine:
         return self.start()
@@ -176,24 +242,32 @@ class Engine:
         request_id: str | None = None,
     ) -> str:
         """Queue a request; `on_event` is called from the engine thread. Raises QueueFull, ValueError,
-        UnknownAdapter."""
+        UnknownAdapter (and grammar.GrammarError / GrammarBusy for a constraint; a constraint not
+        compiled yet is compiled here, blocking: `grammars.submit` it first to wait elsewhere)."""
         params = params or SamplingParams()
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ValueError("the prompt is empty")
-        if len(prompt) + params.max_tokens > self.runner.max_len:
+        limit = params.max_tokens if params.max_tokens is not None else self.runner.max_len - len(prompt)
+        if len(prompt) + max(limit, 1) > self.runner.max_len:
             raise ValueError(
-                f"prompt of {len(prompt)} tokens plus max_tokens {params.max_tokens} exceeds the context of "
-                f"{self.runner.max_len}"
+                f"prompt of {len(prompt)} tokens plus max_tokens {limit} exceeds the context of {self.runner.max_len}"
             )
+        if params.logprobs is not None and not isinstance(self.runner, LogprobRunner):
+            raise ValueError(f"logprobs: {type(self.runner).__name__} does not return log-probabilities")
+        if params.constraint is not None and not isinstance(self.runner, GuidedRunner):
+            raise ValueError(f"response_format: {type(self.runner).__name__} does not support constrained decoding")
+        adapter_id = self.runner.adapter_id(adapter)
         req = _Request(
             id=request_id or f"req-{uuid.uuid4().hex}",
             prompt=prompt,
             params=params,
-            adapter=self.runner.adapter_id(adapter),
+            adapter=adapter_id,
             seed=params.resolved_seed(),
             on_event=on_event,
             text=TextStream(self.tokenizer, params.stop),
+            max_tokens=limit,
+            guide=self.grammars.guide(params.constraint) if params.constraint is not None else None,
         )
         with self._cv:
             if len(self._waiting) >= self.max_queue:
@@ -335,29 +409,51 @@ class Engine:
             admitted = self._admit()
         for slot in released:
             self.runner.release(slot)
+        emits: list[tuple[_Request, Event]] = []
         if admitted:
+            self._constrain(admitted)
             tokens = self.runner.prefill(
                 [r.slot for r in admitted],
                 [r.prompt for r in admitted],
                 [r.adapter for r in admitted],
-                [RowSampling(r.params.temperature, r.params.top_p, r.seed) for r in admitted],
+                [r.sampling() for r in admitted],
             )
             for r in admitted:
                 r.launched = 1
-            self._inflight.append(_Launched.of(tokens, [(r, i) for i, r in enumerate(admitted)]))
+            rows = [(r, i) for i, r in enumerate(admitted)]
+            self._inflight.append(_Launched.of(tokens, rows, self._logprobs(admitted)))
+        with self._cv:
+            waiting_on_guide = any(r is not None and r.guide and r.launched > len(r.generated) for r in self._slots)
+        if waiting_on_guide:  # a constrained row needs its last token before its next step: read back now
+            while self._inflight:
+                emits += self._collect(self._inflight.popleft())
         with self._cv:
             running = [r for r in self._slots if r is not None and r.can_launch(self.runner.max_len)]
         if running:
+            self._constrain(running)
             tokens = self.runner.decode([r.slot for r in running])
             for r in running:
                 r.launched += 1
-            self._inflight.append(_Launched.of(tokens, [(r, r.slot) for r in running]))
-        emits: list[tuple[_Request, Event]] = []
+            self._inflight.append(_Launched.of(tokens, [(r, r.slot) for r in running], self._logprobs(running)))
         while len(self._inflight) > (1 if running else 0):  # the step just launched runs while we read
             emits += self._collect(self._inflight.popleft())
         self.steps += 1
         for req, ev in emits:
             req.on_event(ev)
+
+    def _constrain(self, reqs: Sequence[_Request]) -> None:
+        """Hand the runner the allowed next tokens of every constrained request about to run."""
+        guided = [r for r in reqs if r.guide is not None]
+        if guided:
+            bitmask = self.grammars.bitmask([r.guide for r in guided if r.guide is not None])
+            cast_runner: Any = self.runner  # submit checked it is a GuidedRunner
+            cast_runner.constrain([r.slot for r in guided], bitmask)
+
+    def _logprobs(self, reqs: Sequence[_Request]) -> StepLogprobs | None:
+        """The step's logprobs when one of its requests asked (the runner computed them then)."""
+        if all(r.params.logprobs is None for r in reqs):
+            return None
+        return getattr(self.runner, "last_logprobs", None)
 
     def _admit(self) -> list[_Request]:
         """Waiting requests into the lowest free slots (keeps the decode batch dense), under the lock."""
@@ -382,10 +478,12 @@ class Engine:
             for req, row in launched.rows:
                 if self._requests.get(req.id) is not req:
                     continue  # finished one step earlier (this token is past its stop), or cancelled
-                out.append((req, self._record(req, tokens[row])))
+                k = req.params.logprobs
+                lp = launched.logprob(row, k) if k is not None else None
+                out.append((req, self._record(req, tokens[row], lp)))
         return out
 
-    def _record(self, req: _Request, tok: int) -> Event:
+    def _record(self, req: _Request, tok: int, logprob: TokenLogprob | None = None) -> Event:
         """Append `tok` to `req` (under the lock); finish and free its slot when done."""
         p = req.params
         if req.first_token_at is None:
@@ -393,19 +491,31 @@ class Engine:
         self.generated_tokens += 1
         if (tok in self.eos and not p.ignore_eos) or tok in p.stop_token_ids:
             return self._finish(req, "stop", req.text.flush(), ())  # the stop token is not part of the output
+        if req.guide is not None and not req.guide.advance(tok):
+            return self._finish(req, "error", req.text.flush(), (), error=f"token {tok} breaks the response format")
         req.generated.append(tok)
         delta = req.text.push(tok)
+        lps = (logprob,) if logprob is not None else ()
         if req.text.stopped:
-            return self._finish(req, "stop", delta, (tok,))
-        if len(req.generated) >= p.max_tokens or len(req.prompt) + len(req.generated) >= self.runner.max_len:
-            return self._finish(req, "length", delta + req.text.flush(), (tok,))
-        return req.event(delta, (tok,), None)
+            return self._finish(req, "stop", delta, (tok,), logprobs=lps)
+        if len(req.generated) >= req.max_tokens or len(req.prompt) + len(req.generated) >= self.runner.max_len:
+            return self._finish(req, "length", delta + req.text.flush(), (tok,), logprobs=lps)
+        return req.event(delta, (tok,), None, logprobs=lps)
 
-    def _finish(self, req: _Request, reason: str, text: str, tokens: tuple[int, ...]) -> Event:
+    def _finish(
+        self,
+        req: _Request,
+        reason: str,
+        text: str,
+        tokens: tuple[int, ...],
+        *,
+        error: str | None = None,
+        logprobs: tuple[TokenLogprob, ...] = (),
+    ) -> Event:
         self._requests.pop(req.id, None)
         self._slots[req.slot] = None
         self._to_release.append(req.slot)
-        return req.event(text, tokens, reason)
+        return req.event(text, tokens, reason, error, logprobs)
 
     def _fail_all(self, message: str) -> None:
         self._inflight.clear()

@@ -305,6 +305,8 @@ def test_bounded_load_every_request_answered_or_429(site: Site, url: str) -> Non
 def openai_schema(site: Site) -> Any:
     """The OpenAI routes of a server with a short context, so schema-valid requests stay cheap."""
     short = Serving(site.host, site.audit, owner="site-a", max_slots=4, max_model_len=48)
+    # random `response_format` schemas: a valid but costly one is cut off quickly (a 400), not compiled for 30 s
+    short.engine.grammars.compile_timeout_s = 2.0
     app = create_serving_app(lambda: short, site.policy, name="site-a")
     schema = schemathesis.openapi.from_dict(app.openapi())  # in-process: the app serves no /openapi.json
     schema.app = app

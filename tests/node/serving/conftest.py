@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -21,6 +21,33 @@ class ToyTokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return "".join(chr(97 + i % 26) for i in ids if not (skip_special_tokens and i == EOS))
+
+
+PIECES = ['{"', '"}', '":', '", "', '": "', '":"', '",', ' "', "true", "false", "null", "routine", "urgent"]
+PIECES += ["emergency", "admit", "note", "ro", "ur", "gent", "em", "er", "ad", "mit", "no", "te", "ine", "cy", "}"]
+
+
+class CharTokenizer:
+    """A tokenizer a JSON grammar can work with: 0 pad and 1 EOS (special), then every printable ASCII
+    character, JSON-ish pieces, and two-letter pieces up to the vocabulary's size."""
+
+    eos_token_id = EOS
+    pad_token_id = 0
+    all_special_ids: ClassVar[list[int]] = [0, EOS]
+
+    def __init__(self, vocab: int = 512) -> None:
+        letters = [a + b for a in "abcdefghijklmnopqrstuvwxyz" for b in "aeiou"]
+        self.pieces = ["", ""] + [chr(c) for c in range(32, 127)] + PIECES + letters
+        self.pieces = (self.pieces + ["zz"] * vocab)[:vocab]
+
+    def __len__(self) -> int:
+        return len(self.pieces)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(self.pieces[i] if i not in self.all_special_ids else "" for i in ids)
+
+    def encode(self, text: str) -> list[int]:
+        return [self.pieces.index(c) for c in text]
 
 
 def tiny_qwen(seed: int = 0, vocab: int = 512) -> Any:
