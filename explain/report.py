@@ -180,6 +180,9 @@ def write_report(
 # ---- the summary, in words --------------------------------------------------------------------
 
 
+_NUMERICAL_ZERO = 1e-9
+
+
 def summary_text(
     attribution: Attribution,
     ctx: ReportContext,
@@ -193,8 +196,9 @@ def summary_text(
     units = f"{unit}s"
     total = attribution.total
     ranked = [i for i, _ in _top(attribution, len(attribution.features))]
-    ups = [i for i in ranked if total[i] > 0][:_SUMMARY_N]
-    downs = [i for i in ranked if total[i] < 0][:_SUMMARY_N]
+    # KernelSHAP's least-squares fit leaves rounding dust (~1e-16) on features that do nothing.
+    ups = [i for i in ranked if total[i] > _NUMERICAL_ZERO][:_SUMMARY_N]
+    downs = [i for i in ranked if total[i] < -_NUMERICAL_ZERO][:_SUMMARY_N]
 
     def named(idx: list[int]) -> str:
         parts = [f"{_q(labels[i])} (\u00d7{_factor(float(total[i]))})" for i in idx]
@@ -372,7 +376,11 @@ hover for the SHAP value.</p>
 
 
 def _method_name(a: Attribution) -> str:
-    return "exact Shapley value" if a.method == "shapley" else "Owen value"
+    if a.method == "shapley":
+        return "exact Shapley value"
+    if a.method == "kernel":
+        return f"Shapley value estimated by KernelSHAP from {a.evaluations} masked prompts"
+    return "Owen value"
 
 
 def _rows(rows: Sequence[tuple[str, object]]) -> str:

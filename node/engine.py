@@ -8,6 +8,7 @@ The adapter named `TRAIN_ADAPTER` is the site's private working copy and is neve
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -17,12 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from federation.errors import NotFound
 from federation.protocol import wire
 from federation.protocol.names import BASE_ALIAS, LATEST_ALIAS, TRAIN_ADAPTER, check_adapter_name
 from node.model import lora_target_modules
+from node.scoring import KV, ScoringStats, prefix_kv, teacher_forced_logprobs
 
 BASE = BASE_ALIAS
 # peft keeps adapters as `torch.nn.ModuleDict` keys: a name that is one of its attributes
@@ -211,6 +212,10 @@ class ModelHost:
     use_prefix_cache: bool = True
     last_scoring_prefix_tokens: int = 0
     """Prompt tokens per row that the last `response_logprobs` call took from a shared KV cache (0: none)."""
+    max_scoring_tokens: int | None = None
+    """Positions per scoring forward; None: `node.scoring.default_batch_tokens` for the device."""
+    last_scoring: ScoringStats | None = None
+    _prefix_memo: tuple[tuple[str, str, tuple[int, ...]], KV | None] | None = None
 
     def response_logprobs(
         self,
@@ -218,44 +223,99 @@ class ModelHost:
         response_ids: Sequence[int],
         *,
         model: str | None,
-        batch_size: int = 16,
+        batch_size: int | None = None,
     ) -> np.ndarray:
         """Teacher-forced log-prob of each fixed response token, gathering only those tokens.
 
         An explanation scores hundreds of prompts that differ only in the masked last user
-        message, so the shared token prefix (BOS, system prompt, earlier turns, user tag) is
-        run once per call and its KV cache reused by every batch; results match the
-        uncached computation.
+        message, so they are tokenized in one call, the shared token prefix (BOS, system prompt,
+        earlier turns, user tag) is run once and its KV cache reused by every batch and by later
+        calls on the same adapter, and all rows go through as few forwards as
+        `max_scoring_tokens` allows (at most `batch_size` rows each, if given): node/scoring.py.
+        Results match the uncached, unbatched computation.
         """
         response = [int(t) for t in response_ids]
-        resp = torch.tensor(response, device=self.device)
-        seqs = [self.prompt_ids(p) for p in prompts]
+        if not prompts:
+            return np.zeros((0, len(response)))
+        name = self.resolve(model)
+        seqs = self._prompt_ids_many(prompts)
         split = self._shared_prefix_len(prompts, seqs) if self.use_prefix_cache else 0
-        out = np.zeros((len(seqs), len(response)), dtype=np.float64)
-        with self.using(model) as m, torch.no_grad():
-            prefix = self._prefix_cache(m, seqs[0][:split]) if split >= _MIN_SHARED_PREFIX else None
-            self.last_scoring_prefix_tokens = split if prefix is not None else 0
-            for start in range(0, len(seqs), batch_size):
-                chunk = seqs[start : start + batch_size]
-                if prefix is None:
-                    logits = self._logits_padded(m, chunk, response)
-                else:
-                    logits = self._logits_after_prefix(m, prefix, split, chunk, response)
-                logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, resp.expand(len(chunk), -1).unsqueeze(-1))
-                out[start : start + len(chunk)] = logp.squeeze(-1).double().cpu().numpy()
+        stats = ScoringStats()
+        with self.using(name) as m, torch.no_grad():
+            prefix = self._shared_prefix_kv(m, name, seqs[0][:split], stats) if split >= _MIN_SHARED_PREFIX else None
+            used = split if prefix is not None else 0
+            self.last_scoring_prefix_tokens = used
+            out = teacher_forced_logprobs(
+                m,
+                [s[used:] for s in seqs],
+                response,
+                pad_id=int(self.tokenizer.pad_token_id or 0),
+                device=self.device,
+                prefix=prefix,
+                prefix_len=used,
+                max_batch_tokens=self.max_scoring_tokens,
+                max_batch_rows=batch_size,
+                stats=stats,
+            )
+        self.last_scoring = stats
         return out
 
-    def _logits_padded(self, m: Any, chunk: Sequence[list[int]], response: list[int]) -> torch.Tensor:
-        """Uncached path: whole prompts, left-padded so every response sits at the end."""
-        seqs = [c + response for c in chunk]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), int(self.tokenizer.pad_token_id), device=self.device)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long, device=self.device)
-        for i, s in enumerate(seqs):
-            ids[i, width - len(s) :] = torch.tensor(s, device=self.device)
-            mask[i, width - len(s) :] = 1
-        logits: torch.Tensor = m(input_ids=ids, attention_mask=mask, logits_to_keep=len(response) + 1).logits
-        return logits[:, :-1]
+    def forget_scoring_prefix(self) -> None:
+        """Drop the shared prefix's KV cache kept between scoring calls (a benchmark times cold runs)."""
+        self._prefix_memo = None
+
+    def _shared_prefix_kv(self, m: Any, name: str, ids: list[int], stats: ScoringStats) -> KV | None:
+        """The prefix's KV cache, from the last call when it was for the same adapter content and tokens."""
+        info = self.adapters.get(name)
+        key = (name, info.sha256 if info else "", tuple(ids))
+        if self._prefix_memo is not None and self._prefix_memo[0] == key:
+            return self._prefix_memo[1]
+        kv = prefix_kv(m, ids, self.device)
+        stats.prefix_forwards += 1
+        self._prefix_memo = (key, kv)
+        return kv
+
+    def _prompt_ids_many(self, prompts: Sequence[Sequence[dict[str, str]]]) -> list[list[int]]:
+        """`prompt_ids` of each prompt; prompts that differ only in the last user message's content
+        are rendered by substitution into the template and tokenized in one call (rendering the
+        template per prompt cost ~1 ms each, 0.5 s for an explanation's 500 prompts)."""
+        head = list(prompts[0][:-1])
+        if all(p and p[-1].get("role") == "user" and list(p[:-1]) == head for p in prompts):
+            parts = self._template_parts(head)
+            if parts is not None:
+                before, after = parts
+                texts = [before + p[-1]["content"] + after for p in prompts]
+                encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+                return [[int(i) for i in ids] for ids in encoded]
+        return [self.prompt_ids(p) for p in prompts]
+
+    def _template_parts(self, head: list[dict[str, str]]) -> tuple[str, str] | None:
+        """(text before, text after) the last user message's content, if the chat template puts the
+        content in verbatim and tokenizing the rendered text is what `prompt_ids` does; else None."""
+        memo: dict[str, tuple[str, str] | None] = self.__dict__.setdefault("_template_memo", {})
+        key = json.dumps([self.tokenizer.chat_template, head], sort_keys=True)  # a benchmark swaps templates
+        if key not in memo:
+            memo[key] = self._probe_template(head)
+        return memo[key]
+
+    def _probe_template(self, head: list[dict[str, str]]) -> tuple[str, str] | None:
+        def render(content: str) -> str:
+            out = self.tokenizer.apply_chat_template(
+                [*head, {"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+            return out if isinstance(out, str) else ""
+
+        text = render(_SENTINEL)
+        if text.count(_SENTINEL) != 1:
+            return None
+        before, after = text.split(_SENTINEL)
+        probe = [*head, {"role": "user", "content": _PROBE}]
+        if render(_PROBE) != before + _PROBE + after:  # trimmed, escaped or otherwise rewritten content
+            return None
+        ids = self.tokenizer(before + _PROBE + after, add_special_tokens=False)["input_ids"]
+        if [int(i) for i in ids] != self.prompt_ids(probe):
+            return None
+        return before, after
 
     def _shared_prefix_len(self, prompts: Sequence[Sequence[dict[str, str]]], seqs: Sequence[list[int]]) -> int:
         """Tokens every prompt starts with, cut at the last user message's content.
@@ -287,64 +347,11 @@ class ModelHost:
         ids = self.tokenizer(text[: text.index(_SENTINEL)], add_special_tokens=False).input_ids
         return [int(i) for i in ids]
 
-    def _prefix_cache(self, m: Any, ids: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
-        """Per-layer (keys, values) of the shared prefix, batch 1; None if the cache isn't plain."""
-        out = m(input_ids=torch.tensor([ids], device=self.device), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
-        if type(cache) is not DynamicCache:
-            return None
-        kv: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for layer in cache.layers:
-            # Sliding-window, linear or quantised layers: reuse is not known to be exact.
-            if type(layer) is not DynamicLayer or layer.get_seq_length() != len(ids):
-                return None
-            keys, values = layer.keys, layer.values
-            if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
-                return None
-            kv.append((keys, values))
-        return kv
-
-    def _logits_after_prefix(
-        self,
-        m: Any,
-        prefix: list[tuple[torch.Tensor, torch.Tensor]],
-        split: int,
-        chunk: Sequence[list[int]],
-        response: list[int],
-    ) -> torch.Tensor:
-        """Cached path: each row is [prefix (cache)] + [pads] + [rest of its prompt] + [response].
-
-        Pads sit between the prefix and the row's own tokens and are masked out; explicit
-        position ids carry on from the prefix and skip them, so every real token sees the
-        same keys at the same positions as without padding, and the response stays at the
-        end (so only its logits are computed).
-        """
-        rows = [c[split:] + response for c in chunk]
-        b, width = len(rows), max(len(r) for r in rows)
-        ids = torch.full((b, width), int(self.tokenizer.pad_token_id), device=self.device)
-        pos = torch.full((b, width), split, dtype=torch.long, device=self.device)
-        mask = torch.zeros((b, split + width), dtype=torch.long, device=self.device)
-        mask[:, :split] = 1
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r, device=self.device)
-            pos[i, width - len(r) :] = torch.arange(split, split + len(r), device=self.device)
-            mask[i, split + width - len(r) :] = 1
-        # DynamicLayer.update concatenates into new tensors, so the shared prefix is copied, never mutated.
-        cache = DynamicCache([(k.expand(b, *k.shape[1:]), v.expand(b, *v.shape[1:])) for k, v in prefix])
-        out = m(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=pos,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=len(response) + 1,
-        )
-        logits: torch.Tensor = out.logits
-        return logits[:, :-1]
-
 
 _MIN_SHARED_PREFIX = 2
 _SENTINEL = "\x00fedseek-user-content\x00"
+# Leading/trailing whitespace, punctuation and CJK: content a template that trims or escapes would change.
+_PROBE = " \n\tPatient: chest pain & <b>fever</b>, 38.9 C; 胸痛? \n"
 
 
 def _common_prefix_len(a: Sequence[int], b: Sequence[int], limit: int) -> int:

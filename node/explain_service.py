@@ -68,6 +68,10 @@ MIN_EVALS = 10
 MAX_QUEUED = 8
 """Background jobs waiting beyond this are refused (429) rather than queued for hours."""
 TOP_K = 5
+SCORE_BATCH = 256
+"""Masked prompts per scoring call. The engine packs a call's prompts into as few forwards as its
+token budget allows and keeps the shared prefix's KV cache between calls, so larger calls cost
+no more; progress (background jobs) advances once per call."""
 
 _ID = re.compile(r"expl-[0-9a-f]{32}")
 Kind = Literal["json", "html", "png"]
@@ -257,6 +261,7 @@ class Explanations:
                 question,
                 output_tokens=[host.tokenizer.decode([t]) for t in response_ids],
                 max_evals=job.max_evals,
+                batch_size=SCORE_BATCH,
                 progress=progress,
                 granularity=job.granularity,
                 method=job.method,
@@ -278,6 +283,7 @@ class Explanations:
                 response=response_text,
                 foil=foil_text,
                 max_evals=job.max_evals,
+                batch_size=SCORE_BATCH,
                 progress=progress,
                 granularity=job.granularity,
                 method=job.method,
@@ -296,6 +302,7 @@ class Explanations:
             quantity=quantity,
             to_probability=to_probability,
             top_k=TOP_K,
+            batch_size=SCORE_BATCH,
         )
         lineage = self._lineage(job)
         record = self.service.audit.append(

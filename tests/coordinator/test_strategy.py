@@ -892,8 +892,6 @@ def test_fedavgm_moves_the_global_adapter_past_the_mean_by_the_velocity(tmp_path
     mean1, mean2 = _expected_average(sites.values(), 1), _expected_average(sites.values(), 2)
     _assert_arrays_close(g1, mean1)
     for name in SHAPES:
-        if wire.factor_of(name) == "B":
-            expected = mean2[name] + 0.5 * mean1[name]  # g1 + (0.5 v1 + mean2 - g1), v1 = mean1 - 0
-        else:
-            expected = mean2[name]  # round 2's velocity is its own step
+        # B: g1 + (0.5 v1 + mean2 - g1) with v1 = mean1 - 0; A: round 2's velocity is its own step
+        expected = mean2[name] + 0.5 * mean1[name] if wire.factor_of(name) == "B" else mean2[name]
         np.testing.assert_allclose(g2[name], expected, rtol=1e-5, atol=1e-6)

@@ -137,18 +137,34 @@ def test_model_sees_the_exact_prompt(tokenizer: PreTrainedTokenizerFast) -> None
 
     prompt = "Age 67.\n\nTroponin \u2265 5 \u00b5g/L;  ECG  normal \U0001fac0\n"
     explain_text(recording, tokenizer, prompt, output_tokens=["yes"], max_evals=40)
-    assert seen.count(prompt) == 2  # shap's f(all features) and our full value
+    assert seen.count(prompt) == 1  # the full value, scored once (every distinct text is)
+    assert len(seen) == len(set(seen))
     assert all("\n" in p for p in seen)  # layout survives masking
 
 
-def test_inconsistent_score_fn_fails_efficiency_check(tokenizer: PreTrainedTokenizerFast) -> None:
-    rng = np.random.default_rng(0)
+@pytest.mark.parametrize("method", ["exact", "kernel", "partition"])
+def test_efficiency_is_exact_for_every_method(tokenizer: PreTrainedTokenizerFast, method: str) -> None:
+    """Base and full values are scored once and every estimator reuses them, so the values sum to
+    full - base however the scorer batches (on a GPU, bf16 logits depend on the batch's shape)."""
+    prompt = "fever and pain today, no cough"
 
-    def drifting(prompts: Sequence[str]) -> np.ndarray:  # not a function of the text
-        return rng.normal(size=(len(prompts), 1))
+    def interacting(prompts: Sequence[str]) -> np.ndarray:
+        return np.array(
+            [[2.0 * (_present("fever", p) and _present("pain", p)) - _present("cough", p)] for p in prompts]
+        )
 
-    with pytest.raises(RuntimeError, match="efficiency"):
-        explain_text(drifting, tokenizer, PROMPT, output_tokens=["x"], max_evals=40)
+    a = explain_text(
+        interacting,
+        tokenizer,
+        prompt,
+        output_tokens=["y"],
+        max_evals=200,
+        granularity="word",
+        method=method,  # type: ignore[arg-type]
+    )
+    assert a.method == {"exact": "shapley", "kernel": "kernel", "partition": "owen"}[method]
+    np.testing.assert_allclose(a.values.sum(axis=0), a.full_values - a.base_values, atol=1e-12)
+    assert a.evaluations <= 200
 
 
 def test_score_fn_with_wrong_shape_is_rejected(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -233,7 +249,9 @@ def test_exact_over_budget_is_refused(tokenizer: PreTrainedTokenizerFast) -> Non
     with pytest.raises(ValueError, match="exact Shapley values need 2\\*\\*"):
         explain_text(additive, tokenizer, PROMPT, output_tokens=["yes"], max_evals=100, method="exact")
     long = explain_text(additive, tokenizer, PROMPT, output_tokens=["yes"], max_evals=100)
-    assert long.method == "owen"  # auto falls back to Owen values when 2**n is over budget
+    assert long.method == "kernel"  # auto estimates Shapley values when 2**n is over budget...
+    short = explain_text(additive, tokenizer, PROMPT, output_tokens=["yes"], max_evals=20)
+    assert short.method == "owen"  # ...and falls back to Owen values under 1.5 evaluations per feature
 
 
 def test_non_finite_scores_are_refused(tokenizer: PreTrainedTokenizerFast) -> None:

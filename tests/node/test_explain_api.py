@@ -100,7 +100,7 @@ def test_sync_explanation_has_every_field(explained: tuple[dict[str, Any], int],
     assert body["model"] == "v1"
     assert body["adapter_sha256"] == service.host.adapters["v1"].sha256
     assert body["granularity"] == "word"
-    assert body["method"] == "owen"  # 2**14 coalitions do not fit in 30 evaluations
+    assert body["method"] == "kernel"  # 2**14 coalitions do not fit in 30 evaluations: KernelSHAP estimates
     assert body["response"] == RESPONSE
     assert "".join(body["features"]) == PROMPT
     assert len(body["features"]) == WORDS
