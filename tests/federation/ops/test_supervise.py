@@ -75,7 +75,8 @@ def test_supervise_never_gives_up_and_backs_off_a_child_that_keeps_dying(tmp_pat
     assert len(starts) >= 4, starts  # never gave up
     assert gaps[1] > gaps[0] + 0.5 and max(gaps) < 4 + 3, gaps  # backed off, within the cap
     state = health.get("broken")
-    assert state.failures >= 3 and state.restarts == len(starts) - 1 and state.last_exit == 1
+    # the last restart may be stopped before its Python wrote its start (interpreter start-up under load)
+    assert state.failures >= 3 and state.restarts in (len(starts) - 1, len(starts)) and state.last_exit == 1
     assert any(c["state"] == "degraded" and c["down"] == ["broken"] for c in changes)
 
 
