@@ -168,27 +168,20 @@ def plan_round(
     readiness query answers without charging anything. Partitioned data is planned over the
     partitions `choose_partitions` picks; plain records as all the ledger's partitions."""
     share = settings.budget_share
-    if not isinstance(data, SiteData):
-        sample_rate, steps = _sampling(len(data), settings)
-        return ledger.plan_round(
-            sample_rate=sample_rate,
-            steps=steps,
-            rounds_left=rounds_left,
-            run_id=run_id,
-            share=share,
-            schedule=settings.noise_schedule,
-        )
-    accounts = ledger.partitions(run_id=run_id, share=share)
-    chosen = choose_partitions(accounts, data)
-    if not chosen:  # none open: the ledger's refusal says why (spent, or this run's share spent)
-        held = [sha for sha in data.fingerprints if sha in {a.sha256 for a in accounts}]
-        if not held:
-            raise TrainingError(
-                "none of the site's data partitions is registered in its privacy ledger; register a new batch "
-                "with `fedseek budget add-partition`"
-            )
-        chosen = held
-    sample_rate, steps = _sampling(len(data.records(chosen)), settings)
+    chosen: list[str] | None = None  # None: every partition the ledger holds
+    records = len(data)
+    if isinstance(data, SiteData):
+        accounts = ledger.partitions(run_id=run_id, share=share)
+        chosen = choose_partitions(accounts, data)
+        if not chosen:  # none open: the ledger's refusal says why (spent, or this run's share spent)
+            chosen = [sha for sha in data.fingerprints if sha in {a.sha256 for a in accounts}]
+            if not chosen:
+                raise TrainingError(
+                    "none of the site's data partitions is registered in its privacy ledger; register a new batch "
+                    "with `fedseek budget add-partition`"
+                )
+        records = len(data.records(chosen))
+    sample_rate, steps = _sampling(records, settings)
     return ledger.plan_round(
         sample_rate=sample_rate,
         steps=steps,
