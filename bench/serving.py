@@ -42,13 +42,12 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench.common import machine, versions
+from bench.common import machine, recorder, versions, write_results
 from node.serving import Engine, SamplingParams, lora_from_peft, make_runner
 
 QWEN_SHAPES: dict[str, dict[str, Any]] = {
@@ -262,19 +261,29 @@ def prompts_for(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int
 
 
 def hf_generate(
-    model: Any, prompts: list[list[int]], new: int, device: str, *, static: bool, batch: int, repeats: int
+    model: Any,
+    prompts: list[list[int]],
+    new: int,
+    device: str,
+    *,
+    static: bool,
+    batch: int,
+    repeats: int,
+    compile_step: bool = True,
 ) -> dict[str, Any]:
     """`model.generate` over `prompts` in static batches of `batch` (one length: no padding needed).
 
     `static`: `cache_implementation="static"`; on CUDA transformers then compiles the decode step itself
-    (reduce-overhead: CUDA graphs), which is HF's documented fastest `generate`. Whether it compiled is
-    read back (`_compiled_call`) and recorded, as is a failure.
+    (reduce-overhead: CUDA graphs), which is HF's documented fastest `generate`, unless `compile_step` is off
+    (the static cache alone). Whether it compiled is read back (`_compiled_call`) and recorded, as is a failure.
     """
     from transformers import CompileConfig
 
     kw: dict[str, Any] = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new}
+    compile_step = static and compile_step
     if static:
         kw["cache_implementation"] = "static"
+    if compile_step:
         kw["compile_config"] = CompileConfig(mode="reduce-overhead", dynamic=False)
     else:
         kw["disable_compile"] = True
@@ -297,7 +306,7 @@ def hf_generate(
         warm = time.perf_counter() - t
         reset_memory(device)
         res = repeated(once, repeats)
-    compiled = static and hasattr(model, "_compiled_call")  # set by transformers when it compiles
+    compiled = compile_step and hasattr(model, "_compiled_call")  # set by transformers when it compiles
     res.update(
         {
             "batch": batch,
@@ -307,7 +316,7 @@ def hf_generate(
             "peak_memory_gb": peak_gb(device),
         }
     )
-    if static and not compiled:
+    if compile_step and not compiled:
         res["compile_off"] = f"transformers compiles only on CUDA-like devices (this is {device})"
     return res
 
@@ -603,22 +612,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def save() -> None:
         res["goals"] = goals(res, top)
         res["table"] = table(res)
-        res["date"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        res["total_seconds"] = round(time.perf_counter() - t0, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
+        write_results(res, args.out, t0=t0)
 
-    def record(name: str, fn: Callable[[], dict[str, Any]]) -> None:
-        if args.time_budget_s is not None and time.perf_counter() - t0 > args.time_budget_s:
-            res["methods"][name] = {"skipped": f"time budget of {args.time_budget_s:.0f} s spent"}
-        else:
-            try:
-                res["methods"][name] = fn()
-            except Exception as exc:  # one broken method must not lose the others
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                res["methods"][name] = {"error": f"{type(exc).__name__}: {first}"}
-        log(f"{name}: { {k: v for k, v in res['methods'][name].items() if k != 'values'} }")
-        save()
+    record = recorder(res, t0=t0, budget_s=args.time_budget_s, log=log, save=save)
 
     log(f"model {args.shape} on {args.device}; floor {res['floor']}")
     new, reps = args.new_tokens, args.repeats

@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from bench.common import machine, versions
+from bench.common import Recorder, machine, recorder, versions, write_results
 from bench.serving import (
     ToyTokenizer,
     _med,
@@ -69,7 +69,6 @@ from bench.serving import (
     read_bandwidth,
     repeated,
     reset_memory,
-    sync,
 )
 from node.serving import Engine, SamplingParams, lora_from_peft, make_runner
 
@@ -212,38 +211,18 @@ def hf_method(
     kind: str, model: Any, prompts: list[list[int]], new: int, device: str, *, batch: int, repeats: int
 ) -> dict[str, Any]:
     """One HF configuration: eager (dynamic cache), static (static cache, no compile), static_compile."""
-    if kind == "static":
-        return hf_static_no_compile(model, prompts, new, device, batch=batch, repeats=repeats)
-    if kind not in ("eager", "static_compile"):
+    if kind not in ("eager", "static", "static_compile"):
         raise ValueError(f"unknown HF configuration {kind!r}")
-    return hf_generate(model, prompts, new, device, static=kind == "static_compile", batch=batch, repeats=repeats)
-
-
-def hf_static_no_compile(
-    model: Any, prompts: list[list[int]], new: int, device: str, *, batch: int, repeats: int
-) -> dict[str, Any]:
-    """`generate` with the static cache and compile disabled (one static batch of `batch`, no padding)."""
-    kw: dict[str, Any] = {"do_sample": False, "max_new_tokens": new, "min_new_tokens": new}
-    kw |= {"cache_implementation": "static", "disable_compile": True}
-    chunks = [torch.tensor(prompts[i : i + batch], device=device) for i in range(0, len(prompts), batch)]
-
-    def once() -> dict[str, Any]:
-        sync(device)
-        t = time.perf_counter()
-        tokens = 0
-        for x in chunks:
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), **kw)
-            tokens += int((out.shape[1] - x.shape[1]) * x.shape[0])
-        sync(device)
-        s = time.perf_counter() - t
-        return {"requests": len(prompts), "tokens": tokens, "seconds": s, "tokens_per_s": tokens / s}
-
-    with torch.no_grad():
-        once()
-        reset_memory(device)
-        res = repeated(once, repeats)
-    res.update({"batch": batch, "cache": "static", "compiled": False, "peak_memory_gb": peak_gb(device)})
-    return res
+    return hf_generate(
+        model,
+        prompts,
+        new,
+        device,
+        static=kind != "eager",
+        compile_step=kind == "static_compile",
+        batch=batch,
+        repeats=repeats,
+    )
 
 
 # ---- greedy check -----------------------------------------------------------------------------
@@ -474,22 +453,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     def save() -> None:
         res["goals"] = goals(res)
-        res["date"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        res["total_seconds"] = round(time.perf_counter() - t0, 1)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
+        write_results(res, args.out, t0=t0)
 
-    def record(name: str, fn: Callable[[], dict[str, Any]]) -> None:
-        if args.time_budget_s is not None and time.perf_counter() - t0 > args.time_budget_s:
-            res["methods"][name] = {"skipped": f"time budget of {args.time_budget_s:.0f} s spent"}
-        else:
-            try:
-                res["methods"][name] = fn()
-            except Exception as exc:  # one broken method must not lose the others
-                first = str(exc).splitlines()[0] if str(exc) else ""
-                res["methods"][name] = {"error": f"{type(exc).__name__}: {first}"}
-        log(f"{name}: { {k: v for k, v in res['methods'][name].items() if k != 'values'} }")
-        save()
+    record = recorder(res, t0=t0, budget_s=args.time_budget_s, log=log, save=save)
 
     log(f"floor {res['floor']['tokens_per_s']} tok/s at {rb['gb_per_s']} GB/s read")
     new, reps = args.new_tokens, args.repeats
@@ -512,7 +478,7 @@ def run_engine(
     model: Any,
     prompts: list[list[int]],
     conc: list[int],
-    record: Callable[[str, Callable[[], dict[str, Any]]], None],
+    record: Recorder,
     log: Callable[[str], None],
     max_len: int,
 ) -> None:

@@ -209,9 +209,14 @@ class LoraBank:
     """Which adapter owns which slot of every group's bank rows; slot s (id s+1) owns rows
     `[s * m * rank, (s + 1) * m * rank)`, target t of the group inside at `t * rank`."""
 
-    def __init__(self, layers: list[_Layer], *, adapters: int, rank: int) -> None:
+    def __init__(self, layers: Sequence[Any], *, adapters: int, rank: int) -> None:
         self.layers, self.n, self.rank = layers, adapters, rank
         self.names: list[str | None] = [None] * adapters
+
+    def targets(self, layer: Any) -> dict[str, tuple[str, ...]]:
+        """Group name -> the HF module names (under `model.layers.{i}.`) its targets serve, in bank order;
+        the per-layer hook a model family with other groups (mla.MLALoraBank) overrides."""
+        return GROUPS
 
     def rows(self, m: int, live: int) -> int:
         """Bank rows a group of `m` targets computes when adapter ids up to `live` run."""
@@ -229,7 +234,10 @@ class LoraBank:
         else:
             raise RuntimeError(f"all {self.n} adapter slots are in use; unload one first")
         unknown = set(weights) - {
-            f"model.layers.{i}.{t}" for i in range(len(self.layers)) for ts in GROUPS.values() for t in ts
+            f"model.layers.{i}.{t}"
+            for i, layer in enumerate(self.layers)
+            for ts in self.targets(layer).values()
+            for t in ts
         }
         if unknown:
             raise ValueError(f"adapter {name!r} targets modules the engine does not serve: {sorted(unknown)[:3]}")
@@ -248,9 +256,10 @@ class LoraBank:
         """Write (or, where `weights` lacks a module, zero) adapter slot `slot`'s rows."""
         r = self.rank
         for i, layer in enumerate(self.layers):
+            targets = self.targets(layer)
             for g, proj in layer.groups().items():
                 ends = torch.tensor(proj.splits).cumsum(0).tolist()
-                for t, target in enumerate(GROUPS[g]):
+                for t, target in enumerate(targets[g]):
                     row, lo, hi = (slot * proj.m + t) * r, ends[t] - proj.splits[t], ends[t]
                     proj.a[row : row + r].zero_()
                     proj.b[row : row + r].zero_()
@@ -320,30 +329,7 @@ class FastRunner:
             device=self.device,
         )
         self.lora = LoraBank(self.layers, adapters=max_adapters, rank=max_lora_rank)
-        # Per-slot state the decode step reads and advances on the device (static addresses for graphs).
-        dev, s = self.device, max_slots
-        self._tok = torch.zeros(s, dtype=torch.long, device=dev)  # the slot's last token: the next input
-        self._pos = torch.zeros(s, dtype=torch.long, device=dev)  # its position
-        self._plen = torch.zeros(s, dtype=torch.long, device=dev)  # prompt length (sampling step = pos - plen + 1)
-        self._aid = torch.zeros(s, dtype=torch.long, device=dev)
-        self._active = torch.zeros(s, dtype=torch.bool, device=dev)
-        self._temp = torch.zeros(s, dtype=torch.float32, device=dev)
-        self._top_p = torch.ones(s, dtype=torch.float32, device=dev)
-        self._seed = torch.zeros(s, dtype=torch.long, device=dev)
-        self._rows = torch.arange(s, device=dev)
-        self._p_ids = torch.zeros(s, self.max_len, dtype=torch.long, device=dev)  # prefill inputs (static)
-        self._p_long = torch.zeros(4, s, dtype=torch.long, device=dev)  # lengths, slots, adapter ids, seeds
-        self._p_float = torch.zeros(2, s, dtype=torch.float32, device=dev)  # temperatures, top-p
-        self.prefill_buckets = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048) if b < self.max_len]
-        self.prefill_buckets.append(self.max_len)
-        self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Any]] = {}
-        self.prefill_graphs_off: str | None = None
-        self._keys = torch.arange(self.max_len, device=dev)
-        # Host mirrors: what the host needs to pick a graph without reading the device.
-        self._len = [0] * s
-        self._aid_host = [0] * s
-        self._sampling: list[RowSampling | None] = [None] * s
-        self._active_host = [False] * s
+        self._init_slot_state(max_slots)
         self.batch_buckets = _pow2_buckets(max_slots)
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -460,11 +446,37 @@ class FastRunner:
             self._len[s], self._aid_host[s], self._sampling[s] = len(p), a, smp
         return tokens
 
+    def _init_slot_state(self, max_slots: int) -> None:
+        """Per-slot state the decode step reads and advances on the device (static addresses for graphs),
+        and its host mirrors; shared with mla.MLARunner, whose prefill/decode/capture read the same."""
+        dev, s = self.device, max_slots
+        self._tok = torch.zeros(s, dtype=torch.long, device=dev)  # the slot's last token: the next input
+        self._pos = torch.zeros(s, dtype=torch.long, device=dev)  # its position
+        self._plen = torch.zeros(s, dtype=torch.long, device=dev)  # prompt length (sampling step = pos - plen + 1)
+        self._aid = torch.zeros(s, dtype=torch.long, device=dev)
+        self._active = torch.zeros(s, dtype=torch.bool, device=dev)
+        self._temp = torch.zeros(s, dtype=torch.float32, device=dev)
+        self._top_p = torch.ones(s, dtype=torch.float32, device=dev)
+        self._seed = torch.zeros(s, dtype=torch.long, device=dev)
+        self._rows = torch.arange(s, device=dev)
+        self._p_ids = torch.zeros(s, self.max_len, dtype=torch.long, device=dev)  # prefill inputs (static)
+        self._p_long = torch.zeros(4, s, dtype=torch.long, device=dev)  # lengths, slots, adapter ids, seeds
+        self._p_float = torch.zeros(2, s, dtype=torch.float32, device=dev)  # temperatures, top-p
+        self.prefill_buckets = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048) if b < self.max_len]
+        self.prefill_buckets.append(self.max_len)
+        self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Any]] = {}
+        self.prefill_graphs_off: str | None = None
+        self._keys = torch.arange(self.max_len, device=dev)
+        # Host mirrors: what the host needs to pick a graph without reading the device.
+        self._len = [0] * s
+        self._aid_host = [0] * s
+        self._sampling: list[RowSampling | None] = [None] * s
+        self._active_host = [False] * s
+
     def _prefill_rows(self, n: int, width: int, live: int, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prefill from the static prompt buffers (graph-capturable); returns (logits, first tokens)."""
         ids = self._p_ids[:n, :width]
-        lens, slot_t, aid, seed = self._p_long[:, :n]
-        temp, top_p = self._p_float[:, :n]
+        lens, slot_t, aid = self._p_long[:3, :n]
         row_aid = aid.repeat_interleave(width)
         h_, kvh, d = self.heads, self.kv_heads, self.head_dim
         cos, sin = self.cos[:width], self.sin[:width]
@@ -482,7 +494,13 @@ class FastRunner:
             layer.o.residual(x, o.transpose(1, 2).reshape(n * width, h_ * d), self.lora.rows(1, live), row_aid)
             self._layer_mlp(layer, x, live, row_aid)
         last = x.view(n, width, -1)[self._rows[:n], lens - 1]
-        logits = self.lm_head(rms_norm(last, self.norm, self.eps))
+        return self._prefill_sample(self.lm_head(rms_norm(last, self.norm, self.eps)), n, mode)
+
+    def _prefill_sample(self, logits: torch.Tensor, n: int, mode: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prefill's tail (graph-capturable): sample the first tokens of rows 0..n-1 from their last
+        position's logits and seed their slots' decode state from the static prompt buffers."""
+        lens, slot_t, aid, seed = self._p_long[:, :n]
+        temp, top_p = self._p_float[:, :n]
         tokens = sample(
             logits,
             temp,

@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +53,7 @@ from torch.nn.attention import sdpa_kernel
 
 from node.serving import kernels, mla_kernels
 from node.serving.fast import (
-    GREEDY,
     PREFILL_ATTENTION,
-    RANDOM_TOP_P,
     FastRunner,
     LoraBank,
     Proj,
@@ -63,10 +61,8 @@ from node.serving.fast import (
     _unwrap,
 )
 from node.serving.kv_cache import length_buckets
-from node.serving.lora import LoraWeights
 from node.serving.moe import DenseMLP, MoE
 from node.serving.quant import Linear
-from node.serving.sampling import RowSampling, sample
 
 SUPPORTED = frozenset({"deepseek_v2", "deepseek_v3"})
 GEMV_KINDS = ("qa", "qb", "o", "router", "gate_up", "down", "lm_head")
@@ -151,46 +147,8 @@ class _MLALayer:
 class MLALoraBank(LoraBank):
     """FastRunner's bank (slot s owns rows [s m r, (s+1) m r) of each group) over the MLA groups."""
 
-    def __init__(self, layers: list[_MLALayer], *, adapters: int, rank: int) -> None:
-        super().__init__([], adapters=adapters, rank=rank)
-        self.mla_layers = layers
-
-    def load(self, name: str, weights: LoraWeights) -> int:
-        if name in self.names:
-            slot = self.names.index(name)
-        elif None in self.names:
-            slot = self.names.index(None)  # the lowest free slot keeps live ids dense
-        else:
-            raise RuntimeError(f"all {self.n} adapter slots are in use; unload one first")
-        known = {
-            f"model.layers.{i}.{t}"
-            for i, layer in enumerate(self.mla_layers)
-            for ts in layer.targets().values()
-            for t in ts
-        }
-        unknown = set(weights) - known
-        if unknown:
-            raise ValueError(f"adapter {name!r} targets modules the engine does not serve: {sorted(unknown)[:3]}")
-        if any(a.shape[0] > self.rank for a, _ in weights.values()):
-            raise ValueError(f"adapter {name!r} has a rank above the engine's max LoRA rank {self.rank}")
-        self._fill(slot, weights)
-        self.names[slot] = name
-        return slot + 1
-
-    def _fill(self, slot: int, weights: LoraWeights) -> None:
-        r = self.rank
-        for i, layer in enumerate(self.mla_layers):
-            targets = layer.targets()
-            for g, proj in layer.groups().items():
-                ends = torch.tensor(proj.splits).cumsum(0).tolist()
-                for t, target in enumerate(targets[g]):
-                    row, lo, hi = (slot * proj.m + t) * r, ends[t] - proj.splits[t], ends[t]
-                    proj.a[row : row + r].zero_()
-                    proj.b[row : row + r].zero_()
-                    if (ab := weights.get(f"model.layers.{i}.{target}")) is not None:
-                        rank = ab[0].shape[0]
-                        proj.a[row : row + rank] = ab[0].to(proj.a)
-                        proj.b[row : row + rank, lo:hi] = ab[1].t().to(proj.b)
+    def targets(self, layer: Any) -> dict[str, tuple[str, ...]]:
+        return cast(_MLALayer, layer).targets()
 
 
 def rotation_basis(dim: int, *, interleaved: bool) -> torch.Tensor:
@@ -267,29 +225,7 @@ class MLARunner(FastRunner):
         )
         self.kv = self.latent  # type: ignore[assignment]  # FastRunner.decode reads only bucket()
         self.lora = MLALoraBank(self.blocks, adapters=max_adapters, rank=max_lora_rank)
-        # Per-slot device state and host mirrors, as FastRunner keeps them (its decode/prefill/capture use them).
-        dev, s = self.device, max_slots
-        self._tok = torch.zeros(s, dtype=torch.long, device=dev)
-        self._pos = torch.zeros(s, dtype=torch.long, device=dev)
-        self._plen = torch.zeros(s, dtype=torch.long, device=dev)
-        self._aid = torch.zeros(s, dtype=torch.long, device=dev)
-        self._active = torch.zeros(s, dtype=torch.bool, device=dev)
-        self._temp = torch.zeros(s, dtype=torch.float32, device=dev)
-        self._top_p = torch.ones(s, dtype=torch.float32, device=dev)
-        self._seed = torch.zeros(s, dtype=torch.long, device=dev)
-        self._rows = torch.arange(s, device=dev)
-        self._p_ids = torch.zeros(s, self.max_len, dtype=torch.long, device=dev)
-        self._p_long = torch.zeros(4, s, dtype=torch.long, device=dev)
-        self._p_float = torch.zeros(2, s, dtype=torch.float32, device=dev)
-        self.prefill_buckets = [b for b in (16, 32, 64, 128, 256, 512, 1024, 2048) if b < self.max_len]
-        self.prefill_buckets.append(self.max_len)
-        self._prefill_graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, Any]] = {}
-        self.prefill_graphs_off: str | None = None
-        self._keys = torch.arange(self.max_len, device=dev)
-        self._len = [0] * s
-        self._aid_host = [0] * s
-        self._sampling: list[RowSampling | None] = [None] * s
-        self._active_host = [False] * s
+        self._init_slot_state(max_slots)  # FastRunner's: its decode/prefill/capture read them
         self.batch_buckets = _pow2_buckets(max_slots)
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple[int, int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -418,8 +354,7 @@ class MLARunner(FastRunner):
         """Prefill from the static prompt buffers (graph-capturable); returns (logits, first tokens).
         The plain (non-absorbed) form: kv_b_proj expands the prompt's latents to keys and values."""
         ids = self._p_ids[:n, :width]
-        lens, slot_t, aid, seed = self._p_long[:, :n]
-        temp, top_p = self._p_float[:, :n]
+        lens, slot_t, aid = self._p_long[:3, :n]
         row_aid = aid.repeat_interleave(width)
         h_, dn, dr, dv = self.heads, self.dn, self.dr, self.dv
         cos, sin = self._cos[:width, None], self._sin[:width, None]  # [W, 1, dr / 2]
@@ -439,22 +374,7 @@ class MLARunner(FastRunner):
             layer.o.residual(x, o.transpose(1, 2).reshape(n * width, h_ * dv), self.lora.rows(1, live), row_aid)
             self._mlp(layer, x, row_aid)
         last = x.view(n, width, -1)[self._rows[:n], lens - 1]
-        logits = self.lm_head(F.rms_norm(last, (last.shape[-1],), self.norm, self.eps))
-        tokens = sample(
-            logits,
-            temp,
-            top_p,
-            seed,
-            torch.zeros(n, dtype=torch.long, device=self.device),
-            any_random=mode != GREEDY,
-            any_top_p=mode == RANDOM_TOP_P,
-        )
-        self._tok[slot_t] = tokens
-        self._pos[slot_t] = lens
-        self._plen[slot_t] = lens
-        self._aid[slot_t] = aid
-        self._temp[slot_t], self._top_p[slot_t], self._seed[slot_t] = temp, top_p, seed
-        return logits, tokens
+        return self._prefill_sample(self.lm_head(F.rms_norm(last, (last.shape[-1],), self.norm, self.eps)), n, mode)
 
     def _decode_rows(self, batch: int, width: int, live: int, mode: int) -> torch.Tensor:
         """One decode step over rows 0..batch-1 from the static buffers, sampling included; graph-capturable.
@@ -482,10 +402,23 @@ class MLARunner(FastRunner):
         return self._advance(batch, mode, self.lm_head(F.rms_norm(x, (x.shape[-1],), self.norm, self.eps)))
 
     def _attend_kernels(
-        self, layer: _MLALayer, a: torch.Tensor, q: torch.Tensor, cache: torch.Tensor, batch: int, live: int
+        self,
+        layer: _MLALayer,
+        a: torch.Tensor,
+        q: torch.Tensor,
+        cache: torch.Tensor,
+        batch: int,
+        live: int,
+        *,
+        pos: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
+        fused: bool = True,
+        split: bool | None = None,
     ) -> torch.Tensor:
-        """Latent write + absorbed attention through two kernels: o_proj's input [B, H dv]."""
-        pos = self._pos[:batch]
+        """Latent write + absorbed attention through two kernels: o_proj's input [B, H dv]. `pos`, `out`,
+        `fused`, `split` default to the decode step's (the slots' positions, a fresh output, the kernels,
+        the bucket's timed split); the load-time check passes its own to compare the forms."""
+        pos = self._pos[:batch] if pos is None else pos
         mla_kernels.latent_write(
             a,
             layer.kv_ln,
@@ -497,9 +430,9 @@ class MLARunner(FastRunner):
             off=a.shape[1] - self.kv_rank - self.dr,
             rank=self.kv_rank,
             interleaved=self.interleaved,
-            fused=True,
+            fused=fused,
         )
-        o = torch.empty(batch, self.heads * self.dv, dtype=self.dtype, device=self.device)
+        o = torch.empty(batch, self.heads * self.dv, dtype=self.dtype, device=self.device) if out is None else out
         lora = (self._aid[:batch], layer.kvb.a, layer.kvb.b, self.lora.rank) if live else None
         return mla_kernels.mla_decode(
             q,
@@ -516,8 +449,8 @@ class MLARunner(FastRunner):
             interleaved=self.interleaved,
             lora=lora,
             cfg=self._mla_cfg,
-            split=self.attn_split.get(batch, False),
-            fused=True,
+            split=self.attn_split.get(batch, False) if split is None else split,
+            fused=fused,
         )
 
     def _attend_torch(
@@ -562,7 +495,13 @@ class MLARunner(FastRunner):
         mla_kernels.moe_route(F.linear(h.float(), mlp.gate_w32), mlp.bias, idx, wts, **mlp.route_kwargs())
         if mlp.shared is not None:
             mlp.shared.residual(x, h, aid)
-        act = torch.empty(batch * mlp.top_k, mlp.inter, dtype=self.dtype, device=self.device)
+        self._moe_pairs(mlp, h, idx, wts, x, fused=True)
+
+    def _moe_pairs(
+        self, mlp: MoE, h: torch.Tensor, idx: torch.Tensor, wts: torch.Tensor, y: torch.Tensor, *, fused: bool
+    ) -> None:
+        """y += the picked experts of `h`'s rows (routing `idx`/`wts`) as expert pairs, in the tuned tiles."""
+        act = torch.empty(h.shape[0] * mlp.top_k, mlp.inter, dtype=self.dtype, device=self.device)
         up, down = self._moe_cfg
         mla_kernels.moe_pairs(
             h,
@@ -571,13 +510,13 @@ class MLARunner(FastRunner):
             mlp.w_gu,
             mlp.w_down,
             act,
-            x,
+            y,
             ln=None,
             eps=0.0,
             residual=True,
             up_cfg=up,
             down_cfg=down,
-            fused=True,
+            fused=fused,
         )
 
     def _forward_fused(self) -> torch.Tensor:
@@ -667,37 +606,9 @@ class MLARunner(FastRunner):
         caches = [rnd(2, int(pos.max()) + 1, self.kv_rank + self.dr)]
         caches += [caches[0].clone(), caches[0].clone()]
         outs = [torch.empty(2, self.heads * self.dv, dtype=dt, device=dev) for _ in range(3)]
-        kw: dict[str, Any] = {"heads": self.heads, "dn": self.dn, "dv": self.dv, "scale": self.scale}
         forms = ((True, False), (True, True), (False, False))  # (fused, split): both kernel forms, then torch
         for cache, out, (fused, split) in zip(caches, outs, forms, strict=True):
-            off = a.shape[1] - self.kv_rank - self.dr
-            mla_kernels.latent_write(
-                a,
-                layer.kv_ln,
-                layer.kv_eps,
-                self._cos,
-                self._sin,
-                pos,
-                cache,
-                off=off,
-                rank=self.kv_rank,
-                interleaved=self.interleaved,
-                fused=fused,
-            )
-            mla_kernels.mla_decode(
-                q,
-                layer.kvb.lin.weight,
-                self._cos,
-                self._sin,
-                pos,
-                cache,
-                out,
-                interleaved=self.interleaved,
-                cfg=self._mla_cfg,
-                split=split,
-                fused=fused,
-                **kw,
-            )
+            self._attend_kernels(layer, a, q, cache, 2, 0, pos=pos, out=out, fused=fused, split=split)
         if not all(close(c, caches[2]) and close(o, outs[2]) for c, o in zip(caches[:2], outs[:2], strict=True)):
             return "the attention kernels disagree with torch at this model's shapes"
         moe = next((b.mlp for b in self.blocks if isinstance(b.mlp, MoE)), None)
@@ -714,25 +625,9 @@ class MLARunner(FastRunner):
             wts.gather(1, mine.indices), ref_w.gather(1, theirs.indices), atol=1e-4
         ):
             return "the routing kernel disagrees with torch at this model's shapes"
-        act = torch.empty(2 * moe.top_k, moe.inter, dtype=dt, device=dev)
         ys = [torch.zeros(2, h.shape[1], dtype=dt, device=dev) for _ in range(2)]
-        up, down = self._moe_cfg
         for y, fused in zip(ys, (True, False), strict=True):
-            mla_kernels.moe_pairs(
-                h,
-                idx,
-                wts,
-                moe.w_gu,
-                moe.w_down,
-                act,
-                y,
-                ln=None,
-                eps=0.0,
-                residual=True,
-                up_cfg=up,
-                down_cfg=down,
-                fused=fused,
-            )
+            self._moe_pairs(moe, h, idx, wts, y, fused=fused)
         if not (close(ys[0], ys[1]) and close(ys[0], moe.grouped(h, wts, idx.long()))):
             return "the expert kernels disagree with torch at this model's shapes"
         return None
@@ -900,32 +795,16 @@ class MLARunner(FastRunner):
         k = moes[0].top_k
         idx = torch.empty(batch, k, dtype=torch.int32, device=self.device)
         wts = torch.empty(batch, k, dtype=torch.float32, device=self.device)
-        act = torch.empty(batch * k, moes[0].inter, dtype=self.dtype, device=self.device)
 
         def grouped() -> None:
             for m in moes:
                 w, ix = m.route(h)
                 y.add_(m.grouped(h, w, ix))
 
-        def pairs() -> None:
-            up, down = self._moe_cfg
+        def pairs() -> None:  # as _mlp_decode runs them (its activations allocated in the graph's pool)
             for m in moes:
                 mla_kernels.moe_route(F.linear(h.float(), m.gate_w32), m.bias, idx, wts, **m.route_kwargs())
-                mla_kernels.moe_pairs(
-                    h,
-                    idx,
-                    wts,
-                    m.w_gu,
-                    m.w_down,
-                    act,
-                    y,
-                    ln=None,
-                    eps=0.0,
-                    residual=True,
-                    up_cfg=up,
-                    down_cfg=down,
-                    fused=True,
-                )
+                self._moe_pairs(m, h, idx, wts, y, fused=True)
 
         out: dict[str, float] = {}
         for name, fn in (("grouped", grouped), ("pairs", pairs)):

@@ -30,20 +30,15 @@ thread at V2-Lite's shapes; see MLA_CONFIGS). No config here spills (ptxas -v, s
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any, Unpack
 
 import torch
 import torch.nn.functional as F
 
-from node.serving.kernels import _interpreting, _time_graph
+from node.serving.kernels import _interpreting, _time_graph, tl, triton  # None on CPU-only installs
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs: the runner keeps the torch path
-    triton = None
-    tl = None
-
+if TYPE_CHECKING:  # moe imports fast; the kernels stay importable on their own
+    from node.serving.moe import RouteOptions
 
 if triton is not None:
 
@@ -583,32 +578,27 @@ def moe_route(
     bias: torch.Tensor | None,
     idx: torch.Tensor,
     weights: torch.Tensor,
-    *,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    v3: bool,
-    norm: bool,
-    scaling: float,
+    **opts: Unpack[RouteOptions],
 ) -> None:
     """Fill idx [M, k] (int32) and weights [M, k] (fp32) from fp32 router logits [M, E] (Triton only;
     the torch routing is MoE.route)."""
     m, e = logits.shape
+    top_k, n_group = opts["top_k"], opts["n_group"]
     _route_kernel[(m,)](
         logits,
         bias if bias is not None else logits,
         idx,
         weights,
-        scaling,
+        opts["scaling"],
         E=e,
         EP=_p2(e),
         K=top_k,
         KP=max(2, _p2(top_k)),
         G=n_group,
         GP=max(2, _p2(n_group)),
-        TG=topk_group,
-        V3=v3,
-        NORM=norm,
+        TG=opts["topk_group"],
+        V3=opts["v3"],
+        NORM=opts["norm"],
         num_warps=4 if e <= 256 else 8,
     )
 

@@ -30,7 +30,7 @@ with the fused SwiGLU of the fast runner's `Proj`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import torch
 import torch.nn.functional as F
@@ -69,21 +69,28 @@ def _grouped_linear(x: torch.Tensor, w_t: torch.Tensor, offs: torch.Tensor, nati
     return out
 
 
+class RouteOptions(TypedDict):
+    """A router's options (MoE.route_kwargs), shared by this torch routing and mla_kernels.moe_route."""
+
+    top_k: int
+    n_group: int
+    topk_group: int
+    v3: bool
+    norm: bool
+    scaling: float
+
+
 def route_torch(
     logits: torch.Tensor,
     bias: torch.Tensor | None,
     *,
-    top_k: int,
-    n_group: int,
-    topk_group: int,
-    v3: bool,
-    norm: bool,
-    scaling: float,
     method: str = "greedy",
+    **opts: Unpack[RouteOptions],
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights [M, k] fp32, expert ids [M, k]) from fp32 router logits [M, E], as HF's routers compute them."""
     m, e = logits.shape
-    if v3:
+    top_k, n_group, topk_group = opts["top_k"], opts["n_group"], opts["topk_group"]
+    if opts["v3"]:
         scores = logits.sigmoid()
         choice = scores if bias is None else scores + bias
         if n_group > 1 and topk_group < n_group:  # one group, or all groups kept: no mask
@@ -94,7 +101,7 @@ def route_torch(
             choice = per.masked_fill(~mask[:, :, None], float("-inf")).view(m, e)
         idx = choice.topk(top_k, dim=-1, sorted=False)[1]
         weights = scores.gather(1, idx)
-        if norm:
+        if opts["norm"]:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     else:
         scores = logits.softmax(dim=-1)
@@ -104,7 +111,7 @@ def route_torch(
             mask = torch.zeros(m, n_group, dtype=torch.bool, device=logits.device).scatter_(1, keep, True)
             scores = per.masked_fill(~mask[:, :, None], 0.0).view(m, e)
         weights, idx = scores.topk(top_k, dim=-1, sorted=False)
-    return weights * scaling, idx
+    return weights * opts["scaling"], idx
 
 
 class DenseMLP:
@@ -152,19 +159,9 @@ class MoE:
     # ---- routing ------------------------------------------------------------------------------
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights [M, k] fp32, expert ids [M, k]) for the normalised hidden states h [M, hidden]."""
-        return route_torch(
-            F.linear(h.float(), self.gate_w32),
-            self.bias,
-            top_k=self.top_k,
-            n_group=self.n_group,
-            topk_group=self.topk_group,
-            v3=self.v3,
-            norm=self.norm_topk,
-            scaling=self.scaling,
-            method=self.method,
-        )
+        return route_torch(F.linear(h.float(), self.gate_w32), self.bias, method=self.method, **self.route_kwargs())
 
-    def route_kwargs(self) -> dict[str, Any]:
+    def route_kwargs(self) -> RouteOptions:
         """This router's options for `mla_kernels.moe_route` (V2's plain greedy limits no groups)."""
         limited = self.v3 or self.method == "group_limited_greedy"
         return {

@@ -8,39 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import openai
 import pytest
 import schemathesis
 import torch
-import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 
-from federation.ops.layout import NodeLayout
-from federation.ops.supervise import free_port
-from federation.protocol import wire
 from node.access import AccessPolicy
 from node.api import create_serving_app
-from node.api_keys import ensure_first_key
-from node.engine import ModelHost
-from node.model import load_model
 from node.service import Serving
-from privacy.audit import AuditTrail
-from tests.fake_peer import header_peer
 from tests.load import chat_load
-from tests.node.peers import site_policy
+from tests.node.openai_server import USER, Site, served_site
 
 torch.set_num_threads(2)
 
-USER = [{"role": "user", "content": "Chest pain since this morning."}]
 METRICS = (
     "vllm:num_requests_running",
     "vllm:num_requests_waiting",
@@ -53,67 +41,20 @@ METRICS = (
 )
 
 
-class Site:
-    def __init__(self, root: Path, model_dir: Path) -> None:
-        model, tok = load_model(model_dir)
-        self.host = ModelHost(model, tok, model_name=model_dir.name)
-        layout = NodeLayout(root)
-        self.audit = AuditTrail(layout.audit)
-        keys = ensure_first_key(layout)
-        self.key = layout.api_key.read_text().strip()
-        self.policy = AccessPolicy(
-            site="site-a",
-            audit=self.audit,
-            api_keys=keys,
-            agent_token="-",
-            policy=site_policy(layout, audit=self.audit),
-            peer=header_peer,
-        )
-        self.serving = Serving(self.host, self.audit, owner="site-a", max_slots=8, max_queue=32)
-        for seed, (version, parent) in enumerate([("v1", None), ("v2", "v1")], start=1):
-            rng = np.random.default_rng(seed)
-            arrays = {k: rng.normal(0, 0.05, v.shape).astype(np.float32) for k, v in self.host.initial_arrays().items()}
-            self.host.install(version, arrays, sha256=wire.sha256_of(arrays), parent=parent)
-        self.serving.sync_adapters()
-        self.app = create_serving_app(lambda: self.serving, self.policy, name="site-a")
-
-    def records(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.audit.path.read_text().splitlines()]
-
-
-@contextlib.contextmanager
-def uvicorn_on_loopback(app: Any) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop="asyncio"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def site(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    s = Site(tmp_path_factory.mktemp("openai-site"), tiny_model_dir)
-    yield s
-    s.serving.close()
+    with served_site(tmp_path_factory.mktemp("openai-site"), tiny_model_dir) as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
-def url(site: Site) -> Iterator[str]:
-    with uvicorn_on_loopback(site.app) as base:
-        yield base
+def url(site: Site) -> str:
+    return site.url
 
 
 @pytest.fixture
-def client(site: Site, url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=site.key, max_retries=0, timeout=60)
+def client(site: Site) -> openai.OpenAI:
+    return site.client(timeout=60)
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from langchain_openai import ChatOpenAI
 from pydantic import BaseModel
 
 from node.serving import Constraint
-from tests.node.test_openai_api import USER, Site, uvicorn_on_loopback
+from tests.node.openai_server import USER, Site, served_site
 
 torch.set_num_threads(2)
 
@@ -35,20 +35,13 @@ class Triage(BaseModel):
 
 @pytest.fixture(scope="module")
 def site(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
-    s = Site(tmp_path_factory.mktemp("openai-clients"), tiny_model_dir)
-    yield s
-    s.serving.close()
-
-
-@pytest.fixture(scope="module")
-def url(site: Site) -> Iterator[str]:
-    with uvicorn_on_loopback(site.app) as base:
-        yield base
+    with served_site(tmp_path_factory.mktemp("openai-clients"), tiny_model_dir) as s:
+        yield s
 
 
 @pytest.fixture
-def client(site: Site, url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=site.key, max_retries=0, timeout=120)
+def client(site: Site) -> openai.OpenAI:
+    return site.client(timeout=120)
 
 
 @pytest.fixture
@@ -301,8 +294,8 @@ def test_structured_output_is_not_split(client: openai.OpenAI, site: Site, base:
 
 
 @pytest.fixture
-def chat(site: Site, url: str, base: str) -> ChatOpenAI:
-    return ChatOpenAI(model=base, base_url=f"{url}/v1", api_key=site.key, max_tokens=8, max_retries=0, timeout=120)  # type: ignore[arg-type]
+def chat(site: Site, base: str) -> ChatOpenAI:
+    return ChatOpenAI(model=base, base_url=f"{site.url}/v1", api_key=site.key, max_tokens=8, max_retries=0, timeout=120)  # type: ignore[arg-type]
 
 
 def test_langchain_invoke_stream_batch(chat: ChatOpenAI) -> None:
@@ -314,8 +307,9 @@ def test_langchain_invoke_stream_batch(chat: ChatOpenAI) -> None:
     assert len(replies) == 3 and replies[1].content == reply.content
 
 
-def test_langchain_structured_output(site: Site, url: str, base: str) -> None:
-    model = ChatOpenAI(model=base, base_url=f"{url}/v1", api_key=site.key, max_tokens=64, max_retries=0, timeout=120)  # type: ignore[arg-type]
+def test_langchain_structured_output(site: Site, base: str) -> None:
+    v1 = f"{site.url}/v1"
+    model = ChatOpenAI(model=base, base_url=v1, api_key=site.key, max_tokens=64, max_retries=0, timeout=120)  # type: ignore[arg-type]
     structured = model.with_structured_output(Triage)  # OpenAI's json_schema response format, strict
     assert isinstance(structured.invoke("Chest pain since this morning. Triage it."), Triage)
     assert all(isinstance(r, Triage) for r in structured.batch(["Fever.", "Cough."]))

@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,23 +26,20 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 
 from federation.ops.supervise import free_port
 from federation.protocol import wire
-from federation.protocol.config import NodeConfig
 from node.api import create_app
 from node.api.upstream import UPSTREAM_STATE
 from node.api_keys import ensure_first_key
-from node.build import assemble_node
-from node.data import load_jsonl, tokenize
-from node.engine import ModelHost
-from node.model import build_deepseek_tokenizer, load_model
+from node.model import build_deepseek_tokenizer
 from node.release import ReleasePolicy
 from node.service import NodeService
 from node.upstream import VllmBackend, VllmSettings
+from tests.node.openai_server import uvicorn_on_loopback
 from tests.node.peers import api_key, policy_for
+from tests.node.tiny_service import tiny_service
 from tests.tiny_qwen import tiny_qwen2
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,22 +153,16 @@ def _tail(log: Path) -> str:
 def node(
     vllm: Vllm, model_dir: Path, site_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[NodeService]:
-    state = tmp_path_factory.mktemp("vllm-node")
-    model, tok = load_model(model_dir)
-    host = ModelHost(model, tok, model_name=model_dir.name)
-    config = NodeConfig(
-        name="site-a",
-        model_dir=str(model_dir),
-        data_dir=str(site_data_dir),
-        state_dir=str(state),
-        pki_dir=str(state / "unused-pki"),
+    service = tiny_service(
+        model_dir,
+        site_data_dir,
+        tmp_path_factory.mktemp("vllm-node"),
+        n_train=8,
+        n_eval=4,
         serving_backend="vllm",
         vllm_url=f"{vllm.url}/v1",
         vllm_api_key_file=str(vllm.key_file),
     )
-    train = tokenize(load_jsonl(site_data_dir / "train.jsonl"), tok)[:8]
-    eval_data = tokenize(load_jsonl(site_data_dir / "eval.jsonl"), tok)[:4]
-    service = assemble_node(config, host, train=train, eval_data=eval_data)
     # A version becomes the candidate whatever its (random) eval loss, and is never promoted by traffic
     # here; share 0: default traffic stays on the base model, a request names the version to get it.
     service.release.set_policy(ReleasePolicy(share=0.0, tolerance=1e9, min_requests=10_000), actor="test")
@@ -180,23 +170,6 @@ def node(
     assert service.upstream is not None
     service.upstream.close()
     service.serving.close()
-
-
-@contextlib.contextmanager
-def uvicorn_on_loopback(app: Any) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", loop="asyncio"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 @pytest.fixture(scope="module")

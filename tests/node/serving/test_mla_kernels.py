@@ -28,9 +28,10 @@ import torch
 torch.set_num_threads(1)
 from node.serving import lora_from_peft, mla_kernels
 from node.serving.mla import MLARunner
-from node.serving.sampling import RowSampling
 from tests.node.serving.conftest import hf_greedy
-from tests.node.serving.test_mla_runner import PROMPTS, _peft_with_two_adapters, run_greedy, tiny_deepseek
+from tests.node.serving.test_mla_runner import (
+    PROMPTS, _peft_with_two_adapters, assert_rows_match_peft, run_greedy, tiny_deepseek,
+)
 
 assert mla_kernels.available(torch.device("cpu")) is None, mla_kernels.available(torch.device("cpu"))
 model = tiny_deepseek("v3", q_lora_rank=24, n_group=4, topk_group=2, rope_interleave=False)
@@ -47,22 +48,7 @@ runner = MLARunner(peft, max_slots=4, max_len=64, fused=True, moe="pairs")
 runner.attn_split = dict.fromkeys(runner.batch_buckets, True)  # the kernel adds only kv_b_proj's LoRA value term
 for name in ("v1", "v2"):
     runner.load_adapter(name, lora_from_peft(peft, name))
-first = runner.prefill([0, 1, 2], [PROMPTS[0]] * 3, [0, 1, 2], [RowSampling()] * 3)
-seqs = [[*PROMPTS[0], int(t)] for t in first]
-for _ in range(2):
-    step = runner.decode([0, 1, 2])
-    with torch.no_grad():
-        for row, name in enumerate([None, "v1", "v2"]):
-            ids = torch.tensor([seqs[row]])
-            if name is None:
-                with peft.disable_adapter():
-                    ref = peft(input_ids=ids).logits[0, -1]
-            else:
-                peft.set_adapter(name)
-                ref = peft(input_ids=ids).logits[0, -1]
-            assert (runner.last_logits[row] - ref).abs().max().item() < 1e-4, name
-    for row in range(3):
-        seqs[row].append(int(step[row]))
+assert_rows_match_peft(runner, peft, 2)
 print("ok")
 """
 

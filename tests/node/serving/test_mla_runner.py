@@ -144,40 +144,33 @@ def _peft_greedy(peft: Any, prompt: list[int], adapter: str | None, n: int) -> l
     return hf_greedy(peft, prompt, n)
 
 
-@pytest.mark.parametrize("kind", ["v3", "v2"])
-def test_two_adapter_versions_and_the_base_in_one_batch_equal_peft(kind: str, tiny_model_dir: Path, tok: Any) -> None:
-    model = load_model(tiny_model_dir)[0] if kind == "v3" else tiny_deepseek("v2", q_lora_rank=None)
-    peft = _peft_with_two_adapters(model)
+def serve_versions(peft: Any, tok: Any, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+    """Base, v1 and v2 rows of each prompt through make_runner + Engine, adapters synced as Serving loads
+    them: (the served tokens, peft's greedy tokens), 6 of each."""
     runner = make_runner(peft, max_slots=4, max_len=64)
     assert isinstance(runner, MLARunner)
-    runner.sync_adapters(["v1", "v2"], {n: lora_from_peft(peft, n) for n in ("v1", "v2")})  # as Serving loads them
-    requests = [(p, a) for a in (None, "v1", "v2") for p in PROMPTS[:2]]
-    expected = [_peft_greedy(peft, p, a, 6) for p, a in requests]
-    assert len({tuple(e) for e in expected[::2]}) == 3  # each version changes the output
+    runner.sync_adapters(["v1", "v2"], {n: lora_from_peft(peft, n) for n in ("v1", "v2")})
+    requests = [(p, a) for a in (None, "v1", "v2") for p in prompts]
+    want = [_peft_greedy(peft, p, a, 6) for p, a in requests]
     engine = Engine(runner, tok)
     try:
         events = run_together(engine, [(p, SamplingParams(max_tokens=6, ignore_eos=True), a) for p, a in requests])
     finally:
         engine.stop()
-    assert [token_ids(e) for e in events] == expected
+    return [token_ids(e) for e in events], want
 
 
-def test_kv_b_adapter_through_absorption_is_exact_per_row(tiny_model_dir: Path) -> None:
-    """The decode step's logits with v2 (kv_b_proj + o_proj only) equal peft's forward over the sequence,
-    while a base row and a v1 row share the batch."""
-    peft = _peft_with_two_adapters(load_model(tiny_model_dir)[0])
-    runner = MLARunner(peft, max_slots=4, max_len=64)
-    for name in ("v1", "v2"):
-        runner.load_adapter(name, lora_from_peft(peft, name))
-    names = [None, "v1", "v2"]
+def assert_rows_match_peft(runner: Any, peft: Any, steps: int) -> None:
+    """Base, v1 and v2 rows of PROMPTS[0] in one batch (v1, v2 loaded as ids 1, 2): every decode step's
+    logits equal peft's forward over the row's sequence so far."""
     first = runner.prefill([0, 1, 2], [PROMPTS[0]] * 3, [0, 1, 2], [RowSampling()] * 3)
     seqs = [[*PROMPTS[0], int(t)] for t in first]
-    for _ in range(3):
+    for _ in range(steps):
         step = runner.decode([0, 1, 2])
         assert runner.last_logits is not None
         with torch.no_grad():
-            for row, name in enumerate(names):
-                ids = torch.tensor([seqs[row]])
+            for row, name in enumerate([None, "v1", "v2"]):
+                ids = torch.tensor([seqs[row]], device=runner.device)
                 if name is None:
                     with peft.disable_adapter():
                         ref = peft(input_ids=ids).logits[0, -1]
@@ -187,6 +180,25 @@ def test_kv_b_adapter_through_absorption_is_exact_per_row(tiny_model_dir: Path) 
                 assert (runner.last_logits[row] - ref).abs().max().item() < 1e-4, name
         for row in range(3):
             seqs[row].append(int(step[row]))
+
+
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+def test_two_adapter_versions_and_the_base_in_one_batch_equal_peft(kind: str, tiny_model_dir: Path, tok: Any) -> None:
+    model = load_model(tiny_model_dir)[0] if kind == "v3" else tiny_deepseek("v2", q_lora_rank=None)
+    peft = _peft_with_two_adapters(model)
+    served, expected = serve_versions(peft, tok, PROMPTS[:2])
+    assert len({tuple(e) for e in expected[::2]}) == 3  # each version changes the output
+    assert served == expected
+
+
+def test_kv_b_adapter_through_absorption_is_exact_per_row(tiny_model_dir: Path) -> None:
+    """The decode step's logits with v2 (kv_b_proj + o_proj only) equal peft's forward over the sequence,
+    while a base row and a v1 row share the batch."""
+    peft = _peft_with_two_adapters(load_model(tiny_model_dir)[0])
+    runner = MLARunner(peft, max_slots=4, max_len=64)
+    for name in ("v1", "v2"):
+        runner.load_adapter(name, lora_from_peft(peft, name))
+    assert_rows_match_peft(runner, peft, 3)
 
 
 def test_unloading_an_adapter_leaves_a_hole_and_the_others_serve(tiny_model_dir: Path, tok: Any) -> None:
@@ -282,14 +294,5 @@ def test_cuda_graphs_and_kernels_match_hf(tok: Any) -> None:
             ref = model(input_ids=torch.tensor([p + out[:-1]], device="cuda")).logits[0, -1].float()
             assert (runner.last_logits[row].float() - ref).abs().max().item() < 0.05 * ref.abs().max().item()
     peft = _peft_with_two_adapters(tiny_deepseek("v2", q_lora_rank=None).cuda())
-    runner = make_runner(peft, max_slots=4, max_len=64)
-    assert isinstance(runner, MLARunner)
-    runner.sync_adapters(["v1", "v2"], {n: lora_from_peft(peft, n) for n in ("v1", "v2")})
-    requests = [(p, a) for a in (None, "v1", "v2") for p in PROMPTS[:1]]
-    want = [_peft_greedy(peft, p, a, 6) for p, a in requests]
-    engine = Engine(runner, tok)
-    try:
-        events = run_together(engine, [(p, SamplingParams(max_tokens=6, ignore_eos=True), a) for p, a in requests])
-    finally:
-        engine.stop()
-    assert [token_ids(e) for e in events] == want
+    served, want = serve_versions(peft, tok, PROMPTS[:1])
+    assert served == want
