@@ -47,7 +47,11 @@ def test_report_says_the_consortium_trained_and_served(demo: tuple[Path, dict[st
         assert [e["round"] for e in site["ledger"]] == [1]
         assert site["ledger"][0]["accountant"] == "rdp" and site["ledger"][0]["noise_multiplier"] > 0
         assert site["audit_verified"] is True and site["audit_records"] >= 3  # train, deploy, serve
-        assert site["eval_loss_after"] < site["eval_loss_before"]  # the global adapter learned something
+        # One DP round at the demo's size (160 records, fresh noise each run: node/trainer.py draws its seed)
+        # moves the eval loss by about 1e-4 either way (0.57359 -> 0.57363 seen on 2026-12-06), so "it learned"
+        # is no per-run fact here; what holds every run is that the global adapter is finite and no worse
+        # beyond that noise. Learning under DP is measured at scale in bench/usefulness.py.
+        assert site["eval_loss_after"] < site["eval_loss_before"] + 0.005
     assert "round 1 done" in stdout  # progress is shown as it goes
 
 
