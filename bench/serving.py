@@ -81,8 +81,8 @@ class ToyTokenizer:
         return "".join(f" t{i}" for i in ids)
 
 
-def build_model(shape: str, device: str) -> tuple[Any, Any]:
-    """(model, tokenizer): seeded random weights, bf16 on CUDA, fp32 on the CPU."""
+def build_model(shape: str, device: str, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer): seeded random weights, `dtype` (default bf16 on CUDA, fp32 on the CPU)."""
     torch.manual_seed(0)
     if shape == "tiny":
         from node.model import load_model, write_tiny_model
@@ -94,7 +94,7 @@ def build_model(shape: str, device: str) -> tuple[Any, Any]:
         from transformers import AutoModelForCausalLM, Qwen2Config
 
         cfg = Qwen2Config(**QWEN_SHAPES[shape], tie_word_embeddings=False, max_position_embeddings=4096)
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         tok = ToyTokenizer()
@@ -501,13 +501,49 @@ def goals(res: dict[str, Any], top: int) -> dict[str, Any]:
     return out
 
 
+def capture_cost(model: Any, *, max_slots: int, max_len: int) -> dict[str, Any]:
+    """What building the runner at a `max_len` context costs: wall time of `make_runner` (graph capture
+    included), and the device memory it reserves beyond the KV cache (graph pool, workspaces)."""
+    cuda = next(model.parameters()).is_cuda
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.synchronize()
+    before = torch.cuda.memory_reserved() if cuda else 0
+    start = time.perf_counter()
+    runner: Any = make_runner(model, max_slots=max_slots, max_len=max_len)
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    reserved = (torch.cuda.memory_reserved() - before) if cuda else 0
+    kv = runner.kv.nbytes() if hasattr(runner, "kv") else 0
+    out = {
+        "max_len": max_len,
+        "max_slots": max_slots,
+        "capture_s": round(seconds, 2),
+        "graphs": len(getattr(runner, "_graphs", {})) + len(getattr(runner, "_prefill_graphs", {})),
+        "kv_cache_bytes": kv,
+        "kv_cache_gb": round(kv / 1e9, 3),
+        "reserved_gb": round(reserved / 1e9, 3),
+        "graphs_and_workspace_gb": round((reserved - kv) / 1e9, 3) if cuda else None,
+    }
+    del runner
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return out
+
+
 def table(res: dict[str, Any]) -> str:
     floor = res.get("floor", {}).get("tokens_per_s")
     lines = [
         "| method | requests | tokens/s median (min-max) | x floor | TTFT p50 ms | TTFT p99 ms | peak GB |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    captures = [m for m in res["methods"].values() if "capture_s" in m]
     for name, m in res["methods"].items():
+        if "capture_s" in m:
+            continue
         if "tokens_per_s" not in m:
             lines.append(f"| {name} | {m.get('skipped') or m.get('error')} | | | | | |")
             continue
@@ -516,6 +552,22 @@ def table(res: dict[str, Any]) -> str:
         cells = [name, str(m["requests"]), _cell(m, "tokens_per_s"), ratio]
         cells += [_cell(m, "ttft_p50_ms"), _cell(m, "ttft_p99_ms"), _cell(m, "peak_memory_gb")]
         lines.append("| " + " | ".join(cells) + " |")
+    if captures:
+        lines += [
+            "",
+            "| max_len | slots | capture s | graphs | KV cache GB | graphs + workspace GB |",
+            "| --- " * 6 + "|",
+        ]
+        for m in captures:
+            cells = [
+                m["max_len"],
+                m["max_slots"],
+                m["capture_s"],
+                m["graphs"],
+                m["kv_cache_gb"],
+                m["graphs_and_workspace_gb"],
+            ]
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 
 
@@ -560,6 +612,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--time-budget-s", type=float, default=None, help="skip methods not started by then")
     ap.add_argument("--int8", action="store_true", help="also run the engine with INT8 weights")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="weights on CUDA")
+    ap.add_argument(
+        "--capture-contexts",
+        default="",
+        help="comma list of max_len: build the runner at each and record capture time and graph memory",
+    )
     ap.add_argument("--out", type=Path, default=Path("serving.json"))
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -573,7 +631,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
-    model, tok = build_model(args.shape, args.device)
+    model, tok = build_model(args.shape, args.device, getattr(torch, args.dtype) if args.device == "cuda" else None)
     vocab = int(model.config.vocab_size)
     prompts = prompts_for(max(top, args.sequential_requests, args.hf_requests), args.prompt_tokens, vocab)
     context = args.prompt_tokens + args.new_tokens / 2  # mean KV length over the measured decode steps
@@ -662,6 +720,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except Exception as exc:  # e.g. out of memory building a runner: keep what was measured
         res["methods"]["engine"] = {"error": f"{type(exc).__name__}: {exc}"}
         log(f"engine failed: {exc}")
+    for ctx in sorted({int(c) for c in args.capture_contexts.split(",") if c}):
+        record(f"capture_ctx{ctx}", lambda ctx=ctx: capture_cost(model, max_slots=top, max_len=ctx))  # type: ignore[misc]
     reset_memory(args.device)
     if not args.skip_hf:
         for kind in hf_kinds:

@@ -101,3 +101,17 @@ def test_cpu_run_reports_the_floor_and_medians_of_five(tmp_path: Path) -> None:
     vals = res["methods"]["engine_c1"]["tokens_per_s"]["values"]
     assert c1["median"] == pytest.approx(statistics.median(v / floor["tokens_per_s"] for v in vals), abs=2e-3)
     assert res["goals"]["c2_over_best_hf"]["hf_method"] == "hf_c2_eager"
+
+
+def test_capture_cost_records_build_time_and_the_kv_cache_at_each_context(tmp_path: Path) -> None:
+    """`--capture-contexts`: the runner built at each max_len; on the CPU nothing is captured, the KV cache grows."""
+    out = tmp_path / "serving.json"
+    args = ["--device", "cpu", "--shape", "qwen-tiny", "--concurrency", "2", "--adapters", "1", "--skip-hf"]
+    args += ["--prompt-tokens", "8", "--new-tokens", "4", "--repeats", "1", "--capture-contexts", "128,512"]
+    main([*args, "--out", str(out)])
+    methods = json.loads(out.read_text())["methods"]
+    small, large = methods["capture_ctx128"], methods["capture_ctx512"]
+    assert small["max_len"] == 128 and large["max_len"] == 512 and small["max_slots"] == 2
+    assert large["kv_cache_bytes"] == 4 * small["kv_cache_bytes"] > 0  # the cache is sized by max_len
+    assert small["capture_s"] >= 0 and small["graphs"] == 0  # CUDA graphs only on CUDA
+    assert small["graphs_and_workspace_gb"] is None
