@@ -1,10 +1,11 @@
-"""The demo's base model: the tiny DeepSeek-V3, pretrained on public referral chats, cached.
+"""The demo's base model: the tiny DeepSeek-V3, pretrained on public chats, cached.
 
 Seeded weights (`node.model.write_tiny_model`) answer noise; pretrained on the public corpus
 (`fedseek_examples.demo.public`, never a site's records) the model answers in the task's form,
-one department name then end of turn, without knowing which findings mean which department.
-Deterministic for (model config, public seed, corpus size, epochs, generator version): that key
-names the cache entry, so a second demo run copies the model instead of training again.
+one department name then end of turn, and knows which findings go together, without knowing
+which department sees them: that mapping is what the federation's DP rounds teach.
+Deterministic for (model config, every `PublicPretraining` field): that key names the cache
+entry, so a second demo run copies the model instead of training again.
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from fedseek_examples.demo.public import GENERATOR_VERSION, PUBLIC_SEED, public_chats, public_records
 
-from node.data import Example, tokenize
+from node.data import Example, TokenizedExample, tokenize
 from node.model import TinyModelConfig, load_model, write_tiny_model
 from node.pretrain import PretrainSettings, pretrain
 
@@ -32,14 +33,29 @@ MARKER = "fedseek_pretrain.json"
 
 @dataclass(frozen=True)
 class PublicPretraining:
-    """What the tiny model is pretrained on and how; every field is part of the cache key."""
+    """What the tiny model is pretrained on and how; every field is part of the cache key.
+
+    The defaults give the DP rounds a base they can teach (examples/demo/README.md has the numbers): a
+    causal-LM loss on every token of the public chats (the notes' words and which findings go together,
+    the answers' form), over the corpus's own 706 tokens instead of the 129k-token head
+    (`corpus_vocabulary`): six epochs over 1,440 chats take 21-26 s (42-47 s of CPU) on 2 cores, where the
+    earlier three answer-only epochs over 480 took 14 s (27 s); with the full head, ~10 minutes (270 x 2.1 s).
+    """
 
     public_seed: int = PUBLIC_SEED
     n_public: int = 480
-    epochs: int = 3
+    epochs: int = 6
     batch_size: int = 32
     learning_rate: float = 1e-2
     generator_version: int = GENERATOR_VERSION
+    uniform_task_answers: bool = True
+    """Answer the task's own prompt too, with every department equally often at random (`public.public_chats`)."""
+    companions: bool = True
+    """Ask which other finding comes with a note's findings (`public.companion_chat`)."""
+    loss: Literal["all", "answer"] = "all"
+    """"all": every token of every chat; "answer": the answered chats' answers only (`PretrainSettings.loss`)."""
+    corpus_vocabulary: bool = True
+    """Compute the head on the corpus's own tokens only (`PretrainSettings.vocabulary`)."""
 
 
 def cache_key(config: TinyModelConfig, pretraining: PublicPretraining) -> str:
@@ -57,25 +73,38 @@ def _pretrained_key(model_dir: Path) -> str | None:
 def _train(out: Path, config: TinyModelConfig, pretraining: PublicPretraining, log: Callable[[str], None]) -> None:
     write_tiny_model(out, config)
     model, tok = load_model(out)
-    # Only the referral-copy chats carry an answer; the answer-only loss skips the prompts' 128k-way
-    # heads (see PretrainSettings.loss), and the embeddings stay at their seeded values: both keep
-    # this to minutes on a small CPU.
     chats = public_chats(
-        public_records(n=pretraining.n_public, seed=pretraining.public_seed), seed=pretraining.public_seed
+        public_records(n=pretraining.n_public, seed=pretraining.public_seed),
+        seed=pretraining.public_seed,
+        uniform_task_answers=pretraining.uniform_task_answers,
+        companions=pretraining.companions,
     )
-    rows = tokenize([Example(messages=c) for c in chats if c[-1]["role"] == "assistant"], tok)
-    model.get_input_embeddings().weight.requires_grad_(False)
+    if pretraining.loss == "all":  # every token: where the model learns which findings go together
+        rows = [_all_tokens(c, tok) for c in chats]
+    else:
+        rows = tokenize([Example(messages=c) for c in chats if c[-1]["role"] == "assistant"], tok)
+    vocabulary = sorted({t for r in rows for t in r.labels if t != -100}) if pretraining.corpus_vocabulary else []
+    model.get_input_embeddings().weight.requires_grad_(False)  # the seeded ones already tell 706 tokens apart
     settings = PretrainSettings(
+        vocabulary=tuple(vocabulary),
         epochs=pretraining.epochs,
         batch_size=pretraining.batch_size,
         learning_rate=pretraining.learning_rate,
         seed=config.seed,
-        loss="answer",
+        loss=pretraining.loss,
     )
     result = pretrain(model, rows, pad_id=int(tok.pad_token_id), settings=settings, log=log)
     model.save_pretrained(out)
     info = {"key": cache_key(config, pretraining), "public_chats": len(rows), **asdict(pretraining), **asdict(result)}
     (out / MARKER).write_text(json.dumps(info, indent=2))
+
+
+def _all_tokens(chat: list[dict[str, str]], tok: Any) -> TokenizedExample:
+    """A chat as one causal-LM row (every token a label); an unanswered one ends with the generation prompt."""
+    answered = chat[-1]["role"] == "assistant"
+    ids = tok.apply_chat_template(chat, add_generation_prompt=not answered, tokenize=True)
+    ids = [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+    return TokenizedExample(input_ids=ids, labels=list(ids))
 
 
 def write_pretrained_tiny_model(
@@ -100,7 +129,7 @@ def write_pretrained_tiny_model(
     hit = cached is not None and _pretrained_key(cached) == key
     if not hit:
         start = time.perf_counter()
-        log(f"pretraining the tiny model on public referral chats (key {key}, {torch.get_num_threads()} threads)")
+        log(f"pretraining the tiny model on public chats (key {key}, {torch.get_num_threads()} threads)")
         parent = cache_dir if cache_dir is not None else out_dir.parent
         parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".pretrain-", dir=parent))

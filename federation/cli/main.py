@@ -40,7 +40,7 @@ def _model_tiny(args: argparse.Namespace) -> int:
         cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
         info = write_pretrained_tiny_model(Path(args.out), config=TinyModelConfig(seed=args.seed), cache_dir=cache)
         how = "from the cache" if info["cached"] else f"pretrained in {info['seconds']:.0f} s"
-        print(f"tiny DeepSeek-V3 model, {how} on {info['public_chats']} public referral chats, written to {args.out}")
+        print(f"tiny DeepSeek-V3 model, {how} on {info['public_chats']} public chats, written to {args.out}")
         return 0
     out = write_tiny_model(Path(args.out), TinyModelConfig(seed=args.seed))
     print(f"tiny DeepSeek-V3 model written to {out}")

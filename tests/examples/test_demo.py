@@ -41,9 +41,10 @@ def test_report_says_the_consortium_trained_and_served(demo: tuple[Path, dict[st
     assert report["served_model"] == [glob["version"], glob["version"]]
     sites = report["sites"]
     assert isinstance(sites, list) and len(sites) == 2
+    n_train = report["training"]["train_records_per_site"]  # type: ignore[index]
     for site in sites:
-        assert 0 < site["epsilon"] <= 1.0
-        assert 0 < site["delta"] < 1 / 160  # below 1/n for the 160 training records of each site
+        assert 0 < site["epsilon"] <= 0.5 + 1e-6  # the run's share (RunSettings.budget_share) of a budget of 1
+        assert 0 < site["delta"] < 1 / n_train  # below 1/n for the training records of each site
         assert [e["round"] for e in site["ledger"]] == [1]
         assert site["ledger"][0]["accountant"] == "rdp" and site["ledger"][0]["noise_multiplier"] > 0
         assert site["audit_verified"] is True and site["audit_records"] >= 3  # train, deploy, serve
@@ -55,10 +56,14 @@ def test_report_says_the_consortium_trained_and_served(demo: tuple[Path, dict[st
     assert "round 1 done" in stdout  # progress is shown as it goes
 
 
-def test_the_model_answers_and_the_federation_does_not_make_it_worse(
-    demo: tuple[Path, dict[str, object], str],
-) -> None:
-    """Issue 18: pretrained on public text the model answers; exact match on each site's held-out notes."""
+def test_the_model_answers_and_the_dp_rounds_teach_it(demo: tuple[Path, dict[str, object], str]) -> None:
+    """Issue 18: pretrained on public text the model answers; the DP round teaches what only the sites know.
+
+    Exact match on each site's 60 held-out notes, base vs global adapter. The nodes draw fresh DP noise
+    each run, so each site is held to issue 18's bar (no worse, above zero) and the learning to the mean:
+    five runs of these settings gained 0.27-0.45 a site and 0.32-0.41 on average (examples/demo/README.md),
+    the 0.1 asserted under a third of the lowest; the base before this work gained 0.00 at both sites.
+    """
     _, report, stdout = demo
     sites = report["sites"]
     assert isinstance(sites, list)
@@ -66,6 +71,9 @@ def test_the_model_answers_and_the_federation_does_not_make_it_worse(
         assert isinstance(site["answer"], str) and site["answer"].strip(), site  # through the site's OpenAI API
         assert 0 < site["accuracy_after"] <= 1
         assert site["accuracy_after"] >= site["accuracy_before"], site
+    before = sum(s["accuracy_before"] for s in sites) / len(sites)
+    after = sum(s["accuracy_after"] for s in sites) / len(sites)
+    assert after >= before + 0.1, (before, after)  # 6 more right answers in 60 a site, on average
     assert "pretrained on" in stdout and "public" in stdout
 
 

@@ -2,29 +2,28 @@
 
 Exact Shapley values need all 2**n coalitions (n <= 12 features here); past that, explanations
 are estimates. This measures how well they rank features against an independent reference on
-the demo's pretrained tiny DeepSeek-V3 (examples/demo/pretrain.py, public referral chats): the
-same game (a demo note as the last user message, its features masked exactly as the explainer
-masks them, the model's own answer teacher-forced through `ModelHost.response_logprobs` under
-the demo's system prompt), explained at the API's default budget (200 evaluations, word
-features) and by shap's own `KernelExplainer` with `REFERENCE_SAMPLES` coalitions and no
-regularisation.
+the demo's pretrained tiny DeepSeek-V3 (examples/demo/pretrain.py): the same game (a demo note as
+the last user message, its features masked exactly as the explainer masks them, the model's own
+answer teacher-forced through `ModelHost.response_logprobs` under the demo's system prompt),
+explained at the API's default budget (500 evaluations, word features) and by shap's own
+`KernelExplainer` with `REFERENCE_SAMPLES` coalitions and no regularisation.
 
-Measured (2026-12-06, on this note and two more of the demo's, 26-27 word features; values are
-Spearman correlations of the per-word totals with the reference):
+Measured (2026-12-06, on the base pretrained on every token of the public chats, which has learned
+which findings go together; this note and two more of the demo's, 26-32 word features; Spearman
+of the per-word totals with the reference):
 
-* the reference is stable: 1,024 / 2,048 / 4,096 coalitions agree with 8,192 at 0.976 / 0.985 /
-  0.994 (a shap reference of 32,768 vs another seed's: 0.997);
-* KernelSHAP (paired, explain.estimators) at 200 evaluations: 0.91 on this note with the default
-  seed (top 5 words: 5 of 5 shared); over 10 seeds x 3 notes, mean 0.89-0.90, lowest 0.82, top-5
-  overlap at least 3 (mean 4.3); shap's Partition explainer (Owen values, the previous default)
-  at the same budget: 0.65-0.68 on this note (0.65-0.82 on others);
-* at 500 evaluations both are >= 0.87 (KernelSHAP 0.95-0.97): Owen values catch up only once
-  the budget expands the whole hierarchy.
+* the words now move the answer's log-probability ten times more than on the earlier base (range
+  0.59 vs 0.065) and interact more, so every estimate is harder: the 2,048-coalition reference agrees
+  with an 8,192-coalition one of another seed at 0.94 (top 5: 5 of 5);
+* KernelSHAP (paired, explain.estimators) at 200 evaluations: 0.41-0.80 over 6 seeds x 3 notes
+  (means 0.61-0.80), which is why the API's default is now 500; at 500: 0.56-0.96 (means 0.71-0.92;
+  top 5 shared: 3-4); at 800: 0.72-0.96. This note, default seed, 500: 0.875, top 5: 4 of 5;
+* on the earlier base (answer-only pretraining) KernelSHAP at 200 was 0.82-0.95.
 
 The bounds sit under the lowest value measured over seeds and notes, so they catch a broken
 estimator (scrambled, sign-flipped or flattened attributions: rho near 0) rather than seed noise;
 the last test catches a fall back to Owen values' level. Wall time on the 2-core CI machine
-~30 s (the model is copied from the demo's cache when it holds it, else pretrained, ~20 s).
+~30 s (the model is copied from the demo's cache when it holds it, else pretrained, ~25 s).
 """
 
 from __future__ import annotations
@@ -45,9 +44,9 @@ NOTE = (
     "51-year-old male, postcode 2240. Seen today with troponin elevated and bilateral ankle oedema and "
     "orthopnoea. Non-smoker."
 )
-MAX_EVALS = 200  # the API's default (node/explain_service.py)
-REFERENCE_SAMPLES = 2048  # agrees with 8,192 at rho 0.985 on this note, in a quarter of the time
-MIN_SPEARMAN = 0.8
+MAX_EVALS = 500  # the API's default (node/explain_service.py)
+REFERENCE_SAMPLES = 2048  # agrees with 8,192 (another seed) at rho 0.94 on this note, in a quarter of the time
+MIN_SPEARMAN = 0.5
 TOP_K = 5
 MIN_TOP_K_SHARED = 3
 
