@@ -277,7 +277,16 @@ def serverapp_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _run_config(tmp_path: Path, **settings: Any) -> dict[str, Scalar]:
     """Flower's run config of a unit run, as `fedseek run` submits it; `settings` override RunSettings fields."""
-    run = RunSettings(**{"run_name": "unit-run", "round_timeout": 30.0, "learning_rate": 0.01, **settings})
+    run = RunSettings(
+        **{
+            "run_name": "unit-run",
+            "round_timeout": 30.0,
+            "learning_rate": 0.01,
+            "num_rounds": 2,
+            "server_opt": "fedavg",
+            **settings,
+        }
+    )
     return RunConfig(run, registry_dir=str(tmp_path / "registry")).to_run_config()
 
 
@@ -395,7 +404,7 @@ def test_train_messages_carry_config_and_the_current_global_adapter(happy_run: A
     train = grid.sent(MessageType.TRAIN)
     assert len(train) == 6
     by_round: dict[int, list[Message]] = {}
-    run = RunSettings(run_name="unit-run", round_timeout=30.0, learning_rate=0.01)
+    run = RunSettings(run_name="unit-run", round_timeout=30.0, learning_rate=0.01, num_rounds=2, server_opt="fedavg")
     for msg in train:  # each carries the run's settings and its round, as a node parses them
         instruction = TrainInstruction.from_config_record(msg.content.config_records[records.CONFIG])
         assert instruction.run == run and (instruction.reply_factors, instruction.run_id) == ("AB", "")

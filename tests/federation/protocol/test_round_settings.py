@@ -94,7 +94,7 @@ def test_the_wire_keeps_todays_keys_and_leaves_unknown_strings_off() -> None:
         "aggregation": "trimmed-mean",
         "trim-fraction": 0.25,
         "noise-schedule": "constant",
-        "server-opt": "fedavg",
+        "server-opt": "fedavgm",
         "server-lr": 1.0,
         "server-momentum": 0.9,
         "update-norm-ratio": 4.0,
