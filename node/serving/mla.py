@@ -253,6 +253,9 @@ class MLARunner(FastRunner):
                 self.moe_path = dict.fromkeys(self.batch_buckets, "pairs")
             elif self.moe_path[self.batch_buckets[0]] == "grouped":
                 self.use_graphs = False  # the loop syncs with the host: no graphs
+            # Prefill always takes the grouped form: its capture could only fail, and a failed capture
+            # can leave the allocator's capture state behind for the next graph (moe.grouped_mm_works).
+            self.prefill_graphs_off = "no grouped-GEMM kernel for this dtype here: prefill loops on the host"
         self.moe_times: dict[str, dict[str, float]] = {}  # per batch bucket: form -> ms per step's MoE layers
         self.attn_split: dict[int, bool] = dict.fromkeys(self.batch_buckets, False)  # W_UK/W_UV by cuBLAS
         self.attn_times: dict[str, dict[str, float]] = {}  # per batch bucket: form -> ms per step's attention

@@ -41,14 +41,27 @@ _GROUPED_OK: dict[tuple[str, torch.dtype], bool] = {}
 
 
 def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `F.grouped_mm` runs for this device and dtype (its CUDA kernel is documented for bf16;
-    the CPU one takes fp32 too). Checked once per (device type, dtype) on a tiny problem."""
+    """Whether `F.grouped_mm` runs for this device and dtype without the host (its CUDA kernel is
+    documented for bf16; the CPU one takes fp32 too). Checked once per (device type, dtype) on a tiny
+    problem. On CUDA other dtypes reach ATen's fallback, which copies `offs` to the host and loops:
+    right values, but a graph that captures it fails, and a failed capture can leave the caching
+    allocator's capture state behind (pytorch#180395); the probe runs with synchronisation made an
+    error, so such a dtype counts as not native and takes the graph-free loop."""
     key = (device.type, dtype)
     if key not in _GROUPED_OK:
+        cuda = device.type == "cuda"
         try:
             x = torch.ones(4, 16, device=device, dtype=dtype)
             w = torch.ones(2, 16, 16, device=device, dtype=dtype)
-            y = F.grouped_mm(x, w, offs=torch.tensor([1, 4], dtype=torch.int32, device=device))
+            offs = torch.tensor([1, 4], dtype=torch.int32, device=device)
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                y = F.grouped_mm(x, w, offs=offs)
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode("default")
             _GROUPED_OK[key] = bool(torch.allclose(y.float(), torch.full_like(y.float(), 16.0)))
         except (RuntimeError, NotImplementedError):
             _GROUPED_OK[key] = False

@@ -92,6 +92,22 @@ def test_prefill_and_batched_decode_match_hf(v3: Any) -> None:
             assert (runner.last_logits[row] - ref).abs().max().item() < 1e-4
 
 
+def test_without_a_grouped_kernel_prefill_is_never_captured_and_still_matches_hf(
+    v3: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where `F.grouped_mm` would loop on the host (fp32 on CUDA: ATen's fallback), prefill's experts
+    take the loop: its graph capture could only fail, and a failed capture can leave the allocator's
+    capture state behind for the next graph (seen on an H100 as an illegal memory access), so the
+    runner does not try it; the loop gives HF's tokens."""
+    import node.serving.moe as moe
+
+    monkeypatch.setattr(moe, "grouped_mm_works", lambda device, dtype: False)
+    runner = MLARunner(v3, max_slots=4, max_len=64)
+    assert runner.prefill_graphs_off is not None and "host" in runner.prefill_graphs_off
+    assert runner.capture(max_prompt=32) >= 0 and not runner._prefill_graphs
+    assert run_greedy(runner, PROMPTS, STEPS) == [hf_greedy(v3, p, STEPS) for p in PROMPTS]
+
+
 def test_the_cache_holds_the_latent_and_the_rope_key_as_hf_does(v3: Any) -> None:
     """Per token and layer kv_lora_rank + qk_rope_head_dim values (not full K/V), equal to HF's cache."""
     runner = MLARunner(v3, max_slots=2, max_len=64)
