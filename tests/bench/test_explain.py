@@ -69,3 +69,16 @@ def test_markdown_row_names_every_method(result: dict[str, Any]) -> None:
     row = result["markdown"]["row"]
     assert row.count("|") == result["markdown"]["header"].splitlines()[0].count("|")
     assert all("n/a" not in cell for cell in row.split("|")[5:10])  # the five methods' seconds
+
+
+def test_the_compute_floor_counts_the_tokens_the_scorer_ran(result: dict[str, Any]) -> None:
+    """Floor = (2 x body parameters x tokens run + 2 x hidden x vocab x scored positions) / measured TFLOP/s."""
+    shape, tflops = result["flops_shape"], result["matmul_tflops"]
+    assert tflops > 0 and shape["body_parameters"] > 0 and shape["vocab"] > shape["hidden"] > 0
+    for name in ("ours", "ours_raw"):
+        m = result["methods"][name]
+        floor, scoring = m["compute_floor"], m["scoring"]
+        flop = 2 * shape["body_parameters"] * scoring["tokens"]
+        flop += 2 * shape["hidden"] * shape["vocab"] * scoring["rows"] * result["response_tokens"]
+        assert floor["seconds"] == pytest.approx(flop / (tflops * 1e12), rel=2e-3)
+        assert floor["floor_over_median"] == pytest.approx(floor["seconds"] / m["seconds"]["median"], abs=2e-3)
