@@ -165,7 +165,7 @@ def _parse_jsonl(data: bytes, path: Path) -> list[Example]:
     return examples
 
 
-def _flat_ids(encoded: Any) -> list[int]:
+def flat_ids(encoded: Any) -> list[int]:
     """apply_chat_template may return a list, a nested list, a tensor or a BatchEncoding."""
     if isinstance(encoded, Mapping):
         encoded = encoded["input_ids"]
@@ -180,10 +180,10 @@ def _flat_ids(encoded: Any) -> list[int]:
 
 
 def _tokenize_one(example: Example, tokenizer: Any, *, max_length: int) -> TokenizedExample:
-    prompt_ids = _flat_ids(
+    prompt_ids = flat_ids(
         tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, tokenize=True)
     )
-    answer_ids = _flat_ids(tokenizer(example.answer + tokenizer.eos_token, add_special_tokens=False))
+    answer_ids = flat_ids(tokenizer(example.answer + tokenizer.eos_token, add_special_tokens=False))
     if len(answer_ids) >= max_length:
         raise DataError(f"answer is {len(answer_ids)} tokens; max_length {max_length} leaves no prompt")
     keep = max_length - len(answer_ids)

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from fedseek_examples.demo.public import GENERATOR_VERSION, PUBLIC_SEED, public_chats, public_records
 
-from node.data import Example, TokenizedExample, tokenize
+from node.data import Example, TokenizedExample, flat_ids, tokenize
 from node.model import TinyModelConfig, load_model, write_tiny_model
 from node.pretrain import PretrainSettings, pretrain
 
@@ -102,8 +102,7 @@ def _train(out: Path, config: TinyModelConfig, pretraining: PublicPretraining, l
 def _all_tokens(chat: list[dict[str, str]], tok: Any) -> TokenizedExample:
     """A chat as one causal-LM row (every token a label); an unanswered one ends with the generation prompt."""
     answered = chat[-1]["role"] == "assistant"
-    ids = tok.apply_chat_template(chat, add_generation_prompt=not answered, tokenize=True)
-    ids = [int(i) for i in (ids["input_ids"] if hasattr(ids, "keys") else ids)]
+    ids = flat_ids(tok.apply_chat_template(chat, add_generation_prompt=not answered, tokenize=True))
     return TokenizedExample(input_ids=ids, labels=list(ids))
 
 

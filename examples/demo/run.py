@@ -72,6 +72,11 @@ class DemoSettings:
     server_opt: str = "fedavg"
     """FedAvgM (0.9) over 2 rounds made some answers fragments ("itations") on 1,000 records a site."""
 
+    def dp_settings(self) -> dict[str, Any]:
+        """The demo's DP-LoRA settings under their `RunSettings` names: the run gets them, the report shows them."""
+        names = ("batch_size", "local_epochs", "learning_rate", "max_grad_norm", "ffa_lora", "server_opt")
+        return {name: getattr(self, name) for name in names}
+
 
 def say(message: str) -> None:
     print(f"[demo {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -231,12 +236,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             run_name=f"demo-{int(time.time())}",
             num_rounds=settings.rounds,
             min_nodes=len(names),
-            batch_size=settings.batch_size,
-            local_epochs=settings.local_epochs,
-            learning_rate=settings.learning_rate,
-            max_grad_norm=settings.max_grad_norm,
-            ffa_lora=settings.ffa_lora,
-            server_opt=settings.server_opt,
+            **settings.dp_settings(),
         )
         summary = run(coord_state, settings=run_settings, timeout=settings.run_timeout, progress=progress)
         report = _check_sites(settings, names, nodes, node_states, summary, pki_dir, coord_info)
@@ -354,12 +354,7 @@ def _check_sites(
         "training": {
             "train_records_per_site": settings.n_train,
             "accuracy_records_per_site": settings.n_accuracy,
-            "batch_size": settings.batch_size,
-            "local_epochs": settings.local_epochs,
-            "learning_rate": settings.learning_rate,
-            "max_grad_norm": settings.max_grad_norm,
-            "ffa_lora": settings.ffa_lora,
-            "server_opt": settings.server_opt,
+            **settings.dp_settings(),
         },
         "mtls": True,
         "endpoints": {
