@@ -39,7 +39,7 @@ from node.engine import BASE
 from node.metrics import CONTENT_TYPE
 from node.service import NodeService
 from node.upstream import Outcome, SseRelay, UpstreamUnavailable, VllmBackend
-from node.upstream.relay import read_whole
+from node.upstream.relay import DONE, read_whole
 
 router = APIRouter()
 
@@ -209,6 +209,7 @@ async def _relay(req: _Request, resp: httpx.Response, relay: SseRelay) -> AsyncG
     """vLLM's events as they come. Starlette closes this generator when the client goes away; closing
     vLLM's response then makes vLLM abort the request, and the record says `cancelled`."""
     finish: str | None = None
+    recorded = False
     try:
         try:
             async for chunk in resp.aiter_bytes():
@@ -216,7 +217,11 @@ async def _relay(req: _Request, resp: httpx.Response, relay: SseRelay) -> AsyncG
                     yield out
             if tail := relay.flush():
                 yield tail
-            if not relay.done and relay.outcome.error is None:
+            if relay.done:  # the record first, then the end: a client that saw [DONE] finds its record
+                recorded = True
+                req.done(relay.outcome, status=resp.status_code)
+                yield DONE
+            elif relay.outcome.error is None:
                 relay.outcome.error = "the stream ended without [DONE]"
         except httpx.HTTPError as exc:  # vLLM went away mid-answer: tell the client in the stream, as OpenAI does
             relay.outcome.error = f"the serving backend broke off the answer: {type(exc).__name__}"
@@ -227,7 +232,8 @@ async def _relay(req: _Request, resp: httpx.Response, relay: SseRelay) -> AsyncG
         finish = relay.outcome.finish_reason or "cancelled"
         raise
     finally:
-        req.done(relay.outcome, status=resp.status_code, finish=finish)
+        if not recorded:
+            req.done(relay.outcome, status=resp.status_code, finish=finish)
         await asyncio.shield(resp.aclose())  # runs to the end even when this task is being cancelled
 
 

@@ -5,7 +5,9 @@ A streamed answer is relayed event by event as it arrives (server-sent events en
 nothing waits for the whole body. Two edits only: the node always asks vLLM for the final usage chunk
 (the audit record and the metrics need the token counts) and drops it when the client did not ask for
 it, so the client gets what it asked for; and where vLLM names the base model otherwise than the node
-does, the `model` field is given the node's name. Every other byte goes through unchanged.
+does, the `model` field is given the node's name. Every other byte goes through unchanged, but one is
+late: vLLM's closing `data: [DONE]` is held back until the node has written the request's audit record,
+so a client that has read the end of the stream finds its record (CI once read the trail in between).
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["MAX_EVENT_BYTES", "Outcome", "SseRelay", "read_whole"]
+__all__ = ["DONE", "MAX_EVENT_BYTES", "Outcome", "SseRelay", "read_whole"]
+
+DONE = b"data: [DONE]\n\n"
+"""The stream's last event, sent by the caller once the record is written (`SseRelay.done`)."""
 
 MAX_EVENT_BYTES = 1 << 20
 """An event longer than this without its blank line is passed on as it is (not held, not read)."""
@@ -92,7 +97,7 @@ class SseRelay:
         self.outcome = Outcome()
         self.strip_usage = strip_usage
         self.rename = rename
-        self.done = False  # `data: [DONE]` seen: the stream ended as it should
+        self.done = False  # `data: [DONE]` seen (and held back): the stream ended as it should
         self._buffer = b""
 
     def feed(self, chunk: bytes) -> bytes:
@@ -121,7 +126,7 @@ class SseRelay:
         payload = lines[0][5:].strip()
         if payload == b"[DONE]":
             self.done = True
-            return event
+            return b""  # the caller sends DONE after the audit record
         try:
             obj = json.loads(payload)
         except ValueError:

@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 from federation.protocol.config import ConfigError, NodeConfig
 from node.upstream import SseRelay, VllmSettings, open_backend
 from node.upstream.peft_format import write_peft_adapter
-from node.upstream.relay import Outcome, read_whole
+from node.upstream.relay import DONE, Outcome, read_whole
 
 CHUNKS = [
     b'data: {"id":"cmpl-8c2c","object":"text_completion","created":1,"model":"tiny-qwen2","choices":[{"index":0,'
@@ -31,7 +31,15 @@ CHUNKS = [
 
 
 def relay_all(relay: SseRelay, pieces: list[bytes]) -> bytes:
-    return b"".join(relay.feed(p) for p in pieces) + relay.flush()
+    """What the client gets: the relayed events, then the held-back end (the node writes its record between)."""
+    out = b"".join(relay.feed(p) for p in pieces) + relay.flush()
+    return out + DONE if relay.done else out
+
+
+def test_the_end_of_the_stream_waits_for_the_caller() -> None:
+    relay = SseRelay(strip_usage=False, rename=None)
+    passed = b"".join(relay.feed(c) for c in CHUNKS) + relay.flush()
+    assert passed == b"".join(CHUNKS[:3]) and relay.done  # [DONE] read, not yet sent
 
 
 def test_stream_passes_through_unchanged_and_is_read() -> None:
