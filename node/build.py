@@ -155,7 +155,8 @@ def assemble_node(
         audit.append(actor="node", action="at_rest.refused", resource=config.name, details={"error": exc.one_line()})
         raise NodeStartError(exc.one_line()) from exc
     keys = load_site_keys(layout.site_secret, envelope=envelope)
-    serving = Serving(host, audit, owner=config.name, keys=keys)
+    # Serving through vLLM, the node's own engine would hold a KV cache and CUDA graphs that never serve.
+    serving = Serving(host, audit, owner=config.name, keys=keys, local_engine=config.serving_backend == "engine")
     parts = NodeParts(
         config=config,
         layout=layout,

@@ -124,6 +124,10 @@ def serving_copy(model: torch.nn.Module) -> torch.nn.Module:
     return served.eval()
 
 
+class NoLocalEngine(Unavailable):
+    """The node serves through the site's vLLM (`serving_backend: "vllm"`) and runs no engine of its own."""
+
+
 class Serving:
     """The OpenAI serving side of a node: one continuous-batching `Engine` over the host's model.
 
@@ -131,6 +135,10 @@ class Serving:
     its LoRA bank), DeepSeek-V2/V3 its MLA + MoE subclass; any other model the generic runner over
     `serving_copy` of the peft model. Either way serving never takes `host.lock`, which a training
     round holds from start to end: see "Serving" in docs/ARCHITECTURE.md. Every request is audited when it ends.
+
+    With `local_engine=False` (a node that serves through vLLM) no runner or engine is built: no KV cache,
+    no CUDA graphs, no engine thread on a GPU that vLLM may share. What needs no engine stays: model
+    resolution and the gray release, `/v1/models`, the site's keyed digests. `engine` then raises NoLocalEngine.
     """
 
     def __init__(
@@ -144,6 +152,7 @@ class Serving:
         max_model_len: int = 4096,
         max_adapters: int = 8,
         keys: SiteKeys | None = None,
+        local_engine: bool = True,
     ) -> None:
         self.host = host
         self.audit = audit
@@ -153,26 +162,47 @@ class Serving:
         self.max_adapters = max_adapters
         max_len = min(max_model_len, host.context_length)
         self._fast = supports(host.peft)
+        self._engine: Engine | None = None
+        self._metrics: ServingMetrics | None = None
+        self._loaded: dict[str, str] = {}  # adapter version -> sha256 the runner serves
+        self.release: Release | None = None
+        """The site's gray release (node/release.py), set by `NodeService`: which version default traffic
+        gets, and each version's request and error counts. None (`fedseek serve`): the newest version."""
+        if not local_engine:
+            return
         with host.lock:
             self.runner: Runner = (
                 make_runner(host.peft, max_slots=max_slots, max_len=max_len, max_adapters=max_adapters)
                 if self._fast
                 else HFRunner(serving_copy(host.peft), max_slots=max_slots, max_len=max_len)
             )
-        self.engine = Engine(self.runner, host.tokenizer, max_queue=max_queue).start()
-        self.metrics = ServingMetrics(self.engine, model_name=host.model_name, max_lora=max_adapters)
-        self._loaded: dict[str, str] = {}  # adapter version -> sha256 the runner serves
-        self.release: Release | None = None
-        """The site's gray release (node/release.py), set by `NodeService`: which version default traffic
-        gets, and each version's request and error counts. None (`fedseek serve`): the newest version."""
+        self._engine = Engine(self.runner, host.tokenizer, max_queue=max_queue).start()
+        self._metrics = ServingMetrics(self._engine, model_name=host.model_name, max_lora=max_adapters)
         self.sync_adapters()
 
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise NoLocalEngine("this node serves through the site's vLLM and runs no engine of its own")
+        return self._engine
+
+    @property
+    def metrics(self) -> ServingMetrics:
+        """The engine's metrics under vLLM's names (NoLocalEngine without an engine: vLLM publishes its own)."""
+        if self._metrics is None:
+            raise NoLocalEngine("this node serves through the site's vLLM: its metrics are on vLLM's /metrics")
+        return self._metrics
+
     def close(self) -> None:
-        self.engine.stop()
+        if self._engine is not None:
+            self._engine.stop()
 
     # ---- adapters -----------------------------------------------------------------------
     def sync_adapters(self) -> None:
-        """Serve what the host has installed (call after every `ModelHost.install`)."""
+        """Serve what the host has installed (call after every `ModelHost.install`); without an engine,
+        nothing to do (vLLM's copies follow the release: node/upstream/vllm.py)."""
+        if self._engine is None:
+            return
         with self.host.lock:
             wanted = {v: a.sha256 for v, a in self.host.adapters.items()}
             if wanted == self._loaded:
@@ -329,10 +359,11 @@ class Serving:
         )
 
     def yield_to_requests(self, max_wait_s: float) -> float:
-        """Between two training steps: wait while requests are in flight, at most `max_wait_s`."""
+        """Between two training steps: wait while requests are in flight, at most `max_wait_s` (not at all
+        without an engine: vLLM's requests run on its own GPUs)."""
         start = time.perf_counter()
-        while time.perf_counter() - start < max_wait_s:
-            stats = self.engine.stats()
+        while self._engine is not None and time.perf_counter() - start < max_wait_s:
+            stats = self._engine.stats()
             if not (stats["running"] or stats["waiting"]):
                 break
             time.sleep(0.002)

@@ -35,7 +35,7 @@ from node.api.upstream import UPSTREAM_STATE
 from node.api_keys import ensure_first_key
 from node.model import build_deepseek_tokenizer
 from node.release import ReleasePolicy
-from node.service import NodeService
+from node.service import NodeService, NoLocalEngine
 from node.upstream import VllmBackend, VllmSettings
 from tests.node.openai_server import uvicorn_on_loopback
 from tests.node.peers import api_key, policy_for
@@ -213,6 +213,14 @@ def test_chat_is_answered_by_vllm_and_audited_once(client: openai.OpenAI, node: 
     assert details["finish_reason"] == "length" and details["sampling"] == {"max_tokens": 8, "temperature": 0}
     assert details["response_hmac"] == node.serving.keys.digest(text)
     assert details["upstream_id"] == resp.id  # vLLM's id, passed through: the record finds vLLM's log line
+
+
+def test_the_node_runs_no_engine_of_its_own(client: openai.OpenAI, node: NodeService) -> None:
+    """Its engine would hold a KV cache and CUDA graphs that never serve, on GPUs vLLM may share."""
+    with pytest.raises(NoLocalEngine):
+        node.serving.engine  # noqa: B018
+    assert node.serving.yield_to_requests(5.0) < 0.1  # a training step never waits on an engine that is not there
+    assert node.host.model_name in {m.id for m in client.models.list()}  # the node still says what it serves
 
 
 def test_completion_and_streams_match_the_whole_answer(client: openai.OpenAI, node: NodeService) -> None:
