@@ -156,6 +156,13 @@ class AccessPolicy:
         audit_refusal(request, exc, identity=caller.identity, audit=self.audit, log=log)
         raise exc
 
+    def may_use(self, caller: Caller, model: str) -> bool:
+        """Whether the site policy lets `caller` generate with `model` on any route (chat or completions):
+        what `/v1/models` lists to it, so a listed model is one it may call and a denied one stays unnamed."""
+        if caller.subject is None:
+            return True
+        return any(self.policy.allows(caller.subject, route, model) for route in ("chat", "completions"))
+
     def _decide(self, request: Request, rule: Rule, identity: Identity | None) -> Caller:
         if rule == "self":
             identity = require_role(identity, "node")

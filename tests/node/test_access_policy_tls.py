@@ -292,6 +292,19 @@ def test_a_model_the_policy_denies_is_refused_after_the_body_names_it(site: Site
 
 
 @pytest.mark.usefixtures("restore_policy")
+def test_models_lists_only_what_the_policy_lets_the_caller_use(site: Site) -> None:
+    model = model_id(site)
+    key = site.service.layout.api_key.read_text().strip()
+    with site.client(site.api_key_url, key=key) as app:
+        assert model in {m["id"] for m in app.get("/v1/models").json()["data"]}
+        set_policy(site, site.policy_text + f"p, key, *, key, *, chat, {model}, deny\n")
+        assert model in {m["id"] for m in app.get("/v1/models").json()["data"]}  # completions still takes it
+        set_policy(site, site.policy_text + f"p, key, *, key, *, *, {model}, deny\n")
+        listed = {m["id"] for m in app.get("/v1/models").json()["data"]}
+        assert listed == {card["id"] for card in site.service.models()} - {model}  # the rest is still listed
+
+
+@pytest.mark.usefixtures("restore_policy")
 def test_a_key_asks_for_explanations_only_with_the_explain_scope_and_the_policys_leave(site: Site) -> None:
     keys = ApiKeys(site.service.layout.api_key_digests)
     explain, record = keys.issue(scopes=["explain"], label="audit tool")
