@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,7 @@ class LoraSync:
         self._prune = True  # the next background sync also unloads what the release no longer routes to
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._running = False  # the background thread is in a sync (set before it clears `_wake`)
         self.last_error: str | None = None
 
     # ---- what vLLM should hold -------------------------------------------------------------
@@ -347,12 +349,26 @@ class LoraSync:
             self._wake.wait(RETRY_S if self.last_error else RESYNC_S)
             if self._stop.is_set():
                 return
+            self._running = True
             self._wake.clear()
             prune, self._prune = self._prune, False  # a periodic check only loads what is missing
             try:
                 self.sync(prune=prune)
             except Exception:  # a bug must not end the thread: the next round tries again
                 log.exception("vLLM adapter sync failed")
+            finally:
+                self._running = False
+
+    def settle(self, timeout_s: float) -> bool:
+        """Wait until no background sync is asked for or running (at most `timeout_s`); whether it settled.
+        A release decision wakes the thread after `sync` already ran in the caller: whoever changes vLLM's
+        adapters by hand next (an operator's script, a test) waits for it first, or the thread undoes it."""
+        deadline = time.monotonic() + timeout_s
+        while self._wake.is_set() or self._running:  # `_running` is set before `_wake` clears: no gap
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def close(self) -> None:
         self._stop.set()

@@ -331,6 +331,7 @@ def test_a_version_vllm_forgot_is_loaded_again(client: openai.OpenAI, node: Node
     the version again and sends the request once more."""
     deploy(node, "v2", seed=2)
     assert "v2" in vllm.loras()
+    assert node.upstream is not None and node.upstream.adapters.settle(30)  # else its sync may load v2 again
     gone = httpx.post(
         f"{vllm.url}/v1/unload_lora_adapter", json={"lora_name": "v2"}, headers={"authorization": f"Bearer {VLLM_KEY}"}
     )
