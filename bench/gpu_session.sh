@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements left open, in the order they matter, for one call each on the lent machine
-# (`run` with carry [".whl"], after scripts/device-wheels.sh here): `bash bench/gpu_session.sh explain`
-# then `bash bench/gpu_session.sh mla`. Each part ends inside 560 s and writes under $OUT.
+# (`run` with carry [".whl"], after scripts/device-wheels.sh here): `bash bench/gpu_session.sh explain`,
+# then `greedy`, then `mla`. Each part ends inside 560 s and writes under $OUT.
 set -u
 export PYTHONUNBUFFERED=1 FLWR_DISABLE_UPDATE_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 T0=$(date +%s)
@@ -18,13 +18,17 @@ explain)  # issue 18: ours vs stock SHAP vs Captum, 128-token prompt, 500 evalua
   CUDA_LAUNCH_BLOCKING=1 timeout "$(left 540)" python3 -m pytest -x -q --tb=short -p no:cacheprovider \
     tests/node/serving/test_mla_runner.py -k cuda > "$OUT/mla_cuda_test.log" 2>&1; echo "mla test rc $?"
   tail -n 12 "$OUT/explain.log" "$OUT/mla_cuda_test.log" ;;
-mla)  # issue 19: fp32 exactness at the V2-Lite widths, HF's best at the V2-Lite shape, the fp16 engine
+greedy)  # issue 19: the MLA engine's tokens at V2-Lite: exact in fp32 (4 layers), bf16 held to the fp32 argmax
   timeout 150 python3 -m bench.serving_mla --check-greedy --check-dtype float32 --prompt-tokens 64 \
     --new-tokens 32 --out "$OUT/mla_greedy_fp32.json" > "$OUT/mla_greedy_fp32.log" 2>&1; echo "fp32 rc $?"
-  timeout "$(left 420)" python3 -m bench.serving_mla --part hf --hf static,static_compile --repeats 5 \
+  timeout "$(left 540)" python3 -m bench.serving_mla --check-greedy --check-dtype bfloat16 --check-requests 8 \
+    --prompt-tokens 64 --new-tokens 32 --out "$OUT/mla_greedy_bf16.json" > "$OUT/mla_greedy_bf16.log" 2>&1
+  echo "bf16 rc $?"; tail -n 25 "$OUT/mla_greedy_fp32.log" "$OUT/mla_greedy_bf16.log" ;;
+mla)  # issue 19: HF's best at the V2-Lite shape, the fp16 engine
+  timeout 300 python3 -m bench.serving_mla --part hf --hf static,static_compile --repeats 5 \
     --time-budget-s 200 --out "$OUT/mla_hf.json" > "$OUT/mla_hf.log" 2>&1; echo "hf rc $?"
   timeout "$(left 550)" python3 -m bench.serving --device cuda --shape r1-distill-1.5b --concurrency 1,64 \
     --adapters 1 --skip-hf --repeats 5 --dtype float16 --out "$OUT/serving_fp16.json" > "$OUT/fp16.log" 2>&1
-  echo "fp16 rc $?"; tail -n 12 "$OUT/mla_greedy_fp32.log" "$OUT/mla_hf.log" "$OUT/fp16.log" ;;
-*) echo "usage: bench/gpu_session.sh explain|mla" >&2; exit 2 ;;
+  echo "fp16 rc $?"; tail -n 12 "$OUT/mla_hf.log" "$OUT/fp16.log" ;;
+*) echo "usage: bench/gpu_session.sh explain|greedy|mla" >&2; exit 2 ;;
 esac

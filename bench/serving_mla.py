@@ -229,7 +229,13 @@ def hf_method(
 
 
 def check_greedy(model: Any, prompts: list[list[int]], new: int, device: str, *, max_slots: int) -> dict[str, Any]:
-    """The engine's greedy tokens (all prompts in one running batch) against HF `generate` (batch 1)."""
+    """The engine's greedy tokens (all prompts in one running batch) against HF `generate` (batch 1).
+
+    Both are then teacher-forced through HF's full forward, in the model's dtype and, for a bf16 or
+    fp16 model, once more with the model converted to fp32 in place (last: the model is fp32 after
+    this). The fp32 argmax is the unbiased reference, the 1.5B path's standard: HF's own bf16 forward
+    shares its kernels and rounding with HF `generate`, so agreement with it flatters HF.
+    """
     import threading
 
     runner = make_runner(model, max_slots=max_slots, max_len=-(-(len(prompts[0]) + new) // 64) * 64)
@@ -251,11 +257,9 @@ def check_greedy(model: Any, prompts: list[list[int]], new: int, device: str, *,
         for _ in prompts:
             if not done.acquire(timeout=600):
                 raise RuntimeError("the engine did not finish the greedy check in 600 s")
+    del engine, runner  # the runner's packed expert weights are a copy: freed before the fp32 conversion below
     hf: list[list[int]] = []
     first_diff: list[int | None] = []
-    tally = {"engine": [0, 0], "hf": [0, 0]}  # argmax hits, positions
-    gaps: list[float] = []
-    scale = 0.0
     with torch.no_grad():
         for p, ours in zip(prompts, out, strict=True):
             ids = torch.tensor([p], device=device)
@@ -269,31 +273,58 @@ def check_greedy(model: Any, prompts: list[list[int]], new: int, device: str, *,
             theirs = [int(t) for t in gen[0, len(p) :]]
             hf.append(theirs)
             first_diff.append(next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None))
-            for who, toks in (("engine", ours), ("hf", theirs)):  # teacher-forced on each one's own tokens
-                logits = model(input_ids=torch.tensor([p + toks], device=device)).logits[0, len(p) - 1 : -1].float()
-                chosen = torch.tensor(toks, device=device)
-                hit = logits.argmax(dim=-1) == chosen
-                tally[who][0] += int(hit.sum())
-                tally[who][1] += len(toks)
-                if who == "engine":
-                    gap = logits.max(dim=-1).values - logits.gather(1, chosen[:, None])[:, 0]
-                    gaps += [round(float(g), 4) for g, h in zip(gap, hit, strict=True) if not h]
-                    scale = max(scale, float(logits.std()))
-    return {
+    dtype = next(model.parameters()).dtype
+    seqs = {"engine": out, "hf": hf}
+    same = teacher_forced(model, prompts, seqs, device)
+    result: dict[str, Any] = {
         "requests": len(prompts),
         "new_tokens": new,
-        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
         "sequences_equal": sum(a == b for a, b in zip(out, hf, strict=True)),
         "first_difference_at": first_diff,
         "how": "teacher-forced: HF's full forward over prompt + each one's own tokens; agreement = the share "
-        "of positions where that token is HF's argmax (HF generate's own share is the noise floor of the dtype)",
-        "engine_teacher_forced_agreement": round(tally["engine"][0] / tally["engine"][1], 4),
-        "hf_generate_teacher_forced_agreement": round(tally["hf"][0] / tally["hf"][1], 4),
-        "engine_disagreement_logit_gaps": gaps,
-        "logit_std": round(scale, 4),
-        "engine_tokens": out,
-        "hf_tokens": hf,
+        "of positions where that token is the forward's argmax; `fp32_*`: the same with the model in fp32 "
+        "(the reference for a bf16/fp16 check: HF generate's share there is the dtype's noise floor)",
+        "engine_teacher_forced_agreement": same["engine"]["agreement"],
+        "hf_generate_teacher_forced_agreement": same["hf"]["agreement"],
+        "engine_disagreement_logit_gaps": same["engine"]["gaps"],
+        "logit_std": same["engine"]["logit_std"],
     }
+    if dtype != torch.float32:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        model.float()  # in place, tensor by tensor: peak about the fp32 model (63 GB at V2-Lite)
+        ref = teacher_forced(model, prompts, seqs, device)
+        result |= {
+            "fp32_engine_agreement": ref["engine"]["agreement"],
+            "fp32_hf_generate_agreement": ref["hf"]["agreement"],
+            "fp32_engine_disagreement_logit_gaps": ref["engine"]["gaps"],
+            "fp32_hf_generate_disagreement_logit_gaps": ref["hf"]["gaps"],
+        }
+    return result | {"engine_tokens": out, "hf_tokens": hf}
+
+
+def teacher_forced(
+    model: Any, prompts: list[list[int]], seqs: dict[str, list[list[int]]], device: str
+) -> dict[str, dict[str, Any]]:
+    """For each named set of continuations: the share of its tokens that are the model's argmax given
+    the prompt and the tokens before, and the logit gaps (argmax minus chosen) where they are not."""
+    res: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for who, rows in seqs.items():
+            hits = total = 0
+            gaps: list[float] = []
+            scale = 0.0
+            for p, toks in zip(prompts, rows, strict=True):
+                logits = model(input_ids=torch.tensor([p + toks], device=device)).logits[0, len(p) - 1 : -1].float()
+                chosen = torch.tensor(toks, device=device)
+                hit = logits.argmax(dim=-1) == chosen
+                hits, total = hits + int(hit.sum()), total + len(toks)
+                gap = logits.max(dim=-1).values - logits.gather(1, chosen[:, None])[:, 0]
+                gaps += [round(float(g), 4) for g, h in zip(gap, hit, strict=True) if not h]
+                scale = max(scale, float(logits.std()))
+            res[who] = {"agreement": round(hits / total, 4), "gaps": gaps, "logit_std": round(scale, 4)}
+    return res
 
 
 # ---- goals and merge ----------------------------------------------------------------------------

@@ -89,6 +89,12 @@ def test_check_greedy_is_exact_in_fp32_and_parts_merge(tmp_path: Path) -> None:
     g = json.loads(greedy.read_text())["check_greedy"]
     assert g["dtype"] == "float32" and g["sequences_equal"] == g["requests"] == 3
     assert g["engine_teacher_forced_agreement"] == 1.0 and g["engine_tokens"] == g["hf_tokens"]
+    assert "fp32_engine_agreement" not in g  # an fp32 check is its own reference
+
+    low = tmp_path / "greedy_bf16.json"  # bf16: both decoders are also held to the fp32 model's argmax
+    b = main(["--quick", "--check-greedy", "--check-dtype", "bfloat16", "--out", str(low)])["check_greedy"]
+    assert b["dtype"] == "bfloat16" and 0.5 <= b["fp32_engine_agreement"] <= 1.0
+    assert len(b["fp32_hf_generate_disagreement_logit_gaps"]) == round((1 - b["fp32_hf_generate_agreement"]) * 3 * 4)
 
     parts = []
     for part, hf in (("engine", "eager"), ("hf", "eager")):
