@@ -41,6 +41,26 @@ def write_results(res: dict[str, Any], out: Path, *, t0: float) -> None:
     out.write_text(json.dumps(res, indent=2))
 
 
+def call_seconds(fn: Callable[[], Any], device: str, repeats: int, *, warmup: int = 2) -> list[float]:
+    """Seconds of each of `repeats` calls of `fn` after `warmup` untimed calls (device events on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end) / 1000)
+        else:
+            t = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t)
+    return out
+
+
 Recorder = Callable[[str, Callable[[], dict[str, Any]]], None]
 
 

@@ -54,7 +54,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from bench.common import machine, versions  # noqa: E402
+from bench.common import call_seconds, machine, versions  # noqa: E402
 
 SYSTEM = "You are a clinical decision-support assistant in a hospital. Answer concisely and cite the findings."
 RAW_TEMPLATE = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
@@ -312,15 +312,7 @@ def matmul_tflops(device: str, dtype: torch.dtype) -> float:
     n = 8192 if device == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(13):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        if i >= 3:
-            best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
+    return 2 * n**3 / min(call_seconds(lambda: a @ b, device, 10, warmup=3)) / 1e12
 
 
 def model_flops_shape(model: Any) -> dict[str, int]:

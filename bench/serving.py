@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from bench.common import machine, recorder, versions, write_results
+from bench.common import call_seconds, machine, recorder, versions, write_results
 from node.serving import Engine, SamplingParams, lora_from_peft, make_runner
 
 QWEN_SHAPES: dict[str, dict[str, Any]] = {
@@ -112,32 +112,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _best_seconds(fn: Callable[[], Any], device: str, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` calls of `fn` after two warm-up calls (device events on CUDA)."""
-    for _ in range(2):
-        fn()
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            out.append(start.elapsed_time(end) / 1000)
-        else:
-            t = time.perf_counter()
-            fn()
-            out.append(time.perf_counter() - t)
-    return out
-
-
 def copy_bandwidth(device: str) -> float:
     """Bytes/s of a large device-to-device copy (read + write counted), best of 10. Kept for reference."""
     n = (1 << 30) if device == "cuda" else (1 << 26)
     src = torch.empty(n, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    best = min(_best_seconds(lambda: dst.copy_(src), device, 10))
+    best = min(call_seconds(lambda: dst.copy_(src), device, 10))
     return 2 * n / best
 
 
@@ -153,7 +133,7 @@ def read_bandwidth(device: str, *, repeats: int = 20) -> dict[str, Any]:
     for name, dtype in (("sum_fp32", torch.float32), ("sum_bf16_to_fp32", torch.bfloat16)):
         n = n_bytes // torch.tensor([], dtype=dtype).element_size()
         buf = torch.rand(n, generator=g, device=device, dtype=torch.float32).to(dtype)  # never time zeros
-        secs = _best_seconds(lambda b=buf: b.sum(dtype=torch.float32), device, repeats)  # type: ignore[misc]
+        secs = call_seconds(lambda b=buf: b.sum(dtype=torch.float32), device, repeats)  # type: ignore[misc]
         out["kernels"][name] = {
             "best_gb_per_s": round(n_bytes / min(secs) / 1e9, 1),
             "median_gb_per_s": round(n_bytes / statistics.median(secs) / 1e9, 1),
