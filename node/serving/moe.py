@@ -54,6 +54,7 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
             x = torch.ones(4, 16, device=device, dtype=dtype)
             w = torch.ones(2, 16, 16, device=device, dtype=dtype)
             offs = torch.tensor([1, 4], dtype=torch.int32, device=device)
+            mode = torch.cuda.get_sync_debug_mode() if cuda else 0
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.set_sync_debug_mode("error")
@@ -61,7 +62,7 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
                 y = F.grouped_mm(x, w, offs=offs)
             finally:
                 if cuda:
-                    torch.cuda.set_sync_debug_mode("default")
+                    torch.cuda.set_sync_debug_mode(mode)  # the caller's mode, not "default"
             _GROUPED_OK[key] = bool(torch.allclose(y.float(), torch.full_like(y.float(), 16.0)))
         except (RuntimeError, NotImplementedError):
             _GROUPED_OK[key] = False
