@@ -79,6 +79,10 @@ def preflight(config: NodeConfig) -> pki.LeafFiles:
         load_publishers(pki.party_publishers(Path(config.pki_dir), config.name))
     except FedSeekError as exc:
         raise NodeStartError(f"app publisher check failed: {exc.one_line()}") from exc
+    # The node key signs the audit trail's checkpoints: made before the trail opens, so a site whose
+    # certificate came without one (`pki.issue`) has its first start's records signed too, not noted
+    # as an unsigned tail at the next start.
+    ensure_auth_keypair(Path(config.pki_dir) / config.name)
     layout = NodeLayout(Path(config.state_dir))
     audit_path = layout.audit
     if audit_path.exists() or head_path(audit_path).exists():

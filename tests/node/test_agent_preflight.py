@@ -16,9 +16,12 @@ import pytest
 from federation.ops.layout import NodeLayout
 from federation.protocol.config import NodeConfig
 from federation.security import pki
+from federation.security.signed_statement import load_private_key
 from node.agent import preflight
 from node.build import NodeStartError, build_node, site_budget
+from node.witness_statements import node_key_path
 from privacy.audit import AuditTrail, verify
+from privacy.checkpoints import parse_checkpoint
 from privacy.ledger import BudgetExceeded, PrivacyLedger, RoundPlan, compose_epsilon
 
 
@@ -64,6 +67,26 @@ def test_good_config_passes(config: NodeConfig, pki_dir: Path) -> None:
     leaf = preflight(config)
     assert leaf.name == "site-a" and leaf.role == "node"
     assert leaf.cert == pki_dir / "site-a" / "cert.pem"
+
+
+def test_a_first_start_signs_its_audit_trail_from_the_first_record(
+    tmp_path: Path, pki_dir: Path, tiny_model_dir: Path, site_data_dir: Path
+) -> None:
+    """A certificate issued without the site's node key (`pki.issue`): the start makes the key before the
+    audit trail opens, so the first records are in a signed checkpoint (they were left unsigned until
+    the next start, which noted them as `audit.unsigned_tail`)."""
+    fresh = tmp_path / "pki"
+    shutil.copytree(pki_dir, fresh)
+    for name in ("supernode_auth.key", "supernode_auth.pub"):
+        (fresh / "site-a" / name).unlink(missing_ok=True)
+    config = make_config(tmp_path, name="site-a", pki_dir=fresh, model_dir=tiny_model_dir, data_dir=site_data_dir)
+    preflight(config)
+    service = build_node(config)
+    size = service.audit.head()[0]
+    assert size > 0  # the ledger's genesis and the data minimisation, at least
+    statement = service.audit.checkpoint() or service.audit.latest_checkpoint()
+    key = load_private_key(node_key_path(fresh, "site-a")).public_key()
+    assert parse_checkpoint(statement, key=key).size == size  # signed with the key the start made
 
 
 # ---- certificates ------------------------------------------------------------------------

@@ -60,6 +60,12 @@ class Agent:
     def audit(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.layout.audit.read_text().splitlines() if line.strip()]
 
+    def audit_of(self, resource: str) -> list[dict[str, Any]]:
+        """The records about `resource` (a run id, a route), in order. Not "the last records": the
+        agent's app guard is its own process and appends `app_guard.started` whenever it is up, which
+        on a slow machine is after the test's first requests (CI saw it land after a refusal)."""
+        return [a for a in self.audit() if a["resource"] == resource]
+
     def stop(self) -> int:
         """SIGTERM, as a service manager stops it; returns its exit status."""
         if self.proc.poll() is None:
