@@ -11,11 +11,11 @@ import argparse
 import getpass
 import os
 import sys
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import get_args
 
+from federation.cli.ca_audit import CaAudit, CaCommand, audited
 from federation.security import pki
 
 
@@ -111,13 +111,14 @@ def _command(
     ca: argparse._SubParsersAction[argparse.ArgumentParser],
     name: str,
     help_text: str,
-    func: Callable[[argparse.Namespace], int],
+    func: CaCommand,
 ) -> argparse.ArgumentParser:
-    """A subcommand that signs with the CA key: every one takes --pki and --passphrase-file."""
+    """A subcommand that signs with the CA key: every one takes --pki and --passphrase-file, and what it
+    does (or why it was refused) is recorded in the CA's audit trail (federation/cli/ca_audit.py)."""
     p = ca.add_parser(name, help=help_text, allow_abbrev=False)  # `--passphrase x` must not mean the file
     p.add_argument("--pki", required=True, help="PKI directory")
     add_passphrase_file(p)
-    p.set_defaults(func=func)
+    p.set_defaults(func=audited(name, func))
     return p
 
 
@@ -154,7 +155,9 @@ def passphrase_from(args: argparse.Namespace, *, confirm: bool = False) -> bytes
     return secret.encode()
 
 
-def _init(args: argparse.Namespace) -> int:
+def _init(args: argparse.Namespace, audit: CaAudit) -> int:
+    old = Path(args.pki) / "ca" / "ca.pem"
+    replaced = _fingerprint(old) if old.is_file() else None
     files = pki.init_ca(
         Path(args.pki),
         consortium=args.consortium,
@@ -162,42 +165,73 @@ def _init(args: argparse.Namespace) -> int:
         force=args.force,
         passphrase=passphrase_from(args, confirm=True),
     )
+    details = {"consortium": args.consortium, "sha256": _fingerprint(files.cert), "days": args.days}
+    audit.record("initialised", args.consortium, {**details, "replaced_sha256": replaced})
     print(f"CA created: {files.cert} (CRL {files.crl})")
     return 0
 
 
-def _issue(args: argparse.Namespace) -> int:
+def _fingerprint(cert: Path) -> str:
+    from cryptography.hazmat.primitives import hashes
+
+    from federation.security.pki.pem import load_cert
+
+    return load_cert(cert).fingerprint(hashes.SHA256()).hex()
+
+
+def _issued(ident: pki.Identity) -> dict[str, object]:
+    """What a record says of a certificate the CA signed: enough to find it in `ca list` and the CRL."""
+    return {
+        "role": ident.role,
+        "serial": f"{ident.serial:x}",
+        "hosts": list(ident.hosts),
+        "not_after": f"{ident.not_after:%Y-%m-%dT%H:%M:%S}Z",
+        "sha256": ident.fingerprint_sha256,
+    }
+
+
+def _issue(args: argparse.Namespace, audit: CaAudit) -> int:
     from federation.security.site_binding import register_site_key
 
     pki_dir = Path(args.pki)
     hosts = args.host or ()
     leaf = pki.issue(pki_dir, args.name, role=args.role, hosts=hosts, days=args.days, passphrase=passphrase_from(args))
+    registered = register_site_key(pki_dir, args.name) if leaf.role == "node" else None
+    audit.record("issued", leaf.name, {**_issued(pki.read_identity(leaf.cert)), "site_key": _name(registered)})
     print(f"issued {leaf.role} certificate for {leaf.name}: {leaf.cert}")
-    if leaf.role == "node":
-        print(f"SuperNode auth key registered: {register_site_key(pki_dir, args.name)}")
+    if registered is not None:
+        print(f"SuperNode auth key registered: {registered}")
     return 0
 
 
-def _renew(args: argparse.Namespace) -> int:
+def _name(path: Path | None) -> str | None:
+    return str(path) if path is not None else None
+
+
+def _renew(args: argparse.Namespace, audit: CaAudit) -> int:
     leaf = pki.renew(
         Path(args.pki), args.name, days=args.days, keep_key=args.keep_key, passphrase=passphrase_from(args)
     )
     ident = pki.read_identity(leaf.cert)
+    audit.record("renewed", leaf.name, {**_issued(ident), "keep_key": args.keep_key})
     print(f"renewed {leaf.role} certificate for {leaf.name}: serial {ident.serial:x}, until {_until(ident)}")
     return 0
 
 
-def _revoke(args: argparse.Namespace) -> int:
+def _revoke(args: argparse.Namespace, audit: CaAudit) -> int:
     serials = pki.revoke(
         Path(args.pki), args.name, reason=args.reason, serial=args.serial, passphrase=passphrase_from(args)
     )
+    audit.record("revoked", args.name, {"serials": [f"{s:x}" for s in serials], "reason": args.reason})
     print(f"revoked {args.name}: serial {', '.join(f'{s:x}' for s in serials)}; CRL published to every party")
     return 0
 
 
-def _crl(args: argparse.Namespace) -> int:
+def _crl(args: argparse.Namespace, audit: CaAudit) -> int:
     if args.if_due is None:
-        print(pki.write_crl(Path(args.pki), days=args.days, passphrase=passphrase_from(args)))
+        path = pki.write_crl(Path(args.pki), days=args.days, passphrase=passphrase_from(args))
+        audit.record("crl_signed", "crl", _crl_details(path))
+        print(path)
         return 0
     if args.if_due < 0:
         raise pki.PKIError(f"--if-due must be a number of days, not {args.if_due}")
@@ -206,6 +240,7 @@ def _crl(args: argparse.Namespace) -> int:
         Path(args.pki), within=timedelta(days=args.if_due), days=args.days, passphrase=passphrase_from(args)
     )
     if until is not None:
+        audit.record("crl_signed", "crl", _crl_details(Path(args.pki) / "ca" / "crl.pem"))
         print(f"CRL re-signed and published, valid until {until:%Y-%m-%d %H:%M}Z")
     else:
         current = pki.load_crl(Path(args.pki) / "ca" / "crl.pem").next_update_utc
@@ -213,7 +248,13 @@ def _crl(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sign(args: argparse.Namespace) -> int:
+def _crl_details(path: Path) -> dict[str, object]:
+    crl = pki.load_crl(path)
+    until = crl.next_update_utc
+    return {"revoked": len(crl), "next_update": f"{until:%Y-%m-%dT%H:%M:%S}Z" if until else None}
+
+
+def _sign(args: argparse.Namespace, audit: CaAudit) -> int:
     from federation.security import enrollment
 
     request = Path(args.request)
@@ -239,19 +280,28 @@ def _sign(args: argparse.Namespace) -> int:
     )
     ident = signed.identity
     what = "renewed" if signed.renewal else "issued"
+    registered = None
+    if ident.role == "node" and site_key is not None:
+        registered = enrollment.register_site_key(Path(args.pki), ident.name, site_key)
+    details = {**_issued(ident), "request": str(request), "not_granted": list(signed.ignored)}
+    audit.record(what, ident.name, {**details, "site_key": _name(registered)})
     print(f"{what} {ident.role} certificate for {ident.name}: serial {ident.serial:x}, until {_until(ident)}")
     print(f"  hosts: {', '.join(ident.hosts) or 'none'}")
     for item in signed.ignored:
         print(f"  requested, not granted: {item}")
-    if ident.role == "node" and site_key is not None:
-        registered = enrollment.register_site_key(Path(args.pki), ident.name, site_key)
+    if registered is not None:
         print(f"  SuperNode auth key registered: {registered}")
     print(f"  bundle for the party: {signed.leaf.cert.parent} (`fedseek node enroll --accept DIR` there)")
     return 0
 
 
-def _publisher(args: argparse.Namespace) -> int:
+def _publisher(args: argparse.Namespace, audit: CaAudit) -> int:
+    from federation.security.app_signing import PUBLISHERS_FILE, load_publishers
+
+    trust = Path(args.pki) / "ca" / PUBLISHERS_FILE
+    before = sorted(load_publishers(trust)) if trust.is_file() else []
     key_id = pki.create_publisher(Path(args.pki), passphrase=passphrase_from(args, confirm=False), force=args.force)
+    audit.record("publisher_created", key_id, {"replaced": [k for k in before if k != key_id]})
     print(f"app-publisher key {key_id}; every party's publishers.json lists it (re-sign apps: `fedseek app sign`)")
     return 0
 

@@ -12,6 +12,8 @@ plain on-disk layout::
     pki_dir/<name>/ca.pem    copy of the CA certificate (trust anchor)
     pki_dir/<name>/crl.pem   copy of the CRL (each party reads only its own directory)
     pki_dir/site-keys/       Flower SuperNode public keys (see federation.security.site_binding)
+    pki_dir/ca-audit/        the CA operator's audit trail of `fedseek ca` operations and refusals
+                             (beside ca/, which `ca init --force` replaces whole)
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 from federation.security.pki.identity import NAME_RE, Role
 
 __all__ = [
+    "CA_AUDIT_DIR",
     "CA_CERT",
     "CA_DIR",
     "CA_KEY",
@@ -40,8 +43,9 @@ __all__ = [
 
 CA_DIR = "ca"
 SITE_KEYS_DIR = "site-keys"
+CA_AUDIT_DIR = "ca-audit"
 # Directory names under pki_dir that are not parties, so no party may take them.
-RESERVED = frozenset({CA_DIR, SITE_KEYS_DIR})
+RESERVED = frozenset({CA_DIR, SITE_KEYS_DIR, CA_AUDIT_DIR})
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 INDEX_FILE = "index.json"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,16 +15,13 @@ from federation.cli.main import main
 from federation.errors import KINDS, FedSeekError, Forbidden, InvalidInput, Unavailable
 from federation.ops.layout import NodeLayout
 from federation.security import pki
+from tests.federation.cli.ca_files import ca_files
 
 
 def _pass_file(tmp_path: Path, secret: str = "cli test passphrase, not the env one") -> str:
     path = tmp_path / "ca-pass"
     path.write_text(secret + "\n")
     return str(path)
-
-
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def test_ca_init_issue_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -92,7 +90,7 @@ def test_ca_bad_input_is_one_line_and_writes_nothing(
     assert main(["ca", "init", "--pki", str(root), *pw]) == 0
     assert main(["ca", "issue", "site-x", "--pki", str(root), "--role", "node", *pw]) == 0
     capsys.readouterr()
-    before = _snapshot(root)
+    before = ca_files(root)
     wrong = tmp_path / "wrong"
     wrong.write_text("a wrong passphrase\n")
     (tmp_path / "bad-crl.pem").write_text("junk")
@@ -107,14 +105,19 @@ def test_ca_bad_input_is_one_line_and_writes_nothing(
         (["ca", "issue", "site-y", "--role", "node", "--days", "400", *pw], "at most 90 days"),
         (["ca", "init", *pw], "already exists"),
     ]
+    errors = []
     for argv, message in cases:
         assert main([*argv, "--pki", str(root)]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("fedseek: error:") and message in err[0], (argv, err)
+        errors.append(err[0].removeprefix("fedseek: error: "))
     monkeypatch.delenv(pki.PASSPHRASE_ENV)
     assert main(["ca", "crl", "--pki", str(root)]) == 2
     assert "--passphrase-file FILE or set FEDSEEK_CA_PASSPHRASE" in capsys.readouterr().err
-    assert _snapshot(root) == before
+    assert ca_files(root) == before
+    trail = (root / "ca-audit" / "audit.jsonl").read_text().splitlines()
+    refused = [json.loads(line) for line in trail if '"ca.refused"' in line]
+    assert [r["details"]["error"] for r in refused][: len(errors)] == errors and len(refused) == len(errors) + 1
     # The secret is never an argument (it would show in `ps`), not even by abbreviation.
     with pytest.raises(SystemExit):
         main(["ca", "crl", "--pki", str(root), "--passphrase", "hunter2-hunter2"])
