@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from federation.errors import FedSeekError, Unavailable
+from federation.ops.mounts import filesystem_type, in_memory
 from federation.protocol.config import ConfigError, NodeConfig
 from node.upstream.metrics import UpstreamMetrics
 from node.upstream.peft_format import export_dir_name, remove_export, write_peft_adapter
@@ -103,6 +104,14 @@ class VllmSettings:
             except OSError as exc:
                 raise ConfigError(f"cannot read vllm_api_key_file {config.vllm_api_key_file}: {exc.strerror}") from exc
         lora_dir = Path(config.vllm_lora_dir) if config.vllm_lora_dir else state_dir / "vllm-lora"
+        if config.kek and not in_memory(lora_dir):
+            # vLLM loads adapters from files in clear: at a site whose files are under a KEK they may
+            # live in memory only, never on a disk.
+            raise ConfigError(
+                f"this site encrypts its files at rest (kek), but vLLM's adapter exports would be written in clear "
+                f"to {lora_dir} ({filesystem_type(lora_dir)}): set vllm_lora_dir to a directory on a tmpfs "
+                "(e.g. /dev/shm/fedseek-vllm-lora, mounted into vLLM's container)"
+            )
         if config.vllm_timeout_s <= 0:
             raise ConfigError(f"vllm_timeout_s must be positive, not {config.vllm_timeout_s}")
         return cls(

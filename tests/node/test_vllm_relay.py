@@ -6,7 +6,9 @@ the real server is driven in test_vllm_backend.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,7 @@ import pytest
 from peft import LoraConfig
 from safetensors.numpy import load_file
 
+from federation.ops.mounts import in_memory
 from federation.protocol.config import ConfigError, NodeConfig
 from node.upstream import SseRelay, VllmSettings, open_backend
 from node.upstream.peft_format import write_peft_adapter
@@ -117,6 +120,24 @@ def test_settings_defaults(tmp_path: Path) -> None:
     settings = VllmSettings.from_config(config, model_name="DeepSeek-V3", state_dir=tmp_path)
     assert settings.url == "http://10.0.0.5:8000" and settings.model == "DeepSeek-V3"
     assert settings.lora_dir == tmp_path / "vllm-lora" and settings.lora_dir_in_vllm == str(tmp_path / "vllm-lora")
+
+
+def test_a_site_with_a_kek_exports_adapters_to_memory_only(tmp_path: Path) -> None:
+    """vLLM reads adapters in clear; under a KEK the export directory must be on a tmpfs, not a disk."""
+    kek = {"passphrase_file": str(tmp_path / "kek-pass")}
+    if in_memory(tmp_path):
+        pytest.skip(f"{tmp_path} is on a tmpfs here: no disk to refuse")
+    on_disk = NodeConfig(name="s", model_dir="m", data_dir="d", state_dir=str(tmp_path), pki_dir="p",
+                         serving_backend="vllm", vllm_url="http://h:8000", kek=kek)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"in clear to .*vllm-lora \(\w+\): set vllm_lora_dir to .* on a tmpfs"):
+        VllmSettings.from_config(on_disk, model_name="m", state_dir=tmp_path)
+    shm = Path("/dev/shm")
+    if not in_memory(shm):
+        pytest.skip("/dev/shm is not a tmpfs on this machine")
+    in_ram = dataclasses.replace(on_disk, vllm_lora_dir=str(shm / f"fedseek-test-{os.getpid()}" / "lora"))
+    assert VllmSettings.from_config(in_ram, model_name="m", state_dir=tmp_path).lora_dir.parent.parent == shm
+    plain = dataclasses.replace(on_disk, kek={})  # no KEK: nothing at the site is encrypted, the default stands
+    assert VllmSettings.from_config(plain, model_name="m", state_dir=tmp_path).lora_dir == tmp_path / "vllm-lora"
 
 
 def test_unknown_backend_is_refused(tmp_path: Path) -> None:
