@@ -11,7 +11,10 @@ ASGI and runs first:
    `access.refused` audit record) before a byte of the body is read (the model a body names is
    held to the policy after it is parsed: node.api.deps);
 3. the body is counted as it arrives (chunked included): past the limit the request is
-   answered 413 and nothing more is read or kept.
+   answered 413 and nothing more is read or kept; and it must arrive whole within
+   `BODY_TIMEOUT_S` of the route's first read, else 408 (a caller trickling a body a byte at a
+   time would hold a connection and a worker for ever: the request head is on
+   federation.security.mtls_server's clock, the body was on none).
 
 A request refused with its body unread is answered with `Connection: close`, so the server
 drops the rest instead of reading it. Routes read the admitted caller with
@@ -19,6 +22,8 @@ node.api.deps.current_caller.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -33,6 +38,12 @@ from node.access import AccessDenied, AccessPolicy, rule_for
 MAX_BODY_BYTES = 1024 * 1024
 """The largest body an API route accepts; `/internal/*` routes take up to a whole adapter."""
 
+BODY_TIMEOUT_S = 30.0
+"""The most a whole request body may take, from the route's first read. A 1 MiB chat body crosses a
+site LAN in milliseconds and the largest adapter (`/internal/*`, 512 MiB) the local socket in about a
+second; nginx allows 60 s between two reads, which a trickling client never reaches. An app may lower
+it in `app.state.body_timeout_s` (tests)."""
+
 RULE_STATE_KEY = "access_rule"
 CALLER_STATE_KEY = "caller"
 
@@ -43,6 +54,13 @@ class BodyTooLarge(HTTPException):
 
     def __init__(self, limit: int) -> None:
         super().__init__(status_code=413, detail=f"request body exceeds {limit} bytes")
+
+
+class BodyTimeout(HTTPException):
+    """Raised from `receive` when a body has not arrived whole in time; answered 408 like BodyTooLarge."""
+
+    def __init__(self, timeout_s: float) -> None:
+        super().__init__(status_code=408, detail=f"request body not received within {timeout_s:g} s")
 
 
 def body_limit(path: str) -> int:
@@ -81,7 +99,8 @@ class RequestGuard:
                 await (_closing(response) if has_body(headers) else response)(scope, receive, send)
                 return
         state[RULE_STATE_KEY] = rule
-        body = _Body(receive, limit, done=not has_body(headers))
+        timeout_s = float(getattr(scope["app"].state, "body_timeout_s", BODY_TIMEOUT_S))
+        body = _Body(receive, limit, timeout_s, done=not has_body(headers))
         await self.app(scope, body.receive, body.sending(send))
 
 
@@ -92,16 +111,27 @@ def _closing(response: Response) -> Response:
 
 
 class _Body:
-    """The request body as the app reads it: counted against `limit`, and whether it was all read."""
+    """The request body as the app reads it: counted against `limit`, on a clock of `timeout_s` from
+    the first read, and whether it was all read."""
 
-    def __init__(self, receive: Receive, limit: int, *, done: bool) -> None:
+    def __init__(self, receive: Receive, limit: int, timeout_s: float, *, done: bool) -> None:
         self._receive = receive
         self._limit = limit
+        self._timeout = timeout_s
+        self._deadline: float | None = None
         self._seen = 0
         self._done = done
 
     async def receive(self) -> Message:
-        message = await self._receive()
+        if self._done:  # past the body: a disconnect, which a streamed answer waits for as long as it runs
+            return await self._receive()
+        loop = asyncio.get_running_loop()
+        if self._deadline is None:
+            self._deadline = loop.time() + self._timeout
+        try:
+            message = await asyncio.wait_for(self._receive(), self._deadline - loop.time())
+        except TimeoutError:
+            raise BodyTimeout(self._timeout) from None
         if message["type"] == "http.request":
             self._seen += len(message.get("body", b""))
             if self._seen > self._limit:

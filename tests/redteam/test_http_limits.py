@@ -146,6 +146,71 @@ def test_refusals_of_other_rules_come_before_the_body_too(agent: Agent) -> None:
         assert grew < RSS_GROWTH_MIB
 
 
+async def _trickle(port: int, ctx: ssl.SSLContext, key: str, *, declared: int, for_s: float) -> Upload:
+    """Declare a body of `declared` bytes and send it one byte every 0.1 s for at most `for_s` seconds."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
+    writer.write(
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {key}\r\nContent-Length: {declared}\r\n\r\n".encode("ascii")
+    )
+    sent = 0
+
+    async def drip() -> None:
+        nonlocal sent
+        try:
+            while sent < declared:
+                writer.write(b" ")
+                await writer.drain()
+                sent += 1
+                await asyncio.sleep(0.1)
+        except (ConnectionError, OSError):
+            pass
+
+    started = time.monotonic()
+    task = asyncio.create_task(drip())
+    try:
+        try:
+            status = await asyncio.wait_for(reader.readline(), timeout=for_s)
+        except TimeoutError:
+            return Upload(b"", for_s, None, sent)
+        answered = time.monotonic() - started
+        try:
+            await asyncio.wait_for(reader.read(), timeout=REFUSED_WITHIN_S)
+            closed: float | None = time.monotonic() - started
+        except (ConnectionError, OSError):
+            closed = time.monotonic() - started
+        except TimeoutError:
+            closed = None
+    finally:
+        task.cancel()
+        writer.close()
+    return Upload(status, answered, closed, sent)
+
+
+def test_a_trickled_body_is_cut_off_at_its_deadline(tmp_path: Path, pki_dir: Path) -> None:
+    """A caller with a valid key sending its body a byte at a time gets 408 at the body's deadline and
+    the connection is closed. Before, only the request head was on a clock: the body held a connection
+    and a worker for as long as it trickled. The node's own API (`fedseek serve`'s app, the same guard)
+    behind the real HTTPS endpoint, its deadline lowered to 1 s (30 s in production)."""
+    layout = NodeLayout(tmp_path / "state")
+    app = create_serving_app(lambda: None, serving_access(layout), name="x")  # the model is never reached
+    app.state.body_timeout_s = 1.0
+    leaf = pki.load_leaf(pki_dir, "site-a")
+    tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl)
+    service = HTTPSService.start(app, tls, host="127.0.0.1", port=free_port(), on_refusal=None)
+    try:
+        port = int(service.url.rsplit(":", 1)[1])
+        ctx = ssl.create_default_context(cafile=str(pki_dir / "ca" / "ca.pem"))
+        key = layout.api_key.read_text().strip()
+        result = asyncio.run(_trickle(port, ctx, key, declared=10_000, for_s=10.0))
+    finally:
+        service.stop()
+    print(f"trickled body: {result.status_line!r} after {result.answered_s:.2f}s, {result.sent} bytes sent")
+    assert result.status_line.startswith(b"HTTP/1.1 408 "), result
+    assert 1.0 <= result.answered_s < 1.0 + REFUSED_WITHIN_S, result
+    assert result.closed_s is not None, "the server kept the connection open"
+
+
 def test_malformed_json_without_a_key_is_401_and_with_a_key_400(agent: Agent) -> None:
     """Finding 2: the caller is refused before the body is even parsed."""
     with agent.client() as http:
