@@ -15,13 +15,14 @@ certificate and for its own site only; `coordinator.audit_witness` checks and ke
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -43,6 +44,9 @@ PeerFn = Callable[[Request], pki.Identity | None]
 
 CHECKPOINT_ROUTE = "/v1/witness/audit-checkpoint"
 CHECKPOINT_BODY_MAX = 16 * 1024  # a signed checkpoint is about 400 bytes
+CHECKPOINT_BODY_TIMEOUT_S = 10.0
+"""The most a pushed checkpoint's body may take to arrive (its 400 bytes take milliseconds): a site that
+declares a body and sends it a byte at a time, or never, would otherwise hold a connection for ever."""
 
 
 def create_admin_app(
@@ -54,6 +58,7 @@ def create_admin_app(
     health: Callable[[], dict[str, Any]] | None = None,
     metrics: Callable[[], bytes] | None = None,
     witness: LedgerWitness | None = None,
+    checkpoint_body_timeout_s: float = CHECKPOINT_BODY_TIMEOUT_S,
 ) -> FastAPI:
     """The admin routes; `health` reports the coordinator's supervised children (`Health.snapshot`),
     `metrics` renders `/metrics` (`CoordinatorMetrics.render`; none: the route answers 404),
@@ -93,10 +98,14 @@ def create_admin_app(
     if witness is not None:
         store_of = witness
 
-        @app.post(CHECKPOINT_ROUTE)
-        async def push_checkpoint(request: Request, who: pki.Identity = Depends(node)) -> dict[str, Any]:  # noqa: B008
+        @app.post(CHECKPOINT_ROUTE, response_model=None)
+        async def push_checkpoint(request: Request, who: pki.Identity = Depends(node)) -> dict[str, Any] | Response:  # noqa: B008
             """A site's audit checkpoint between rounds: signed by its registered key, for its own site."""
-            body = await request.body()  # at most CHECKPOINT_BODY_MAX bytes (NoBody refused more unread)
+            try:  # at most CHECKPOINT_BODY_MAX bytes (NoBody refused more unread), on a clock
+                body = await asyncio.wait_for(request.body(), checkpoint_body_timeout_s)
+            except TimeoutError:
+                late = f"request body not received within {checkpoint_body_timeout_s:g} s"
+                return _closing(error_response(408, late))
             try:
                 statement = json.loads(body)
             except ValueError:  # UnicodeDecodeError included
@@ -184,6 +193,12 @@ def create_admin_app(
     return app
 
 
+def _closing(response: JSONResponse) -> JSONResponse:
+    """The answer with `Connection: close`: what is left of the body goes with the connection."""
+    response.headers["connection"] = "close"
+    return response
+
+
 class NoBody:
     """Every admin route is a GET: a request that brings a body is refused (413, connection closed)
     before authentication and before a byte of it is read, so the port cannot be made to take
@@ -199,9 +214,7 @@ class NoBody:
             headers = Headers(scope=scope)
             refusal = _body_refusal(scope, headers)
             if refusal is not None:
-                response = error_response(413, refusal)
-                response.headers["connection"] = "close"
-                await response(scope, receive, send)
+                await _closing(error_response(413, refusal))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

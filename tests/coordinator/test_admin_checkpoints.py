@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,8 @@ from federation.security.signed_statement import load_private_key, load_public_k
 from federation.security.site_binding import register_site_key
 from privacy.audit import AuditTrail
 from privacy.checkpoints import KIND, CheckpointSigner, parse_checkpoint
+
+BODY_TIMEOUT_S = 1.0  # the admin app's body deadline here (10 s in production)
 
 PARTIES: dict[str, pki.Role] = {
     "coordinator": "coordinator",
@@ -101,6 +104,7 @@ def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Coordinator]:
         registry=AdapterRegistry(root / "registry"),
         audit=audit,
         witness=LedgerWitness(store, site_keys_dir=sites.site_keys_dir, audit=audit),
+        checkpoint_body_timeout_s=BODY_TIMEOUT_S,
     )
     leaf = pki.load_leaf(pki_dir, "coordinator")
     tls = ServerTLS(cert=leaf.cert, key=leaf.key, ca_cert=leaf.ca_cert, crl=leaf.crl)
@@ -237,6 +241,21 @@ def test_an_oversized_or_chunked_body_is_refused_413_before_it_is_read(coord: Co
     # Every other route still takes no body at all.
     status, answer = _raw(coord, "GET /v1/admin/sites HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n", b"{}")
     assert " 413 " in status and b"takes no request body" in answer
+
+
+def test_a_body_that_stops_arriving_is_refused_408_at_its_deadline(coord: Coordinator) -> None:
+    """A site that declares a checkpoint and sends a tenth of it: 408 and the connection closed at the
+    body's deadline (before, the route waited for the rest for as long as the site kept the socket)."""
+    started = time.monotonic()
+    status, answer = _raw(
+        coord,
+        f"POST {CHECKPOINT_ROUTE} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        "content-length: 400\r\n\r\n",
+        b'{"kind": "audit.ch',
+    )
+    took = time.monotonic() - started
+    assert " 408 " in status and b"not received within 1 s" in answer, answer
+    assert BODY_TIMEOUT_S <= took < BODY_TIMEOUT_S + 5, took
 
 
 def test_a_round_checkpoint_older_than_a_pushed_one_is_old_news_but_a_rollback_is_not(tmp_path: Path) -> None:
