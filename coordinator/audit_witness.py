@@ -57,18 +57,17 @@ def witness_audit_checkpoint(
         raise WitnessRefused(f"{site}: audit checkpoint: {exc.one_line()}") from None
     if checkpoint.origin != site:
         raise WitnessRefused(f"{site}: the audit checkpoint is signed for site {checkpoint.origin!r}")
-    mine: Checkpoint | None = None
-    other: Checkpoint | None = None
-    for entry in store.entries(site, KIND):  # the latest of each channel
-        if (entry.get("note") == PUSH) == (channel == PUSH):
-            mine = parse_checkpoint(entry["statement"])
-        else:
-            other = parse_checkpoint(entry["statement"])
-    if other is not None:
-        _check_consistent(site, checkpoint, other)
-    if mine is not None:
-        _check_extends(site, checkpoint, mine)
-        if checkpoint == mine:
+    latest = store.latest_by_note(site, KIND)  # the latest of each channel: pushed, or sent with a round
+    pushed = [latest[PUSH]] if PUSH in latest else []
+    in_rounds = [numbered for note, numbered in latest.items() if note != PUSH]
+    mine, other = (pushed, in_rounds) if channel == PUSH else (in_rounds, pushed)
+    mine_cp = parse_checkpoint(max(mine, key=lambda n: n[0])[1]["statement"]) if mine else None
+    other_cp = parse_checkpoint(max(other, key=lambda n: n[0])[1]["statement"]) if other else None
+    if other_cp is not None:
+        _check_consistent(site, checkpoint, other_cp)
+    if mine_cp is not None:
+        _check_extends(site, checkpoint, mine_cp)
+        if checkpoint == mine_cp:
             return checkpoint
     store.record(site, KIND, dict(sent[0]), note=PUSH if channel == PUSH else None)
     return checkpoint

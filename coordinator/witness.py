@@ -18,11 +18,13 @@ record what they accepted.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import math
 import os
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -58,11 +60,30 @@ class WitnessStoreError(FedSeekError):
     """The witness store cannot be read or written (a damaged line, a full disk): the round must stop."""
 
 
+@dataclass
+class _Tail:
+    """What a store file held when last read: where that reading ended, and the last entry per note."""
+
+    ino: int
+    offset: int = 0
+    lines: int = 0
+    latest: dict[str | None, tuple[int, dict[str, Any]]] = dataclasses.field(default_factory=dict)
+
+
 class WitnessStore:
-    """Append-only JSONL of accepted signed statements per site and kind, under `root` (`CoordinatorLayout.witness`)."""
+    """Append-only JSONL of accepted signed statements per site and kind, under `root` (`CoordinatorLayout.witness`).
+
+    A site pushes an audit checkpoint about once a minute while its log grows: some 500,000 lines a
+    year. The checks that run on every push need only the latest entries, so `latest_by_note`
+    keeps, per file, the last entry of each note and the offset read so far, and reads only what
+    was appended since (a replaced or shorter file is read again from the start). `entries` still
+    reads the whole file, for the operator's commands.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
+        self._tails: dict[Path, _Tail] = {}
+        self._tails_lock = threading.Lock()
 
     def _path(self, site: str, kind: str) -> Path:
         check_name(site, what="site")
@@ -114,18 +135,43 @@ class WitnessStore:
             return []
         except OSError as exc:
             raise WitnessStoreError(f"witness store {path}: {exc.strerror or exc}") from exc
-        out: list[dict[str, Any]] = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
+        lines = enumerate(text.splitlines(), 1)
+        return [_parse_entry(path, n, line) for n, line in lines if line.strip()]
+
+    def latest_by_note(self, site: str, kind: str) -> dict[str | None, tuple[int, dict[str, Any]]]:
+        """The last stored entry of each `note` (None: entries without one) with its line number, reading
+        only the lines appended since the previous call."""
+        path = self._path(site, kind)
+        with self._tails_lock:
             try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise WitnessStoreError(f"witness store {path} line {n}: not JSON ({exc.msg})") from exc
-            if not isinstance(entry, dict) or not isinstance(entry.get("statement"), dict):
-                raise WitnessStoreError(f"witness store {path} line {n}: not a witnessed statement")
-            out.append(entry)
-        return out
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._tails.pop(path, None)
+                return {}
+            except OSError as exc:
+                raise WitnessStoreError(f"witness store {path}: {exc.strerror or exc}") from exc
+            try:
+                st = os.fstat(fd)
+                tail = self._tails.get(path)
+                if tail is None or tail.ino != st.st_ino or st.st_size < tail.offset:
+                    tail = _Tail(ino=st.st_ino)  # new, replaced or cut: read it whole
+                size = st.st_size - tail.offset
+                data = bytearray()
+                while len(data) < size and (chunk := os.pread(fd, size - len(data), tail.offset + len(data))):
+                    data += chunk
+            except OSError as exc:
+                raise WitnessStoreError(f"witness store {path}: {exc.strerror or exc}") from exc
+            finally:
+                os.close(fd)
+            whole = bytes(data[: data.rfind(b"\n") + 1])  # a line still being appended is read the next time
+            for raw in whole.split(b"\n")[:-1]:
+                tail.lines += 1
+                if raw.strip():
+                    entry = _parse_entry(path, tail.lines, raw.decode("utf-8"))
+                    tail.latest[entry.get("note")] = (tail.lines, entry)
+            tail.offset += len(whole)
+            self._tails[path] = tail
+            return dict(tail.latest)
 
     def statements(self, site: str, kind: str) -> list[dict[str, Any]]:
         """Every accepted signed statement of `kind` from `site`, oldest first."""
@@ -133,14 +179,24 @@ class WitnessStore:
 
     def latest(self, site: str, kind: str) -> dict[str, Any] | None:
         """The last accepted signed statement of `kind` from `site`, or None if none was ever witnessed."""
-        stored = self.statements(site, kind)
-        return stored[-1] if stored else None
+        last = max(self.latest_by_note(site, kind).values(), key=lambda numbered: numbered[0], default=None)
+        return last[1]["statement"] if last is not None else None
 
     def sites(self) -> list[str]:
         """Sites with any witnessed statement."""
         if not self.root.is_dir():
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir())
+
+
+def _parse_entry(path: Path, n: int, line: str) -> dict[str, Any]:
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise WitnessStoreError(f"witness store {path} line {n}: not JSON ({exc.msg})") from exc
+    if not isinstance(entry, dict) or not isinstance(entry.get("statement"), dict):
+        raise WitnessStoreError(f"witness store {path} line {n}: not a witnessed statement")
+    return entry
 
 
 # ---- the ledger head: what a site's signed `ledger.head` statement must show ----------------------

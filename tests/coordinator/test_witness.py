@@ -147,6 +147,59 @@ def test_a_damaged_store_line_stops_the_reader(tmp_path: Path) -> None:
         store.latest("site-a", LEDGER_HEAD)
 
 
+def test_latest_by_note_reads_only_what_was_appended(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A site pushes a checkpoint a minute (500,000 lines a year): the push check reads the lines added
+    since the previous one, not the file (it read, and parsed, every line on every push)."""
+    store = WitnessStore(tmp_path)
+    for n in range(200):
+        store.record("site-a", "audit.checkpoint", {"payload": {"n": n}}, note="push" if n % 3 else None)
+    read: list[int] = []
+    real_pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, size, offset: read.append(size) or real_pread(fd, size, offset))
+    latest = store.latest_by_note("site-a", "audit.checkpoint")
+    assert {note: (line, e["statement"]["payload"]["n"]) for note, (line, e) in latest.items()} == {
+        "push": (200, 199),
+        None: (199, 198),
+    }
+    path = tmp_path / "site-a" / "audit.checkpoint.jsonl"
+    assert sum(read) == path.stat().st_size  # the first call: the whole file
+    read.clear()
+    store.record("site-a", "audit.checkpoint", {"payload": {"n": 200}})
+    appended = path.stat().st_size
+    assert store.latest_by_note("site-a", "audit.checkpoint")[None][0] == 201
+    assert sum(read) == len(path.read_bytes().splitlines(keepends=True)[-1])  # one line
+    assert store.latest("site-a", "audit.checkpoint") == {"payload": {"n": 200}}
+    # the same answers as reading everything, for every note
+    entries = store.entries("site-a", "audit.checkpoint")
+    latest = store.latest_by_note("site-a", "audit.checkpoint")
+    for note in ("push", None):
+        assert latest[note][1] == [e for e in entries if e.get("note") == note][-1]
+    assert path.stat().st_size == appended
+
+
+def test_latest_by_note_rereads_a_replaced_or_cut_file_and_waits_for_a_whole_line(tmp_path: Path) -> None:
+    store = WitnessStore(tmp_path)
+    for n in range(5):
+        store.record("site-a", LEDGER_HEAD, {"payload": {"n": n}})
+    assert store.latest("site-a", LEDGER_HEAD) == {"payload": {"n": 4}}
+    path = tmp_path / "site-a" / "ledger.head.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:2]))  # cut (same inode, shorter): read again from the start
+    assert store.latest("site-a", LEDGER_HEAD) == {"payload": {"n": 1}}
+    fresh = tmp_path / "fresh"
+    fresh.write_bytes(lines[3])
+    os.replace(fresh, path)  # replaced (another inode), here as long as before or longer
+    assert store.latest("site-a", LEDGER_HEAD) == {"payload": {"n": 3}}
+    with path.open("ab") as fh:
+        fh.write(lines[4][:-10])  # a line being appended: not an entry yet, and no error
+    assert store.latest("site-a", LEDGER_HEAD) == {"payload": {"n": 3}}
+    with path.open("ab") as fh:
+        fh.write(lines[4][-10:])
+    assert store.latest("site-a", LEDGER_HEAD) == {"payload": {"n": 4}}
+    path.unlink()
+    assert store.latest("site-a", LEDGER_HEAD) is None
+
+
 # -- the extension check -----------------------------------------------------------------
 
 
