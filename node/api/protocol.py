@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from federation.security.refusals import ErrorDetail, ErrorResponse
 from node.serving import Constraint, SamplingParams
+from node.serving.grammar import unenforced_keywords
 from node.serving.sampling import MAX_LOGPROBS
 
 __all__ = [
@@ -276,6 +277,10 @@ class ChatCompletionRequest(Sampling):
         schema = fmt.json_schema.schema_ if fmt is not None and fmt.json_schema is not None else None
         if fmt is not None and fmt.type == "json_schema" and schema is None:
             out.append(Refusal("response_format.json_schema.schema", "a json_schema format needs its schema"))
+        if schema is not None and fmt is not None and fmt.json_schema is not None and fmt.json_schema.strict:
+            for where, keyword in unenforced_keywords(schema):  # strict promises every keyword holds
+                why = f"'{keyword}' is not enforced here; strict: true needs every keyword to hold (or strict: false)"
+                out.append(Refusal(f"response_format.json_schema.schema{where}", why))
         return out
 
 

@@ -16,7 +16,10 @@ Hence: indexes are cached per constraint; a schema whose expression is longer th
 generic ones) is refused at once with a 400 asking for `properties`/`items`; the others compile
 one at a time in a child process (grammar_worker.py) that is killed when a compile overruns
 `compile_timeout_s` (a 400 for that request), so no schema can hold a core or the queue for long.
-Numeric bounds (`minimum`, `maximum`) are not part of outlines' expression: they are not enforced.
+Some keywords are not part of outlines' expression (`UNENFORCED`: numeric bounds, `uniqueItems`, the
+conditional ones): a schema using them is held to the rest. OpenAI's `strict: true` promises every
+keyword holds, so such a request is refused by name (node/api/protocol.py); without `strict` the
+schema is best effort, as OpenAI's own non-strict mode.
 """
 
 from __future__ import annotations
@@ -41,18 +44,72 @@ from federation.errors import Busy, InvalidInput
 __all__ = [
     "JSON_OBJECT",
     "MAX_REGEX",
+    "UNENFORCED",
     "Constraint",
     "GrammarBusy",
     "GrammarError",
     "Grammars",
     "Guided",
     "TokenTable",
+    "unenforced_keywords",
 ]
 
 MAX_REGEX = 4096
 """Longest regular expression compiled (characters). A schema with `properties` and `items` stays far
 below (a five-field object of strings: about 300); the generic `{}` is 13,879 and `{"type": "array"}`
 6,832, whose indexes took 25-60 s."""
+
+UNENFORCED = frozenset(
+    {
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "uniqueItems",
+        "contains",
+        "minContains",
+        "maxContains",
+        "minProperties",
+        "maxProperties",
+        "not",
+        "if",
+        "then",
+        "else",
+        "propertyNames",
+        "patternProperties",
+        "dependentRequired",
+        "dependentSchemas",
+    }
+)
+"""JSON-schema keywords outlines-core 0.2.14 leaves out of the expression: with and without each, it builds
+the same regular expression (tests/node/serving/test_grammar.py checks every one, so a release that starts
+enforcing one fails there). `additionalProperties: false` is not here: only the listed properties are
+generated anyway."""
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_ONE = ("items", "additionalProperties", "not", "if", "then", "else", "contains", "propertyNames")
+
+
+def unenforced_keywords(schema: object, where: str = "") -> list[tuple[str, str]]:
+    """`(path, keyword)` for each keyword of `UNENFORCED` in `schema`, walking its subschemas only (a
+    property named `minimum` is a name, not a keyword; `enum` and `const` values are data)."""
+    if not isinstance(schema, dict):
+        return []
+    found = [(where, key) for key in schema if key in UNENFORCED]
+    for key in _SCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for name, sub in schema[key].items():
+                found += unenforced_keywords(sub, f"{where}.{key}.{name}")
+    for key in _SCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for i, sub in enumerate(schema[key]):
+                found += unenforced_keywords(sub, f"{where}.{key}[{i}]")
+    for key in _SCHEMA_ONE:
+        found += unenforced_keywords(schema.get(key), f"{where}.{key}")
+    return found
+
 
 _WS = r"[ ]?"  # outlines' default whitespace between JSON tokens: one optional space, so output stays short
 

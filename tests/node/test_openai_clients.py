@@ -20,7 +20,7 @@ import openai
 import pytest
 import torch
 from langchain_openai import ChatOpenAI
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from node.serving import Constraint
 from tests.node.openai_server import USER, Site, served_site
@@ -99,6 +99,27 @@ def test_bad_response_formats_are_400(client: openai.OpenAI, base: str) -> None:
         with pytest.raises(openai.BadRequestError) as err:
             client.chat.completions.create(model=base, messages=USER, response_format=fmt)  # type: ignore[call-overload]
         assert "response_format" in str(err.value)
+
+
+class Dose(BaseModel):
+    """A pydantic model with a numeric bound: its JSON schema carries `minimum` on `mg`."""
+
+    mg: int = Field(ge=1)
+
+
+def test_a_strict_schema_with_a_keyword_not_enforced_is_refused_by_name(client: openai.OpenAI, base: str) -> None:
+    """Constrained decoding here does not hold `minimum` (outlines leaves it out): under `strict: true`, which
+    promises every keyword, the request is refused naming it; without `strict` it is served, best effort."""
+    schema = Dose.model_json_schema()
+    strict = {"type": "json_schema", "json_schema": {"name": "dose", "schema": schema, "strict": True}}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=base, messages=USER, response_format=strict, max_tokens=8)  # type: ignore[call-overload]
+    assert err.value.code == "unsupported_parameter"
+    assert err.value.param == "response_format.json_schema.schema.properties.mg"
+    assert "'minimum' is not enforced here" in err.value.message
+    loose = {"type": "json_schema", "json_schema": {"name": "dose", "schema": schema}}
+    out = client.chat.completions.create(model=base, messages=USER, response_format=loose, max_tokens=8)  # type: ignore[call-overload]
+    assert out.choices[0].message.content is not None and out.choices[0].message.content.startswith("{")
 
 
 # ---- refused and accepted parameters -------------------------------------------------------------

@@ -10,6 +10,7 @@ import jsonschema_rs
 import pytest
 
 from node.serving import Constraint, Engine, FastRunner, GrammarError, HFRunner, SamplingParams
+from node.serving.grammar import UNENFORCED, unenforced_keywords
 from tests.node.serving.conftest import CharTokenizer, hf_greedy, run_together, tiny_qwen, token_ids
 
 SCHEMA: dict[str, Any] = {
@@ -102,3 +103,64 @@ def test_refusals_come_before_anything_runs(model: Any) -> None:
         assert engine.stats()["waiting"] == 0
     finally:
         engine.stop()
+
+
+# ---- keywords outlines leaves out ---------------------------------------------------------------------
+
+_BASE_FOR: dict[str, dict[str, Any]] = {
+    "number": {"type": "integer"},
+    "array": {"type": "array", "items": {"type": "integer"}},
+    "object": {"type": "object", "properties": {"a": {"type": "integer"}}},
+}
+_EXAMPLE: dict[str, tuple[str, Any]] = {
+    "minimum": ("number", 3),
+    "maximum": ("number", 3),
+    "exclusiveMinimum": ("number", 3),
+    "exclusiveMaximum": ("number", 3),
+    "multipleOf": ("number", 3),
+    "uniqueItems": ("array", True),
+    "contains": ("array", {"const": 1}),
+    "minContains": ("array", 1),
+    "maxContains": ("array", 2),
+    "minProperties": ("object", 1),
+    "maxProperties": ("object", 1),
+    "not": ("number", {"const": 1}),
+    "if": ("number", {"const": 1}),
+    "then": ("number", {"const": 1}),
+    "else": ("number", {"const": 2}),
+    "propertyNames": ("object", {"pattern": "a"}),
+    "patternProperties": ("object", {"b": {"type": "integer"}}),
+    "dependentRequired": ("object", {"a": ["b"]}),
+    "dependentSchemas": ("object", {"a": {"required": ["b"]}}),
+}
+
+
+def test_every_keyword_called_unenforced_leaves_the_expression_unchanged() -> None:
+    """The list is measured, not assumed: outlines builds the same expression with and without each
+    keyword, and a different one for keywords it does hold."""
+    assert set(_EXAMPLE) == UNENFORCED
+    for keyword, (kind, value) in _EXAMPLE.items():
+        base = _BASE_FOR[kind]
+        assert Constraint.json_schema({**base, keyword: value}).to_regex() == Constraint.json_schema(base).to_regex()
+    for kind, keyword, value in (("number", "enum", [1, 2]), ("array", "minItems", 2), ("object", "required", ["a"])):
+        base = _BASE_FOR[kind]
+        assert Constraint.json_schema({**base, keyword: value}).to_regex() != Constraint.json_schema(base).to_regex()
+
+
+def test_unenforced_keywords_are_found_in_subschemas_only() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "minimum": {"type": "integer", "maximum": 9},  # a property named like a keyword
+            "doses": {"type": "array", "items": {"type": "integer", "minimum": 1}, "uniqueItems": True},
+            "code": {"enum": [{"minimum": 1}]},  # data, not a schema
+        },
+        "$defs": {"x": {"anyOf": [{"type": "number", "multipleOf": 2}, {"type": "null"}]}},
+    }
+    assert sorted(unenforced_keywords(schema)) == [
+        (".$defs.x.anyOf[0]", "multipleOf"),
+        (".properties.doses", "uniqueItems"),
+        (".properties.doses.items", "minimum"),
+        (".properties.minimum", "maximum"),
+    ]
+    assert unenforced_keywords(SCHEMA) == []
