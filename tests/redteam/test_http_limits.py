@@ -13,9 +13,10 @@ Against a real node agent (`fedseek node start`, its HTTPS API as a site exposes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -60,35 +61,31 @@ class Upload:
     sent: int  # body bytes the client wrote (the server drops what follows a refusal for LINGER_S, then closes)
 
 
-async def _chunked_upload(port: int, ctx: ssl.SSLContext, path: str, extra_headers: str, total: int) -> Upload:
-    """POST `total` bytes as a chunked body, reading the answer while still sending (as a
-    client that cannot be stopped would)."""
+async def _exchange(
+    port: int,
+    ctx: ssl.SSLContext,
+    head: str,
+    body: Callable[[asyncio.StreamWriter, list[int]], Awaitable[None]],
+    *,
+    answer_within: float,
+) -> Upload:
+    """Send `head`, then `body` (which counts what it wrote in its list) while reading the answer, as a
+    client that cannot be stopped would: the status line, and when the server drops the connection."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Transfer-Encoding: chunked\r\n{extra_headers}\r\n"
-    )
-    chunk = 64 * 1024
-    frame = b"%x\r\n" % chunk + b"{" * chunk + b"\r\n"
-    sent = 0
+    sent = [0]
 
     async def pump() -> None:
-        nonlocal sent
-        try:
-            while sent < total:
-                writer.write(frame)
-                await writer.drain()
-                sent += chunk
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
-        except (ConnectionError, OSError):
-            pass  # the server dropped the connection: that is the point
+        with contextlib.suppress(ConnectionError, OSError):  # the server dropped the connection: the point
+            await body(writer, sent)
 
     started = time.monotonic()
     writer.write(head.encode("ascii"))
     task = asyncio.create_task(pump())
     try:
-        status = await asyncio.wait_for(reader.readline(), timeout=60)
+        try:
+            status = await asyncio.wait_for(reader.readline(), timeout=answer_within)
+        except TimeoutError:
+            return Upload(b"", answer_within, None, sent[0])
         answered = time.monotonic() - started
         closed: float | None = None
         try:
@@ -101,7 +98,27 @@ async def _chunked_upload(port: int, ctx: ssl.SSLContext, path: str, extra_heade
     finally:
         task.cancel()
         writer.close()
-    return Upload(status, answered, closed, sent)
+    return Upload(status, answered, closed, sent[0])
+
+
+async def _chunked_upload(port: int, ctx: ssl.SSLContext, path: str, extra_headers: str, total: int) -> Upload:
+    """POST `total` bytes as a chunked body, reading the answer while still sending."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Transfer-Encoding: chunked\r\n{extra_headers}\r\n"
+    )
+    chunk = 64 * 1024
+    frame = b"%x\r\n" % chunk + b"{" * chunk + b"\r\n"
+
+    async def chunks(writer: asyncio.StreamWriter, sent: list[int]) -> None:
+        while sent[0] < total:
+            writer.write(frame)
+            await writer.drain()
+            sent[0] += chunk
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return await _exchange(port, ctx, head, chunks, answer_within=60)
 
 
 def _upload(agent: Agent, path: str, total: int, *, key: str | None = None) -> tuple[Upload, float]:
@@ -148,43 +165,19 @@ def test_refusals_of_other_rules_come_before_the_body_too(agent: Agent) -> None:
 
 async def _trickle(port: int, ctx: ssl.SSLContext, key: str, *, declared: int, for_s: float) -> Upload:
     """Declare a body of `declared` bytes and send it one byte every 0.1 s for at most `for_s` seconds."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="127.0.0.1")
-    writer.write(
+    head = (
         f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-        f"Authorization: Bearer {key}\r\nContent-Length: {declared}\r\n\r\n".encode("ascii")
+        f"Authorization: Bearer {key}\r\nContent-Length: {declared}\r\n\r\n"
     )
-    sent = 0
 
-    async def drip() -> None:
-        nonlocal sent
-        try:
-            while sent < declared:
-                writer.write(b" ")
-                await writer.drain()
-                sent += 1
-                await asyncio.sleep(0.1)
-        except (ConnectionError, OSError):
-            pass
+    async def drip(writer: asyncio.StreamWriter, sent: list[int]) -> None:
+        while sent[0] < declared:
+            writer.write(b" ")
+            await writer.drain()
+            sent[0] += 1
+            await asyncio.sleep(0.1)
 
-    started = time.monotonic()
-    task = asyncio.create_task(drip())
-    try:
-        try:
-            status = await asyncio.wait_for(reader.readline(), timeout=for_s)
-        except TimeoutError:
-            return Upload(b"", for_s, None, sent)
-        answered = time.monotonic() - started
-        try:
-            await asyncio.wait_for(reader.read(), timeout=REFUSED_WITHIN_S)
-            closed: float | None = time.monotonic() - started
-        except (ConnectionError, OSError):
-            closed = time.monotonic() - started
-        except TimeoutError:
-            closed = None
-    finally:
-        task.cancel()
-        writer.close()
-    return Upload(status, answered, closed, sent)
+    return await _exchange(port, ctx, head, drip, answer_within=for_s)
 
 
 def test_a_trickled_body_is_cut_off_at_its_deadline(tmp_path: Path, pki_dir: Path) -> None:
