@@ -19,6 +19,7 @@ their min..max, the ratio, and the bytes each reads (the floor: one stored line,
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import statistics
@@ -54,6 +55,8 @@ def _fill(store: WitnessStore, signer: CheckpointSigner, n: int) -> None:
         head, _, rest = line.partition('"size":1,')
         for i in range(2, n + 1):
             fh.write(f'{head}"size":{i},{rest}\n')
+        fh.flush()
+        os.fsync(fh.fileno())  # else the first timed push's fsync writes the whole fill back
 
 
 def _time_pushes(
