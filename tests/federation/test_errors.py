@@ -33,8 +33,9 @@ PACKAGES = ("federation", "node", "coordinator", "privacy", "explain", "fedseek_
 # Exceptions that never leave their module: control flow, caught where they are raised.
 INTERNAL = {
     "privacy.audit._Invalid",  # one bad audit record, turned into a VerifyResult inside verify()
-    # raised from an ASGI `receive` mid-parse; an HTTPException so FastAPI passes it through to the 413 handler
+    # raised from an ASGI `receive` mid-parse; HTTPExceptions so FastAPI passes them through to the 413/408 handler
     "node.api.guard.BodyTooLarge",
+    "node.api.guard.BodyTimeout",
     # a TLS verification failure by design (an ssl.SSLCertVerificationError), so clients treat it as a failed handshake
     "federation.security.peer_pin.PeerIdentityError",
     # the inspector's verifier ships alone in export bundles (stdlib + cryptography only): it cannot import FedSeek
