@@ -249,8 +249,7 @@ def test_a_body_that_stops_arriving_is_refused_408_at_its_deadline(coord: Coordi
     started = time.monotonic()
     status, answer = _raw(
         coord,
-        f"POST {CHECKPOINT_ROUTE} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
-        "content-length: 400\r\n\r\n",
+        f"POST {CHECKPOINT_ROUTE} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n",
         b'{"kind": "audit.ch',
     )
     took = time.monotonic() - started
