@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,7 +34,7 @@ from coordinator.witness import LedgerWitness, WitnessRefused
 from federation.errors import InvalidInput
 from federation.security import pki
 from federation.security.mtls_server import peer_of
-from federation.security.refusals import audit_refusal, error_response, install_error_handlers
+from federation.security.refusals import audit_refusal, closing, error_response, install_error_handlers
 from federation.security.roles import AccessDenied, NotPermitted, require_role
 from privacy.audit import AuditTrail
 
@@ -105,7 +105,7 @@ def create_admin_app(
                 body = await asyncio.wait_for(request.body(), checkpoint_body_timeout_s)
             except TimeoutError:
                 late = f"request body not received within {checkpoint_body_timeout_s:g} s"
-                return _closing(error_response(408, late))
+                return closing(error_response(408, late))
             try:
                 statement = json.loads(body)
             except ValueError:  # UnicodeDecodeError included
@@ -193,12 +193,6 @@ def create_admin_app(
     return app
 
 
-def _closing(response: JSONResponse) -> JSONResponse:
-    """The answer with `Connection: close`: what is left of the body goes with the connection."""
-    response.headers["connection"] = "close"
-    return response
-
-
 class NoBody:
     """Every admin route is a GET: a request that brings a body is refused (413, connection closed)
     before authentication and before a byte of it is read, so the port cannot be made to take
@@ -214,7 +208,7 @@ class NoBody:
             headers = Headers(scope=scope)
             refusal = _body_refusal(scope, headers)
             if refusal is not None:
-                await _closing(error_response(413, refusal))(scope, receive, send)
+                await closing(error_response(413, refusal))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

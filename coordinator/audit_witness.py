@@ -61,8 +61,7 @@ def witness_audit_checkpoint(
     pushed = [latest[PUSH]] if PUSH in latest else []
     in_rounds = [numbered for note, numbered in latest.items() if note != PUSH]
     mine, other = (pushed, in_rounds) if channel == PUSH else (in_rounds, pushed)
-    mine_cp = parse_checkpoint(max(mine, key=lambda n: n[0])[1]["statement"]) if mine else None
-    other_cp = parse_checkpoint(max(other, key=lambda n: n[0])[1]["statement"]) if other else None
+    mine_cp, other_cp = _newest(mine), _newest(other)
     if other_cp is not None:
         _check_consistent(site, checkpoint, other_cp)
     if mine_cp is not None:
@@ -71,6 +70,11 @@ def witness_audit_checkpoint(
             return checkpoint
     store.record(site, KIND, dict(sent[0]), note=PUSH if channel == PUSH else None)
     return checkpoint
+
+
+def _newest(numbered: Sequence[tuple[int, Mapping[str, Any]]]) -> Checkpoint | None:
+    """The checkpoint of the entry stored last (highest line number) among `numbered`, or None."""
+    return parse_checkpoint(max(numbered, key=lambda n: n[0])[1]["statement"]) if numbered else None
 
 
 def _check_consistent(site: str, new: Checkpoint, old: Checkpoint) -> None:

@@ -43,9 +43,8 @@ def operator() -> str:
 class CaAudit:
     """One command's view of the trail: opened (and checked) once, appended to by the command."""
 
-    def __init__(self, pki_dir: Path, command: str) -> None:
+    def __init__(self, pki_dir: Path) -> None:
         self.path = ca_audit_path(pki_dir)
-        self.command = command
         self._trail: AuditTrail | None = None
 
     def open(self) -> None:
@@ -79,7 +78,7 @@ def audited(command: str, func: CaCommand) -> Callable[[argparse.Namespace], int
 
     def run(args: argparse.Namespace) -> int:
         pki_dir = Path(args.pki)
-        audit = CaAudit(pki_dir, command)
+        audit = CaAudit(pki_dir)
         ca_exists = (pki_dir / CA_DIR / CA_CERT).is_file()
         if ca_exists:
             audit.open()  # before the CA key is unlocked

@@ -28,6 +28,7 @@ __all__ = [
     "ErrorResponse",
     "audit_refusal",
     "client_address",
+    "closing",
     "error_body",
     "error_response",
     "error_response_for",
@@ -56,6 +57,13 @@ def error_response(
     status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None
 ) -> JSONResponse:
     return JSONResponse(status_code=status, content=error_body(message, type_=type_, code=code))
+
+
+def closing(response: JSONResponse) -> JSONResponse:
+    """`response` with `Connection: close`: a refusal sent before the body was read drops the rest of it
+    with the connection instead of the server reading and discarding it."""
+    response.headers["connection"] = "close"
+    return response
 
 
 def error_response_for(exc: FedSeekError) -> JSONResponse:

@@ -28,11 +28,10 @@ import asyncio
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from federation.protocol import wire
-from federation.security.refusals import error_response, error_response_for
+from federation.security.refusals import closing, error_response, error_response_for
 from node.access import AccessDenied, AccessPolicy, rule_for
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -86,7 +85,7 @@ class RequestGuard:
         limit = body_limit(scope["path"])
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
-            await _closing(error_response(413, f"request body of {length} bytes exceeds {limit}"))(scope, receive, send)
+            await closing(error_response(413, f"request body of {length} bytes exceeds {limit}"))(scope, receive, send)
             return
         state = scope.setdefault("state", {})
         rule = rule_for(scope["path"])
@@ -96,18 +95,12 @@ class RequestGuard:
                 state[CALLER_STATE_KEY] = policy.require(Request(scope), rule)  # a refusal is audited there
             except AccessDenied as exc:
                 response = error_response_for(exc)
-                await (_closing(response) if has_body(headers) else response)(scope, receive, send)
+                await (closing(response) if has_body(headers) else response)(scope, receive, send)
                 return
         state[RULE_STATE_KEY] = rule
         timeout_s = float(getattr(scope["app"].state, "body_timeout_s", BODY_TIMEOUT_S))
         body = _Body(receive, limit, timeout_s, done=not has_body(headers))
         await self.app(scope, body.receive, body.sending(send))
-
-
-def _closing(response: Response) -> Response:
-    """The response with `Connection: close`: the unread body is dropped with the connection."""
-    response.headers["connection"] = "close"
-    return response
 
 
 class _Body:
